@@ -1,0 +1,183 @@
+"""The OXE training input: standardized RLDS episodes -> clips -> weighted mixture -> per-process batches."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from data_pipelines import config as config_lib
+from data_pipelines import mixture, windowing
+from data_pipelines import stats as stats_lib
+from data_pipelines.rlds_source import BadRecordError, EpisodeSource, count_bad_record
+
+
+class ClipLoader:
+    """Maps (position in the stream, clip slot) to one example of the batch contract.
+
+    The slot picks the episode and the stratum of its clip start; the position seeds the jitter, so a
+    later epoch draws different clips. Picklable for Grain workers.
+    """
+
+    def __init__(
+        self,
+        source: EpisodeSource,
+        dataset_index: int,
+        dataset_stats: dict[str, Any],
+        config: ml_collections.ConfigDict,
+    ):
+        self.source = source
+        self.dataset_index = dataset_index
+        self.dataset_stats = dataset_stats
+        self.clips_per_episode = int(config.clips_per_episode)
+        self.num_frames = int(config.num_frames)
+        self.frame_stride = int(config.frame_stride)
+        self.resolution = tuple(int(v) for v in config.resolution)
+        self.proprio_dim = int(config.proprio_dim)
+        self.action_normalization = str(config.action_normalization)
+        self.wrist_camera = bool(config.wrist_camera)
+        self.skip_bad_records = bool(config.skip_bad_records)
+        self.seed = int(config.seed)
+
+    def __call__(self, position: int, slot: int) -> dict[str, np.ndarray] | None:
+        episode_index, clip_slot = divmod(int(slot), self.clips_per_episode)
+        try:
+            episode = self.source[episode_index]
+            u = np.random.default_rng([self.seed, self.dataset_index, position]).random()
+            start = windowing.clip_start(
+                len(episode), self.num_frames, self.frame_stride, clip_slot, self.clips_per_episode, u
+            )
+            return windowing.make_clip(
+                episode,
+                start,
+                num_frames=self.num_frames,
+                frame_stride=self.frame_stride,
+                resolution=self.resolution,
+                dataset_stats=self.dataset_stats,
+                proprio_dim=self.proprio_dim,
+                action_normalization=self.action_normalization,
+                dataset_index=self.dataset_index,
+                wrist_camera=self.wrist_camera,
+            )
+        except BadRecordError as e:
+            if not self.skip_bad_records:
+                raise
+            count_bad_record(e)
+            return None  # Grain drops None elements when iterating
+
+
+def resolve_stats(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Loads `config.stats_path`, or computes the statistics of `config.datasets` when it is empty."""
+    names = config_lib.dataset_names(config)
+    if config.stats_path:
+        stats = stats_lib.load_stats(config.stats_path)
+    else:
+        stats = stats_lib.compute_stats(
+            config.data_dir,
+            names,
+            proprio_dim=config.proprio_dim,
+            split=config.split,
+            skip_bad_records=config.skip_bad_records,
+        )
+    missing = [n for n in names if n not in stats["datasets"]]
+    if missing:
+        raise KeyError(
+            f"Normalization stats {config.stats_path or '(computed)'} lack datasets {missing}; they have "
+            f"{sorted(stats['datasets'])}. Run `python -m data_pipelines.compute_stats` over the mixture."
+        )
+    if stats["proprio_dim"] != config.proprio_dim:
+        raise ValueError(
+            f"Stats have proprio_dim={stats['proprio_dim']}, config.data.proprio_dim={config.proprio_dim}"
+        )
+    return stats
+
+
+def _dataset_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**32
+
+
+def clip_source(
+    config: ml_collections.ConfigDict, name: str, dataset_index: int, stats: dict[str, Any]
+) -> grain.MapDataset:
+    """An infinite, shuffled-per-epoch MapDataset of clips of dataset `name` (before mixing)."""
+    windowing.check_num_frames(config.num_frames)
+    source = EpisodeSource(config.data_dir, name, config.split)
+    if len(source) == 0:
+        raise ValueError(
+            f"Dataset {name!r} at {source.dataset_dir} has no episodes in split {config.split!r}"
+        )
+    slots = grain.MapDataset.range(len(source) * config.clips_per_episode)
+    if config.shuffle:
+        slots = slots.shuffle(seed=_dataset_seed(config.seed, name))
+    loader = ClipLoader(source, dataset_index, stats["datasets"][name], config)
+    return slots.repeat().map_with_index(loader)
+
+
+def make_dataset(
+    data_config: ml_collections.ConfigDict,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    stats: dict[str, Any] | None = None,
+    extra_sources: list[tuple[grain.MapDataset, float]] | None = None,
+) -> grain.IterDataset:
+    """Per-process batches (numpy dicts of the batch contract) of the configured OXE mixture.
+
+    Each process gets `batch_size / process_count` examples per batch, disjoint from other processes'.
+    `extra_sources` are already-built (source, weight) pairs mixed in after the configured datasets.
+    """
+    config = data_config
+    if config.batch_size % process_count:
+        raise ValueError(
+            f"data.batch_size={config.batch_size} is not divisible by process_count={process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+    names = config_lib.dataset_names(config)
+    stats = stats if stats is not None else resolve_stats(config)
+    weights = mixture.mixture_weights(names, config.weights, config.balance_weights, stats)
+    sources = [clip_source(config, name, i, stats) for i, name in enumerate(names)]
+    for source, weight in extra_sources or []:
+        sources.append(source)
+        weights.append(weight)
+    mixed = mixture.mix_sources(sources, weights)
+    # Striding the infinite stream gives processes disjoint examples with no coordination.
+    shard = mixed[process_index::process_count]
+    dataset = shard.to_iter_dataset().batch(config.batch_size // process_count, drop_remainder=True)
+    if config.worker_count > 0:
+        dataset = dataset.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size
+            )
+        )
+    return dataset
+
+
+def make_iterator(
+    data_config: ml_collections.ConfigDict,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    stats: dict[str, Any] | None = None,
+) -> grain.DatasetIterator:
+    """Iterator over `make_dataset`; its `get_state()` / `set_state()` resume exactly."""
+    dataset = make_dataset(data_config, process_index=process_index, process_count=process_count, stats=stats)
+    return iter(dataset)
+
+
+def make_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, Any]:
+    """Turns this process's batch into global jax.Arrays sharded by `sharding` along the batch axis.
+
+    String fields (`instruction`) cannot live on devices and stay per-process numpy arrays.
+    """
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if value.dtype.kind in "US":
+            out[key] = value
+        else:
+            out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out

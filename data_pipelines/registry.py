@@ -1,0 +1,134 @@
+"""Per-dataset standardization of Open X-Embodiment datasets (Octo style).
+
+Each entry says which camera is the primary (and wrist) view, and how one RLDS step becomes the shared
+7-D action (EEF delta xyz, delta rpy, gripper in [0, 1] with 1 = open), the proprio vector and the
+language instruction. Adding a dataset is one `register_dataset` call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+Step = Mapping[str, Any]
+ACTION_DIM = 7
+# The gripper dimension keeps its raw [0, 1] value: normalizing a binary signal only blurs it.
+DEFAULT_ACTION_MASK = (True, True, True, True, True, True, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How to read one RLDS dataset into the shared clip contract."""
+
+    primary_camera: str  # key under steps/observation
+    action: Callable[[Step], np.ndarray]  # one step -> float [7]
+    proprio: Callable[[Step], np.ndarray]  # one step -> float [p], p <= data.proprio_dim
+    instruction: Callable[[Step], bytes | str]
+    wrist_camera: str | None = None
+    action_mask: tuple[bool, ...] = DEFAULT_ACTION_MASK  # True: dimension is normalized
+    proprio_mask: tuple[bool, ...] | None = None  # None: every proprio dimension is normalized
+
+
+_REGISTRY: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(name: str, spec: DatasetSpec, *, overwrite: bool = False) -> None:
+    """Adds the standardization of dataset `name` (its TFDS name) to the registry."""
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"Dataset {name!r} is already registered; pass overwrite=True to replace it")
+    if len(spec.action_mask) != ACTION_DIM:
+        raise ValueError(f"{name}: action_mask has {len(spec.action_mask)} entries, expected {ACTION_DIM}")
+    _REGISTRY[name] = spec
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """Returns the registered spec of `name`; the error lists the known datasets."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"No standardization registered for dataset {name!r}; known datasets: {known_datasets()}. "
+            "Add one with data_pipelines.registry.register_dataset."
+        ) from None
+
+
+def known_datasets() -> list[str]:
+    """Names of all registered datasets, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _f32(*parts: Any) -> np.ndarray:
+    return np.concatenate([np.asarray(p, np.float32).reshape(-1) for p in parts]).astype(np.float32)
+
+
+def _fractal_action(step: Step) -> np.ndarray:
+    action = step["action"]
+    # RT-1 commands gripper closedness in [-1, 1] (+1 closes); map to openness in [0, 1].
+    gripper_open = np.clip((1.0 - np.asarray(action["gripper_closedness_action"])) / 2.0, 0.0, 1.0)
+    return _f32(action["world_vector"], action["rotation_delta"], gripper_open)
+
+
+def _bridge_action(step: Step) -> np.ndarray:
+    action = step["action"]
+    return _f32(action["world_vector"], action["rotation_delta"], action["open_gripper"])
+
+
+def _taco_action(step: Step) -> np.ndarray:
+    rel = np.asarray(step["action"]["rel_actions_world"], np.float32)
+    # TACO-play's gripper action is -1 (close) / +1 (open).
+    return _f32(rel[:6], np.clip((rel[6] + 1.0) / 2.0, 0.0, 1.0))
+
+
+def _droid_action(step: Step) -> np.ndarray:
+    action = step["action_dict"]
+    # DROID stores gripper position (1 = closed).
+    return _f32(action["cartesian_velocity"], 1.0 - np.asarray(action["gripper_position"]))
+
+
+register_dataset(
+    "fractal20220817_data",
+    DatasetSpec(
+        primary_camera="image",
+        action=_fractal_action,
+        proprio=lambda s: _f32(
+            s["observation"]["base_pose_tool_reached"], s["observation"]["gripper_closed"]
+        ),
+        instruction=lambda s: s["observation"]["natural_language_instruction"],
+        proprio_mask=(True,) * 7 + (False,),
+    ),
+)
+register_dataset(
+    "bridge",
+    DatasetSpec(
+        primary_camera="image",
+        action=_bridge_action,
+        proprio=lambda s: _f32(s["observation"]["state"]),
+        instruction=lambda s: s["observation"]["natural_language_instruction"],
+        proprio_mask=(True,) * 6 + (False,),
+    ),
+)
+register_dataset(
+    "taco_play",
+    DatasetSpec(
+        primary_camera="rgb_static",
+        wrist_camera="rgb_gripper",
+        action=_taco_action,
+        proprio=lambda s: _f32(np.asarray(s["observation"]["robot_obs"])[:7]),
+        instruction=lambda s: s["observation"]["natural_language_instruction"],
+        proprio_mask=(True,) * 6 + (False,),
+    ),
+)
+register_dataset(
+    "droid",
+    DatasetSpec(
+        primary_camera="exterior_image_1_left",
+        wrist_camera="wrist_image_left",
+        action=_droid_action,
+        proprio=lambda s: _f32(s["observation"]["cartesian_position"], s["observation"]["gripper_position"]),
+        instruction=lambda s: s["language_instruction"],
+        proprio_mask=(True,) * 6 + (False,),
+    ),
+)

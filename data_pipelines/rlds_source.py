@@ -1,0 +1,235 @@
+"""Random access to standardized RLDS episodes of one TFDS dataset stored as ArrayRecord.
+
+Records are read with Grain's ArrayRecord data source and decoded with the dataset's own TFDS feature
+spec, except images: those stay encoded until a clip picks its frames, so reading an episode costs one
+record read and only the chosen frames are decoded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import io
+import os
+import threading
+from collections import Counter
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+
+from data_pipelines import registry
+
+_BAD_RECORDS: Counter[str] = Counter()
+_BAD_RECORDS_LOCK = threading.Lock()
+
+
+class BadRecordError(ValueError):
+    """A record that cannot be read or standardized; names the dataset, file and record index."""
+
+    def __init__(self, dataset: str, filename: str, record_index: int, reason: str):
+        self.dataset, self.filename, self.record_index, self.reason = dataset, filename, record_index, reason
+        super().__init__(
+            f"Bad record in dataset {dataset!r}, file {filename}, record {record_index}: {reason}"
+        )
+
+
+def count_bad_record(error: BadRecordError) -> int:
+    """Counts and logs a skipped bad record; returns how many of its dataset this process skipped."""
+    with _BAD_RECORDS_LOCK:
+        _BAD_RECORDS[error.dataset] += 1
+        count = _BAD_RECORDS[error.dataset]
+    logging.warning("Skipping (%d so far in %s): %s", count, error.dataset, error)
+    return count
+
+
+def bad_record_counts() -> dict[str, int]:
+    """Bad records skipped so far in this process, per dataset (Grain workers count their own)."""
+    with _BAD_RECORDS_LOCK:
+        return dict(_BAD_RECORDS)
+
+
+@dataclasses.dataclass
+class Episode:
+    """One standardized episode; images stay encoded (bytes) until `decode_frame`."""
+
+    dataset: str
+    filename: str
+    record_index: int
+    primary_images: list[bytes]
+    wrist_images: list[bytes] | None
+    image_shape: tuple[int, int, int]  # (H, W, C) the feature spec promises for the primary camera
+    wrist_image_shape: tuple[int, int, int] | None
+    actions: np.ndarray  # float32 [L, 7], raw (not normalized)
+    proprio: np.ndarray  # float32 [L, p], raw
+    instruction: str
+
+    def __len__(self) -> int:
+        return len(self.primary_images)
+
+    def decode_frame(self, index: int, size: tuple[int, int] | None, wrist: bool = False) -> np.ndarray:
+        """Decodes frame `index` of the primary (or wrist) camera to uint8 [H, W, 3], resized to `size`."""
+        images, shape = (
+            (self.wrist_images, self.wrist_image_shape) if wrist else (self.primary_images, self.image_shape)
+        )
+        camera = "wrist" if wrist else "primary"
+        try:
+            image = Image.open(io.BytesIO(images[index]))
+            image.load()
+        except Exception as e:  # PIL raises several types for truncated or garbled data
+            raise BadRecordError(
+                self.dataset, self.filename, self.record_index, f"{camera} frame {index}: {e}"
+            ) from e
+        frame = np.asarray(image.convert("RGB"))
+        if shape is not None and frame.shape != tuple(shape):
+            raise BadRecordError(
+                self.dataset,
+                self.filename,
+                self.record_index,
+                f"{camera} frame {index} has shape {frame.shape}, the feature spec says {tuple(shape)}",
+            )
+        if size is not None and frame.shape[:2] != tuple(size):
+            frame = np.asarray(Image.fromarray(frame).resize((size[1], size[0]), Image.BILINEAR))
+        return frame
+
+
+def find_dataset_dir(data_dir: str, name: str) -> str:
+    """Returns the TFDS directory `data_dir/name/<version>` (newest version) of dataset `name`."""
+    root = os.path.join(data_dir, name)
+    if os.path.exists(os.path.join(root, "dataset_info.json")):
+        return root
+    versions = []
+    if os.path.isdir(root):
+        versions = [v for v in os.listdir(root) if os.path.exists(os.path.join(root, v, "dataset_info.json"))]
+    if not versions:
+        raise FileNotFoundError(
+            f"Dataset {name!r}: no TFDS dataset (dataset_info.json) under {root}; expected "
+            f"{root}/<version>/ as written by tfds or `python -m data_pipelines.make_oxe_like`"
+        )
+    versions.sort(key=lambda v: tuple(int(p) if p.isdigit() else 0 for p in v.split(".")))
+    return os.path.join(root, versions[-1])
+
+
+def _feature_shape(features: Any, camera: str | None) -> tuple[int, int, int] | None:
+    if camera is None:
+        return None
+    return tuple(features["steps"].feature["observation"][camera].shape)
+
+
+class EpisodeSource:
+    """Random-access standardized episodes of TFDS dataset `name` under `data_dir` (one split).
+
+    Picklable (Grain workers rebuild the readers lazily), `len()` is the number of episodes, and
+    `source[i]` returns an `Episode` or raises `BadRecordError`.
+    """
+
+    def __init__(self, data_dir: str, name: str, split: str = "train"):
+        self.name = name
+        self.spec = registry.get_spec(name)
+        self.dataset_dir = find_dataset_dir(data_dir, name)
+        self.split = split
+        builder = tfds.builder_from_directory(self.dataset_dir)
+        info = builder.info
+        if split not in info.splits:
+            raise KeyError(
+                f"Dataset {name!r} at {self.dataset_dir} has no split {split!r}; has {list(info.splits)}"
+            )
+        if info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+            raise ValueError(
+                f"Dataset {name!r} at {self.dataset_dir} is stored as {info.file_format.value}; "
+                "random access needs array_record. Convert it once with `python -m data_pipelines.convert`."
+            )
+        self.filenames = [os.path.join(self.dataset_dir, f) for f in info.splits[split].filenames]
+        shard_lengths = list(info.splits[split].shard_lengths)
+        self._shard_starts = list(np.cumsum([0, *shard_lengths[:-1]]).astype(int))
+        self._length = int(sum(shard_lengths))
+        self._reader: Any = None
+        self._features: Any = None
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_reader"] = state["_features"] = None
+        state["spec"] = None  # specs hold lambdas; look the spec up again by name
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.spec = registry.get_spec(self.name)
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """Returns (file, record index within that file) of episode `index`."""
+        shard = bisect.bisect_right(self._shard_starts, index) - 1
+        return self.filenames[shard], index - self._shard_starts[shard]
+
+    def _open(self) -> None:
+        if self._reader is None:
+            self._features = tfds.builder_from_directory(self.dataset_dir).info.features
+            self._reader = grain.sources.ArrayRecordDataSource(self.filenames)
+
+    def __getitem__(self, index: int) -> Episode:
+        if not 0 <= index < self._length:
+            raise IndexError(f"Dataset {self.name!r}: episode {index} out of range [0, {self._length})")
+        self._open()
+        filename, record_index = self.locate(index)
+        try:
+            return self._read(index, filename, record_index)
+        except BadRecordError:
+            raise
+        except Exception as e:  # any parse / missing key / dtype failure of this one record
+            raise BadRecordError(self.name, filename, record_index, f"{type(e).__name__}: {e}") from e
+
+    def _read(self, index: int, filename: str, record_index: int) -> Episode:
+        spec = self.spec
+        cameras = [spec.primary_camera] + ([spec.wrist_camera] if spec.wrist_camera else [])
+        skip = {camera: tfds.decode.SkipDecoding() for camera in cameras}
+        record = self._features.deserialize_example_np(
+            self._reader[index], decoders={"steps": {"observation": skip}}
+        )
+        steps = record["steps"]
+        if len(steps) == 0:
+            raise BadRecordError(self.name, filename, record_index, "episode has no steps")
+        steps = [steps[i] for i in range(len(steps))]
+        for i, step in enumerate(steps):
+            for camera in cameras:
+                if camera not in step["observation"]:
+                    raise BadRecordError(
+                        self.name, filename, record_index, f"step {i}: missing observation/{camera}"
+                    )
+        actions = np.stack([spec.action(s) for s in steps]).astype(np.float32)
+        if actions.shape[1] != registry.ACTION_DIM:
+            raise BadRecordError(
+                self.name, filename, record_index, f"actions have shape {actions.shape}, expected [L, 7]"
+            )
+        bad = np.argwhere(~np.isfinite(actions))
+        if len(bad):
+            raise BadRecordError(
+                self.name,
+                filename,
+                record_index,
+                f"non-finite action at step {bad[0][0]}, dimension {bad[0][1]}",
+            )
+        proprio = np.stack([spec.proprio(s) for s in steps]).astype(np.float32)
+        if not np.all(np.isfinite(proprio)):
+            raise BadRecordError(self.name, filename, record_index, "non-finite proprio")
+        instruction = spec.instruction(steps[0])
+        if isinstance(instruction, bytes):
+            instruction = instruction.decode("utf-8")
+        wrist = spec.wrist_camera
+        return Episode(
+            dataset=self.name,
+            filename=filename,
+            record_index=record_index,
+            primary_images=[s["observation"][spec.primary_camera] for s in steps],
+            wrist_images=[s["observation"][wrist] for s in steps] if wrist else None,
+            image_shape=_feature_shape(self._features, spec.primary_camera),
+            wrist_image_shape=_feature_shape(self._features, wrist),
+            actions=actions,
+            proprio=proprio,
+            instruction=str(instruction),
+        )

@@ -1,0 +1,90 @@
+"""Episode -> clip windows of 1 + 4k frames with the aligned, normalized action chunk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from data_pipelines import stats as stats_lib
+from data_pipelines.rlds_source import Episode
+
+
+def check_num_frames(num_frames: int) -> None:
+    """Raises unless `num_frames` is 1 + 4k (the Wan VAE compresses time 4x causally)."""
+    if num_frames < 1 or (num_frames - 1) % 4:
+        raise ValueError(f"data.num_frames must be 1 + 4k (1, 5, 9, 13, ...), got {num_frames}")
+
+
+def clip_start(
+    length: int, num_frames: int, frame_stride: int, slot: int, clips_per_episode: int, u: float
+) -> int:
+    """First step of clip `slot` of an episode of `length` steps; `u` in [0, 1) jitters it in its stratum.
+
+    Slots split the valid starts into `clips_per_episode` equal strata so an epoch covers each episode
+    evenly; episodes shorter than one clip start at 0 and are padded.
+    """
+    span = (num_frames - 1) * frame_stride + 1
+    num_starts = max(length - span, 0) + 1
+    return min(int((slot + u) * num_starts / clips_per_episode), num_starts - 1)
+
+
+def make_clip(
+    episode: Episode,
+    start: int,
+    *,
+    num_frames: int,
+    frame_stride: int,
+    resolution: tuple[int, int],
+    dataset_stats: dict[str, Any],
+    proprio_dim: int,
+    action_normalization: str,
+    dataset_index: int,
+    wrist_camera: bool,
+) -> dict[str, np.ndarray]:
+    """Builds one example of the batch contract from `episode`, starting at step `start`."""
+    length = len(episode)
+    steps = start + frame_stride * np.arange(num_frames)
+    frame_mask = steps < length
+    last_valid = int(steps[frame_mask][-1])
+    frame_steps = np.minimum(steps, last_valid)
+    frames = np.stack([episode.decode_frame(int(s), resolution) for s in frame_steps])
+
+    # actions[i] takes frame i to frame i + 1: the mean per-step delta over the stride (so it matches
+    # the per-step statistics) and the gripper command of the stride's last step.
+    chunk = np.zeros((num_frames - 1, 7), np.float32)
+    action_mask = frame_mask[1:].copy()
+    for i in np.flatnonzero(action_mask):
+        window = episode.actions[steps[i] : steps[i] + frame_stride]
+        chunk[i, :6] = window[:, :6].mean(0)
+        chunk[i, 6] = window[-1, 6]
+    chunk = stats_lib.normalize(chunk, dataset_stats["action"], action_normalization)
+    chunk[~action_mask] = 0.0
+
+    proprio = np.zeros(proprio_dim, np.float32)
+    raw = episode.proprio[start]
+    if raw.shape[0] > proprio_dim:
+        raise ValueError(
+            f"{episode.dataset}: proprio has {raw.shape[0]} dims, more than data.proprio_dim={proprio_dim}"
+        )
+    proprio[: raw.shape[0]] = raw
+    proprio = stats_lib.normalize(proprio, dataset_stats["proprio"], "normal")
+
+    example = {
+        "frames": frames,
+        "frame_mask": frame_mask,
+        "actions": chunk,
+        "action_mask": action_mask,
+        "proprio": proprio,
+        "instruction": np.str_(episode.instruction),
+        "dataset_index": np.int32(dataset_index),
+    }
+    if wrist_camera:
+        if episode.wrist_images is None:
+            raise ValueError(
+                f"data.wrist_camera=True but dataset {episode.dataset!r} has no wrist camera in its spec"
+            )
+        example["wrist_frames"] = np.stack(
+            [episode.decode_frame(int(s), resolution, wrist=True) for s in frame_steps]
+        )
+    return example
