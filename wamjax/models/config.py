@@ -1,0 +1,104 @@
+"""Model configuration: one frozen dataclass shared by the DiT, the action modules and the exporters."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the world-action model; the backbone fields mirror diffusers' WanTransformer3DModel."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    # Action / proprio tokens (absent in the pure video backbone).
+    action_dim: int = 7
+    proprio_dim: int = 8
+    max_action_tokens: int = 256
+    action_frames_per_latent: int = 4
+    # Attention layout: "bidirectional" (Wan) or "chunk_causal" (DreamZero-style chunks of latent frames).
+    attention_layout: str = "bidirectional"
+    chunk_latent_frames: int = 1
+    # Execution.
+    attention: str = "dot_product"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    dtype: str = "float32"
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        """Builds a config from a mapping, naming any key that is not a model field."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KeyError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
+        kwargs = dict(values)
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(int(p) for p in kwargs["patch_size"])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    def diffusers_config(self) -> dict[str, Any]:
+        """The `config.json` of the equivalent diffusers WanTransformer3DModel."""
+        return {
+            "_class_name": "WanTransformer3DModel",
+            "patch_size": list(self.patch_size),
+            "num_attention_heads": self.num_attention_heads,
+            "attention_head_dim": self.attention_head_dim,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "text_dim": self.text_dim,
+            "freq_dim": self.freq_dim,
+            "ffn_dim": self.ffn_dim,
+            "num_layers": self.num_layers,
+            "cross_attn_norm": self.cross_attn_norm,
+            "qk_norm": "rms_norm_across_heads",
+            "eps": self.eps,
+            "image_dim": None,
+            "added_kv_proj_dim": None,
+            "rope_max_seq_len": self.rope_max_seq_len,
+            "pos_embed_seq_len": None,
+        }
+
+
+# Published Wan 2.1 transformer sizes, plus a CPU-sized one.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        num_attention_heads=2, attention_head_dim=24, ffn_dim=96, num_layers=2, text_dim=32, freq_dim=32
+    ),
+    "small": dict(
+        num_attention_heads=4, attention_head_dim=32, ffn_dim=256, num_layers=4, text_dim=64, freq_dim=64
+    ),
+    "wan1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+    "wan14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+}
+
+# Parameter counts of the published checkpoints (diffusers WanTransformer3DModel, T2V).
+PUBLISHED_PARAM_COUNTS = {"wan1.3b": 1_418_996_800, "wan14b": 14_288_491_584}

@@ -1,0 +1,377 @@
+"""Wan-2.1-compatible video diffusion transformer blocks (math and parameter names of diffusers' Wan).
+
+Latents are channels-last [B, F, H, W, C]; tokens are ordered frame-major (f, h, w) as Wan flattens them.
+Modulation is per token group: every token belongs to a group (a latent frame, an action token, ...) and
+each group has its own timestep, so video and actions can sit at independent noise levels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wamjax.models import attention as attention_lib
+from wamjax.models.config import ModelConfig
+from wamjax.models.layers import (
+    Dense,
+    LayerNorm,
+    RMSNorm,
+    activation_fn,
+    constrain,
+    rope_frequencies,
+    sinusoidal_embedding,
+)
+
+BATCH_LENGTH_EMBED = ("batch", "length", "embed")
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """Static description of the joint token sequence: sizes, group ids, chunk ids and rotary angles."""
+
+    grid: tuple[int, int, int]  # (frames, height, width) of video tokens after patching
+    num_action_tokens: int
+    num_proprio_tokens: int
+    num_padding_tokens: int
+    token_group: np.ndarray  # [S] int32: which modulation group each token reads
+    token_chunk: np.ndarray  # [S] int32: attention chunk (a token sees chunks <= its own)
+    token_valid: np.ndarray  # [S] bool: False for padding tokens
+    rope_angles: np.ndarray  # [S, head_dim // 2] float64
+    num_groups: int
+    causal: bool
+
+    @property
+    def num_video_tokens(self) -> int:
+        f, h, w = self.grid
+        return f * h * w
+
+    @property
+    def length(self) -> int:
+        return self.num_video_tokens + self.num_action_tokens + self.num_proprio_tokens + self.num_padding_tokens
+
+    def __hash__(self) -> int:  # numpy fields are fixed by the scalar ones
+        return hash((self.grid, self.num_action_tokens, self.num_proprio_tokens, self.num_padding_tokens,
+                     self.num_groups, self.causal))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TokenLayout) and hash(self) == hash(other)
+
+
+def latent_frame_chunk(cfg: ModelConfig, num_latent_frames: int) -> np.ndarray:
+    """Chunk id per latent frame: frame 0 (the context frame) is chunk 0, then chunks of `chunk_latent_frames`."""
+    if cfg.attention_layout == "bidirectional":
+        return np.zeros(num_latent_frames, np.int32)
+    if cfg.attention_layout != "chunk_causal":
+        raise ValueError(
+            f"model.attention_layout={cfg.attention_layout!r}; expected 'bidirectional' or 'chunk_causal'"
+        )
+    f = np.arange(num_latent_frames)
+    return np.where(f == 0, 0, 1 + (f - 1) // max(cfg.chunk_latent_frames, 1)).astype(np.int32)
+
+
+def action_latent_frame(cfg: ModelConfig, num_action_tokens: int) -> np.ndarray:
+    """The future latent frame each action token is aligned with (actions[i] moves frame i to i+1)."""
+    return (1 + np.arange(num_action_tokens) // cfg.action_frames_per_latent).astype(np.int32)
+
+
+def make_token_layout(
+    cfg: ModelConfig,
+    latent_shape: tuple[int, int, int],
+    num_action_tokens: int = 0,
+    num_proprio_tokens: int = 0,
+    pad_to_multiple: int = 1,
+) -> TokenLayout:
+    """Builds the static token layout for latents of (frames, height, width) plus optional action tokens.
+
+    Groups: one per latent frame, then one per action token, then one for the proprio token.
+    """
+    pt, ph, pw = cfg.patch_size
+    frames, height, width = latent_shape
+    if frames % pt or height % ph or width % pw:
+        raise ValueError(f"latent shape {latent_shape} is not divisible by patch_size {cfg.patch_size}")
+    grid = (frames // pt, height // ph, width // pw)
+    gf, gh, gw = grid
+    num_video = gf * gh * gw
+    frame_idx = np.repeat(np.arange(gf), gh * gw)
+    frame_chunk = latent_frame_chunk(cfg, gf)
+    action_frame = np.minimum(action_latent_frame(cfg, num_action_tokens), gf - 1)
+    groups = [frame_idx, gf + np.arange(num_action_tokens), np.full(num_proprio_tokens, gf + num_action_tokens)]
+    chunks = [frame_chunk[frame_idx], frame_chunk[action_frame], np.zeros(num_proprio_tokens, np.int32)]
+    valid_len = num_video + num_action_tokens + num_proprio_tokens
+    num_padding = (-valid_len) % pad_to_multiple
+    groups.append(np.zeros(num_padding, np.int64))
+    chunks.append(np.full(num_padding, np.iinfo(np.int32).max // 2, np.int32))
+
+    # Rotary angles: (t, h, w) split of the head dim as Wan splits it; non-video tokens are not rotated.
+    head_dim = cfg.attention_head_dim
+    h_dim = w_dim = 2 * (head_dim // 6)
+    t_dim = head_dim - h_dim - w_dim
+    if max(grid) > cfg.rope_max_seq_len:
+        raise ValueError(f"token grid {grid} exceeds model.rope_max_seq_len={cfg.rope_max_seq_len}")
+    ff, hh, ww = np.meshgrid(np.arange(gf), np.arange(gh), np.arange(gw), indexing="ij")
+    video_angles = np.concatenate(
+        [
+            rope_frequencies(t_dim, ff.reshape(-1), cfg.rope_theta),
+            rope_frequencies(h_dim, hh.reshape(-1), cfg.rope_theta),
+            rope_frequencies(w_dim, ww.reshape(-1), cfg.rope_theta),
+        ],
+        axis=-1,
+    )
+    unrotated = np.zeros((valid_len - num_video + num_padding, head_dim // 2))
+    angles = np.concatenate([video_angles, unrotated], axis=0)
+    return TokenLayout(
+        grid=grid,
+        num_action_tokens=num_action_tokens,
+        num_proprio_tokens=num_proprio_tokens,
+        num_padding_tokens=num_padding,
+        token_group=np.concatenate(groups).astype(np.int32),
+        token_chunk=np.concatenate(chunks).astype(np.int32),
+        token_valid=np.arange(valid_len + num_padding) < valid_len,
+        rope_angles=angles,
+        num_groups=gf + num_action_tokens + (1 if num_proprio_tokens else 0),
+        causal=cfg.attention_layout == "chunk_causal",
+    )
+
+
+def attention_mask(layout: TokenLayout) -> np.ndarray | None:
+    """[S, S] boolean mask (query, key) for the layout, or None when every token sees every token."""
+    if not layout.causal and layout.num_padding_tokens == 0:
+        return None
+    chunk = layout.token_chunk
+    mask = chunk[None, :] <= chunk[:, None]
+    mask &= layout.token_valid[None, :]
+    # Padding queries attend to themselves only, so their rows stay finite.
+    mask |= np.eye(len(chunk), dtype=bool) & ~layout.token_valid[:, None]
+    return mask
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates interleaved pairs of x [B, S, H, D] by angles with cos/sin [S, D // 2]."""
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x1, x2 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def modulate_per_group(table: jax.Array, token_group: np.ndarray, num_groups: int) -> jax.Array:
+    """Spreads a per-group table [B, G, ...] over tokens -> [B, S, ...] (broadcast when there is one group)."""
+    if num_groups == 1:
+        return table[:, :1]
+    return jnp.take(table, jnp.asarray(token_group), axis=1)
+
+
+class WanAttention(nn.Module):
+    """Self- or cross-attention with RMSNorm on q and k across heads, as in Wan."""
+
+    cfg: ModelConfig
+    cross: bool = False
+
+    @nn.compact
+    def __call__(self, x, context=None, rope=None, mask=None):
+        cfg = self.cfg
+        dim, heads = cfg.dim, cfg.num_attention_heads
+        kv_in = x if context is None else context
+        dense = lambda name, axes: Dense(dim, axes, dtype=cfg.compute_dtype, name=name)
+        q = dense("to_q", ("embed", "heads"))(x)
+        k = dense("to_k", ("embed", "heads"))(kv_in)
+        v = dense("to_v", ("embed", "heads"))(kv_in)
+        q = RMSNorm(cfg.eps, name="norm_q")(q)
+        k = RMSNorm(cfg.eps, name="norm_k")(k)
+        split = lambda t: t.reshape(*t.shape[:2], heads, cfg.attention_head_dim)
+        q, k, v = split(q), split(k), split(v)
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        kv_axes = ("batch", "text_length" if self.cross else "kv_length", "heads", "kv")
+        k, v = constrain(k, kv_axes), constrain(v, kv_axes)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention_lib.get_attention(cfg.attention)(q, k, v, mask)
+        out = out.reshape(*out.shape[:2], dim)
+        out = constrain(out, ("batch", "length", "heads"))
+        return Dense(dim, ("heads", "embed"), dtype=cfg.compute_dtype, name="to_out")(out)
+
+
+class FeedForward(nn.Module):
+    """GELU(tanh) MLP with diffusers' `net.0.proj` / `net.2` as `proj_in` / `proj_out`."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        h = Dense(cfg.ffn_dim, ("embed", "mlp"), dtype=cfg.compute_dtype, name="proj_in")(x)
+        h = constrain(activation_fn("gelu_tanh")(h), ("batch", "length", "mlp"))
+        return Dense(cfg.dim, ("mlp", "embed"), dtype=cfg.compute_dtype, name="proj_out")(h)
+
+
+class WanBlock(nn.Module):
+    """One Wan transformer block: modulated self-attention, cross-attention to text, modulated FFN."""
+
+    cfg: ModelConfig
+    layout: TokenLayout
+
+    @nn.compact
+    def __call__(self, x, context, group_modulation, rope, mask):
+        cfg, layout = self.cfg, self.layout
+        table = self.param(
+            "scale_shift_table",
+            nn.with_logical_partitioning(
+                lambda key, shape: jax.random.normal(key, shape) / cfg.dim**0.5, (None, None, "embed")
+            ),
+            (1, 6, cfg.dim),
+        )
+        # [B, G, 6, D] -> per token [B, S or 1, 6, D], in float32 like diffusers.
+        mod = modulate_per_group(table[None] + group_modulation, layout.token_group, layout.num_groups)
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
+        dtype = x.dtype
+
+        h = LayerNorm(cfg.eps, name="norm1")(x) * (1 + scale_msa) + shift_msa
+        h = WanAttention(cfg, name="attn1")(h.astype(dtype), rope=rope, mask=mask)
+        x = (x.astype(jnp.float32) + h * gate_msa).astype(dtype)
+        x = constrain(x, BATCH_LENGTH_EMBED)
+
+        h = LayerNorm(cfg.eps, affine=True, name="norm2")(x) if cfg.cross_attn_norm else x
+        x = x + WanAttention(cfg, cross=True, name="attn2")(h.astype(dtype), context=context)
+        x = constrain(x, BATCH_LENGTH_EMBED)
+
+        h = LayerNorm(cfg.eps, name="norm3")(x) * (1 + c_scale) + c_shift
+        h = FeedForward(cfg, name="ffn")(h.astype(dtype))
+        x = (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
+        return constrain(x, BATCH_LENGTH_EMBED)
+
+
+class _ScanBody(nn.Module):
+    """Adapts WanBlock to nn.scan's (carry, xs) -> (carry, ys) signature."""
+
+    cfg: ModelConfig
+    layout: TokenLayout
+
+    @nn.compact
+    def __call__(self, x, context, group_modulation, rope, mask):
+        return WanBlock(self.cfg, self.layout, name="block")(x, context, group_modulation, rope, mask), None
+
+
+class BlockStack(nn.Module):
+    """`num_layers` Wan blocks, scanned (one compiled body, stacked params) or unrolled, with optional remat."""
+
+    cfg: ModelConfig
+    layout: TokenLayout
+
+    @nn.compact
+    def __call__(self, x, context, group_modulation, rope, mask):
+        cfg = self.cfg
+        if cfg.remat_policy not in _REMAT_POLICIES:
+            raise ValueError(f"model.remat_policy={cfg.remat_policy!r}; known: {sorted(_REMAT_POLICIES)}")
+        policy = _REMAT_POLICIES[cfg.remat_policy]
+        body = _ScanBody
+        if cfg.remat_policy != "none":
+            body = nn.remat(_ScanBody, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                body,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = scanned(cfg, self.layout, name="layers")(x, context, group_modulation, rope, mask)
+            return x
+        for i in range(cfg.num_layers):
+            x, _ = body(cfg, self.layout, name=f"layers_{i}")(x, context, group_modulation, rope, mask)
+        return x
+
+
+class ConditionEmbedder(nn.Module):
+    """Timestep -> (temb, 6-way modulation) and text -> context, as diffusers' WanTimeTextImageEmbedding."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.time_embedder = TimeEmbedding(cfg, name="time_embedder")
+        self.time_proj = Dense(6 * cfg.dim, (None, "embed"), name="time_proj")
+        self.text_embedder = TextProjection(cfg, name="text_embedder")
+
+    def time(self, timesteps: jax.Array) -> tuple[jax.Array, jax.Array]:
+        temb = self.time_embedder(timesteps)
+        mod = self.time_proj(jax.nn.silu(temb))
+        return temb, mod.reshape(*mod.shape[:-1], 6, self.cfg.dim)
+
+    def text(self, text_embeddings: jax.Array) -> jax.Array:
+        return self.text_embedder(text_embeddings)
+
+    def __call__(self, timesteps, text_embeddings):
+        return (*self.time(timesteps), self.text(text_embeddings))
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features (freq_dim) -> linear -> SiLU -> linear, in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, timesteps):
+        cfg = self.cfg
+        h = sinusoidal_embedding(timesteps, cfg.freq_dim)
+        h = Dense(cfg.dim, (None, "embed"), name="linear_1")(h)
+        return Dense(cfg.dim, ("mlp_small", "embed"), name="linear_2")(jax.nn.silu(h))
+
+
+class TextProjection(nn.Module):
+    """Text encoder states -> model width: linear -> GELU(tanh) -> linear."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, text):
+        cfg = self.cfg
+        h = Dense(cfg.dim, ("text_embed", "embed"), dtype=cfg.compute_dtype, name="linear_1")(text)
+        h = activation_fn("gelu_tanh")(h)
+        h = Dense(cfg.dim, ("mlp_small", "embed"), dtype=cfg.compute_dtype, name="linear_2")(h)
+        return constrain(h, ("batch", "text_length", "embed"))
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = patch_size, as a patchify + matmul; kernel [pt, ph, pw, C, D]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, latents):
+        cfg = self.cfg
+        pt, ph, pw = cfg.patch_size
+        b, f, h, w, c = latents.shape
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, None, "embed")),
+            (pt, ph, pw, c, cfg.dim),
+        )
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)), (cfg.dim,))
+        x = latents.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+        x = x.reshape(b, (f // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
+        k = kernel.reshape(pt * ph * pw * c, cfg.dim)
+        x = jnp.dot(x.astype(cfg.compute_dtype), k.astype(cfg.compute_dtype)) + bias.astype(cfg.compute_dtype)
+        return constrain(x, BATCH_LENGTH_EMBED)
+
+
+def unpatchify(cfg: ModelConfig, tokens: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+    """[B, F*H*W, pt*ph*pw*C] -> channels-last latents [B, F*pt, H*ph, W*pw, C]."""
+    pt, ph, pw = cfg.patch_size
+    gf, gh, gw = grid
+    b = tokens.shape[0]
+    x = tokens.reshape(b, gf, gh, gw, pt, ph, pw, cfg.out_channels)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, gf * pt, gh * ph, gw * pw, cfg.out_channels)
