@@ -14,12 +14,15 @@ import io
 import os
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grain
 import msgpack
 import numpy as np
+from array_record.python import array_record_data_source
 from PIL import Image
+
+if TYPE_CHECKING:
+    import grain
 
 SHARD_PREFIX = "video"
 SHARD_SUFFIX = ".array_record"
@@ -130,15 +133,19 @@ def _check_complete(paths: Sequence[str]) -> None:
             )
 
 
-class VideoClipSource(grain.sources.RandomAccessDataSource):
+class VideoClipSource:
     """Random access to the clip records of video shards; each item is an unpacked clip record.
 
-    Items hold encoded frames (bytes) and metadata; `make_video_dataset` decodes them.
+    Implements Grain's RandomAccessDataSource protocol (`__len__`, `__getitem__`) and pickles into
+    Grain worker processes. Items hold encoded frames (bytes) and metadata; `make_video_dataset`
+    decodes them.
     """
 
     def __init__(self, shards: str | Sequence[str], *, require_complete: bool = True):
         self._paths = find_shards(shards, require_complete=require_complete)
-        self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        # array_record's own source, not grain's wrapper: ingest workers import this module for the
+        # record format, and importing grain pulls in JAX (seconds per spawned worker).
+        self._source = array_record_data_source.ArrayRecordDataSource(self._paths)
 
     @property
     def paths(self) -> list[str]:
@@ -205,8 +212,8 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-class ClipToExample(grain.transforms.Map):
-    """Decodes a clip record into a per-example dict of the shared data contract."""
+class ClipToExample:
+    """Decodes a clip record into a per-example dict of the shared data contract (a Grain map)."""
 
     def __init__(
         self,
@@ -227,7 +234,7 @@ class ClipToExample(grain.transforms.Map):
         self.dataset_index = dataset_index
         self.include_metadata = include_metadata
 
-    def map(self, record: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         encoded = record["frames"]
         if not encoded:
             raise ValueError(f"clip {record['clip_index']} of {record['source']!r} has no frames")
@@ -289,6 +296,8 @@ def make_video_dataset(
         raise ValueError(f"resolution={resolution}, expected (H, W) with positive sizes")
     if resize_mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode={resize_mode!r}, expected one of {RESIZE_MODES}")
+    import grain  # Deferred: see VideoClipSource.__init__.
+
     source = VideoClipSource(shards, require_complete=require_complete)
     dataset = grain.MapDataset.source(source)
     if shuffle:
