@@ -439,6 +439,7 @@ def make_datasets(
     the published shapes. `file_format` is "array_record" (random access, what the pipeline reads) or
     "tfrecord" (the format OXE is published in; see `data_pipelines.convert`).
     """
+    tfds.disable_progress_bar()
     unknown = [name for name in datasets if name not in MAKERS]
     if unknown:
         raise ValueError(f"No OXE-format maker for datasets {unknown}; known: {sorted(MAKERS)}")
@@ -465,28 +466,31 @@ def make_datasets(
         logging.info("Wrote %d episodes of %s to %s", episodes, name, builder.data_dir)
 
 
-_OUT = flags.DEFINE_string("out", None, "Directory to write the TFDS datasets under.")
-_DATASETS = flags.DEFINE_list("datasets", list(MAKERS), "OXE dataset names to generate.")
-_EPISODES = flags.DEFINE_integer("episodes", 8, "Episodes per dataset.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed of trajectories and scenes.")
-_IMAGE_SIZE = flags.DEFINE_list("image_size", None, "H,W replacing every camera's published shape.")
-_FILE_FORMAT = flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"], "Storage.")
+FLAGS = flags.FLAGS
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    if not _OUT.value:
+    if not FLAGS.out:
         raise app.UsageError("--out is required")
-    image_size = tuple(int(v) for v in _IMAGE_SIZE.value) if _IMAGE_SIZE.value else None
+    image_size = tuple(int(v) for v in FLAGS.image_size) if FLAGS.image_size else None
     make_datasets(
-        os.path.expanduser(_OUT.value),
-        _DATASETS.value,
-        _EPISODES.value,
-        _SEED.value,
+        os.path.expanduser(FLAGS.out),
+        FLAGS.datasets,
+        FLAGS.episodes,
+        FLAGS.seed,
         image_size=image_size,
-        file_format=_FILE_FORMAT.value,
+        file_format=FLAGS.file_format,
     )
+    print(f"Wrote {FLAGS.episodes} episodes of {', '.join(FLAGS.datasets)} to {FLAGS.out}")
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a script so that importing several CLI modules does not clash.
+    flags.DEFINE_string("out", None, "Directory to write the TFDS datasets under.")
+    flags.DEFINE_list("datasets", list(MAKERS), "OXE dataset names to generate.")
+    flags.DEFINE_integer("episodes", 8, "Episodes per dataset.")
+    flags.DEFINE_integer("seed", 0, "Random seed of trajectories and scenes.")
+    flags.DEFINE_list("image_size", None, "H,W replacing every camera's published shape.")
+    flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"], "Storage format.")
     app.run(main)

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
+from tensorflow_datasets.proto import tf_example_pb2
 
 from data_pipelines import registry
 
@@ -32,9 +33,7 @@ class BadRecordError(ValueError):
 
     def __init__(self, dataset: str, filename: str, record_index: int, reason: str):
         self.dataset, self.filename, self.record_index, self.reason = dataset, filename, record_index, reason
-        super().__init__(
-            f"Bad record in dataset {dataset!r}, file {filename}, record {record_index}: {reason}"
-        )
+        super().__init__(f"Bad record in dataset {dataset!r}, file {filename}, record {record_index}: {reason}")
 
 
 def count_bad_record(error: BadRecordError) -> int:
@@ -80,9 +79,7 @@ class Episode:
             image = Image.open(io.BytesIO(images[index]))
             image.load()
         except Exception as e:  # PIL raises several types for truncated or garbled data
-            raise BadRecordError(
-                self.dataset, self.filename, self.record_index, f"{camera} frame {index}: {e}"
-            ) from e
+            raise BadRecordError(self.dataset, self.filename, self.record_index, f"{camera} frame {index}: {e}") from e
         frame = np.asarray(image.convert("RGB"))
         if shape is not None and frame.shape != tuple(shape):
             raise BadRecordError(
@@ -134,9 +131,7 @@ class EpisodeSource:
         builder = tfds.builder_from_directory(self.dataset_dir)
         info = builder.info
         if split not in info.splits:
-            raise KeyError(
-                f"Dataset {name!r} at {self.dataset_dir} has no split {split!r}; has {list(info.splits)}"
-            )
+            raise KeyError(f"Dataset {name!r} at {self.dataset_dir} has no split {split!r}; has {list(info.splits)}")
         if info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
             raise ValueError(
                 f"Dataset {name!r} at {self.dataset_dir} is stored as {info.file_format.value}; "
@@ -147,7 +142,7 @@ class EpisodeSource:
         self._shard_starts = list(np.cumsum([0, *shard_lengths[:-1]]).astype(int))
         self._length = int(sum(shard_lengths))
         self._reader: Any = None
-        self._features: Any = None
+        self._features: Any = info.features
 
     def __len__(self) -> int:
         return self._length
@@ -168,8 +163,9 @@ class EpisodeSource:
         return self.filenames[shard], index - self._shard_starts[shard]
 
     def _open(self) -> None:
-        if self._reader is None:
+        if self._features is None:
             self._features = tfds.builder_from_directory(self.dataset_dir).info.features
+        if self._reader is None:
             self._reader = grain.sources.ArrayRecordDataSource(self.filenames)
 
     def __getitem__(self, index: int) -> Episode:
@@ -182,15 +178,42 @@ class EpisodeSource:
         except BadRecordError:
             raise
         except Exception as e:  # any parse / missing key / dtype failure of this one record
-            raise BadRecordError(self.name, filename, record_index, f"{type(e).__name__}: {e}") from e
+            raise BadRecordError(self.name, filename, record_index, self._diagnose(index, e)) from e
+
+    def _check_image_headers(self, steps: list[Any], camera: str, filename: str, record_index: int) -> None:
+        # Reading only the image headers is cheap and catches wrong shapes before a clip needs the frame.
+        expected = _feature_shape(self._features, camera)
+        for i, step in enumerate(steps):
+            try:
+                width, height = Image.open(io.BytesIO(step["observation"][camera])).size
+            except Exception as e:  # PIL raises several types for unreadable headers
+                raise BadRecordError(self.name, filename, record_index, f"step {i} {camera}: {e}") from e
+            if (height, width) != tuple(expected[:2]):
+                raise BadRecordError(
+                    self.name,
+                    filename,
+                    record_index,
+                    f"step {i} observation/{camera} is {height}x{width}, the feature spec says "
+                    f"{expected[0]}x{expected[1]}",
+                )
+
+    def _diagnose(self, index: int, error: Exception) -> str:
+        """Names the missing feature keys of a record that failed to decode, else the decode error."""
+        try:
+            example = tf_example_pb2.Example.FromString(self._reader[index])
+        except Exception:  # the record is not even a valid proto: the original error says why
+            return f"{type(error).__name__}: {error}"
+        expected = tfds.core.utils.flatten_nest_dict(self._features.get_serialized_info())
+        missing = sorted(set(expected) - set(example.features.feature))
+        if missing:
+            return f"missing feature keys {missing}"
+        return f"{type(error).__name__}: {error}"
 
     def _read(self, index: int, filename: str, record_index: int) -> Episode:
         spec = self.spec
         cameras = [spec.primary_camera] + ([spec.wrist_camera] if spec.wrist_camera else [])
         skip = {camera: tfds.decode.SkipDecoding() for camera in cameras}
-        record = self._features.deserialize_example_np(
-            self._reader[index], decoders={"steps": {"observation": skip}}
-        )
+        record = self._features.deserialize_example_np(self._reader[index], decoders={"steps": {"observation": skip}})
         steps = record["steps"]
         if len(steps) == 0:
             raise BadRecordError(self.name, filename, record_index, "episode has no steps")
@@ -198,9 +221,7 @@ class EpisodeSource:
         for i, step in enumerate(steps):
             for camera in cameras:
                 if camera not in step["observation"]:
-                    raise BadRecordError(
-                        self.name, filename, record_index, f"step {i}: missing observation/{camera}"
-                    )
+                    raise BadRecordError(self.name, filename, record_index, f"step {i}: missing observation/{camera}")
         actions = np.stack([spec.action(s) for s in steps]).astype(np.float32)
         if actions.shape[1] != registry.ACTION_DIM:
             raise BadRecordError(
@@ -217,6 +238,8 @@ class EpisodeSource:
         proprio = np.stack([spec.proprio(s) for s in steps]).astype(np.float32)
         if not np.all(np.isfinite(proprio)):
             raise BadRecordError(self.name, filename, record_index, "non-finite proprio")
+        for camera in cameras:
+            self._check_image_headers(steps, camera, filename, record_index)
         instruction = spec.instruction(steps[0])
         if isinstance(instruction, bytes):
             instruction = instruction.decode("utf-8")
