@@ -1,0 +1,193 @@
+"""Import a diffusers `AutoencoderKLWan` (Wan 2.1 VAE) checkpoint into wamjax's VAE params pytree."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from wamjax.models.vae import (
+    WAN21_LATENTS_MEAN,
+    WAN21_LATENTS_STD,
+    Params,
+    VAEConfig,
+    flatten_params,
+    unflatten_params,
+    vae_param_shapes,
+)
+
+_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; torch is optional here
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.numpy()
+    return np.asarray(value)
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    out = {}
+    try:
+        with safe_open(path, framework="numpy") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    except TypeError:
+        # numpy has no bfloat16: read through torch when a checkpoint is stored in it.
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                out[key] = _to_numpy(f.get_tensor(key))
+    return out
+
+
+def _read_folder(folder: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+    config = None
+    config_path = os.path.join(folder, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+    single = os.path.join(folder, _WEIGHTS_NAME)
+    index = os.path.join(folder, _INDEX_NAME)
+    if os.path.exists(single):
+        return _read_safetensors(single), config
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, np.ndarray] = {}
+        for shard in shards:
+            state |= _read_safetensors(os.path.join(folder, shard))
+        return state, config
+    raise FileNotFoundError(f"{folder} holds neither {_WEIGHTS_NAME} nor {_INDEX_NAME}")
+
+
+def infer_vae_config(state: Mapping[str, Any]) -> VAEConfig:
+    """Reads a Wan 2.1 VAE config off state dict shapes (latent stats: Wan 2.1's when z_dim is 16)."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise KeyError(f"cannot infer the VAE config: state dict lacks {key!r}")
+        return tuple(state[key].shape)
+
+    base_dim = shape("encoder.conv_in.weight")[0]
+    z_dim = shape("post_quant_conv.weight")[0]
+    if any(".attentions." in k for k in state if k.startswith("encoder.down_blocks.")):
+        raise ValueError(
+            "encoder down blocks with attention (attn_scales) cannot be inferred; pass the config"
+        )
+    num_up = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("decoder.up_blocks."))
+    # Decoder up blocks hold num_res_blocks + 1 residual blocks.
+    num_res_blocks = max(int(k.split(".")[4]) for k in state if k.startswith("decoder.up_blocks.0.resnets."))
+    # Encoder residual blocks: num_res_blocks per stage, the first of each stage gives base_dim * dim_mult[i].
+    res_outs = []
+    i = 0
+    while (
+        f"encoder.down_blocks.{i}.norm1.gamma" in state
+        or f"encoder.down_blocks.{i}.resample.1.weight" in state
+    ):
+        if f"encoder.down_blocks.{i}.conv1.weight" in state:
+            res_outs.append(shape(f"encoder.down_blocks.{i}.conv1.weight")[0])
+        i += 1
+    dim_mult = tuple(out // base_dim for out in res_outs[::num_res_blocks])
+    if len(dim_mult) != num_up:
+        raise ValueError(f"encoder has {len(dim_mult)} stages but decoder has {num_up} up blocks")
+    temperal_upsample = [
+        f"decoder.up_blocks.{j}.upsamplers.0.time_conv.weight" in state for j in range(num_up - 1)
+    ]
+    decoder_base_dim = shape("decoder.conv_in.weight")[0] // dim_mult[-1]
+    use_wan21_stats = z_dim == len(WAN21_LATENTS_MEAN)
+    return VAEConfig(
+        base_dim=base_dim,
+        decoder_base_dim=None if decoder_base_dim == base_dim else decoder_base_dim,
+        z_dim=z_dim,
+        dim_mult=dim_mult,
+        num_res_blocks=num_res_blocks,
+        temperal_downsample=tuple(temperal_upsample[::-1]),
+        latents_mean=WAN21_LATENTS_MEAN if use_wan21_stats else (0.0,) * z_dim,
+        latents_std=WAN21_LATENTS_STD if use_wan21_stats else (1.0,) * z_dim,
+    )
+
+
+def _convert(torch_key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    """diffusers name and layout -> wamjax name and layout."""
+    prefix, leaf = torch_key.rsplit(".", 1)
+    if leaf == "gamma":
+        return torch_key, value.reshape(-1)
+    if leaf == "weight":
+        if value.ndim == 5:  # Conv3d [out, in, kt, kh, kw] -> [kt, kh, kw, in, out]
+            return f"{prefix}.kernel", value.transpose(2, 3, 4, 1, 0)
+        if value.ndim == 4:  # Conv2d [out, in, kh, kw] -> [kh, kw, in, out]
+            return f"{prefix}.kernel", value.transpose(2, 3, 1, 0)
+    return torch_key, value
+
+
+def _unconvert(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    """wamjax name and layout -> diffusers name and layout (inverse of `_convert`)."""
+    prefix, leaf = name.rsplit(".", 1)
+    if leaf == "gamma":
+        dims = (1, 1) if ".attentions." in name else (1, 1, 1)
+        return name, value.reshape(-1, *dims)
+    if leaf == "kernel":
+        if value.ndim == 5:
+            return f"{prefix}.weight", value.transpose(4, 3, 0, 1, 2)
+        return f"{prefix}.weight", value.transpose(3, 2, 0, 1)
+    return name, value
+
+
+def convert_diffusers_vae_state(
+    state: Mapping[str, Any], vae_config: VAEConfig, dtype: Any = np.float32
+) -> Params:
+    """A diffusers AutoencoderKLWan state dict -> params pytree, with a strict key and shape check."""
+    expected = vae_param_shapes(vae_config)
+    flat: dict[str, np.ndarray] = {}
+    for torch_key in state:
+        name, value = _convert(torch_key, _to_numpy(state[torch_key]))
+        if name not in expected:
+            raise KeyError(f"unexpected key {torch_key!r} in the Wan VAE state dict (maps to {name!r})")
+        if tuple(value.shape) != expected[name]:
+            raise ValueError(
+                f"shape mismatch for {torch_key!r}: got {tuple(value.shape)} after conversion, "
+                f"expected {expected[name]} for config {vae_config}"
+            )
+        flat[name] = value.astype(dtype)
+    missing = [name for name in expected if name not in flat]
+    if missing:
+        raise KeyError(
+            f"missing key {missing[0]!r} in the Wan VAE state dict ({len(missing)} missing in all)"
+        )
+    return unflatten_params(flat)
+
+
+def export_diffusers_vae_state(params: Params) -> dict[str, np.ndarray]:
+    """params pytree -> diffusers AutoencoderKLWan state dict (numpy arrays)."""
+    return dict(_unconvert(name, np.asarray(value)) for name, value in flatten_params(params).items())
+
+
+def import_diffusers_wan_vae(
+    src: str | os.PathLike | Mapping[str, Any], vae_config: VAEConfig | None = None
+) -> tuple[VAEConfig, Params]:
+    """(vae_config, params) from a diffusers AutoencoderKLWan folder, a safetensors file or a state dict.
+
+    The config comes from `vae_config`, else the folder's config.json, else the weights' shapes.
+    """
+    config_dict = None
+    if isinstance(src, Mapping):
+        state = dict(src)
+    else:
+        path = os.fspath(src)
+        if os.path.isdir(path):
+            state, config_dict = _read_folder(path)
+        elif os.path.isfile(path) and path.endswith(".safetensors"):
+            state = _read_safetensors(path)
+        else:
+            raise FileNotFoundError(f"{path} is neither a diffusers VAE folder nor a .safetensors file")
+    if vae_config is None:
+        vae_config = VAEConfig.from_dict(config_dict) if config_dict is not None else infer_vae_config(state)
+    return vae_config, convert_diffusers_vae_state(state, vae_config)
