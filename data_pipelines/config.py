@@ -24,6 +24,10 @@ def get_data_config() -> ml_collections.ConfigDict:
     config.shuffle = True
     config.worker_count = 0  # Grain worker processes decoding episodes; 0 decodes in-process
     config.worker_buffer_size = 2  # batches each worker prepares ahead
+    # Threads reading clips ahead, and how many clips they may hold: Grain's default (500) would keep
+    # 4 GB of 480x640 clips per process in memory.
+    config.read_threads = 2
+    config.prefetch_buffer_size = 16
     config.stats_path = ""  # JSON from `python -m data_pipelines.compute_stats`; empty: compute at start-up
     config.skip_bad_records = False
     config.wrist_camera = False

@@ -9,6 +9,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from data_pipelines import config as config_lib
 from data_pipelines import mixture, windowing
@@ -90,9 +91,7 @@ def resolve_stats(config: ml_collections.ConfigDict) -> dict[str, Any]:
             f"{sorted(stats['datasets'])}. Run `python -m data_pipelines.compute_stats` over the mixture."
         )
     if stats["proprio_dim"] != config.proprio_dim:
-        raise ValueError(
-            f"Stats have proprio_dim={stats['proprio_dim']}, config.data.proprio_dim={config.proprio_dim}"
-        )
+        raise ValueError(f"Stats have proprio_dim={stats['proprio_dim']}, config.data.proprio_dim={config.proprio_dim}")
     return stats
 
 
@@ -107,9 +106,7 @@ def clip_source(
     windowing.check_num_frames(config.num_frames)
     source = EpisodeSource(config.data_dir, name, config.split)
     if len(source) == 0:
-        raise ValueError(
-            f"Dataset {name!r} at {source.dataset_dir} has no episodes in split {config.split!r}"
-        )
+        raise ValueError(f"Dataset {name!r} at {source.dataset_dir} has no episodes in split {config.split!r}")
     slots = grain.MapDataset.range(len(source) * config.clips_per_episode)
     if config.shuffle:
         slots = slots.shuffle(seed=_dataset_seed(config.seed, name))
@@ -132,9 +129,7 @@ def make_dataset(
     """
     config = data_config
     if config.batch_size % process_count:
-        raise ValueError(
-            f"data.batch_size={config.batch_size} is not divisible by process_count={process_count}"
-        )
+        raise ValueError(f"data.batch_size={config.batch_size} is not divisible by process_count={process_count}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} outside [0, {process_count})")
     names = config_lib.dataset_names(config)
@@ -147,8 +142,12 @@ def make_dataset(
     mixed = mixture.mix_sources(sources, weights)
     # Striding the infinite stream gives processes disjoint examples with no coordination.
     shard = mixed[process_index::process_count]
-    dataset = shard.to_iter_dataset().batch(config.batch_size // process_count, drop_remainder=True)
+    read_options = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer_size)
+    dataset = shard.to_iter_dataset(read_options).batch(config.batch_size // process_count, drop_remainder=True)
     if config.worker_count > 0:
+        if not flags.FLAGS.is_parsed():
+            # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) take defaults.
+            flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size
