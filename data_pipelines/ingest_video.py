@@ -90,9 +90,7 @@ def load_captions(captions_path: str) -> dict[str, str]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e})") from e
             if not isinstance(entry, dict) or not isinstance(entry.get("video"), str):
-                raise ValueError(
-                    f'{where}: expected {{"video": "<path>", "caption": "..."}}, got {line.strip()}'
-                )
+                raise ValueError(f'{where}: expected {{"video": "<path>", "caption": "..."}}, got {line.strip()}')
             caption = entry.get("caption")
             if not isinstance(caption, str):
                 raise ValueError(f"{where}: caption of {entry['video']!r} is {caption!r}, expected a string")
@@ -156,12 +154,14 @@ def assign_shards(files: Sequence[VideoFile], num_shards: int) -> list[list[Vide
 # --------------------------------------------------------------------------------------------------
 
 
-def _resize_frame(frame: av.VideoFrame, reformatter: VideoReformatter, resolution: tuple[int, int],
-                  resize_mode: str) -> np.ndarray:
+def _resize_frame(
+    frame: av.VideoFrame, reformatter: VideoReformatter, resolution: tuple[int, int], resize_mode: str
+) -> np.ndarray:
     scaled_h, scaled_w = video_source.scaled_size(frame.height, frame.width, resolution, resize_mode)
     # One reformatter per video keeps FFmpeg's scaler context: ~20x faster than frame.to_ndarray(w, h).
-    rgb = reformatter.reformat(frame, width=scaled_w, height=scaled_h, format="rgb24",
-                               interpolation="AREA").to_ndarray()
+    rgb = reformatter.reformat(
+        frame, width=scaled_w, height=scaled_h, format="rgb24", interpolation="AREA"
+    ).to_ndarray()
     return video_source.crop_or_pad(rgb, resolution)
 
 
@@ -297,9 +297,7 @@ def video_clips(video: VideoFile, options: ClipOptions) -> Iterator[bytes]:
             window = [entry for entry in window if entry[0] >= clip_start + stride]
         sample_index += 1
     if clip_index == 0:
-        raise SkipVideo(
-            f"too short: {sample_index} frames at {sample_fps:g} fps, one clip needs {num_frames}"
-        )
+        raise SkipVideo(f"too short: {sample_index} frames at {sample_fps:g} fps, one clip needs {num_frames}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,8 +326,9 @@ def _write_json_atomic(path: str, content: Any) -> None:
 
 def shard_complete(out_dir: str, shard_index: int, num_shards: int) -> bool:
     """Whether a shard and its summary were both finished by an earlier (or this) run."""
-    return os.path.isfile(os.path.join(out_dir, video_source.shard_name(shard_index, num_shards))) and \
-        os.path.isfile(os.path.join(out_dir, _summary_name(shard_index, num_shards)))
+    return os.path.isfile(os.path.join(out_dir, video_source.shard_name(shard_index, num_shards))) and os.path.isfile(
+        os.path.join(out_dir, _summary_name(shard_index, num_shards))
+    )
 
 
 _progress_queue: Any = None
@@ -354,8 +353,14 @@ def write_shard(
     tmp = _tmp_path(out_dir, name)
     if progress is None and _progress_queue is not None:
         progress = _progress_queue.put
-    summary: dict[str, Any] = {"shard": name, "files": len(files), "videos_used": 0, "clips": 0,
-                               "frames": 0, "skipped": []}
+    summary: dict[str, Any] = {
+        "shard": name,
+        "files": len(files),
+        "videos_used": 0,
+        "clips": 0,
+        "frames": 0,
+        "skipped": [],
+    }
     writer = array_record_module.ArrayRecordWriter(tmp, video_source.ARRAY_RECORD_WRITER_OPTIONS)
     try:
         for video in files:
@@ -429,9 +434,11 @@ class _Progress:
         done = self.counts["files"]
         width = 30
         filled = int(width * done / max(self.total_files, 1))
-        line = (f"ingest [{'#' * filled}{'.' * (width - filled)}] files {done}/{self.total_files} "
-                f"clips {self.counts['clips']} frames {self.counts['frames']} "
-                f"({self.counts['frames'] / elapsed:.0f} frames/s)")
+        line = (
+            f"ingest [{'#' * filled}{'.' * (width - filled)}] files {done}/{self.total_files} "
+            f"clips {self.counts['clips']} frames {self.counts['frames']} "
+            f"({self.counts['frames'] / elapsed:.0f} frames/s)"
+        )
         if self.tty:
             sys.stderr.write("\r" + line + ("\n" if final else ""))
             sys.stderr.flush()
@@ -489,14 +496,23 @@ def ingest(
         raise ValueError(f"num_shards={num_shards}, workers={workers}: both must be >= 1")
     if fps < 0 or (clip_stride_s is not None and clip_stride_s <= 0):
         raise ValueError(f"fps={fps} must be >= 0 (0: native) and clip_stride_s={clip_stride_s} > 0 or None")
-    options = ClipOptions(num_frames, float(fps), (int(resolution[0]), int(resolution[1])), resize_mode,
-                          clip_stride_s, image_format, int(jpeg_quality))
+    options = ClipOptions(
+        num_frames,
+        float(fps),
+        (int(resolution[0]), int(resolution[1])),
+        resize_mode,
+        clip_stride_s,
+        image_format,
+        int(jpeg_quality),
+    )
 
     files, no_caption = plan_videos(videos, captions_path, video_root)
     os.makedirs(out_dir, exist_ok=True)
-    config = {"options": asdict(options) | {"resolution": list(options.resolution)},
-              "num_shards": num_shards,
-              "videos": [[v.source, v.caption, os.path.getsize(v.path)] for v in files]}
+    config = {
+        "options": asdict(options) | {"resolution": list(options.resolution)},
+        "num_shards": num_shards,
+        "videos": [[v.source, v.caption, os.path.getsize(v.path)] for v in files],
+    }
     _check_resume_config(out_dir, config)
     for name in os.listdir(out_dir):
         if name.startswith(".") and name.endswith(_TMP_SUFFIX):
@@ -506,8 +522,14 @@ def ingest(
     todo = [i for i in range(num_shards) if not shard_complete(out_dir, i, num_shards)]
     resumed = num_shards - len(todo)
     progress = _Progress(sum(len(shards[i]) for i in todo), show_progress)
-    logging.info("ingest: %d videos (%d without caption) -> %d shards in %s; %d already complete",
-                 len(files), len(no_caption), num_shards, out_dir, resumed)
+    logging.info(
+        "ingest: %d videos (%d without caption) -> %d shards in %s; %d already complete",
+        len(files),
+        len(no_caption),
+        num_shards,
+        out_dir,
+        resumed,
+    )
     jobs = [(out_dir, i, num_shards, shards[i], options) for i in todo]
     start = time.monotonic()
     if workers == 1 or len(jobs) <= 1:
@@ -521,10 +543,18 @@ def ingest(
     report = _make_report(out_dir, num_shards, no_caption, options)
     _write_json_atomic(os.path.join(out_dir, REPORT_NAME), report)
     new_frames = progress.counts["frames"]
-    logging.info("ingest: %d clips from %d videos in %d shards; %d skipped (see %s); "
-                 "this run: %d frames in %.1fs (%.0f frames/s)",
-                 report["clips"], report["videos_used"], num_shards, len(report["skipped"]),
-                 os.path.join(out_dir, REPORT_NAME), new_frames, elapsed, new_frames / max(elapsed, 1e-9))
+    logging.info(
+        "ingest: %d clips from %d videos in %d shards; %d skipped (see %s); "
+        "this run: %d frames in %.1fs (%.0f frames/s)",
+        report["clips"],
+        report["videos_used"],
+        num_shards,
+        len(report["skipped"]),
+        os.path.join(out_dir, REPORT_NAME),
+        new_frames,
+        elapsed,
+        new_frames / max(elapsed, 1e-9),
+    )
     return report
 
 
@@ -548,14 +578,14 @@ def _run_parallel(jobs: list[tuple], workers: int, progress: _Progress) -> None:
                 break
 
 
-def _make_report(out_dir: str, num_shards: int, no_caption: list[dict[str, str]],
-                 options: ClipOptions) -> dict[str, Any]:
+def _make_report(
+    out_dir: str, num_shards: int, no_caption: list[dict[str, str]], options: ClipOptions
+) -> dict[str, Any]:
     summaries = []
     for i in range(num_shards):
         with open(os.path.join(out_dir, _summary_name(i, num_shards)), encoding="utf-8") as f:
             summaries.append(json.load(f))
-    skipped = sorted(no_caption + [entry for s in summaries for entry in s["skipped"]],
-                     key=lambda entry: entry["path"])
+    skipped = sorted(no_caption + [entry for s in summaries for entry in s["skipped"]], key=lambda entry: entry["path"])
     return {
         "videos_found": sum(s["files"] for s in summaries) + len(no_caption),
         "videos_used": sum(s["videos_used"] for s in summaries),
@@ -573,52 +603,57 @@ def _make_report(out_dir: str, num_shards: int, no_caption: list[dict[str, str]]
 # Command line.
 # --------------------------------------------------------------------------------------------------
 
-_VIDEOS = flags.DEFINE_string("videos", None, "Glob(s) of video files, comma-separated; ** recurses.")
-_CAPTIONS = flags.DEFINE_string("captions", None, 'captions.jsonl: {"video": ..., "caption": ...} per line.')
-_OUT = flags.DEFINE_string("out", None, "Output directory for shards and ingest_report.json.")
-_NUM_FRAMES = flags.DEFINE_integer("num_frames", 9, "Frames per clip, 1 + 4k.")
-_FPS = flags.DEFINE_float("fps", 8.0, "Sampling fps of the clips; 0 keeps every decoded frame.")
-_RESOLUTION = flags.DEFINE_list("resolution", ["256", "256"], "Frame size H,W.")
-_RESIZE_MODE = flags.DEFINE_enum("resize_mode", "crop", list(video_source.RESIZE_MODES),
-                                 "crop: cover and center-crop; pad: fit and black-pad.")
-_CLIP_STRIDE_S = flags.DEFINE_float("clip_stride_s", None,
-                                    "Seconds between clip starts; default: clip length (no overlap).")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 16, "Number of output shards.")
-_WORKERS = flags.DEFINE_integer("workers", 1, "Worker processes (each writes whole shards).")
-_IMAGE_FORMAT = flags.DEFINE_enum("image_format", "jpeg", list(IMAGE_FORMATS), "Frame encoding.")
-_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality, 1-95.")
-_VIDEO_ROOT = flags.DEFINE_string(
-    "video_root", None, "Root that caption paths are relative to; default: the captions' directory."
-)
+
+def _define_flags() -> None:
+    # Defined only when run as a program, so importing this module never clashes with a caller's flags.
+    flags.DEFINE_string("videos", None, "Glob(s) of video files, comma-separated; ** recurses.")
+    flags.DEFINE_string("captions", None, 'captions.jsonl: {"video": ..., "caption": ...} per line.')
+    flags.DEFINE_string("out", None, "Output directory for shards and ingest_report.json.")
+    flags.DEFINE_integer("num_frames", 9, "Frames per clip, 1 + 4k.")
+    flags.DEFINE_float("fps", 8.0, "Sampling fps of the clips; 0 keeps every decoded frame.")
+    flags.DEFINE_list("resolution", ["256", "256"], "Frame size H,W.")
+    flags.DEFINE_enum(
+        "resize_mode", "crop", list(video_source.RESIZE_MODES), "crop: cover and center-crop; pad: fit and black-pad."
+    )
+    flags.DEFINE_float("clip_stride_s", None, "Seconds between clip starts; default: clip length (no overlap).")
+    flags.DEFINE_integer("num_shards", 16, "Number of output shards.")
+    flags.DEFINE_integer("workers", 1, "Worker processes (each writes whole shards).")
+    flags.DEFINE_enum("image_format", "jpeg", list(IMAGE_FORMATS), "Frame encoding.")
+    flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality, 1-95.")
+    flags.DEFINE_string("video_root", None, "Root that caption paths are relative to; default: the captions' dir.")
+    flags.mark_flags_as_required(["videos", "captions", "out"])
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if len(_RESOLUTION.value) != 2:
-        raise app.UsageError(f"--resolution={','.join(_RESOLUTION.value)}, expected H,W")
+    FLAGS = flags.FLAGS
+    if len(FLAGS.resolution) != 2:
+        raise app.UsageError(f"--resolution={','.join(FLAGS.resolution)}, expected H,W")
     av.logging.set_level(av.logging.PANIC)
     report = ingest(
-        _VIDEOS.value,
-        _CAPTIONS.value,
-        _OUT.value,
-        num_frames=_NUM_FRAMES.value,
-        fps=_FPS.value,
-        resolution=(int(_RESOLUTION.value[0]), int(_RESOLUTION.value[1])),
-        resize_mode=_RESIZE_MODE.value,
-        clip_stride_s=_CLIP_STRIDE_S.value,
-        num_shards=_NUM_SHARDS.value,
-        workers=_WORKERS.value,
-        image_format=_IMAGE_FORMAT.value,
-        jpeg_quality=_JPEG_QUALITY.value,
-        video_root=_VIDEO_ROOT.value,
+        FLAGS.videos,
+        FLAGS.captions,
+        FLAGS.out,
+        num_frames=FLAGS.num_frames,
+        fps=FLAGS.fps,
+        resolution=(int(FLAGS.resolution[0]), int(FLAGS.resolution[1])),
+        resize_mode=FLAGS.resize_mode,
+        clip_stride_s=FLAGS.clip_stride_s,
+        num_shards=FLAGS.num_shards,
+        workers=FLAGS.workers,
+        image_format=FLAGS.image_format,
+        jpeg_quality=FLAGS.jpeg_quality,
+        video_root=FLAGS.video_root,
     )
-    print(f"videos: {report['videos_found']} found, {report['videos_used']} used, "
-          f"{report['videos_skipped']} skipped; clips: {report['clips']}; shards: {report['num_shards']}")
+    print(
+        f"videos: {report['videos_found']} found, {report['videos_used']} used, "
+        f"{report['videos_skipped']} skipped; clips: {report['clips']}; shards: {report['num_shards']}"
+    )
     for entry in report["skipped"]:
         print(f"  skipped {entry['path']}: {entry['reason']}")
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["videos", "captions", "out"])
+    _define_flags()
     app.run(main)
