@@ -12,7 +12,7 @@ import numpy as np
 from absl import flags
 
 from data_pipelines import config as config_lib
-from data_pipelines import mixture, windowing
+from data_pipelines import mixture, registry, windowing
 from data_pipelines import stats as stats_lib
 from data_pipelines.rlds_source import BadRecordError, EpisodeSource, count_bad_record
 
@@ -133,6 +133,8 @@ def make_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} outside [0, {process_count})")
     names = config_lib.dataset_names(config)
+    for name in names:
+        registry.get_spec(name)  # fail before any I/O, naming the known datasets
     stats = stats if stats is not None else resolve_stats(config)
     weights = mixture.mixture_weights(names, config.weights, config.balance_weights, stats)
     sources = [clip_source(config, name, i, stats) for i, name in enumerate(names)]
