@@ -21,6 +21,7 @@ path is matched relative to --video_root (default: the captions file's directory
 from __future__ import annotations
 
 import glob
+import io
 import json
 import multiprocessing
 import os
@@ -167,7 +168,7 @@ def _resize_frame(
 
 def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int = 90) -> bytes:
     """Encodes an RGB uint8 image as JPEG or PNG bytes (deterministic for the same pixels)."""
-    buffer = _BytesSink()
+    buffer = io.BytesIO()
     if image_format == "jpeg":
         Image.fromarray(image).save(buffer, format="JPEG", quality=jpeg_quality)
     elif image_format == "png":
@@ -175,21 +176,6 @@ def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int = 90) -
     else:
         raise ValueError(f"image_format={image_format!r}, expected one of {IMAGE_FORMATS}")
     return buffer.getvalue()
-
-
-class _BytesSink:
-    def __init__(self):
-        self._parts: list[bytes] = []
-
-    def write(self, data: bytes) -> int:
-        self._parts.append(bytes(data))
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def getvalue(self) -> bytes:
-        return b"".join(self._parts)
 
 
 def sample_frames(path: str, fps: float) -> Iterator[tuple[float, av.VideoFrame, float]]:
@@ -234,7 +220,8 @@ def sample_frames(path: str, fps: float) -> Iterator[tuple[float, av.VideoFrame,
                         next_sample += 1
                 held = (t, frame)
         except av.error.FFmpegError as e:
-            raise SkipVideo(f"cannot decode: {type(e).__name__}: {e}") from e
+            message = str(e).replace(path, os.path.basename(path))
+            raise SkipVideo(f"cannot decode: {type(e).__name__}: {message}") from e
         if last_time is None:
             raise SkipVideo("no decodable frames")
         if held is not None:
@@ -373,6 +360,8 @@ def write_shard(
                     clips = list(video_clips(video, options))
                 except SkipVideo as e:
                     reason = str(e)
+                except Exception as e:  # noqa: BLE001  One odd file must not stop a million-file run.
+                    reason = f"failed: {type(e).__name__}: {e}"
             if reason is not None:
                 summary["skipped"].append({"path": video.source, "reason": reason})
                 clips = []
@@ -385,10 +374,19 @@ def write_shard(
                 progress({"files": 1, "clips": len(clips), "frames": len(clips) * options.num_frames})
     finally:
         writer.close()
+    _fsync_file(tmp)  # The rename below must never publish a shard whose bytes are still in flight.
     # Summary first, shard last: the shard's final name is the commit point readers rely on.
     _write_json_atomic(os.path.join(out_dir, _summary_name(shard_index, num_shards)), summary)
     os.replace(tmp, os.path.join(out_dir, name))
     return summary
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _empty_file_reason(path: str) -> str | None:

@@ -33,8 +33,19 @@ RECORD_FORMAT_VERSION = 1
 RESIZE_MODES = ("crop", "pad")
 
 _SHARD_NAME_RE = re.compile(rf"^{SHARD_PREFIX}-(\d{{5}})-of-(\d{{5}}){re.escape(SHARD_SUFFIX)}$")
-_RECORD_KEYS = ("version", "frames", "image_format", "height", "width", "caption", "source",
-                "clip_index", "start_time", "frame_times", "fps")
+_RECORD_KEYS = (
+    "version",
+    "frames",
+    "image_format",
+    "height",
+    "width",
+    "caption",
+    "source",
+    "clip_index",
+    "start_time",
+    "frame_times",
+    "fps",
+)
 
 
 def shard_name(shard_index: int, num_shards: int) -> str:
@@ -99,9 +110,7 @@ def find_shards(shards: str | Sequence[str], *, require_complete: bool = True) -
     else:
         paths = list(shards)
         where = f"{len(paths)} given paths"
-    paths = sorted(
-        p for p in paths if not os.path.basename(p).startswith(".") and p.endswith(SHARD_SUFFIX)
-    )
+    paths = sorted(p for p in paths if not os.path.basename(p).startswith(".") and p.endswith(SHARD_SUFFIX))
     if not paths:
         raise FileNotFoundError(
             f"no video shards match {where}; expected files named "
@@ -196,13 +205,13 @@ def crop_or_pad(image: np.ndarray, resolution: tuple[int, int]) -> np.ndarray:
     height, width = resolution
     h, w = image.shape[:2]
     top, left = max(0, (h - height) // 2), max(0, (w - width) // 2)
-    image = image[top:top + height, left:left + width]
+    image = image[top : top + height, left : left + width]
     h, w = image.shape[:2]
     if (h, w) == (height, width):
         return np.ascontiguousarray(image)
     out = np.zeros((height, width) + image.shape[2:], dtype=image.dtype)
     top, left = (height - h) // 2, (width - w) // 2
-    out[top:top + h, left:left + w] = image
+    out[top : top + h, left : left + w] = image
     return out
 
 
@@ -239,15 +248,13 @@ class ClipToExample:
         if not encoded:
             raise ValueError(f"clip {record['clip_index']} of {record['source']!r} has no frames")
         used = encoded[: self.num_frames]
-        frames = np.stack(
-            [fit_to_resolution(decode_image(data), self.resolution, self.resize_mode) for data in used]
-        )
+        frames = np.stack([fit_to_resolution(decode_image(data), self.resolution, self.resize_mode) for data in used])
         frame_mask = np.ones((self.num_frames,), dtype=bool)
         if len(used) < self.num_frames:
             # Short clips follow the episode-end convention: repeat the last frame, mask it out.
             pad = np.repeat(frames[-1:], self.num_frames - len(used), axis=0)
             frames = np.concatenate([frames, pad], axis=0)
-            frame_mask[len(used):] = False
+            frame_mask[len(used) :] = False
         example = {
             "frames": frames,
             "frame_mask": frame_mask,
