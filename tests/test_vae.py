@@ -1,4 +1,8 @@
-"""Wan VAE: parity with diffusers' AutoencoderKLWan, weight import, sizes and the functional API."""
+"""Wan VAE: parity with diffusers' AutoencoderKLWan, weight import, sizes, the functional API, latents cache."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +12,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.numpy import save_file
 
+from data_pipelines.encode_latents import LatentsCacheSource, encode_batches, make_latents_dataset
 from wamjax.export.wan_vae_import import (
     export_diffusers_vae_state,
     import_diffusers_wan_vae,
@@ -16,6 +21,7 @@ from wamjax.export.wan_vae_import import (
 from wamjax.models.vae import (
     VAEConfig,
     denormalize_latents,
+    frames_to_video,
     init_vae_params,
     latent_shape,
     normalize_latents,
@@ -164,3 +170,59 @@ def test_bad_inputs_name_the_shape():
         vae_config_for("huge")
     with pytest.raises(ValueError, match="Wan 2.2"):
         VAEConfig.from_dict({"is_residual": True})
+
+
+def contract_batches(num_batches: int, batch_size: int = 2, frames: int = 5, size: int = 16):
+    rng = np.random.default_rng(3)
+    for i in range(num_batches):
+        yield {
+            "frames": rng.integers(0, 256, size=(batch_size, frames, size, size, 3), dtype=np.uint8),
+            "frame_mask": np.ones((batch_size, frames), bool),
+            "actions": rng.normal(size=(batch_size, frames - 1, 7)).astype(np.float32),
+            "action_mask": np.ones((batch_size, frames - 1), bool),
+            "proprio": np.zeros((batch_size, 8), np.float32),
+            "instruction": np.array([f"task {i} {b}" for b in range(batch_size)]),
+            "dataset_index": np.full((batch_size,), i, np.int32),
+        }
+
+
+def test_latents_cache_round_trip(tmp_path):
+    config = vae_config_for("tiny")
+    params = init_vae_params(config, jax.random.key(0))
+    out = str(tmp_path / "latents")
+    count = encode_batches(contract_batches(5), config, params, out, num_batches=3)
+    assert count == 6  # num_batches stops the (longer) stream
+    source = LatentsCacheSource(out, vae_config=config)
+    batches = list(contract_batches(3))
+    example = source[3]
+    assert "frames" not in example and example["latents"].shape == (2, 2, 2, 16)
+    assert example["instruction"] == "task 1 1" and example["dataset_index"] == 1
+    np.testing.assert_array_equal(example["actions"], batches[1]["actions"][1])
+    expected = vae_encode(config, params, frames_to_video(jnp.asarray(batches[1]["frames"])))
+    np.testing.assert_allclose(example["latents"], np.asarray(expected)[1], atol=1e-5)
+
+    dataset = make_latents_dataset(out, batch_size=4, seed=0, num_epochs=1)
+    got = list(dataset)
+    assert len(got) == 1 and got[0]["latents"].shape == (4, 2, 2, 2, 16)
+    assert got[0]["instruction"].dtype.kind == "U"
+
+    other = VAEConfig(base_dim=8, num_res_blocks=1)
+    with pytest.raises(ValueError, match="was encoded with VAE config"):
+        LatentsCacheSource(out, vae_config=other)
+    with pytest.raises(FileNotFoundError, match="is not a latents cache"):
+        LatentsCacheSource(str(tmp_path))
+
+
+def test_encode_latents_cli_uses_the_runs_vae(tmp_path):
+    out = str(tmp_path / "latents")
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(
+        [
+            sys.executable, "-m", "data_pipelines.encode_latents", "--config=configs/wam.py:size=tiny",
+            "--config.data.batch_size=2", f"--out={out}", "--num_batches=1",
+        ],
+        cwd=repo_root, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    source = LatentsCacheSource(out, vae_config=vae_config_for("tiny"))
+    assert len(source) == 2 and source[0]["latents"].shape == (3, 4, 4, 16)
+    assert source.metadata["vae_seed"] == 1234 and source.metadata["normalized"] is False

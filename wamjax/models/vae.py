@@ -446,3 +446,21 @@ def latent_shape(vae_config: VAEConfig, video_shape: tuple[int, ...]) -> tuple[i
     b, t, h, w = video_shape[:4]
     tc, sc = vae_config.temporal_compression, vae_config.spatial_compression
     return (b, 1 + (t - 1) // tc, h // sc, w // sc, vae_config.z_dim)
+
+
+def frames_to_video(frames: jax.Array) -> jax.Array:
+    """uint8 frames [..., 3] in [0, 255] -> float32 video in [-1, 1], the range `vae_encode` expects."""
+    return frames.astype(jnp.float32) / 127.5 - 1.0
+
+
+def load_vae(size: str = "wan2.1", weights: str = "", seed: int = 0) -> tuple[VAEConfig, Params]:
+    """The frozen VAE of a run: imported diffusers weights when `weights` is set, else random init of `size`.
+
+    Random init is deterministic in `seed`, so a latents cache and the trainer agree on the same VAE.
+    """
+    if weights:
+        from wamjax.export.wan_vae_import import import_diffusers_wan_vae  # the importer imports this module
+
+        return import_diffusers_wan_vae(weights)
+    vae_config = vae_config_for(size)
+    return vae_config, init_vae_params(vae_config, jax.random.key(seed))

@@ -1,0 +1,231 @@
+"""Offline job: encode a run's clips once with its frozen VAE and store latents to train from.
+
+    python -m data_pipelines.encode_latents --config=configs/wam.py:size=tiny --out=DIR --num_batches=N
+
+Batches come from the run's data config (`data.source` synthetic or oxe, through data_pipelines.pipeline)
+and the VAE from its `vae` block (`vae.weights`, else a random `vae.size` VAE seeded with `vae.seed`, the
+same one the trainer builds). Train from the result with `--config.data.latents_cache=DIR`.
+
+A cache directory holds `latents-*.array_record` (one msgpack record per clip: the batch contract with
+`frames` replaced by `latents`, float [T', H', W', z_dim], unnormalized like `vae_encode`'s output;
+`wrist_frames` is dropped) and `latents_cache.json` (format, VAE config, shapes, example count).
+The stored clips are a fixed sample of the stream: training from them repeats those clips every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+CACHE_FORMAT = "wamjax.latents_cache.v1"
+META_NAME = "latents_cache.json"
+_SHARD_NAME = "latents-{:05d}.array_record"
+_SKIPPED_KEYS = ("frames", "wrist_frames")
+
+
+def pack_example(example: dict[str, np.ndarray]) -> bytes:
+    """One example (dict of numpy arrays / unicode scalars) -> msgpack bytes."""
+    record = {}
+    for key, value in example.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "U":
+            record[key] = {"str": str(value)}
+        else:
+            record[key] = {"dtype": value.dtype.str, "shape": list(value.shape), "data": value.tobytes()}
+    return msgpack.packb(record, use_bin_type=True)
+
+
+def unpack_example(data: bytes) -> dict[str, np.ndarray]:
+    """Inverse of `pack_example`."""
+    record = msgpack.unpackb(data, raw=False)
+    out = {}
+    for key, value in record.items():
+        if "str" in value:
+            out[key] = np.str_(value["str"])
+        else:
+            out[key] = np.frombuffer(value["data"], np.dtype(value["dtype"])).reshape(value["shape"]).copy()
+    return out
+
+
+def encode_batches(
+    batches: Iterable[dict[str, np.ndarray]],
+    vae_config: Any,
+    params: Any,
+    out_dir: str,
+    *,
+    num_batches: int,
+    dtype: Any = np.float32,
+    metadata: dict[str, Any] | None = None,
+) -> int:
+    """Encodes `num_batches` contract batches' `frames` and writes the cache to `out_dir`; returns clips written.
+
+    `batches` is any iterable of batch-contract dicts (e.g. `data_pipelines.pipeline.make_dataset(...)`).
+    """
+    import jax
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from wamjax.models.vae import frames_to_video, vae_encode
+
+    encode = jax.jit(lambda p, frames: vae_encode(vae_config, p, frames_to_video(frames)))
+    os.makedirs(out_dir, exist_ok=True)
+    shard = os.path.join(out_dir, _SHARD_NAME.format(0))
+    tmp = shard + ".tmp"
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    count = 0
+    shapes: set[tuple[int, ...]] = set()
+    try:
+        for index, batch in enumerate(batches):
+            if index >= num_batches:
+                break
+            if "frames" not in batch:
+                raise KeyError(f"batch {index} has no 'frames' (keys {sorted(batch)}); expected the batch contract")
+            latents = np.asarray(encode(params, np.asarray(batch["frames"]))).astype(dtype)
+            shapes.add(latents.shape[1:])
+            for b in range(latents.shape[0]):
+                example = {k: v[b] for k, v in batch.items() if k not in _SKIPPED_KEYS}
+                example["latents"] = latents[b]
+                writer.write(pack_example(example))
+                count += 1
+    finally:
+        writer.close()
+    if len(shapes) > 1:
+        raise ValueError(f"batches gave latents of different shapes {sorted(shapes)}; expected one clip shape")
+    os.replace(tmp, shard)
+    meta = {
+        "format": CACHE_FORMAT,
+        "num_examples": count,
+        "latent_shape": list(shapes.pop()) if shapes else None,
+        "vae": vae_config.to_dict(),
+        "normalized": False,
+        "dtype": np.dtype(dtype).name,
+        "shards": [os.path.basename(shard)],
+    } | (metadata or {})
+    with open(os.path.join(out_dir, META_NAME), "w") as f:
+        json.dump(meta, f, indent=1)
+    return count
+
+
+def read_cache_metadata(cache_dir: str) -> dict[str, Any]:
+    """The cache's `latents_cache.json`, checked for format."""
+    path = os.path.join(cache_dir, META_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: {cache_dir} is not a latents cache; build one with "
+            "`python -m data_pipelines.encode_latents`"
+        )
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path} has format {meta.get('format')!r}; expected {CACHE_FORMAT!r}")
+    return meta
+
+
+class LatentsCacheSource:
+    """Random-access examples of a latents cache (Grain data source; picklable)."""
+
+    def __init__(self, cache_dir: str, vae_config: Any | None = None):
+        self.cache_dir = cache_dir
+        self.metadata = read_cache_metadata(cache_dir)
+        if vae_config is not None and self.metadata["vae"] != vae_config.to_dict():
+            raise ValueError(
+                f"latents cache {cache_dir} was encoded with VAE config {self.metadata['vae']}; "
+                f"this run's VAE config is {vae_config.to_dict()}"
+            )
+        import grain
+
+        self._source = grain.sources.ArrayRecordDataSource(
+            [os.path.join(cache_dir, name) for name in self.metadata["shards"]]
+        )
+        if len(self._source) != self.metadata["num_examples"]:
+            raise ValueError(
+                f"latents cache {cache_dir} holds {len(self._source)} records; "
+                f"{META_NAME} says {self.metadata['num_examples']}"
+            )
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return unpack_example(self._source[index])
+
+
+def make_latents_dataset(
+    cache_dir: str,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    vae_config: Any | None = None,
+) -> Any:
+    """Per-process batches (batch contract, `latents` instead of `frames`) of a latents cache, as a Grain
+    IterDataset; each process gets `batch_size / process_count` disjoint examples per batch."""
+    import grain
+
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
+    dataset = grain.MapDataset.source(LatentsCacheSource(cache_dir, vae_config))
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed)
+    dataset = dataset.repeat(num_epochs)
+    dataset = dataset[process_index::process_count]
+    return dataset.to_iter_dataset().batch(batch_size // process_count, drop_remainder=True)
+
+
+def _config_batches(config: Any) -> Iterator[dict[str, np.ndarray]]:
+    data = config.data
+    if data.get("source", "oxe") == "synthetic":
+        from data_pipelines.synthetic import make_synthetic_dataset
+
+        return iter(make_synthetic_dataset(data, process_index=0, process_count=1))
+    from data_pipelines import pipeline
+
+    return iter(pipeline.make_dataset(data))
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    from absl import flags
+
+    from wamjax.models.vae import load_vae
+
+    FLAGS = flags.FLAGS
+    config = FLAGS.config
+    if not FLAGS.out:
+        raise ValueError("--out is required: the directory to write the latents cache to")
+    vae_config, params = load_vae(config.vae.size, config.vae.weights, config.vae.seed)
+    count = encode_batches(
+        _config_batches(config),
+        vae_config,
+        params,
+        FLAGS.out,
+        num_batches=FLAGS.num_batches,
+        dtype=np.dtype(FLAGS.dtype),
+        metadata={
+            "vae_weights": config.vae.weights,
+            "vae_seed": int(config.vae.seed),
+            "num_frames": int(config.data.num_frames),
+            "resolution": list(config.data.resolution),
+        },
+    )
+    print(f"Wrote latents of {count} clips to {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    # Flags are defined only when run as a script so that importing several CLI modules does not clash.
+    config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/wam.py:size=tiny).")
+    flags.DEFINE_string("out", None, "Directory to write the latents cache to.")
+    flags.DEFINE_integer("num_batches", 1, "Batches of data.batch_size clips to encode.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Storage dtype of the latents.")
+    flags.mark_flag_as_required("config")
+    app.run(main)
