@@ -1,0 +1,14 @@
+"""FLOPs as a first-class quantity: analytic counts per component, XLA cross-check, ledger, budgets, report."""
+
+from wamjax.flops.analytic import StepFlops, forward_flops, train_step_flops
+from wamjax.flops.ledger import FlopLedger, steps_for_budget
+from wamjax.flops.peak import peak_flops_per_device
+
+__all__ = [
+    "FlopLedger",
+    "StepFlops",
+    "forward_flops",
+    "peak_flops_per_device",
+    "steps_for_budget",
+    "train_step_flops",
+]

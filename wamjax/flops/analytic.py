@@ -1,0 +1,422 @@
+"""Analytic FLOPs of the world-action model, per component, and of one training step.
+
+Convention: a multiply-add is 2 FLOPs and an elementwise op is 1 FLOP per element, as XLA's cost analysis
+counts them, so `wamjax.flops.xla` can check these numbers against the compiled forward. Transcendentals
+(exp, tanh, rsqrt, sin, cos) are not FLOPs in that convention and are not counted here either.
+
+Components of the forward pass (FLOPs for the whole batch):
+  patch_embedding              latent patches -> tokens
+  self_attention_projections   q, k, v, out matmuls of every block (with biases)
+  self_attention_scores        QK^T and AV over the whole sequence as computed, plus softmax/scale/mask;
+                               dense kernels compute masked scores too: chunk-causal layouts cost the same
+  attention_skipped_blocks     scores a block-sparse kernel skips (0: every registered kernel is dense)
+  cross_attention_projections  q/out over video+action tokens, k/v over text tokens, every block
+  cross_attention_scores       scores and AV against the text tokens, plus softmax
+  ffn                          the two FFN matmuls and the GELU
+  modulation                   timestep MLPs and 6-way projections per token group, per-block table adds
+  text_projection              the DiT's text embedder MLP (the frozen text encoder is separate)
+  action_encoders              action and proprio token encoders and their embeddings
+  action_decoder               action velocity head
+  output_head                  final modulated norm and the video projection
+  norms_and_elementwise        layer/RMS norms, RoPE, modulate/gate/residual arithmetic inside blocks
+Frozen parts that run in a training step are reported separately (`frozen_flops`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+
+from wamjax.models.config import ModelConfig
+
+# Wan 2.1 VAE compression: causal 4x in time, 8x in space, 16 latent channels.
+VAE_TIME_COMPRESSION = 4
+VAE_SPACE_COMPRESSION = 8
+MODES = ("video", "joint")
+COMPONENTS = (
+    "patch_embedding",
+    "self_attention_projections",
+    "self_attention_scores",
+    "attention_skipped_blocks",
+    "cross_attention_projections",
+    "cross_attention_scores",
+    "ffn",
+    "modulation",
+    "text_projection",
+    "action_encoders",
+    "action_decoder",
+    "output_head",
+    "norms_and_elementwise",
+)
+# Elementwise FLOPs per element, counted from the ops the model code issues (see module docstring).
+_LAYER_NORM = 5  # centre, square, two mean reductions, scale
+_LAYER_NORM_AFFINE = 7  # plus learned scale and bias
+_RMS_NORM = 4  # square, mean reduction, scale by rsqrt, learned gain
+_ROPE = 3  # 4 multiplies and 2 adds per rotated pair
+_GELU_TANH = 8  # x^3, two scalings, add, 1 + tanh, halve, times x (tanh itself is a transcendental)
+_SILU = 1  # the multiply; the sigmoid is a transcendental
+_SOFTMAX = 4  # max, subtract, sum, divide (exp is a transcendental)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCounts:
+    """Tokens per sample of one forward pass."""
+
+    latent_shape: tuple[int, int, int]  # (frames, height, width) of VAE latents
+    video: int
+    action: int
+    proprio: int
+    padding: int
+    text: int
+    video_groups: int  # modulation groups of the video tokens (one per patched latent frame)
+
+    @property
+    def sequence(self) -> int:
+        """Length of the joint self-attention sequence."""
+        return self.video + self.action + self.proprio + self.padding
+
+    @property
+    def groups(self) -> int:
+        return self.video_groups + self.action + (1 if self.proprio else 0)
+
+
+def latent_shape_for(num_frames: int, resolution: tuple[int, int] | list[int]) -> tuple[int, int, int]:
+    """(frames, height, width) of the Wan VAE latents of `num_frames` frames at `resolution` pixels."""
+    height, width = (int(r) for r in resolution)
+    if num_frames < 1 or (num_frames - 1) % VAE_TIME_COMPRESSION:
+        raise ValueError(
+            f"data.num_frames={num_frames}; expected 1 + {VAE_TIME_COMPRESSION}k frames "
+            "(causal VAE time compression)"
+        )
+    if height % VAE_SPACE_COMPRESSION or width % VAE_SPACE_COMPRESSION:
+        raise ValueError(
+            f"data.resolution={(height, width)}; expected height and width divisible by "
+            f"{VAE_SPACE_COMPRESSION}"
+        )
+    return (
+        1 + (num_frames - 1) // VAE_TIME_COMPRESSION,
+        height // VAE_SPACE_COMPRESSION,
+        width // VAE_SPACE_COMPRESSION,
+    )
+
+
+def token_counts(
+    model_cfg: ModelConfig,
+    *,
+    mode: str,
+    num_frames: int,
+    resolution: tuple[int, int] | list[int],
+    text_length: int,
+    pad_to_multiple: int = 1,
+) -> TokenCounts:
+    """Tokens per sample: video tokens after patching; T-1 action tokens and 1 proprio token in joint mode."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+    frames, height, width = latent_shape_for(num_frames, resolution)
+    pt, ph, pw = model_cfg.patch_size
+    if frames % pt or height % ph or width % pw:
+        raise ValueError(
+            f"latent shape {(frames, height, width)} (from {num_frames} frames at {tuple(resolution)}) "
+            f"is not divisible by model.patch_size={tuple(model_cfg.patch_size)}"
+        )
+    grid = (frames // pt, height // ph, width // pw)
+    video = grid[0] * grid[1] * grid[2]
+    action = num_frames - 1 if mode == "joint" else 0
+    proprio = 1 if mode == "joint" else 0
+    padding = (-(video + action + proprio)) % max(int(pad_to_multiple), 1)
+    return TokenCounts(
+        latent_shape=(frames, height, width),
+        video=video,
+        action=action,
+        proprio=proprio,
+        padding=padding,
+        text=int(text_length),
+        video_groups=grid[0],
+    )
+
+
+def _dense(tokens: int, fan_in: int, fan_out: int) -> float:
+    """A linear layer with bias over `tokens` rows."""
+    return 2.0 * tokens * fan_in * fan_out + tokens * fan_out
+
+
+def _time_embedding(cfg: ModelConfig, groups: int) -> float:
+    """TimeEmbedding (sinusoid -> linear -> SiLU -> linear) plus SiLU and the 6-way time_proj, per group."""
+    d = cfg.dim
+    per_group = (
+        cfg.freq_dim // 2  # timestep times frequencies
+        + _dense(1, cfg.freq_dim, d)
+        + _SILU * d
+        + _dense(1, d, d)
+        + _SILU * d
+        + _dense(1, d, 6 * d)
+    )
+    return groups * per_group
+
+
+def _modulate(cfg: ModelConfig, seq: int, groups: int) -> float:
+    """`norm(x) * (1 + scale) + shift`: the `1 +` is per group when a single group is broadcast."""
+    one_plus = cfg.dim if groups == 1 else seq * cfg.dim
+    return one_plus + 2.0 * seq * cfg.dim
+
+
+def _attention_scores(cfg: ModelConfig, queries: int, keys: int, masked: bool) -> float:
+    """QK^T and AV matmuls plus the scale, optional mask and softmax over [heads, queries, keys]."""
+    scores = cfg.num_attention_heads * queries * keys
+    matmuls = 2 * (2.0 * queries * keys * cfg.dim)
+    return matmuls + scores * (1 + _SOFTMAX + (1 if masked else 0))
+
+
+def forward_flops(
+    model_cfg: ModelConfig,
+    *,
+    mode: str,
+    num_frames: int,
+    resolution: tuple[int, int] | list[int],
+    text_length: int,
+    batch: int = 1,
+    pad_to_multiple: int = 1,
+) -> dict[str, float]:
+    """Forward FLOPs of `wam_forward` for `batch` samples per component (module docstring) and "total"."""
+    cfg = model_cfg
+    tok = token_counts(
+        cfg,
+        mode=mode,
+        num_frames=num_frames,
+        resolution=resolution,
+        text_length=text_length,
+        pad_to_multiple=pad_to_multiple,
+    )
+    d, layers, s, text = cfg.dim, cfg.num_layers, tok.sequence, tok.text
+    patch = math.prod(cfg.patch_size)
+    groups = tok.groups
+    masked = cfg.attention_layout == "chunk_causal" or tok.padding > 0
+
+    c = dict.fromkeys(COMPONENTS, 0.0)
+    c["patch_embedding"] = _dense(tok.video, patch * cfg.in_channels, d)
+    c["self_attention_projections"] = layers * 4 * _dense(s, d, d)
+    c["self_attention_scores"] = layers * _attention_scores(cfg, s, s, masked)
+    c["cross_attention_projections"] = layers * (2 * _dense(s, d, d) + 2 * _dense(text, d, d))
+    c["cross_attention_scores"] = layers * _attention_scores(cfg, s, text, masked=False)
+    c["ffn"] = layers * (_dense(s, d, cfg.ffn_dim) + _GELU_TANH * s * cfg.ffn_dim + _dense(s, cfg.ffn_dim, d))
+    c["modulation"] = (
+        _time_embedding(cfg, groups)
+        + layers * 6 * groups * d  # scale_shift_table + per-group modulation, every block
+        + 2 * groups * d  # output scale_shift_table + temb
+    )
+    c["text_projection"] = _dense(text, cfg.text_dim, d) + _GELU_TANH * text * d + _dense(text, d, d)
+    if tok.action:
+        c["action_encoders"] = (
+            _dense(tok.action, cfg.action_dim, d)
+            + _SILU * tok.action * d
+            + _dense(tok.action, d, d)
+            + 2 * tok.action * d  # position and type embeddings
+        )
+        c["action_decoder"] = _dense(tok.action, d, cfg.action_dim)
+    if tok.proprio:
+        c["action_encoders"] += (
+            _dense(1, cfg.proprio_dim, d) + _SILU * d + _dense(1, d, d) + d  # type embedding
+        )
+    c["output_head"] = (
+        _LAYER_NORM * s * d + _modulate(cfg, s, groups) + _dense(tok.video, d, patch * cfg.out_channels)
+    )
+    per_block_elementwise = (
+        _LAYER_NORM * s * d
+        + _modulate(cfg, s, groups)  # norm1
+        + _RMS_NORM * 2 * s * d
+        + _ROPE * 2 * s * d  # self-attention q/k norms and rotation
+        + 2 * s * d  # gate and residual
+        + (_LAYER_NORM_AFFINE * s * d if cfg.cross_attn_norm else 0)  # norm2
+        + _RMS_NORM * (s + text) * d  # cross-attention q/k norms
+        + s * d  # residual
+        + _LAYER_NORM * s * d
+        + _modulate(cfg, s, groups)  # norm3
+        + 2 * s * d  # gate and residual
+    )
+    c["norms_and_elementwise"] = layers * per_block_elementwise
+    out = {name: float(value) * batch for name, value in c.items()}
+    out["total"] = float(sum(out.values()))
+    return out
+
+
+def block_forward_flops(components: dict[str, float]) -> float:
+    """The share of a forward that runs inside the transformer blocks (what rematerialization recomputes)."""
+    in_blocks = (
+        "self_attention_projections",
+        "self_attention_scores",
+        "cross_attention_projections",
+        "cross_attention_scores",
+        "ffn",
+        "norms_and_elementwise",
+    )
+    return float(sum(components[name] for name in in_blocks))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Frozen parts: the Wan VAE encoder.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _taps(n: int, k: int, stride: int = 1, pad_lo: int = 0, pad_hi: int = 0) -> tuple[int, int]:
+    """(outputs, kernel taps that land on real input, summed over outputs) of a 1-D convolution.
+
+    XLA does not count multiply-adds against padding zeros, so neither do we.
+    """
+    outputs = (n + pad_lo + pad_hi - k) // stride + 1
+    taps = sum(1 for o in range(outputs) for j in range(k) if 0 <= o * stride - pad_lo + j < n)
+    return outputs, taps
+
+
+def _conv3d(
+    shape: tuple[int, int, int],
+    kernel: tuple[int, int, int],
+    cin: int,
+    cout: int,
+    stride: tuple[int, int, int] = (1, 1, 1),
+    causal: bool = True,
+) -> tuple[float, tuple[int, int, int]]:
+    """FLOPs (with bias) and output (T, H, W) of `vae._conv3d`: causal in time, same-padded in space."""
+    dims = []
+    for axis, (n, k, s) in enumerate(zip(shape, kernel, stride, strict=True)):
+        lo, hi = ((k - 1, 0) if causal else (0, 0)) if axis == 0 else ((k - 1) // 2, (k - 1) // 2)
+        dims.append(_taps(n, k, s, lo, hi))
+    out = tuple(d[0] for d in dims)
+    flops = 2.0 * math.prod(d[1] for d in dims) * cin * cout + math.prod(out) * cout
+    return flops, out  # type: ignore[return-value]
+
+
+def vae_encode_flops(
+    vae_config: Any, num_frames: int, resolution: tuple[int, int] | list[int], batch: int = 1
+) -> float:
+    """Convolution and attention FLOPs of `vae_encode` on `batch` clips (norms and activations excluded)."""
+    from wamjax.models.vae import _encoder_layers  # the encoder's layer list is the single source of truth
+
+    cfg = vae_config
+    shape = (int(num_frames), *(int(r) for r in resolution))
+    total, shape = _conv3d(shape, (3, 3, 3), cfg.in_channels, cfg.base_dim)
+
+    def res(shape, cin: int, cout: int) -> float:
+        flops = _conv3d(shape, (3, 3, 3), cin, cout)[0] + _conv3d(shape, (3, 3, 3), cout, cout)[0]
+        return flops + (_conv3d(shape, (1, 1, 1), cin, cout)[0] if cin != cout else 0.0)
+
+    def attn(shape, dim: int) -> float:
+        t, hw = shape[0], shape[1] * shape[2]
+        return t * (2.0 * hw * dim * 4 * dim + 4 * dim * hw + 2 * (2.0 * hw * hw * dim))
+
+    dim = cfg.base_dim
+    for kind, cin, cout, mode in _encoder_layers(cfg):
+        if kind == "res":
+            total += res(shape, cin, cout)
+        elif kind == "attn":
+            total += attn(shape, cout)
+        else:
+            t, h, w = shape
+            (h_out, h_taps), (w_out, w_taps) = _taps(h, 3, 2, 0, 1), _taps(w, 3, 2, 0, 1)
+            total += t * (2.0 * h_taps * w_taps * cout * cout + h_out * w_out * cout)
+            shape = (t, h_out, w_out)
+            if mode == "downsample3d" and t > 1:
+                flops, reduced = _conv3d(shape, (3, 1, 1), cout, cout, stride=(2, 1, 1), causal=False)
+                total += flops
+                shape = (1 + reduced[0], h_out, w_out)
+        dim = cout
+    total += res(shape, dim, dim) + attn(shape, dim) + res(shape, dim, dim)  # mid block
+    flops, shape = _conv3d(shape, (3, 3, 3), dim, 2 * cfg.z_dim)  # conv_out
+    total += flops + _conv3d(shape, (1, 1, 1), 2 * cfg.z_dim, 2 * cfg.z_dim)[0]  # quant_conv
+    return float(total) * batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# One training step.
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+    """FLOPs of one training step of a stage (whole global batch) and its per-sample parts."""
+
+    forward_per_sample: float
+    train_per_step: float  # model FLOPs: 3 x forward x global batch (forward + backward), no remat recompute
+    frozen_per_step: float  # frozen parts run in the step (VAE encoder, text encoder if online)
+    hardware_per_step: float  # train_per_step plus what rematerialization recomputes
+    batch_size: int
+    video_tokens: int
+    action_tokens: int
+    proprio_tokens: int
+    text_tokens: int
+    components: dict[str, float]  # forward FLOPs per sample
+    frozen_components: dict[str, float]  # per step
+
+    @property
+    def train_per_sample(self) -> float:
+        return 3.0 * self.forward_per_sample
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Video plus action tokens: what `tokens_per_s` counts."""
+        return self.video_tokens + self.action_tokens
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig of a run config's `model` block."""
+    return ModelConfig.from_dict(config.model.to_dict())
+
+
+def stage_mode(config: ml_collections.ConfigDict, stage: str) -> str:
+    """The mode of a named stage, naming the known stages on a miss."""
+    if stage not in config.stages:
+        raise KeyError(f"stage {stage!r} is not in config.stages; known: {sorted(config.stages.keys())}")
+    return str(config.stages[stage].mode)
+
+
+def frozen_flops(config: ml_collections.ConfigDict, batch: int | None = None) -> dict[str, float]:
+    """FLOPs of the frozen parts of one step: VAE encode unless latents are cached; text encoder."""
+    from wamjax.models.vae import vae_config_for
+
+    batch = int(config.data.batch_size) if batch is None else batch
+    vae = 0.0
+    if not config.data.get("latents_cache", ""):
+        vae = vae_encode_flops(
+            vae_config_for(config.vae.size), config.data.num_frames, config.data.resolution, batch
+        )
+    # Text embeddings come from a cache or are synthesized; no text encoder runs in the step.
+    return {"vae_encoder": vae, "text_encoder": 0.0}
+
+
+_NO_RECOMPUTE_POLICIES = ("none", "everything")
+
+
+def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_multiple: int = 1) -> StepFlops:
+    """FLOPs of one training step of `stage` for a run config (configs/wam.py's layout)."""
+    cfg = model_config_from(config)
+    mode = stage_mode(config, stage)
+    batch = int(config.data.batch_size)
+    kwargs = dict(
+        mode=mode,
+        num_frames=int(config.data.num_frames),
+        resolution=tuple(config.data.resolution),
+        text_length=int(config.text.max_length),
+        pad_to_multiple=pad_to_multiple,
+    )
+    components = forward_flops(cfg, **kwargs)
+    tok = token_counts(cfg, **kwargs)
+    forward = components.pop("total")
+    train = 3.0 * forward * batch
+    # Remat re-runs the block stack's forward during the backward pass ("everything" saves it all).
+    recompute = 0.0 if cfg.remat_policy in _NO_RECOMPUTE_POLICIES else block_forward_flops(components) * batch
+    frozen = frozen_flops(config, batch)
+    return StepFlops(
+        forward_per_sample=forward,
+        train_per_step=train,
+        frozen_per_step=float(sum(frozen.values())),
+        hardware_per_step=train + recompute,
+        batch_size=batch,
+        video_tokens=tok.video,
+        action_tokens=tok.action,
+        proprio_tokens=tok.proprio,
+        text_tokens=tok.text,
+        components=components,
+        frozen_components=frozen,
+    )

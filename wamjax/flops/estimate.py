@@ -1,0 +1,219 @@
+"""Prints the FLOPs of a config: per sample, per step, in total, and the steps a budget buys.
+
+  python -m wamjax.flops.estimate --config=configs/wam.py:size=wan14b,stage=action_tune \
+      [--config.data.batch_size=128] [--steps=N | --samples=N] [--budget_flops=9e21] [--format=json] [--xla]
+
+Totals use --steps, else --samples, else the stage's `steps` (or train.steps). The budget is --budget_flops,
+else the stage's `budget_flops`. `--xla` adds XLA's count of the compiled forward (small sizes only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from wamjax.flops import analytic, ledger
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file, e.g. configs/wam.py:size=tiny.")
+_STAGE = flags.DEFINE_string("stage", "", "Stage to estimate; default: the config's stage (not 'all').")
+_STEPS = flags.DEFINE_integer("steps", None, "Number of steps for the total.")
+_SAMPLES = flags.DEFINE_integer("samples", None, "Number of samples for the total (instead of --steps).")
+_BUDGET = flags.DEFINE_float("budget_flops", None, "FLOP budget; default: stages.<stage>.budget_flops.")
+_FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
+_XLA = flags.DEFINE_bool("xla", False, "Also compile the forward and report XLA's FLOP count.")
+_XLA_MAX_BYTES = flags.DEFINE_integer(
+    "xla_max_param_bytes", None, "Largest model (bytes of float32 params) --xla compiles; default 1 GiB."
+)
+_PAD = flags.DEFINE_integer(
+    "pad_to_multiple", 1, "Sequence padding multiple (the mesh's sequence axis size)."
+)
+
+_PREFIXES = (
+    (1e21, "ZFLOPs"),
+    (1e18, "EFLOPs"),
+    (1e15, "PFLOPs"),
+    (1e12, "TFLOPs"),
+    (1e9, "GFLOPs"),
+    (1e6, "MFLOPs"),
+)
+
+
+def format_flops(flops: float | None) -> str:
+    """FLOPs with an SI prefix: 9.1e21 -> '9.10 ZFLOPs'."""
+    if flops is None:
+        return "-"
+    for scale, unit in _PREFIXES:
+        if abs(flops) >= scale:
+            return f"{flops / scale:.3g} {unit}"
+    return f"{flops:.3g} FLOPs"
+
+
+def resolve_stage(config: ml_collections.ConfigDict, stage: str) -> str:
+    """The stage to estimate: `stage`, else the config's own; 'all' has to be narrowed to one stage."""
+    name = stage or str(config.get("stage", ""))
+    if name not in config.stages:
+        raise ValueError(
+            f"stage {name!r} is not one stage of config.stages {sorted(config.stages.keys())}; "
+            "pass --stage=NAME"
+        )
+    return name
+
+
+def estimate(
+    config: ml_collections.ConfigDict,
+    stage: str,
+    *,
+    steps: int | None = None,
+    samples: int | None = None,
+    budget_flops: float | None = None,
+    xla: bool = False,
+    xla_max_param_bytes: int | None = None,
+    pad_to_multiple: int = 1,
+) -> dict[str, Any]:
+    """The estimate as one JSON-ready dict (what `--format=json` prints)."""
+    step_flops = analytic.train_step_flops(config, stage, pad_to_multiple=pad_to_multiple)
+    stage_cfg = config.stages[stage]
+    batch = step_flops.batch_size
+    if steps is not None and samples is not None:
+        raise ValueError("give --steps or --samples, not both")
+    if samples is not None:
+        steps = math.ceil(samples / batch)
+    elif steps is None:
+        steps = int(stage_cfg.steps) if int(stage_cfg.steps) > 0 else int(config.train.steps)
+    samples = steps * batch if samples is None else samples
+    budget = float(stage_cfg.budget_flops) if budget_flops is None else float(budget_flops)
+    total = step_flops.train_per_sample * samples
+    model_cfg = analytic.model_config_from(config)
+    tok = analytic.token_counts(
+        model_cfg,
+        mode=analytic.stage_mode(config, stage),
+        num_frames=int(config.data.num_frames),
+        resolution=tuple(config.data.resolution),
+        text_length=int(config.text.max_length),
+        pad_to_multiple=pad_to_multiple,
+    )
+    out: dict[str, Any] = {
+        "size": config.get("size", ""),
+        "stage": stage,
+        "mode": analytic.stage_mode(config, stage),
+        "num_frames": int(config.data.num_frames),
+        "resolution": [int(r) for r in config.data.resolution],
+        "batch_size": batch,
+        "latent_shape": list(tok.latent_shape),
+        "video_tokens": step_flops.video_tokens,
+        "action_tokens": step_flops.action_tokens,
+        "proprio_tokens": step_flops.proprio_tokens,
+        "text_tokens": step_flops.text_tokens,
+        "sequence_length": tok.sequence,
+        "components": step_flops.components,
+        "forward_flops_per_sample": step_flops.forward_per_sample,
+        "train_flops_per_sample": step_flops.train_per_sample,
+        "train_flops_per_step": step_flops.train_per_step,
+        "hardware_flops_per_step": step_flops.hardware_per_step,
+        "remat_policy": model_cfg.remat_policy,
+        "frozen_components_per_step": step_flops.frozen_components,
+        "frozen_flops_per_step": step_flops.frozen_per_step,
+        "steps": steps,
+        "samples": samples,
+        "total_train_flops": total,
+        "total_frozen_flops": step_flops.frozen_per_step * samples / batch,
+        "budget_flops": budget,
+        "steps_for_budget": ledger.steps_for_budget(budget, step_flops.train_per_step)
+        if budget > 0
+        else None,
+        "budget_fraction_of_total": total / budget if budget > 0 else None,
+    }
+    if xla:
+        from wamjax.flops import xla as xla_lib
+
+        limit = xla_lib.DEFAULT_MAX_PARAM_BYTES if xla_max_param_bytes is None else xla_max_param_bytes
+        xla_flops = xla_lib.xla_forward_flops(
+            model_cfg,
+            mode=out["mode"],
+            num_frames=out["num_frames"],
+            resolution=out["resolution"],
+            text_length=out["text_tokens"],
+            batch=1,
+            pad_to_multiple=pad_to_multiple,
+            max_param_bytes=limit,
+        )
+        out["xla_forward_flops_per_sample"] = xla_flops
+        out["analytic_over_xla"] = step_flops.forward_per_sample / xla_flops
+    return out
+
+
+def format_text(est: dict[str, Any]) -> str:
+    """The human-readable report of an estimate."""
+    lines = [
+        f"{est['size']} / {est['stage']} (mode {est['mode']}): {est['num_frames']} frames at "
+        f"{est['resolution'][0]}x{est['resolution'][1]}, latents {tuple(est['latent_shape'])}, "
+        f"batch {est['batch_size']}",
+        f"tokens per sample: video {est['video_tokens']}, action {est['action_tokens']}, "
+        f"proprio {est['proprio_tokens']}, text {est['text_tokens']} "
+        f"(self-attention length {est['sequence_length']})",
+        "forward FLOPs per sample by component:",
+    ]
+    fwd = est["forward_flops_per_sample"]
+    for name, value in sorted(est["components"].items(), key=lambda kv: -kv[1]):
+        if value:
+            lines.append(f"  {name:<30} {format_flops(value):>14}  {100 * value / fwd:5.1f}%")
+    lines += [
+        f"forward per sample            {format_flops(fwd)}",
+        f"train per sample (3x fwd)     {format_flops(est['train_flops_per_sample'])}",
+        f"train per step                {format_flops(est['train_flops_per_step'])}",
+        f"hardware per step (remat={est['remat_policy']}) {format_flops(est['hardware_flops_per_step'])}",
+        f"frozen per step               {format_flops(est['frozen_flops_per_step'])} "
+        + ", ".join(f"{k} {format_flops(v)}" for k, v in est["frozen_components_per_step"].items()),
+        f"total for {est['steps']} steps ({est['samples']} samples): "
+        f"{format_flops(est['total_train_flops'])} "
+        f"model + {format_flops(est['total_frozen_flops'])} frozen",
+    ]
+    if est["budget_flops"] > 0:
+        lines.append(
+            f"budget {format_flops(est['budget_flops'])} buys {est['steps_for_budget']} steps "
+            f"({est['steps_for_budget'] * est['batch_size']} samples); the total above is "
+            f"{est['budget_fraction_of_total']:.3f} of it"
+        )
+    if "xla_forward_flops_per_sample" in est:
+        lines.append(
+            f"XLA forward per sample        {format_flops(est['xla_forward_flops_per_sample'])} "
+            f"(analytic / XLA = {est['analytic_over_xla']:.4f})"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/wam.py:size=tiny,stage=action_tune")
+    try:
+        stage = resolve_stage(config, _STAGE.value)
+        est = estimate(
+            config,
+            stage,
+            steps=_STEPS.value,
+            samples=_SAMPLES.value,
+            budget_flops=_BUDGET.value,
+            xla=_XLA.value,
+            xla_max_param_bytes=_XLA_MAX_BYTES.value,
+            pad_to_multiple=_PAD.value,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if _FORMAT.value == "json":
+        print(json.dumps(est, indent=2))
+    else:
+        print(format_text(est))
+
+
+if __name__ == "__main__":
+    app.run(main)

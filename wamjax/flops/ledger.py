@@ -1,0 +1,174 @@
+"""The FLOP ledger: cumulative model FLOPs, steps, samples, tokens and wall time per stage.
+
+It is saved with every checkpoint (`to_json()` -> a JSON-ready dict) and restored with it (`from_json`), so
+totals survive restarts: steps re-run after a resume were not in the restored ledger and are counted once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+
+@dataclasses.dataclass
+class StageRecord:
+    """Totals of one stage."""
+
+    start_step: int = 0  # global step at which the stage started
+    end_step: int | None = None  # global step at which it ended; None while it runs
+    steps: int = 0
+    samples: int = 0
+    tokens: int = 0
+    flops: float = 0.0  # model FLOPs (forward + backward, no remat recompute)
+    seconds: float = 0.0  # wall seconds spent in steps
+
+
+class FlopLedger:
+    """Cumulative totals per stage, in the order the stages started."""
+
+    def __init__(self, stages: dict[str, StageRecord] | None = None, current_stage: str | None = None):
+        self.stages: dict[str, StageRecord] = dict(stages or {})
+        self.current_stage = current_stage
+
+    # -- stage lifecycle --
+    def start_stage(self, stage: str, start_step: int) -> None:
+        """Opens `stage` at global step `start_step` (fresh totals) and makes it current."""
+        self.stages[stage] = StageRecord(start_step=int(start_step))
+        self.current_stage = stage
+
+    def end_stage(self, stage: str, step: int) -> None:
+        """Marks `stage` completed at global step `step`."""
+        self._record(stage).end_step = int(step)
+
+    @property
+    def completed_stages(self) -> list[str]:
+        return [name for name, rec in self.stages.items() if rec.end_step is not None]
+
+    @property
+    def stage_start_step(self) -> dict[str, int]:
+        return {name: rec.start_step for name, rec in self.stages.items()}
+
+    @property
+    def stage_end_step(self) -> dict[str, int | None]:
+        return {name: rec.end_step for name, rec in self.stages.items()}
+
+    # -- accounting --
+    def record(self, stage: str, step_flops: float, samples: int, tokens: int, seconds: float) -> None:
+        """Adds one completed step of `stage`; opens the stage at step 0 if it was never started."""
+        if stage not in self.stages:
+            self.start_stage(stage, 0)
+        rec = self.stages[stage]
+        rec.steps += 1
+        rec.samples += int(samples)
+        rec.tokens += int(tokens)
+        rec.flops += float(step_flops)
+        rec.seconds += float(seconds)
+
+    def stage_flops(self, stage: str) -> float:
+        return self.stages[stage].flops if stage in self.stages else 0.0
+
+    def stage_steps(self, stage: str) -> int:
+        return self.stages[stage].steps if stage in self.stages else 0
+
+    def stage_samples(self, stage: str) -> int:
+        return self.stages[stage].samples if stage in self.stages else 0
+
+    def stage_tokens(self, stage: str) -> int:
+        return self.stages[stage].tokens if stage in self.stages else 0
+
+    def stage_seconds(self, stage: str) -> float:
+        return self.stages[stage].seconds if stage in self.stages else 0.0
+
+    def total_flops(self) -> float:
+        """Model FLOPs over all stages."""
+        return float(sum(rec.flops for rec in self.stages.values()))
+
+    # -- budgets --
+    def budget_fraction(self, stage: str, budget: float) -> float | None:
+        """Fraction of `budget` FLOPs spent by `stage`; None when there is no budget (budget <= 0)."""
+        if budget <= 0:
+            return None
+        return self.stage_flops(stage) / budget
+
+    def flops_per_second(self, stage: str) -> float | None:
+        """Mean achieved model FLOP/s of `stage` so far; None before any timed step."""
+        seconds = self.stage_seconds(stage)
+        return self.stage_flops(stage) / seconds if seconds > 0 else None
+
+    def eta_seconds(self, stage: str, budget: float, flops_per_s: float | None = None) -> float | None:
+        """Seconds until `stage` spends `budget` at `flops_per_s` (default: its mean rate so far).
+
+        None when there is no budget or no rate yet; 0 once the budget is spent.
+        """
+        if budget <= 0:
+            return None
+        remaining = max(budget - self.stage_flops(stage), 0.0)
+        if remaining == 0:
+            return 0.0
+        rate = self.flops_per_second(stage) if flops_per_s is None else flops_per_s
+        if not rate or rate <= 0:
+            return None
+        return remaining / rate
+
+    def budget_spent(self, stage: str, budget: float, step_flops: float) -> bool:
+        """True when another step of `step_flops` would take `stage` past `budget` (False without one)."""
+        if budget <= 0:
+            return False
+        return self.stage_flops(stage) + step_flops > budget * (1 + 1e-9)
+
+    def remaining_steps(self, stage: str, budget: float, step_flops: float) -> int | None:
+        """Whole steps of `step_flops` left in `budget` for `stage`; None without a budget."""
+        if budget <= 0:
+            return None
+        return steps_for_budget(max(budget - self.stage_flops(stage), 0.0), step_flops)
+
+    # -- serialization --
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (what the checkpoint's `ledger` item stores)."""
+        return {
+            "current_stage": self.current_stage,
+            "stages": {name: dataclasses.asdict(rec) for name, rec in self.stages.items()},
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any] | str | bytes) -> FlopLedger:
+        """Restores a ledger from `to_json()`'s dict or its JSON text, naming a malformed stage entry."""
+        if isinstance(value, (str, bytes)):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise TypeError(f"ledger JSON is a {type(value).__name__}; expected an object with 'stages'")
+        known = {f.name for f in dataclasses.fields(StageRecord)}
+        stages = {}
+        for name, rec in (value.get("stages") or {}).items():
+            unknown = sorted(set(rec) - known)
+            if unknown:
+                raise KeyError(f"ledger stage {name!r} has unknown key(s) {unknown}; known: {sorted(known)}")
+            stages[name] = StageRecord(**rec)
+        return cls(stages, value.get("current_stage"))
+
+    def _record(self, stage: str) -> StageRecord:
+        if stage not in self.stages:
+            raise KeyError(f"stage {stage!r} was never started in this ledger; started: {list(self.stages)}")
+        return self.stages[stage]
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, FlopLedger)
+            and self.current_stage == other.current_stage
+            and self.stages == other.stages
+        )
+
+    def __repr__(self) -> str:
+        return f"FlopLedger(current_stage={self.current_stage!r}, stages={self.stages!r})"
+
+
+def steps_for_budget(budget: float, flops_per_step: float) -> int:
+    """Whole steps of `flops_per_step` that `budget` FLOPs buy (never overspending)."""
+    if flops_per_step <= 0:
+        raise ValueError(f"flops_per_step={flops_per_step}; expected a positive number")
+    if budget <= 0:
+        return 0
+    # A budget that is an exact multiple must not lose a step to rounding.
+    return int(math.floor(budget / flops_per_step * (1 + 1e-12)))
