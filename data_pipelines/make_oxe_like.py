@@ -58,19 +58,22 @@ def _make_trajectory(rng: np.random.Generator, length: int) -> _Trajectory:
     noise = rng.normal(0.0, 0.01, size=(length, 6))
     smooth = np.cumsum(noise, axis=0) * 0.3
     eef_delta = np.zeros((length, 6), np.float32)
-    eef_delta[:, 0] = 0.03 * dx + smooth[:, 0]
-    eef_delta[:, 1] = 0.03 * dy + smooth[:, 1]
+    # Cover ~0.4 of the image over the episode, starting on the far side, so the effector stays in view.
+    speed = 0.4 / length
+    eef_delta[:, 0] = speed * dx + smooth[:, 0] * 0.3
+    eef_delta[:, 1] = speed * dy + smooth[:, 1] * 0.3
     eef_delta[:, 2] = 0.01 * np.sin(np.linspace(0, np.pi, length)) + smooth[:, 2] * 0.3
     eef_delta[:, 3:5] = smooth[:, 3:5] * 0.2
     eef_delta[:, 5] = 0.05 * rng.choice([-1.0, 1.0]) + smooth[:, 5]
     gripper_open = np.ones(length, np.float32)
     if closes:
         gripper_open[length // 2 :] = 0.0
-    start = np.array([rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), 0.5, 0.0, 0.0, 0.0], np.float32)
-    eef_pose = start + np.concatenate([np.zeros((1, 6), np.float32), np.cumsum(eef_delta, 0)[:-1]], 0)
-    return _Trajectory(
-        instruction, eef_delta, gripper_open, eef_pose.astype(np.float32), int(rng.integers(2**31))
+    start = np.array(
+        [0.5 - 0.2 * dx + rng.uniform(-0.1, 0.1), 0.5 - 0.2 * dy + rng.uniform(-0.1, 0.1), 0.5, 0.0, 0.0, 0.0],
+        np.float32,
     )
+    eef_pose = start + np.concatenate([np.zeros((1, 6), np.float32), np.cumsum(eef_delta, 0)[:-1]], 0)
+    return _Trajectory(instruction, eef_delta, gripper_open, eef_pose.astype(np.float32), int(rng.integers(2**31)))
 
 
 def render_frame(
@@ -257,12 +260,8 @@ def _taco_features(shapes: dict[str, tuple[int, int]]) -> tfds.features.Features
                         "depth_static": _TENSOR(shape=shapes["rgb_static"], dtype=np.float32),
                         "natural_language_embedding": _TENSOR(shape=(512,), dtype=np.float32),
                         "natural_language_instruction": _TEXT(),
-                        "rgb_gripper": _IMAGE(
-                            shape=(*shapes["rgb_gripper"], 3), dtype=np.uint8, encoding_format="png"
-                        ),
-                        "rgb_static": _IMAGE(
-                            shape=(*shapes["rgb_static"], 3), dtype=np.uint8, encoding_format="png"
-                        ),
+                        "rgb_gripper": _IMAGE(shape=(*shapes["rgb_gripper"], 3), dtype=np.uint8, encoding_format="png"),
+                        "rgb_static": _IMAGE(shape=(*shapes["rgb_static"], 3), dtype=np.uint8, encoding_format="png"),
                         "robot_obs": _TENSOR(shape=(15,), dtype=np.float32),
                         "structured_language_instruction": _TEXT(),
                     },
@@ -298,9 +297,7 @@ def _taco_episode(traj: _Trajectory, shapes: dict[str, tuple[int, int]]) -> dict
             "rgb_gripper": render_frame(
                 traj.eef_pose[i], traj.gripper_open[i], traj.scene_seed, shapes["rgb_gripper"], wrist=True
             ),
-            "rgb_static": render_frame(
-                traj.eef_pose[i], traj.gripper_open[i], traj.scene_seed, shapes["rgb_static"]
-            ),
+            "rgb_static": render_frame(traj.eef_pose[i], traj.gripper_open[i], traj.scene_seed, shapes["rgb_static"]),
             "robot_obs": robot_obs,
             "structured_language_instruction": traj.instruction.replace(" ", "_"),
         }
@@ -383,9 +380,7 @@ def _droid_episode(traj: _Trajectory, shapes: dict[str, tuple[int, int]]) -> dic
 MAKERS: dict[str, _Maker] = {
     "fractal20220817_data": _Maker("0.1.0", {"image": (256, 320)}, _fractal_features, _fractal_episode),
     "bridge": _Maker("0.1.0", {"image": (480, 640)}, _bridge_features, _bridge_episode),
-    "taco_play": _Maker(
-        "0.1.0", {"rgb_static": (150, 200), "rgb_gripper": (84, 84)}, _taco_features, _taco_episode
-    ),
+    "taco_play": _Maker("0.1.0", {"rgb_static": (150, 200), "rgb_gripper": (84, 84)}, _taco_features, _taco_episode),
     "droid": _Maker(
         "1.0.0",
         {k: (180, 320) for k in ("exterior_image_1_left", "exterior_image_2_left", "wrist_image_left")},
@@ -447,13 +442,9 @@ def make_datasets(
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     for index, name in enumerate(datasets):
         maker = MAKERS[name]
-        shapes = {
-            key: tuple(image_size) if image_size else shape for key, shape in maker.image_shapes.items()
-        }
+        shapes = {key: tuple(image_size) if image_size else shape for key, shape in maker.image_shapes.items()}
 
-        def generate(
-            name=name, index=index, maker=maker, shapes=shapes
-        ) -> Iterator[tuple[int, dict[str, Any]]]:
+        def generate(name=name, index=index, maker=maker, shapes=shapes) -> Iterator[tuple[int, dict[str, Any]]]:
             rng = np.random.default_rng([seed, index])
             for episode in range(episodes):
                 traj = _make_trajectory(rng, int(rng.integers(min_steps, max_steps + 1)))
