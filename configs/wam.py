@@ -1,0 +1,139 @@
+"""World-action model training config.
+
+Usage: --config=configs/wam.py:size=tiny,stage=video_pretrain  then  --config.train.steps=50 ...
+  size:  tiny | small | wan1.3b | wan14b
+  stage: video_pretrain | action_tune | all (both stages back to back)
+  data:  synthetic | oxe (default: oxe for tiny runs is set by the quickstart through --config.data.source)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from data_pipelines.config import get_data_config
+from wamjax.models.config import SIZES, ModelConfig
+from wamjax.train.stages import STAGES
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """Parses `key=value,key=value` into a dict."""
+    out: dict[str, str] = {}
+    for part in (arg or "").split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise ValueError(f"config argument {part!r} is not key=value (full argument: {arg!r})")
+        key, value = part.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+    """The model block for a named size."""
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not a known model size; known: {sorted(SIZES)}")
+    values = ModelConfig.from_dict(SIZES[size]).to_dict()
+    return ml_collections.ConfigDict(values)
+
+
+def stage_config(name: str, tiny: bool) -> ml_collections.ConfigDict:
+    """Defaults for one training stage."""
+    s = ml_collections.ConfigDict()
+    s.mode = "video" if name == "video_pretrain" else "joint"
+    s.steps = -1  # -1: take train.steps
+    s.budget_flops = 0.0  # model FLOPs this stage may spend; 0 = no budget
+    s.init_from = ""  # checkpoint step dir of an earlier stage, or a diffusers Wan folder; "" = previous stage/fresh
+    s.trainable = "all"  # "all" | "actions" | "actions+blocks" (action modules plus the transformer blocks)
+    s.learning_rate = -1.0  # -1: take optim.learning_rate
+    s.warmup_steps = -1  # -1: take optim.warmup_steps
+    s.clean_context_frames = 0 if name == "video_pretrain" else 1  # leading latent frames given clean
+    s.datasets = ""  # "": take data.datasets
+    s.weights = ()
+    return s
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = parse_arg(arg)
+    unknown = sorted(set(args) - {"size", "stage", "data"})
+    if unknown:
+        raise ValueError(f"unknown config argument(s) {unknown}; known: data, size, stage")
+    size = args.get("size", "tiny")
+    stage = args.get("stage", "video_pretrain")
+    if stage not in (*STAGES, "all"):
+        raise ValueError(f"stage={stage!r}; expected one of {(*STAGES, 'all')}")
+    tiny = size in ("tiny", "small")
+
+    c = ml_collections.ConfigDict()
+    c.size = size
+    c.stage = stage
+    c.model = model_config(size)
+
+    c.stages = ml_collections.ConfigDict({name: stage_config(name, tiny) for name in STAGES})
+
+    c.data = get_data_config()
+    c.data.source = args.get("data", "synthetic" if tiny else "oxe")  # synthetic | oxe
+    c.data.num_frames = 9 if tiny else 33
+    c.data.resolution = (32, 32) if tiny else (480, 832)
+    c.data.batch_size = 8 if tiny else 256
+    c.data.synthetic_examples = 4096  # clips in the synthetic source (source=synthetic)
+    c.data.latents_cache = ""  # directory from `python -m data_pipelines.encode_latents`; "" = encode online
+    c.data.video_shards = ""  # captioned-video clip shards from `python -m data_pipelines.ingest_video`
+    c.data.video_weight = 0.0  # mixture weight of the video shards in the video_pretrain stage
+
+    c.vae = ml_collections.ConfigDict()
+    c.vae.size = "tiny" if tiny else "wan2.1"
+    c.vae.weights = ""  # diffusers AutoencoderKLWan folder; "" = random init (tiny CPU runs only)
+    c.vae.seed = 1234
+
+    c.text = ml_collections.ConfigDict()
+    c.text.cache = ""  # embedding cache from `python -m data_pipelines.text_cache`; "" = synthetic hashed embeddings
+    c.text.max_length = 8 if tiny else 512
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.time_sampling = "logit_normal"  # uniform | logit_normal
+    c.diffusion.logit_mean = 0.0
+    c.diffusion.logit_std = 1.0
+    c.diffusion.shift = 1.0 if tiny else 5.0
+    c.diffusion.independent_action_time = True  # t_action drawn independently of t_video
+    c.diffusion.text_dropout = 0.1  # probability of the null text embedding (classifier-free guidance)
+    c.diffusion.video_loss_weight = 1.0
+    c.diffusion.action_loss_weight = 1.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 3e-3 if tiny else 1e-4
+    c.optim.warmup_steps = 5 if tiny else 1000
+    c.optim.min_lr_ratio = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.99 if tiny else 0.999
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+    c.optim.ema_decay = 0.0  # 0 = no EMA params
+    c.optim.max_consecutive_nonfinite = 5  # stop after this many non-finite steps in a row
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 50 if tiny else 100_000
+    c.train.seed = 0
+    c.train.log_every = 5 if tiny else 50
+    c.train.param_dtype = "float32"
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 25 if tiny else 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.keep_period = 0  # also keep every keep_period-th step; 0 = off
+    c.checkpoint.async_save = True
+
+    c.mesh = ml_collections.ConfigDict()
+    for axis, size_ in (("data", 1), ("fsdp", -1), ("tensor", 1), ("sequence", 1)):
+        c.mesh[axis] = size_
+        c.mesh[f"dcn_{axis}"] = 1
+    c.mesh.rules = ()  # [[logical, mesh axes], ...]; empty = wamjax.parallel.mesh.DEFAULT_RULES
+
+    c.flops = ml_collections.ConfigDict()
+    c.flops.device_kind = ""  # override the peak-FLOP/s table lookup (e.g. "H100"); "" = detect
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = "auto"  # auto | true | false
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c

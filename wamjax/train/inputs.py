@@ -1,0 +1,110 @@
+"""Host-side input: the configured data source per stage, instruction embeddings, and global device batches."""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from data_pipelines import pipeline as oxe_pipeline
+from data_pipelines.synthetic import make_synthetic_dataset
+from wamjax.parallel.mesh import batch_sharding
+
+
+def stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """config.data with the stage's dataset overrides applied."""
+    data = copy.deepcopy(config.data)
+    stage_cfg = config.stages[stage]
+    with data.unlocked():
+        if stage_cfg.datasets:
+            data.datasets = stage_cfg.datasets
+            data.weights = tuple(stage_cfg.weights)
+    return data
+
+
+def make_stage_dataset(
+    config: ml_collections.ConfigDict, stage: str, process_index: int, process_count: int
+) -> tuple[grain.IterDataset, dict]:
+    """The stage's per-process batch dataset and the normalization stats it uses."""
+    data = stage_data_config(config, stage)
+    if data.source == "synthetic":
+        logging.info("data: SYNTHETIC clips (data.source=synthetic); not a real dataset")
+        return make_synthetic_dataset(data, process_index=process_index, process_count=process_count), {}
+    if data.source != "oxe":
+        raise ValueError(f"data.source={data.source!r}; expected 'synthetic' or 'oxe'")
+    stats = oxe_pipeline.resolve_stats(data)
+    extra = []
+    if config.stages[stage].mode == "video" and data.video_shards and data.video_weight > 0:
+        from data_pipelines.video_source import make_video_dataset
+
+        extra.append((
+            make_video_dataset(
+                data.video_shards, num_frames=data.num_frames, resolution=tuple(data.resolution),
+                proprio_dim=data.proprio_dim, dataset_index=len(oxe_pipeline.config_lib.dataset_names(data)),
+                seed=data.seed,
+            ),
+            float(data.video_weight),
+        ))
+    dataset = oxe_pipeline.make_dataset(
+        data, process_index=process_index, process_count=process_count, stats=stats, extra_sources=extra
+    )
+    return dataset, stats
+
+
+class TextEmbedder:
+    """Instruction strings -> text-encoder states [B, L, text_dim], from a UMT5 cache or synthetic hashing.
+
+    The synthetic embedder (text.cache="") gives each distinct instruction a fixed random embedding; it is for
+    CPU smoke runs without an encoder at hand and says so in the log.
+    """
+
+    def __init__(self, text_config: ml_collections.ConfigDict, text_dim: int):
+        self.max_length = int(text_config.max_length)
+        self.text_dim = text_dim
+        self.cache = None
+        if text_config.cache:
+            from wamjax.models.text import TextEmbeddingCache
+
+            self.cache = TextEmbeddingCache.load(text_config.cache)
+            logging.info("text: embeddings from cache %s", text_config.cache)
+        else:
+            logging.info("text: SYNTHETIC hashed instruction embeddings (text.cache is empty)")
+
+    def __call__(self, instructions: np.ndarray) -> np.ndarray:
+        if self.cache is not None:
+            emb = np.asarray(self.cache.lookup([str(s) for s in instructions]), np.float32)
+            if emb.shape[-1] != self.text_dim:
+                raise ValueError(f"text cache has dim {emb.shape[-1]}; model.text_dim={self.text_dim}")
+            return _fit_length(emb, self.max_length)
+        out = np.zeros((len(instructions), self.max_length, self.text_dim), np.float32)
+        for i, text in enumerate(instructions):
+            text = str(text)
+            if text:  # the empty instruction is the null (CFG) embedding
+                rng = np.random.default_rng(zlib.crc32(text.encode()))
+                n = min(self.max_length, max(1, len(text.split())))
+                out[i, :n] = rng.standard_normal((n, self.text_dim)).astype(np.float32)
+        return out
+
+
+def _fit_length(emb: np.ndarray, length: int) -> np.ndarray:
+    if emb.shape[1] >= length:
+        return emb[:, :length]
+    return np.pad(emb, ((0, 0), (0, length - emb.shape[1]), (0, 0)))
+
+
+def device_batch(
+    host_batch: dict[str, np.ndarray], text: TextEmbedder, mesh: jax.sharding.Mesh, rules: Any
+) -> dict[str, jax.Array]:
+    """This process's numpy batch -> global jax.Arrays sharded along the batch axis; strings become embeddings."""
+    arrays = {k: v for k, v in host_batch.items() if v.dtype.kind not in "US"}
+    arrays["text_embeddings"] = text(host_batch["instruction"])
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), np.asarray(v))
+        for k, v in arrays.items()
+    }

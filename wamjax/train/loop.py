@@ -1,0 +1,391 @@
+"""The training loop: stages run in order, each resumable, budgeted and checkpointed.
+
+Reads top to bottom: logging, mesh, per stage (input, model and optimizer, sharding, restore or init,
+update step, loop), and the stage end (budget, steps, preemption or numerical fault).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from wamjax.checkpoint import manager as ckpt
+from wamjax.flops.analytic import train_step_flops
+from wamjax.flops.peak import peak_flops_per_device
+from wamjax.models import vae as vae_lib
+from wamjax.models.config import ModelConfig
+from wamjax.models.wam import WorldActionModel, example_inputs
+from wamjax.parallel.mesh import logical_rules, make_mesh, replicated
+from wamjax.parallel.placement import check_placement
+from wamjax.train import inputs as inputs_lib
+from wamjax.train.metrics import MetricsWriter, format_progress
+from wamjax.train.optimizer import make_optimizer
+from wamjax.train.run_ledger import RunLedger
+from wamjax.train.stages import STAGES
+from wamjax.train.step import StepSpec, TrainState, make_train_step
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved and stopped on SIGTERM; resubmit the same command.
+
+
+class NumericalFault(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is written."""
+
+    def __init__(self):
+        super().__init__(PREEMPTED_EXIT_CODE)
+
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    state: TrainState
+    final_step: int
+    reason: str
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop polls after each step."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: finishing this step, saving, then exiting with %d", PREEMPTED_EXIT_CODE)
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def stage_list(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return STAGES if config.stage == "all" else (config.stage,)
+
+
+def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
+    steps = int(config.stages[stage].steps)
+    return steps if steps > 0 else int(config.train.steps)
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    values = config.model.to_dict()
+    values["proprio_dim"] = int(config.data.proprio_dim)
+    return ModelConfig.from_dict(values)
+
+
+def _latent_shape(config: ml_collections.ConfigDict, vae_cfg: Any, cfg: ModelConfig) -> tuple[int, int, int, int]:
+    h, w = config.data.resolution
+    f, lh, lw, c = vae_lib.latent_shape(vae_cfg, (1, config.data.num_frames, h, w, 3))[1:]
+    if c != cfg.in_channels:
+        raise ValueError(f"VAE z_dim {c} != model.in_channels {cfg.in_channels}")
+    return f, lh, lw, c
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> list[StageResult]:
+    """Runs the configured stage(s) in `workdir`, resuming from its latest complete checkpoint."""
+    # --- Logging -----------------------------------------------------------------------------------
+    os.makedirs(workdir, exist_ok=True)
+    is_lead = jax.process_index() == 0
+    writer = MetricsWriter(workdir, enabled=is_lead)
+    if is_lead:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # --- Mesh --------------------------------------------------------------------------------------
+    mesh = make_mesh(config.mesh)
+    rules = logical_rules(config.mesh.rules)
+    logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+    manager = ckpt.make_manager(workdir, config.checkpoint)
+    latest = manager.latest_step()
+    resume_ledger = None
+    if latest is not None:
+        resume_ledger = RunLedger.from_json(ckpt.read_json_item(os.path.join(ckpt.checkpoint_dir(workdir),
+                                                                              str(latest)), "ledger"))
+        logging.info("found checkpoint at step %d (stage %s)", latest, resume_ledger.current_stage)
+
+    results: list[StageResult] = []
+    previous: StageResult | None = None
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)), _SigtermFlag() as sigterm:
+            for stage in stage_list(config):
+                if resume_ledger is not None and stage in resume_ledger.completed_stages:
+                    logging.info("stage %s already completed in this workdir; skipping", stage)
+                    previous = StageResult(stage, None, resume_ledger.stage_end_step[stage], "completed")
+                    continue
+                result = run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, sigterm)
+                results.append(result)
+                previous = result
+    finally:
+        manager.wait_until_finished()
+        writer.close()
+    return results
+
+
+def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, sigterm) -> StageResult:
+    """Runs one stage to its end (steps or budget), from its checkpoint, init_from, the previous stage, or fresh."""
+    stage_cfg = config.stages[stage]
+    cfg = model_config(config)
+    mode = stage_cfg.mode
+    if mode not in ("video", "joint"):
+        raise ValueError(f"stages.{stage}.mode={mode!r}; expected 'video' or 'joint'")
+    total_steps = stage_steps(config, stage)
+    budget = float(stage_cfg.budget_flops)
+
+    # --- Input -------------------------------------------------------------------------------------
+    dataset, norm_stats = inputs_lib.make_stage_dataset(config, stage, jax.process_index(), jax.process_count())
+    data_iter = iter(dataset)
+    text = inputs_lib.TextEmbedder(config.text, cfg.text_dim)
+
+    # --- Model and optimizer -----------------------------------------------------------------------
+    vae_cfg = vae_lib.vae_config_for(config.vae.size)
+    latent_shape = _latent_shape(config, vae_cfg, cfg)
+    num_actions = config.data.num_frames - 1 if mode == "joint" else 0
+    lr = stage_cfg.learning_rate if stage_cfg.learning_rate > 0 else config.optim.learning_rate
+    warmup = stage_cfg.warmup_steps if stage_cfg.warmup_steps >= 0 else config.optim.warmup_steps
+    tx, schedule = make_optimizer(
+        config.optim, learning_rate=lr, warmup_steps=warmup, total_steps=total_steps, trainable=stage_cfg.trainable
+    )
+    pad = mesh.shape["sequence"]
+    model = WorldActionModel(cfg, pad_to_multiple=pad)
+    example = example_inputs(cfg, latent_shape, config.text.max_length, num_actions)
+    use_ema = config.optim.ema_decay > 0
+
+    def init_boxed(rng):
+        params = model.init(rng, *example)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          ema_params=params if use_ema else None, rng=rng)
+
+    # --- Sharding ----------------------------------------------------------------------------------
+    abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(config.train.seed))
+    state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, list(rules))
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_plain(abstract_boxed),
+        state_shardings,
+    )
+    init_fn = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings)
+
+    # --- Restore or initialize ---------------------------------------------------------------------
+    latest = manager.latest_step()
+    ledger = RunLedger()
+    resumed = False
+    if latest is not None:
+        step_dir = os.path.join(ckpt.checkpoint_dir(workdir), str(latest))
+        saved_ledger = RunLedger.from_json(ckpt.read_json_item(step_dir, "ledger"))
+        if saved_ledger.current_stage == stage:
+            state, ledger_json, _, norm_stats_saved = ckpt.restore(manager, latest, abstract_state, data_iter)
+            ledger = RunLedger.from_json(ledger_json)
+            norm_stats = norm_stats_saved or norm_stats
+            writer.truncate_after(latest)
+            resumed = True
+            logging.info("stage %s: resumed from step %d", stage, latest)
+        else:
+            ledger = saved_ledger
+    if not resumed:
+        state = init_fn(jax.random.PRNGKey(config.train.seed))
+        start_global = previous.final_step if previous is not None else (latest or 0)
+        state = state.replace(step=jnp.asarray(start_global, jnp.int32))
+        state = _initialize_from(config, stage, state, state_shardings, previous, cfg)
+        ledger.start_stage(stage, int(start_global))
+    check_placement(state.params, state_shardings.params, mesh, log=logging.info)
+
+    vae_params = None
+    if not config.data.latents_cache:
+        vae_params = jax.device_put(_vae_params(config, vae_cfg), replicated(mesh))
+
+    # --- Update step -------------------------------------------------------------------------------
+    spec = StepSpec(model=cfg, mode=mode, clean_context_frames=int(stage_cfg.clean_context_frames),
+                    vae=vae_cfg, pad_to_multiple=pad)
+    stage_start = ledger.stage_start_step[stage]
+    step_fn = make_train_step(spec, config.diffusion, tx, schedule, config.optim.ema_decay, stage_start)
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, None, None),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+    flops = train_step_flops(config, stage)
+    peak = peak_flops_per_device(config.flops.device_kind or None)
+    tokens_per_step = (flops.video_tokens + flops.action_tokens) * config.data.batch_size
+    logging.info(
+        "stage %s: mode=%s steps=%d trainable=%s | %.3e model FLOPs/step (fwd %.3e/sample, frozen %.3e/step)%s",
+        stage, mode, total_steps, stage_cfg.trainable, flops.train_per_step, flops.forward_per_sample,
+        flops.frozen_per_step, f" | budget {budget:.3e} FLOPs" if budget else "",
+    )
+
+    # --- Loop --------------------------------------------------------------------------------------
+    step = int(state.step)
+    stage_done = ledger.stage_steps(stage)
+    reason = "steps"
+    max_bad = int(config.optim.max_consecutive_nonfinite)
+    every = max(1, int(config.checkpoint.every_steps))
+    ledger_config = config.to_dict()
+    last_time = time.perf_counter()
+    while True:
+        if stage_done >= total_steps:
+            reason = "steps"
+            break
+        if budget and ledger.stage_flops(stage) >= budget:
+            reason = "budget"
+            logging.info("stage %s: FLOP budget %.3e spent at step %d", stage, budget, step)
+            break
+        host_batch = next(data_iter)
+        batch = inputs_lib.device_batch(host_batch, text, mesh, rules)
+        state, metrics = train_step(state, batch, vae_params)
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        step_time = now - last_time
+        last_time = now
+        step += 1
+        stage_done += 1
+        ledger.record(stage, flops.train_per_step, config.data.batch_size, tokens_per_step, step_time)
+
+        if int(metrics["nonfinite_in_a_row"]) > 0:
+            logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, %d max)",
+                            step, int(metrics["nonfinite_in_a_row"]), max_bad)
+        if int(metrics["nonfinite_in_a_row"]) > max_bad:
+            raise NumericalFault(
+                f"step {step}: {int(metrics['nonfinite_in_a_row'])} non-finite steps in a row "
+                f"(optim.max_consecutive_nonfinite={max_bad}); stopping with the last good checkpoint kept"
+            )
+        if step % config.train.log_every == 0 or stage_done == total_steps:
+            row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, mesh.size,
+                               config.data.batch_size, tokens_per_step)
+            writer.write(row)
+            logging.info(format_progress(row, total_steps, stage_done))
+
+        preempt = sigterm.raised
+        out_of_budget = budget and ledger.stage_flops(stage) >= budget
+        finished = stage_done >= total_steps or out_of_budget
+        if finished:
+            ledger.end_stage(stage, step)
+        state_for_save = state
+        if step % every == 0 or preempt or finished:
+            ckpt.save(manager, step, state_for_save, data_iter, ledger.to_json(), ledger_config, norm_stats,
+                      force=True)
+        if preempt:
+            manager.wait_until_finished()
+            logging.warning("preemption checkpoint at step %d written; exiting %d", step, PREEMPTED_EXIT_CODE)
+            raise Preempted()
+    if stage not in ledger.completed_stages:
+        ledger.end_stage(stage, step)
+        ckpt.save(manager, step, state, data_iter, ledger.to_json(), ledger_config, norm_stats, force=True)
+    manager.wait_until_finished()
+    writer.write_event({"event": "stage_end", "stage": stage, "step": step, "reason": reason,
+                        "stage_flops": ledger.stage_flops(stage)})
+    logging.info("stage %s ended at step %d (%s); stage FLOPs %.3e", stage, step, reason, ledger.stage_flops(stage))
+    return StageResult(stage, state, step, reason)
+
+
+def unbox_plain(tree: Any) -> Any:
+    """Removes logical-axis boxes without sharding constraints (for abstract values outside jit)."""
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
+
+
+def _vae_params(config: ml_collections.ConfigDict, vae_cfg: Any) -> Any:
+    if config.vae.weights:
+        from wamjax.export.wan_vae_import import import_diffusers_wan_vae
+
+        _, params = import_diffusers_wan_vae(config.vae.weights)
+        return params
+    logging.info("vae: RANDOM frozen %s VAE (vae.weights is empty); fine for CPU smoke runs only", config.vae.size)
+    return vae_lib.init_vae_params(vae_cfg, jax.random.PRNGKey(config.vae.seed))
+
+
+def _initialize_from(config, stage, state, shardings, previous, cfg) -> TrainState:
+    """Fills the backbone (or everything that matches) from init_from or the previous stage; logs the source."""
+    source = config.stages[stage].init_from
+    if source:
+        if os.path.exists(os.path.join(source, "config.json")) and not os.path.exists(os.path.join(source, "state")):
+            from wamjax.export.wan_import import import_diffusers_wan
+
+            _, loaded = import_diffusers_wan(source, dataclasses.replace(cfg))
+            logging.info("stage %s: backbone from diffusers Wan weights %s", stage, source)
+        else:
+            loaded = ckpt.restore_state_tree(source)["params"]
+            logging.info("stage %s: parameters from checkpoint %s", stage, source)
+    elif previous is not None and previous.state is not None:
+        loaded = previous.state.params
+        logging.info("stage %s: parameters from the previous stage %s", stage, previous.name)
+    else:
+        logging.info("stage %s: fresh initialization (no init_from)", stage)
+        return state
+    params = merge_params(state.params, loaded, shardings.params)
+    ema = state.ema_params
+    if ema is not None:
+        ema = params
+    return state.replace(params=params, ema_params=ema)
+
+
+def merge_params(target: Any, source: Any, shardings: Any) -> Any:
+    """Target tree with every leaf that `source` also has (same path and shape) taken from `source`."""
+    flat_source = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+    taken, fresh = [], []
+
+    def pick(path, leaf, sharding):
+        key = jax.tree_util.keystr(path)
+        if key in flat_source:
+            value = flat_source[key]
+            if tuple(value.shape) != tuple(leaf.shape):
+                raise ValueError(f"init_from: {key} has shape {tuple(value.shape)}; the model needs {leaf.shape}")
+            taken.append(key)
+            return jax.device_put(jnp.asarray(value, leaf.dtype), sharding)
+        fresh.append(key)
+        return leaf
+
+    merged = jax.tree_util.tree_map_with_path(pick, target, shardings)
+    logging.info("init_from: %d tensors restored, %d freshly initialized%s", len(taken), len(fresh),
+                 f" ({', '.join(sorted({k.split(']')[0] + ']' for k in fresh}))})" if fresh else "")
+    return merged
+
+
+def _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, num_devices, batch, tokens) -> dict:
+    row: dict[str, Any] = {"step": step, "stage": stage}
+    for key in ("loss", "loss_video", "loss_action", "learning_rate", "grad_norm"):
+        if key in metrics:
+            row[key] = float(metrics[key])
+    row["update_skipped"] = int(metrics["update_skipped"])
+    row["step_time_s"] = step_time
+    row["examples_per_s"] = batch / step_time
+    row["tokens_per_s"] = tokens / step_time
+    row["step_flops"] = flops.train_per_step
+    row["frozen_flops_per_step"] = flops.frozen_per_step
+    row["stage_flops"] = ledger.stage_flops(stage)
+    row["stage_steps"] = ledger.stage_steps(stage)
+    row["stage_samples"] = ledger.stage_samples(stage)
+    row["stage_tokens"] = ledger.stage_tokens(stage)
+    row["wall_time_s"] = ledger.stage_seconds(stage)
+    row["budget_flops"] = budget
+    row["budget_fraction"] = ledger.stage_flops(stage) / budget if budget else None
+    row["flops_per_s"] = flops.train_per_step / step_time
+    row["mfu"] = row["flops_per_s"] / (peak * num_devices) if peak else None
+    rate = ledger.stage_flops(stage) / max(ledger.stage_seconds(stage), 1e-9)
+    row["eta_budget_s"] = max(budget - ledger.stage_flops(stage), 0.0) / rate if budget else None
+    return row
+
+
+def dump_json(path: str, value: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, default=lambda o: np.asarray(o).tolist())

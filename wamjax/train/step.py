@@ -1,0 +1,152 @@
+"""The train state and the pure, jitted train step: frames -> frozen VAE -> noised latents/actions -> loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from wamjax.diffusion import flow
+from wamjax.models import vae as vae_lib
+from wamjax.models.config import ModelConfig
+from wamjax.models.dit import action_latent_frame, latent_frame_chunk
+from wamjax.models.wam import wam_forward
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a plain pytree (checkpointed as is)."""
+
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+    ema_params: Params | None
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Static facts the step is compiled for."""
+
+    model: ModelConfig
+    mode: str  # "video" | "joint"
+    clean_context_frames: int
+    vae: Any | None  # VAEConfig when frames are encoded online; None when batches carry latents
+    pad_to_multiple: int = 1
+
+
+def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
+    """Consecutive non-finite updates so far (from optax.apply_if_finite's state)."""
+    return opt_state.notfinite_count
+
+
+def frames_to_latents(vae_config: Any, vae_params: Params, frames: jax.Array) -> jax.Array:
+    """uint8 frames [B, T, H, W, 3] -> normalized VAE latents [B, 1+(T-1)/4, H/8, W/8, z], no gradients."""
+    video = frames.astype(jnp.float32) / 127.5 - 1.0
+    latents = vae_lib.vae_encode(vae_config, vae_params, video)
+    return jax.lax.stop_gradient(vae_lib.normalize_latents(vae_config, latents))
+
+
+def sample_chunk_times(
+    rng: jax.Array, chunk_ids: np.ndarray, batch: int, diffusion: ml_collections.ConfigDict
+) -> jax.Array:
+    """One flow time per (example, attention chunk), spread to the items of each chunk -> [B, len(chunk_ids)]."""
+    num_chunks = int(chunk_ids.max()) + 1 if len(chunk_ids) else 1
+    t = flow.sample_time(
+        rng, (batch, num_chunks), diffusion.time_sampling, diffusion.shift, diffusion.logit_mean, diffusion.logit_std
+    )
+    return t[:, chunk_ids]
+
+
+def compute_loss(
+    spec: StepSpec,
+    diffusion: ml_collections.ConfigDict,
+    params: Params,
+    x0: jax.Array,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Flow-matching loss per modality; the total is their weighted sum."""
+    cfg = spec.model
+    b, f = x0.shape[:2]
+    rng_tv, rng_ta, rng_nv, rng_na, rng_drop = jax.random.split(rng, 5)
+    frame_chunks = latent_frame_chunk(cfg, f)
+    t_video = sample_chunk_times(rng_tv, frame_chunks, b, diffusion)
+    context = np.arange(f) < spec.clean_context_frames
+    t_video = jnp.where(context[None], 0.0, t_video)
+    noise = jax.random.normal(rng_nv, x0.shape, x0.dtype)
+    xt = flow.add_noise(x0, noise, t_video)
+    text = batch["text_embeddings"]
+    keep_text = jax.random.bernoulli(rng_drop, 1.0 - diffusion.text_dropout, (b, 1, 1))
+    text = jnp.where(keep_text, text, 0.0)
+
+    actions = t_action = noisy_actions = action_noise = proprio = None
+    if spec.mode == "joint":
+        actions = batch["actions"]
+        action_chunks = frame_chunks[np.minimum(action_latent_frame(cfg, actions.shape[1]), f - 1)]
+        if diffusion.independent_action_time:
+            t_action = sample_chunk_times(rng_ta, action_chunks, b, diffusion)
+        else:
+            t_action = t_video[:, np.minimum(action_latent_frame(cfg, actions.shape[1]), f - 1)]
+        action_noise = jax.random.normal(rng_na, actions.shape, actions.dtype)
+        noisy_actions = flow.add_noise(actions, action_noise, t_action)
+        proprio = batch["proprio"]
+
+    out = wam_forward(
+        cfg, params, xt, flow.to_model_timestep(t_video), text,
+        noisy_actions, None if t_action is None else flow.to_model_timestep(t_action), proprio,
+        pad_to_multiple=spec.pad_to_multiple,
+    )
+    frame_weight = jnp.asarray(~context, jnp.float32)
+    video_err = jnp.mean(jnp.square(out.video - flow.velocity_target(x0, noise)), axis=(2, 3, 4))
+    loss_video = jnp.sum(video_err * frame_weight) / (b * jnp.maximum(frame_weight.sum(), 1.0))
+    metrics = {"loss_video": loss_video}
+    loss = diffusion.video_loss_weight * loss_video
+    if spec.mode == "joint":
+        mask = batch["action_mask"].astype(jnp.float32)
+        action_err = jnp.mean(jnp.square(out.actions - flow.velocity_target(actions, action_noise)), axis=-1)
+        loss_action = jnp.sum(action_err * mask) / jnp.maximum(mask.sum(), 1.0)
+        metrics["loss_action"] = loss_action
+        loss = loss + diffusion.action_loss_weight * loss_action
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def make_train_step(
+    spec: StepSpec, diffusion: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+    schedule: optax.Schedule, ema_decay: float, stage_start_step: int = 0,
+):
+    """Returns the pure step `(state, batch, vae_params) -> (state, metrics)`."""
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], vae_params: Params):
+        rng, step_rng = jax.random.split(state.rng)
+        if "latents" in batch:
+            x0 = batch["latents"].astype(jnp.float32)
+        else:
+            x0 = frames_to_latents(spec.vae, vae_params, batch["frames"])
+        grad_fn = jax.value_and_grad(lambda p: compute_loss(spec, diffusion, p, x0, batch, step_rng), has_aux=True)
+        (_, metrics), grads = grad_fn(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = opt_state.last_finite
+        ema = state.ema_params
+        if ema is not None:
+            new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+            ema = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_ema, ema)
+        metrics = dict(metrics)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = schedule(state.step - stage_start_step)
+        metrics["update_skipped"] = jnp.logical_not(finite).astype(jnp.int32)
+        metrics["nonfinite_in_a_row"] = nonfinite_count(opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, rng=rng)
+        return new_state, metrics
+
+    return train_step
