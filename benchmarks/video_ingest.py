@@ -9,6 +9,11 @@ Prints three tables:
   3. loading from the shards: seconds to produce one batch of clips in-process (read, JPEG decode,
      contract dict, stack), and, given --step_time_s (a measured train step), the share of a step
      spent waiting for data when loading is synchronous (no Grain worker processes).
+
+A step time for --step_time_s: the median `step_time_s` in DIR/metrics.jsonl after
+    python -m wamjax.main --config=configs/wam.py:size=tiny,stage=video_pretrain --workdir=DIR \
+        --config.train.steps=12
+with --resolution and --num_frames here set to that config's data.resolution and data.num_frames.
 """
 
 from __future__ import annotations
