@@ -404,6 +404,9 @@ def _builder(
         # TFDS looks for a checksums file next to the builder's code; a generated dataset has none, and
         # the lookup needs a package (importlib_resources) that is not a dependency.
         code_path = None
+        # TFDS locates builder metadata through the defining module, which must be a package module even
+        # when this file runs as `python -m` (where it is `__main__`).
+        __module__ = "data_pipelines.make_oxe_like"
 
         def _info(self) -> tfds.core.DatasetInfo:
             return self.dataset_info_from_configs(features=features, description="OXE-format (generated)")

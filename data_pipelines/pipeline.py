@@ -9,7 +9,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from data_pipelines import config as config_lib
 from data_pipelines import mixture, registry, windowing
@@ -77,6 +77,11 @@ def resolve_stats(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if config.stats_path:
         stats = stats_lib.load_stats(config.stats_path)
     else:
+        logging.warning(
+            "data.stats_path is empty: computing normalization stats of %s now (reads every episode; "
+            "run `python -m data_pipelines.compute_stats` once instead)",
+            names,
+        )
         stats = stats_lib.compute_stats(
             config.data_dir,
             names,

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from data_pipelines.convert import convert
 from data_pipelines.rlds_source import EpisodeSource
 
 DATASETS = ["fractal20220817_data", "bridge", "taco_play", "droid"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +185,17 @@ def test_convert_tfrecord_to_array_record(tmp_path):
     original = tfds.builder_from_directory(os.path.join(src, "bridge", "0.1.0")).as_dataset(split="train")
     lengths = sorted(int(ex["steps"].cardinality()) for ex in original)
     assert sorted(len(converted[i]) for i in range(len(converted))) == lengths
+
+
+def test_command_lines(tmp_path):
+    def run(*args):
+        result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    out, stats_path = str(tmp_path / "oxe"), str(tmp_path / "stats.json")
+    run("data_pipelines.make_oxe_like", f"--out={out}", "--datasets=bridge,droid", "--episodes=2", "--image_size=16,20")
+    assert EpisodeSource(out, "droid")[0].image_shape == (16, 20, 3)
+    printed = run("data_pipelines.compute_stats", f"--data_dir={out}", "--datasets=bridge,droid", f"--out={stats_path}")
+    assert "droid: 2 episodes" in printed
+    assert sorted(stats_lib.load_stats(stats_path)["datasets"]) == ["bridge", "droid"]
