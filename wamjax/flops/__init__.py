@@ -1,4 +1,4 @@
-"""FLOPs as a first-class quantity: analytic counts per component, XLA cross-check, ledger, budgets, report."""
+"""FLOPs as a first-class quantity: analytic counts per component, XLA cross-check, ledger, budgets."""
 
 from wamjax.flops.analytic import StepFlops, forward_flops, train_step_flops
 from wamjax.flops.ledger import FlopLedger, steps_for_budget

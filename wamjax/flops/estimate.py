@@ -19,39 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from wamjax.flops import analytic, ledger
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file, e.g. configs/wam.py:size=tiny.")
-_STAGE = flags.DEFINE_string("stage", "", "Stage to estimate; default: the config's stage (not 'all').")
-_STEPS = flags.DEFINE_integer("steps", None, "Number of steps for the total.")
-_SAMPLES = flags.DEFINE_integer("samples", None, "Number of samples for the total (instead of --steps).")
-_BUDGET = flags.DEFINE_float("budget_flops", None, "FLOP budget; default: stages.<stage>.budget_flops.")
-_FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
-_XLA = flags.DEFINE_bool("xla", False, "Also compile the forward and report XLA's FLOP count.")
-_XLA_MAX_BYTES = flags.DEFINE_integer(
-    "xla_max_param_bytes", None, "Largest model (bytes of float32 params) --xla compiles; default 1 GiB."
-)
-_PAD = flags.DEFINE_integer(
-    "pad_to_multiple", 1, "Sequence padding multiple (the mesh's sequence axis size)."
-)
-
-_PREFIXES = (
-    (1e21, "ZFLOPs"),
-    (1e18, "EFLOPs"),
-    (1e15, "PFLOPs"),
-    (1e12, "TFLOPs"),
-    (1e9, "GFLOPs"),
-    (1e6, "MFLOPs"),
-)
-
-
-def format_flops(flops: float | None) -> str:
-    """FLOPs with an SI prefix: 9.1e21 -> '9.10 ZFLOPs'."""
-    if flops is None:
-        return "-"
-    for scale, unit in _PREFIXES:
-        if abs(flops) >= scale:
-            return f"{flops / scale:.3g} {unit}"
-    return f"{flops:.3g} FLOPs"
+from wamjax.flops.ledger import format_flops
 
 
 def resolve_stage(config: ml_collections.ConfigDict, stage: str) -> str:
@@ -191,29 +159,45 @@ def format_text(est: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/wam.py:size=tiny,stage=action_tune")
     try:
-        stage = resolve_stage(config, _STAGE.value)
+        stage = resolve_stage(config, flags.FLAGS.stage)
         est = estimate(
             config,
             stage,
-            steps=_STEPS.value,
-            samples=_SAMPLES.value,
-            budget_flops=_BUDGET.value,
-            xla=_XLA.value,
-            xla_max_param_bytes=_XLA_MAX_BYTES.value,
-            pad_to_multiple=_PAD.value,
+            steps=flags.FLAGS.steps,
+            samples=flags.FLAGS.samples,
+            budget_flops=flags.FLAGS.budget_flops,
+            xla=flags.FLAGS.xla,
+            xla_max_param_bytes=flags.FLAGS.xla_max_param_bytes,
+            pad_to_multiple=flags.FLAGS.pad_to_multiple,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if _FORMAT.value == "json":
+    if flags.FLAGS.format == "json":
         print(json.dumps(est, indent=2))
     else:
         print(format_text(est))
 
 
+def define_flags() -> None:
+    """Defines the CLI's flags (only when run as a program, so importing `estimate` defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Run config file, e.g. configs/wam.py:size=tiny.")
+    flags.DEFINE_string("stage", "", "Stage to estimate; default: the config's stage (not 'all').")
+    flags.DEFINE_integer("steps", None, "Number of steps for the total.")
+    flags.DEFINE_integer("samples", None, "Number of samples for the total (instead of --steps).")
+    flags.DEFINE_float("budget_flops", None, "FLOP budget; default: stages.<stage>.budget_flops.")
+    flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
+    flags.DEFINE_bool("xla", False, "Also compile the forward and report XLA's FLOP count.")
+    flags.DEFINE_integer(
+        "xla_max_param_bytes", None, "Largest model (bytes of float32 params) --xla compiles; default 1 GiB."
+    )
+    flags.DEFINE_integer("pad_to_multiple", 1, "Sequence padding multiple (the mesh's sequence axis size).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

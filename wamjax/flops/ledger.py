@@ -172,3 +172,23 @@ def steps_for_budget(budget: float, flops_per_step: float) -> int:
         return 0
     # A budget that is an exact multiple must not lose a step to rounding.
     return int(math.floor(budget / flops_per_step * (1 + 1e-12)))
+
+
+_PREFIXES = (
+    (1e21, "ZFLOPs"),
+    (1e18, "EFLOPs"),
+    (1e15, "PFLOPs"),
+    (1e12, "TFLOPs"),
+    (1e9, "GFLOPs"),
+    (1e6, "MFLOPs"),
+)
+
+
+def format_flops(flops: float | None) -> str:
+    """FLOPs with an SI prefix: 9.1e21 -> '9.10 ZFLOPs'."""
+    if flops is None:
+        return "-"
+    for scale, unit in _PREFIXES:
+        if abs(flops) >= scale:
+            return f"{flops / scale:.3g} {unit}"
+    return f"{flops:.3g} FLOPs"

@@ -1,0 +1,235 @@
+"""What did a run cost? One row per (workdir, stage), from WORKDIR/metrics.jsonl alone.
+
+  python -m wamjax.flops.report --workdir=DIR [--workdir=DIR2 ...] [--format=table|csv|json] [--plot=FILE.png]
+
+A resumed run re-logs the steps after its last checkpoint, so for each (stage, step) the LAST line written is
+kept. The stage totals (FLOPs, steps, samples, tokens, wall time) are the ledger's cumulative values on the
+stage's last logged step: the ledger is restored with each checkpoint, so nothing is counted twice.
+Lines without "step", event lines, and unparsable lines (a write cut by preemption) are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from typing import Any
+
+from absl import app, flags
+
+from wamjax.flops.ledger import format_flops
+
+METRICS_FILE = "metrics.jsonl"
+COLUMNS = (
+    "workdir", "stage", "steps", "samples", "tokens", "flops", "budget_flops", "budget_fraction",
+    "wall_time_s", "mean_mfu", "first_step", "last_step",
+)  # fmt: skip
+
+
+def read_metrics(path: str, warn: Any = None) -> list[dict[str, Any]]:
+    """Step lines of a metrics.jsonl, deduplicated, by step: for each (stage, step) the last line written.
+
+    `warn(message)` is told about skipped unparsable lines.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; expected the metrics.jsonl a training run writes")
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if warn is not None:
+                    warn(f"{path}:{number}: skipped an unparsable line ({e.msg}); cut by preemption?")
+                continue
+            if not isinstance(row, dict) or "step" not in row or "event" in row:
+                continue
+            if "stage" not in row:
+                raise KeyError(f"{path}:{number}: a step line has no 'stage'; expected the trainer's schema")
+            stage, step = str(row["stage"]), int(row["step"])
+            # A step logged again means the run resumed from an earlier checkpoint: what the interrupted
+            # attempt logged from that step on was redone, so only the new lines count.
+            stale = [key for key in latest if key[0] == stage and key[1] >= step]
+            for key in stale:
+                del latest[key]
+            latest[(stage, step)] = row
+    return [latest[key] for key in sorted(latest, key=lambda k: k[1])]
+
+
+def _last(rows: list[dict[str, Any]], key: str, default: Any = None) -> Any:
+    for row in reversed(rows):
+        if row.get(key) is not None:
+            return row[key]
+    return default
+
+
+def stage_summaries(workdir: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per stage, in the order the stages first appear."""
+    by_stage: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_stage.setdefault(str(row["stage"]), []).append(row)
+    out = []
+    for stage, stage_rows in by_stage.items():
+        stage_rows.sort(key=lambda r: int(r["step"]))
+        steps = _last(stage_rows, "stage_steps")
+        if steps is None:  # no ledger fields: count the steps from the global step numbers
+            steps = int(stage_rows[-1]["step"]) - int(stage_rows[0]["step"]) + 1
+        flops = _last(stage_rows, "stage_flops")
+        if flops is None and _last(stage_rows, "step_flops") is not None:
+            flops = float(_last(stage_rows, "step_flops")) * steps
+        budget = float(_last(stage_rows, "budget_flops", 0.0) or 0.0)
+        mfus = [float(r["mfu"]) for r in stage_rows if r.get("mfu") is not None]
+        out.append({
+            "workdir": workdir,
+            "stage": stage,
+            "steps": int(steps),
+            "samples": _last(stage_rows, "stage_samples"),
+            "tokens": _last(stage_rows, "stage_tokens"),
+            "flops": None if flops is None else float(flops),
+            "budget_flops": budget,
+            "budget_fraction": float(flops) / budget if budget > 0 and flops is not None else None,
+            "wall_time_s": _last(stage_rows, "wall_time_s"),
+            "mean_mfu": sum(mfus) / len(mfus) if mfus else None,
+            "first_step": int(stage_rows[0]["step"]),
+            "last_step": int(stage_rows[-1]["step"]),
+        })  # fmt: skip
+    return out
+
+
+def summarize(workdirs: list[str], warn: Any = None) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
+    """(summary rows for all workdirs, deduplicated metric rows per workdir)."""
+    summaries, rows_by_workdir = [], {}
+    for workdir in workdirs:
+        rows = read_metrics(os.path.join(workdir, METRICS_FILE), warn)
+        rows_by_workdir[workdir] = rows
+        summaries.extend(stage_summaries(workdir, rows))
+    return summaries, rows_by_workdir
+
+
+def _human_count(value: Any) -> str:
+    if value is None:
+        return "-"
+    value = float(value)
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+def _duration(seconds: Any) -> str:
+    if seconds is None:
+        return "-"
+    seconds = float(seconds)
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    """A fixed-width table for people."""
+    header = (
+        "workdir", "stage", "steps", "samples", "tokens", "FLOPs", "budget", "used", "wall time", "mean MFU",
+    )  # fmt: skip
+    lines = []
+    for s in summaries:
+        lines.append((
+            s["workdir"], s["stage"], str(s["steps"]), _human_count(s["samples"]), _human_count(s["tokens"]),
+            format_flops(s["flops"]), format_flops(s["budget_flops"]) if s["budget_flops"] else "none",
+            f"{100 * s['budget_fraction']:.1f}%" if s["budget_fraction"] is not None else "-",
+            _duration(s["wall_time_s"]),
+            f"{100 * s['mean_mfu']:.1f}%" if s["mean_mfu"] is not None else "unknown",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    render = lambda row: "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
+                                   enumerate(zip(row, widths, strict=True)))
+    return "\n".join([render(header), "  ".join("-" * w for w in widths), *map(render, lines)])
+
+
+def format_csv(summaries: list[dict[str, Any]]) -> str:
+    """CSV with raw numbers (FLOPs, seconds, fractions) for spreadsheets."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for s in summaries:
+        writer.writerow({k: "" if s[k] is None else s[k] for k in COLUMNS})
+    return buffer.getvalue()
+
+
+def plot(rows_by_workdir: dict[str, list[dict[str, Any]]], path: str) -> None:
+    """Cumulative FLOPs per stage over the run's wall time, each against its budget (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10)
+    summaries = {workdir: stage_summaries(workdir, rows) for workdir, rows in rows_by_workdir.items()}
+    run_seconds = [sum(float(s["wall_time_s"] or 0.0) for s in run) for run in summaries.values()]
+    longest = max(run_seconds, default=0.0)
+    scale, unit = (1.0, "s") if longest < 120 else (60.0, "min") if longest < 7200 else (3600.0, "h")
+    for workdir, rows in rows_by_workdir.items():
+        offset = 0.0  # stages run one after another: each starts where the previous one's wall time ended
+        label_prefix = f"{os.path.basename(os.path.normpath(workdir))}/" if len(rows_by_workdir) > 1 else ""
+        for s in summaries[workdir]:
+            stage_rows = [r for r in rows if r["stage"] == s["stage"] and r.get("stage_flops") is not None]
+            if not stage_rows:
+                continue
+            color = next(colors)
+            seconds = [offset] + [offset + float(r.get("wall_time_s") or 0.0) for r in stage_rows]
+            times = [t / scale for t in seconds]
+            spent = [0.0] + [float(r["stage_flops"]) for r in stage_rows]
+            ax.plot(times, spent, color=color, marker=".", label=f"{label_prefix}{s['stage']}")
+            if s["budget_flops"]:
+                ax.hlines(s["budget_flops"], times[0], times[-1], colors=color, linestyles="dashed",
+                          label=f"{label_prefix}{s['stage']} budget")
+            offset += float(s["wall_time_s"] or 0.0)
+    ax.set_xlabel(f"wall time in steps ({unit})")
+    ax.set_ylabel("model FLOPs spent in stage")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title("FLOPs per stage vs budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS.workdir:
+        raise app.UsageError("--workdir is required (repeat it to report several runs)")
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr)
+    try:
+        summaries, rows = summarize(flags.FLAGS.workdir, warn)
+    except (FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if flags.FLAGS.format == "json":
+        print(json.dumps(summaries, indent=2))
+    elif flags.FLAGS.format == "csv":
+        print(format_csv(summaries), end="")
+    else:
+        print(format_table(summaries))
+    if flags.FLAGS.plot:
+        plot(rows, flags.FLAGS.plot)
+        print(f"wrote {flags.FLAGS.plot}", file=sys.stderr)
+
+
+def define_flags() -> None:
+    """Defines the CLI's flags (only when run as a program)."""
+    flags.DEFINE_multi_string("workdir", None, "Run directory holding metrics.jsonl (repeatable).")
+    flags.DEFINE_enum("format", "table", ["table", "csv", "json"], "Output format.")
+    flags.DEFINE_string("plot", "", "Also plot FLOPs per stage vs budget over wall time to FILE.png.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
