@@ -66,9 +66,7 @@ def convert_version_dir(src_dir: str, dst_dir: str, num_workers: int = 4) -> int
         expected = sum(int(n) for n in split.get("shardLengths", []))
         written = sum(c for (s, _), c in zip(jobs, counts, strict=True) if f"-{split['name']}.tfrecord-" in s)
         if expected and written != expected:
-            raise ValueError(
-                f"{src_dir}: split {split['name']!r} has {written} records, dataset_info says {expected}"
-            )
+            raise ValueError(f"{src_dir}: split {split['name']!r} has {written} records, dataset_info says {expected}")
     info["fileFormat"] = "array_record"
     with open(os.path.join(dst_dir, _INFO), "w") as f:
         json.dump(info, f, indent=2)

@@ -22,9 +22,7 @@ from data_pipelines.rlds_source import BadRecordError, EpisodeSource, find_datas
 FLAGS = flags.FLAGS
 
 
-def inspect_dataset(
-    data_dir: str, name: str, split: str = "train", decode_frames: bool = True
-) -> dict[str, Any]:
+def inspect_dataset(data_dir: str, name: str, split: str = "train", decode_frames: bool = True) -> dict[str, Any]:
     """Summary of one dataset: episodes, steps, unique instructions, per-dimension action range.
 
     Raises `BadRecordError` on the first bad record. With `decode_frames`, every primary and wrist frame
@@ -102,9 +100,7 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     # Flags are defined only when run as a script so that importing several CLI modules does not clash.
     flags.DEFINE_string("data_dir", None, "Root of the TFDS datasets: <data_dir>/<name>/<version>/.")
-    flags.DEFINE_list(
-        "datasets", None, "Dataset names (default: every registered dataset found in data_dir)."
-    )
+    flags.DEFINE_list("datasets", None, "Dataset names (default: every registered dataset found in data_dir).")
     flags.DEFINE_string("split", "train", "TFDS split to read.")
     flags.DEFINE_bool("decode_frames", True, "Decode every frame too, not only the image headers.")
     app.run(main)

@@ -22,9 +22,7 @@ def mixture_weights(
             raise ValueError("balance_weights needs normalization stats (they hold num_transitions)")
         missing = [n for n in names if n not in stats["datasets"]]
         if missing:
-            raise KeyError(
-                f"No stats for {missing} to balance weights with; stats have {sorted(stats['datasets'])}"
-            )
+            raise KeyError(f"No stats for {missing} to balance weights with; stats have {sorted(stats['datasets'])}")
         weights = [w * stats["datasets"][n]["num_transitions"] for w, n in zip(weights, names, strict=True)]
     total = float(sum(weights))
     return [w / total for w in weights]

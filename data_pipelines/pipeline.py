@@ -141,6 +141,9 @@ def make_dataset(
     for name in names:
         registry.get_spec(name)  # fail before any I/O, naming the known datasets
     stats = stats if stats is not None else resolve_stats(config)
+    missing = [n for n in names if n not in stats["datasets"]]
+    if missing:
+        raise KeyError(f"Normalization stats lack datasets {missing}; they have {sorted(stats['datasets'])}")
     weights = mixture.mixture_weights(names, config.weights, config.balance_weights, stats)
     sources = [clip_source(config, name, i, stats) for i, name in enumerate(names)]
     for source, weight in extra_sources or []:

@@ -93,9 +93,7 @@ register_dataset(
     DatasetSpec(
         primary_camera="image",
         action=_fractal_action,
-        proprio=lambda s: _f32(
-            s["observation"]["base_pose_tool_reached"], s["observation"]["gripper_closed"]
-        ),
+        proprio=lambda s: _f32(s["observation"]["base_pose_tool_reached"], s["observation"]["gripper_closed"]),
         instruction=lambda s: s["observation"]["natural_language_instruction"],
         proprio_mask=(True,) * 7 + (False,),
     ),

@@ -16,9 +16,7 @@ def check_num_frames(num_frames: int) -> None:
         raise ValueError(f"data.num_frames must be 1 + 4k (1, 5, 9, 13, ...), got {num_frames}")
 
 
-def clip_start(
-    length: int, num_frames: int, frame_stride: int, slot: int, clips_per_episode: int, u: float
-) -> int:
+def clip_start(length: int, num_frames: int, frame_stride: int, slot: int, clips_per_episode: int, u: float) -> int:
     """First step of clip `slot` of an episode of `length` steps; `u` in [0, 1) jitters it in its stratum.
 
     Slots split the valid starts into `clips_per_episode` equal strata so an epoch covers each episode
@@ -81,10 +79,6 @@ def make_clip(
     }
     if wrist_camera:
         if episode.wrist_images is None:
-            raise ValueError(
-                f"data.wrist_camera=True but dataset {episode.dataset!r} has no wrist camera in its spec"
-            )
-        example["wrist_frames"] = np.stack(
-            [episode.decode_frame(int(s), resolution, wrist=True) for s in frame_steps]
-        )
+            raise ValueError(f"data.wrist_camera=True but dataset {episode.dataset!r} has no wrist camera in its spec")
+        example["wrist_frames"] = np.stack([episode.decode_frame(int(s), resolution, wrist=True) for s in frame_steps])
     return example
