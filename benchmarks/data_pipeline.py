@@ -42,9 +42,10 @@ def _data_config(data_dir: str, stats_path: str, resolution: tuple[int, int], wo
 
 
 def throughput(config, batches: int) -> tuple[float, float]:
-    """(clips/s, MB/s of decoded frames) after the first batch (worker start-up excluded)."""
+    """(clips/s, MB/s of decoded frames) once every worker has delivered (start-up excluded)."""
     iterator = pipeline.make_iterator(config)
-    next(iterator)
+    for _ in range(2 * max(config.worker_count, 1)):
+        next(iterator)
     start, clips, nbytes = time.perf_counter(), 0, 0
     for _ in range(batches):
         batch = next(iterator)
@@ -76,7 +77,8 @@ def _tiny_step():
 def wait_share(config, steps: int) -> tuple[float, float]:
     """(share of wall time spent in next(), ms per step) over `steps` tiny training steps."""
     iterator = pipeline.make_iterator(config)
-    batch = next(iterator)
+    for _ in range(2 * max(config.worker_count, 1)):
+        batch = next(iterator)
     t, a = batch["frames"].shape[1], batch["actions"].shape[1:]
     rng = np.random.default_rng(0)
     params = {
@@ -122,5 +124,5 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     flags.DEFINE_integer("episodes", 6, "Episodes generated per dataset.")
     flags.DEFINE_integer("batches", 12, "Timed batches per configuration.")
-    flags.DEFINE_list("workers", ["1", "2", "4"], "Grain worker counts to measure.")
+    flags.DEFINE_list("workers", ["0", "1", "2", "4"], "Grain worker counts to measure (0: in-process).")
     app.run(main)
