@@ -152,6 +152,9 @@ def test_tiny_random_vae_round_trip_shapes_and_normalization():
     assert bool(jnp.all(jnp.isfinite(latents)))
     decoded = vae_decode(config, params, latents)
     assert decoded.shape == video.shape and float(jnp.max(jnp.abs(decoded))) <= 1.0
+    # One clip at a time (bounded memory) gives the same latents and video.
+    np.testing.assert_allclose(vae_encode(config, params, video, batch_chunk=1), latents, atol=1e-5)
+    np.testing.assert_allclose(vae_decode(config, params, latents, batch_chunk=1), decoded, atol=1e-5)
     normalized = normalize_latents(config, latents)
     mean = jnp.asarray(config.latents_mean)
     np.testing.assert_allclose(

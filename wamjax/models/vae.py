@@ -385,13 +385,29 @@ def _check_video(vae_config: VAEConfig, video: jax.Array) -> None:
         raise ValueError(f"video frames are {h}x{w}; expected height and width divisible by {sc}")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def vae_encode(vae_config: VAEConfig, params: Params, video: jax.Array) -> jax.Array:
-    """Posterior mean (diffusers' `latent_dist.mean`, unnormalized) of a clip.
+def _in_batch_chunks(fn: Any, x: jax.Array, batch_chunk: int) -> jax.Array:
+    """fn over `batch_chunk` clips at a time (a sequential loop), bounding activation memory."""
+    b = x.shape[0]
+    if batch_chunk <= 0 or batch_chunk >= b:
+        return fn(x)
+    if b % batch_chunk:
+        raise ValueError(f"batch of {b} clips is not divisible by batch_chunk={batch_chunk}")
+    y = jax.lax.map(fn, x.reshape(b // batch_chunk, batch_chunk, *x.shape[1:]))
+    return y.reshape(b, *y.shape[2:])
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="batch_chunk")
+def vae_encode(vae_config: VAEConfig, params: Params, video: jax.Array, *, batch_chunk: int = 0) -> jax.Array:
+    """Posterior mean (diffusers' `latent_dist.mean`, unnormalized) of a batch of clips.
 
     video: [B, T, H, W, 3] in [-1, 1], T = 1 + 4k. Returns [B, 1 + k, H / 8, W / 8, z_dim].
+    `batch_chunk` > 0 encodes that many clips at a time (less memory, same result).
     """
     _check_video(vae_config, video)
+    return _in_batch_chunks(functools.partial(_encode, vae_config, params), video, batch_chunk)
+
+
+def _encode(vae_config: VAEConfig, params: Params, video: jax.Array) -> jax.Array:
     enc = params["encoder"]
     x = _conv3d(video, enc["conv_in"])
     for i, (kind, _, _, mode) in enumerate(_encoder_layers(vae_config)):
@@ -408,11 +424,18 @@ def vae_encode(vae_config: VAEConfig, params: Params, video: jax.Array) -> jax.A
     return moments[..., : vae_config.z_dim]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def vae_decode(vae_config: VAEConfig, params: Params, latents: jax.Array) -> jax.Array:
-    """Video [B, 1 + 4(T' - 1), 8H', 8W', 3] in [-1, 1] from unnormalized latents [B, T', H', W', z_dim]."""
+@functools.partial(jax.jit, static_argnums=0, static_argnames="batch_chunk")
+def vae_decode(vae_config: VAEConfig, params: Params, latents: jax.Array, *, batch_chunk: int = 0) -> jax.Array:
+    """Video [B, 1 + 4(T' - 1), 8H', 8W', 3] in [-1, 1] from unnormalized latents [B, T', H', W', z_dim].
+
+    `batch_chunk` > 0 decodes that many clips at a time (less memory, same result).
+    """
     if latents.ndim != 5 or latents.shape[-1] != vae_config.z_dim:
         raise ValueError(f"latents have shape {latents.shape}; expected [B, T, H, W, {vae_config.z_dim}]")
+    return _in_batch_chunks(functools.partial(_decode, vae_config, params), latents, batch_chunk)
+
+
+def _decode(vae_config: VAEConfig, params: Params, latents: jax.Array) -> jax.Array:
     dec = params["decoder"]
     x = _conv3d(latents, params["post_quant_conv"])
     x = _conv3d(x, dec["conv_in"])
