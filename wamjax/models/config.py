@@ -102,3 +102,13 @@ SIZES: dict[str, dict[str, Any]] = {
 
 # Parameter counts of the published checkpoints (diffusers WanTransformer3DModel, T2V).
 PUBLISHED_PARAM_COUNTS = {"wan1.3b": 1_418_996_800, "wan14b": 14_288_491_584}
+
+
+def model_config_from_run(run_config: Mapping[str, Any]) -> ModelConfig:
+    """The ModelConfig of a run config (a ConfigDict or its saved dict): `model` plus the data's proprio size."""
+    model = run_config["model"]
+    values = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+    data = run_config.get("data") if hasattr(run_config, "get") else None
+    if data is not None and "proprio_dim" in data:
+        values["proprio_dim"] = int(data["proprio_dim"])
+    return ModelConfig.from_dict(values)

@@ -22,16 +22,16 @@ from absl import logging
 
 from wamjax.checkpoint import manager as ckpt
 from wamjax.flops.analytic import train_step_flops
+from wamjax.flops.ledger import FlopLedger
 from wamjax.flops.peak import peak_flops_per_device
 from wamjax.models import vae as vae_lib
-from wamjax.models.config import ModelConfig
+from wamjax.models.config import ModelConfig, model_config_from_run
 from wamjax.models.wam import WorldActionModel, example_inputs
 from wamjax.parallel.mesh import logical_rules, make_mesh, replicated
 from wamjax.parallel.placement import check_placement
 from wamjax.train import inputs as inputs_lib
 from wamjax.train.metrics import MetricsWriter, format_progress
 from wamjax.train.optimizer import make_optimizer
-from wamjax.train.run_ledger import RunLedger
 from wamjax.train.stages import STAGES
 from wamjax.train.step import StepSpec, TrainState, make_train_step
 
@@ -90,9 +90,7 @@ def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    values = config.model.to_dict()
-    values["proprio_dim"] = int(config.data.proprio_dim)
-    return ModelConfig.from_dict(values)
+    return model_config_from_run(config)
 
 
 def _latent_shape(config: ml_collections.ConfigDict, vae_cfg: Any, cfg: ModelConfig) -> tuple[int, int, int, int]:
@@ -122,7 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[StageResult]:
     latest = manager.latest_step()
     resume_ledger = None
     if latest is not None:
-        resume_ledger = RunLedger.from_json(ckpt.read_json_item(os.path.join(ckpt.checkpoint_dir(workdir),
+        resume_ledger = FlopLedger.from_json(ckpt.read_json_item(os.path.join(ckpt.checkpoint_dir(workdir),
                                                                               str(latest)), "ledger"))
         logging.info("found checkpoint at step %d (stage %s)", latest, resume_ledger.current_stage)
 
@@ -189,14 +187,14 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
 
     # --- Restore or initialize ---------------------------------------------------------------------
     latest = manager.latest_step()
-    ledger = RunLedger()
+    ledger = FlopLedger()
     resumed = False
     if latest is not None:
         step_dir = os.path.join(ckpt.checkpoint_dir(workdir), str(latest))
-        saved_ledger = RunLedger.from_json(ckpt.read_json_item(step_dir, "ledger"))
+        saved_ledger = FlopLedger.from_json(ckpt.read_json_item(step_dir, "ledger"))
         if saved_ledger.current_stage == stage:
             state, ledger_json, _, norm_stats_saved = ckpt.restore(manager, latest, abstract_state, data_iter)
-            ledger = RunLedger.from_json(ledger_json)
+            ledger = FlopLedger.from_json(ledger_json)
             norm_stats = norm_stats_saved or norm_stats
             writer.truncate_after(latest)
             resumed = True
