@@ -382,6 +382,17 @@ def test_report_counts_each_step_once_after_a_resume(tmp_path):
     assert tune["budget_fraction"] == pytest.approx(1.0) and tune["mean_mfu"] == pytest.approx(0.25)
 
 
+def test_report_completes_a_stage_that_ended_between_log_intervals(tmp_path):
+    path = tmp_path / report.METRICS_FILE
+    lines = [_row(s, "action_tune", s, 2e9, 9e9, None) for s in (2, 4)]
+    end = {"event": "stage_end", "stage": "action_tune", "step": 5, "reason": "budget", "stage_flops": 10e9}
+    lines.append(end)
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (summary,), _ = report.summarize([str(tmp_path)])
+    assert (summary["steps"], summary["flops"], summary["samples"], summary["last_step"]) == (5, 10e9, 40, 5)
+    assert summary["budget_fraction"] == pytest.approx(10 / 9)
+
+
 def test_report_drops_lines_of_an_attempt_that_a_resume_redid(tmp_path):
     path = tmp_path / report.METRICS_FILE
     lines = [_row(s, "video_pretrain", s, 1e9, 0.0, None) for s in (5, 10, 15, 20)]

@@ -4,8 +4,9 @@
 
 A resumed run re-logs the steps after its last checkpoint, so for each (stage, step) the LAST line written is
 kept. The stage totals (FLOPs, steps, samples, tokens, wall time) are the ledger's cumulative values on the
-stage's last logged step: the ledger is restored with each checkpoint, so nothing is counted twice.
-Lines without "step", event lines, and unparsable lines (a write cut by preemption) are skipped.
+stage's last logged step: the ledger is restored with each checkpoint, so nothing is counted twice. A stage
+that ended between log intervals is completed from its `stage_end` event (which carries the final FLOPs).
+Other event lines, lines without "step", and unparsable lines (a write cut by preemption) are skipped.
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def read_metrics(path: str, warn: Any = None) -> list[dict[str, Any]]:
-    """Step lines of a metrics.jsonl, deduplicated, by step: for each (stage, step) the last line written.
+def read_log(path: str, warn: Any = None) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(step lines, deduplicated and sorted by step; the last `stage_end` event per stage) of a metrics.jsonl.
 
-    `warn(message)` is told about skipped unparsable lines.
+    For each (stage, step) the last line written counts. `warn(message)` hears of skipped unparsable lines.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist; expected the metrics.jsonl a training run writes")
     latest: dict[tuple[str, int], dict[str, Any]] = {}
+    max_step: dict[str, int] = {}
+    stage_ends: dict[str, dict[str, Any]] = {}
     with open(path) as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
@@ -47,18 +50,29 @@ def read_metrics(path: str, warn: Any = None) -> list[dict[str, Any]]:
                 if warn is not None:
                     warn(f"{path}:{number}: skipped an unparsable line ({e.msg}); cut by preemption?")
                 continue
-            if not isinstance(row, dict) or "step" not in row or "event" in row:
+            if not isinstance(row, dict) or "step" not in row:
+                continue
+            if row.get("event") == "stage_end" and "stage" in row:
+                stage_ends[str(row["stage"])] = row
+            if "event" in row:
                 continue
             if "stage" not in row:
                 raise KeyError(f"{path}:{number}: a step line has no 'stage'; expected the trainer's schema")
             stage, step = str(row["stage"]), int(row["step"])
-            # A step logged again means the run resumed from an earlier checkpoint: what the interrupted
-            # attempt logged from that step on was redone, so only the new lines count.
-            stale = [key for key in latest if key[0] == stage and key[1] >= step]
-            for key in stale:
-                del latest[key]
+            if step <= max_step.get(stage, -1):
+                # The run resumed from an earlier checkpoint: what the interrupted attempt logged from this
+                # step on was redone, so only the new lines count.
+                for key in [key for key in latest if key[0] == stage and key[1] >= step]:
+                    del latest[key]
+            max_step[stage] = step
             latest[(stage, step)] = row
-    return [latest[key] for key in sorted(latest, key=lambda k: k[1])]
+    rows = [latest[key] for key in sorted(latest, key=lambda k: k[1])]
+    return rows, stage_ends
+
+
+def read_metrics(path: str, warn: Any = None) -> list[dict[str, Any]]:
+    """Step lines of a metrics.jsonl, deduplicated, by step: for each (stage, step) the last line written."""
+    return read_log(path, warn)[0]
 
 
 def _last(rows: list[dict[str, Any]], key: str, default: Any = None) -> Any:
@@ -68,8 +82,15 @@ def _last(rows: list[dict[str, Any]], key: str, default: Any = None) -> Any:
     return default
 
 
-def stage_summaries(workdir: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One summary per stage, in the order the stages first appear."""
+def stage_summaries(
+    workdir: str, rows: list[dict[str, Any]], stage_ends: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """One summary per stage, in the order the stages first appear.
+
+    A stage can end on a step that was not logged (a budget hit between log intervals); its `stage_end`
+    event carries the ledger's final FLOPs, and the unlogged steps are added at the last logged per-step
+    samples, tokens and step time.
+    """
     by_stage: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_stage.setdefault(str(row["stage"]), []).append(row)
@@ -82,21 +103,33 @@ def stage_summaries(workdir: str, rows: list[dict[str, Any]]) -> list[dict[str, 
         flops = _last(stage_rows, "stage_flops")
         if flops is None and _last(stage_rows, "step_flops") is not None:
             flops = float(_last(stage_rows, "step_flops")) * steps
+        samples, tokens = _last(stage_rows, "stage_samples"), _last(stage_rows, "stage_tokens")
+        wall = _last(stage_rows, "wall_time_s")
+        last_step = int(stage_rows[-1]["step"])
+        end = (stage_ends or {}).get(stage)
+        if end is not None and int(end["step"]) > last_step and end.get("stage_flops") is not None:
+            extra = int(end["step"]) - last_step
+            if steps:
+                samples = None if samples is None else samples + extra * samples / steps
+                tokens = None if tokens is None else tokens + extra * tokens / steps
+            if wall is not None:
+                wall += extra * float(_last(stage_rows, "step_time_s", 0.0))
+            steps, flops, last_step = steps + extra, float(end["stage_flops"]), int(end["step"])
         budget = float(_last(stage_rows, "budget_flops", 0.0) or 0.0)
         mfus = [float(r["mfu"]) for r in stage_rows if r.get("mfu") is not None]
         out.append({
             "workdir": workdir,
             "stage": stage,
             "steps": int(steps),
-            "samples": _last(stage_rows, "stage_samples"),
-            "tokens": _last(stage_rows, "stage_tokens"),
+            "samples": None if samples is None else int(round(samples)),
+            "tokens": None if tokens is None else int(round(tokens)),
             "flops": None if flops is None else float(flops),
             "budget_flops": budget,
             "budget_fraction": float(flops) / budget if budget > 0 and flops is not None else None,
-            "wall_time_s": _last(stage_rows, "wall_time_s"),
+            "wall_time_s": wall,
             "mean_mfu": sum(mfus) / len(mfus) if mfus else None,
             "first_step": int(stage_rows[0]["step"]),
-            "last_step": int(stage_rows[-1]["step"]),
+            "last_step": last_step,
         })  # fmt: skip
     return out
 
@@ -105,9 +138,9 @@ def summarize(workdirs: list[str], warn: Any = None) -> tuple[list[dict[str, Any
     """(summary rows for all workdirs, deduplicated metric rows per workdir)."""
     summaries, rows_by_workdir = [], {}
     for workdir in workdirs:
-        rows = read_metrics(os.path.join(workdir, METRICS_FILE), warn)
+        rows, stage_ends = read_log(os.path.join(workdir, METRICS_FILE), warn)
         rows_by_workdir[workdir] = rows
-        summaries.extend(stage_summaries(workdir, rows))
+        summaries.extend(stage_summaries(workdir, rows, stage_ends))
     return summaries, rows_by_workdir
 
 
@@ -162,8 +195,13 @@ def format_csv(summaries: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def plot(rows_by_workdir: dict[str, list[dict[str, Any]]], path: str) -> None:
-    """Cumulative FLOPs per stage over the run's wall time, each against its budget (dashed)."""
+def plot(
+    rows_by_workdir: dict[str, list[dict[str, Any]]], path: str, summaries: list[dict[str, Any]] | None = None
+) -> None:
+    """Cumulative FLOPs per stage over the run's wall time, each against its budget (dashed).
+
+    `summaries` (from `summarize`) supply each stage's final point; by default they come from the rows alone.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,14 +209,16 @@ def plot(rows_by_workdir: dict[str, list[dict[str, Any]]], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10)
-    summaries = {workdir: stage_summaries(workdir, rows) for workdir, rows in rows_by_workdir.items()}
-    run_seconds = [sum(float(s["wall_time_s"] or 0.0) for s in run) for run in summaries.values()]
+    if summaries is None:
+        summaries = [s for workdir, rows in rows_by_workdir.items() for s in stage_summaries(workdir, rows)]
+    by_workdir = {workdir: [s for s in summaries if s["workdir"] == workdir] for workdir in rows_by_workdir}
+    run_seconds = [sum(float(s["wall_time_s"] or 0.0) for s in run) for run in by_workdir.values()]
     longest = max(run_seconds, default=0.0)
     scale, unit = (1.0, "s") if longest < 120 else (60.0, "min") if longest < 7200 else (3600.0, "h")
     for workdir, rows in rows_by_workdir.items():
         offset = 0.0  # stages run one after another: each starts where the previous one's wall time ended
         label_prefix = f"{os.path.basename(os.path.normpath(workdir))}/" if len(rows_by_workdir) > 1 else ""
-        for s in summaries[workdir]:
+        for s in by_workdir[workdir]:
             stage_rows = [r for r in rows if r["stage"] == s["stage"] and r.get("stage_flops") is not None]
             if not stage_rows:
                 continue
@@ -186,6 +226,9 @@ def plot(rows_by_workdir: dict[str, list[dict[str, Any]]], path: str) -> None:
             seconds = [offset] + [offset + float(r.get("wall_time_s") or 0.0) for r in stage_rows]
             times = [t / scale for t in seconds]
             spent = [0.0] + [float(r["stage_flops"]) for r in stage_rows]
+            if s["flops"] is not None and s["flops"] > spent[-1]:  # completed from the stage_end event
+                times.append((offset + float(s["wall_time_s"] or 0.0)) / scale)
+                spent.append(s["flops"])
             ax.plot(times, spent, color=color, marker=".", label=f"{label_prefix}{s['stage']}")
             if s["budget_flops"]:
                 ax.hlines(s["budget_flops"], times[0], times[-1], colors=color, linestyles="dashed",
@@ -219,7 +262,7 @@ def main(argv: list[str]) -> None:
     else:
         print(format_table(summaries))
     if flags.FLAGS.plot:
-        plot(rows, flags.FLAGS.plot)
+        plot(rows, flags.FLAGS.plot, summaries)
         print(f"wrote {flags.FLAGS.plot}", file=sys.stderr)
 
 
