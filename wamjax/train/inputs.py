@@ -33,6 +33,16 @@ def make_stage_dataset(
 ) -> tuple[grain.IterDataset, dict]:
     """The stage's per-process batch dataset and the normalization stats it uses."""
     data = stage_data_config(config, stage)
+    if data.latents_cache:
+        from data_pipelines.encode_latents import make_latents_dataset
+        from wamjax.models.vae import vae_config_for
+
+        logging.info("data: precomputed VAE latents from %s (data.latents_cache)", data.latents_cache)
+        dataset = make_latents_dataset(
+            data.latents_cache, data.batch_size, seed=data.seed, shuffle=data.shuffle,
+            process_index=process_index, process_count=process_count, vae_config=vae_config_for(config.vae.size),
+        )
+        return dataset, {}
     if data.source == "synthetic":
         logging.info("data: SYNTHETIC clips (data.source=synthetic); not a real dataset")
         return make_synthetic_dataset(data, process_index=process_index, process_count=process_count), {}
@@ -47,7 +57,7 @@ def make_stage_dataset(
             make_video_dataset(
                 data.video_shards, num_frames=data.num_frames, resolution=tuple(data.resolution),
                 proprio_dim=data.proprio_dim, dataset_index=len(oxe_pipeline.config_lib.dataset_names(data)),
-                seed=data.seed,
+                seed=data.seed, num_epochs=None,
             ),
             float(data.video_weight),
         ))

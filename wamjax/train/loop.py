@@ -205,7 +205,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
         state = init_fn(jax.random.PRNGKey(config.train.seed))
         start_global = previous.final_step if previous is not None else (latest or 0)
         state = state.replace(step=jnp.asarray(start_global, jnp.int32))
-        state = _initialize_from(config, stage, state, state_shardings, previous, cfg)
+        state = _initialize_from(config, stage, state, state_shardings, previous, cfg, workdir)
         ledger.start_stage(stage, int(start_global))
     check_placement(state.params, state_shardings.params, mesh, log=logging.info)
 
@@ -242,9 +242,10 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
         if stage_done >= total_steps:
             reason = "steps"
             break
-        if budget and ledger.stage_flops(stage) >= budget:
+        if budget and ledger.stage_flops(stage) + flops.train_per_step > budget:
             reason = "budget"
-            logging.info("stage %s: FLOP budget %.3e spent at step %d", stage, budget, step)
+            logging.info("stage %s: FLOP budget %.3e spent at step %d (one more step would exceed it)",
+                         stage, budget, step)
             break
         host_batch = next(data_iter)
         batch = inputs_lib.device_batch(host_batch, text, mesh, rules)
@@ -265,20 +266,19 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
                 f"step {step}: {int(metrics['nonfinite_in_a_row'])} non-finite steps in a row "
                 f"(optim.max_consecutive_nonfinite={max_bad}); stopping with the last good checkpoint kept"
             )
-        if step % config.train.log_every == 0 or stage_done == total_steps:
+        stage_ends = stage_done >= total_steps or (budget and ledger.stage_flops(stage) + flops.train_per_step > budget)
+        if step % config.train.log_every == 0 or stage_ends or sigterm.raised:
             row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, mesh.size,
                                config.data.batch_size, tokens_per_step)
             writer.write(row)
             logging.info(format_progress(row, total_steps, stage_done))
 
         preempt = sigterm.raised
-        out_of_budget = budget and ledger.stage_flops(stage) >= budget
-        finished = stage_done >= total_steps or out_of_budget
+        finished = stage_ends
         if finished:
             ledger.end_stage(stage, step)
-        state_for_save = state
         if step % every == 0 or preempt or finished:
-            ckpt.save(manager, step, state_for_save, data_iter, ledger.to_json(), ledger_config, norm_stats,
+            ckpt.save(manager, step, state, data_iter, ledger.to_json(), ledger_config, norm_stats,
                       force=True)
         if preempt:
             manager.wait_until_finished()
@@ -312,7 +312,7 @@ def _vae_params(config: ml_collections.ConfigDict, vae_cfg: Any) -> Any:
     return vae_lib.init_vae_params(vae_cfg, jax.random.PRNGKey(config.vae.seed))
 
 
-def _initialize_from(config, stage, state, shardings, previous, cfg) -> TrainState:
+def _initialize_from(config, stage, state, shardings, previous, cfg, workdir) -> TrainState:
     """Fills the backbone (or everything that matches) from init_from or the previous stage; logs the source."""
     source = config.stages[stage].init_from
     if source:
@@ -327,6 +327,10 @@ def _initialize_from(config, stage, state, shardings, previous, cfg) -> TrainSta
     elif previous is not None and previous.state is not None:
         loaded = previous.state.params
         logging.info("stage %s: parameters from the previous stage %s", stage, previous.name)
+    elif previous is not None:  # the previous stage finished in an earlier attempt of this job
+        step_dir = os.path.join(ckpt.checkpoint_dir(workdir), str(previous.final_step))
+        loaded = ckpt.restore_state_tree(step_dir)["params"]
+        logging.info("stage %s: parameters from the previous stage %s (checkpoint %s)", stage, previous.name, step_dir)
     else:
         logging.info("stage %s: fresh initialization (no init_from)", stage)
         return state

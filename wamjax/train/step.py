@@ -128,8 +128,8 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], vae_params: Params):
         rng, step_rng = jax.random.split(state.rng)
-        if "latents" in batch:
-            x0 = batch["latents"].astype(jnp.float32)
+        if "latents" in batch:  # a latents cache stores them unnormalized
+            x0 = vae_lib.normalize_latents(spec.vae, batch["latents"].astype(jnp.float32))
         else:
             x0 = frames_to_latents(spec.vae, vae_params, batch["frames"])
         grad_fn = jax.value_and_grad(lambda p: compute_loss(spec, diffusion, p, x0, batch, step_rng), has_aux=True)

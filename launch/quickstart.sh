@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The main job, on CPU in a few minutes: a tiny two-stage world-action-model run over locally generated
+# OXE-format data and captioned videos, then the FLOP budget report and a PyTorch export.
+# RUN_DIR (default runs/quickstart) holds everything it writes; re-running resumes where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup_venv.sh export
+PY=.venv/bin/python
+RUN=${RUN_DIR:-runs/quickstart}
+STEPS=${STEPS:-50}
+DATASETS=fractal20220817_data,bridge,taco_play,droid
+export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
+mkdir -p "$RUN"
+
+echo "== 1/7 OXE-format robot episodes (4 datasets, published feature specs)"
+[ -f "$RUN/oxe/.done" ] || { $PY -m data_pipelines.make_oxe_like --out="$RUN/oxe" --datasets=$DATASETS --episodes=16 \
+  && touch "$RUN/oxe/.done"; }
+echo "== 2/7 normalization statistics"
+[ -f "$RUN/oxe/norm_stats.json" ] || $PY -m data_pipelines.compute_stats --data_dir="$RUN/oxe" --datasets=$DATASETS \
+  --out="$RUN/oxe/norm_stats.json"
+echo "== 3/7 captioned videos -> clip shards"
+[ -f "$RUN/videos/captions.jsonl" ] || $PY -m data_pipelines.make_videos --out="$RUN/videos" --num_videos=8
+$PY -m data_pipelines.ingest_video --videos="$RUN/videos/*.mp4,$RUN/videos/*.mkv" --captions="$RUN/videos/captions.jsonl" \
+  --out="$RUN/video_shards" --num_frames=9 --fps=8 --resolution=32,32 --num_shards=2 --workers=1
+echo "== 4/7 instruction and caption embeddings (a random tiny UMT5 encoder: no weights download here)"
+[ -f "$RUN/text_cache.safetensors" ] || $PY -m data_pipelines.text_cache --encoder=tiny:32 --max_length=8 \
+  --datasets=$DATASETS --data_dir="$RUN/oxe" --video_shards="$RUN/video_shards" --out="$RUN/text_cache.safetensors"
+
+echo "== 5/7 train: video_pretrain (OXE as video + captioned clips), then action_tune (OXE with actions)"
+set +e
+$PY -m wamjax.main --config=configs/wam.py:size=tiny,stage=all --workdir="$RUN/train" \
+  --config.data.source=oxe --config.data.data_dir="$RUN/oxe" --config.data.stats_path="$RUN/oxe/norm_stats.json" \
+  --config.data.video_shards="$RUN/video_shards" --config.data.video_weight=0.5 \
+  --config.text.cache="$RUN/text_cache.safetensors" --config.train.steps="$STEPS" \
+  --config.stages.video_pretrain.budget_flops=2e9 --config.stages.action_tune.budget_flops=4e9 \
+  --alsologtostderr 2>&1 | grep --line-buffered -E "\] (\[|stage|mesh|data|text|vae|init_from|param)|Error|error"
+rc=${PIPESTATUS[0]}
+set -e
+[ "$rc" = 0 ] || { echo "training exited with $rc (75 = preempted: run this script again to resume)"; exit "$rc"; }
+
+echo "== 6/7 what the run cost, from its logs alone"
+$PY -m wamjax.flops.report --workdir="$RUN/train" --plot="$RUN/budget.png"
+$PY - "$RUN/train/metrics.jsonl" <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
+for stage in dict.fromkeys(r["stage"] for r in rows):
+    s = [r for r in rows if r["stage"] == stage]
+    print(f"{stage}: loss {s[0]['loss']:.3f} at step {s[0]['step']} -> {s[-1]['loss']:.3f} at step {s[-1]['step']}")
+PYEOF
+
+echo "== 7/7 export to PyTorch (diffusers transformer + whole WAM as safetensors)"
+$PY -m wamjax.export.to_torch --checkpoint="$RUN/train/checkpoints" --out="$RUN/export"
+ls -l "$RUN/export" "$RUN/export/transformer"
+echo "done: budget plot $RUN/budget.png, export $RUN/export, TensorBoard logs $RUN/train/tensorboard"

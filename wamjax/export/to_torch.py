@@ -1,0 +1,374 @@
+"""Export of a training checkpoint to PyTorch formats: a diffusers Wan transformer and the whole WAM.
+
+  python -m wamjax.export.to_torch --checkpoint=WORKDIR/checkpoints/STEP --out=OUT \
+      [--dtype=float32|bfloat16] [--use_ema=true] [--max_shard_size=10GB]
+
+writes
+  OUT/transformer/{config.json, diffusion_pytorch_model.safetensors}   the video backbone, loadable by
+      diffusers.WanTransformer3DModel.from_pretrained (sharded with an index json above --max_shard_size);
+  OUT/wam.safetensors + OUT/wam_config.json   the whole model (backbone + action/proprio modules), loadable by
+      wamjax.export.torch_wam.WorldActionModel.from_pretrained(OUT) and by `import_wam(OUT)`;
+  OUT/norm_stats.json   the checkpoint's action/proprio normalization statistics.
+
+Tensors are written with safetensors' numpy API (bfloat16 through ml_dtypes), so exporting needs no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from wamjax.export.wan_import import WeightImportError, state_dict_to_params, to_numpy
+from wamjax.export.wan_names import name_map, ours_to_torch, torch_to_ours
+from wamjax.models.config import ModelConfig, model_config_from_run
+
+WAM_WEIGHTS_NAME = "wam.safetensors"
+WAM_CONFIG_NAME = "wam_config.json"
+NORM_STATS_NAME = "norm_stats.json"
+TRANSFORMER_DIR = "transformer"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+WAM_FORMAT = "wamjax-wam"
+WAM_FORMAT_VERSION = 1
+DEFAULT_MAX_SHARD_BYTES = 10 * 1024**3  # diffusers' own default shard size
+ACTIONS_PREFIX = "actions."
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+# safetensors files without this metadata are refused by transformers' loaders.
+_SAFETENSORS_METADATA = {"format": "pt"}
+
+
+def _export_dtype(dtype: str | np.dtype) -> np.dtype:
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name not in _DTYPES:
+        raise ValueError(f"export dtype {name!r} is not supported; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _get(tree: Mapping[str, Any], path: tuple[str, ...], what: str) -> Any:
+    node: Any = tree
+    for i, part in enumerate(path):
+        if not isinstance(node, Mapping) or part not in node:
+            raise WeightImportError(f"{what}: parameter {'/'.join(path[: i + 1])!r} is missing from the param tree")
+        node = node[part]
+    return node
+
+
+def _leaf_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out += _leaf_paths(value, (*prefix, key))
+        else:
+            out.append((*prefix, key))
+    return out
+
+
+# --- Action / proprio modules: torch names and shapes ------------------------------------------------------
+
+def action_name_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str, tuple[int, ...]]]:
+    """Every (torch key, our path, kind, torch shape) of the action/proprio modules under params["actions"]."""
+    d = cfg.dim
+    linears = {
+        ("action_encoder", "linear_1"): (cfg.action_dim, d),
+        ("action_encoder", "linear_2"): (d, d),
+        ("proprio_encoder", "linear_1"): (cfg.proprio_dim, d),
+        ("proprio_encoder", "linear_2"): (d, d),
+        ("time_embedder", "linear_1"): (cfg.freq_dim, d),
+        ("time_embedder", "linear_2"): (d, d),
+        ("time_proj",): (d, 6 * d),
+        ("action_decoder",): (d, cfg.action_dim),
+    }
+    entries = []
+    for path, (fan_in, fan_out) in linears.items():
+        name = ACTIONS_PREFIX + ".".join(path)
+        entries.append((f"{name}.weight", ("actions", *path, "kernel"), "linear", (fan_out, fan_in)))
+        entries.append((f"{name}.bias", ("actions", *path, "bias"), "same", (fan_out,)))
+    entries.append((f"{ACTIONS_PREFIX}position_embedding", ("actions", "position_embedding"), "same",
+                    (cfg.max_action_tokens, d)))
+    entries.append((f"{ACTIONS_PREFIX}type_embedding", ("actions", "type_embedding"), "same", (2, d)))
+    return entries
+
+
+# --- JAX params -> torch state dicts -----------------------------------------------------------------------
+
+def params_to_diffusers_state(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The diffusers WanTransformer3DModel state dict (numpy, torch layouts) of the backbone of `params`.
+
+    Strict: every backbone parameter of `cfg` must be present, and the backbone must hold nothing else
+    (the `actions` subtree is ignored here).
+    """
+    state: dict[str, np.ndarray] = {}
+    used: set[tuple[str, ...]] = set()
+    for key, path, kind, layer in name_map(cfg):
+        value = np.asarray(_get(params, path, f"diffusers key {key!r}"))
+        used.add(path)
+        if layer is not None:
+            if value.shape[0] != cfg.num_layers:
+                raise WeightImportError(
+                    f"parameter {'/'.join(path)!r} stacks {value.shape[0]} layers; model.num_layers={cfg.num_layers}"
+                )
+            value = value[layer]
+        state[key] = np.ascontiguousarray(ours_to_torch(value, kind))
+    backbone = {k: v for k, v in params.items() if k != "actions"}
+    extra = sorted("/".join(p) for p in _leaf_paths(backbone) if p not in used)
+    if extra:
+        raise WeightImportError(f"parameter {extra[0]!r} is not part of the Wan backbone of this config "
+                                f"({len(extra)} unexpected in all)")
+    return state
+
+
+def params_to_wam_state(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The whole model's state dict (numpy, torch layouts): diffusers backbone keys plus `actions.*`."""
+    state = params_to_diffusers_state(cfg, params)
+    if "actions" not in params:
+        return state
+    entries = action_name_map(cfg)
+    known = {path for _, path, _, _ in entries}
+    extra = sorted("/".join(p) for p in _leaf_paths({"actions": params["actions"]}) if p not in known)
+    if extra:
+        raise WeightImportError(f"parameter {extra[0]!r} is not a known action-module parameter")
+    for key, path, kind, shape in entries:
+        value = ours_to_torch(np.asarray(_get(params, path, f"key {key!r}")), kind)
+        if tuple(value.shape) != shape:
+            raise WeightImportError(f"parameter {'/'.join(path)!r} has torch shape {tuple(value.shape)}; "
+                                    f"expected {shape} for this config")
+        state[key] = np.ascontiguousarray(value)
+    return state
+
+
+def wam_state_to_params(state: Mapping[str, Any], cfg: ModelConfig, dtype: Any = np.float32) -> dict[str, Any]:
+    """Inverse of `params_to_wam_state`, strictly: a missing, unexpected or misshapen key raises naming it."""
+    state = {k: to_numpy(v) for k, v in state.items()}
+    action_state = {k: v for k, v in state.items() if k.startswith(ACTIONS_PREFIX)}
+    backbone_state = {k: v for k, v in state.items() if not k.startswith(ACTIONS_PREFIX)}
+    params = state_dict_to_params(backbone_state, cfg, dtype)
+    if not action_state:
+        return params
+    entries = action_name_map(cfg)
+    expected = {key for key, _, _, _ in entries}
+    for key in sorted(action_state):
+        if key not in expected:
+            raise WeightImportError(f"unexpected key {key!r} (not an action-module parameter of this config)")
+    actions: dict[str, Any] = {}
+    for key, path, kind, shape in entries:
+        if key not in action_state:
+            raise WeightImportError(f"missing key {key!r} in the WAM state dict")
+        value = action_state[key]
+        if tuple(value.shape) != shape:
+            raise WeightImportError(f"key {key!r} has shape {tuple(value.shape)}; expected {shape} for this config")
+        node = actions
+        for part in path[1:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = np.asarray(torch_to_ours(value, kind)).astype(dtype)
+    params["actions"] = actions
+    return params
+
+
+# --- Writers -----------------------------------------------------------------------------------------------
+
+def parse_size(size: str | int) -> int:
+    """Bytes of a size such as 10GB, 500MB, 5GiB or a plain integer."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size={size!r}; expected a number of bytes or e.g. 500MB, 10GB, 5GiB")
+    number, unit = float(match.group(1)), match.group(2).upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    return int(number * base**power)
+
+
+def _save_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), path, metadata=_SAFETENSORS_METADATA)
+
+
+def write_diffusers_transformer(
+    out_dir: str,
+    cfg: ModelConfig,
+    params: Mapping[str, Any],
+    dtype: str = "float32",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[str]:
+    """Writes the backbone as a diffusers WanTransformer3DModel folder; returns the weight files written.
+
+    Above `max_shard_bytes` the weights are split into `diffusion_pytorch_model-0000i-of-0000n.safetensors`
+    shards listed in diffusers' `diffusion_pytorch_model.safetensors.index.json`.
+    """
+    np_dtype = _export_dtype(dtype)
+    state = {k: v.astype(np_dtype) for k, v in params_to_diffusers_state(cfg, params).items()}
+    os.makedirs(out_dir, exist_ok=True)
+    config = dict(cfg.diffusers_config())
+    config["_diffusers_version"] = _diffusers_version()
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for stale in os.listdir(out_dir):  # a previous export with another sharding must not be half-read
+        if stale.startswith("diffusion_pytorch_model"):
+            os.remove(os.path.join(out_dir, stale))
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    shard_bytes = 0
+    for key, value in state.items():
+        if shards[-1] and shard_bytes + value.nbytes > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][key] = value
+        shard_bytes += value.nbytes
+    if len(shards) == 1:
+        path = os.path.join(out_dir, DIFFUSERS_WEIGHTS_NAME)
+        _save_safetensors(shards[0], path)
+        return [path]
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = DIFFUSERS_WEIGHTS_NAME.replace(".safetensors", f"-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+        _save_safetensors(shard, os.path.join(out_dir, name))
+        files.append(os.path.join(out_dir, name))
+        weight_map.update({key: name for key in shard})
+    index = {"metadata": {"total_size": int(sum(v.nbytes for v in state.values()))}, "weight_map": weight_map}
+    with open(os.path.join(out_dir, DIFFUSERS_INDEX_NAME), "w") as f:
+        json.dump(index, f, indent=2)
+    return files
+
+
+def _diffusers_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("diffusers")
+    except Exception:  # diffusers is not needed to export; the field is informational
+        return "0.0.0"
+
+
+def write_wam(
+    out_dir: str,
+    cfg: ModelConfig,
+    params: Mapping[str, Any],
+    dtype: str = "float32",
+    extra_config: Mapping[str, Any] | None = None,
+) -> str:
+    """Writes `wam.safetensors` (every parameter, torch names and layouts) and `wam_config.json`; returns the
+    weights path. `extra_config` adds keys (e.g. the run's data settings) to the config json."""
+    np_dtype = _export_dtype(dtype)
+    state = {k: v.astype(np_dtype) for k, v in params_to_wam_state(cfg, params).items()}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, WAM_WEIGHTS_NAME)
+    _save_safetensors(state, path)
+    config = {
+        "format": WAM_FORMAT,
+        "format_version": WAM_FORMAT_VERSION,
+        "dtype": np_dtype.name,
+        "has_actions": "actions" in params,
+        "model": cfg.to_dict(),
+        **dict(extra_config or {}),
+    }
+    with open(os.path.join(out_dir, WAM_CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    return path
+
+
+def read_wam_config(out_dir: str) -> dict[str, Any]:
+    """The `wam_config.json` of an export, checking its format."""
+    path = os.path.join(out_dir, WAM_CONFIG_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {out_dir} a wamjax export (python -m wamjax.export.to_torch)?")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("format") != WAM_FORMAT or config.get("format_version") != WAM_FORMAT_VERSION:
+        raise ValueError(f"{path}: format {config.get('format')!r} v{config.get('format_version')!r}; "
+                         f"expected {WAM_FORMAT!r} v{WAM_FORMAT_VERSION}")
+    return config
+
+
+def import_wam(out_dir: str, dtype: Any = np.float32) -> tuple[ModelConfig, dict[str, Any]]:
+    """(config, params) from an export's `wam.safetensors` + `wam_config.json`, with a strict key/shape check."""
+    from safetensors.numpy import load_file
+
+    cfg = ModelConfig.from_dict(read_wam_config(out_dir)["model"])
+    path = os.path.join(out_dir, WAM_WEIGHTS_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found next to {WAM_CONFIG_NAME}")
+    return cfg, wam_state_to_params(load_file(path), cfg, dtype)
+
+
+# --- Checkpoint -> OUT -------------------------------------------------------------------------------------
+
+def export_checkpoint(
+    checkpoint: str,
+    out_dir: str,
+    dtype: str = "float32",
+    use_ema: bool = True,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> dict[str, Any]:
+    """Exports a checkpoint step (or a run's `checkpoints/` folder: its newest step) to `out_dir`.
+
+    Returns a summary: the step directory, whether EMA weights were exported, the files written.
+    """
+    import jax
+    import ml_collections
+
+    from wamjax.checkpoint import manager as ckpt
+    from wamjax.export.load import resolve_step_dir
+
+    step_dir = resolve_step_dir(checkpoint)
+    run_config = ml_collections.ConfigDict(ckpt.read_json_item(step_dir, "config"))
+    state = ckpt.restore_state_tree(step_dir)
+    has_ema = use_ema and state.get("ema_params") is not None
+    params = jax.tree.map(np.asarray, state["ema_params"] if has_ema else state["params"])
+    del state
+    cfg = model_config_from_run(run_config)
+    os.makedirs(out_dir, exist_ok=True)
+    shards = write_diffusers_transformer(os.path.join(out_dir, TRANSFORMER_DIR), cfg, params, dtype, max_shard_bytes)
+    run = run_config.to_dict()
+    extra = {
+        "step": int(os.path.basename(step_dir)) if os.path.basename(step_dir).isdigit() else None,
+        "ema": has_ema,
+        "run_config": run,
+    }
+    wam_path = write_wam(out_dir, cfg, params, dtype, extra)
+    stats_path = os.path.join(out_dir, NORM_STATS_NAME)
+    with open(stats_path, "w") as f:
+        json.dump(ckpt.read_json_item(step_dir, "norm_stats"), f, indent=1)
+    return {"step_dir": step_dir, "ema": has_ema, "files": [*shards, wam_path, stats_path]}
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    if not f.checkpoint or not f.out:
+        raise app.UsageError("--checkpoint and --out are required")
+    try:
+        summary = export_checkpoint(f.checkpoint, f.out, f.dtype, f.use_ema, parse_size(f.max_shard_size))
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary, indent=2))
+
+
+def define_flags() -> None:
+    """Defines the CLI's flags (only when run as a program)."""
+    from absl import flags
+
+    flags.DEFINE_string("checkpoint", None, "Checkpoint step directory (WORKDIR/checkpoints/STEP) or checkpoints/.")
+    flags.DEFINE_string("out", None, "Output directory.")
+    flags.DEFINE_enum("dtype", "float32", sorted(_DTYPES), "Dtype of the exported weights.")
+    flags.DEFINE_bool("use_ema", True, "Export the EMA weights when the checkpoint has them.")
+    flags.DEFINE_string("max_shard_size", "10GB", "Shard the diffusers weights above this size (e.g. 500MB).")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

@@ -1,0 +1,251 @@
+"""Policy: context frames + proprio + instruction -> an action chunk, from a training checkpoint.
+
+Everything the trainer used to turn raw inputs into model inputs comes from the checkpoint: the VAE (its
+config, or the same random tiny VAE seeded by `vae.seed`), the instruction embedder (`text.*`), the
+normalization statistics and method. One jitted function per input shape covers VAE encode + sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from data_pipelines.stats import normalize
+from wamjax.diffusion.sampler import SamplerOptions, sample
+from wamjax.export.load import load_checkpoint, load_norm_stats
+from wamjax.models import vae as vae_lib
+from wamjax.models.config import ModelConfig, model_config_from_run
+from wamjax.train.inputs import TextEmbedder
+
+Params = Any
+
+
+def unnormalize(values: np.ndarray, group_stats: Mapping[str, Any], method: str) -> np.ndarray:
+    """Inverse of `data_pipelines.stats.normalize` on its masked dimensions (unmasked ones pass through).
+
+    "bounds" maps [-1, 1] back to [q01, q99]; "normal" multiplies by std and adds the mean.
+    """
+    values = np.asarray(values, np.float32)
+    mask = np.asarray(group_stats["mask"], bool)
+    if mask.shape[-1] != values.shape[-1]:
+        raise ValueError(f"stats cover {mask.shape[-1]} dims; values have shape {values.shape}")
+    if method == "bounds":
+        low, high = np.asarray(group_stats["q01"]), np.asarray(group_stats["q99"])
+        raw = (np.clip(values, -1.0, 1.0) + 1.0) / 2.0 * np.maximum(high - low, 1e-8) + low
+    elif method == "normal":
+        raw = values * np.maximum(np.asarray(group_stats["std"]), 1e-8) + np.asarray(group_stats["mean"])
+    else:
+        raise ValueError(f"Unknown action_normalization {method!r}; expected 'bounds' or 'normal'")
+    return np.where(mask, raw, values).astype(np.float32)
+
+
+def select_dataset_stats(norm_stats: Mapping[str, Any], dataset: str | None) -> dict[str, Any] | None:
+    """The stats entry of `dataset` (None: the only one); None when the checkpoint has no stats (synthetic)."""
+    datasets = dict(norm_stats.get("datasets", {})) if norm_stats else {}
+    if not datasets:
+        if dataset is not None:
+            raise KeyError(f"dataset={dataset!r} was given but the checkpoint has no normalization stats")
+        return None
+    if dataset is None:
+        if len(datasets) > 1:
+            raise ValueError(f"checkpoint has stats for {sorted(datasets)}; pass dataset= to pick one")
+        return next(iter(datasets.values()))
+    if dataset not in datasets:
+        raise KeyError(f"dataset={dataset!r} has no normalization stats; known: {sorted(datasets)}")
+    return datasets[dataset]
+
+
+def resize_frames(frames: np.ndarray, resolution: tuple[int, int]) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> [T, h, w, 3] with the bilinear PIL resize the data pipeline uses."""
+    h, w = resolution
+    if frames.shape[1:3] == (h, w):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shapes:
+    """Static facts one compiled policy step depends on."""
+
+    model: ModelConfig
+    vae: Any
+    options: SamplerOptions
+    future_frames: int
+    num_actions: int
+    stop_after_actions: bool
+
+
+class Policy:
+    """A trained world-action model as a policy: `infer(frames, proprio, instruction)` -> action chunk."""
+
+    def __init__(
+        self,
+        run_config: ml_collections.ConfigDict,
+        params: Params,
+        norm_stats: Mapping[str, Any] | None = None,
+        *,
+        options: SamplerOptions | None = None,
+        dataset: str | None = None,
+        seed: int = 0,
+    ):
+        self.run_config = run_config
+        self.model_config = model_config_from_run(run_config)
+        self.params = jax.tree.map(jnp.asarray, params)
+        if "actions" not in self.params:
+            raise KeyError("checkpoint params have no 'actions' subtree: a video-only checkpoint is not a policy")
+        self.options = options or SamplerOptions(shift=float(run_config.diffusion.shift))
+        self.vae_config, vae_params = vae_lib.load_vae(
+            run_config.vae.size, run_config.vae.weights, int(run_config.vae.seed)
+        )
+        self.vae_params = jax.tree.map(jnp.asarray, vae_params)
+        self.text_embedder = TextEmbedder(run_config.text, self.model_config.text_dim)
+        self.stats = select_dataset_stats(norm_stats or {}, dataset)
+        self.normalization = str(run_config.data.action_normalization)
+        self.resolution = tuple(int(x) for x in run_config.data.resolution)
+        self.num_frames = int(run_config.data.num_frames)  # the clip length the model was trained on
+        tc = self.vae_config.temporal_compression
+        self.num_latent_frames = 1 + (self.num_frames - 1) // tc
+        self.num_actions = self.num_frames - 1
+        self.proprio_dim = self.model_config.proprio_dim
+        self._rng = jax.random.key(seed)
+        self._text_cache: dict[str, np.ndarray] = {}
+        self.num_traces = 0  # how many times the policy step was traced (once per input shape)
+        self._step = jax.jit(self._policy_step, static_argnums=0)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str,
+        *,
+        num_steps: int = 4,
+        action_steps: int | None = None,
+        cfg_scale: float = 1.0,
+        cfg_batched: bool = True,
+        use_ema: bool = True,
+        dataset: str | None = None,
+        seed: int = 0,
+    ) -> Policy:
+        """Loads a checkpoint step directory (or a run's `checkpoints/`, taking its newest step).
+
+        `dataset` picks the normalization stats when the checkpoint was trained on a mixture.
+        """
+        run_config, params = load_checkpoint(path, use_ema=use_ema)
+        options = SamplerOptions(
+            num_steps=num_steps, action_steps=action_steps, cfg_scale=cfg_scale, cfg_batched=cfg_batched,
+            shift=float(run_config.diffusion.shift),
+        )
+        return cls(run_config, params, load_norm_stats(path), options=options, dataset=dataset, seed=seed)
+
+    # --- Host-side preparation -----------------------------------------------------------------------
+
+    def prepare_frames(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 [T, H, W, 3] or [H, W, 3] -> [T, h, w, 3] at the training resolution, checked."""
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames have shape {frames.shape}; expected [T, H, W, 3] or [H, W, 3]")
+        if frames.dtype != np.uint8:
+            raise TypeError(f"frames have dtype {frames.dtype}; expected uint8")
+        tc = self.vae_config.temporal_compression
+        t = frames.shape[0]
+        context_latents = 1 + (t - 1) // tc
+        if (t - 1) % tc or context_latents >= self.num_latent_frames:
+            raise ValueError(
+                f"{t} context frames; expected 1 + {tc}k frames encoding to fewer than the "
+                f"{self.num_latent_frames} latent frames of a training clip ({self.num_frames} frames)"
+            )
+        return resize_frames(frames, self.resolution)
+
+    def prepare_proprio(self, proprio: np.ndarray | None) -> np.ndarray:
+        """Raw proprio [P <= proprio_dim] -> normalized, zero-padded [proprio_dim] float32."""
+        if proprio is None:
+            return np.zeros(self.proprio_dim, np.float32)
+        proprio = np.asarray(proprio, np.float32)
+        if proprio.ndim != 1 or proprio.shape[0] > self.proprio_dim:
+            raise ValueError(f"proprio has shape {proprio.shape}; expected [P] with P <= {self.proprio_dim}")
+        if not np.all(np.isfinite(proprio)):
+            raise ValueError(f"proprio has non-finite values: {proprio.tolist()}")
+        proprio = np.pad(proprio, (0, self.proprio_dim - proprio.shape[0]))
+        if self.stats is not None:
+            proprio = normalize(proprio, self.stats["proprio"], self.normalization)
+        return proprio
+
+    def embed_instruction(self, instruction: str) -> np.ndarray:
+        """[L, text_dim] embedding of the instruction, exactly as the trainer embedded it."""
+        if not isinstance(instruction, str):
+            raise TypeError(f"instruction is {type(instruction).__name__}; expected str")
+        if instruction not in self._text_cache:
+            self._text_cache[instruction] = self.text_embedder(np.array([instruction]))[0]
+        return self._text_cache[instruction]
+
+    # --- The jitted step -------------------------------------------------------------------------------
+
+    def _policy_step(self, shapes: _Shapes, params, vae_params, frames, text, proprio, rng):
+        self.num_traces += 1
+        video = vae_lib.frames_to_video(frames)
+        latents = vae_lib.normalize_latents(shapes.vae, vae_lib.vae_encode(shapes.vae, vae_params, video))
+        rng_v, rng_a = jax.random.split(rng)
+        b, _, h, w, c = latents.shape
+        video_noise = jax.random.normal(rng_v, (b, shapes.future_frames, h, w, c), jnp.float32)
+        action_noise = jax.random.normal(rng_a, (b, shapes.num_actions, shapes.model.action_dim), jnp.float32)
+        return sample(
+            shapes.model, params, latents, text, proprio, video_noise, action_noise,
+            options=shapes.options, stop_after_actions=shapes.stop_after_actions,
+        )
+
+    def infer(
+        self,
+        frames: np.ndarray,
+        proprio: np.ndarray | None,
+        instruction: str,
+        *,
+        return_latents: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """Action chunk for one observation.
+
+        frames: uint8 [T_ctx, H, W, 3] (T_ctx = 1 + 4k) or [H, W, 3], any size (resized to the training
+        resolution). proprio: raw [P]. Returns {"actions": [T_a, action_dim] float32 in the dataset's raw
+        units} and, with `return_latents`, "latents": the predicted clip [F, h, w, C] in the DiT's normalized
+        latent scale (context frames first).
+        """
+        frames = self.prepare_frames(frames)
+        proprio_norm = self.prepare_proprio(proprio)
+        text = self.embed_instruction(instruction)
+        context_latents = 1 + (frames.shape[0] - 1) // self.vae_config.temporal_compression
+        shapes = _Shapes(
+            self.model_config, self.vae_config, self.options, self.num_latent_frames - context_latents,
+            self.num_actions, stop_after_actions=not return_latents,
+        )
+        self._rng, rng = jax.random.split(self._rng)
+        out = self._step(shapes, self.params, self.vae_params, frames[None], text[None], proprio_norm[None], rng)
+        actions = np.asarray(out.actions[0], np.float32)
+        if self.stats is not None:
+            actions = unnormalize(actions, self.stats["action"], self.normalization)
+        result = {"actions": actions}
+        if return_latents:
+            result["latents"] = np.asarray(out.latents[0], np.float32)
+        return result
+
+    @functools.cached_property
+    def metadata(self) -> dict[str, Any]:
+        """What a client needs to know about this policy (sent by the server on connect)."""
+        return {
+            "action_horizon": self.num_actions,
+            "action_dim": self.model_config.action_dim,
+            "proprio_dim": self.proprio_dim,
+            "resolution": list(self.resolution),
+            "context_frames": 1,
+            "num_steps": self.options.num_steps,
+            "action_steps": self.options.resolved_action_steps,
+            "cfg_scale": self.options.cfg_scale,
+            "normalized": self.stats is not None,
+        }
