@@ -142,7 +142,7 @@ def make_train_step(
             new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
             ema = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_ema, ema)
         metrics = dict(metrics)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state.step - stage_start_step)
         metrics["update_skipped"] = jnp.logical_not(finite).astype(jnp.int32)
         metrics["nonfinite_in_a_row"] = nonfinite_count(opt_state)

@@ -1,0 +1,43 @@
+"""Helpers for tests that run the real trainer (in-process or as `python -m wamjax.main`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_config(arg: str) -> ml_collections.ConfigDict:
+    """configs/wam.py's get_config(arg), loaded as config_flags would load it."""
+    spec = importlib.util.spec_from_file_location("wam_config", os.path.join(REPO, "configs", "wam.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def main_command(workdir: str, arg: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "wamjax.main", f"--config={os.path.join(REPO, 'configs', 'wam.py')}:{arg}",
+            f"--workdir={workdir}", *overrides]
+
+
+def subprocess_env(devices: int = 8) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+    return env
+
+
+def run_main(workdir: str, arg: str, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(main_command(workdir, arg, *overrides), env=subprocess_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_rows(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [row for row in map(json.loads, f) if "loss" in row]
