@@ -350,7 +350,7 @@ def checkpoint(tmp_path_factory):
     config = module.get_config("size=tiny,stage=action_tune")
     config.train.steps = 2
     config.checkpoint.async_save = False
-    config.data.batch_size = 2
+    config.data.batch_size = 8  # divisible by the 8 simulated devices of the fsdp axis
     config.optim.ema_decay = 0.5
     workdir = str(tmp_path_factory.mktemp("run"))
     train(config, workdir)
