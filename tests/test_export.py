@@ -19,9 +19,11 @@ from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from data_pipelines.stats import normalize
 from wamjax.checkpoint import manager as ckpt
 from wamjax.export import to_torch
 from wamjax.export.torch_wam import WorldActionModel as TorchWam
+from wamjax.export.torch_wam import unnormalize as torch_unnormalize
 from wamjax.export.wan_import import WeightImportError, expected_torch_shape, import_diffusers_wan
 from wamjax.export.wan_names import name_map
 from wamjax.models import wam
@@ -326,6 +328,39 @@ def test_bfloat16_export(tmp_path):
     assert TorchWam.from_pretrained(out, dtype=torch.float32).proj_out.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="float16"):
         to_torch.write_wam(str(tmp_path / "fp16"), cfg, params, "float16")
+
+
+def test_video_only_params_export_and_load(tmp_path):
+    cfg = ModelConfig.from_dict(TINY)
+    backbone = wam.backbone_params(_random_params(cfg))
+    out = str(tmp_path / "video")
+    to_torch.write_wam(out, cfg, backbone)
+    _, back = to_torch.import_wam(out)
+    assert "actions" not in back
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(backbone), jax.tree.leaves(back), strict=True))
+    model = TorchWam.from_pretrained(out)
+    assert model.actions is None
+    x = _inputs(cfg)
+    with pytest.raises(ValueError, match="video backbone only"):
+        _torch_wam_forward(model, x["latents"], x["t_video"], x["text"], x["actions"], x["t_action"])
+
+
+@pytest.mark.parametrize("method", ["bounds", "normal"])
+def test_unnormalize_inverts_the_data_pipeline_normalization(method):
+    rng = np.random.default_rng(0)
+    values = rng.uniform(-2.0, 3.0, (50, 7))
+    stats = {
+        "mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
+        "q01": np.quantile(values, 0.01, 0).tolist(), "q99": np.quantile(values, 0.99, 0).tolist(),
+        "mask": [True] * 6 + [False],  # the gripper stays as it is
+    }
+    inside = np.clip(values, stats["q01"], stats["q99"])  # "bounds" clips outside [q01, q99]
+    normalized = normalize(inside, stats, method)
+    restored = torch_unnormalize(torch.from_numpy(normalized), stats, method).numpy()
+    assert np.abs(restored - inside).max() < 1e-5
+    assert np.array_equal(restored[:, 6], normalized[:, 6])
+    with pytest.raises(ValueError, match="stats 'mask' have 7 values; the input has 3 dimensions"):
+        torch_unnormalize(torch.zeros(2, 3), stats, method)
 
 
 def test_parse_size():

@@ -439,6 +439,30 @@ class WorldActionModel(nn.Module):
 
 
 def load_norm_stats(path: str) -> dict[str, Any]:
-    """The normalization statistics exported next to the weights (`path/norm_stats.json`)."""
+    """The normalization statistics exported next to the weights (`path/norm_stats.json`); {} for synthetic data.
+
+    Layout: {"datasets": {name: {"action": {mean, std, q01, q99, mask, ...}, "proprio": {...}}}}; the method
+    is the run's `data.action_normalization`, kept in wam_config.json under run_config.
+    """
     with open(os.path.join(path, NORM_STATS_NAME)) as f:
         return json.load(f)
+
+
+def unnormalize(values: torch.Tensor, group_stats: dict[str, Any], method: str) -> torch.Tensor:
+    """Maps normalized values [..., D] back to dataset units on the masked dimensions (the inverse of
+    data_pipelines.stats.normalize: "bounds" maps [-1, 1] to [q01, q99], "normal" scales by std and adds mean)."""
+    dim = values.shape[-1]
+    for key in ("mask", "q01", "q99", "mean", "std"):
+        if key in group_stats and len(group_stats[key]) != dim:
+            raise ValueError(f"stats {key!r} have {len(group_stats[key])} values; the input has {dim} dimensions")
+    as_tensor = lambda key: torch.as_tensor(group_stats[key], dtype=torch.float32, device=values.device)
+    mask = torch.as_tensor(group_stats["mask"], dtype=torch.bool, device=values.device)
+    x = values.float()
+    if method == "bounds":
+        low, high = as_tensor("q01"), as_tensor("q99")
+        restored = (x + 1.0) / 2.0 * torch.clamp(high - low, min=1e-8) + low
+    elif method == "normal":
+        restored = x * torch.clamp(as_tensor("std"), min=1e-8) + as_tensor("mean")
+    else:
+        raise ValueError(f"unknown action_normalization {method!r}; expected 'bounds' or 'normal'")
+    return torch.where(mask, restored, x)
