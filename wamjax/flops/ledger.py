@@ -23,6 +23,7 @@ class StageRecord:
     tokens: int = 0
     flops: float = 0.0  # model FLOPs (forward + backward, no remat recompute)
     seconds: float = 0.0  # wall seconds spent in steps
+    frozen_flops: float = 0.0  # FLOPs of frozen parts run in the step (VAE encoder), kept apart from model FLOPs
 
 
 class FlopLedger:
@@ -55,7 +56,9 @@ class FlopLedger:
         return {name: rec.end_step for name, rec in self.stages.items()}
 
     # -- accounting --
-    def record(self, stage: str, step_flops: float, samples: int, tokens: int, seconds: float) -> None:
+    def record(
+        self, stage: str, step_flops: float, samples: int, tokens: int, seconds: float, frozen_flops: float = 0.0
+    ) -> None:
         """Adds one completed step of `stage`; opens the stage at step 0 if it was never started."""
         if stage not in self.stages:
             self.start_stage(stage, 0)
@@ -65,9 +68,13 @@ class FlopLedger:
         rec.tokens += int(tokens)
         rec.flops += float(step_flops)
         rec.seconds += float(seconds)
+        rec.frozen_flops += float(frozen_flops)
 
     def stage_flops(self, stage: str) -> float:
         return self.stages[stage].flops if stage in self.stages else 0.0
+
+    def stage_frozen_flops(self, stage: str) -> float:
+        return self.stages[stage].frozen_flops if stage in self.stages else 0.0
 
     def stage_steps(self, stage: str) -> int:
         return self.stages[stage].steps if stage in self.stages else 0

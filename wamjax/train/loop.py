@@ -256,7 +256,8 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
         last_time = now
         step += 1
         stage_done += 1
-        ledger.record(stage, flops.train_per_step, config.data.batch_size, tokens_per_step, step_time)
+        ledger.record(stage, flops.train_per_step, config.data.batch_size, tokens_per_step, step_time,
+                      frozen_flops=flops.frozen_per_step)
 
         if int(metrics["nonfinite_in_a_row"]) > 0:
             logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, %d max)",
@@ -375,6 +376,7 @@ def _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, n
     row["step_flops"] = flops.train_per_step
     row["frozen_flops_per_step"] = flops.frozen_per_step
     row["stage_flops"] = ledger.stage_flops(stage)
+    row["stage_frozen_flops"] = ledger.stage_frozen_flops(stage)
     row["stage_steps"] = ledger.stage_steps(stage)
     row["stage_samples"] = ledger.stage_samples(stage)
     row["stage_tokens"] = ledger.stage_tokens(stage)
