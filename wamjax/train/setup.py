@@ -55,7 +55,8 @@ def state_shardings(abstract_boxed: Any, mesh: jax.sharding.Mesh | jax.sharding.
 
 
 def sharded_init(
-    init_boxed: Callable[[jax.Array], TrainState], mesh: jax.sharding.Mesh, rules: Sequence, seed: int = 0
+    init_boxed: Callable[[jax.Array], TrainState], mesh: jax.sharding.Mesh, rules: Sequence, seed: int = 0,
+    compiler_options: dict[str, Any] | None = None,
 ) -> ShardedInit:
     """The state's layout on `mesh` from abstract evaluation, and its jitted, sharded initializer."""
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(seed))
@@ -63,15 +64,19 @@ def sharded_init(
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_plain(abstract_boxed), shardings
     )
-    init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=shardings)
+    init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=shardings,
+                   compiler_options=compiler_options)
     return ShardedInit(abstract_state=abstract_state, shardings=shardings, init=init)
 
 
-def jit_train_step(step_fn: Callable, shardings: TrainState, donate: bool = True) -> Callable:
+def jit_train_step(
+    step_fn: Callable, shardings: TrainState, donate: bool = True, compiler_options: dict[str, Any] | None = None
+) -> Callable:
     """`step_fn(state, batch, vae_params)` jitted with the state pinned to its shardings in and out.
 
     Batches arrive as global arrays already sharded along the batch axis, so their in-sharding is taken
-    from the arguments; metrics are scalars and left to the compiler.
+    from the arguments; metrics are scalars and left to the compiler. `compiler_options` are XLA debug
+    options (tests use them to trade run time for compile time).
     """
     return jax.jit(step_fn, in_shardings=(shardings, None, None), out_shardings=(shardings, None),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
