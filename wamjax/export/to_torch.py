@@ -19,7 +19,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -98,30 +98,45 @@ def action_name_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str, t
 
 # --- JAX params -> torch state dicts -----------------------------------------------------------------------
 
-def params_to_diffusers_state(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The diffusers WanTransformer3DModel state dict (numpy, torch layouts) of the backbone of `params`.
+def _check_backbone_leaves(cfg: ModelConfig, params: Mapping[str, Any]) -> None:
+    """Raises naming the first backbone parameter that `params` lacks or that `cfg`'s name map does not know."""
+    entries = name_map(cfg)
+    for key, path, _, _ in entries:
+        _get(params, path, f"diffusers key {key!r}")
+    known = {path for _, path, _, _ in entries}
+    backbone = {k: v for k, v in params.items() if k != "actions"}
+    extra = sorted("/".join(p) for p in _leaf_paths(backbone) if p not in known)
+    if extra:
+        raise WeightImportError(f"parameter {extra[0]!r} is not part of the Wan backbone of this config "
+                                f"({len(extra)} unexpected in all)")
 
-    Strict: every backbone parameter of `cfg` must be present, and the backbone must hold nothing else
-    (the `actions` subtree is ignored here).
-    """
-    state: dict[str, np.ndarray] = {}
-    used: set[tuple[str, ...]] = set()
+
+def iter_diffusers_state(cfg: ModelConfig, params: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """(diffusers key, numpy tensor in torch layout) for every backbone parameter, one at a time, so a large
+    model is converted without a second full copy in memory. The strict key check runs before it returns."""
+    _check_backbone_leaves(cfg, params)
+    return _iter_diffusers_state(cfg, params)
+
+
+def _iter_diffusers_state(cfg: ModelConfig, params: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
     for key, path, kind, layer in name_map(cfg):
         value = np.asarray(_get(params, path, f"diffusers key {key!r}"))
-        used.add(path)
         if layer is not None:
             if value.shape[0] != cfg.num_layers:
                 raise WeightImportError(
                     f"parameter {'/'.join(path)!r} stacks {value.shape[0]} layers; model.num_layers={cfg.num_layers}"
                 )
             value = value[layer]
-        state[key] = np.ascontiguousarray(ours_to_torch(value, kind))
-    backbone = {k: v for k, v in params.items() if k != "actions"}
-    extra = sorted("/".join(p) for p in _leaf_paths(backbone) if p not in used)
-    if extra:
-        raise WeightImportError(f"parameter {extra[0]!r} is not part of the Wan backbone of this config "
-                                f"({len(extra)} unexpected in all)")
-    return state
+        yield key, np.ascontiguousarray(ours_to_torch(value, kind))
+
+
+def params_to_diffusers_state(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The diffusers WanTransformer3DModel state dict (numpy, torch layouts) of the backbone of `params`.
+
+    Strict: every backbone parameter of `cfg` must be present, and the backbone must hold nothing else
+    (the `actions` subtree is ignored here).
+    """
+    return dict(iter_diffusers_state(cfg, params))
 
 
 def params_to_wam_state(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -201,11 +216,13 @@ def write_diffusers_transformer(
 ) -> list[str]:
     """Writes the backbone as a diffusers WanTransformer3DModel folder; returns the weight files written.
 
+    `dtype` is "float32" or "bfloat16".
+
     Above `max_shard_bytes` the weights are split into `diffusion_pytorch_model-0000i-of-0000n.safetensors`
     shards listed in diffusers' `diffusion_pytorch_model.safetensors.index.json`.
     """
     np_dtype = _export_dtype(dtype)
-    state = {k: v.astype(np_dtype) for k, v in params_to_diffusers_state(cfg, params).items()}
+    tensors = ((k, v.astype(np_dtype, copy=False)) for k, v in iter_diffusers_state(cfg, params))
     os.makedirs(out_dir, exist_ok=True)
     config = dict(cfg.diffusers_config())
     config["_diffusers_version"] = _diffusers_version()
@@ -215,28 +232,40 @@ def write_diffusers_transformer(
         if stale.startswith("diffusion_pytorch_model"):
             os.remove(os.path.join(out_dir, stale))
 
-    shards: list[dict[str, np.ndarray]] = [{}]
-    shard_bytes = 0
-    for key, value in state.items():
-        if shards[-1] and shard_bytes + value.nbytes > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][key] = value
+    # Shards are filled in name-map order and written as soon as they are full; a shard is renamed to its
+    # final `-0000i-of-0000n` name once the count is known.
+    shard: dict[str, np.ndarray] = {}
+    shard_bytes, total_bytes, written = 0, 0, []
+    weight_map: dict[str, int] = {}
+
+    def flush(tensors: dict[str, np.ndarray]) -> None:
+        path = os.path.join(out_dir, f"diffusion_pytorch_model.partial-{len(written)}")
+        _save_safetensors(tensors, path)
+        weight_map.update({key: len(written) for key in tensors})
+        written.append(path)
+
+    for key, value in tensors:
+        if shard and shard_bytes + value.nbytes > max_shard_bytes:
+            flush(shard)
+            shard, shard_bytes = {}, 0
+        shard[key] = value
         shard_bytes += value.nbytes
-    if len(shards) == 1:
-        path = os.path.join(out_dir, DIFFUSERS_WEIGHTS_NAME)
-        _save_safetensors(shards[0], path)
-        return [path]
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards):
-        name = DIFFUSERS_WEIGHTS_NAME.replace(".safetensors", f"-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-        _save_safetensors(shard, os.path.join(out_dir, name))
-        files.append(os.path.join(out_dir, name))
-        weight_map.update({key: name for key in shard})
-    index = {"metadata": {"total_size": int(sum(v.nbytes for v in state.values()))}, "weight_map": weight_map}
+        total_bytes += value.nbytes
+    if shard or not written:
+        flush(shard)
+    if len(written) == 1:
+        final = os.path.join(out_dir, DIFFUSERS_WEIGHTS_NAME)
+        os.replace(written[0], final)
+        return [final]
+    names = [DIFFUSERS_WEIGHTS_NAME.replace(".safetensors", f"-{i + 1:05d}-of-{len(written):05d}.safetensors")
+             for i in range(len(written))]
+    for path, name in zip(written, names, strict=True):
+        os.replace(path, os.path.join(out_dir, name))
+    index = {"metadata": {"total_size": int(total_bytes)},
+             "weight_map": {key: names[i] for key, i in weight_map.items()}}
     with open(os.path.join(out_dir, DIFFUSERS_INDEX_NAME), "w") as f:
         json.dump(index, f, indent=2)
-    return files
+    return [os.path.join(out_dir, name) for name in names]
 
 
 def _diffusers_version() -> str:
@@ -301,6 +330,33 @@ def import_wam(out_dir: str, dtype: Any = np.float32) -> tuple[ModelConfig, dict
 
 # --- Checkpoint -> OUT -------------------------------------------------------------------------------------
 
+def restore_params(step_dir: str, use_ema: bool = True) -> tuple[dict[str, Any], bool]:
+    """(params as host numpy arrays, whether they are the EMA ones) of a checkpoint step saved on any mesh.
+
+    Only the chosen subtree is read: the optimizer state and the other copy of the weights stay on disk,
+    which matters at 14B parameters.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(os.path.abspath(step_dir), "state")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} not found: is {step_dir} a complete wamjax checkpoint step?")
+    metadata = ocp.StandardCheckpointer().metadata(path)
+    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+    is_leaf = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
+    has_ema = use_ema and bool(jax.tree.leaves(tree.get("ema_params"), is_leaf=is_leaf))
+    name = "ema_params" if has_ema else "params"
+    if name not in tree:
+        raise KeyError(f"{path} holds no {name!r} (items: {sorted(tree)})")
+    item = {name: tree[name]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item, is_leaf=is_leaf)
+    restored = ocp.PyTreeCheckpointer().restore(
+        path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    )
+    return jax.tree.map(np.asarray, restored[name]), has_ema
+
+
 def export_checkpoint(
     checkpoint: str,
     out_dir: str,
@@ -311,8 +367,8 @@ def export_checkpoint(
     """Exports a checkpoint step (or a run's `checkpoints/` folder: its newest step) to `out_dir`.
 
     Returns a summary: the step directory, whether EMA weights were exported, the files written.
+    Only the exported weights are read from the checkpoint (no optimizer state).
     """
-    import jax
     import ml_collections
 
     from wamjax.checkpoint import manager as ckpt
@@ -320,10 +376,7 @@ def export_checkpoint(
 
     step_dir = resolve_step_dir(checkpoint)
     run_config = ml_collections.ConfigDict(ckpt.read_json_item(step_dir, "config"))
-    state = ckpt.restore_state_tree(step_dir)
-    has_ema = use_ema and state.get("ema_params") is not None
-    params = jax.tree.map(np.asarray, state["ema_params"] if has_ema else state["params"])
-    del state
+    params, has_ema = restore_params(step_dir, use_ema)
     cfg = model_config_from_run(run_config)
     os.makedirs(out_dir, exist_ok=True)
     shards = write_diffusers_transformer(os.path.join(out_dir, TRANSFORMER_DIR), cfg, params, dtype, max_shard_bytes)
