@@ -37,7 +37,7 @@ DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 WAM_FORMAT = "wamjax-wam"
 WAM_FORMAT_VERSION = 1
-DEFAULT_MAX_SHARD_BYTES = 10 * 1024**3  # diffusers' own default shard size
+DEFAULT_MAX_SHARD_BYTES = 10 * 1000**3  # diffusers' own default, max_shard_size="10GB"
 ACTIONS_PREFIX = "actions."
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # safetensors files without this metadata are refused by transformers' loaders.
