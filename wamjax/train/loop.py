@@ -207,6 +207,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
         state = state.replace(step=jnp.asarray(start_global, jnp.int32))
         state = _initialize_from(config, stage, state, state_shardings, previous, cfg, workdir)
         ledger.start_stage(stage, int(start_global))
+        writer.truncate_after(int(start_global))  # rows of an earlier attempt at this stage are redone
     check_placement(state.params, state_shardings.params, mesh, log=logging.info)
 
     vae_params = None
