@@ -1,0 +1,474 @@
+"""Chunk-wise causal autoregressive generation with a per-layer KV cache, as DreamZero runs its WAM.
+
+A chunk-causal model (model.attention_layout="chunk_causal") splits the joint sequence into chunks: chunk 0
+is the context latent frame plus the proprio token; chunk k >= 1 is `chunk_latent_frames` latent frames plus
+the action tokens aligned with them. A token sees its own chunk and earlier ones only, so the keys and values
+of a finished chunk never change: they are computed once (at t=0, clean) and cached per layer. Generating
+chunk k denoises only its own tokens against the cache. When the real observation of a chunk arrives it
+replaces the predicted frames in the cache (teacher forcing), so closed-loop control never re-encodes the
+history.
+
+The forward here is the math of `wamjax.models.dit` / `wam.py` applied block by block (a `lax.scan` over the
+stacked layer params) with the model's own submodules; the cached result equals the uncached full-sequence
+forward with the chunk-causal mask (tests/test_inference.py checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wamjax.diffusion import flow
+from wamjax.diffusion.sampler import SamplerOptions, step_times
+from wamjax.models import attention as attention_lib
+from wamjax.models.actions import ACTION_TYPE, ActionTokens
+from wamjax.models.config import ModelConfig
+from wamjax.models.dit import (
+    ConditionEmbedder,
+    FeedForward,
+    PatchEmbed,
+    apply_rope,
+    unpatchify,
+)
+from wamjax.models.layers import MLP2, Dense, LayerNorm, RMSNorm, rope_frequencies
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkGeometry:
+    """Static sizes of a chunked rollout: token grid per latent frame, chunk size and cache capacity."""
+
+    latent_hw: tuple[int, int]  # latent height, width
+    frames_per_chunk: int
+    actions_per_chunk: int
+    max_chunks: int  # chunks after the context chunk that the cache can hold
+    with_proprio: bool = True
+
+    @staticmethod
+    def for_model(cfg: ModelConfig, latent_hw: tuple[int, int], max_chunks: int, with_proprio: bool = True
+                  ) -> ChunkGeometry:
+        """The geometry a chunk-causal model implies; checks the model can represent `max_chunks` chunks."""
+        if cfg.attention_layout != "chunk_causal":
+            raise ValueError(
+                f"model.attention_layout={cfg.attention_layout!r}; the KV cache needs 'chunk_causal'"
+            )
+        if cfg.patch_size[0] != 1:
+            raise ValueError(f"model.patch_size={cfg.patch_size}; the KV cache needs a temporal patch of 1")
+        c = max(cfg.chunk_latent_frames, 1)
+        geometry = ChunkGeometry(tuple(latent_hw), c, c * cfg.action_frames_per_latent, max_chunks, with_proprio)
+        if geometry.max_frames > cfg.rope_max_seq_len:
+            raise ValueError(f"{geometry.max_frames} latent frames exceed model.rope_max_seq_len")
+        if max_chunks * geometry.actions_per_chunk > cfg.max_action_tokens:
+            raise ValueError(
+                f"{max_chunks} chunks of {geometry.actions_per_chunk} actions exceed "
+                f"model.max_action_tokens={cfg.max_action_tokens}"
+            )
+        return geometry
+
+    def tokens_per_frame(self, cfg: ModelConfig) -> int:
+        return (self.latent_hw[0] // cfg.patch_size[1]) * (self.latent_hw[1] // cfg.patch_size[2])
+
+    def context_tokens(self, cfg: ModelConfig) -> int:
+        return self.tokens_per_frame(cfg) + int(self.with_proprio)
+
+    def chunk_tokens(self, cfg: ModelConfig) -> int:
+        return self.frames_per_chunk * self.tokens_per_frame(cfg) + self.actions_per_chunk
+
+    def capacity(self, cfg: ModelConfig) -> int:
+        return self.context_tokens(cfg) + self.max_chunks * self.chunk_tokens(cfg)
+
+    @property
+    def max_frames(self) -> int:
+        return 1 + self.max_chunks * self.frames_per_chunk
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys (rotated) and values of the cached chunks; positions >= length are unused."""
+
+    keys: jax.Array  # [L, B, capacity, heads, head_dim]
+    values: jax.Array  # [L, B, capacity, heads, head_dim]
+    length: jax.Array  # int32 []: tokens written
+
+
+def empty_cache(cfg: ModelConfig, geometry: ChunkGeometry, batch: int) -> KVCache:
+    """A zeroed cache for `batch` sequences."""
+    shape = (cfg.num_layers, batch, geometry.capacity(cfg), cfg.num_attention_heads, cfg.attention_head_dim)
+    zeros = jnp.zeros(shape, cfg.compute_dtype)
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+
+
+def stacked_block_params(cfg: ModelConfig, params: Params) -> Params:
+    """Block params with a leading layer axis, whether the model was built scanned or unrolled."""
+    blocks = params["blocks"]
+    if "layers" in blocks:
+        return blocks["layers"]["block"]
+    layers = [blocks[f"layers_{i}"]["block"] for i in range(cfg.num_layers)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+
+
+# --- Chunk embedding -----------------------------------------------------------------------------------
+
+
+class ChunkTokens(NamedTuple):
+    """One chunk's inputs to the blocks: tokens, per-token modulation and temb, rotary cos/sin."""
+
+    x: jax.Array  # [B, S, D]
+    modulation: jax.Array  # [B, S, 6, D]
+    temb: jax.Array  # [B, S, D]
+    cos: jax.Array  # [S, head_dim // 2]
+    sin: jax.Array
+    num_video: int
+    num_actions: int
+
+
+def _rope_tables(cfg: ModelConfig, geometry: ChunkGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-axis rotary angles (t, h, w) as Wan splits the head dim; float64 like make_token_layout."""
+    head_dim = cfg.attention_head_dim
+    h_dim = w_dim = 2 * (head_dim // 6)
+    t_dim = head_dim - h_dim - w_dim
+    gh, gw = geometry.latent_hw[0] // cfg.patch_size[1], geometry.latent_hw[1] // cfg.patch_size[2]
+    return (
+        rope_frequencies(t_dim, np.arange(geometry.max_frames), cfg.rope_theta),
+        rope_frequencies(h_dim, np.arange(gh), cfg.rope_theta),
+        rope_frequencies(w_dim, np.arange(gw), cfg.rope_theta),
+    )
+
+
+def embed_chunk(
+    cfg: ModelConfig,
+    geometry: ChunkGeometry,
+    params: Params,
+    latents: jax.Array,
+    t_frames: jax.Array,
+    frame_offset: jax.Array,
+    actions: jax.Array | None = None,
+    t_actions: jax.Array | None = None,
+    action_offset: jax.Array | int = 0,
+    proprio: jax.Array | None = None,
+) -> ChunkTokens:
+    """Tokens of one chunk: latents [B, n, H, W, C] at frames frame_offset.., t_frames [B, n] (0..1000 scale),
+    optional actions [B, na, A] at action positions action_offset.. with t_actions [B, na], optional proprio."""
+    batch, n = latents.shape[:2]
+    gh, gw = latents.shape[2] // cfg.patch_size[1], latents.shape[3] // cfg.patch_size[2]
+    per_frame = gh * gw
+    cond = ConditionEmbedder(cfg)
+    video = PatchEmbed(cfg).apply({"params": params["patch_embedding"]}, latents)
+    temb, mod = cond.apply({"params": params["condition_embedder"]}, t_frames, method=ConditionEmbedder.time)
+    tokens, mods, tembs = [video], [jnp.repeat(mod, per_frame, axis=1)], [jnp.repeat(temb, per_frame, axis=1)]
+
+    t_table, h_table, w_table = (jnp.asarray(a) for a in _rope_tables(cfg, geometry))
+    frames = jax.lax.dynamic_slice_in_dim(t_table, frame_offset, n, axis=0)
+    angles = jnp.concatenate(
+        [
+            jnp.broadcast_to(frames[:, None, None], (n, gh, gw, frames.shape[-1])),
+            jnp.broadcast_to(h_table[None, :, None], (n, gh, gw, h_table.shape[-1])),
+            jnp.broadcast_to(w_table[None, None, :], (n, gh, gw, w_table.shape[-1])),
+        ],
+        axis=-1,
+    ).reshape(n * per_frame, -1)
+    num_unrotated = 0
+
+    action_params = params["actions"]
+    action_module = ActionTokens(cfg)
+    num_actions = 0
+    if actions is not None:
+        num_actions = actions.shape[1]
+        encoder = MLP2(cfg.dim, cfg.dim, "silu", ("action", "embed"))
+        a_tokens = encoder.apply({"params": action_params["action_encoder"]}, actions.astype(jnp.float32))
+        positions = jax.lax.dynamic_slice_in_dim(action_params["position_embedding"], action_offset, num_actions, 0)
+        a_tokens = a_tokens + positions[None] + action_params["type_embedding"][ACTION_TYPE]
+        tokens.append(a_tokens.astype(cfg.compute_dtype))
+        a_temb, a_mod = action_module.apply({"params": action_params}, t_actions, method=ActionTokens.time)
+        tembs.append(a_temb)
+        mods.append(a_mod)
+        num_unrotated += num_actions
+    if proprio is not None:
+        tokens.append(action_module.apply({"params": action_params}, proprio, method=ActionTokens.encode_proprio))
+        p_temb, p_mod = action_module.apply(
+            {"params": action_params}, jnp.zeros((batch, 1), jnp.float32), method=ActionTokens.time
+        )
+        tembs.append(p_temb)
+        mods.append(p_mod)
+        num_unrotated += 1
+    angles = jnp.concatenate([angles, jnp.zeros((num_unrotated, angles.shape[-1]), angles.dtype)], axis=0)
+    return ChunkTokens(
+        jnp.concatenate(tokens, axis=1), jnp.concatenate(mods, axis=1), jnp.concatenate(tembs, axis=1),
+        jnp.cos(angles), jnp.sin(angles), n * per_frame, num_actions,
+    )
+
+
+# --- Blocks over a chunk, reading the cache ------------------------------------------------------------
+
+
+def _dense(cfg: ModelConfig, p: Params, x: jax.Array, features: int) -> jax.Array:
+    return Dense(features, dtype=cfg.compute_dtype).apply({"params": p}, x)
+
+
+def _self_attention(cfg, p, x, cos, sin, cache_k, cache_v, cache_length):
+    """Self-attention of a chunk's queries over [cached keys | the chunk's own keys]; returns (out, k, v)."""
+    heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+    q = RMSNorm(cfg.eps).apply({"params": p["norm_q"]}, _dense(cfg, p["to_q"], x, cfg.dim))
+    k = RMSNorm(cfg.eps).apply({"params": p["norm_k"]}, _dense(cfg, p["to_k"], x, cfg.dim))
+    v = _dense(cfg, p["to_v"], x, cfg.dim)
+    split = lambda t: t.reshape(*t.shape[:2], heads, head_dim)
+    q, k, v = split(q), split(k), split(v)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)
+    values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
+    capacity, s = cache_k.shape[1], x.shape[1]
+    valid = jnp.concatenate([jnp.arange(capacity) < cache_length, jnp.ones(s, bool)])
+    mask = jnp.broadcast_to(valid[None, None, None, :], (1, 1, s, capacity + s))
+    out = attention_lib.get_attention(cfg.attention)(q, keys, values, mask)
+    out = _dense(cfg, p["to_out"], out.reshape(*out.shape[:2], cfg.dim), cfg.dim)
+    return out, k, v
+
+
+def _cross_attention(cfg, p, x, context):
+    heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+    q = RMSNorm(cfg.eps).apply({"params": p["norm_q"]}, _dense(cfg, p["to_q"], x, cfg.dim))
+    k = RMSNorm(cfg.eps).apply({"params": p["norm_k"]}, _dense(cfg, p["to_k"], context, cfg.dim))
+    v = _dense(cfg, p["to_v"], context, cfg.dim)
+    split = lambda t: t.reshape(*t.shape[:2], heads, head_dim)
+    out = attention_lib.get_attention(cfg.attention)(split(q), split(k), split(v), None)
+    return _dense(cfg, p["to_out"], out.reshape(*out.shape[:2], cfg.dim), cfg.dim)
+
+
+def _block(cfg: ModelConfig, p: Params, x, context, modulation, cos, sin, cache_k, cache_v, cache_length):
+    """One WanBlock (same math as wamjax.models.dit.WanBlock) with cached self-attention keys/values."""
+    mod = p["scale_shift_table"][None] + modulation
+    shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
+    dtype = x.dtype
+    h = LayerNorm(cfg.eps).apply({}, x) * (1 + scale_msa) + shift_msa
+    h, k, v = _self_attention(cfg, p["attn1"], h.astype(dtype), cos, sin, cache_k, cache_v, cache_length)
+    x = (x.astype(jnp.float32) + h * gate_msa).astype(dtype)
+    h = LayerNorm(cfg.eps, affine=True).apply({"params": p["norm2"]}, x) if cfg.cross_attn_norm else x
+    x = x + _cross_attention(cfg, p["attn2"], h.astype(dtype), context)
+    h = LayerNorm(cfg.eps).apply({}, x) * (1 + c_scale) + c_shift
+    h = FeedForward(cfg).apply({"params": p["ffn"]}, h.astype(dtype))
+    x = (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
+    return x, k, v
+
+
+class ChunkOutput(NamedTuple):
+    """Velocities of one chunk and its per-layer keys/values [L, B, S, heads, head_dim]."""
+
+    video: jax.Array  # [B, n, H, W, C]
+    actions: jax.Array | None  # [B, na, A]
+    keys: jax.Array
+    values: jax.Array
+
+
+def chunk_forward(
+    cfg: ModelConfig, params: Params, chunk: ChunkTokens, context: jax.Array, cache: KVCache,
+    latent_hw: tuple[int, int], visible: jax.Array | None = None,
+) -> ChunkOutput:
+    """The model over one chunk attending to the cache; `context` is the projected text [B, L, D].
+
+    Only the first `visible` cached tokens are attended to (default: all written ones): a chunk that is
+    recomputed in place must not see its own stale entries or anything after it.
+    """
+    stacked = stacked_block_params(cfg, params)
+    visible = cache.length if visible is None else visible
+
+    def layer(x, inputs):
+        p, cache_k, cache_v = inputs
+        x, k, v = _block(cfg, p, x, context, chunk.modulation, chunk.cos, chunk.sin, cache_k, cache_v, visible)
+        return x, (k.astype(cache_k.dtype), v.astype(cache_v.dtype))
+
+    x, (keys, values) = jax.lax.scan(layer, chunk.x, (stacked, cache.keys, cache.values))
+    out_mod = params["scale_shift_table"][None] + chunk.temb[:, :, None]
+    h = LayerNorm(cfg.eps).apply({}, x) * (1 + out_mod[:, :, 1]) + out_mod[:, :, 0]
+    nv, na = chunk.num_video, chunk.num_actions
+    pt, ph, pw = cfg.patch_size
+    video = _dense(cfg, params["proj_out"], h[:, :nv].astype(cfg.compute_dtype), cfg.out_channels * pt * ph * pw)
+    grid = (nv // ((latent_hw[0] // ph) * (latent_hw[1] // pw)), latent_hw[0] // ph, latent_hw[1] // pw)
+    video = unpatchify(cfg, video.astype(jnp.float32), grid)
+    actions = None
+    if na:
+        actions = Dense(cfg.action_dim).apply(
+            {"params": params["actions"]["action_decoder"]}, h[:, nv : nv + na].astype(jnp.float32)
+        )
+    return ChunkOutput(video, actions, keys, values)
+
+
+def write_chunk(cache: KVCache, keys: jax.Array, values: jax.Array, offset: jax.Array) -> KVCache:
+    """Writes a chunk's keys/values at token `offset`; the cache length becomes max(length, offset + S)."""
+    k = jax.lax.dynamic_update_slice_in_dim(cache.keys, keys, offset, axis=2)
+    v = jax.lax.dynamic_update_slice_in_dim(cache.values, values, offset, axis=2)
+    return KVCache(k, v, jnp.maximum(cache.length, offset + keys.shape[2]).astype(jnp.int32))
+
+
+# --- Rollout state and the three jitted operations -------------------------------------------------------
+
+
+class RolloutState(NamedTuple):
+    """Everything a chunked rollout carries between calls (a pytree; batch doubled when CFG is on)."""
+
+    cache: KVCache
+    context: jax.Array  # projected text [B or 2B, L, D] (conditional first, then null)
+    num_chunks: jax.Array  # int32 []: chunks after the context chunk already in the cache
+    last_actions: jax.Array  # [B, actions_per_chunk, A]: the newest chunk's actions (executed in closed loop)
+
+
+def _guided_batch(options: SamplerOptions, x: jax.Array) -> jax.Array:
+    return jnp.concatenate([x, x], axis=0) if options.uses_cfg else x
+
+
+def _combine(options: SamplerOptions, v: jax.Array, batch: int) -> jax.Array:
+    if not options.uses_cfg:
+        return v
+    return v[batch:] + options.cfg_scale * (v[:batch] - v[batch:])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "geometry", "options"))
+def start_rollout(
+    cfg: ModelConfig, geometry: ChunkGeometry, options: SamplerOptions, params: Params,
+    context_latents: jax.Array, text: jax.Array, proprio: jax.Array | None,
+) -> RolloutState:
+    """Caches chunk 0: the clean context latent frame [B, 1, H, W, C] and the proprio token."""
+    batch = context_latents.shape[0]
+    if options.uses_cfg:
+        text = jnp.concatenate([text, jnp.zeros_like(text)], axis=0)
+    context = ConditionEmbedder(cfg).apply({"params": params["condition_embedder"]}, text,
+                                            method=ConditionEmbedder.text)
+    lat = _guided_batch(options, context_latents.astype(jnp.float32))
+    prop = None if proprio is None else _guided_batch(options, proprio.astype(jnp.float32))
+    tokens = embed_chunk(cfg, geometry, params, lat, jnp.zeros(lat.shape[:2]), 0, proprio=prop)
+    cache = empty_cache(cfg, geometry, lat.shape[0])
+    out = chunk_forward(cfg, params, tokens, context, cache, geometry.latent_hw)
+    cache = write_chunk(cache, out.keys, out.values, 0)
+    last = jnp.zeros((batch, geometry.actions_per_chunk, cfg.action_dim), jnp.float32)
+    return RolloutState(cache, context, jnp.zeros((), jnp.int32), last)
+
+
+def _chunk_offsets(cfg: ModelConfig, geometry: ChunkGeometry, index: jax.Array):
+    """(token offset in the cache, first latent frame, first action position) of chunk `index` (1-based)."""
+    token = geometry.context_tokens(cfg) + (index - 1) * geometry.chunk_tokens(cfg)
+    return token, 1 + (index - 1) * geometry.frames_per_chunk, (index - 1) * geometry.actions_per_chunk
+
+
+def _chunk_pass(cfg, geometry, options, params, state, index, latents, t_frames, actions, t_actions):
+    """One forward of chunk `index` against the cache (batch doubled for CFG inside)."""
+    offset, frame0, action0 = _chunk_offsets(cfg, geometry, index)
+    tokens = embed_chunk(
+        cfg, geometry, params, _guided_batch(options, latents), _guided_batch(options, t_frames), frame0,
+        _guided_batch(options, actions), _guided_batch(options, t_actions), action0,
+    )
+    return chunk_forward(cfg, params, tokens, state.context, state.cache, geometry.latent_hw, visible=offset)
+
+
+def _commit(cfg, geometry, options, params, state, index, latents, actions) -> RolloutState:
+    """Caches chunk `index` computed clean (t=0) from `latents` and `actions`."""
+    b, n = latents.shape[:2]
+    out = _chunk_pass(cfg, geometry, options, params, state, index, latents, jnp.zeros((b, n)), actions,
+                      jnp.zeros(actions.shape[:2]))
+    offset, _, _ = _chunk_offsets(cfg, geometry, index)
+    cache = write_chunk(state.cache, out.keys, out.values, offset)
+    return state._replace(cache=cache, num_chunks=jnp.maximum(state.num_chunks, index), last_actions=actions)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "geometry", "options"))
+def generate_chunk(
+    cfg: ModelConfig, geometry: ChunkGeometry, options: SamplerOptions, params: Params, state: RolloutState,
+    video_noise: jax.Array, action_noise: jax.Array,
+) -> tuple[RolloutState, jax.Array, jax.Array]:
+    """Denoises the next chunk (frames [B, n, H, W, C] and actions [B, na, A]) against the cache, then caches
+    the prediction clean. Returns (state, latents, actions)."""
+    batch = video_noise.shape[0]
+    index = state.num_chunks + 1
+    tv, tv_next, ta, ta_next = (jnp.asarray(a) for a in (
+        *step_times(options.num_steps, options.num_iterations, options.shift),
+        *step_times(options.resolved_action_steps, options.num_iterations, options.shift),
+    ))
+
+    def body(carry, times):
+        video, actions = carry
+        t_v, t_v_next, t_a, t_a_next = times
+        t_frames = jnp.full(video.shape[:2], flow.to_model_timestep(t_v))
+        t_actions = jnp.full(actions.shape[:2], flow.to_model_timestep(t_a))
+        out = _chunk_pass(cfg, geometry, options, params, state, index, video, t_frames, actions, t_actions)
+        video = video + (t_v_next - t_v) * _combine(options, out.video, batch)
+        actions = actions + (t_a_next - t_a) * _combine(options, out.actions, batch)
+        return (video, actions), None
+
+    init = (video_noise.astype(jnp.float32), action_noise.astype(jnp.float32))
+    (video, actions), _ = jax.lax.scan(body, init, (tv, tv_next, ta, ta_next))
+    state = _commit(cfg, geometry, options, params, state, index, video, actions)
+    return state, video, actions
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "geometry", "options"))
+def observe_chunk(
+    cfg: ModelConfig, geometry: ChunkGeometry, options: SamplerOptions, params: Params, state: RolloutState,
+    observed_latents: jax.Array,
+) -> RolloutState:
+    """Teacher forcing: the newest chunk's cached keys/values are recomputed from the real observation's
+    latents [B, n, H, W, C] (and the actions that were executed), replacing the predicted frames."""
+    return _commit(cfg, geometry, options, params, state, state.num_chunks, observed_latents, state.last_actions)
+
+
+class ChunkedRollout:
+    """Host-side driver of a chunked rollout: checks shapes and capacity, holds the state between calls.
+
+    Usage: `r = ChunkedRollout(cfg, params, geometry, options)`; `r.start(context_latents, text, proprio)`;
+    then per chunk `latents, actions = r.generate(rng)`, execute the actions, `r.observe(real_latents)`.
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Params, geometry: ChunkGeometry, options: SamplerOptions):
+        self.cfg, self.params, self.geometry, self.options = cfg, params, geometry, options
+        self.state: RolloutState | None = None
+        self.num_chunks = 0
+        self.batch = 0
+
+    @property
+    def full(self) -> bool:
+        """True when the cache holds `max_chunks` chunks: start again from the newest real observation."""
+        return self.num_chunks >= self.geometry.max_chunks
+
+    def start(self, context_latents: jax.Array, text: jax.Array, proprio: jax.Array | None) -> None:
+        """Begins a rollout from clean context latents [B, 1, H, W, C], text [B, L, text_dim], proprio [B, P]."""
+        h, w = self.geometry.latent_hw
+        if context_latents.ndim != 5 or context_latents.shape[1] != 1 or context_latents.shape[2:4] != (h, w):
+            raise ValueError(f"context_latents have shape {context_latents.shape}; expected [B, 1, {h}, {w}, C]")
+        if (proprio is not None) != self.geometry.with_proprio:
+            raise ValueError(f"proprio is {'given' if proprio is not None else 'missing'}; geometry.with_proprio="
+                             f"{self.geometry.with_proprio}")
+        self.state = start_rollout(self.cfg, self.geometry, self.options, self.params, context_latents, text, proprio)
+        self.num_chunks = 0
+        self.batch = context_latents.shape[0]
+
+    def generate(self, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Next chunk's predicted latents [B, n, H, W, C] and actions [B, na, A] (also cached as predicted)."""
+        if self.state is None:
+            raise RuntimeError("generate() before start()")
+        if self.full:
+            raise RuntimeError(f"the KV cache holds max_chunks={self.geometry.max_chunks} chunks; call start() "
+                               "again from the newest real observation")
+        g, cfg = self.geometry, self.cfg
+        rng_v, rng_a = jax.random.split(rng)
+        video_noise = jax.random.normal(rng_v, (self.batch, g.frames_per_chunk, *g.latent_hw, cfg.in_channels))
+        action_noise = jax.random.normal(rng_a, (self.batch, g.actions_per_chunk, cfg.action_dim))
+        return self.generate_from(video_noise, action_noise)
+
+    def generate_from(self, video_noise: jax.Array, action_noise: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`generate` from given starting noise (for reproducible comparisons)."""
+        self.state, latents, actions = generate_chunk(
+            self.cfg, self.geometry, self.options, self.params, self.state, video_noise, action_noise
+        )
+        self.num_chunks += 1
+        return latents, actions
+
+    def observe(self, observed_latents: jax.Array) -> None:
+        """Replaces the newest chunk's predicted frames in the cache with the real observation's latents."""
+        if self.state is None or self.num_chunks == 0:
+            raise RuntimeError("observe() needs a generated chunk to replace")
+        expected = (self.batch, self.geometry.frames_per_chunk, *self.geometry.latent_hw)
+        if tuple(observed_latents.shape[:4]) != expected:
+            raise ValueError(f"observed_latents have shape {observed_latents.shape}; expected {expected} + (C,)")
+        self.state = observe_chunk(self.cfg, self.geometry, self.options, self.params, self.state, observed_latents)
