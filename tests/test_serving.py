@@ -1,0 +1,222 @@
+"""Policy server: openpi protocol, malformed requests, the CLI, and the real openpi-client package."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import msgpack
+import numpy as np
+import pytest
+from test_inference import tiny_checkpoint
+from train_utils import REPO, subprocess_env
+
+from wamjax.inference.policy import Policy
+from wamjax.serving.client import PolicyClient, ServerError, packb, unpackb
+from wamjax.serving.serve import ObservationSchema, PolicyServer
+
+OPENPI_CLIENT_VERSION = "0.1.2"  # pins numpy<2, hence its own venv
+# openpi-client 0.1.2 imports typing_extensions without declaring it as a dependency.
+OPENPI_CLIENT_EXTRAS = ("typing_extensions",)
+OPENPI_VENV = os.path.join(REPO, ".venv-openpi-client")  # git-ignored (.venv-*/), reused across runs
+
+
+def libero_observation(rng: np.random.Generator, wrist: bool = True) -> dict:
+    """An observation in openpi's LIBERO example schema (224x224 cameras, 8-D state)."""
+    obs = {
+        "observation/image": rng.integers(0, 255, (224, 224, 3), np.uint8),
+        "observation/state": rng.standard_normal(8).astype(np.float32),
+        "prompt": "synthetic: lift the block",
+    }
+    if wrist:
+        obs["observation/wrist_image"] = rng.integers(0, 255, (224, 224, 3), np.uint8)
+    return obs
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    policy = Policy.from_checkpoint(checkpoint, num_steps=1)
+    server = PolicyServer(policy, port=0)
+    server.start_in_thread()
+    yield server
+    server.stop()
+
+
+def test_msgpack_numpy_round_trip_matches_openpi_encoding():
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    raw = msgpack.unpackb(packb({"a": array, "s": np.int64(3)}))
+    assert raw["a"][b"__ndarray__"] is True and raw["a"][b"dtype"] == "<f4" and raw["a"][b"shape"] == [2, 3]
+    assert raw["s"] == {b"__npgeneric__": True, b"data": 3, b"dtype": "<i8"}
+    back = unpackb(packb({"a": array, "s": np.int64(3)}))
+    np.testing.assert_array_equal(back["a"], array)
+    assert back["s"] == np.int64(3) and back["s"].dtype == np.int64
+    with pytest.raises(ValueError, match="Unsupported dtype: object"):
+        packb(np.array([None]))
+
+
+def test_schema_parse():
+    schema = ObservationSchema.parse("image=cam/front,wrist_image=none,prompt=task")
+    assert (schema.image, schema.state, schema.prompt, schema.wrist_image) == (
+        "cam/front", "observation/state", "task", None)
+    with pytest.raises(ValueError, match="'camera=x'"):
+        ObservationSchema.parse("camera=x")
+
+
+def test_metadata_and_valid_requests(server):
+    rng = np.random.default_rng(0)
+    with PolicyClient("127.0.0.1", server.port) as client:
+        assert client.metadata["action_horizon"] == 8 and client.metadata["action_dim"] == 7
+        assert "observation/image" in client.metadata["observation_keys"]
+        first = client.infer(libero_observation(rng))
+        second = client.infer(libero_observation(rng, wrist=False))
+    for reply in (first, second):
+        assert reply["actions"].shape == (8, 7) and reply["actions"].dtype == np.float32
+        assert np.all(np.isfinite(reply["actions"]))
+        assert reply["server_timing"]["infer_ms"] > 0
+    assert "prev_total_ms" in second["server_timing"] and "prev_total_ms" not in first["server_timing"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as response:
+        assert response.status == 200
+
+
+def _obs(**changes) -> dict:
+    obs = libero_observation(np.random.default_rng(1))
+    for key, value in changes.items():
+        key = key.replace("__", "/")
+        if value is None:
+            del obs[key]
+        else:
+            obs[key] = value
+    return obs
+
+
+MALFORMED = [
+    ("not msgpack", b"\xc1\xc1 definitely not msgpack", "not valid msgpack"),
+    ("text frame", "observation please", "text frame"),
+    ("not a dict", packb([1, 2, 3]), "observation is list; expected a dict"),
+    ("missing state", packb(_obs(observation__state=None)), "missing key(s) ['observation/state']"),
+    ("missing image", packb(_obs(observation__image=None)), "missing key(s) ['observation/image']"),
+    ("unknown key", packb(_obs(observation__depth=np.zeros(3))), "unexpected key(s) ['observation/depth']"),
+    ("image dtype", packb(_obs(observation__image=np.zeros((224, 224, 3), np.float32))),
+     "'observation/image' has dtype float32; expected uint8"),
+    ("image shape", packb(_obs(observation__image=np.zeros((224, 224), np.uint8))),
+     "'observation/image' has shape (224, 224)"),
+    ("image not array", packb(_obs(observation__image=[1, 2, 3])), "'observation/image' is list"),
+    ("wrist shape", packb(_obs(observation__wrist_image=np.zeros((4, 4, 4), np.uint8))),
+     "'observation/wrist_image' has shape (4, 4, 4)"),
+    ("state dtype", packb(_obs(observation__state=np.zeros(8, np.int64))),
+     "'observation/state' has dtype int64; expected float32"),
+    ("state shape", packb(_obs(observation__state=np.zeros((2, 8), np.float32))),
+     "'observation/state' has shape (2, 8)"),
+    ("state too long", packb(_obs(observation__state=np.zeros(9, np.float32))),
+     "'observation/state' has shape (9,); expected (8,)"),
+    ("state nan", packb(_obs(observation__state=np.full(8, np.nan, np.float32))), "non-finite"),
+    ("prompt type", packb(_obs(prompt=7)), "'prompt' is int; expected str"),
+    ("context frames", packb(_obs(observation__image=np.zeros((2, 32, 32, 3), np.uint8))), "2 context frames"),
+]
+
+
+def test_malformed_requests_get_named_errors_and_server_stays_up(server):
+    with PolicyClient("127.0.0.1", server.port) as client:
+        for name, message, expected in MALFORMED:
+            reply = client.send_raw(message)
+            assert isinstance(reply, str), f"{name}: expected an error reply, got {reply!r}"
+            assert expected in reply, f"{name}: {reply!r} does not mention {expected!r}"
+        # Same connection, then a fresh one: both still served.
+        assert client.infer(_obs())["actions"].shape == (8, 7)
+        with pytest.raises(ServerError, match="missing key"):
+            client.infer({"prompt": "x"})
+    with PolicyClient("127.0.0.1", server.port) as client:
+        assert client.infer(_obs())["actions"].shape == (8, 7)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _openpi_client_python() -> str:
+    """The Python of a venv with the pinned openpi-client (created on first use, then reused)."""
+    python = os.path.join(OPENPI_VENV, "bin", "python")
+    probe = [python, "-c", f"import openpi_client.websocket_client_policy, importlib.metadata as m; "
+                           f"assert m.version('openpi-client') == {OPENPI_CLIENT_VERSION!r}"]
+    if os.path.exists(python) and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", OPENPI_VENV], check=True, timeout=300)
+    result = subprocess.run([python, "-m", "pip", "install", "-q", f"openpi-client=={OPENPI_CLIENT_VERSION}",
+                             *OPENPI_CLIENT_EXTRAS],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"pip install openpi-client=={OPENPI_CLIENT_VERSION} failed:\n{result.stderr}"
+    return python
+
+
+OPENPI_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from openpi_client import websocket_client_policy
+
+    policy = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=int(sys.argv[1]))
+    meta = policy.get_server_metadata()
+    horizon, dim = meta["action_horizon"], meta["action_dim"]
+    rng = np.random.default_rng(0)
+    timings = []
+    for i in range(100):
+        obs = {
+            "observation/image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+            "observation/wrist_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+            "observation/state": rng.standard_normal(8),  # float64, as the LIBERO example sends it
+            "prompt": "synthetic: move the block right",
+        }
+        out = policy.infer(obs)
+        assert out["actions"].shape == (horizon, dim), out["actions"].shape
+        assert np.all(np.isfinite(out["actions"]))
+        timings.append(out["server_timing"]["infer_ms"])
+    try:
+        policy.infer({"prompt": "no image"})
+        raise SystemExit("malformed request was accepted")
+    except RuntimeError as e:
+        assert "missing key" in str(e), e
+    print("OK", len(timings), np.__version__, horizon, dim)
+""")
+
+
+def test_real_openpi_client_100_requests_against_cli_server(checkpoint, tmp_path):
+    python = _openpi_client_python()
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "wamjax.serving.serve", f"--checkpoint={checkpoint}", f"--port={port}",
+         "--num_steps=1"],
+        cwd=REPO, env=subprocess_env(devices=1), stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up:\n" + (tmp_path / "server.log").read_text()
+            time.sleep(0.5)
+        script = tmp_path / "openpi_requests.py"
+        script.write_text(OPENPI_SCRIPT)
+        result = subprocess.run([python, str(script), str(port)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:] + (tmp_path / "server.log").read_text()[-2000:]
+        words = result.stdout.split()
+        assert words[:2] == ["OK", "100"] and words[2].startswith("1."), result.stdout  # numpy 1.x over there
+        assert words[3:] == ["8", "7"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
