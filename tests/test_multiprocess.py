@@ -1,0 +1,94 @@
+"""A real 2-process x 4-device run on localhost trains like the single-process 8-device run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from wamjax.export.load import load_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 5
+TIMEOUT_S = 600
+
+# Every clip of the synthetic source is clip 0 (synthetic_examples=1): the sources split examples across
+# processes by interleaving, so with distinct clips the global batch order, and with it the pairing of
+# examples with the step's positional noise, would depend on the process count.
+TRAIN_FLAGS = [
+    "--config=configs/wam.py:size=tiny,stage=video_pretrain",
+    f"--config.train.steps={STEPS}",
+    "--config.train.log_every=1",
+    "--config.data.synthetic_examples=1",
+    f"--config.checkpoint.every_steps={STEPS}",
+]
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _losses(workdir: str) -> list[tuple[int, float]]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
+
+
+def _finish(proc: subprocess.Popen, name: str) -> str:
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"{name} did not finish in {TIMEOUT_S}s; output tail:\n{out[-4000:]}")
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}; output tail:\n{out[-4000:]}"
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
+    # Both runs at once: each spends most of its time compiling on one core.
+    single = subprocess.Popen(
+        [sys.executable, "-m", "wamjax.main", *TRAIN_FLAGS, f"--workdir={single_dir}",
+         "--config.distributed.initialize=false"],
+        cwd=REPO, env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    multi = subprocess.Popen(
+        ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", *TRAIN_FLAGS, f"--workdir={multi_dir}"],
+        cwd=REPO, env={**_env(8), "DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    multi_out = _finish(multi, "launch/local_multiprocess.sh 2")
+    _finish(single, "single-process run")
+
+    # Both processes really joined one 8-device job, and only process 0 wrote metrics.
+    assert "[p0]" in multi_out and "[p1]" in multi_out
+    assert "jax.distributed: process 1 of 2" in multi_out
+    assert "over 8 devices (2 processes)" in multi_out
+    single_losses, multi_losses = _losses(single_dir), _losses(multi_dir)
+    assert [s for s, _ in multi_losses] == list(range(1, STEPS + 1)), multi_losses
+    assert [s for s, _ in single_losses] == [s for s, _ in multi_losses]
+    np.testing.assert_allclose([v for _, v in multi_losses], [v for _, v in single_losses], rtol=1e-5)
+    # Every process saved its own data-iterator state.
+    data_dir = os.path.join(multi_dir, "checkpoints", str(STEPS), "data")
+    assert sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"
+    ]
+
+    _, single_params = load_checkpoint(os.path.join(single_dir, "checkpoints"))
+    _, multi_params = load_checkpoint(os.path.join(multi_dir, "checkpoints"))
+    assert jax.tree.structure(single_params) == jax.tree.structure(multi_params)
+    jax.tree_util.tree_map_with_path(
+        lambda path, a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path)),
+        multi_params, single_params,
+    )
