@@ -51,9 +51,13 @@ echo "started $num_processes processes (pids ${pids[*]}) x $devices CPU devices,
 # Poll rather than `wait -n`: a peer that dies leaves the others blocked in collectives, so they are stopped.
 remaining=$num_processes
 status=0
-killer=""
+failed_at=-1
 declare -A done_pids=()
 while [ "$remaining" -gt 0 ]; do
+  if [ "$failed_at" -ge 0 ] && [ $((SECONDS - failed_at)) -ge 20 ]; then
+    stop_all KILL  # still running 20 s after SIGTERM
+    failed_at=-1
+  fi
   for i in "${!pids[@]}"; do
     pid=${pids[$i]}
     if [ -n "${done_pids[$pid]:-}" ] || kill -0 "$pid" 2>/dev/null; then
@@ -67,12 +71,10 @@ while [ "$remaining" -gt 0 ]; do
       status=$rc
       echo "process $i (pid $pid) exited with status $rc; stopping the others" >&2
       stop_all TERM
-      (sleep 20 && stop_all KILL) &
-      killer=$!
+      failed_at=$SECONDS
     fi
   done
   sleep 0.5
 done
-if [ -n "$killer" ]; then kill "$killer" 2>/dev/null || true; fi
 wait 2>/dev/null || true  # the output prefixers
 exit "$status"

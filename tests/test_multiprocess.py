@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -92,3 +93,28 @@ def test_two_processes_match_one_process(tmp_path):
         lambda path, a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path)),
         multi_params, single_params,
     )
+
+
+def test_launcher_stops_the_others_and_fails_when_one_process_fails(tmp_path):
+    # A stand-in interpreter: process 1 fails at once, process 0 would block forever (as in a collective).
+    fake_python = tmp_path / "python"
+    fake_python.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "$*" in *process_id=1*) echo "boom"; exit 3;; esac\n'
+        f'echo $$ > {tmp_path}/sleeper.pid\n'
+        "exec sleep 300\n"
+    )
+    fake_python.chmod(0o755)
+    start = time.monotonic()
+    result = subprocess.run(
+        ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", "--config=unused", "--workdir=unused"],
+        cwd=REPO, env={**_env(8), "PYTHON": str(fake_python), "COORDINATOR_PORT": "1"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 3, result.stderr
+    assert time.monotonic() - start < 30  # the blocked process was stopped, not waited for
+    assert "[p1] boom" in result.stdout
+    assert "process 1" in result.stderr and "exited with status 3" in result.stderr
+    if (tmp_path / "sleeper.pid").exists():  # absent when process 0 was stopped before it got that far
+        with pytest.raises(ProcessLookupError):
+            os.kill(int((tmp_path / "sleeper.pid").read_text()), 0)
