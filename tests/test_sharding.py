@@ -16,9 +16,10 @@ import pytest
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import model_config_from_run
 from wamjax.models.wam import WorldActionModel, example_inputs
-from wamjax.parallel.mesh import batch_sharding, logical_rules, make_mesh
+from wamjax.parallel.mesh import MESH_AXES, batch_sharding, logical_rules, make_mesh
 from wamjax.parallel.placement import PlacementError, check_placement, per_device_bytes
-from wamjax.train.setup import boxed_init_fn, jit_train_step, sharded_init
+from wamjax.train.optimizer import make_optimizer
+from wamjax.train.setup import boxed_init_fn, jit_train_step, sharded_init, state_shardings, unbox_plain
 from wamjax.train.step import StepSpec, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,3 +213,28 @@ def test_check_placement_rejects_replicated_large_tensor():
         check_placement({"kernel": big}, {"kernel": intended}, mesh, log=lambda _: None)
     sharded = jax.device_put(big, intended)
     assert check_placement({"kernel": sharded}, {"kernel": intended}, mesh, log=lambda _: None) == 512 * 1024 * 4 // 8
+
+
+@pytest.mark.parametrize("size", ["wan1.3b", "wan14b"])
+def test_fsdp_divides_full_size_state_by_n(size):
+    # Abstract only: the real sizes' train state laid out by the default rules on a 256-way FSDP AbstractMesh.
+    config = get_config(f"size={size},stage=video_pretrain")
+    cfg = model_config_from_run(config)
+    tx, _ = make_optimizer(config.optim, learning_rate=1e-4, warmup_steps=0, total_steps=10, trainable="all")
+    init_boxed = boxed_init_fn(WorldActionModel(cfg), example_inputs(cfg, (1, 4, 4, 16), 4), tx, use_ema=False)
+    abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    rules = logical_rules(config.mesh.rules)
+
+    def state_bytes(fsdp: int) -> int:
+        mesh = jax.sharding.AbstractMesh((1, fsdp, 1, 1), MESH_AXES,
+                                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+        shardings = jax.tree.leaves(state_shardings(abstract_boxed, mesh, rules),
+                                    is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+        leaves = jax.tree.leaves(unbox_plain(abstract_boxed))
+        return sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
+                   for a, s in zip(leaves, shardings, strict=True))
+
+    full = state_bytes(1)
+    assert full > 3 * 4 * 1e9  # params + two Adam moments in float32
+    for fsdp in (8, 256):
+        assert state_bytes(fsdp) * fsdp == pytest.approx(full, rel=0.05), fsdp
