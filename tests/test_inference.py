@@ -300,3 +300,29 @@ def test_policy_unnormalizes_with_checkpoint_stats_and_checks_inputs(checkpoint)
     with pytest.raises(TypeError, match="instruction is int"):
         plain.infer(frame, proprio, 5)
     assert os.path.isdir(checkpoint)
+
+
+def test_closed_loop_session_with_teacher_forcing_and_reanchoring():
+    config = get_config("size=tiny,stage=action_tune")
+    config.model.attention_layout = "chunk_causal"
+    cfg = ModelConfig.from_dict({**config.model.to_dict(), "proprio_dim": config.data.proprio_dim})
+    params = jitted_init(cfg, jax.random.key(8), (3, H, W, 16), TEXT_LEN, 8)
+    policy = Policy(config, params, {}, options=SamplerOptions(num_steps=2))
+    rng = np.random.default_rng(9)
+    frame = rng.integers(0, 255, (32, 32, 3), np.uint8)
+    session = policy.start_rollout(frame, np.zeros(8, np.float32), "synthetic: move the block left")
+    assert session.geometry.max_chunks == 2  # the trained clip: 1 context + 2 latent frames
+    chunks = []
+    for _ in range(3):  # the third chunk starts a fresh cache from the newest real frame
+        actions = session.next_actions()
+        assert actions.shape == (4, 7) and np.all(np.isfinite(actions))
+        chunks.append(actions)
+        with pytest.raises(RuntimeError, match="twice without observe"):
+            session.next_actions()
+        session.observe(rng.integers(0, 255, (4, 48, 48, 3), np.uint8))  # any camera size is resized
+    assert session.rollout.num_chunks == 1
+    assert not np.allclose(chunks[0], chunks[1])
+    with pytest.raises(ValueError, match=r"observed frames have shape \(3, 32, 32, 3\); expected \[4, H, W, 3\]"):
+        session.observe(np.zeros((3, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="chunk_causal"):
+        Policy(get_config("size=tiny,stage=action_tune"), params, {}).start_rollout(frame, None, "x")

@@ -235,6 +235,17 @@ class Policy:
             result["latents"] = np.asarray(out.latents[0], np.float32)
         return result
 
+    def start_rollout(
+        self, frame: np.ndarray, proprio: np.ndarray | None, instruction: str, *, max_chunks: int | None = None
+    ) -> ClosedLoopSession:
+        """Closed-loop control chunk by chunk with the KV cache (chunk-causal checkpoints only)."""
+        return ClosedLoopSession(self, frame, proprio, instruction, max_chunks=max_chunks)
+
+    def encode_frames(self, frames: np.ndarray) -> jax.Array:
+        """uint8 [T, h, w, 3] at the training resolution -> normalized latents [1, 1 + (T-1)/4, H', W', C]."""
+        video = vae_lib.frames_to_video(jnp.asarray(frames)[None])
+        return vae_lib.normalize_latents(self.vae_config, vae_lib.vae_encode(self.vae_config, self.vae_params, video))
+
     @functools.cached_property
     def metadata(self) -> dict[str, Any]:
         """What a client needs to know about this policy (sent by the server on connect)."""
@@ -249,3 +260,70 @@ class Policy:
             "cfg_scale": self.options.cfg_scale,
             "normalized": self.stats is not None,
         }
+
+
+class ClosedLoopSession:
+    """DreamZero-style closed loop: `next_actions()` denoises only the next chunk against the KV cache of past
+    chunks; `observe(frames)` replaces that chunk's predicted frames in the cache with the real ones.
+
+    The history is never re-encoded. When the cache holds `max_chunks` chunks (default: the trained clip's
+    horizon), the next call starts a fresh cache from the newest real frame and proprio. Observed frames are
+    VAE-encoded with the previous real frame as causal context, an approximation of encoding the whole clip.
+    """
+
+    def __init__(self, policy: Policy, frame: np.ndarray, proprio: np.ndarray | None, instruction: str,
+                 *, max_chunks: int | None = None):
+        from wamjax.inference.kv_cache import ChunkedRollout, ChunkGeometry
+
+        self.policy = policy
+        cfg = policy.model_config
+        frames_per_chunk = max(cfg.chunk_latent_frames, 1)
+        if max_chunks is None:
+            max_chunks = (policy.num_latent_frames - 1) // frames_per_chunk
+        sc = policy.vae_config.spatial_compression
+        latent_hw = (policy.resolution[0] // sc, policy.resolution[1] // sc)
+        self.geometry = ChunkGeometry.for_model(cfg, latent_hw, max_chunks)
+        self.rollout = ChunkedRollout(cfg, policy.params, self.geometry, policy.options)
+        self.text = jnp.asarray(policy.embed_instruction(instruction))[None]
+        self.frames_per_observation = frames_per_chunk * policy.vae_config.temporal_compression
+        self._anchor(policy.prepare_frames(frame)[-1], proprio)
+
+    def _anchor(self, frame: np.ndarray, proprio: np.ndarray | None) -> None:
+        self.last_frame, self.raw_proprio = frame, proprio
+        normalized = self.policy.prepare_proprio(proprio)
+        self.rollout.start(self.policy.encode_frames(frame[None]), self.text, jnp.asarray(normalized)[None])
+        self.awaiting_observation = False
+
+    def next_actions(self) -> np.ndarray:
+        """The next chunk's actions [actions_per_chunk, action_dim] in raw units."""
+        if self.awaiting_observation:
+            raise RuntimeError("next_actions() twice without observe(): pass the real frames of the last chunk")
+        if self.rollout.full:
+            self._anchor(self.last_frame, self.raw_proprio)
+        self.policy._rng, rng = jax.random.split(self.policy._rng)
+        _, actions = self.rollout.generate(rng)
+        self.awaiting_observation = True
+        actions = np.asarray(actions[0], np.float32)
+        if self.policy.stats is not None:
+            actions = unnormalize(actions, self.policy.stats["action"], self.policy.normalization)
+        return actions
+
+    def observe(self, frames: np.ndarray, proprio: np.ndarray | None = None) -> None:
+        """The real frames uint8 [4 * chunk_latent_frames, H, W, 3] recorded while the last chunk executed."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[0] != self.frames_per_observation:
+            raise ValueError(
+                f"observed frames have shape {frames.shape}; expected [{self.frames_per_observation}, H, W, 3]"
+            )
+        if frames.dtype != np.uint8:
+            raise TypeError(f"observed frames have dtype {frames.dtype}; expected uint8")
+        if not self.awaiting_observation:
+            raise RuntimeError("observe() without a generated chunk: call next_actions() first")
+        frames = resize_frames(frames, self.policy.resolution)
+        latents = self.policy.encode_frames(np.concatenate([self.last_frame[None], frames]))
+        self.rollout.observe(latents[:, 1:])
+        self.last_frame = frames[-1]
+        if proprio is not None:
+            self.policy.prepare_proprio(proprio)  # checked now, used at the next re-anchoring
+            self.raw_proprio = proprio
+        self.awaiting_observation = False
