@@ -29,9 +29,9 @@ def _tiny(arg: str, steps: int, **overrides) -> object:
 
 @pytest.fixture(scope="module")
 def two_stage_run(tmp_path_factory):
-    """One `stage=all` run, 50 steps per stage, on the 8 simulated devices (fsdp=8)."""
+    """One `stage=all` run, 30 steps per stage, on the 8 simulated devices (fsdp=8)."""
     workdir = str(tmp_path_factory.mktemp("two_stage"))
-    results = train(_tiny("size=tiny,stage=all", 50), workdir)
+    results = train(_tiny("size=tiny,stage=all", 30), workdir)
     return workdir, results
 
 
@@ -45,8 +45,8 @@ def test_loss_falls_in_both_modes(two_stage_run):
     rows = metrics_rows(workdir)
     video = [r for r in rows if r["stage"] == "video_pretrain"]
     joint = [r for r in rows if r["stage"] == "action_tune"]
-    assert [r["step"] for r in video] == list(range(5, 51, 5))
-    assert [r["step"] for r in joint] == list(range(55, 101, 5))
+    assert [r["step"] for r in video] == list(range(5, 31, 5))
+    assert [r["step"] for r in joint] == list(range(35, 61, 5))
     assert _mean_loss(video[-3:], "loss_video") < 0.8 * _mean_loss(video[:2], "loss_video")
     assert "loss_action" not in video[0]
     assert _mean_loss(joint[-3:], "loss_action") < 0.8 * _mean_loss(joint[:2], "loss_action")
@@ -66,7 +66,7 @@ def test_unknown_config_key_is_named_before_compile(tmp_path):
 def test_checkpoint_restores_onto_other_meshes(two_stage_run):
     """Saved on 8 devices with fsdp=8; restored on (2,2,2,1) and on one device with identical values."""
     workdir, _ = two_stage_run
-    step_dir = os.path.join(ckpt.checkpoint_dir(workdir), "100")
+    step_dir = os.path.join(ckpt.checkpoint_dir(workdir), "60")
     _, reference = load_checkpoint(step_dir, use_ema=False)
     saved = ckpt.restore_state_tree(step_dir)
     for shape, devices in (((2, 2, 2, 1), jax.devices()), ((1, 1, 1, 1), jax.devices()[:1])):
@@ -88,7 +88,7 @@ def test_checkpoint_restores_onto_other_meshes(two_stage_run):
 
 def test_action_tune_from_checkpoint_freezes_backbone(two_stage_run, tmp_path):
     workdir, _ = two_stage_run
-    source = os.path.join(ckpt.checkpoint_dir(workdir), "50")  # the end of video pretraining
+    source = os.path.join(ckpt.checkpoint_dir(workdir), "30")  # the end of video pretraining
     config = _tiny("size=tiny,stage=action_tune", 4)
     config.stages.action_tune.init_from = source
     config.stages.action_tune.trainable = "actions"

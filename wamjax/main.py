@@ -8,11 +8,12 @@ Exit codes: 0 done; 75 preempted (SIGTERM) after saving a checkpoint: run the sa
 
 from __future__ import annotations
 
-import logging as pylogging
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from wamjax.logs import quiet_libraries
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/wam.py:size=tiny", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
@@ -45,16 +46,8 @@ def maybe_initialize_distributed(dist) -> None:
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
-class _QuietLibraries(pylogging.Filter):
-    """Keeps orbax's and grain's per-operation INFO chatter out of the training log (warnings still pass)."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "etils", "absl/flags"))
-        return record.levelno >= pylogging.WARNING or not noisy
-
-
 def main(argv) -> None:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    quiet_libraries()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value

@@ -396,6 +396,9 @@ def export_checkpoint(
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
+    from wamjax.logs import quiet_libraries
+
+    quiet_libraries()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
