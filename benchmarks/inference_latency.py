@@ -73,6 +73,22 @@ def time_policy(policy: Policy, repeats: int) -> tuple[float, float, float]:
     return first, float(np.median(times)), float(np.percentile(times, 90))
 
 
+def time_closed_loop(policy: Policy, repeats: int) -> tuple[float, float, float]:
+    """(first chunk s, median s, p90 s) of one closed-loop chunk with the KV cache: next_actions() + observe()."""
+    h, w = policy.resolution
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, (h, w, 3), np.uint8)
+    session = policy.start_rollout(frame, np.zeros(policy.proprio_dim, np.float32), "pick up the block")
+    observation = rng.integers(0, 255, (session.frames_per_observation, h, w, 3), np.uint8)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        session.next_actions()
+        session.observe(observation)
+        times.append(time.perf_counter() - start)
+    return times[0], float(np.median(times[1:])), float(np.percentile(times[1:], 90))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="tiny")
@@ -81,6 +97,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attention", default="dot_product")
     parser.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale of the CFG rows")
+    parser.add_argument("--closed_loop", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time a chunk-causal variant chunk by chunk with the KV cache")
     args = parser.parse_args()
 
     device = jax.devices()[0]
@@ -102,6 +120,16 @@ def main() -> None:
                 cfg_label = "off" if cfg_scale == 1.0 else f"{cfg_scale:g} {'batched' if batched else 'sequential'}"
                 print(f"| {size} | {clip} | {num_steps}/{options.resolved_action_steps} | {cfg_label} | "
                       f"{first:.2f} | {1000 * median:.1f} | {1000 * p90:.1f} |", flush=True)
+        if not args.closed_loop:
+            continue
+        # Same sizes with chunk-causal attention: one chunk (1 latent frame + its actions) per call.
+        config.model.attention_layout = "chunk_causal"
+        for steps in (int(s) for s in args.steps.split(",")):
+            options = SamplerOptions(steps, None, 1.0, True, float(config.diffusion.shift))
+            policy = Policy(config, params, {}, options=options)
+            first, median, p90 = time_closed_loop(policy, args.repeats)
+            print(f"| {size} chunk-causal, KV cache, per chunk incl. observe | {clip} | {steps}/{steps} | off | "
+                  f"{first:.2f} | {1000 * median:.1f} | {1000 * p90:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
