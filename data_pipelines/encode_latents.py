@@ -169,13 +169,15 @@ def make_latents_dataset(
     IterDataset; each process gets `batch_size / process_count` disjoint examples per batch."""
     import grain
 
+    from data_pipelines.process_split import split_for_process
+
     if batch_size % process_count:
         raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
     dataset = grain.MapDataset.source(LatentsCacheSource(cache_dir, vae_config))
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
     dataset = dataset.repeat(num_epochs)
-    dataset = dataset[process_index::process_count]
+    dataset = split_for_process(dataset, process_index, process_count, batch_size // process_count)
     return dataset.to_iter_dataset().batch(batch_size // process_count, drop_remainder=True)
 
 

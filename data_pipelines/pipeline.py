@@ -14,6 +14,7 @@ from absl import flags, logging
 from data_pipelines import config as config_lib
 from data_pipelines import mixture, registry, windowing
 from data_pipelines import stats as stats_lib
+from data_pipelines.process_split import split_for_process
 from data_pipelines.rlds_source import BadRecordError, EpisodeSource, count_bad_record
 
 
@@ -150,8 +151,9 @@ def make_dataset(
         sources.append(source)
         weights.append(weight)
     mixed = mixture.mix_sources(sources, weights)
-    # Striding the infinite stream gives processes disjoint examples with no coordination.
-    shard = mixed[process_index::process_count]
+    # Each process reads a contiguous block of every global batch: disjoint, and the same global batches
+    # whatever the process count.
+    shard = split_for_process(mixed, process_index, process_count, config.batch_size // process_count)
     read_options = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer_size)
     dataset = shard.to_iter_dataset(read_options).batch(config.batch_size // process_count, drop_remainder=True)
     if config.worker_count > 0:

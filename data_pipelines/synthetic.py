@@ -10,6 +10,8 @@ import grain
 import ml_collections
 import numpy as np
 
+from data_pipelines.process_split import split_for_process
+
 INSTRUCTIONS = ("synthetic: move the block right", "synthetic: move the block left", "synthetic: lift the block")
 
 
@@ -71,5 +73,6 @@ def make_synthetic_dataset(
     dataset = grain.MapDataset.range(data_config.synthetic_examples)
     if data_config.shuffle:
         dataset = dataset.shuffle(seed=data_config.seed)
-    dataset = dataset.repeat().map(clip)[process_index::process_count]
+    per_process = data_config.batch_size // process_count
+    dataset = split_for_process(dataset.repeat().map(clip), process_index, process_count, per_process)
     return dataset.to_iter_dataset().batch(data_config.batch_size // process_count, drop_remainder=True)

@@ -1,0 +1,6 @@
+"""The openpi-compatible websocket policy server and a small client for it."""
+
+from wamjax.serving.client import PolicyClient, ServerError
+from wamjax.serving.serve import ObservationSchema, PolicyServer
+
+__all__ = ["ObservationSchema", "PolicyClient", "PolicyServer", "ServerError"]

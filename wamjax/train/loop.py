@@ -32,6 +32,7 @@ from wamjax.parallel.placement import check_placement
 from wamjax.train import inputs as inputs_lib
 from wamjax.train.metrics import MetricsWriter, format_progress
 from wamjax.train.optimizer import make_optimizer
+from wamjax.train.setup import boxed_init_fn, jit_train_step, sharded_init
 from wamjax.train.stages import STAGES
 from wamjax.train.step import StepSpec, TrainState, make_train_step
 
@@ -171,19 +172,9 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
     example = example_inputs(cfg, latent_shape, config.text.max_length, num_actions)
     use_ema = config.optim.ema_decay > 0
 
-    def init_boxed(rng):
-        params = model.init(rng, *example)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          ema_params=params if use_ema else None, rng=rng)
-
     # --- Sharding ----------------------------------------------------------------------------------
-    abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(config.train.seed))
-    state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, list(rules))
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_plain(abstract_boxed),
-        state_shardings,
-    )
-    init_fn = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings)
+    layout = sharded_init(boxed_init_fn(model, example, tx, use_ema), mesh, rules, seed=config.train.seed)
+    state_shardings, abstract_state = layout.shardings, layout.abstract_state
 
     # --- Restore or initialize ---------------------------------------------------------------------
     latest = manager.latest_step()
@@ -202,7 +193,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
         else:
             ledger = saved_ledger
     if not resumed:
-        state = init_fn(jax.random.PRNGKey(config.train.seed))
+        state = layout.init(jax.random.PRNGKey(config.train.seed))
         start_global = previous.final_step if previous is not None else (latest or 0)
         state = state.replace(step=jnp.asarray(start_global, jnp.int32))
         state = _initialize_from(config, stage, state, state_shardings, previous, cfg, workdir)
@@ -219,8 +210,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
                     vae=vae_cfg, pad_to_multiple=pad)
     stage_start = ledger.stage_start_step[stage]
     step_fn = make_train_step(spec, config.diffusion, tx, schedule, config.optim.ema_decay, stage_start)
-    train_step = jax.jit(step_fn, in_shardings=(state_shardings, None, None),
-                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    train_step = jit_train_step(step_fn, state_shardings)
 
     flops = train_step_flops(config, stage)
     peak = peak_flops_per_device(config.flops.device_kind or None)
@@ -294,14 +284,6 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
                         "stage_flops": ledger.stage_flops(stage)})
     logging.info("stage %s ended at step %d (%s); stage FLOPs %.3e", stage, step, reason, ledger.stage_flops(stage))
     return StageResult(stage, state, step, reason)
-
-
-def unbox_plain(tree: Any) -> Any:
-    """Removes logical-axis boxes without sharding constraints (for abstract values outside jit)."""
-    return jax.tree.map(
-        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
-        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
-    )
 
 
 def _vae_params(config: ml_collections.ConfigDict, vae_cfg: Any) -> Any:
