@@ -18,14 +18,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5
 TIMEOUT_S = 600
 
-# Every clip of the synthetic source is clip 0 (synthetic_examples=1): the sources split examples across
-# processes by interleaving, so with distinct clips the global batch order, and with it the pairing of
-# examples with the step's positional noise, would depend on the process count.
+# Distinct clips: each process reads a contiguous block of every global batch, so the 2-process run sees
+# the same global batches (and pairs them with the same noise) as the 1-process run.
 TRAIN_FLAGS = [
     "--config=configs/wam.py:size=tiny,stage=video_pretrain",
     f"--config.train.steps={STEPS}",
     "--config.train.log_every=1",
-    "--config.data.synthetic_examples=1",
     f"--config.checkpoint.every_steps={STEPS}",
 ]
 
