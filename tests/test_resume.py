@@ -1,4 +1,5 @@
-"""Preemption and exact resume: SIGTERM saves and exits 75, SIGKILL loses nothing, on an OXE mixture, both stages."""
+"""Preemption and exact resume: SIGTERM saves and exits 75, SIGKILL loses nothing, both stages, on a mixture of
+OXE datasets (and captioned-video shards in the video stage)."""
 
 import json
 import os
@@ -27,8 +28,16 @@ def oxe_dir(tmp_path_factory):
     from data_pipelines.stats import compute_stats, save_stats
 
     root = str(tmp_path_factory.mktemp("oxe"))
+    from data_pipelines.ingest_video import ingest
+    from data_pipelines.make_videos import make_videos
+
     make_datasets(root, DATASETS.split(","), episodes=6, seed=3, image_size=(48, 64))
     save_stats(compute_stats(root, DATASETS.split(",")), os.path.join(root, "stats.json"))
+    captions = make_videos(os.path.join(root, "videos"), num_videos=4, num_frames=24)
+    videos = [os.path.join(root, "videos", "*.mp4"), os.path.join(root, "videos", "*.mkv")]
+    report = ingest(videos, captions, os.path.join(root, "video_shards"), num_frames=9,
+                    fps=8, resolution=(32, 32), resize_mode="crop", num_shards=2, workers=1, show_progress=False)
+    assert not report.get("skipped"), report
     return root
 
 
@@ -44,6 +53,7 @@ def _overrides(oxe_dir):
         "--config.data.weights=(3.0,1.0)", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
         "--config.checkpoint.every_steps=3", "--config.checkpoint.async_save=True",
         f"--config.stages.video_pretrain.budget_flops={_video_budget()}",
+        f"--config.data.video_shards={oxe_dir}/video_shards", "--config.data.video_weight=1.0",
     ]
 
 

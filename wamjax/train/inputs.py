@@ -53,6 +53,7 @@ def make_stage_dataset(
     if config.stages[stage].mode == "video" and data.video_shards and data.video_weight > 0:
         from data_pipelines.video_source import make_video_dataset
 
+        logging.info("data: captioned-video shards %s mixed in with weight %s", data.video_shards, data.video_weight)
         extra.append((
             make_video_dataset(
                 data.video_shards, num_frames=data.num_frames, resolution=tuple(data.resolution),
