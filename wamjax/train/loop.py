@@ -7,7 +7,6 @@ update step, loop), and the stage end (budget, steps, preemption or numerical fa
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -17,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
 from wamjax.checkpoint import manager as ckpt
@@ -371,8 +369,3 @@ def _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, n
     rate = ledger.stage_flops(stage) / max(ledger.stage_seconds(stage), 1e-9)
     row["eta_budget_s"] = max(budget - ledger.stage_flops(stage), 0.0) / rate if budget else None
     return row
-
-
-def dump_json(path: str, value: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2, default=lambda o: np.asarray(o).tolist())
