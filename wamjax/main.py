@@ -8,6 +8,8 @@ Exit codes: 0 done; 75 preempted (SIGTERM) after saving a checkpoint: run the sa
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 
 from absl import app, flags, logging
@@ -21,7 +23,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def maybe_initialize_distributed(dist) -> None:
-    """Calls jax.distributed.initialize when configured, or when a TPU pod / SLURM job is detected (`auto`)."""
+    """Calls jax.distributed.initialize when configured, or (`auto`) in a SLURM job, a GKE/multislice TPU job
+    or on a Cloud TPU VM."""
     import jax
 
     mode = str(dist.initialize).lower()
@@ -31,6 +34,8 @@ def maybe_initialize_distributed(dist) -> None:
         return
     explicit = bool(dist.coordinator_address)
     detected = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+    # A Cloud TPU VM (TPU chips plus libtpu): jax.distributed finds its workers from the VM's metadata.
+    detected = detected or bool(glob.glob("/dev/accel*") and importlib.util.find_spec("libtpu"))
     if mode == "auto" and not (explicit or detected):
         return
     kwargs = {}
