@@ -23,21 +23,29 @@ class WeightImportError(ValueError):
 
 
 def to_numpy(value: Any) -> np.ndarray:
-    """A torch tensor, jax array or numpy array as a numpy array (bfloat16 kept via ml_dtypes)."""
+    """A torch tensor, jax array or numpy array as a numpy array (torch bfloat16 widened to float32)."""
     if hasattr(value, "detach"):  # torch.Tensor without importing torch here
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
-            import ml_dtypes
-
-            return value.float().numpy().astype(ml_dtypes.bfloat16)
+            value = value.float()
         return value.numpy()
     return np.asarray(value)
 
 
-def read_safetensors_folder(path: str, weights_name: str = "diffusion_pytorch_model") -> dict[str, np.ndarray]:
-    """Reads one safetensors file, or every shard listed in `<weights_name>.safetensors.index.json`."""
+def read_safetensors_file(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file as numpy (bfloat16 files are read through torch)."""
     from safetensors import safe_open
 
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except TypeError:  # numpy has no bfloat16
+        with safe_open(path, framework="pt") as f:
+            return {key: to_numpy(f.get_tensor(key)) for key in f.keys()}
+
+
+def read_safetensors_folder(path: str, weights_name: str = "diffusion_pytorch_model") -> dict[str, np.ndarray]:
+    """Reads one safetensors file, or every shard listed in `<weights_name>.safetensors.index.json`."""
     if os.path.isfile(path):
         files = [path]
     else:
@@ -52,9 +60,7 @@ def read_safetensors_folder(path: str, weights_name: str = "diffusion_pytorch_mo
             raise FileNotFoundError(f"no {weights_name}.safetensors or its index under {path}")
     state: dict[str, np.ndarray] = {}
     for file in files:
-        with safe_open(file, framework="np") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
+        state |= read_safetensors_file(file)
     return state
 
 

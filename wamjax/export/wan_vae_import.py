@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from wamjax.export.wan_import import read_safetensors_file, read_safetensors_folder, to_numpy
 from wamjax.models.vae import (
     WAN21_LATENTS_MEAN,
     WAN21_LATENTS_STD,
@@ -19,34 +20,6 @@ from wamjax.models.vae import (
     vae_param_shapes,
 )
 
-_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor; torch is optional here
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        value = value.numpy()
-    return np.asarray(value)
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    out = {}
-    try:
-        with safe_open(path, framework="numpy") as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-    except TypeError:
-        # numpy has no bfloat16: read through torch when a checkpoint is stored in it.
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                out[key] = _to_numpy(f.get_tensor(key))
-    return out
-
 
 def _read_folder(folder: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
     config = None
@@ -54,18 +27,7 @@ def _read_folder(folder: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | N
     if os.path.exists(config_path):
         with open(config_path) as f:
             config = json.load(f)
-    single = os.path.join(folder, _WEIGHTS_NAME)
-    index = os.path.join(folder, _INDEX_NAME)
-    if os.path.exists(single):
-        return _read_safetensors(single), config
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state: dict[str, np.ndarray] = {}
-        for shard in shards:
-            state |= _read_safetensors(os.path.join(folder, shard))
-        return state, config
-    raise FileNotFoundError(f"{folder} holds neither {_WEIGHTS_NAME} nor {_INDEX_NAME}")
+    return read_safetensors_folder(folder), config
 
 
 def infer_vae_config(state: Mapping[str, Any]) -> VAEConfig:
@@ -148,7 +110,7 @@ def convert_diffusers_vae_state(
     expected = vae_param_shapes(vae_config)
     flat: dict[str, np.ndarray] = {}
     for torch_key in state:
-        name, value = _convert(torch_key, _to_numpy(state[torch_key]))
+        name, value = _convert(torch_key, to_numpy(state[torch_key]))
         if name not in expected:
             raise KeyError(f"unexpected key {torch_key!r} in the Wan VAE state dict (maps to {name!r})")
         if tuple(value.shape) != expected[name]:
@@ -185,7 +147,7 @@ def import_diffusers_wan_vae(
         if os.path.isdir(path):
             state, config_dict = _read_folder(path)
         elif os.path.isfile(path) and path.endswith(".safetensors"):
-            state = _read_safetensors(path)
+            state = read_safetensors_file(path)
         else:
             raise FileNotFoundError(f"{path} is neither a diffusers VAE folder nor a .safetensors file")
     if vae_config is None:
