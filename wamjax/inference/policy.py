@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from data_pipelines.stats import normalize
+from data_pipelines.stats import normalize, unnormalize
 from wamjax.diffusion.sampler import SamplerOptions, sample
 from wamjax.export.load import load_checkpoint, load_norm_stats
 from wamjax.models import vae as vae_lib
@@ -26,25 +26,6 @@ from wamjax.models.config import ModelConfig, model_config_from_run
 from wamjax.train.inputs import TextEmbedder
 
 Params = Any
-
-
-def unnormalize(values: np.ndarray, group_stats: Mapping[str, Any], method: str) -> np.ndarray:
-    """Inverse of `data_pipelines.stats.normalize` on its masked dimensions (unmasked ones pass through).
-
-    "bounds" maps [-1, 1] back to [q01, q99]; "normal" multiplies by std and adds the mean.
-    """
-    values = np.asarray(values, np.float32)
-    mask = np.asarray(group_stats["mask"], bool)
-    if mask.shape[-1] != values.shape[-1]:
-        raise ValueError(f"stats cover {mask.shape[-1]} dims; values have shape {values.shape}")
-    if method == "bounds":
-        low, high = np.asarray(group_stats["q01"]), np.asarray(group_stats["q99"])
-        raw = (np.clip(values, -1.0, 1.0) + 1.0) / 2.0 * np.maximum(high - low, 1e-8) + low
-    elif method == "normal":
-        raw = values * np.maximum(np.asarray(group_stats["std"]), 1e-8) + np.asarray(group_stats["mean"])
-    else:
-        raise ValueError(f"Unknown action_normalization {method!r}; expected 'bounds' or 'normal'")
-    return np.where(mask, raw, values).astype(np.float32)
 
 
 def select_dataset_stats(norm_stats: Mapping[str, Any], dataset: str | None) -> dict[str, Any] | None:
