@@ -50,8 +50,7 @@ def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
 
 def frames_to_latents(vae_config: Any, vae_params: Params, frames: jax.Array) -> jax.Array:
     """uint8 frames [B, T, H, W, 3] -> normalized VAE latents [B, 1+(T-1)/4, H/8, W/8, z], no gradients."""
-    video = frames.astype(jnp.float32) / 127.5 - 1.0
-    latents = vae_lib.vae_encode(vae_config, vae_params, video)
+    latents = vae_lib.vae_encode(vae_config, vae_params, vae_lib.frames_to_video(frames))
     return jax.lax.stop_gradient(vae_lib.normalize_latents(vae_config, latents))
 
 
