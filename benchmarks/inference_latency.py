@@ -11,7 +11,6 @@ steps, action steps, CFG scale and whether CFG is batched with the conditional p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
 
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wamjax import config_files
 from wamjax.diffusion.sampler import SamplerOptions
 from wamjax.inference.policy import Policy
 from wamjax.models.config import model_config_from_run
@@ -29,10 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_config(size: str, dtype: str, attention: str):
     """configs/wam.py's action_tune config for `size`, with the compute dtype and attention kernel set."""
-    spec = importlib.util.spec_from_file_location("wam_config", os.path.join(REPO, "configs", "wam.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(f"size={size},stage=action_tune")
+    config = config_files.get_config(f"{os.path.join(REPO, 'configs', 'wam.py')}:size={size},stage=action_tune")
     config.model.dtype = dtype
     config.model.attention = attention
     return config

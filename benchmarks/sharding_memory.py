@@ -11,13 +11,14 @@ train step on the local devices (fsdp over all of them) and reads XLA's memory a
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
 import jax
 import numpy as np
 from absl import app, flags
+
+from wamjax import config_files
 
 _SIZES = flags.DEFINE_list("sizes", ["wan1.3b", "wan14b"], "Model sizes for the FSDP table.")
 _FSDP = flags.DEFINE_list("fsdp", ["1", "8", "64", "256"], "FSDP axis sizes (data = tensor = sequence = 1).")
@@ -30,10 +31,7 @@ _TOLERANCE = flags.DEFINE_float("tolerance", 0.05, "Allowed relative deviation f
 def load_config(size: str, stage: str):
     """configs/wam.py for the size and stage."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "wam.py")
-    spec = importlib.util.spec_from_file_location("wam_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(f"size={size},stage={stage}")
+    return config_files.get_config(f"{path}:size={size},stage={stage}")
 
 
 def abstract_state_and_step(config, stage: str, pad_to_multiple: int = 1):

@@ -9,7 +9,6 @@ device on fsdp. MFU is model FLOPs (3x forward, no remat recompute) over the dev
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import time
@@ -18,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+from wamjax import config_files
 
 _SIZE = flags.DEFINE_string("size", "tiny", "Model size.")
 _STAGE = flags.DEFINE_string("stage", "action_tune", "video_pretrain (video tokens) or action_tune (joint).")
@@ -32,10 +33,7 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).
 
 def _config():
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "wam.py")
-    spec = importlib.util.spec_from_file_location("wam_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(f"size={_SIZE.value},stage={_STAGE.value}")
+    config = config_files.get_config(f"{path}:size={_SIZE.value},stage={_STAGE.value}")
     config.data.num_frames = _FRAMES.value
     config.data.resolution = tuple(int(x) for x in _RES.value)
     config.data.batch_size = _BATCH.value

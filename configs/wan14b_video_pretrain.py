@@ -16,20 +16,17 @@ Assumptions (stated, not fitted to the published number; `python -m wamjax.flops
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import ml_collections
+
+from wamjax.config_files import load_config_module
 
 PUBLISHED_FLOPS = 66e21
 
 
 def _base_module():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wam.py")
-    spec = importlib.util.spec_from_file_location("_wam_base_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "wam.py"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from data_pipelines.stats import normalize
+from wamjax import config_files
 from wamjax.checkpoint import manager as ckpt
 from wamjax.export import to_torch
 from wamjax.export.torch_wam import WorldActionModel as TorchWam
@@ -379,10 +380,7 @@ def checkpoint(tmp_path_factory):
     """A tiny action_tune checkpoint with EMA params, trained 2 steps in-process on synthetic data."""
     from wamjax.train.loop import train
 
-    spec = importlib.util.spec_from_file_location("wamcfg", os.path.join(REPO, "configs", "wam.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("size=tiny,stage=action_tune")
+    config = config_files.get_config(f"{os.path.join(REPO, 'configs', 'wam.py')}:size=tiny,stage=action_tune")
     config.train.steps = 2
     config.checkpoint.async_save = False
     config.data.batch_size = 8  # divisible by the 8 simulated devices of the fsdp axis

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from wamjax import config_files
 from wamjax.flops import analytic, ledger, peak, report, xla
 from wamjax.flops.ledger import FlopLedger, format_flops, steps_for_budget
 from wamjax.models import vae as vae_lib
@@ -22,11 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_config(name: str, arg: str):
-    path = os.path.join(REPO, "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_test_cfg_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_files.load_config_module(os.path.join(REPO, "configs", f"{name}.py")).get_config(arg)
 
 
 def _model(size: str, **overrides) -> ModelConfig:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import os
 
 import flax.linen as nn
@@ -13,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from wamjax import config_files
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import model_config_from_run
 from wamjax.models.wam import WorldActionModel, example_inputs
@@ -26,10 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config(arg: str):
-    spec = importlib.util.spec_from_file_location("_test_sharding_wam_config", os.path.join(REPO, "configs", "wam.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_files.get_config(f"{os.path.join(REPO, 'configs', 'wam.py')}:{arg}")
 
 
 # (data, fsdp, tensor, sequence)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,15 +9,14 @@ import sys
 
 import ml_collections
 
+from wamjax import config_files
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config(arg: str) -> ml_collections.ConfigDict:
     """configs/wam.py's get_config(arg), loaded as config_flags would load it."""
-    spec = importlib.util.spec_from_file_location("wam_config", os.path.join(REPO, "configs", "wam.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_files.get_config(f"{os.path.join(REPO, 'configs', 'wam.py')}:{arg}")
 
 
 def main_command(workdir: str, arg: str, *overrides: str) -> list[str]:
