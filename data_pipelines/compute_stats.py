@@ -42,6 +42,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", None, "JSON file to write.")
     flags.DEFINE_integer("proprio_dim", 8, "Proprio is zero-padded to this many dims (data.proprio_dim).")
     flags.DEFINE_string("split", "train", "TFDS split to read.")
-    flags.DEFINE_bool("skip_bad_records", False, "Skip and count unreadable episodes instead of failing.")
+    flags.DEFINE_bool("skip_bad_records", False, "Skip and count unreadable shards and episodes instead of failing.")
     flags.DEFINE_integer("max_episodes", None, "Read at most this many episodes per dataset.")
     app.run(main)

@@ -29,7 +29,7 @@ def get_data_config() -> ml_collections.ConfigDict:
     config.read_threads = 2
     config.prefetch_buffer_size = 16
     config.stats_path = ""  # JSON from `python -m data_pipelines.compute_stats`; empty: compute at start-up
-    config.skip_bad_records = False
+    config.skip_bad_records = False  # skip, count and log unreadable shards and records instead of failing
     config.wrist_camera = False
     return config
 

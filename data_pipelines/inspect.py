@@ -1,9 +1,11 @@
 """Reads every episode of OXE datasets through the pipeline's own reader and prints a summary.
 
-    python -m data_pipelines.inspect --data_dir=DIR [--datasets=a,b]
+    python -m data_pipelines.inspect --data_dir=DIR [--datasets=a,b] [--skip_bad_records]
 
-Run it on an OXE copy before a long job: it exits non-zero on the first bad record, naming the
-dataset, file and record index.
+Run it on an OXE copy before a long job. Every shard is opened first: unreadable shards (truncated,
+half-copied) are listed with dataset, file and reason. A dataset's records are then read until the
+first bad one (named with dataset, file and record index). Any of these makes it exit non-zero, unless
+`--skip_bad_records`: then they are counted in the summary, as training with data.skip_bad_records would.
 """
 
 from __future__ import annotations
@@ -17,39 +19,60 @@ import numpy as np
 from absl import app, flags
 
 from data_pipelines import registry
-from data_pipelines.rlds_source import BadRecordError, EpisodeSource, find_dataset_dir
+from data_pipelines.rlds_source import BadRecordError, EpisodeSource, count_bad_record, find_dataset_dir
+from data_pipelines.shards import BadShardError
 
 FLAGS = flags.FLAGS
 
 
-def inspect_dataset(data_dir: str, name: str, split: str = "train", decode_frames: bool = True) -> dict[str, Any]:
+def inspect_dataset(
+    data_dir: str,
+    name: str,
+    split: str = "train",
+    decode_frames: bool = True,
+    *,
+    skip_bad_records: bool = False,
+    source: EpisodeSource | None = None,
+) -> dict[str, Any]:
     """Summary of one dataset: episodes, steps, unique instructions, per-dimension action range.
 
-    Raises `BadRecordError` on the first bad record. With `decode_frames`, every primary and wrist frame
-    is decoded too (slower; catches corrupt images in the middle of an episode).
+    Raises `BadShardError` on an unreadable shard and `BadRecordError` on the first bad record, unless
+    `skip_bad_records`: then both are counted (`bad_shards`, `bad_records`) and left out. With
+    `decode_frames`, every primary and wrist frame is decoded too (slower; catches corrupt images in the
+    middle of an episode). `source` reuses an already opened source of the dataset.
     """
-    source = EpisodeSource(data_dir, name, split)
-    steps, instructions = 0, set()
+    if source is None:
+        source = EpisodeSource(data_dir, name, split, skip_bad_shards=skip_bad_records)
+    steps, instructions, bad_records = 0, set(), 0
     low = np.full(registry.ACTION_DIM, np.inf, np.float32)
     high = np.full(registry.ACTION_DIM, -np.inf, np.float32)
     for index in range(len(source)):
-        episode = source[index]
-        if decode_frames:
-            for i in range(len(episode)):
-                episode.decode_frame(i, None)
-                if episode.wrist_images is not None:
-                    episode.decode_frame(i, None, wrist=True)
+        try:
+            episode = source[index]
+            if decode_frames:
+                for i in range(len(episode)):
+                    episode.decode_frame(i, None)
+                    if episode.wrist_images is not None:
+                        episode.decode_frame(i, None, wrist=True)
+        except BadRecordError as e:
+            if not skip_bad_records:
+                raise
+            count_bad_record(e)
+            bad_records += 1
+            continue
         steps += len(episode)
         instructions.add(episode.instruction)
         low = np.minimum(low, episode.actions.min(0))
         high = np.maximum(high, episode.actions.max(0))
     return {
         "dataset": name,
-        "episodes": len(source),
+        "episodes": len(source) - bad_records,
         "steps": steps,
         "unique_instructions": len(instructions),
         "action_min": low.tolist(),
         "action_max": high.tolist(),
+        "bad_shards": [{"file": e.filename, "reason": e.reason} for e in source.bad_shards],
+        "bad_records": bad_records,
     }
 
 
@@ -70,10 +93,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     ranges = ", ".join(
         f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(summary["action_min"], summary["action_max"], strict=True)
     )
-    return (
+    text = (
         f"{summary['dataset']}: {summary['episodes']} episodes, {summary['steps']} steps, "
         f"{summary['unique_instructions']} unique instructions\n  action ranges (xyz, rpy, gripper): {ranges}"
     )
+    if summary["bad_shards"] or summary["bad_records"]:
+        text += (
+            f"\n  skipped {len(summary['bad_shards'])} unreadable shards and {summary['bad_records']} bad records"
+        )
+    return text
 
 
 def main(argv: Sequence[str]) -> None:
@@ -88,9 +116,21 @@ def main(argv: Sequence[str]) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    skip = FLAGS.skip_bad_records
+    # Shards first, every dataset: a copy with several half-copied files is reported in one run.
+    sources = {}
     for name in names:
         try:
-            summary = inspect_dataset(data_dir, name, FLAGS.split, decode_frames=FLAGS.decode_frames)
+            sources[name] = EpisodeSource(data_dir, name, FLAGS.split, skip_bad_shards=skip)
+        except BadShardError as e:
+            print(f"ERROR: {e} (or pass --skip_bad_records)", file=sys.stderr, flush=True)
+    if len(sources) < len(names):
+        sys.exit(1)
+    for name in names:
+        try:
+            summary = inspect_dataset(
+                data_dir, name, FLAGS.split, FLAGS.decode_frames, skip_bad_records=skip, source=sources[name]
+            )
         except BadRecordError as e:
             print(f"ERROR: {e}", file=sys.stderr)
             sys.exit(1)
@@ -103,4 +143,5 @@ if __name__ == "__main__":
     flags.DEFINE_list("datasets", None, "Dataset names (default: every registered dataset found in data_dir).")
     flags.DEFINE_string("split", "train", "TFDS split to read.")
     flags.DEFINE_bool("decode_frames", True, "Decode every frame too, not only the image headers.")
+    flags.DEFINE_bool("skip_bad_records", False, "Count unreadable shards and bad records instead of failing.")
     app.run(main)

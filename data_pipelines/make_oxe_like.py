@@ -430,12 +430,14 @@ def make_datasets(
     min_steps: int = 20,
     max_steps: int = 40,
     file_format: str = "array_record",
+    num_shards: int | None = None,
 ) -> None:
     """Writes `episodes` generated episodes of each OXE dataset in `datasets` to `out_dir/<name>/<version>`.
 
     `image_size` (H, W) replaces every camera's published shape (the keys and encodings stay); None keeps
     the published shapes. `file_format` is "array_record" (random access, what the pipeline reads) or
-    "tfrecord" (the format OXE is published in; see `data_pipelines.convert`).
+    "tfrecord" (the format OXE is published in; see `data_pipelines.convert`). `num_shards` fixes the
+    number of shard files per dataset (None: TFDS picks by size).
     """
     tfds.disable_progress_bar()
     unknown = [name for name in datasets if name not in MAKERS]
@@ -455,7 +457,8 @@ def make_datasets(
 
         builder = _builder(name, out_dir, maker.features(shapes), generate, maker.version)
         builder.download_and_prepare(
-            file_format=file_format, download_config=tfds.download.DownloadConfig(verify_ssl=False)
+            file_format=file_format,
+            download_config=tfds.download.DownloadConfig(verify_ssl=False, num_shards=num_shards),
         )
         logging.info("Wrote %d episodes of %s to %s", episodes, name, builder.data_dir)
 
@@ -475,6 +478,7 @@ def main(argv: Sequence[str]) -> None:
         FLAGS.seed,
         image_size=image_size,
         file_format=FLAGS.file_format,
+        num_shards=FLAGS.num_shards,
     )
     print(f"Wrote {FLAGS.episodes} episodes of {', '.join(FLAGS.datasets)} to {FLAGS.out}")
 
@@ -486,5 +490,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("episodes", 8, "Episodes per dataset.")
     flags.DEFINE_integer("seed", 0, "Random seed of trajectories and scenes.")
     flags.DEFINE_list("image_size", None, "H,W replacing every camera's published shape.")
+    flags.DEFINE_integer("num_shards", None, "Shard files per dataset (default: TFDS picks by size).")
     flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"], "Storage format.")
     app.run(main)

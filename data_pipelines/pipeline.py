@@ -110,7 +110,7 @@ def clip_source(
 ) -> grain.MapDataset:
     """An infinite, shuffled-per-epoch MapDataset of clips of dataset `name` (before mixing)."""
     windowing.check_num_frames(config.num_frames)
-    source = EpisodeSource(config.data_dir, name, config.split)
+    source = EpisodeSource(config.data_dir, name, config.split, skip_bad_shards=config.skip_bad_records)
     if len(source) == 0:
         raise ValueError(f"Dataset {name!r} at {source.dataset_dir} has no episodes in split {config.split!r}")
     slots = grain.MapDataset.range(len(source) * config.clips_per_episode)

@@ -22,7 +22,7 @@ from absl import logging
 from PIL import Image
 from tensorflow_datasets.proto import tf_example_pb2
 
-from data_pipelines import registry
+from data_pipelines import registry, shards
 
 _BAD_RECORDS: Counter[str] = Counter()
 _BAD_RECORDS_LOCK = threading.Lock()
@@ -127,9 +127,13 @@ class EpisodeSource:
 
     Picklable (Grain workers rebuild the readers lazily), `len()` is the number of episodes, and
     `source[i]` returns an `Episode` or raises `BadRecordError`.
+
+    Every shard is opened once here (`data_pipelines.shards`): an unreadable one (truncated, half-copied)
+    raises `BadShardError` naming the dataset and file, or with `skip_bad_shards` is left out with its
+    episodes (listed in `bad_shards`, counted by `shards.bad_shard_counts`).
     """
 
-    def __init__(self, data_dir: str, name: str, split: str = "train"):
+    def __init__(self, data_dir: str, name: str, split: str = "train", *, skip_bad_shards: bool = False):
         self.name = name
         self.spec = registry.get_spec(name)
         self.dataset_dir = find_dataset_dir(data_dir, name)
@@ -143,10 +147,14 @@ class EpisodeSource:
                 f"Dataset {name!r} at {self.dataset_dir} is stored as {info.file_format.value}; "
                 "random access needs array_record. Convert it once with `python -m data_pipelines.convert`."
             )
-        self.filenames = [os.path.join(self.dataset_dir, f) for f in info.splits[split].filenames]
-        shard_lengths = list(info.splits[split].shard_lengths)
-        self._shard_starts = list(np.cumsum([0, *shard_lengths[:-1]]).astype(int))
-        self._length = int(sum(shard_lengths))
+        filenames = [os.path.join(self.dataset_dir, f) for f in info.splits[split].filenames]
+        good, self.bad_shards = shards.check_shards(
+            name, filenames, list(info.splits[split].shard_lengths), skip_bad=skip_bad_shards
+        )
+        self.filenames = [filenames[i] for i, _ in good]
+        self._shard_lengths = [records for _, records in good]
+        self._shard_starts = list(np.cumsum([0, *self._shard_lengths[:-1]]).astype(int))
+        self._length = int(sum(self._shard_lengths))
         self._reader: Any = None
         self._features: Any = info.features
 
@@ -172,7 +180,8 @@ class EpisodeSource:
         if self._features is None:
             self._features = tfds.builder_from_directory(self.dataset_dir).info.features
         if self._reader is None:
-            self._reader = grain.sources.ArrayRecordDataSource(self.filenames)
+            paths = shards.sliced_paths(self.filenames, self._shard_lengths)
+            self._reader = grain.sources.ArrayRecordDataSource(paths)
 
     def __getitem__(self, index: int) -> Episode:
         if not 0 <= index < self._length:

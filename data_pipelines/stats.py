@@ -75,6 +75,7 @@ def dataset_stats(
         "proprio": _summary(np.concatenate(proprios), proprio_mask),
         "num_episodes": len(actions),
         "num_transitions": int(len(all_actions)),
+        "skipped_shards": [os.path.basename(e.filename) for e in source.bad_shards],
     }
 
 
@@ -90,7 +91,7 @@ def compute_stats(
     """Statistics of each dataset in `datasets` under `data_dir`, in the JSON layout of this module."""
     out: dict[str, Any] = {"format_version": FORMAT_VERSION, "proprio_dim": proprio_dim, "datasets": {}}
     for name in datasets:
-        source = EpisodeSource(data_dir, name, split)
+        source = EpisodeSource(data_dir, name, split, skip_bad_shards=skip_bad_records)
         out["datasets"][name] = dataset_stats(source, proprio_dim, skip_bad_records, max_episodes)
         logging.info("Statistics of %s: %d episodes", name, out["datasets"][name]["num_episodes"])
     return out

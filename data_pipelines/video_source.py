@@ -21,6 +21,8 @@ import numpy as np
 from array_record.python import array_record_data_source
 from PIL import Image
 
+from data_pipelines import shards as shards_lib
+
 if TYPE_CHECKING:
     import grain
 
@@ -31,6 +33,7 @@ SHARD_SUFFIX = ".array_record"
 ARRAY_RECORD_WRITER_OPTIONS = "group_size:1,uncompressed"
 RECORD_FORMAT_VERSION = 1
 RESIZE_MODES = ("crop", "pad")
+DATASET_NAME = "captioned_video"  # how errors and bad-shard counts name these shards
 
 _SHARD_NAME_RE = re.compile(rf"^{SHARD_PREFIX}-(\d{{5}})-of-(\d{{5}}){re.escape(SHARD_SUFFIX)}$")
 _RECORD_KEYS = (
@@ -147,14 +150,20 @@ class VideoClipSource:
 
     Implements Grain's RandomAccessDataSource protocol (`__len__`, `__getitem__`) and pickles into
     Grain worker processes. Items hold encoded frames (bytes) and metadata; `make_video_dataset`
-    decodes them.
+    decodes them. Every shard is opened once here: an unreadable one (truncated, half-copied) raises
+    `BadShardError` naming the file, or with `skip_bad_shards` is left out (listed in `bad_shards`,
+    counted under `DATASET_NAME` by `shards.bad_shard_counts`).
     """
 
-    def __init__(self, shards: str | Sequence[str], *, require_complete: bool = True):
-        self._paths = find_shards(shards, require_complete=require_complete)
+    def __init__(self, shards: str | Sequence[str], *, require_complete: bool = True, skip_bad_shards: bool = False):
+        paths = find_shards(shards, require_complete=require_complete)
+        good, self.bad_shards = shards_lib.check_shards(DATASET_NAME, paths, skip_bad=skip_bad_shards)
+        self._paths = [paths[i] for i, _ in good]
         # array_record's own source, not grain's wrapper: ingest workers import this module for the
         # record format, and importing grain pulls in JAX (seconds per spawned worker).
-        self._source = array_record_data_source.ArrayRecordDataSource(self._paths)
+        self._source = array_record_data_source.ArrayRecordDataSource(
+            shards_lib.sliced_paths(self._paths, [records for _, records in good])
+        )
 
     @property
     def paths(self) -> list[str]:
@@ -288,6 +297,7 @@ def make_video_dataset(
     resize_mode: str = "crop",
     include_metadata: bool = False,
     require_complete: bool = True,
+    skip_bad_shards: bool = False,
 ) -> grain.MapDataset:
     """Grain MapDataset of contract examples (one clip each) from a shard directory, glob or path list.
 
@@ -295,7 +305,8 @@ def make_video_dataset(
     (None: forever), and decoded to `num_frames` frames of `resolution` (H, W). Clips stored with more
     frames are cut to the first `num_frames`; shorter ones are padded with the last frame, masked
     out. `include_metadata` adds `clip_source`, `clip_start_time`, `clip_frame_times` and `clip_fps`
-    (not part of the shared contract: leave it off when mixing with other sources).
+    (not part of the shared contract: leave it off when mixing with other sources). An unreadable
+    shard raises `BadShardError`, or with `skip_bad_shards` is skipped, counted and logged.
     """
     if num_frames < 1 or (num_frames - 1) % 4 != 0:
         raise ValueError(f"num_frames={num_frames}, expected 1 + 4k (Wan VAE's causal 4x time compression)")
@@ -305,7 +316,7 @@ def make_video_dataset(
         raise ValueError(f"resize_mode={resize_mode!r}, expected one of {RESIZE_MODES}")
     import grain  # Deferred: see VideoClipSource.__init__.
 
-    source = VideoClipSource(shards, require_complete=require_complete)
+    source = VideoClipSource(shards, require_complete=require_complete, skip_bad_shards=skip_bad_shards)
     dataset = grain.MapDataset.source(source)
     if shuffle:
         dataset = dataset.shuffle(seed=seed)

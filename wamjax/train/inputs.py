@@ -58,7 +58,7 @@ def make_stage_dataset(
             make_video_dataset(
                 data.video_shards, num_frames=data.num_frames, resolution=tuple(data.resolution),
                 proprio_dim=data.proprio_dim, dataset_index=len(oxe_pipeline.config_lib.dataset_names(data)),
-                seed=data.seed, num_epochs=None,
+                seed=data.seed, num_epochs=None, skip_bad_shards=data.skip_bad_records,
             ),
             float(data.video_weight),
         ))
