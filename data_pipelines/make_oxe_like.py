@@ -2,8 +2,9 @@
 
 There is no network in tests or on many clusters, so this module makes datasets whose feature specs
 (observation keys, image encodings, state, action as a tensor or a dict, language instruction,
-is_first/is_last/is_terminal, reward, discount) follow the real OXE releases of the same name. Image
-shapes default to the published ones and can be shrunk with `image_size` for speed.
+is_first/is_last/is_terminal, reward, discount where published, episode metadata) follow the real OXE
+releases of the same name, as `tests/test_oxe_specs.py` checks against the published specs. Image shapes
+default to the published ones and can be shrunk with `image_size` for speed.
 
 Frames are rendered procedurally: an end effector moves over a textured table according to the
 episode's actions (xyz translation, yaw, gripper), so a model can learn how actions change frames.
@@ -26,8 +27,11 @@ from absl import app, flags, logging
 
 _IMAGE = tfds.features.Image
 _TENSOR = tfds.features.Tensor
-_TEXT = tfds.features.Text
 _SCALAR = tfds.features.Scalar
+# The releases store text as plain string tensors (not tfds.features.Text) and scalars such as
+# `terminate_episode` as shape-() tensors; only reward (and DROID's discount) are Scalar features.
+_STRING = _TENSOR(shape=(), dtype=np.object_)
+_F32 = _TENSOR(shape=(), dtype=np.float32)
 
 # Instruction -> direction of motion in the image plane (x right, y down) and whether the gripper
 # closes half-way; motion depends on the instruction so conditioning carries signal.
@@ -109,18 +113,25 @@ def _embedding(instruction: str) -> np.ndarray:
     return rng.normal(size=512).astype(np.float32)
 
 
-def _base_steps(traj: _Trajectory) -> list[dict[str, Any]]:
+def _base_steps(traj: _Trajectory, discount: bool = False) -> list[dict[str, Any]]:
     length = len(traj.gripper_open)
-    return [
+    steps = [
         {
             "is_first": i == 0,
             "is_last": i == length - 1,
             "is_terminal": i == length - 1,
             "reward": np.float32(1.0 if i == length - 1 else 0.0),
-            "discount": np.float32(1.0),
         }
         for i in range(length)
     ]
+    if discount:  # Only some releases (DROID) carry a discount.
+        for step in steps:
+            step["discount"] = np.float32(1.0)
+    return steps
+
+
+def _quaternion_z(yaw: float) -> np.ndarray:
+    return np.array([np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,41 +145,62 @@ class _Maker:
 
 
 def _fractal_features(shapes: dict[str, tuple[int, int]]) -> tfds.features.FeaturesDict:
+    f32 = np.float32
     return tfds.features.FeaturesDict(
         {
+            # Episode-level crowd ratings and collection attributes of RT-1.
+            "aspects": {
+                key: np.bool_ for key in ("already_success", "feasible", "has_aspects", "success", "undesirable")
+            },
+            "attributes": {
+                **{key: np.int64 for key in _FRACTAL_ATTRIBUTES},
+                **{f"{key}_name": _STRING for key in _FRACTAL_ATTRIBUTES},
+            },
             "steps": tfds.features.Dataset(
                 {
                     "action": {
-                        "base_displacement_vector": _TENSOR(shape=(2,), dtype=np.float32),
-                        "base_displacement_vertical_rotation": _TENSOR(shape=(1,), dtype=np.float32),
-                        "gripper_closedness_action": _TENSOR(shape=(1,), dtype=np.float32),
-                        "rotation_delta": _TENSOR(shape=(3,), dtype=np.float32),
+                        "base_displacement_vector": _TENSOR(shape=(2,), dtype=f32),
+                        "base_displacement_vertical_rotation": _TENSOR(shape=(1,), dtype=f32),
+                        "gripper_closedness_action": _TENSOR(shape=(1,), dtype=f32),
+                        "rotation_delta": _TENSOR(shape=(3,), dtype=f32),
                         "terminate_episode": _TENSOR(shape=(3,), dtype=np.int32),
-                        "world_vector": _TENSOR(shape=(3,), dtype=np.float32),
+                        "world_vector": _TENSOR(shape=(3,), dtype=f32),
                     },
-                    "discount": _SCALAR(dtype=np.float32),
                     "is_first": np.bool_,
                     "is_last": np.bool_,
                     "is_terminal": np.bool_,
                     "observation": {
-                        "base_pose_tool_reached": _TENSOR(shape=(7,), dtype=np.float32),
-                        "gripper_closed": _TENSOR(shape=(1,), dtype=np.float32),
+                        "base_pose_tool_reached": _TENSOR(shape=(7,), dtype=f32),
+                        "gripper_closed": _TENSOR(shape=(1,), dtype=f32),
+                        "gripper_closedness_commanded": _TENSOR(shape=(1,), dtype=f32),
+                        "height_to_bottom": _TENSOR(shape=(1,), dtype=f32),
                         "image": _IMAGE(shape=(*shapes["image"], 3), dtype=np.uint8, encoding_format="jpeg"),
-                        "natural_language_embedding": _TENSOR(shape=(512,), dtype=np.float32),
-                        "natural_language_instruction": _TEXT(),
-                        "rotation_delta_to_go": _TENSOR(shape=(3,), dtype=np.float32),
-                        "vector_to_go": _TENSOR(shape=(3,), dtype=np.float32),
+                        "natural_language_embedding": _TENSOR(shape=(512,), dtype=f32),
+                        "natural_language_instruction": _STRING,
+                        "orientation_box": _TENSOR(shape=(2, 3), dtype=f32),
+                        "orientation_start": _TENSOR(shape=(4,), dtype=f32),
+                        "robot_orientation_positions_box": _TENSOR(shape=(3, 3), dtype=f32),
+                        "rotation_delta_to_go": _TENSOR(shape=(3,), dtype=f32),
+                        "src_rotation": _TENSOR(shape=(4,), dtype=f32),
+                        "vector_to_go": _TENSOR(shape=(3,), dtype=f32),
+                        "workspace_bounds": _TENSOR(shape=(3, 3), dtype=f32),
                     },
-                    "reward": _SCALAR(dtype=np.float32),
+                    "reward": _SCALAR(dtype=f32),
                 }
-            )
+            ),
         }
     )
+
+
+_FRACTAL_ATTRIBUTES = ("collection_mode", "data_type", "env", "location", "objects_family", "task_family")
+# The effector's reachable box (rows: min xyz, max xyz, center xyz) in the generator's unit cube.
+_FRACTAL_WORKSPACE = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]], np.float32)
 
 
 def _fractal_episode(traj: _Trajectory, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
     steps = _base_steps(traj)
     embedding = _embedding(traj.instruction)
+    start_rotation = _quaternion_z(float(traj.eef_pose[0, 5]))
     for i, step in enumerate(steps):
         closed = 1.0 - traj.gripper_open[i]
         step["action"] = {
@@ -180,17 +212,28 @@ def _fractal_episode(traj: _Trajectory, shapes: dict[str, tuple[int, int]]) -> d
             "terminate_episode": np.array([0, 1, 0] if i < len(steps) - 1 else [1, 0, 0], np.int32),
             "world_vector": traj.eef_delta[i, :3].astype(np.float32),
         }
-        quaternion = np.array([np.cos(traj.eef_pose[i, 5] / 2), 0, 0, np.sin(traj.eef_pose[i, 5] / 2)])
         step["observation"] = {
-            "base_pose_tool_reached": np.concatenate([traj.eef_pose[i, :3], quaternion]).astype(np.float32),
+            "base_pose_tool_reached": np.concatenate(
+                [traj.eef_pose[i, :3], _quaternion_z(float(traj.eef_pose[i, 5]))]
+            ).astype(np.float32),
             "gripper_closed": np.array([closed], np.float32),
+            "gripper_closedness_commanded": np.array([closed], np.float32),
+            "height_to_bottom": traj.eef_pose[i, 2:3].astype(np.float32),
             "image": render_frame(traj.eef_pose[i], traj.gripper_open[i], traj.scene_seed, shapes["image"]),
             "natural_language_embedding": embedding,
             "natural_language_instruction": traj.instruction,
+            "orientation_box": np.zeros((2, 3), np.float32),
+            "orientation_start": start_rotation,
+            "robot_orientation_positions_box": np.zeros((3, 3), np.float32),
             "rotation_delta_to_go": np.zeros(3, np.float32),
+            "src_rotation": start_rotation,
             "vector_to_go": np.zeros(3, np.float32),
+            "workspace_bounds": _FRACTAL_WORKSPACE,
         }
-    return {"steps": steps}
+    attributes: dict[str, Any] = {key: np.int64(0) for key in _FRACTAL_ATTRIBUTES}
+    attributes.update({f"{key}_name": "generated" for key in _FRACTAL_ATTRIBUTES})
+    aspects = {"already_success": False, "feasible": True, "has_aspects": False, "success": True, "undesirable": False}
+    return {"aspects": aspects, "attributes": attributes, "steps": steps}
 
 
 def _bridge_features(shapes: dict[str, tuple[int, int]]) -> tfds.features.FeaturesDict:
@@ -201,17 +244,16 @@ def _bridge_features(shapes: dict[str, tuple[int, int]]) -> tfds.features.Featur
                     "action": {
                         "open_gripper": np.bool_,
                         "rotation_delta": _TENSOR(shape=(3,), dtype=np.float32),
-                        "terminate_episode": _SCALAR(dtype=np.float32),
+                        "terminate_episode": _F32,
                         "world_vector": _TENSOR(shape=(3,), dtype=np.float32),
                     },
-                    "discount": _SCALAR(dtype=np.float32),
                     "is_first": np.bool_,
                     "is_last": np.bool_,
                     "is_terminal": np.bool_,
                     "observation": {
                         "image": _IMAGE(shape=(*shapes["image"], 3), dtype=np.uint8, encoding_format="jpeg"),
                         "natural_language_embedding": _TENSOR(shape=(512,), dtype=np.float32),
-                        "natural_language_instruction": _TEXT(),
+                        "natural_language_instruction": _STRING,
                         "state": _TENSOR(shape=(7,), dtype=np.float32),
                     },
                     "reward": _SCALAR(dtype=np.float32),
@@ -249,9 +291,8 @@ def _taco_features(shapes: dict[str, tuple[int, int]]) -> tfds.features.Features
                         "actions": _TENSOR(shape=(7,), dtype=np.float32),
                         "rel_actions_gripper": _TENSOR(shape=(7,), dtype=np.float32),
                         "rel_actions_world": _TENSOR(shape=(7,), dtype=np.float32),
-                        "terminate_episode": _SCALAR(dtype=np.float32),
+                        "terminate_episode": _F32,
                     },
-                    "discount": _SCALAR(dtype=np.float32),
                     "is_first": np.bool_,
                     "is_last": np.bool_,
                     "is_terminal": np.bool_,
@@ -259,11 +300,11 @@ def _taco_features(shapes: dict[str, tuple[int, int]]) -> tfds.features.Features
                         "depth_gripper": _TENSOR(shape=shapes["rgb_gripper"], dtype=np.float32),
                         "depth_static": _TENSOR(shape=shapes["rgb_static"], dtype=np.float32),
                         "natural_language_embedding": _TENSOR(shape=(512,), dtype=np.float32),
-                        "natural_language_instruction": _TEXT(),
+                        "natural_language_instruction": _STRING,
                         "rgb_gripper": _IMAGE(shape=(*shapes["rgb_gripper"], 3), dtype=np.uint8, encoding_format="png"),
                         "rgb_static": _IMAGE(shape=(*shapes["rgb_static"], 3), dtype=np.uint8, encoding_format="png"),
                         "robot_obs": _TENSOR(shape=(15,), dtype=np.float32),
-                        "structured_language_instruction": _TEXT(),
+                        "structured_language_instruction": _STRING,
                     },
                     "reward": _SCALAR(dtype=np.float32),
                 }
@@ -309,7 +350,7 @@ def _droid_features(shapes: dict[str, tuple[int, int]]) -> tfds.features.Feature
     camera = lambda key: _IMAGE(shape=(*shapes[key], 3), dtype=np.uint8, encoding_format="jpeg")
     return tfds.features.FeaturesDict(
         {
-            "episode_metadata": {"file_path": _TEXT(), "recording_folderpath": _TEXT()},
+            "episode_metadata": {"file_path": _STRING, "recording_folderpath": _STRING},
             "steps": tfds.features.Dataset(
                 {
                     "action": _TENSOR(shape=(7,), dtype=f64),
@@ -325,9 +366,9 @@ def _droid_features(shapes: dict[str, tuple[int, int]]) -> tfds.features.Feature
                     "is_first": np.bool_,
                     "is_last": np.bool_,
                     "is_terminal": np.bool_,
-                    "language_instruction": _TEXT(),
-                    "language_instruction_2": _TEXT(),
-                    "language_instruction_3": _TEXT(),
+                    "language_instruction": _STRING,
+                    "language_instruction_2": _STRING,
+                    "language_instruction_3": _STRING,
                     "observation": {
                         "cartesian_position": _TENSOR(shape=(6,), dtype=f64),
                         "exterior_image_1_left": camera("exterior_image_1_left"),
@@ -344,7 +385,7 @@ def _droid_features(shapes: dict[str, tuple[int, int]]) -> tfds.features.Feature
 
 
 def _droid_episode(traj: _Trajectory, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
-    steps = _base_steps(traj)
+    steps = _base_steps(traj, discount=True)
     for i, step in enumerate(steps):
         closed = 1.0 - float(traj.gripper_open[i])
         step["action"] = np.concatenate([np.zeros(6), [closed]])

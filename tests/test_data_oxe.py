@@ -35,9 +35,7 @@ def test_generated_datasets_have_published_feature_specs(oxe_dir):
     steps = bridge.info.features["steps"].feature
     assert sorted(steps["action"].keys()) == ["open_gripper", "rotation_delta", "terminate_episode", "world_vector"]
     assert steps["observation"]["image"].encoding_format == "jpeg"
-    assert sorted(steps.keys()) == sorted(
-        ["action", "discount", "is_first", "is_last", "is_terminal", "observation", "reward"]
-    )
+    assert sorted(steps.keys()) == ["action", "is_first", "is_last", "is_terminal", "observation", "reward"]
     droid = tfds.builder_from_directory(os.path.join(oxe_dir, "droid", "1.0.0"))
     droid_steps = droid.info.features["steps"].feature
     assert droid_steps["action"].shape == (7,) and droid_steps["action"].np_dtype == np.float64
