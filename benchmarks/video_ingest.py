@@ -95,7 +95,7 @@ def _define_flags() -> None:
 
 
 def _import_ingest(_: int) -> None:
-    import data_pipelines.ingest_video  # noqa: F401  (what a spawned ingest worker imports)
+    import data_pipelines.ingest_shards  # noqa: F401  (what a spawned ingest worker imports)
 
 
 def worker_startup_s(workers: int) -> float:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from data_pipelines import ingest_video, video_source
+from data_pipelines import ingest_plan, ingest_video, video_source
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 32, 48
@@ -216,7 +216,7 @@ def test_bad_captions_and_changed_options_are_refused(good_videos, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"video": "a_h264.mp4", "caption": "ok"}\n{"video": 3}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
-        ingest_video.load_captions(str(bad))
+        ingest_plan.load_captions(str(bad))
     out = str(tmp_path / "out")
     ingest_video.ingest(str(root / "b_vp8.webm"), captions, out, num_frames=5, fps=10,
                         resolution=(8, 8), num_shards=1, show_progress=False)
