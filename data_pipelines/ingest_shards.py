@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import av
+from absl import logging
 from array_record.python import array_record_module
 
-from data_pipelines import video_source
+from data_pipelines import shards, video_source
 from data_pipelines.ingest_decode import ClipOptions, SkipVideo, video_clips
 from data_pipelines.ingest_plan import VideoFile
 
@@ -43,10 +44,18 @@ def write_json_atomic(path: str, content: Any) -> None:
 
 
 def shard_complete(out_dir: str, shard_index: int, num_shards: int) -> bool:
-    """Whether a shard and its summary were both finished by an earlier (or this) run."""
-    return os.path.isfile(os.path.join(out_dir, video_source.shard_name(shard_index, num_shards))) and os.path.isfile(
-        os.path.join(out_dir, summary_name(shard_index, num_shards))
-    )
+    """Whether a shard and its summary were both finished by an earlier (or this) run, and the shard
+    still opens with the clips its summary counts (a truncated copy is written again)."""
+    shard = os.path.join(out_dir, video_source.shard_name(shard_index, num_shards))
+    summary = os.path.join(out_dir, summary_name(shard_index, num_shards))
+    if not (os.path.isfile(shard) and os.path.isfile(summary)):
+        return False
+    with open(summary, encoding="utf-8") as f:
+        clips = json.load(f).get("clips")
+    _, problem = shards.shard_problem(shard, clips)
+    if problem is not None:
+        logging.warning("ingest: rewriting shard %s: %s", shard, problem)
+    return problem is None
 
 
 _progress_queue: Any = None

@@ -66,12 +66,13 @@ def check_shards(
     expected_records: Sequence[int | None] | None = None,
     *,
     skip_bad: bool = False,
+    remedy: str = "re-copy the file",
 ) -> tuple[list[tuple[int, int]], list[BadShardError]]:
     """Opens every shard of `dataset`; returns ((index, records) of readable shards, unreadable ones).
 
     Without `skip_bad`, raises the `BadShardError` of the first unreadable shard (its message lists how
     many others there are). With it, each unreadable shard is counted (`bad_shard_counts`) and logged;
-    a dataset without any readable shard raises all the same.
+    a dataset without any readable shard raises all the same. `remedy` is the fix the error suggests.
     """
     expected = list(expected_records) if expected_records is not None else [None] * len(paths)
     if len(expected) != len(paths):
@@ -85,7 +86,7 @@ def check_shards(
         if len(bad) > 1:
             others = ", ".join(os.path.basename(e.filename) for e in bad[1:6])
             reason += f" (and {len(bad) - 1} more unreadable shards: {others})"
-        reason += "; re-copy the file, or leave it out with data.skip_bad_records=True"
+        reason += f"; {remedy}, or leave it out with data.skip_bad_records=True"
         raise BadShardError(dataset, bad[0].filename, reason)
     if bad and not good:
         # Skipping every shard would silently drop the whole dataset from a mixture.

@@ -157,7 +157,12 @@ class VideoClipSource:
 
     def __init__(self, shards: str | Sequence[str], *, require_complete: bool = True, skip_bad_shards: bool = False):
         paths = find_shards(shards, require_complete=require_complete)
-        good, self.bad_shards = shards_lib.check_shards(DATASET_NAME, paths, skip_bad=skip_bad_shards)
+        good, self.bad_shards = shards_lib.check_shards(
+            DATASET_NAME,
+            paths,
+            skip_bad=skip_bad_shards,
+            remedy="re-copy the file or re-run data_pipelines.ingest_video on its directory to rewrite it",
+        )
         self._paths = [paths[i] for i, _ in good]
         # array_record's own source, not grain's wrapper: ingest workers import this module for the
         # record format, and importing grain pulls in JAX (seconds per spawned worker).

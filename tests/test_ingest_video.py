@@ -16,6 +16,7 @@ import pytest
 from absl import flags
 
 from data_pipelines import ingest_plan, ingest_video, video_source
+from data_pipelines.shards import BadShardError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 32, 48
@@ -300,3 +301,22 @@ def test_grain_loader_reads_shards_in_worker_processes(good_videos, tmp_path):
     options = grain.multiprocessing.MultiprocessingOptions(num_workers=1)
     loader_batch = next(iter(dataset.to_iter_dataset().batch(2).mp_prefetch(options)))
     assert loader_batch["frames"].shape == (2, 5, 8, 8, 3)
+
+
+def test_truncated_shard_is_named_and_rewritten_on_rerun(good_videos, tmp_path):
+    root, captions = good_videos
+    out = str(tmp_path / "shards")
+    run = lambda: ingest_video.ingest(  # noqa: E731
+        f"{root}/*.mp4,{root}/*.webm", captions, out, num_frames=5, fps=10, resolution=(8, 8), num_shards=2,
+        show_progress=False,
+    )
+    report = run()
+    before = shard_bytes(out)
+    path = os.path.join(out, video_source.shard_name(0, 2))
+    os.truncate(path, os.path.getsize(path) // 2)
+    with pytest.raises(BadShardError, match="re-run data_pipelines.ingest_video") as info:
+        video_source.VideoClipSource(out)
+    assert path in str(info.value)
+    assert run() == report  # The resumed run sees the truncated shard as unfinished and writes it again.
+    assert shard_bytes(out) == before
+    assert len(video_source.VideoClipSource(out)) == report["clips"]
