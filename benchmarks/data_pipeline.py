@@ -1,10 +1,11 @@
 """Throughput of the OXE input pipeline, and how much of a tiny training step waits for data.
 
-    python benchmarks/data_pipeline.py [--episodes=6] [--batches=12] [--workers=1,2,4]
+    python benchmarks/data_pipeline.py [--episodes=6] [--batches=12] [--workers=1,2,4] [--measure=shard_check]
 
 Generates OXE-format data (bridge at its published 480x640, fractal at 256x320) in a temp folder,
 then prints clips/s and MB/s of decoded frames for each worker count at the tiny (32x32) and a
-480x640 output resolution, and the share of a tiny jitted training step spent waiting in `next()`.
+480x640 output resolution, the share of a tiny jitted training step spent waiting in `next()`, and
+what opening a dataset costs with its per-shard readability check (`data_pipelines.shards`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +23,9 @@ import optax
 from absl import app, flags
 
 from data_pipelines import config as config_lib
-from data_pipelines import make_oxe_like, pipeline
+from data_pipelines import make_oxe_like, pipeline, shards
 from data_pipelines import stats as stats_lib
+from data_pipelines.rlds_source import EpisodeSource
 
 FLAGS = flags.FLAGS
 DATASETS = ["bridge", "fractal20220817_data"]
@@ -100,21 +103,55 @@ def wait_share(config, steps: int) -> tuple[float, float]:
     return waiting / total, 1e3 * total / steps
 
 
+def shard_check_cost(workdir: str, num_shards: int, repeats: int = 5) -> tuple[float, float, float]:
+    """(ms to open a `num_shards`-shard dataset as training does, ms of that in the shard check, ms that
+    Grain's ArrayRecord source takes to open and count the same shards itself, which the check replaces);
+    best of `repeats`, so warm file caches: a network filesystem adds its latency per shard."""
+    data_dir = f"{workdir}/sharded"
+    make_oxe_like.make_datasets(
+        data_dir, ["bridge"], episodes=num_shards, image_size=(16, 20), min_steps=4, max_steps=4, num_shards=num_shards
+    )
+    open_s = check_s = grain_s = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        source = EpisodeSource(data_dir, "bridge")
+        open_s = min(open_s, time.perf_counter() - start)
+        start = time.perf_counter()
+        shards.check_shards("bridge", source.filenames)
+        check_s = min(check_s, time.perf_counter() - start)
+        start = time.perf_counter()
+        grain.sources.ArrayRecordDataSource(source.filenames)
+        grain_s = min(grain_s, time.perf_counter() - start)
+    assert len(source.filenames) == num_shards
+    return 1e3 * open_s, 1e3 * check_s, 1e3 * grain_s
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
     workdir = tempfile.mkdtemp(prefix="oxe_bench_")
     try:
+        if "shard_check" in FLAGS.measure:
+            open_ms, check_ms, grain_ms = shard_check_cost(workdir, FLAGS.shards)
+            print(
+                f"opening a {FLAGS.shards}-shard dataset: {open_ms:.1f} ms, of which the shard check "
+                f"{check_ms:.1f} ms ({check_ms / FLAGS.shards:.2f} ms/shard); Grain's ArrayRecord source "
+                f"opening and counting the same shards itself (what the check replaces): {grain_ms:.1f} ms",
+                flush=True,
+            )
+        if not {"throughput", "wait"} & set(FLAGS.measure):
+            return
         make_oxe_like.make_datasets(workdir, DATASETS, episodes=FLAGS.episodes, seed=0)  # published shapes
         stats_path = f"{workdir}/stats.json"
         stats_lib.save_stats(stats_lib.compute_stats(workdir, DATASETS), stats_path)
         print(f"devices: {jax.devices()[0].platform} x{jax.device_count()}, batch 8 clips of 9 frames")
-        print(f"{'resolution':>10} {'workers':>7} {'clips/s':>8} {'MB/s':>8}")
-        for resolution in ((32, 32), (480, 640)):
+        if "throughput" in FLAGS.measure:
+            print(f"{'resolution':>10} {'workers':>7} {'clips/s':>8} {'MB/s':>8}")
+        for resolution in ((32, 32), (480, 640)) if "throughput" in FLAGS.measure else ():
             for workers in FLAGS.workers:
                 config = _data_config(workdir, stats_path, resolution, int(workers))
                 clips, mbps = throughput(config, FLAGS.batches)
                 print(f"{'x'.join(map(str, resolution)):>10} {workers:>7} {clips:8.1f} {mbps:8.1f}", flush=True)
-        for workers in (0, 2):
+        for workers in (0, 2) if "wait" in FLAGS.measure else ():
             share, ms = wait_share(_data_config(workdir, stats_path, (32, 32), workers), FLAGS.batches)
             print(f"tiny step at 32x32, workers={workers}: {ms:.1f} ms/step, {100 * share:.0f}% waiting for data")
     finally:
@@ -125,4 +162,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("episodes", 6, "Episodes generated per dataset.")
     flags.DEFINE_integer("batches", 12, "Timed batches per configuration.")
     flags.DEFINE_list("workers", ["0", "1", "2", "4"], "Grain worker counts to measure (0: in-process).")
+    flags.DEFINE_multi_enum(
+        "measure", ["throughput", "wait", "shard_check"], ["throughput", "wait", "shard_check"], "What to measure."
+    )
+    flags.DEFINE_integer("shards", 256, "Shards of the dataset whose opening is timed (shard_check).")
     app.run(main)
