@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
+from train_utils import get_config
 
 from data_pipelines import config as config_lib
 from data_pipelines import make_oxe_like, pipeline, shards, video_source
 from data_pipelines import stats as stats_lib
 from data_pipelines.rlds_source import EpisodeSource
 from data_pipelines.shards import BadShardError
+from wamjax.train import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD_SHARD = 1  # of 3 shards holding 2 episodes each
@@ -143,3 +145,28 @@ def test_truncated_video_shard_named_or_skipped(tmp_path):
     captions = sorted(str(example["instruction"]) for example in dataset)
     assert captions == ["shard 0", "shard 0", "shard 2", "shard 2"]
     assert shards.bad_shard_counts()[video_source.DATASET_NAME] == before + 1
+
+
+def test_training_input_skips_bad_oxe_and_video_shards(datasets, tmp_path):
+    _, bad, _ = datasets
+    _write_video_shards(str(tmp_path))
+    _truncate(str(tmp_path / video_source.shard_name(BAD_SHARD, 3)))
+    config = get_config("size=tiny,stage=video_pretrain,data=oxe")
+    config.data.update(
+        data_dir=bad, datasets="bridge", resolution=(8, 8), num_frames=5, batch_size=4, stats_path="",
+        video_shards=str(tmp_path), video_weight=1.0,
+    )  # fmt: skip
+    with pytest.raises(BadShardError, match="dataset 'bridge'"):
+        inputs.make_stage_dataset(config, "video_pretrain", 0, 1)
+    config.data.skip_bad_records = True
+    before = shards.bad_shard_counts()
+    dataset, stats = inputs.make_stage_dataset(config, "video_pretrain", 0, 1)
+    assert stats["datasets"]["bridge"]["num_episodes"] == 4
+    iterator = iter(dataset)
+    batches = [next(iterator) for _ in range(4)]
+    assert all(b["frames"].shape == (4, 5, 8, 8, 3) for b in batches)
+    # Both sources feed the batches: bridge (index 0) and the surviving video shards (index 1).
+    assert set(np.concatenate([b["dataset_index"] for b in batches])) == {0, 1}
+    after = shards.bad_shard_counts()
+    assert after["bridge"] > before.get("bridge", 0)
+    assert after[video_source.DATASET_NAME] == before.get(video_source.DATASET_NAME, 0) + 1
