@@ -7,12 +7,15 @@ Point `config.data.stats_path` at the file; checkpoints save a copy next to the 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags
 
 from data_pipelines import registry
 from data_pipelines import stats as stats_lib
+from data_pipelines.rlds_source import BadRecordError
+from data_pipelines.shards import BadShardError
 
 FLAGS = flags.FLAGS
 
@@ -21,14 +24,18 @@ def main(argv: Sequence[str]) -> None:
     del argv
     if not FLAGS.data_dir or not FLAGS.out:
         raise app.UsageError("--data_dir and --out are required")
-    stats = stats_lib.compute_stats(
-        FLAGS.data_dir,
-        FLAGS.datasets or registry.known_datasets(),
-        proprio_dim=FLAGS.proprio_dim,
-        split=FLAGS.split,
-        skip_bad_records=FLAGS.skip_bad_records,
-        max_episodes=FLAGS.max_episodes,
-    )
+    try:
+        stats = stats_lib.compute_stats(
+            FLAGS.data_dir,
+            FLAGS.datasets or registry.known_datasets(),
+            proprio_dim=FLAGS.proprio_dim,
+            split=FLAGS.split,
+            skip_bad_records=FLAGS.skip_bad_records,
+            max_episodes=FLAGS.max_episodes,
+        )
+    except (BadShardError, BadRecordError) as e:
+        print(f"ERROR: {e} (or pass --skip_bad_records)", file=sys.stderr)
+        sys.exit(1)
     stats_lib.save_stats(stats, FLAGS.out)
     for name, entry in stats["datasets"].items():
         print(f"{name}: {entry['num_episodes']} episodes, {entry['num_transitions']} transitions")
