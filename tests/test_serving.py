@@ -11,6 +11,7 @@ import urllib.request
 import msgpack
 import numpy as np
 import pytest
+import websockets
 from test_inference import tiny_checkpoint
 from train_utils import REPO, subprocess_env
 
@@ -42,8 +43,13 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
-    policy = Policy.from_checkpoint(checkpoint, num_steps=1)
+def policy(checkpoint):
+    """One policy (compiled once) shared by every in-process server of this module."""
+    return Policy.from_checkpoint(checkpoint, num_steps=1)
+
+
+@pytest.fixture(scope="module")
+def server(policy):
     server = PolicyServer(policy, port=0)
     server.start_in_thread()
     yield server
@@ -137,6 +143,25 @@ def test_malformed_requests_get_named_errors_and_server_stays_up(server):
         assert client.infer(_obs())["actions"].shape == (8, 7)
 
 
+def test_api_key_is_required_at_the_handshake(policy, caplog):
+    server = PolicyServer(policy, port=0, api_key="s3cret-key")
+    server.start_in_thread()
+    try:
+        with PolicyClient("127.0.0.1", server.port, api_key="s3cret-key") as client:
+            assert client.infer(_obs())["actions"].shape == (8, 7)
+        for key in (None, "wrong-key", "s3cret-key2", "s3cret-ke"):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                PolicyClient("127.0.0.1", server.port, api_key=key)
+            assert refused.value.response.status_code == 401, key
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        server.stop()
+    refusals = [r.getMessage() for r in caplog.records if "refused connection" in r.getMessage()]
+    assert len(refusals) == 4 and "no API key" in refusals[0] and "wrong API key" in refusals[1], refusals
+    assert not any("s3cret" in r.getMessage() for r in caplog.records)  # the key never reaches the log
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,7 +188,16 @@ OPENPI_SCRIPT = textwrap.dedent("""
     import numpy as np
     from openpi_client import websocket_client_policy
 
-    policy = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=int(sys.argv[1]))
+    import websockets
+
+    port, key = int(sys.argv[1]), sys.argv[2]
+    for bad_key in (None, "not-" + key):
+        try:
+            websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port, api_key=bad_key)
+            raise SystemExit(f"connection with api_key={bad_key!r} was accepted")
+        except websockets.InvalidStatus as e:
+            assert e.response.status_code == 401, e
+    policy = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port, api_key=key)
     meta = policy.get_server_metadata()
     horizon, dim = meta["action_horizon"], meta["action_dim"]
     rng = np.random.default_rng(0)
@@ -188,14 +222,15 @@ OPENPI_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_real_openpi_client_100_requests_against_cli_server(checkpoint, tmp_path):
+def test_real_openpi_client_100_requests_against_cli_server_with_api_key(checkpoint, tmp_path):
     python = _openpi_client_python()
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "wamjax.serving.serve", f"--checkpoint={checkpoint}", f"--port={port}",
          "--num_steps=1"],
-        cwd=REPO, env=subprocess_env(devices=1), stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO, env={**subprocess_env(devices=1), "WAMJAX_API_KEY": "robot-key-1"}, stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 240
@@ -211,7 +246,8 @@ def test_real_openpi_client_100_requests_against_cli_server(checkpoint, tmp_path
             time.sleep(0.5)
         script = tmp_path / "openpi_requests.py"
         script.write_text(OPENPI_SCRIPT)
-        result = subprocess.run([python, str(script), str(port)], capture_output=True, text=True, timeout=300)
+        result = subprocess.run([python, str(script), str(port), "robot-key-1"], capture_output=True, text=True,
+                                timeout=300)
         assert result.returncode == 0, result.stderr[-3000:] + (tmp_path / "server.log").read_text()[-2000:]
         words = result.stdout.split()
         assert words[:2] == ["OK", "100"] and words[2].startswith("1."), result.stdout  # numpy 1.x over there
@@ -220,3 +256,6 @@ def test_real_openpi_client_100_requests_against_cli_server(checkpoint, tmp_path
         server.terminate()
         server.wait(timeout=30)
         log.close()
+    server_log = (tmp_path / "server.log").read_text()
+    assert "refused connection" in server_log and "no API key" in server_log and "wrong API key" in server_log
+    assert "robot-key-1" not in server_log

@@ -48,12 +48,19 @@ class ServerError(RuntimeError):
 
 
 class PolicyClient:
-    """Synchronous client: `PolicyClient(host, port).infer(observation) -> {"actions": ..., ...}`."""
+    """Synchronous client: `PolicyClient(host, port).infer(observation) -> {"actions": ..., ...}`.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, open_timeout: float = 30.0):
+    A server that requires an API key refuses a missing or wrong one at connect time: the constructor raises
+    `websockets.InvalidStatus` (HTTP 401).
+    """
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None, open_timeout: float = 30.0
+    ):
         self.uri = host if host.startswith("ws") else f"ws://{host}:{port}"
+        headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None  # as openpi-client sends it
         connection = websockets.sync.client.connect(
-            self.uri, compression=None, max_size=None, open_timeout=open_timeout
+            self.uri, compression=None, max_size=None, open_timeout=open_timeout, additional_headers=headers
         )
         # Entered by hand: the connection lives as long as this client, not one `with` block.
         self._ws = connection.__enter__()

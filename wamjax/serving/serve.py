@@ -6,13 +6,19 @@ map to the policy's camera / proprio / instruction inputs through an `Observatio
 LIBERO example: `observation/image` (H x W x 3 uint8), `observation/wrist_image` (optional), `observation/state`
 (float), `prompt` (str). A malformed request gets a text-frame error naming the problem (openpi's client
 raises it as RuntimeError); the connection and the server stay up.
+
+With an API key (`--api_key` or the `WAMJAX_API_KEY` environment variable) a connection must send openpi-client's
+`Authorization: Api-Key <key>` header; without it or with another key the handshake is refused with HTTP 401.
+`GET /healthz` stays open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import http
+import os
 import threading
 import time
 import traceback
@@ -20,9 +26,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import websockets.asyncio.server
+import websockets.http11
 from absl import logging
 
 from wamjax.serving.client import packb, unpackb
+
+API_KEY_ENV = "WAMJAX_API_KEY"
 
 
 class ServedPolicy(Protocol):
@@ -127,8 +136,11 @@ class PolicyServer:
         host: str = "127.0.0.1",
         port: int = 8000,
         metadata: dict[str, Any] | None = None,
+        api_key: str | None = None,
     ):
         self.policy = policy
+        # Compared as bytes: hmac.compare_digest takes str only when it is ASCII.
+        self._expected_authorization = f"Api-Key {api_key}".encode() if api_key else None
         self.schema = schema or ObservationSchema()
         self.host, self.port = host, port
         self.metadata = {**policy.metadata, "observation_keys": list(self.schema.keys), **(metadata or {})}
@@ -172,22 +184,39 @@ class PolicyServer:
             await websocket.send(packb(reply))
             prev_total_ms = 1000.0 * (time.monotonic() - start)
 
-    @staticmethod
-    def _health_check(connection, request):
+    def _process_request(
+        self, connection: websockets.asyncio.server.ServerConnection, request: websockets.http11.Request
+    ) -> websockets.http11.Response | None:
+        """Answers `/healthz`; refuses a handshake without the right API key (401); else lets it proceed."""
         if request.path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "OK\n")
-        return None
+        if self._expected_authorization is None:
+            return None
+        sent = request.headers.get("Authorization")
+        if sent is not None and hmac.compare_digest(sent.encode("utf-8", "surrogateescape"),
+                                                    self._expected_authorization):
+            return None
+        logging.warning("refused connection from %s: %s API key", connection.remote_address,
+                        "no" if sent is None else "wrong")
+        response = connection.respond(http.HTTPStatus.UNAUTHORIZED,
+                                      "missing or wrong API key: send the header 'Authorization: Api-Key <key>'\n")
+        response.headers["WWW-Authenticate"] = "Api-Key"
+        return response
 
     async def serve(self) -> None:
         """Serves until `stop()`; with port 0 the bound port is stored in `self.port`."""
         self._loop = asyncio.get_running_loop()
         async with websockets.asyncio.server.serve(
             self._handle, self.host, self.port, compression=None, max_size=None,
-            process_request=self._health_check,
+            process_request=self._process_request,
         ) as server:
             self._server = server
             self.port = server.sockets[0].getsockname()[1]
-            logging.info("policy server on ws://%s:%d", self.host, self.port)
+            logging.info("policy server on ws://%s:%d (%s)", self.host, self.port,
+                         "API key required" if self._expected_authorization else "no API key")
+            if self._expected_authorization is None and self.host not in ("127.0.0.1", "localhost", "::1"):
+                logging.warning("serving on %s without an API key: anyone who reaches it can query the policy; "
+                                "set WAMJAX_API_KEY (or --api_key)", self.host)
             self._ready.set()
             await server.wait_closed()
 
@@ -216,7 +245,10 @@ def main(argv: list[str]) -> None:
         f.checkpoint, num_steps=f.num_steps, action_steps=f.action_steps, cfg_scale=f.cfg_scale,
         cfg_batched=f.cfg_batched, use_ema=f.use_ema, dataset=f.dataset, seed=f.seed,
     )
-    server = PolicyServer(policy, schema=ObservationSchema.parse(f.schema), host=f.host, port=f.port)
+    server = PolicyServer(
+        policy, schema=ObservationSchema.parse(f.schema), host=f.host, port=f.port,
+        api_key=f.api_key or os.environ.get(API_KEY_ENV) or None,
+    )
     asyncio.run(server.serve())
 
 
@@ -236,6 +268,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the sampling noise.")
     flags.DEFINE_string("schema", "", "Observation keys, e.g. image=observation/image,state=observation/state,"
                                       "prompt=prompt,wrist_image=none (default: openpi's LIBERO example).")
+    flags.DEFINE_string("api_key", None, f"Require 'Authorization: Api-Key <key>' (default: ${API_KEY_ENV}, "
+                                         "which keeps the key out of the process list; unset = no key).")
     flags.mark_flag_as_required("checkpoint")
 
 
