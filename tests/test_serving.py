@@ -2,9 +2,11 @@
 
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 
@@ -12,6 +14,8 @@ import msgpack
 import numpy as np
 import pytest
 import websockets
+import websockets.frames
+import websockets.sync.client
 from test_inference import tiny_checkpoint
 from train_utils import REPO, subprocess_env
 
@@ -160,6 +164,88 @@ def test_api_key_is_required_at_the_handshake(policy, caplog):
     refusals = [r.getMessage() for r in caplog.records if "refused connection" in r.getMessage()]
     assert len(refusals) == 4 and "no API key" in refusals[0] and "wrong API key" in refusals[1], refusals
     assert not any("s3cret" in r.getMessage() for r in caplog.records)  # the key never reaches the log
+
+
+class GatedPolicy:
+    """The real policy behind a gate: each call waits for one `gate.release()`; counts concurrent calls."""
+
+    def __init__(self, policy: Policy):
+        self.policy, self.proprio_dim, self.metadata = policy, policy.proprio_dim, policy.metadata
+        self.gate, self.entered = threading.Semaphore(0), threading.Semaphore(0)
+        self.active = self.max_active = 0
+        self._lock = threading.Lock()
+
+    def infer(self, frames, proprio, instruction):
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        self.entered.release()
+        try:
+            assert self.gate.acquire(timeout=60), "gate never opened"
+            return self.policy.infer(frames, proprio, instruction)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def _wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_bounded_queue_runs_one_request_at_a_time_and_refuses_when_full(policy):
+    gated = GatedPolicy(policy)
+    server = PolicyServer(gated, port=0, queue_size=2)
+    server.start_in_thread()
+    clients = [PolicyClient("127.0.0.1", server.port) for _ in range(4)]
+    replies: dict[int, object] = {}
+
+    def ask(i: int) -> threading.Thread:
+        thread = threading.Thread(target=lambda: replies.__setitem__(i, clients[i].send_raw(packb(_obs()))))
+        thread.start()
+        return thread
+
+    try:
+        threads = [ask(0)]
+        assert gated.entered.acquire(timeout=30)  # client 0 holds the model
+        threads += [ask(1), ask(2)]
+        _wait_until(lambda: server._queue.qsize() == 2)
+        refused = clients[3].send_raw(packb(_obs()))  # the queue is full: refused at once, not held
+        assert isinstance(refused, str) and refused.startswith("server busy:") and "--queue_size" in refused
+        gated.gate.release(3)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert all(isinstance(replies[i], dict) and replies[i]["actions"].shape == (8, 7) for i in range(3))
+        assert gated.max_active == 1  # the model never ran two requests at once
+        # The queued requests waited for the one ahead of them; the first did not.
+        assert min(replies[i]["server_timing"]["queue_ms"] for i in (1, 2)) > replies[0]["server_timing"]["queue_ms"]
+        gated.gate.release()
+        assert clients[3].infer(_obs())["actions"].shape == (8, 7)  # served once there is room
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+
+
+def test_a_client_stalled_mid_message_delays_no_other(server):
+    def latency_s(client: PolicyClient) -> float:
+        start = time.monotonic()
+        client.infer(_obs())
+        return time.monotonic() - start
+
+    with PolicyClient("127.0.0.1", server.port) as probe:
+        latency_s(probe)
+        alone = statistics.median(latency_s(probe) for _ in range(7))
+        with websockets.sync.client.connect(f"ws://127.0.0.1:{server.port}", close_timeout=1) as staller:
+            staller.recv()  # metadata
+            frame = websockets.frames.Frame(websockets.frames.Opcode.BINARY, packb(_obs())).serialize(mask=True)
+            staller.socket.sendall(frame[: len(frame) // 2])  # half a frame, then nothing
+            beside = statistics.median(latency_s(probe) for _ in range(7))
+            staller.close_socket()
+    assert beside < 3 * alone + 0.2, f"median latency {beside * 1e3:.0f} ms beside a stalled client, " \
+                                     f"{alone * 1e3:.0f} ms alone"
 
 
 def _free_port() -> int:

@@ -15,6 +15,7 @@ With an API key (`--api_key` or the `WAMJAX_API_KEY` environment variable) a con
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import hmac
 import http
@@ -125,8 +126,25 @@ def decode_observation(
     return frames, state.astype(np.float32), prompt
 
 
+@dataclasses.dataclass
+class _Job:
+    """One decoded request waiting for the model."""
+
+    frames: np.ndarray
+    state: np.ndarray
+    prompt: str
+    enqueued: float
+    done: asyncio.Future
+
+
 class PolicyServer:
-    """Serves one policy over websockets; inference runs one request at a time, off the event loop."""
+    """Serves one policy over websockets.
+
+    Requests of all connections share one bounded FIFO queue in front of the model; one worker feeds the
+    model one request at a time on its own thread, so the event loop (handshakes, other clients' frames)
+    never waits for inference. A request that finds `queue_size` requests already waiting is refused with
+    a `server busy` error frame instead of waiting without bound.
+    """
 
     def __init__(
         self,
@@ -137,24 +155,68 @@ class PolicyServer:
         port: int = 8000,
         metadata: dict[str, Any] | None = None,
         api_key: str | None = None,
+        queue_size: int = 8,
     ):
+        if queue_size < 1:
+            raise ValueError(f"queue_size={queue_size}; expected >= 1 (requests that may wait for the model)")
         self.policy = policy
         # Compared as bytes: hmac.compare_digest takes str only when it is ASCII.
         self._expected_authorization = f"Api-Key {api_key}".encode() if api_key else None
         self.schema = schema or ObservationSchema()
         self.host, self.port = host, port
+        self.queue_size = queue_size
         self.metadata = {**policy.metadata, "observation_keys": list(self.schema.keys), **(metadata or {})}
-        self._lock = asyncio.Lock()
+        self._queue: asyncio.Queue[_Job] | None = None
         self._server: websockets.asyncio.server.Server | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _infer(self, message: bytes | str) -> dict[str, Any]:
-        frames, state, prompt = decode_observation(message, self.schema, self.policy.proprio_dim)
+    def _run_policy(self, job: _Job) -> tuple[dict[str, Any], float]:
+        start = time.monotonic()
         try:
-            return self.policy.infer(frames, state, prompt)
+            result = self.policy.infer(job.frames, job.state, job.prompt)
         except (ValueError, TypeError, KeyError) as e:  # input checks of the policy itself
             raise MalformedRequest(str(e)) from None
+        return result, 1000.0 * (time.monotonic() - start)
+
+    async def _inference_worker(self, queue: asyncio.Queue[_Job]) -> None:
+        """Feeds queued requests to the model one at a time, on one thread of its own."""
+        loop = asyncio.get_running_loop()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-infer") as executor:
+            while True:
+                job = await queue.get()
+                if job.done.cancelled():
+                    continue
+                queue_ms = 1000.0 * (time.monotonic() - job.enqueued)
+                try:
+                    result, infer_ms = await loop.run_in_executor(executor, self._run_policy, job)
+                except Exception as e:
+                    if not job.done.cancelled():
+                        job.done.set_exception(e)
+                else:
+                    if not job.done.cancelled():
+                        job.done.set_result((result, {"infer_ms": infer_ms, "queue_ms": queue_ms}))
+
+    async def _infer(self, message: bytes | str) -> tuple[dict[str, Any], dict[str, float]] | str:
+        """(result, timing) of one request, or the text of the error frame that refuses it."""
+        try:
+            frames, state, prompt = decode_observation(message, self.schema, self.policy.proprio_dim)
+        except MalformedRequest as e:
+            return f"malformed request: {e}"
+        assert self._queue is not None
+        job = _Job(frames, state, prompt, time.monotonic(), asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            return (f"server busy: {self.queue_size} requests are already waiting for the model "
+                    "(--queue_size); retry later")
+        try:
+            return await job.done
+        except MalformedRequest as e:
+            return f"malformed request: {e}"
+        except Exception:  # a failing request must not take the server down
+            logging.exception("inference failed")
+            return f"inference failed:\n{traceback.format_exc()}"
 
     async def _handle(self, websocket: websockets.asyncio.server.ServerConnection) -> None:
         await websocket.send(packb(self.metadata))
@@ -165,23 +227,18 @@ class PolicyServer:
             except websockets.ConnectionClosed:
                 return
             start = time.monotonic()
+            answer = await self._infer(message)
             try:
-                async with self._lock:
-                    infer_start = time.monotonic()
-                    result = await asyncio.to_thread(self._infer, message)
-                    infer_ms = 1000.0 * (time.monotonic() - infer_start)
-            except MalformedRequest as e:
-                await websocket.send(f"malformed request: {e}")
-                continue
-            except Exception:  # a failing request must not take the server down
-                logging.exception("inference failed")
-                await websocket.send(f"inference failed:\n{traceback.format_exc()}")
-                continue
-            reply = dict(result)
-            reply["server_timing"] = {"infer_ms": infer_ms}
-            if prev_total_ms is not None:
-                reply["server_timing"]["prev_total_ms"] = prev_total_ms
-            await websocket.send(packb(reply))
+                if isinstance(answer, str):
+                    await websocket.send(answer)
+                    continue
+                result, timing = answer
+                reply = {**result, "server_timing": dict(timing)}
+                if prev_total_ms is not None:
+                    reply["server_timing"]["prev_total_ms"] = prev_total_ms
+                await websocket.send(packb(reply))
+            except websockets.ConnectionClosed:
+                return
             prev_total_ms = 1000.0 * (time.monotonic() - start)
 
     def _process_request(
@@ -206,6 +263,8 @@ class PolicyServer:
     async def serve(self) -> None:
         """Serves until `stop()`; with port 0 the bound port is stored in `self.port`."""
         self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(maxsize=self.queue_size)
+        worker = asyncio.create_task(self._inference_worker(self._queue), name="policy-inference")
         async with websockets.asyncio.server.serve(
             self._handle, self.host, self.port, compression=None, max_size=None,
             process_request=self._process_request,
@@ -218,7 +277,10 @@ class PolicyServer:
                 logging.warning("serving on %s without an API key: anyone who reaches it can query the policy; "
                                 "set WAMJAX_API_KEY (or --api_key)", self.host)
             self._ready.set()
-            await server.wait_closed()
+            try:
+                await server.wait_closed()
+            finally:
+                worker.cancel()
 
     def start_in_thread(self, timeout: float = 60.0) -> int:
         """Runs the server on a background thread (for tests and notebooks); returns the bound port."""
@@ -247,7 +309,7 @@ def main(argv: list[str]) -> None:
     )
     server = PolicyServer(
         policy, schema=ObservationSchema.parse(f.schema), host=f.host, port=f.port,
-        api_key=f.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=f.api_key or os.environ.get(API_KEY_ENV) or None, queue_size=f.queue_size,
     )
     asyncio.run(server.serve())
 
@@ -270,6 +332,8 @@ def define_flags() -> None:
                                       "prompt=prompt,wrist_image=none (default: openpi's LIBERO example).")
     flags.DEFINE_string("api_key", None, f"Require 'Authorization: Api-Key <key>' (default: ${API_KEY_ENV}, "
                                          "which keeps the key out of the process list; unset = no key).")
+    flags.DEFINE_integer("queue_size", 8, "Requests (of all clients) that may wait for the model while one runs; "
+                                          "more are refused with a 'server busy' error frame.")
     flags.mark_flag_as_required("checkpoint")
 
 
