@@ -21,7 +21,7 @@ from train_utils import REPO, subprocess_env
 
 from wamjax.inference.policy import Policy
 from wamjax.serving.client import PolicyClient, ServerError, packb, unpackb
-from wamjax.serving.serve import ObservationSchema, PolicyServer
+from wamjax.serving.serve import ObservationSchema, PolicyServer, default_max_message_bytes
 
 OPENPI_CLIENT_VERSION = "0.1.2"  # pins numpy<2, hence its own venv
 # openpi-client 0.1.2 imports typing_extensions without declaring it as a dependency.
@@ -171,6 +171,7 @@ class GatedPolicy:
 
     def __init__(self, policy: Policy):
         self.policy, self.proprio_dim, self.metadata = policy, policy.proprio_dim, policy.metadata
+        self.resolution, self.num_frames = policy.resolution, policy.num_frames
         self.gate, self.entered = threading.Semaphore(0), threading.Semaphore(0)
         self.active = self.max_active = 0
         self._lock = threading.Lock()
@@ -246,6 +247,41 @@ def test_a_client_stalled_mid_message_delays_no_other(server):
             staller.close_socket()
     assert beside < 3 * alone + 0.2, f"median latency {beside * 1e3:.0f} ms beside a stalled client, " \
                                      f"{alone * 1e3:.0f} ms alone"
+
+
+def test_message_size_is_bounded(policy, server, caplog):
+    # The default fits two 224 x 224 cameras of a whole clip (the tiny model trains at 32 x 32, 9 frames).
+    assert server.max_message_bytes == default_max_message_bytes((224, 224), 9) > len(packb(_obs()))
+    assert server.metadata["server_limits"]["max_message_bytes"] == server.max_message_bytes
+    small = PolicyServer(policy, port=0, max_message_bytes=100_000)
+    small.start_in_thread()
+    try:
+        with PolicyClient("127.0.0.1", small.port) as client:
+            with pytest.raises(websockets.ConnectionClosedError) as closed:
+                client.infer(_obs())  # two 224 x 224 images: ~300 kB
+            assert closed.value.rcvd.code == 1009 and "exceeds limit of 100000 bytes" in closed.value.rcvd.reason
+        little = _obs(observation__image=np.zeros((32, 32, 3), np.uint8), observation__wrist_image=None)
+        with PolicyClient("127.0.0.1", small.port) as client:
+            assert client.infer(little)["actions"].shape == (8, 7)
+    finally:
+        small.stop()
+    assert any("message too big" in r.getMessage() and "--max_message_bytes" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_request_rate_is_limited_per_connection(policy):
+    limited = PolicyServer(policy, port=0, max_requests_per_s=2.0)
+    limited.start_in_thread()
+    try:
+        with PolicyClient("127.0.0.1", limited.port) as first, PolicyClient("127.0.0.1", limited.port) as second:
+            replies = [first.send_raw(packb(_obs())) for _ in range(3)]  # a burst of 2 is allowed, not 3
+            assert [isinstance(r, dict) for r in replies] == [True, True, False]
+            assert replies[2].startswith("rate limited:") and "--max_requests_per_s" in replies[2]
+            assert second.infer(_obs())["actions"].shape == (8, 7)  # the limit is per connection
+            time.sleep(0.6)
+            assert first.infer(_obs())["actions"].shape == (8, 7)  # and refills
+    finally:
+        limited.stop()
 
 
 def _free_port() -> int:

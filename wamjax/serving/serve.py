@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import websockets.asyncio.server
+import websockets.frames
 import websockets.http11
 from absl import logging
 
@@ -35,11 +36,17 @@ from wamjax.serving.client import packb, unpackb
 API_KEY_ENV = "WAMJAX_API_KEY"
 
 
+# Camera size a client may send at least (openpi's LIBERO example), whatever the model's training resolution.
+DEFAULT_CAMERA_SHAPE = (224, 224)
+
+
 class ServedPolicy(Protocol):
     """What the server needs of a policy (wamjax.inference.Policy provides it)."""
 
     proprio_dim: int
     metadata: dict[str, Any]
+    resolution: tuple[int, int]  # training resolution (H, W); requests may send any size
+    num_frames: int  # frames of a training clip: more than a request's context frames
 
     def infer(self, frames: np.ndarray, proprio: np.ndarray | None, instruction: str) -> dict[str, np.ndarray]: ...
 
@@ -126,6 +133,32 @@ def decode_observation(
     return frames, state.astype(np.float32), prompt
 
 
+def default_max_message_bytes(image_shape: tuple[int, int], context_frames: int, cameras: int = 2) -> int:
+    """Largest request frame accepted by default: `cameras` uint8 images of `context_frames` x H x W x 3,
+    plus a quarter and 1 MiB for the state, the prompt and msgpack's framing."""
+    h, w = image_shape
+    image_bytes = cameras * context_frames * h * w * 3
+    return image_bytes + image_bytes // 4 + (1 << 20)
+
+
+class _RequestRate:
+    """Token bucket of one connection: `rate` requests/s sustained, bursts of up to max(1, rate) requests."""
+
+    def __init__(self, rate: float):
+        self.rate, self.capacity = rate, max(1.0, rate)
+        self.tokens, self.last = self.capacity, time.monotonic()
+
+    def wait_s(self) -> float:
+        """0 and takes a token when a request may go now; else the seconds until one may."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
 @dataclasses.dataclass
 class _Job:
     """One decoded request waiting for the model."""
@@ -144,6 +177,12 @@ class PolicyServer:
     model one request at a time on its own thread, so the event loop (handshakes, other clients' frames)
     never waits for inference. A request that finds `queue_size` requests already waiting is refused with
     a `server busy` error frame instead of waiting without bound.
+
+    A frame larger than `max_message_bytes` (default: `default_max_message_bytes` of `image_shape`, itself
+    the policy's training resolution but at least 224 x 224, and of the policy's clip length) is refused
+    before it is read: the connection closes with code 1009 (message too big) and a reason naming both
+    sizes. More than `max_requests_per_s` requests/s on one connection (0 = no limit) get a `rate limited`
+    error frame. Refused requests never reach the model; the connection stays open for the next one.
     """
 
     def __init__(
@@ -156,16 +195,32 @@ class PolicyServer:
         metadata: dict[str, Any] | None = None,
         api_key: str | None = None,
         queue_size: int = 8,
+        max_message_bytes: int | None = None,
+        image_shape: tuple[int, int] | None = None,
+        max_requests_per_s: float = 100.0,
     ):
         if queue_size < 1:
             raise ValueError(f"queue_size={queue_size}; expected >= 1 (requests that may wait for the model)")
+        if max_requests_per_s < 0:
+            raise ValueError(f"max_requests_per_s={max_requests_per_s}; expected >= 0 (0 = no limit)")
+        if image_shape is None:
+            image_shape = tuple(max(a, b) for a, b in zip(policy.resolution, DEFAULT_CAMERA_SHAPE, strict=True))
+        if max_message_bytes is None:
+            max_message_bytes = default_max_message_bytes(image_shape, policy.num_frames)
+        if max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes={max_message_bytes}; expected >= 1")
+        self.max_message_bytes = int(max_message_bytes)
+        self.max_requests_per_s = float(max_requests_per_s)
         self.policy = policy
         # Compared as bytes: hmac.compare_digest takes str only when it is ASCII.
         self._expected_authorization = f"Api-Key {api_key}".encode() if api_key else None
         self.schema = schema or ObservationSchema()
         self.host, self.port = host, port
         self.queue_size = queue_size
-        self.metadata = {**policy.metadata, "observation_keys": list(self.schema.keys), **(metadata or {})}
+        limits = {"max_message_bytes": self.max_message_bytes, "queue_size": queue_size,
+                  "max_requests_per_s": self.max_requests_per_s}
+        self.metadata = {**policy.metadata, "observation_keys": list(self.schema.keys), "server_limits": limits,
+                         **(metadata or {})}
         self._queue: asyncio.Queue[_Job] | None = None
         self._server: websockets.asyncio.server.Server | None = None
         self._ready = threading.Event()
@@ -220,14 +275,23 @@ class PolicyServer:
 
     async def _handle(self, websocket: websockets.asyncio.server.ServerConnection) -> None:
         await websocket.send(packb(self.metadata))
+        rate = _RequestRate(self.max_requests_per_s) if self.max_requests_per_s else None
         prev_total_ms = None
         while True:
             try:
                 message = await websocket.recv()
-            except websockets.ConnectionClosed:
+            except websockets.ConnectionClosed as e:
+                if e.sent is not None and e.sent.code == websockets.frames.CloseCode.MESSAGE_TOO_BIG:
+                    logging.warning("closed connection from %s: message too big (%s; limit set by "
+                                    "--max_message_bytes)", websocket.remote_address, e.sent.reason)
                 return
             start = time.monotonic()
-            answer = await self._infer(message)
+            wait_s = rate.wait_s() if rate is not None else 0.0
+            if wait_s:
+                answer = (f"rate limited: more than {self.max_requests_per_s:g} requests/s on this connection "
+                          f"(--max_requests_per_s); retry in {1000.0 * wait_s:.0f} ms")
+            else:
+                answer = await self._infer(message)
             try:
                 if isinstance(answer, str):
                     await websocket.send(answer)
@@ -266,8 +330,9 @@ class PolicyServer:
         self._queue = asyncio.Queue(maxsize=self.queue_size)
         worker = asyncio.create_task(self._inference_worker(self._queue), name="policy-inference")
         async with websockets.asyncio.server.serve(
-            self._handle, self.host, self.port, compression=None, max_size=None,
-            process_request=self._process_request,
+            self._handle, self.host, self.port, compression=None, max_size=self.max_message_bytes,
+            # A connection buffers at most this many frames ahead of its handler: memory stays bounded.
+            max_queue=2, process_request=self._process_request,
         ) as server:
             self._server = server
             self.port = server.sockets[0].getsockname()[1]
@@ -303,6 +368,8 @@ def main(argv: list[str]) -> None:
     from wamjax.inference.policy import Policy
 
     f = flags.FLAGS
+    if f.image_shape and len(f.image_shape) != 2:
+        raise ValueError(f"--image_shape={','.join(f.image_shape)}; expected H,W")
     policy = Policy.from_checkpoint(
         f.checkpoint, num_steps=f.num_steps, action_steps=f.action_steps, cfg_scale=f.cfg_scale,
         cfg_batched=f.cfg_batched, use_ema=f.use_ema, dataset=f.dataset, seed=f.seed,
@@ -310,6 +377,8 @@ def main(argv: list[str]) -> None:
     server = PolicyServer(
         policy, schema=ObservationSchema.parse(f.schema), host=f.host, port=f.port,
         api_key=f.api_key or os.environ.get(API_KEY_ENV) or None, queue_size=f.queue_size,
+        max_message_bytes=f.max_message_bytes, max_requests_per_s=f.max_requests_per_s,
+        image_shape=tuple(int(x) for x in f.image_shape) if f.image_shape else None,
     )
     asyncio.run(server.serve())
 
@@ -334,6 +403,12 @@ def define_flags() -> None:
                                          "which keeps the key out of the process list; unset = no key).")
     flags.DEFINE_integer("queue_size", 8, "Requests (of all clients) that may wait for the model while one runs; "
                                           "more are refused with a 'server busy' error frame.")
+    flags.DEFINE_list("image_shape", None, "H,W of the largest camera image clients send; sizes the default "
+                                           "--max_message_bytes (default: training resolution, at least 224,224).")
+    flags.DEFINE_integer("max_message_bytes", None, "Largest request frame; larger ones close the connection with "
+                                                    "1009 (default: two cameras of --image_shape x clip length).")
+    flags.DEFINE_float("max_requests_per_s", 100.0, "Requests per second per connection (bursts of as many); "
+                                                    "more get a 'rate limited' error frame. 0 = no limit.")
     flags.mark_flag_as_required("checkpoint")
 
 
