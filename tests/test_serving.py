@@ -1,6 +1,7 @@
 """Policy server: openpi protocol, malformed requests, the CLI, and the real openpi-client package."""
 
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -19,8 +20,10 @@ import websockets.sync.client
 from test_inference import tiny_checkpoint
 from train_utils import REPO, subprocess_env
 
+from data_pipelines.encode_latents import pack_example, unpack_example
 from wamjax.inference.policy import Policy
-from wamjax.serving.client import PolicyClient, ServerError, packb, unpackb
+from wamjax.serving.client import PolicyClient, ServerError
+from wamjax.serving.msgpack_numpy import packb, unpackb
 from wamjax.serving.serve import ObservationSchema, PolicyServer, default_max_message_bytes
 
 OPENPI_CLIENT_VERSION = "0.1.2"  # pins numpy<2, hence its own venv
@@ -70,6 +73,33 @@ def test_msgpack_numpy_round_trip_matches_openpi_encoding():
     assert back["s"] == np.int64(3) and back["s"].dtype == np.int64
     with pytest.raises(ValueError, match="Unsupported dtype: object"):
         packb(np.array([None]))
+
+
+def _tagged(dtype: str, shape: list, data: bytes) -> bytes:
+    return msgpack.packb({"a": {b"__ndarray__": True, b"data": data, b"dtype": dtype, b"shape": shape}})
+
+
+@pytest.mark.parametrize("dtype,shape,data,expected", [
+    ("|O", [2], bytes(16), "object, void and complex dtypes are refused"),
+    ("<c8", [1], bytes(8), "object, void and complex dtypes are refused"),
+    ("not-a-dtype", [1], bytes(4), "'not-a-dtype' is not a numpy dtype"),
+    ("<f4", [4], bytes(8), "needs 16 bytes; got 8"),
+    ("<f4", [1], bytes(8), "needs 4 bytes; got 8"),
+    ("<f4", [-1], bytes(4), "non-negative ints"),
+])
+def test_msgpack_numpy_refuses_forged_arrays(dtype, shape, data, expected):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        unpackb(_tagged(dtype, shape, data))
+
+
+def test_latents_cache_records_use_the_same_codec():
+    example = {"latents": np.ones((2, 3), np.float32), "instruction": np.str_("lift"), "index": np.int32(4)}
+    record = pack_example(example)
+    back = unpack_example(record)
+    assert unpackb(record)["latents"].dtype == np.float32  # openpi's decoder reads it as is
+    np.testing.assert_array_equal(back["latents"], example["latents"])
+    assert back["latents"].flags.writeable and back["instruction"] == "lift" and isinstance(back["instruction"], str)
+    assert back["index"].shape == () and back["index"] == 4 and back["index"].dtype == np.int32
 
 
 def test_schema_parse():

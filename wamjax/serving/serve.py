@@ -31,7 +31,7 @@ import websockets.frames
 import websockets.http11
 from absl import logging
 
-from wamjax.serving.client import packb, unpackb
+from wamjax.serving.msgpack_numpy import packb, unpackb
 
 API_KEY_ENV = "WAMJAX_API_KEY"
 
@@ -104,7 +104,7 @@ def decode_observation(
     try:
         observation = unpackb(message)
     except Exception as e:  # msgpack raises several unrelated types for bad bytes
-        raise MalformedRequest(f"message is not valid msgpack ({type(e).__name__}: {e})") from None
+        raise MalformedRequest(f"message is not valid msgpack-numpy ({type(e).__name__}: {e})") from None
     if not isinstance(observation, dict):
         raise MalformedRequest(f"observation is {type(observation).__name__}; expected a dict")
     keys = {k.decode() if isinstance(k, bytes) else k for k in observation}
