@@ -313,12 +313,12 @@ class PolicyServer:
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         if self._expected_authorization is None:
             return None
-        sent = request.headers.get("Authorization")
-        if sent is not None and hmac.compare_digest(sent.encode("utf-8", "surrogateescape"),
-                                                    self._expected_authorization):
+        sent = request.headers.get_all("Authorization")
+        if len(sent) == 1 and hmac.compare_digest(sent[0].encode("utf-8", "surrogateescape"),
+                                                  self._expected_authorization):
             return None
         logging.warning("refused connection from %s: %s API key", connection.remote_address,
-                        "no" if sent is None else "wrong")
+                        "wrong" if sent else "no")
         response = connection.respond(http.HTTPStatus.UNAUTHORIZED,
                                       "missing or wrong API key: send the header 'Authorization: Api-Key <key>'\n")
         response.headers["WWW-Authenticate"] = "Api-Key"
