@@ -86,7 +86,7 @@ def _tagged(dtype: str, shape: list, data: bytes) -> bytes:
     ("<f4", [4], bytes(8), "needs 16 bytes; got 8"),
     ("<f4", [1], bytes(8), "needs 4 bytes; got 8"),
     ("<f4", [-1], bytes(4), "non-negative ints"),
-])
+], ids=["object", "complex", "bad dtype", "short data", "long data", "negative shape"])
 def test_msgpack_numpy_refuses_forged_arrays(dtype, shape, data, expected):
     with pytest.raises(ValueError, match=re.escape(expected)):
         unpackb(_tagged(dtype, shape, data))
