@@ -6,9 +6,10 @@ Batches come from the run's data config (`data.source` synthetic or oxe, through
 and the VAE from its `vae` block (`vae.weights`, else a random `vae.size` VAE seeded with `vae.seed`, the
 same one the trainer builds). Train from the result with `--config.data.latents_cache=DIR`.
 
-A cache directory holds `latents-*.array_record` (one msgpack record per clip: the batch contract with
-`frames` replaced by `latents`, float [T', H', W', z_dim], unnormalized like `vae_encode`'s output;
-`wrist_frames` is dropped) and `latents_cache.json` (format, VAE config, shapes, example count).
+A cache directory holds `latents-*.array_record` (one record per clip in openpi's msgpack-numpy encoding,
+`wamjax.serving.msgpack_numpy`: the batch contract with `frames` replaced by `latents`, float
+[T', H', W', z_dim], unnormalized like `vae_encode`'s output; `wrist_frames` is dropped) and
+`latents_cache.json` (format, VAE config, shapes, example count).
 The stored clips are a fixed sample of the stream: training from them repeats those clips every epoch.
 """
 
@@ -19,36 +20,26 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import msgpack
 import numpy as np
 
-CACHE_FORMAT = "wamjax.latents_cache.v1"
+from wamjax.serving import msgpack_numpy
+
+CACHE_FORMAT = "wamjax.latents_cache.v2"  # v2: records in openpi's msgpack-numpy encoding
 META_NAME = "latents_cache.json"
 _SHARD_NAME = "latents-{:05d}.array_record"
 _SKIPPED_KEYS = ("frames", "wrist_frames")
 
 
 def pack_example(example: dict[str, np.ndarray]) -> bytes:
-    """One example (dict of numpy arrays / unicode scalars) -> msgpack bytes."""
-    record = {}
-    for key, value in example.items():
-        value = np.asarray(value)
-        if value.dtype.kind == "U":
-            record[key] = {"str": str(value)}
-        else:
-            record[key] = {"dtype": value.dtype.str, "shape": list(value.shape), "data": value.tobytes()}
-    return msgpack.packb(record, use_bin_type=True)
+    """One example (dict of numpy arrays / unicode scalars) -> msgpack-numpy bytes (openpi's encoding)."""
+    return msgpack_numpy.packb({key: np.asarray(value) for key, value in example.items()})
 
 
 def unpack_example(data: bytes) -> dict[str, np.ndarray]:
-    """Inverse of `pack_example`."""
-    record = msgpack.unpackb(data, raw=False)
+    """Inverse of `pack_example`: writable arrays; strings as numpy str scalars."""
     out = {}
-    for key, value in record.items():
-        if "str" in value:
-            out[key] = np.str_(value["str"])
-        else:
-            out[key] = np.frombuffer(value["data"], np.dtype(value["dtype"])).reshape(value["shape"]).copy()
+    for key, value in msgpack_numpy.unpackb(data).items():
+        out[key] = value[()] if value.dtype.kind == "U" and value.ndim == 0 else value.copy()
     return out
 
 
@@ -121,7 +112,8 @@ def read_cache_metadata(cache_dir: str) -> dict[str, Any]:
     with open(path) as f:
         meta = json.load(f)
     if meta.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path} has format {meta.get('format')!r}; expected {CACHE_FORMAT!r}")
+        raise ValueError(f"{path} has format {meta.get('format')!r}; expected {CACHE_FORMAT!r} "
+                         "(re-encode it with `python -m data_pipelines.encode_latents`)")
     return meta
 
 
