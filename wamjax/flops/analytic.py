@@ -365,6 +365,7 @@ class StepFlops:
     text_tokens: int
     components: dict[str, float]  # forward FLOPs per sample
     frozen_components: dict[str, float]  # per step
+    image_tokens: int = 0  # CLIP tokens per sample (image-conditioned backbone)
 
     @property
     def train_per_sample(self) -> float:
@@ -445,6 +446,7 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
         action_tokens=tok.action,
         proprio_tokens=tok.proprio,
         text_tokens=tok.text,
+        image_tokens=tok.image,
         components=components,
         frozen_components=frozen,
     )

@@ -170,14 +170,17 @@ def example_inputs(
     num_action_tokens: int = 0,
     with_proprio: bool = True,
     batch: int = 1,
+    num_image_tokens: int | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Zero inputs of the right shapes for init / abstract evaluation."""
+    """Zero inputs of the right shapes for init / abstract evaluation (image tokens: CLIP ViT-H/14's count
+    unless given)."""
     latents = jnp.zeros((batch, *latent_shape), jnp.float32)
     t = jnp.zeros((batch,), jnp.float32)
     text = jnp.zeros((batch, text_length, cfg.text_dim), jnp.float32)
     image = None
     if cfg.image_conditioned:
-        image = jnp.zeros((batch, cfg.pos_embed_seq_len or CLIP_IMAGE_TOKENS, cfg.image_dim), jnp.float32)
+        tokens = num_image_tokens or cfg.pos_embed_seq_len or CLIP_IMAGE_TOKENS
+        image = jnp.zeros((batch, tokens, cfg.image_dim), jnp.float32)
     if not num_action_tokens:
         return (latents, t, text) if image is None else (latents, t, text, None, None, None, image)
     actions = jnp.zeros((batch, num_action_tokens, cfg.action_dim), jnp.float32)
