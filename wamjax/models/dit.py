@@ -203,7 +203,6 @@ class WanAttention(nn.Module):
         out = constrain(out, ("batch", "length", "heads"))
         return Dense(dim, ("heads", "embed"), dtype=cfg.compute_dtype, name="to_out")(out)
 
-
     def _image_attention(self, q: jax.Array, image_context: jax.Array) -> jax.Array:
         """Wan2.1-I2V: the same queries attend to the embedded image tokens through their own keys/values."""
         cfg = self.cfg
