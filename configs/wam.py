@@ -1,7 +1,7 @@
 """World-action model training config.
 
 Usage: --config=configs/wam.py:size=tiny,stage=video_pretrain  then  --config.train.steps=50 ...
-  size:  tiny | small | wan1.3b | wan14b
+  size:  tiny | small | wan1.3b | wan14b | tiny-i2v | wan14b-i2v (Wan2.1-I2V: first-frame + CLIP conditioning)
   stage: video_pretrain | action_tune | all (both stages back to back)
   data:  synthetic | oxe (default: oxe for tiny runs is set by the quickstart through --config.data.source)
 """
@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stage = args.get("stage", "video_pretrain")
     if stage not in (*STAGES, "all"):
         raise ValueError(f"stage={stage!r}; expected one of {(*STAGES, 'all')}")
-    tiny = size in ("tiny", "small")
+    tiny = size in ("tiny", "small", "tiny-i2v")
 
     c = ml_collections.ConfigDict()
     c.size = size
@@ -88,6 +88,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.text = ml_collections.ConfigDict()
     c.text.cache = ""  # embedding cache from `python -m data_pipelines.text_cache`; "" = synthetic hashed embeddings
     c.text.max_length = 8 if tiny else 512
+
+    # CLIP image encoder of the image-conditioned (I2V) sizes, run frozen in the step on each clip's first frame.
+    c.image = ml_collections.ConfigDict()
+    c.image.encoder = ""  # transformers CLIPVisionModel folder (Wan's image_encoder/); "" = random (CPU runs only)
+    c.image.size = 32  # input pixels of the random tiny encoder (a folder's config.json sets its own)
+    c.image.seed = 4321
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.time_sampling = "logit_normal"  # uniform | logit_normal

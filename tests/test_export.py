@@ -49,7 +49,7 @@ def _random_state(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     state = {}
     for key, shape in shapes.items():
         value = 0.2 * rng.standard_normal(shape)
-        if key.endswith(("norm_q.weight", "norm_k.weight", "norm2.weight")):
+        if key.endswith(("norm_q.weight", "norm_k.weight", "norm2.weight", "norm_added_k.weight", "norm1.weight")):
             value += 1.0
         state[key] = value.astype(np.float32)
     return state
@@ -214,6 +214,67 @@ def test_torch_wam_chunk_causal_future_does_not_change_past(exported):
     assert np.abs(video2[:, -1] - video[:, -1]).max() > 1e-3
     # Actions 0..1 lead to frame 1 (chunk 1): they cannot see frame 2.
     assert np.abs(actions2[:, :2] - actions[:, :2]).max() < 1e-5
+
+
+# --- Image-to-video (Wan2.1-I2V) backbone -------------------------------------------------------------------
+
+TINY_I2V = {**TINY, "in_channels": 12, "image_dim": 8, "added_kv_proj_dim": 24}
+I2V_LATENT_SHAPE = (3, 4, 6, 12)  # noisy latents + 4 mask channels + conditioning latents
+DIFFUSERS_TEXT_LENGTH = 512  # diffusers' attention processor assumes Wan's 512 text tokens before the image ones
+
+
+@pytest.fixture(scope="module")
+def exported_i2v(tmp_path_factory):
+    """(cfg, params, out_dir, inputs) of a random tiny I2V WAM exported in float32."""
+    cfg = ModelConfig.from_dict(TINY_I2V)
+    params = _random_params(cfg)
+    out = str(tmp_path_factory.mktemp("export_i2v"))
+    to_torch.write_wam(out, cfg, params, "float32")
+    to_torch.write_diffusers_transformer(os.path.join(out, "transformer"), cfg, params, "float32")
+    x = _inputs(cfg, latent_shape=I2V_LATENT_SHAPE, text_length=DIFFUSERS_TEXT_LENGTH)
+    x["image"] = np.random.default_rng(3).standard_normal((2, 5, cfg.image_dim)).astype(np.float32)
+    return cfg, params, out, x
+
+
+def test_i2v_export_loads_in_diffusers_and_matches_jax(exported_i2v):
+    cfg, params, out, x = exported_i2v
+    model = _load_diffusers(os.path.join(out, "transformer"))  # no missing or unexpected keys
+    assert model.config.image_dim == 8 and model.config.added_kv_proj_dim == 24 and model.config.in_channels == 12
+    ref = _jax_forward(cfg, params, x["latents"], x["t_video"], x["text"], image_embeddings=x["image"])
+    ref = np.asarray(ref.video)
+    with torch.no_grad():
+        video = model(_channels_first(x["latents"]), _torch(x["t_video"]), _torch(x["text"]),
+                      encoder_hidden_states_image=_torch(x["image"]), return_dict=False)[0]
+    assert video.shape == (2, 4, 3, 4, 6)
+    assert np.abs(video.permute(0, 2, 3, 4, 1).numpy() - ref).max() < TOL
+
+
+def test_i2v_round_trip_gives_identical_params(exported_i2v):
+    cfg, params, out, _ = exported_i2v
+    cfg2, params2 = to_torch.import_wam(out)
+    assert cfg2 == cfg
+    _, backbone = import_diffusers_wan(os.path.join(out, "transformer"))
+    for back in (params2, backbone):
+        want = params if back is params2 else wam.backbone_params(params)
+        assert jax.tree.structure(back) == jax.tree.structure(want)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(back), strict=True))
+
+
+@pytest.mark.parametrize("mode", ["video", "joint"])
+def test_torch_wam_i2v_matches_jax(exported_i2v, mode):
+    cfg, params, out, x = exported_i2v
+    model = TorchWam.from_pretrained(out)
+    args = (x["latents"], x["t_frames"], x["text"])
+    if mode == "joint":
+        args = (*args, x["actions"], x["t_action"], x["proprio"])
+    ref = _jax_forward(cfg, params, *args, image_embeddings=x["image"])
+    with torch.no_grad():
+        video, actions = model(_channels_first(x["latents"]), *(_torch(a) for a in args[1:]), image=_torch(x["image"]))
+    assert np.abs(video.permute(0, 2, 3, 4, 1).numpy() - np.asarray(ref.video)).max() < TOL
+    if mode == "joint":
+        assert np.abs(actions.numpy() - np.asarray(ref.actions)).max() < TOL
+    with pytest.raises(ValueError, match="image_dim=8"):
+        model(_channels_first(x["latents"]), *(_torch(a) for a in args[1:]))
 
 
 # --- Round trip and strict keys ----------------------------------------------------------------------------

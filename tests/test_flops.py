@@ -65,6 +65,16 @@ def test_analytic_forward_matches_xla_within_3_percent(
     assert counted["total"] == pytest.approx(sum(v for k, v in counted.items() if k != "total"))
 
 
+def test_analytic_i2v_forward_matches_xla_within_3_percent():
+    cfg = ModelConfig.from_dict(SIZES["tiny-i2v"])
+    kwargs = dict(mode="joint", num_frames=9, resolution=(32, 32), text_length=8, batch=2, image_tokens=17)
+    counted = analytic.forward_flops(cfg, **kwargs)
+    assert counted["total"] == pytest.approx(xla.xla_forward_flops(cfg, **kwargs), rel=0.03)
+    without_image = analytic.forward_flops(dataclasses.replace(cfg, image_dim=None, added_kv_proj_dim=None),
+                                           **kwargs)
+    assert counted["cross_attention_scores"] > without_image["cross_attention_scores"]
+
+
 def test_xla_layer_extrapolation_equals_unrolled_compile():
     cfg = _model("small", scan_layers=False)  # 4 layers, compiled unrolled in one piece
     tok = analytic.token_counts(cfg, mode="joint", num_frames=5, resolution=(32, 32), text_length=8)

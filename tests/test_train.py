@@ -122,3 +122,23 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     _, params = load_checkpoint(os.path.join(ckpt.checkpoint_dir(str(tmp_path)), str(latest - 1)), use_ema=False)
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_i2v_action_tune_trains_and_checkpoints(tmp_path):
+    """Wan2.1-I2V conditioning in the step: first-frame latents + mask channels, CLIP tokens from a frozen tower."""
+    from wamjax.flops.analytic import frozen_flops
+
+    config = _tiny("size=tiny-i2v,stage=action_tune", 2, **{"train.log_every": 1, "checkpoint.every_steps": 2})
+    workdir = str(tmp_path / "i2v")
+    train(config, workdir)
+    rows = metrics_rows(workdir)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["loss_video"]) and np.isfinite(r["loss_action"]) for r in rows)
+    frozen = frozen_flops(config)
+    assert frozen["image_encoder"] > 0 and frozen["vae_condition_encoder"] == frozen["vae_encoder"] > 0
+    assert rows[-1]["frozen_flops_per_step"] == sum(frozen.values())
+    run_config, params = load_checkpoint(os.path.join(workdir, "checkpoints", "2"))
+    assert run_config.model.image_dim == 32
+    block = params["blocks"]["layers"]["block"]
+    assert block["attn2"]["add_k_proj"]["kernel"].shape == (2, 48, 48)
+    assert params["patch_embedding"]["kernel"].shape[3] == 36  # 16 noisy + 4 mask + 16 conditioning channels

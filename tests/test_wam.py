@@ -110,3 +110,25 @@ def test_remat_and_bf16_run(policy):
     grads = jax.grad(loss)(params)
     assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
     assert jax.tree.leaves(params)[0].dtype == jnp.float32
+
+
+def test_i2v_joint_mode_reads_the_image_and_the_conditioning_channels():
+    cfg = ModelConfig.from_dict({**SIZES["tiny-i2v"], "in_channels": 12, "out_channels": 4,
+                                 "attention_layout": "chunk_causal"})
+    rng = np.random.default_rng(1)
+    x = _inputs()
+    x["latents"] = np.asarray(wam.i2v_model_input(x["latents"], rng.standard_normal((2, *LATENT)).astype(np.float32)))
+    x["image_embeddings"] = rng.standard_normal((2, 3, cfg.image_dim)).astype(np.float32)
+    x["text_embeddings"] = rng.standard_normal((2, 5, cfg.text_dim)).astype(np.float32)
+    params = jax.jit(lambda key: wam.init_params(cfg, key, (*LATENT[:3], 12), 5, NUM_ACTIONS))(jax.random.key(0))
+    assert params["blocks"]["layers"]["block"]["attn2"]["add_k_proj"]["kernel"].shape == (2, cfg.dim, cfg.dim)
+    forward = jax.jit(wam.wam_forward, static_argnums=0)
+    out = forward(cfg, params, **x)
+    assert out.video.shape == (2, *LATENT) and out.actions.shape == (2, NUM_ACTIONS, cfg.action_dim)
+    other = forward(cfg, params, **{**x, "image_embeddings": rng.standard_normal((2, 3, cfg.image_dim))})
+    assert np.abs(np.asarray(other.actions - out.actions)).max() > 1e-4
+    # Action and proprio tokens sit on top exactly as on the T2V backbone: the same modules, the same tree.
+    t2v = jax.eval_shape(lambda: wam.init_params(CFG, jax.random.key(0), LATENT, 5, NUM_ACTIONS))
+    assert jax.tree.structure(params["actions"]) == jax.tree.structure(t2v["actions"])
+    with pytest.raises(ValueError, match="image_embeddings were given but model.image_dim is None"):
+        jax.eval_shape(lambda: wam.wam_forward(CFG, t2v, **{**_inputs(), "image_embeddings": x["image_embeddings"]}))

@@ -48,6 +48,9 @@ class WamConfig:
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
     rope_theta: float = 10000.0
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    pos_embed_seq_len: int | None = None
     action_dim: int = 7
     proprio_dim: int = 8
     max_action_tokens: int = 256
@@ -133,15 +136,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Wan self- or cross-attention: q/k RMS-normed across heads; `to_out.0` as in diffusers."""
+    """Wan self- or cross-attention: q/k RMS-normed across heads; `to_out.0` as in diffusers. With `image`
+    (Wan2.1-I2V cross-attention) the queries also attend to the image tokens through `add_k_proj`/`add_v_proj`
+    and the two attention outputs are summed."""
 
-    def __init__(self, cfg: WamConfig):
+    def __init__(self, cfg: WamConfig, image: bool = False):
         super().__init__()
         d = cfg.dim
         self.heads, self.head_dim = cfg.num_attention_heads, cfg.attention_head_dim
         self.to_q, self.to_k, self.to_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.to_out = nn.ModuleList([nn.Linear(d, d), nn.Identity()])
         self.norm_q, self.norm_k = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
+        if image:
+            self.add_k_proj = nn.Linear(cfg.added_kv_proj_dim, d)
+            self.add_v_proj = nn.Linear(cfg.added_kv_proj_dim, d)
+            self.norm_added_k = RMSNorm(d, cfg.eps)
 
     def forward(
         self,
@@ -149,14 +158,20 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         kv_in = x if context is None else context
+        split = lambda t: t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, self.head_dim))
         k = self.norm_k(self.to_k(kv_in)).unflatten(-1, (self.heads, self.head_dim))
         v = self.to_v(kv_in).unflatten(-1, (self.heads, self.head_dim))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        q = q.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        if image is not None:
+            k_img = split(self.norm_added_k(self.add_k_proj(image)))
+            out = out + F.scaled_dot_product_attention(q, k_img, split(self.add_v_proj(image)))
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 
@@ -188,12 +203,12 @@ class Block(nn.Module):
     def __init__(self, cfg: WamConfig):
         super().__init__()
         self.eps = cfg.eps
-        self.attn1, self.attn2 = Attention(cfg), Attention(cfg)
+        self.attn1, self.attn2 = Attention(cfg), Attention(cfg, image=cfg.image_dim is not None)
         self.norm2 = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else None
         self.ffn = FeedForward(cfg)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, context, token_modulation, rope, mask):
+    def forward(self, x, context, token_modulation, rope, mask, image=None):
         # token_modulation [B, S, 6, D] in float32.
         mod = self.scale_shift_table.float()[None] + token_modulation
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = mod.unbind(2)
@@ -202,14 +217,39 @@ class Block(nn.Module):
         h = self.attn1(h.to(dtype), rope=rope, mask=mask)
         x = (x.float() + h.float() * gate_msa).to(dtype)
         h = layer_norm(x, self.eps, self.norm2) if self.norm2 is not None else x
-        x = x + self.attn2(h.to(dtype), context=context)
+        x = x + self.attn2(h.to(dtype), context=context, image=image)
         h = layer_norm(x, self.eps) * (1 + c_scale) + c_shift
         h = self.ffn(h.to(dtype))
         return (x.float() + h.float() * c_gate).to(dtype)
 
 
+class ImageEmbedder(nn.Module):
+    """CLIP image tokens -> model width: LayerNorm, linear, GELU, linear, LayerNorm (diffusers' WanImageEmbedding);
+    with `pos_embed_seq_len` a learned position embedding is added first (tokens [B, pos_embed_seq_len, D])."""
+
+    def __init__(self, cfg: WamConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.image_dim)  # torch's default eps, as diffusers
+        self.ff = nn.Module()  # diffusers' FeedForward names: ff.net.0.proj, ff.net.2
+        self.ff.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(cfg.image_dim, cfg.dim)])
+        self.ff.net[0].proj = nn.Linear(cfg.image_dim, cfg.image_dim)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.pos_embed = None
+        if cfg.pos_embed_seq_len is not None:
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_seq_len, cfg.image_dim))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:
+            if image.shape[1] != self.pos_embed.shape[1]:
+                raise ValueError(f"image has {image.shape[1]} tokens; pos_embed_seq_len={self.pos_embed.shape[1]}")
+            image = image + self.pos_embed
+        h = layer_norm(image, self.norm1.eps, self.norm1).to(image.dtype)
+        h = self.ff.net[2](F.gelu(self.ff.net[0].proj(h)))
+        return layer_norm(h, self.norm2.eps, self.norm2).to(image.dtype)
+
+
 class ConditionEmbedder(nn.Module):
-    """diffusers' WanTimeTextImageEmbedding without the image branch."""
+    """diffusers' WanTimeTextImageEmbedding (the image branch only for image-conditioned exports)."""
 
     def __init__(self, cfg: WamConfig):
         super().__init__()
@@ -217,6 +257,8 @@ class ConditionEmbedder(nn.Module):
         self.time_embedder = MLP2(cfg.freq_dim, cfg.dim, cfg.dim, "silu")
         self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
         self.text_embedder = MLP2(cfg.text_dim, cfg.dim, cfg.dim, "gelu_tanh")
+        if cfg.image_dim is not None:
+            self.image_embedder = ImageEmbedder(cfg)
 
 
 class ActionModules(nn.Module):
@@ -362,16 +404,21 @@ class WorldActionModel(nn.Module):
         actions: torch.Tensor | None = None,
         t_action: torch.Tensor | float | None = None,
         proprio: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """latents [B, C, F, H, W], timestep [B] or [B, F], text [B, L, text_dim], actions [B, T_a, action_dim],
-        t_action [B] or [B, T_a], proprio [B, proprio_dim] -> (video velocity [B, C, F, H, W],
-        action velocity [B, T_a, action_dim] or None)."""
+        t_action [B] or [B, T_a], proprio [B, proprio_dim], image [B, N, image_dim] (CLIP tokens, image-conditioned
+        exports only) -> (video velocity [B, out_channels, F, H, W], action velocity [B, T_a, action_dim] or None).
+        For I2V, latents carry all in_channels: noisy latents, 4 mask channels, conditioning-frame latents."""
         cfg = self.cfg
         b, c, frames, height, width = latents.shape
         pt, ph, pw = cfg.patch_size
         if c != cfg.in_channels or frames % pt or height % ph or width % pw:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [B, {cfg.in_channels}, F, H, W] "
                              f"with (F, H, W) divisible by patch_size {cfg.patch_size}")
+        if (image is None) != (cfg.image_dim is None):
+            raise ValueError(f"image_dim={cfg.image_dim}: image tokens [B, N, image_dim] are required exactly when "
+                             f"the export is image-conditioned (got image={'None' if image is None else 'a tensor'})")
         if actions is not None and self.actions is None:
             raise ValueError("actions were given but this export holds the video backbone only")
         grid = (frames // pt, height // ph, width // pw)
@@ -384,6 +431,7 @@ class WorldActionModel(nn.Module):
         embedder = self.condition_embedder
         temb, modulation = _time(embedder.time_embedder, embedder.time_proj, cfg.freq_dim, t_frames)
         context = embedder.text_embedder(text.to(dtype))
+        image_context = None if image is None else embedder.image_embedder(image.to(dtype))
         tokens, tembs, modulations = [video_tokens], [temb], [modulation]
         if actions is not None:
             if t_action is None:
@@ -422,7 +470,7 @@ class WorldActionModel(nn.Module):
             mask = chunks[None, :] <= chunks[:, None]  # (query, key): a token sees chunks up to its own
 
         for block in self.blocks:
-            x = block(x, context, token_modulation, rope, mask)
+            x = block(x, context, token_modulation, rope, mask, image_context)
 
         out_mod = self.scale_shift_table.float()[None] + token_temb[:, :, None]
         shift, scale = out_mod[:, :, 0], out_mod[:, :, 1]

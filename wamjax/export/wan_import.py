@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,8 +15,14 @@ from wamjax.models.config import ModelConfig
 
 _DIFFUSERS_FIELDS = {
     "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
-    "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps", "rope_max_seq_len",
+    "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps", "rope_max_seq_len", "image_dim",
+    "added_kv_proj_dim", "pos_embed_seq_len",
 }
+
+
+# Some converted Wan2.1-I2V checkpoints carry an image-query norm the model never uses; diffusers drops it on
+# load (`_keys_to_ignore_on_load_unexpected`), and so do we. Nothing else is skipped.
+_IGNORED_I2V_KEY = re.compile(r"blocks\.\d+\.attn2\.norm_added_q\.weight")
 
 
 class WeightImportError(ValueError):
@@ -65,13 +72,16 @@ def read_safetensors_folder(path: str, weights_name: str = "diffusion_pytorch_mo
 
 
 def model_config_from_diffusers(config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-    """Our ModelConfig from a diffusers WanTransformer3DModel config.json (extra keys such as image_dim checked)."""
-    for key in ("image_dim", "added_kv_proj_dim"):
-        if config.get(key) is not None:
-            raise WeightImportError(f"config key {key}={config[key]!r}: image-conditioned Wan is not supported")
+    """Our ModelConfig from a diffusers WanTransformer3DModel config.json (T2V, or I2V with image_dim and
+    added_kv_proj_dim); a setting we do not implement is refused, naming its key."""
+    if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        raise WeightImportError(f"config key qk_norm={config['qk_norm']!r}: only 'rms_norm_across_heads' (Wan 2.1)")
     values = {k: v for k, v in config.items() if k in _DIFFUSERS_FIELDS}
     values.update(overrides)
-    return ModelConfig.from_dict(values)
+    try:
+        return ModelConfig.from_dict(values)
+    except ValueError as e:
+        raise WeightImportError(f"diffusers config: {e}") from None
 
 
 def import_diffusers_wan(
@@ -116,11 +126,23 @@ def expected_torch_shape(cfg: ModelConfig, key: str) -> tuple[int, ...] | None:
         "condition_embedder.text_embedder.linear_2.weight": (d, d),
         "condition_embedder.text_embedder.linear_2.bias": (d,),
     }
+    if cfg.image_conditioned:
+        image_dim, embedder = cfg.image_dim, "condition_embedder.image_embedder."
+        table |= {
+            embedder + "norm1.weight": (image_dim,), embedder + "norm1.bias": (image_dim,),
+            embedder + "ff.net.0.proj.weight": (image_dim, image_dim), embedder + "ff.net.0.proj.bias": (image_dim,),
+            embedder + "ff.net.2.weight": (d, image_dim), embedder + "ff.net.2.bias": (d,),
+            embedder + "norm2.weight": (d,), embedder + "norm2.bias": (d,),
+        }
+        if cfg.pos_embed_seq_len is not None:
+            table[embedder + "pos_embed"] = (1, cfg.pos_embed_seq_len, image_dim)
     if key in table:
         return table[key]
     if not key.startswith("blocks."):
         return None
     suffix = key.split(".", 2)[2]
+    if suffix in ("attn2.add_k_proj.weight", "attn2.add_v_proj.weight"):
+        return (d, cfg.added_kv_proj_dim)
     if suffix == "scale_shift_table":
         return (1, 6, d)
     if suffix.startswith("ffn.net.0.proj"):
@@ -137,8 +159,12 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtyp
     entries = name_map(cfg)
     expected_keys = {e[0] for e in entries}
     for key in sorted(state):
-        if key not in expected_keys:
-            raise WeightImportError(f"unexpected key {key!r} in the source checkpoint (not part of the Wan backbone)")
+        if key not in expected_keys and not (cfg.image_conditioned and _IGNORED_I2V_KEY.fullmatch(key)):
+            hint = ""
+            if not cfg.image_conditioned and ("add_k_proj" in key or "image_embedder" in key):
+                hint = "; it belongs to an image-conditioned (I2V) Wan: set model.image_dim and added_kv_proj_dim"
+            raise WeightImportError(f"unexpected key {key!r} in the source checkpoint (not part of the Wan backbone "
+                                    f"of this config){hint}")
     stacked: dict[tuple[str, ...], list] = {}
     params: dict = {}
     for key, path, kind, layer in entries:

@@ -30,6 +30,26 @@ _BLOCK_ENTRIES += [
     ("scale_shift_table", ("scale_shift_table",), "same"),
 ]
 _NORM2_ENTRIES = [("norm2.weight", ("norm2", "scale"), "same"), ("norm2.bias", ("norm2", "bias"), "same")]
+# Image-conditioned (I2V) backbone: the image keys/values of every cross-attention and the image embedder.
+_IMAGE_BLOCK_ENTRIES = [
+    ("attn2.add_k_proj.weight", ("attn2", "add_k_proj", "kernel"), "linear"),
+    ("attn2.add_k_proj.bias", ("attn2", "add_k_proj", "bias"), "same"),
+    ("attn2.add_v_proj.weight", ("attn2", "add_v_proj", "kernel"), "linear"),
+    ("attn2.add_v_proj.bias", ("attn2", "add_v_proj", "bias"), "same"),
+    ("attn2.norm_added_k.weight", ("attn2", "norm_added_k", "scale"), "same"),
+]
+_IMAGE_EMBEDDER = "condition_embedder.image_embedder"
+_IMAGE_TOP_ENTRIES = []
+for _torch_name, _ours in (("norm1", "norm1"), ("ff.net.0.proj", "proj_in"), ("ff.net.2", "proj_out"),
+                           ("norm2", "norm2")):
+    _is_norm = _ours.startswith("norm")
+    _path = ("condition_embedder", "image_embedder", _ours)
+    _IMAGE_TOP_ENTRIES += [
+        (f"{_IMAGE_EMBEDDER}.{_torch_name}.weight", (*_path, "scale" if _is_norm else "kernel"),
+         "same" if _is_norm else "linear"),
+        (f"{_IMAGE_EMBEDDER}.{_torch_name}.bias", (*_path, "bias"), "same"),
+    ]
+_POS_EMBED_ENTRY = (f"{_IMAGE_EMBEDDER}.pos_embed", ("condition_embedder", "image_embedder", "pos_embed"), "same")
 
 _TOP_ENTRIES = [
     ("patch_embedding.weight", ("patch_embedding", "kernel"), "conv3d"),
@@ -52,8 +72,12 @@ _TOP_ENTRIES += [
 
 def name_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str, int | None]]:
     """Every (diffusers key, our path, kind, layer index or None) of the video backbone."""
-    entries = [(k, p, kind, None) for k, p, kind in _TOP_ENTRIES]
+    top_entries = list(_TOP_ENTRIES)
+    if cfg.image_conditioned:
+        top_entries += _IMAGE_TOP_ENTRIES + ([_POS_EMBED_ENTRY] if cfg.pos_embed_seq_len is not None else [])
+    entries = [(k, p, kind, None) for k, p, kind in top_entries]
     block_entries = _BLOCK_ENTRIES + (_NORM2_ENTRIES if cfg.cross_attn_norm else [])
+    block_entries += _IMAGE_BLOCK_ENTRIES if cfg.image_conditioned else []
     for i in range(cfg.num_layers):
         for suffix, path, kind in block_entries:
             if cfg.scan_layers:

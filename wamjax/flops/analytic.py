@@ -10,11 +10,13 @@ Components of the forward pass (FLOPs for the whole batch):
   self_attention_scores        QK^T and AV over the whole sequence as computed, plus softmax/scale/mask;
                                dense kernels compute masked scores too: chunk-causal layouts cost the same
   attention_skipped_blocks     scores a block-sparse kernel skips (0: every registered kernel is dense)
-  cross_attention_projections  q/out over video+action tokens, k/v over text tokens, every block
-  cross_attention_scores       scores and AV against the text tokens, plus softmax
+  cross_attention_projections  q/out over video+action tokens, k/v over text tokens (and, I2V, over the
+                               image tokens), every block
+  cross_attention_scores       scores and AV against the text tokens (and the image tokens), plus softmax
   ffn                          the two FFN matmuls and the GELU
   modulation                   timestep MLPs and 6-way projections per token group, per-block table adds
-  text_projection              the DiT's text embedder MLP (the frozen text encoder is separate)
+  text_projection              the DiT's text embedder MLP (the frozen text encoder is separate), and for
+                               I2V the image embedder (norms + MLP over the CLIP tokens)
   action_encoders              action and proprio token encoders and their embeddings
   action_decoder               action velocity head
   output_head                  final modulated norm and the video projection
@@ -72,6 +74,7 @@ class TokenCounts:
     padding: int
     text: int
     video_groups: int  # modulation groups of the video tokens (one per patched latent frame)
+    image: int = 0  # CLIP image tokens (image-conditioned backbone only)
 
     @property
     def sequence(self) -> int:
@@ -111,6 +114,7 @@ def token_counts(
     resolution: tuple[int, int] | list[int],
     text_length: int,
     pad_to_multiple: int = 1,
+    image_tokens: int = 0,
 ) -> TokenCounts:
     """Tokens per sample: video tokens after patching; T-1 action tokens and 1 proprio token in joint mode."""
     if mode not in MODES:
@@ -135,6 +139,7 @@ def token_counts(
         padding=padding,
         text=int(text_length),
         video_groups=grid[0],
+        image=int(image_tokens) if model_cfg.image_conditioned else 0,
     )
 
 
@@ -179,8 +184,10 @@ def forward_flops(
     text_length: int,
     batch: int = 1,
     pad_to_multiple: int = 1,
+    image_tokens: int = 0,
 ) -> dict[str, float]:
-    """Forward FLOPs of `wam_forward` for `batch` samples per component (module docstring) and "total"."""
+    """Forward FLOPs of `wam_forward` for `batch` samples per component (module docstring) and "total";
+    `image_tokens` CLIP tokens per sample for the image-conditioned backbone."""
     cfg = model_cfg
     tok = token_counts(
         cfg,
@@ -189,6 +196,7 @@ def forward_flops(
         resolution=resolution,
         text_length=text_length,
         pad_to_multiple=pad_to_multiple,
+        image_tokens=image_tokens,
     )
     d, layers, s, text = cfg.dim, cfg.num_layers, tok.sequence, tok.text
     patch = math.prod(cfg.patch_size)
@@ -208,6 +216,15 @@ def forward_flops(
         + 2 * groups * d  # output scale_shift_table + temb
     )
     c["text_projection"] = _dense(text, cfg.text_dim, d) + _GELU_TANH * text * d + _dense(text, d, d)
+    if tok.image:
+        image, image_dim = tok.image, cfg.image_dim
+        c["cross_attention_projections"] += layers * 2 * _dense(image, d, d)
+        c["cross_attention_scores"] += layers * (_attention_scores(cfg, s, image, masked=False) + s * d)
+        c["norms_and_elementwise"] += layers * _RMS_NORM * image * d  # norm_added_k
+        c["text_projection"] += (
+            _LAYER_NORM_AFFINE * image * (image_dim + d) + _dense(image, image_dim, image_dim)
+            + _GELU_TANH * image * image_dim + _dense(image, image_dim, d)
+        )
     if tok.action:
         c["action_encoders"] = (
             _dense(tok.action, cfg.action_dim, d)
@@ -236,7 +253,7 @@ def forward_flops(
         + _modulate(cfg, s, groups)  # norm3
         + 2 * s * d  # gate and residual
     )
-    c["norms_and_elementwise"] = layers * per_block_elementwise
+    c["norms_and_elementwise"] += layers * per_block_elementwise
     out = {name: float(value) * batch for name, value in c.items()}
     out["total"] = float(sum(out.values()))
     return out
@@ -348,6 +365,7 @@ class StepFlops:
     text_tokens: int
     components: dict[str, float]  # forward FLOPs per sample
     frozen_components: dict[str, float]  # per step
+    image_tokens: int = 0  # CLIP tokens per sample (image-conditioned backbone)
 
     @property
     def train_per_sample(self) -> float:
@@ -372,7 +390,8 @@ def stage_mode(config: ml_collections.ConfigDict, stage: str) -> str:
 
 
 def frozen_flops(config: ml_collections.ConfigDict, batch: int | None = None) -> dict[str, float]:
-    """FLOPs of the frozen parts of one step: VAE encode unless latents are cached; text encoder."""
+    """FLOPs of the frozen parts of one step: VAE encode unless latents are cached; text encoder; for the
+    image-conditioned backbone the VAE encode of the conditioning video and the CLIP image encoder."""
     from wamjax.models.vae import vae_config_for
 
     batch = int(config.data.batch_size) if batch is None else batch
@@ -382,7 +401,13 @@ def frozen_flops(config: ml_collections.ConfigDict, batch: int | None = None) ->
             vae_config_for(config.vae.size), config.data.num_frames, config.data.resolution, batch
         )
     # Text embeddings come from a cache or are synthesized; no text encoder runs in the step.
-    return {"vae_encoder": vae, "text_encoder": 0.0}
+    out = {"vae_encoder": vae, "text_encoder": 0.0}
+    if model_config_from(config).image_conditioned:
+        from wamjax.models import clip
+
+        out["vae_condition_encoder"] = vae  # the first frame followed by zero frames, encoded like the clip
+        out["image_encoder"] = clip.encode_flops(clip.encoder_config(config), batch)
+    return out
 
 
 _NO_RECOMPUTE_POLICIES = ("none", "everything")
@@ -400,6 +425,10 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
         text_length=int(config.text.max_length),
         pad_to_multiple=pad_to_multiple,
     )
+    if cfg.image_conditioned:
+        from wamjax.models import clip
+
+        kwargs["image_tokens"] = clip.encoder_config(config).num_tokens
     components = forward_flops(cfg, **kwargs)
     tok = token_counts(cfg, **kwargs)
     forward = components.pop("total")
@@ -417,6 +446,7 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
         action_tokens=tok.action,
         proprio_tokens=tok.proprio,
         text_tokens=tok.text,
+        image_tokens=tok.image,
         components=components,
         frozen_components=frozen,
     )

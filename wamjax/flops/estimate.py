@@ -110,6 +110,7 @@ def estimate(
             batch=1,
             pad_to_multiple=pad_to_multiple,
             max_param_bytes=limit,
+            image_tokens=step_flops.image_tokens,
         )
         out["xla_forward_flops_per_sample"] = xla_flops
         out["analytic_over_xla"] = step_flops.forward_per_sample / xla_flops

@@ -32,11 +32,14 @@ def _cost_flops(compiled: Any) -> float:
 
 
 def _abstract_inputs(
-    cfg: ModelConfig, latent_shape: tuple[int, ...], text_length: int, num_actions: int, batch: int
+    cfg: ModelConfig, latent_shape: tuple[int, ...], text_length: int, num_actions: int, batch: int,
+    image_tokens: int = 0,
 ) -> tuple[Any, ...]:
     from wamjax.models.wam import example_inputs
 
-    inputs = jax.eval_shape(lambda: example_inputs(cfg, latent_shape, text_length, num_actions, True, batch))
+    inputs = jax.eval_shape(
+        lambda: example_inputs(cfg, latent_shape, text_length, num_actions, True, batch, image_tokens or None)
+    )
     return tuple(inputs)
 
 
@@ -47,6 +50,7 @@ def compiled_forward_flops(
     num_actions: int,
     batch: int,
     pad_to_multiple: int = 1,
+    image_tokens: int = 0,
 ) -> float:
     """XLA's FLOP count of one compiled `wam_forward` call exactly as `cfg` describes it (no unrolling)."""
     from wamjax.models.wam import init_params, wam_forward
@@ -54,7 +58,7 @@ def compiled_forward_flops(
     params = jax.eval_shape(
         lambda: init_params(cfg, jax.random.key(0), latent_shape, text_length, num_actions, with_proprio=True)
     )
-    inputs = _abstract_inputs(cfg, latent_shape, text_length, num_actions, batch)
+    inputs = _abstract_inputs(cfg, latent_shape, text_length, num_actions, batch, image_tokens)
     fn = jax.jit(lambda p, *args: wam_forward(cfg, p, *args, pad_to_multiple=pad_to_multiple))
     return _cost_flops(fn.lower(params, *inputs).compile())
 
@@ -83,6 +87,7 @@ def xla_forward_flops(
     batch: int = 1,
     pad_to_multiple: int = 1,
     max_param_bytes: int | None = DEFAULT_MAX_PARAM_BYTES,
+    image_tokens: int = 0,
 ) -> float:
     """XLA's forward FLOPs for `batch` samples, same arguments as `analytic.forward_flops`.
 
@@ -109,7 +114,8 @@ def xla_forward_flops(
 
     def cost(layers: int) -> float:
         cfg = dataclasses.replace(model_cfg, num_layers=layers, scan_layers=False, remat_policy="none")
-        return compiled_forward_flops(cfg, latent_shape, text_length, tok.action, batch, pad_to_multiple)
+        return compiled_forward_flops(cfg, latent_shape, text_length, tok.action, batch, pad_to_multiple,
+                                      image_tokens)
 
     one = cost(1)
     if model_cfg.num_layers == 1:

@@ -26,6 +26,12 @@ class ModelConfig:
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
     rope_theta: float = 10000.0
+    # Image conditioning (Wan2.1-I2V): CLIP image tokens of width `image_dim` are embedded and read by every
+    # block's cross-attention through its own keys/values (`added_kv_proj_dim`, the model width); None = T2V.
+    # `pos_embed_seq_len` adds a learned position embedding to the image tokens (Wan2.1 FLF2V).
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    pos_embed_seq_len: int | None = None
     # Action / proprio tokens (absent in the pure video backbone).
     action_dim: int = 7
     proprio_dim: int = 8
@@ -40,9 +46,28 @@ class ModelConfig:
     remat_policy: str = "none"
     dtype: str = "float32"
 
+    def __post_init__(self):
+        if (self.image_dim is None) != (self.added_kv_proj_dim is None):
+            raise ValueError(
+                f"model.image_dim={self.image_dim} and model.added_kv_proj_dim={self.added_kv_proj_dim}: "
+                "image conditioning needs both set (or both None for text-to-video)"
+            )
+        if self.added_kv_proj_dim is not None and self.added_kv_proj_dim != self.dim:
+            raise ValueError(
+                f"model.added_kv_proj_dim={self.added_kv_proj_dim}; Wan's image embedder outputs the model width "
+                f"{self.dim}, so it must equal num_attention_heads * attention_head_dim"
+            )
+        if self.pos_embed_seq_len is not None and self.image_dim is None:
+            raise ValueError(f"model.pos_embed_seq_len={self.pos_embed_seq_len} needs model.image_dim")
+
     @property
     def dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def image_conditioned(self) -> bool:
+        """True for the image-to-video (I2V) backbone: CLIP image tokens in every cross-attention."""
+        return self.image_dim is not None
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -81,10 +106,10 @@ class ModelConfig:
             "cross_attn_norm": self.cross_attn_norm,
             "qk_norm": "rms_norm_across_heads",
             "eps": self.eps,
-            "image_dim": None,
-            "added_kv_proj_dim": None,
+            "image_dim": self.image_dim,
+            "added_kv_proj_dim": self.added_kv_proj_dim,
             "rope_max_seq_len": self.rope_max_seq_len,
-            "pos_embed_seq_len": None,
+            "pos_embed_seq_len": self.pos_embed_seq_len,
         }
 
 
@@ -98,10 +123,21 @@ SIZES: dict[str, dict[str, Any]] = {
     ),
     "wan1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
     "wan14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+    # Wan2.1-I2V-14B-480P: 16 noisy + 4 mask + 16 conditioning-frame latent channels in, CLIP ViT-H/14 tokens.
+    "wan14b-i2v": dict(
+        num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, in_channels=36,
+        image_dim=1280, added_kv_proj_dim=5120,
+    ),
+    # The tiny size with image conditioning (16 + 4 + 16 input channels, as Wan2.1-I2V).
+    "tiny-i2v": dict(
+        num_attention_heads=2, attention_head_dim=24, ffn_dim=96, num_layers=2, text_dim=32, freq_dim=32,
+        in_channels=36, image_dim=32, added_kv_proj_dim=48,
+    ),
 }
 
-# Parameter counts of the published checkpoints (diffusers WanTransformer3DModel, T2V).
-PUBLISHED_PARAM_COUNTS = {"wan1.3b": 1_418_996_800, "wan14b": 14_288_491_584}
+# Parameter counts of the published checkpoints as diffusers' WanTransformer3DModel counts them (T2V 1.3B and
+# 14B; Wan2.1-I2V-14B-480P, whose image embedder and per-block image keys/values add 2.1B to the 14B T2V).
+PUBLISHED_PARAM_COUNTS = {"wan1.3b": 1_418_996_800, "wan14b": 14_288_491_584, "wan14b-i2v": 16_394_878_784}
 
 
 def model_config_from_run(run_config: Mapping[str, Any]) -> ModelConfig:

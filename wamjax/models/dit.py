@@ -179,7 +179,7 @@ class WanAttention(nn.Module):
     cross: bool = False
 
     @nn.compact
-    def __call__(self, x, context=None, rope=None, mask=None):
+    def __call__(self, x, context=None, rope=None, mask=None, image_context=None):
         cfg = self.cfg
         dim, heads = cfg.dim, cfg.num_attention_heads
         kv_in = x if context is None else context
@@ -197,9 +197,22 @@ class WanAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention_lib.get_attention(cfg.attention)(q, k, v, mask)
+        if image_context is not None:
+            out = out + self._image_attention(q, image_context)
         out = out.reshape(*out.shape[:2], dim)
         out = constrain(out, ("batch", "length", "heads"))
         return Dense(dim, ("heads", "embed"), dtype=cfg.compute_dtype, name="to_out")(out)
+
+    def _image_attention(self, q: jax.Array, image_context: jax.Array) -> jax.Array:
+        """Wan2.1-I2V: the same queries attend to the embedded image tokens through their own keys/values."""
+        cfg = self.cfg
+        dense = lambda name: Dense(cfg.dim, ("embed", "heads"), dtype=cfg.compute_dtype, name=name)
+        k = RMSNorm(cfg.eps, name="norm_added_k")(dense("add_k_proj")(image_context))
+        v = dense("add_v_proj")(image_context)
+        split = lambda t: t.reshape(*t.shape[:2], cfg.num_attention_heads, cfg.attention_head_dim)
+        kv_axes = ("batch", "image_length", "heads", "kv")
+        k, v = constrain(split(k), kv_axes), constrain(split(v), kv_axes)
+        return attention_lib.get_attention(cfg.attention)(q, k, v, None)
 
 
 class FeedForward(nn.Module):
@@ -242,7 +255,11 @@ class WanBlock(nn.Module):
         x = constrain(x, BATCH_LENGTH_EMBED)
 
         h = LayerNorm(cfg.eps, affine=True, name="norm2")(x) if cfg.cross_attn_norm else x
-        x = x + WanAttention(cfg, cross=True, name="attn2")(h.astype(dtype), context=context)
+        # `context` is the text context, or (text, image) for the image-conditioned backbone.
+        text_context, image_context = context if isinstance(context, tuple) else (context, None)
+        x = x + WanAttention(cfg, cross=True, name="attn2")(
+            h.astype(dtype), context=text_context, image_context=image_context
+        )
         x = constrain(x, BATCH_LENGTH_EMBED)
 
         h = LayerNorm(cfg.eps, name="norm3")(x) * (1 + c_scale) + c_shift
@@ -294,7 +311,8 @@ class BlockStack(nn.Module):
 
 
 class ConditionEmbedder(nn.Module):
-    """Timestep -> (temb, 6-way modulation) and text -> context, as diffusers' WanTimeTextImageEmbedding."""
+    """Timestep -> (temb, 6-way modulation), text -> context and (I2V) image tokens -> image context, as
+    diffusers' WanTimeTextImageEmbedding."""
 
     cfg: ModelConfig
 
@@ -303,6 +321,11 @@ class ConditionEmbedder(nn.Module):
         self.time_embedder = TimeEmbedding(cfg, name="time_embedder")
         self.time_proj = Dense(6 * cfg.dim, (None, "embed"), name="time_proj")
         self.text_embedder = TextProjection(cfg, name="text_embedder")
+        if cfg.image_conditioned:
+            self.image_embedder = ImageEmbedding(cfg, name="image_embedder")
+
+    def image(self, image_embeddings: jax.Array) -> jax.Array:
+        return self.image_embedder(image_embeddings)
 
     def time(self, timesteps: jax.Array) -> tuple[jax.Array, jax.Array]:
         temb = self.time_embedder(timesteps)
@@ -341,6 +364,39 @@ class TextProjection(nn.Module):
         h = activation_fn("gelu_tanh")(h)
         h = Dense(cfg.dim, ("mlp_small", "embed"), dtype=cfg.compute_dtype, name="linear_2")(h)
         return constrain(h, ("batch", "text_length", "embed"))
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens [B, N, image_dim] -> [B, N, dim]: LayerNorm -> linear -> GELU -> linear -> LayerNorm
+    (diffusers' WanImageEmbedding; `ff.net.0.proj` / `ff.net.2` are `proj_in` / `proj_out`).
+
+    With `pos_embed_seq_len` (Wan FLF2V) a learned position embedding is added first; the caller passes the
+    first- and last-frame tokens concatenated, [B, pos_embed_seq_len, image_dim].
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, image):
+        cfg = self.cfg
+        if image.ndim != 3 or image.shape[-1] != cfg.image_dim:
+            raise ValueError(f"image_embeddings have shape {image.shape}; expected [B, tokens, {cfg.image_dim}] "
+                             "(model.image_dim)")
+        if cfg.pos_embed_seq_len is not None:
+            if image.shape[1] != cfg.pos_embed_seq_len:
+                raise ValueError(f"image_embeddings have {image.shape[1]} tokens; model.pos_embed_seq_len="
+                                 f"{cfg.pos_embed_seq_len}")
+            pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                       (None, None, "image_embed")),
+                             (1, cfg.pos_embed_seq_len, cfg.image_dim))
+            image = image + pos
+        # torch LayerNorm's default eps (diffusers' FP32LayerNorm here), not the model's eps.
+        h = LayerNorm(1e-5, affine=True, name="norm1")(image)
+        h = Dense(cfg.image_dim, ("image_embed", "mlp_small"), dtype=cfg.compute_dtype, name="proj_in")(h)
+        h = activation_fn("gelu")(h)
+        h = Dense(cfg.dim, ("mlp_small", "embed"), dtype=cfg.compute_dtype, name="proj_out")(h)
+        h = LayerNorm(1e-5, affine=True, name="norm2")(h)
+        return constrain(h, ("batch", "image_length", "embed"))
 
 
 class PatchEmbed(nn.Module):

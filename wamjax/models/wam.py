@@ -27,6 +27,8 @@ from wamjax.models.dit import (
 from wamjax.models.layers import Dense, LayerNorm, constrain
 
 Params = Any
+CLIP_IMAGE_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token (Wan2.1-I2V)
+I2V_MASK_CHANNELS = 4  # one per pixel frame of a latent frame (the Wan VAE's 4x time compression)
 
 
 class WamOutput(NamedTuple):
@@ -62,9 +64,11 @@ class WorldActionModel(nn.Module):
         actions: jax.Array | None = None,
         t_action: jax.Array | None = None,
         proprio: jax.Array | None = None,
+        image_embeddings: jax.Array | None = None,
     ) -> WamOutput:
         cfg = self.cfg
         batch = latents.shape[0]
+        _check_conditioning(cfg, latents, image_embeddings)
         num_actions = 0 if actions is None else actions.shape[1]
         num_proprio = 0 if (actions is None or proprio is None) else 1
         layout = make_token_layout(cfg, latents.shape[1:4], num_actions, num_proprio, self.pad_to_multiple)
@@ -75,6 +79,8 @@ class WorldActionModel(nn.Module):
         t_frames = _per_group(t_video, batch, latents.shape[1], "t_video")[:, :: cfg.patch_size[0]][:, :gf]
         temb, modulation = cond.time(t_frames)
         context = cond.text(text_embeddings)
+        if image_embeddings is not None:
+            context = (context, cond.image(image_embeddings))
         tokens, tembs, modulations = [video_tokens], [temb], [modulation]
 
         action_module = None
@@ -127,6 +133,19 @@ class WorldActionModel(nn.Module):
         return WamOutput(video, action_velocity)
 
 
+def _check_conditioning(cfg: ModelConfig, latents: jax.Array, image_embeddings: jax.Array | None) -> None:
+    if latents.shape[-1] != cfg.in_channels:
+        hint = " (noisy latents + 4 mask channels + conditioning-frame latents, see i2v_model_input)" \
+            if cfg.image_conditioned else ""
+        raise ValueError(f"latents have {latents.shape[-1]} channels (shape {latents.shape}); "
+                         f"model.in_channels={cfg.in_channels}{hint}")
+    if cfg.image_conditioned and image_embeddings is None:
+        raise ValueError(f"model.image_dim={cfg.image_dim}: the image-conditioned backbone needs image_embeddings "
+                         f"[B, tokens, {cfg.image_dim}]")
+    if not cfg.image_conditioned and image_embeddings is not None:
+        raise ValueError("image_embeddings were given but model.image_dim is None (a text-to-video backbone)")
+
+
 def init_params(
     cfg: ModelConfig,
     rng: jax.Array,
@@ -151,16 +170,22 @@ def example_inputs(
     num_action_tokens: int = 0,
     with_proprio: bool = True,
     batch: int = 1,
+    num_image_tokens: int | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Zero inputs of the right shapes for init / abstract evaluation."""
+    """Zero inputs of the right shapes for init / abstract evaluation (image tokens: CLIP ViT-H/14's count
+    unless given)."""
     latents = jnp.zeros((batch, *latent_shape), jnp.float32)
     t = jnp.zeros((batch,), jnp.float32)
     text = jnp.zeros((batch, text_length, cfg.text_dim), jnp.float32)
+    image = None
+    if cfg.image_conditioned:
+        tokens = num_image_tokens or cfg.pos_embed_seq_len or CLIP_IMAGE_TOKENS
+        image = jnp.zeros((batch, tokens, cfg.image_dim), jnp.float32)
     if not num_action_tokens:
-        return latents, t, text
+        return (latents, t, text) if image is None else (latents, t, text, None, None, None, image)
     actions = jnp.zeros((batch, num_action_tokens, cfg.action_dim), jnp.float32)
     proprio = jnp.zeros((batch, cfg.proprio_dim), jnp.float32) if with_proprio else None
-    return latents, t, text, actions, t, proprio
+    return (latents, t, text, actions, t, proprio) + (() if image is None else (image,))
 
 
 def param_logical_axes(
@@ -187,20 +212,56 @@ def wam_forward(
     actions: jax.Array | None = None,
     t_action: jax.Array | None = None,
     proprio: jax.Array | None = None,
+    image_embeddings: jax.Array | None = None,
     pad_to_multiple: int = 1,
 ) -> WamOutput:
-    """Pure forward of the world-action model. Latents are channels-last [B, F, H, W, C]."""
+    """Pure forward of the world-action model. Latents are channels-last [B, F, H, W, C] with all
+    `in_channels` (for I2V the caller concatenates the conditioning channels, see `i2v_model_input`);
+    image_embeddings [B, tokens, image_dim] are the CLIP tokens of the image-conditioned backbone."""
     return WorldActionModel(cfg, pad_to_multiple).apply(
-        {"params": params}, latents, t_video, text_embeddings, actions, t_action, proprio
+        {"params": params}, latents, t_video, text_embeddings, actions, t_action, proprio, image_embeddings
     )
 
 
 def dit_forward(
-    cfg: ModelConfig, params: Params, latents: jax.Array, timestep: jax.Array, text_embeddings: jax.Array
+    cfg: ModelConfig,
+    params: Params,
+    latents: jax.Array,
+    timestep: jax.Array,
+    text_embeddings: jax.Array,
+    image_embeddings: jax.Array | None = None,
 ) -> jax.Array:
-    """Video-only forward: velocity for channels-last latents [B, F, H, W, C] (JAX convention; diffusers'
-    WanTransformer3DModel takes [B, C, F, H, W]). timestep is [B] on Wan's 0..1000 scale."""
-    return wam_forward(cfg, params, latents, timestep, text_embeddings).video
+    """Video-only forward: velocity for channels-last latents [B, F, H, W, in_channels] (JAX convention;
+    diffusers' WanTransformer3DModel takes [B, C, F, H, W]). timestep is [B] on Wan's 0..1000 scale;
+    image_embeddings [B, tokens, image_dim] for the image-conditioned (I2V) backbone."""
+    return wam_forward(cfg, params, latents, timestep, text_embeddings, image_embeddings=image_embeddings).video
+
+
+def i2v_condition(condition_latents: jax.Array, num_conditioned_frames: int = 1) -> jax.Array:
+    """The 20 conditioning channels Wan2.1-I2V reads: [4 mask channels | conditioning latents], channels-last.
+
+    condition_latents [B, F, H, W, z] are the normalized VAE latents of the conditioning video: the first
+    frame followed by zero frames (`first_frame_video`), as diffusers' WanImageToVideoPipeline encodes it.
+    The mask has one channel per pixel frame inside a latent frame (the VAE's 4x time compression): 1 on the
+    first latent frame (the given frame, repeated 4 times as the pipeline does), 0 elsewhere.
+    """
+    b, f, h, w, _ = condition_latents.shape
+    known = (jnp.arange(f) < num_conditioned_frames).astype(condition_latents.dtype)
+    mask = jnp.broadcast_to(known[None, :, None, None, None], (b, f, h, w, I2V_MASK_CHANNELS))
+    return jnp.concatenate([mask, condition_latents], axis=-1)
+
+
+def i2v_model_input(noisy_latents: jax.Array, condition_latents: jax.Array) -> jax.Array:
+    """Noisy latents [B, F, H, W, z] + conditioning -> the transformer's [B, F, H, W, 2z + 4] input (diffusers'
+    order: noisy latents, mask, conditioning latents)."""
+    return jnp.concatenate([noisy_latents, i2v_condition(condition_latents)], axis=-1)
+
+
+def first_frame_video(frames: jax.Array) -> jax.Array:
+    """Frames [B, T, ...] -> the conditioning video: frame 0 kept, frames 1.. zeroed (in the VAE's [-1, 1] space
+    zero is mid-grey, as in diffusers' pipeline, which zeroes the preprocessed video)."""
+    keep = (jnp.arange(frames.shape[1]) == 0).reshape(1, -1, *([1] * (frames.ndim - 2)))
+    return jnp.where(keep, frames, jnp.zeros((), frames.dtype))
 
 
 def backbone_params(params: Params) -> Params:

@@ -34,6 +34,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_length", None),
     ("text_length", None),
     ("text_embed", None),
+    ("image_length", None),
+    ("image_embed", None),
     ("mlp_small", None),
     ("layers", None),
     ("action", None),

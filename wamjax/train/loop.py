@@ -22,9 +22,10 @@ from wamjax.checkpoint import manager as ckpt
 from wamjax.flops.analytic import train_step_flops
 from wamjax.flops.ledger import FlopLedger
 from wamjax.flops.peak import peak_flops_per_device
+from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
-from wamjax.models.wam import WorldActionModel, example_inputs
+from wamjax.models.wam import I2V_MASK_CHANNELS, WorldActionModel, example_inputs
 from wamjax.parallel.mesh import logical_rules, make_mesh, replicated
 from wamjax.parallel.placement import check_placement
 from wamjax.train import inputs as inputs_lib
@@ -95,6 +96,15 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 def _latent_shape(config: ml_collections.ConfigDict, vae_cfg: Any, cfg: ModelConfig) -> tuple[int, int, int, int]:
     h, w = config.data.resolution
     f, lh, lw, c = vae_lib.latent_shape(vae_cfg, (1, config.data.num_frames, h, w, 3))[1:]
+    if cfg.image_conditioned:
+        # The transformer reads noisy latents, 4 first-frame mask channels and the conditioning latents.
+        if cfg.in_channels != 2 * c + I2V_MASK_CHANNELS or cfg.out_channels != c:
+            raise ValueError(f"model.in_channels={cfg.in_channels}, model.out_channels={cfg.out_channels}: an image-"
+                             f"conditioned model on a VAE with z_dim {c} needs {2 * c + I2V_MASK_CHANNELS} and {c}")
+        if config.data.latents_cache:
+            raise ValueError("data.latents_cache is not supported for image-conditioned models (model.image_dim): "
+                             "the step encodes the first frame and its CLIP tokens from the clip's frames")
+        return f, lh, lw, cfg.in_channels
     if c != cfg.in_channels:
         raise ValueError(f"VAE z_dim {c} != model.in_channels {cfg.in_channels}")
     return f, lh, lw, c
@@ -202,10 +212,18 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
     vae_params = None
     if not config.data.latents_cache:
         vae_params = jax.device_put(_vae_params(config, vae_cfg), replicated(mesh))
+    image_encoder = None
+    if cfg.image_conditioned:
+        image_encoder = clip.encoder_config(config)
+        logging.info("image encoder: %s CLIP vision tower (%d tokens per first frame), frozen in the step",
+                     config.image.encoder or "RANDOM (image.encoder is empty; CPU smoke runs only)",
+                     image_encoder.num_tokens)
+        image_params = jax.device_put(clip.encoder_params(config, image_encoder), replicated(mesh))
+        vae_params = {"vae": vae_params, "image_encoder": image_params}
 
     # --- Update step -------------------------------------------------------------------------------
     spec = StepSpec(model=cfg, mode=mode, clean_context_frames=int(stage_cfg.clean_context_frames),
-                    vae=vae_cfg, pad_to_multiple=pad)
+                    vae=vae_cfg, pad_to_multiple=pad, image_encoder=image_encoder)
     stage_start = ledger.stage_start_step[stage]
     step_fn = make_train_step(spec, config.diffusion, tx, schedule, config.optim.ema_decay, stage_start)
     train_step = jit_train_step(step_fn, state_shardings)

@@ -13,10 +13,11 @@ import numpy as np
 import optax
 
 from wamjax.diffusion import flow
+from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
 from wamjax.models.dit import action_latent_frame, latent_frame_chunk
-from wamjax.models.wam import wam_forward
+from wamjax.models.wam import first_frame_video, i2v_model_input, wam_forward
 
 Params = Any
 
@@ -41,6 +42,7 @@ class StepSpec:
     clean_context_frames: int
     vae: Any | None  # VAEConfig when frames are encoded online; None when batches carry latents
     pad_to_multiple: int = 1
+    image_encoder: clip.CLIPVisionConfig | None = None  # image-conditioned (I2V) models: the frozen CLIP tower
 
 
 def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
@@ -52,6 +54,20 @@ def frames_to_latents(vae_config: Any, vae_params: Params, frames: jax.Array) ->
     """uint8 frames [B, T, H, W, 3] -> normalized VAE latents [B, 1+(T-1)/4, H/8, W/8, z], no gradients."""
     latents = vae_lib.vae_encode(vae_config, vae_params, vae_lib.frames_to_video(frames))
     return jax.lax.stop_gradient(vae_lib.normalize_latents(vae_config, latents))
+
+
+def i2v_latents_and_conditioning(
+    spec: StepSpec, vae_params: Params, image_encoder_params: Params, frames: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Wan2.1-I2V inputs of uint8 clips [B, T, H, W, 3], frozen: the clips' normalized latents, and as
+    conditioning the normalized latents of the first frame followed by zero frames and the first frame's CLIP
+    tokens. Clips and conditioning videos go through the VAE as one batch (one encoder in the compiled step)."""
+    video = vae_lib.frames_to_video(frames)
+    both = vae_lib.vae_encode(spec.vae, vae_params, jnp.concatenate([video, first_frame_video(video)], axis=0))
+    both = jax.lax.stop_gradient(vae_lib.normalize_latents(spec.vae, both))
+    x0, condition = jnp.split(both, 2, axis=0)
+    image = clip.encode_frames(spec.image_encoder, image_encoder_params, frames[:, 0])
+    return x0, {"condition_latents": condition, "image_embeddings": image}
 
 
 def sample_chunk_times(
@@ -99,9 +115,13 @@ def compute_loss(
         noisy_actions = flow.add_noise(actions, action_noise, t_action)
         proprio = batch["proprio"]
 
+    image = None
+    if cfg.image_conditioned:
+        xt = i2v_model_input(xt, batch["condition_latents"])
+        image = batch["image_embeddings"]
     out = wam_forward(
         cfg, params, xt, flow.to_model_timestep(t_video), text,
-        noisy_actions, None if t_action is None else flow.to_model_timestep(t_action), proprio,
+        noisy_actions, None if t_action is None else flow.to_model_timestep(t_action), proprio, image,
         pad_to_multiple=spec.pad_to_multiple,
     )
     frame_weight = jnp.asarray(~context, jnp.float32)
@@ -123,14 +143,20 @@ def make_train_step(
     spec: StepSpec, diffusion: ml_collections.ConfigDict, tx: optax.GradientTransformation,
     schedule: optax.Schedule, ema_decay: float, stage_start_step: int = 0,
 ):
-    """Returns the pure step `(state, batch, vae_params) -> (state, metrics)`."""
+    """Returns the pure step `(state, batch, frozen_params) -> (state, metrics)`; frozen_params are the VAE's, or
+    for an image-conditioned model {"vae": ..., "image_encoder": ...}."""
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array], vae_params: Params):
+    def train_step(state: TrainState, batch: dict[str, jax.Array], frozen_params: Params):
         rng, step_rng = jax.random.split(state.rng)
-        if "latents" in batch:  # a latents cache stores them unnormalized
+        if spec.model.image_conditioned:
+            x0, conditioning = i2v_latents_and_conditioning(
+                spec, frozen_params["vae"], frozen_params["image_encoder"], batch["frames"]
+            )
+            batch = {**batch, **conditioning}
+        elif "latents" in batch:  # a latents cache stores them unnormalized
             x0 = vae_lib.normalize_latents(spec.vae, batch["latents"].astype(jnp.float32))
         else:
-            x0 = frames_to_latents(spec.vae, vae_params, batch["frames"])
+            x0 = frames_to_latents(spec.vae, frozen_params, batch["frames"])
         grad_fn = jax.value_and_grad(lambda p: compute_loss(spec, diffusion, p, x0, batch, step_rng), has_aux=True)
         (_, metrics), grads = grad_fn(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
