@@ -111,8 +111,10 @@ def token_counts(
     resolution: tuple[int, int] | list[int],
     text_length: int,
     pad_to_multiple: int = 1,
+    num_actions: int | None = None,
 ) -> TokenCounts:
-    """Tokens per sample: video tokens after patching; T-1 action tokens and 1 proprio token in joint mode."""
+    """Tokens per sample: video tokens after patching; `num_actions` (default T-1) action tokens and 1 proprio
+    token in joint mode."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     frames, height, width = latent_shape_for(num_frames, resolution)
@@ -124,7 +126,7 @@ def token_counts(
         )
     grid = (frames // pt, height // ph, width // pw)
     video = grid[0] * grid[1] * grid[2]
-    action = num_frames - 1 if mode == "joint" else 0
+    action = (num_frames - 1 if num_actions is None else int(num_actions)) if mode == "joint" else 0
     proprio = 1 if mode == "joint" else 0
     padding = (-(video + action + proprio)) % max(int(pad_to_multiple), 1)
     return TokenCounts(
@@ -179,6 +181,7 @@ def forward_flops(
     text_length: int,
     batch: int = 1,
     pad_to_multiple: int = 1,
+    num_actions: int | None = None,
 ) -> dict[str, float]:
     """Forward FLOPs of `wam_forward` for `batch` samples per component (module docstring) and "total"."""
     cfg = model_cfg
@@ -189,6 +192,7 @@ def forward_flops(
         resolution=resolution,
         text_length=text_length,
         pad_to_multiple=pad_to_multiple,
+        num_actions=num_actions,
     )
     d, layers, s, text = cfg.dim, cfg.num_layers, tok.sequence, tok.text
     patch = math.prod(cfg.patch_size)
@@ -364,6 +368,16 @@ def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_dict(config.model.to_dict())
 
 
+def config_num_actions(config: ml_collections.ConfigDict) -> int:
+    """Action tokens per joint-mode sample of a run config (data.num_frames, frame_stride, action_horizon)."""
+    from data_pipelines.windowing import num_clip_actions
+
+    data = config.data
+    return num_clip_actions(
+        int(data.num_frames), int(data.get("frame_stride", 1)), int(data.get("action_horizon", 0))
+    )
+
+
 def stage_mode(config: ml_collections.ConfigDict, stage: str) -> str:
     """The mode of a named stage, naming the known stages on a miss."""
     if stage not in config.stages:
@@ -399,6 +413,7 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
         resolution=tuple(config.data.resolution),
         text_length=int(config.text.max_length),
         pad_to_multiple=pad_to_multiple,
+        num_actions=config_num_actions(config),
     )
     components = forward_flops(cfg, **kwargs)
     tok = token_counts(cfg, **kwargs)
