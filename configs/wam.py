@@ -90,7 +90,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.text.max_length = 8 if tiny else 512
 
     c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.time_sampling = "logit_normal"  # uniform | logit_normal
+    c.diffusion.time_sampling = "logit_normal"  # uniform | logit_normal | beta
+    # Per-modality overrides of time_sampling ("" = take it); DreamZero-Flash: video beta, actions uniform.
+    c.diffusion.video_time_sampling = ""
+    c.diffusion.action_time_sampling = ""
+    c.diffusion.beta_a = 3.0  # Beta(beta_a, beta_b) for "beta"; t = 1 is noise, so a > b favours high noise
+    c.diffusion.beta_b = 1.0
     c.diffusion.logit_mean = 0.0
     c.diffusion.logit_std = 1.0
     c.diffusion.shift = 1.0 if tiny else 5.0

@@ -54,13 +54,36 @@ def frames_to_latents(vae_config: Any, vae_params: Params, frames: jax.Array) ->
     return jax.lax.stop_gradient(vae_lib.normalize_latents(vae_config, latents))
 
 
+def time_sampling(diffusion: ml_collections.ConfigDict, modality: str) -> tuple[str, str]:
+    """(distribution, config key) of `modality`'s ("video" | "action") training times.
+
+    `diffusion.<modality>_time_sampling` when set, else the shared `diffusion.time_sampling`.
+    """
+    key = f"{modality}_time_sampling"
+    own = str(diffusion.get(key, "") or "")
+    if own:
+        return own, f"diffusion.{key}"
+    return str(diffusion.time_sampling), "diffusion.time_sampling"
+
+
+def check_diffusion_config(diffusion: ml_collections.ConfigDict) -> None:
+    """Raises naming the key on an unknown time distribution or bad Beta parameters."""
+    for modality in ("video", "action"):
+        flow.check_time_sampling(*time_sampling(diffusion, modality))
+    for key in ("beta_a", "beta_b"):
+        if float(diffusion.get(key, 1.0)) <= 0:
+            raise ValueError(f"diffusion.{key}={diffusion.get(key)}; expected > 0")
+
+
 def sample_chunk_times(
-    rng: jax.Array, chunk_ids: np.ndarray, batch: int, diffusion: ml_collections.ConfigDict
+    rng: jax.Array, chunk_ids: np.ndarray, batch: int, diffusion: ml_collections.ConfigDict, modality: str = "video"
 ) -> jax.Array:
     """One flow time per (example, attention chunk), spread to the items of each chunk -> [B, len(chunk_ids)]."""
     num_chunks = int(chunk_ids.max()) + 1 if len(chunk_ids) else 1
+    sampling, key = time_sampling(diffusion, modality)
     t = flow.sample_time(
-        rng, (batch, num_chunks), diffusion.time_sampling, diffusion.shift, diffusion.logit_mean, diffusion.logit_std
+        rng, (batch, num_chunks), sampling, diffusion.shift, diffusion.logit_mean, diffusion.logit_std,
+        float(diffusion.get("beta_a", 3.0)), float(diffusion.get("beta_b", 1.0)), key=key,
     )
     return t[:, chunk_ids]
 
@@ -92,7 +115,7 @@ def compute_loss(
         actions = batch["actions"]
         action_chunks = frame_chunks[np.minimum(action_latent_frame(cfg, actions.shape[1]), f - 1)]
         if diffusion.independent_action_time:
-            t_action = sample_chunk_times(rng_ta, action_chunks, b, diffusion)
+            t_action = sample_chunk_times(rng_ta, action_chunks, b, diffusion, "action")
         else:
             t_action = t_video[:, np.minimum(action_latent_frame(cfg, actions.shape[1]), f - 1)]
         action_noise = jax.random.normal(rng_na, actions.shape, actions.dtype)
@@ -124,6 +147,7 @@ def make_train_step(
     schedule: optax.Schedule, ema_decay: float, stage_start_step: int = 0,
 ):
     """Returns the pure step `(state, batch, vae_params) -> (state, metrics)`."""
+    check_diffusion_config(diffusion)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], vae_params: Params):
         rng, step_rng = jax.random.split(state.rng)
