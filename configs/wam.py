@@ -79,6 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.latents_cache = ""  # directory from `python -m data_pipelines.encode_latents`; "" = encode online
     c.data.video_shards = ""  # captioned-video clip shards from `python -m data_pipelines.ingest_video`
     c.data.video_weight = 0.0  # mixture weight of the video shards in the video_pretrain stage
+    # Mixture weight of the video shards in joint (action) stages: co-training, the action loss masked per example.
+    c.data.action_stage_video_weight = 0.0
 
     c.vae = ml_collections.ConfigDict()
     c.vae.size = "tiny" if tiny else "wan2.1"

@@ -55,6 +55,7 @@ class SyntheticClip:
             "frame_mask": np.ones(t, bool),
             "actions": np.clip(actions / 2.0, -1, 1).astype(np.float32),
             "action_mask": np.ones(t - 1, bool),
+            "has_actions": np.bool_(True),
             "proprio": proprio,
             "instruction": np.str_(INSTRUCTIONS[task]),
             "dataset_index": np.int32(0),

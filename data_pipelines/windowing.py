@@ -97,6 +97,7 @@ def make_clip(
         "frame_mask": frame_mask,
         "actions": chunk,
         "action_mask": action_mask,
+        "has_actions": np.bool_(True),
         "proprio": proprio,
         "instruction": np.str_(episode.instruction),
         "dataset_index": np.int32(dataset_index),

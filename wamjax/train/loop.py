@@ -347,7 +347,7 @@ def merge_params(target: Any, source: Any, shardings: Any) -> Any:
 
 def _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, num_devices, batch, tokens) -> dict:
     row: dict[str, Any] = {"step": step, "stage": stage}
-    for key in ("loss", "loss_video", "loss_action", "learning_rate", "grad_norm"):
+    for key in ("loss", "loss_video", "loss_action", "actions_share", "learning_rate", "grad_norm"):
         if key in metrics:
             row[key] = float(metrics[key])
     row["update_skipped"] = int(metrics["update_skipped"])

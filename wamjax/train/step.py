@@ -88,6 +88,17 @@ def sample_chunk_times(
     return t[:, chunk_ids]
 
 
+def example_has_actions(batch: dict[str, jax.Array]) -> jax.Array:
+    """[B] float: 1 for examples whose actions train, 0 for video-only ones (their action loss is masked).
+
+    Batches without `has_actions` (e.g. from a latents cache) count an example as action-bearing when any
+    of its actions is valid.
+    """
+    if "has_actions" in batch:
+        return batch["has_actions"].astype(jnp.float32)
+    return jnp.any(batch["action_mask"], axis=-1).astype(jnp.float32)
+
+
 def compute_loss(
     spec: StepSpec,
     diffusion: ml_collections.ConfigDict,
@@ -133,7 +144,9 @@ def compute_loss(
     metrics = {"loss_video": loss_video}
     loss = diffusion.video_loss_weight * loss_video
     if spec.mode == "joint":
-        mask = batch["action_mask"].astype(jnp.float32)
+        has_actions = example_has_actions(batch)
+        mask = batch["action_mask"].astype(jnp.float32) * has_actions[:, None]
+        metrics["actions_share"] = jnp.mean(has_actions)
         action_err = jnp.mean(jnp.square(out.actions - flow.velocity_target(actions, action_noise)), axis=-1)
         loss_action = jnp.sum(action_err * mask) / jnp.maximum(mask.sum(), 1.0)
         metrics["loss_action"] = loss_action
