@@ -51,6 +51,16 @@ def clip_start(length: int, num_frames: int, frame_stride: int, slot: int, clips
     return min(int((slot + u) * num_starts / clips_per_episode), num_starts - 1)
 
 
+def per_step_actions(episode: Episode, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` consecutive dataset-step actions from `start` and their mask (False past the episode's last
+    transition: action j takes step start + j to start + j + 1, which has to exist)."""
+    index = start + np.arange(count)
+    mask = index + 1 < len(episode)
+    chunk = np.zeros((count, 7), np.float32)
+    chunk[mask] = episode.actions[index[mask]]
+    return chunk, mask
+
+
 def make_clip(
     episode: Episode,
     start: int,
@@ -63,8 +73,13 @@ def make_clip(
     action_normalization: str,
     dataset_index: int,
     wrist_camera: bool,
+    action_horizon: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Builds one example of the batch contract from `episode`, starting at step `start`."""
+    """Builds one example of the batch contract from `episode`, starting at step `start`.
+
+    Actions: one per frame transition (averaged over the stride), or with `action_horizon` > 0 every dataset
+    step's action, (num_frames - 1) * frame_stride of them (`num_clip_actions`).
+    """
     length = len(episode)
     steps = start + frame_stride * np.arange(num_frames)
     frame_mask = steps < length
@@ -72,14 +87,18 @@ def make_clip(
     frame_steps = np.minimum(steps, last_valid)
     frames = np.stack([episode.decode_frame(int(s), resolution) for s in frame_steps])
 
-    # actions[i] takes frame i to frame i + 1: the mean per-step delta over the stride (so it matches
-    # the per-step statistics) and the gripper command of the stride's last step.
-    chunk = np.zeros((num_frames - 1, 7), np.float32)
-    action_mask = frame_mask[1:].copy()
-    for i in np.flatnonzero(action_mask):
-        window = episode.actions[steps[i] : steps[i] + frame_stride]
-        chunk[i, :6] = window[:, :6].mean(0)
-        chunk[i, 6] = window[-1, 6]
+    if action_horizon > 0:
+        count = num_clip_actions(num_frames, frame_stride, action_horizon)
+        chunk, action_mask = per_step_actions(episode, start, count)
+    else:
+        # actions[i] takes frame i to frame i + 1: the mean per-step delta over the stride (so it matches
+        # the per-step statistics) and the gripper command of the stride's last step.
+        chunk = np.zeros((num_frames - 1, 7), np.float32)
+        action_mask = frame_mask[1:].copy()
+        for i in np.flatnonzero(action_mask):
+            window = episode.actions[steps[i] : steps[i] + frame_stride]
+            chunk[i, :6] = window[:, :6].mean(0)
+            chunk[i, 6] = window[-1, 6]
     chunk = stats_lib.normalize(chunk, dataset_stats["action"], action_normalization)
     chunk[~action_mask] = 0.0
 

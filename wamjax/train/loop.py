@@ -159,7 +159,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
     # --- Model and optimizer -----------------------------------------------------------------------
     vae_cfg = vae_lib.vae_config_for(config.vae.size)
     latent_shape = _latent_shape(config, vae_cfg, cfg)
-    num_actions = config.data.num_frames - 1 if mode == "joint" else 0
+    num_actions = inputs_lib.clip_num_actions(config) if mode == "joint" else 0
     lr = stage_cfg.learning_rate if stage_cfg.learning_rate > 0 else config.optim.learning_rate
     warmup = stage_cfg.warmup_steps if stage_cfg.warmup_steps >= 0 else config.optim.warmup_steps
     tx, schedule = make_optimizer(
