@@ -13,7 +13,10 @@ Published shapes (DreamZero repo `droid_training_full_finetune.sh` and the NVIDI
   clip        33 frames at stride 3 (every 3rd dataset step) -> 9 latent frames, 7,920 video tokens
   actions     24 actions per chunk (every dataset step's action, 1.6 s at 15 Hz), 4 chunks per sample
               (2 latent frames each, after the first frame) -> 96 action tokens
-  attention   chunk_causal
+  state       one proprio token per clip (at its first frame); DreamZero has one per chunk (4), which
+              the model does not yet support
+  attention   chunk_causal, over today's single noisy copy of the clip (DreamZero's teacher forcing also
+              holds a clean copy, which the full FLOP count will include once that layout exists)
   batch       128 clips (global), 100,000 steps, learning rate 1e-5; budget_flops = 9e21, the blog's figure
   text        512 cached umT5 tokens
 `python -m wamjax.flops.estimate --config=configs/dreamzero_action_tune.py` prints the blog's 6*N*D figure
