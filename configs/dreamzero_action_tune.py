@@ -1,16 +1,27 @@
-"""DreamZero-like action tuning of a Wan-14B backbone: the setting behind the field's ~9 ZFLOPs figure.
+"""DreamZero's published action tuning (DROID recipe) on a Wan-14B backbone: the ~9 ZFLOPs setting.
 
-Usage: --config=configs/dreamzero_action_tune.py            (the full-size assumptions below)
+Usage: --config=configs/dreamzero_action_tune.py            (the published shapes below)
        --config=configs/dreamzero_action_tune.py:size=tiny  (same structure, CPU-sized, for tests)
 Any key=value the base config takes (size, data) passes through to configs/wam.py.
 
-Assumptions (stated, not fitted to the published number; `python -m wamjax.flops.estimate` reports the ratio):
-  model       wan14b (40 layers, dim 5120, ffn 13824), chunk-causal layout (dense: same FLOPs)
-  clip        33 frames at 480x832 (Wan 480P) -> latents 9x60x104 -> 14,040 video tokens; 32 action tokens
-              (7-D, one per frame transition) and 1 proprio token; 512 cached text tokens
-  batch       256 clips (the repo's default global batch for full-size runs)
-  steps       100,000 (the repo's default for full-size runs); budget_flops = 9e21, the published figure
-  frozen      VAE encoder runs online (no latents cache); text embeddings cached
+Published shapes (DreamZero repo `droid_training_full_finetune.sh` and the NVIDIA blog):
+  model       Wan2.1-I2V-14B-480P. BACKBONE stays the T2V `wan14b` (same dim 5120, 40 layers, 40 heads,
+              ffn 13824; no CLIP image branch) because the I2V size (`size=wan14b-i2v`) needs frames in the
+              step (no latents cache) and the blog's 6*N*D counts 14B parameters
+  views       three cameras at 320x176 tiled into one frame. Multi-view tiling is not implemented, so the
+              tiled frame is set directly: a 2x2 grid of 176x320 = 352x640 -> latents 44x80 -> 880 tokens
+              per latent frame
+  clip        33 frames at stride 3 (every 3rd dataset step) -> 9 latent frames, 7,920 video tokens
+  actions     24 actions per chunk (every dataset step's action, 1.6 s at 15 Hz), 4 chunks per sample
+              (2 latent frames each, after the first frame) -> 96 action tokens
+  state       one proprio token per clip (at its first frame); DreamZero has one per chunk (4), which
+              the model does not yet support
+  attention   chunk_causal, over today's single noisy copy of the clip (DreamZero's teacher forcing also
+              holds a clean copy, which the full FLOP count will include once that layout exists)
+  batch       128 clips (global), 100,000 steps, learning rate 1e-5; budget_flops = 9e21, the blog's figure
+  text        512 cached umT5 tokens
+`python -m wamjax.flops.estimate --config=configs/dreamzero_action_tune.py` prints the blog's 6*N*D figure
+(6 x params x steps x batch x tokens per sample) beside our full count.
 """
 
 from __future__ import annotations
@@ -22,6 +33,15 @@ import ml_collections
 from wamjax.config_files import load_config_module
 
 PUBLISHED_FLOPS = 9e21
+BACKBONE = "wan14b"  # the T2V shapes; pass size=wan14b-i2v for Wan2.1-I2V-14B-480P
+VIEWS_TILED_RESOLUTION = (352, 640)  # three 176x320 views in a 2x2 grid (the fourth cell empty)
+NUM_FRAMES = 33
+FRAME_STRIDE = 3
+ACTION_HORIZON = 24  # actions per chunk
+CHUNK_LATENT_FRAMES = 2  # 24 actions / stride 3 = 8 frames = 2 latent frames per chunk
+GLOBAL_BATCH = 128
+STEPS = 100_000
+LEARNING_RATE = 1e-5
 
 
 def _base_module():
@@ -33,17 +53,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = base.parse_arg(arg)
     if "stage" in args:
         raise ValueError(f"stage={args['stage']!r}: this config is the action_tune stage only")
-    args.setdefault("size", "wan14b")
+    args.setdefault("size", BACKBONE)
     c = base.get_config(",".join(f"{k}={v}" for k, v in {**args, "stage": "action_tune"}.items()))
     c.model.attention_layout = "chunk_causal"
     if c.size in ("tiny", "small"):
         return c
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "full"
-    c.data.num_frames = 33
-    c.data.resolution = (480, 832)
-    c.data.batch_size = 256
+    c.model.chunk_latent_frames = CHUNK_LATENT_FRAMES
+    c.model.action_frames_per_latent = ACTION_HORIZON // CHUNK_LATENT_FRAMES
+    c.data.num_frames = NUM_FRAMES
+    c.data.frame_stride = FRAME_STRIDE
+    c.data.action_horizon = ACTION_HORIZON
+    c.data.resolution = VIEWS_TILED_RESOLUTION
+    c.data.batch_size = GLOBAL_BATCH
     c.text.max_length = 512
-    c.train.steps = 100_000
+    c.optim.learning_rate = LEARNING_RATE
+    c.train.steps = STEPS
     c.stages.action_tune.budget_flops = PUBLISHED_FLOPS
     return c

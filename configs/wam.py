@@ -79,6 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.latents_cache = ""  # directory from `python -m data_pipelines.encode_latents`; "" = encode online
     c.data.video_shards = ""  # captioned-video clip shards from `python -m data_pipelines.ingest_video`
     c.data.video_weight = 0.0  # mixture weight of the video shards in the video_pretrain stage
+    # Mixture weight of the video shards in joint (action) stages: co-training, the action loss masked per example.
+    c.data.action_stage_video_weight = 0.0
 
     c.vae = ml_collections.ConfigDict()
     c.vae.size = "tiny" if tiny else "wan2.1"
@@ -96,7 +98,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.image.seed = 4321
 
     c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.time_sampling = "logit_normal"  # uniform | logit_normal
+    c.diffusion.time_sampling = "logit_normal"  # uniform | logit_normal | beta
+    # Per-modality overrides of time_sampling ("" = take it); DreamZero-Flash: video beta, actions uniform.
+    c.diffusion.video_time_sampling = ""
+    c.diffusion.action_time_sampling = ""
+    c.diffusion.beta_a = 3.0  # Beta(beta_a, beta_b) for "beta"; t = 1 is noise, so a > b favours high noise
+    c.diffusion.beta_b = 1.0
     c.diffusion.logit_mean = 0.0
     c.diffusion.logit_std = 1.0
     c.diffusion.shift = 1.0 if tiny else 5.0

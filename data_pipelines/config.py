@@ -15,6 +15,9 @@ def get_data_config() -> ml_collections.ConfigDict:
     config.split = "train"
     config.num_frames = 9  # T = 1 + 4k, the Wan VAE's causal 4x time compression
     config.frame_stride = 1  # dataset steps between consecutive clip frames
+    # Actions per chunk with every dataset step's action kept ((num_frames - 1) * frame_stride per clip);
+    # 0: one action per frame transition, averaged over the stride.
+    config.action_horizon = 0
     config.clips_per_episode = 4  # clip windows drawn per episode per epoch, spread over the episode
     config.resolution = (32, 32)  # (H, W)
     config.proprio_dim = 8

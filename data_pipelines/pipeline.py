@@ -38,6 +38,7 @@ class ClipLoader:
         self.clips_per_episode = int(config.clips_per_episode)
         self.num_frames = int(config.num_frames)
         self.frame_stride = int(config.frame_stride)
+        self.action_horizon = int(config.get("action_horizon", 0))
         self.resolution = tuple(int(v) for v in config.resolution)
         self.proprio_dim = int(config.proprio_dim)
         self.action_normalization = str(config.action_normalization)
@@ -64,6 +65,7 @@ class ClipLoader:
                 action_normalization=self.action_normalization,
                 dataset_index=self.dataset_index,
                 wrist_camera=self.wrist_camera,
+                action_horizon=self.action_horizon,
             )
         except BadRecordError as e:
             if not self.skip_bad_records:
@@ -109,7 +111,7 @@ def clip_source(
     config: ml_collections.ConfigDict, name: str, dataset_index: int, stats: dict[str, Any]
 ) -> grain.MapDataset:
     """An infinite, shuffled-per-epoch MapDataset of clips of dataset `name` (before mixing)."""
-    windowing.check_num_frames(config.num_frames)
+    windowing.num_clip_actions(config.num_frames, config.frame_stride, config.get("action_horizon", 0))
     source = EpisodeSource(config.data_dir, name, config.split, skip_bad_shards=config.skip_bad_records)
     if len(source) == 0:
         raise ValueError(f"Dataset {name!r} at {source.dataset_dir} has no episodes in split {config.split!r}")

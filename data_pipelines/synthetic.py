@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines.process_split import split_for_process
+from data_pipelines.windowing import num_clip_actions
 
 INSTRUCTIONS = ("synthetic: move the block right", "synthetic: move the block left", "synthetic: lift the block")
 
@@ -18,8 +19,12 @@ INSTRUCTIONS = ("synthetic: move the block right", "synthetic: move the block le
 class SyntheticClip:
     """Clip `index` of the synthetic source: deterministic in (seed, index)."""
 
-    def __init__(self, num_frames: int, resolution: tuple[int, int], proprio_dim: int, seed: int):
+    def __init__(
+        self, num_frames: int, resolution: tuple[int, int], proprio_dim: int, seed: int, num_actions: int | None = None
+    ):
         self.num_frames = num_frames
+        # Per-step actions (data.action_horizon > 0): each frame transition's action repeated over its steps.
+        self.steps_per_frame = 1 if num_actions is None else num_actions // (num_frames - 1)
         self.height, self.width = resolution
         self.proprio_dim = proprio_dim
         self.seed = seed
@@ -50,11 +55,13 @@ class SyntheticClip:
         proprio = np.zeros(self.proprio_dim, np.float32)
         proprio[:2] = pos / np.array([h, w]) * 2 - 1
         proprio[min(6, self.proprio_dim - 1)] = actions[0, 6]
+        actions = np.repeat(np.clip(actions / 2.0, -1, 1).astype(np.float32), self.steps_per_frame, axis=0)
         return {
             "frames": frames,
             "frame_mask": np.ones(t, bool),
-            "actions": np.clip(actions / 2.0, -1, 1).astype(np.float32),
-            "action_mask": np.ones(t - 1, bool),
+            "actions": actions,
+            "action_mask": np.ones(len(actions), bool),
+            "has_actions": np.bool_(True),
             "proprio": proprio,
             "instruction": np.str_(INSTRUCTIONS[task]),
             "dataset_index": np.int32(0),
@@ -67,8 +74,11 @@ def make_synthetic_dataset(
     """Per-process batches of synthetic clips (global batch_size / process_count each), endlessly repeated."""
     if data_config.batch_size % process_count:
         raise ValueError(f"data.batch_size={data_config.batch_size} is not divisible by {process_count} processes")
+    num_actions = num_clip_actions(
+        data_config.num_frames, data_config.frame_stride, data_config.get("action_horizon", 0)
+    )
     clip = SyntheticClip(
-        data_config.num_frames, tuple(data_config.resolution), data_config.proprio_dim, data_config.seed
+        data_config.num_frames, tuple(data_config.resolution), data_config.proprio_dim, data_config.seed, num_actions
     )
     dataset = grain.MapDataset.range(data_config.synthetic_examples)
     if data_config.shuffle:

@@ -3,8 +3,9 @@
 A shard is an ArrayRecord file named `video-SSSSS-of-NNNNN.array_record`; each record is one clip, a
 msgpack map (see `pack_clip_record`) of encoded frames, caption, source file, start time and fps.
 `make_video_dataset` turns the shards into per-example dicts in the data contract shared by every
-source: `frames`, `frame_mask`, `actions`, `action_mask`, `proprio`, `instruction`, `dataset_index`.
-Video-only clips carry zero actions and proprio with all-False action masks.
+source: `frames`, `frame_mask`, `actions`, `action_mask`, `has_actions`, `proprio`, `instruction`,
+`dataset_index`. Video-only clips carry zero actions and proprio with all-False action masks and
+`has_actions` False.
 """
 
 from __future__ import annotations
@@ -248,8 +249,10 @@ class ClipToExample:
         action_dim: int = 7,
         dataset_index: int = 0,
         include_metadata: bool = False,
+        num_actions: int | None = None,
     ):
         self.num_frames = num_frames
+        self.num_actions = num_frames - 1 if num_actions is None else int(num_actions)
         self.resolution = (int(resolution[0]), int(resolution[1]))
         self.resize_mode = resize_mode
         self.proprio_dim = proprio_dim
@@ -272,8 +275,9 @@ class ClipToExample:
         example = {
             "frames": frames,
             "frame_mask": frame_mask,
-            "actions": np.zeros((self.num_frames - 1, self.action_dim), dtype=np.float32),
-            "action_mask": np.zeros((self.num_frames - 1,), dtype=bool),
+            "actions": np.zeros((self.num_actions, self.action_dim), dtype=np.float32),
+            "action_mask": np.zeros((self.num_actions,), dtype=bool),
+            "has_actions": np.bool_(False),
             "proprio": np.zeros((self.proprio_dim,), dtype=np.float32),
             "instruction": np.str_(record["caption"]),
             "dataset_index": np.int32(self.dataset_index),
@@ -303,6 +307,7 @@ def make_video_dataset(
     include_metadata: bool = False,
     require_complete: bool = True,
     skip_bad_shards: bool = False,
+    num_actions: int | None = None,
 ) -> grain.MapDataset:
     """Grain MapDataset of contract examples (one clip each) from a shard directory, glob or path list.
 
@@ -311,7 +316,8 @@ def make_video_dataset(
     frames are cut to the first `num_frames`; shorter ones are padded with the last frame, masked
     out. `include_metadata` adds `clip_source`, `clip_start_time`, `clip_frame_times` and `clip_fps`
     (not part of the shared contract: leave it off when mixing with other sources). An unreadable
-    shard raises `BadShardError`, or with `skip_bad_shards` is skipped, counted and logged.
+    shard raises `BadShardError`, or with `skip_bad_shards` is skipped, counted and logged. `num_actions`
+    sizes the (all-masked) action chunk to match the robot clips it mixes with (default num_frames - 1).
     """
     if num_frames < 1 or (num_frames - 1) % 4 != 0:
         raise ValueError(f"num_frames={num_frames}, expected 1 + 4k (Wan VAE's causal 4x time compression)")
@@ -335,6 +341,7 @@ def make_video_dataset(
             proprio_dim=proprio_dim,
             action_dim=action_dim,
             dataset_index=dataset_index,
+            num_actions=num_actions,
             include_metadata=include_metadata,
         )
     )

@@ -16,6 +16,30 @@ def check_num_frames(num_frames: int) -> None:
         raise ValueError(f"data.num_frames must be 1 + 4k (1, 5, 9, 13, ...), got {num_frames}")
 
 
+def num_clip_actions(num_frames: int, frame_stride: int = 1, action_horizon: int = 0) -> int:
+    """Actions per clip: one per frame transition, or every dataset step's when `action_horizon` > 0.
+
+    With `action_horizon` > 0 a chunk's frames (`action_horizon / frame_stride` of them) must be a whole
+    number of 4-frame VAE latents, and the clip's `num_frames - 1` a whole number of chunks.
+    """
+    check_num_frames(num_frames)
+    if frame_stride < 1:
+        raise ValueError(f"data.frame_stride must be >= 1, got {frame_stride}")
+    if action_horizon < 0:
+        raise ValueError(f"data.action_horizon must be >= 0, got {action_horizon}")
+    if action_horizon == 0:
+        return num_frames - 1
+    chunk_frames, rest = divmod(action_horizon, frame_stride)
+    if rest or chunk_frames % 4 or (num_frames - 1) % max(chunk_frames, 1) or chunk_frames == 0:
+        raise ValueError(
+            f"data.action_horizon={action_horizon} with data.frame_stride={frame_stride} and "
+            f"data.num_frames={num_frames}: a chunk's actions must span a whole number of 4-frame VAE latents "
+            f"(action_horizon / frame_stride = 4k frames) and num_frames - 1 a whole number of chunks; "
+            f"e.g. action_horizon=24, frame_stride=3, num_frames=33 (4 chunks of 8 frames)"
+        )
+    return (num_frames - 1) * frame_stride
+
+
 def clip_start(length: int, num_frames: int, frame_stride: int, slot: int, clips_per_episode: int, u: float) -> int:
     """First step of clip `slot` of an episode of `length` steps; `u` in [0, 1) jitters it in its stratum.
 
@@ -25,6 +49,16 @@ def clip_start(length: int, num_frames: int, frame_stride: int, slot: int, clips
     span = (num_frames - 1) * frame_stride + 1
     num_starts = max(length - span, 0) + 1
     return min(int((slot + u) * num_starts / clips_per_episode), num_starts - 1)
+
+
+def per_step_actions(episode: Episode, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` consecutive dataset-step actions from `start` and their mask (False past the episode's last
+    transition: action j takes step start + j to start + j + 1, which has to exist)."""
+    index = start + np.arange(count)
+    mask = index + 1 < len(episode)
+    chunk = np.zeros((count, 7), np.float32)
+    chunk[mask] = episode.actions[index[mask]]
+    return chunk, mask
 
 
 def make_clip(
@@ -39,8 +73,13 @@ def make_clip(
     action_normalization: str,
     dataset_index: int,
     wrist_camera: bool,
+    action_horizon: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Builds one example of the batch contract from `episode`, starting at step `start`."""
+    """Builds one example of the batch contract from `episode`, starting at step `start`.
+
+    Actions: one per frame transition (averaged over the stride), or with `action_horizon` > 0 every dataset
+    step's action, (num_frames - 1) * frame_stride of them (`num_clip_actions`).
+    """
     length = len(episode)
     steps = start + frame_stride * np.arange(num_frames)
     frame_mask = steps < length
@@ -48,14 +87,18 @@ def make_clip(
     frame_steps = np.minimum(steps, last_valid)
     frames = np.stack([episode.decode_frame(int(s), resolution) for s in frame_steps])
 
-    # actions[i] takes frame i to frame i + 1: the mean per-step delta over the stride (so it matches
-    # the per-step statistics) and the gripper command of the stride's last step.
-    chunk = np.zeros((num_frames - 1, 7), np.float32)
-    action_mask = frame_mask[1:].copy()
-    for i in np.flatnonzero(action_mask):
-        window = episode.actions[steps[i] : steps[i] + frame_stride]
-        chunk[i, :6] = window[:, :6].mean(0)
-        chunk[i, 6] = window[-1, 6]
+    if action_horizon > 0:
+        count = num_clip_actions(num_frames, frame_stride, action_horizon)
+        chunk, action_mask = per_step_actions(episode, start, count)
+    else:
+        # actions[i] takes frame i to frame i + 1: the mean per-step delta over the stride (so it matches
+        # the per-step statistics) and the gripper command of the stride's last step.
+        chunk = np.zeros((num_frames - 1, 7), np.float32)
+        action_mask = frame_mask[1:].copy()
+        for i in np.flatnonzero(action_mask):
+            window = episode.actions[steps[i] : steps[i] + frame_stride]
+            chunk[i, :6] = window[:, :6].mean(0)
+            chunk[i, 6] = window[-1, 6]
     chunk = stats_lib.normalize(chunk, dataset_stats["action"], action_normalization)
     chunk[~action_mask] = 0.0
 
@@ -73,6 +116,7 @@ def make_clip(
         "frame_mask": frame_mask,
         "actions": chunk,
         "action_mask": action_mask,
+        "has_actions": np.bool_(True),
         "proprio": proprio,
         "instruction": np.str_(episode.instruction),
         "dataset_index": np.int32(dataset_index),

@@ -141,6 +141,37 @@ def test_clip_starts_cover_the_episode():
         windowing.check_num_frames(8)
 
 
+def test_num_clip_actions_decouples_the_action_horizon_from_the_frame_stride():
+    assert windowing.num_clip_actions(9, 2) == 8  # one per frame transition
+    assert windowing.num_clip_actions(33, 3, 24) == 96  # DreamZero: 4 chunks of 24 steps, every 3rd frame kept
+    assert windowing.num_clip_actions(9, 1, 4) == 8
+    assert windowing.num_clip_actions(33, 3, 12) == 96  # 8 chunks of one latent frame
+    for frames, stride, horizon in ((33, 3, 25), (33, 2, 24), (33, 3, 18), (21, 3, 24)):
+        with pytest.raises(ValueError, match=f"data.action_horizon={horizon} with data.frame_stride={stride}"):
+            windowing.num_clip_actions(frames, stride, horizon)
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        windowing.num_clip_actions(32, 3, 24)
+
+
+def test_action_horizon_keeps_every_step_action(oxe_dir):
+    source = EpisodeSource(oxe_dir, "bridge")
+    episode = source[0]
+    stats = stats_lib.compute_stats(oxe_dir, ["bridge"])["datasets"]["bridge"]
+    common = dict(resolution=(16, 16), dataset_stats=stats, proprio_dim=8, action_normalization="bounds",
+                  dataset_index=0, wrist_camera=False)
+    clip = windowing.make_clip(episode, 1, num_frames=5, frame_stride=3, action_horizon=12, **common)
+    assert clip["frames"].shape[0] == 5 and clip["actions"].shape == (12, 7)
+    expected = stats_lib.normalize(episode.actions[1:13].astype(np.float32), stats["action"], "bounds")
+    valid = clip["action_mask"]
+    np.testing.assert_allclose(clip["actions"][valid], expected[valid], rtol=1e-5)
+    assert valid.tolist() == [1 + j + 1 < len(episode) for j in range(12)]
+    np.testing.assert_array_equal(clip["frames"][1], episode.decode_frame(4, (16, 16)))
+    # At stride 1 the per-step actions are the per-transition ones.
+    per_step = windowing.make_clip(episode, 0, num_frames=5, frame_stride=1, action_horizon=4, **common)
+    per_frame = windowing.make_clip(episode, 0, num_frames=5, frame_stride=1, **common)
+    np.testing.assert_allclose(per_step["actions"], per_frame["actions"], rtol=1e-6)
+
+
 def test_clip_alignment_and_padding(oxe_dir):
     source = EpisodeSource(oxe_dir, "bridge")
     episode = source[0]

@@ -165,6 +165,7 @@ def test_extra_sources_join_the_mixture(oxe):
         "frame_mask": np.ones(5, bool),
         "actions": np.zeros((4, 7), np.float32),
         "action_mask": np.zeros(4, bool),
+        "has_actions": np.bool_(False),
         "proprio": np.zeros(8, np.float32),
         "instruction": np.str_("a captioned video"),
         "dataset_index": np.int32(1),
@@ -174,6 +175,8 @@ def test_extra_sources_join_the_mixture(oxe):
     batch = next(iter(dataset))
     assert sorted(set(batch["dataset_index"].tolist())) == [0, 1]
     assert "a captioned video" in batch["instruction"].tolist()
+    # Robot clips train their actions, the video-only ones not (the step masks their action loss).
+    np.testing.assert_array_equal(batch["has_actions"], batch["dataset_index"] == 0)
 
 
 def test_global_batch_on_8_devices(oxe):

@@ -16,15 +16,29 @@ def shift_time(t: jax.Array, shift: float) -> jax.Array:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+TIME_SAMPLINGS = ("uniform", "logit_normal", "beta")
+
+
+def check_time_sampling(sampling: str, key: str = "diffusion.time_sampling") -> None:
+    """Raises naming `key` unless `sampling` is one of TIME_SAMPLINGS."""
+    if sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"{key}={sampling!r}; expected one of {TIME_SAMPLINGS}")
+
+
 def sample_time(rng: jax.Array, shape: tuple[int, ...], sampling: str = "uniform", shift: float = 1.0,
-                logit_mean: float = 0.0, logit_std: float = 1.0) -> jax.Array:
-    """Draws training times in (0, 1): `uniform` or `logit_normal`, then shifted."""
+                logit_mean: float = 0.0, logit_std: float = 1.0, beta_a: float = 3.0, beta_b: float = 1.0,
+                key: str = "diffusion.time_sampling") -> jax.Array:
+    """Draws training times in (0, 1): `uniform`, `logit_normal` or `beta` (Beta(beta_a, beta_b)), then shifted.
+
+    t = 1 is pure noise, so Beta(3, 1) (mean 0.75) favours high noise, as DreamZero-Flash trains its video.
+    """
+    check_time_sampling(sampling, key)
     if sampling == "uniform":
         t = jax.random.uniform(rng, shape, minval=1e-5, maxval=1.0)
     elif sampling == "logit_normal":
         t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, shape))
     else:
-        raise ValueError(f"diffusion.time_sampling={sampling!r}; expected 'uniform' or 'logit_normal'")
+        t = jnp.clip(jax.random.beta(rng, beta_a, beta_b, shape), 1e-5, 1.0)
     return shift_time(t, shift)
 
 

@@ -115,8 +115,10 @@ def token_counts(
     text_length: int,
     pad_to_multiple: int = 1,
     image_tokens: int = 0,
+    num_actions: int | None = None,
 ) -> TokenCounts:
-    """Tokens per sample: video tokens after patching; T-1 action tokens and 1 proprio token in joint mode."""
+    """Tokens per sample: video tokens after patching; `num_actions` (default T-1) action tokens and 1 proprio
+    token in joint mode."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     frames, height, width = latent_shape_for(num_frames, resolution)
@@ -128,7 +130,7 @@ def token_counts(
         )
     grid = (frames // pt, height // ph, width // pw)
     video = grid[0] * grid[1] * grid[2]
-    action = num_frames - 1 if mode == "joint" else 0
+    action = (num_frames - 1 if num_actions is None else int(num_actions)) if mode == "joint" else 0
     proprio = 1 if mode == "joint" else 0
     padding = (-(video + action + proprio)) % max(int(pad_to_multiple), 1)
     return TokenCounts(
@@ -185,6 +187,7 @@ def forward_flops(
     batch: int = 1,
     pad_to_multiple: int = 1,
     image_tokens: int = 0,
+    num_actions: int | None = None,
 ) -> dict[str, float]:
     """Forward FLOPs of `wam_forward` for `batch` samples per component (module docstring) and "total";
     `image_tokens` CLIP tokens per sample for the image-conditioned backbone."""
@@ -197,6 +200,7 @@ def forward_flops(
         text_length=text_length,
         pad_to_multiple=pad_to_multiple,
         image_tokens=image_tokens,
+        num_actions=num_actions,
     )
     d, layers, s, text = cfg.dim, cfg.num_layers, tok.sequence, tok.text
     patch = math.prod(cfg.patch_size)
@@ -382,6 +386,16 @@ def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_dict(config.model.to_dict())
 
 
+def config_num_actions(config: ml_collections.ConfigDict) -> int:
+    """Action tokens per joint-mode sample of a run config (data.num_frames, frame_stride, action_horizon)."""
+    from data_pipelines.windowing import num_clip_actions
+
+    data = config.data
+    return num_clip_actions(
+        int(data.num_frames), int(data.get("frame_stride", 1)), int(data.get("action_horizon", 0))
+    )
+
+
 def stage_mode(config: ml_collections.ConfigDict, stage: str) -> str:
     """The mode of a named stage, naming the known stages on a miss."""
     if stage not in config.stages:
@@ -424,6 +438,7 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
         resolution=tuple(config.data.resolution),
         text_length=int(config.text.max_length),
         pad_to_multiple=pad_to_multiple,
+        num_actions=config_num_actions(config),
     )
     if cfg.image_conditioned:
         from wamjax.models import clip

@@ -65,6 +65,7 @@ def estimate(
         resolution=tuple(config.data.resolution),
         text_length=int(config.text.max_length),
         pad_to_multiple=pad_to_multiple,
+        num_actions=analytic.config_num_actions(config),
     )
     out: dict[str, Any] = {
         "size": config.get("size", ""),
@@ -97,6 +98,7 @@ def estimate(
         else None,
         "budget_fraction_of_total": total / budget if budget > 0 else None,
     }
+    out.update(six_nd(config, tok, steps, batch))
     if xla:
         from wamjax.flops import xla as xla_lib
 
@@ -115,6 +117,46 @@ def estimate(
         out["xla_forward_flops_per_sample"] = xla_flops
         out["analytic_over_xla"] = step_flops.forward_per_sample / xla_flops
     return out
+
+
+SIX_ND_LABEL = (
+    "6*N*D (the NVIDIA blog's convention): 6 x params x steps x batch x (video + action + proprio tokens); "
+    "attention scores, modulation, text tokens and frozen encoders left out"
+)
+FULL_COUNT_LABEL = (
+    "full count: 3 x analytic forward (attention scores over the whole sequence, modulation, heads, "
+    "cross-attention) per sample; frozen VAE encoding apart"
+)
+
+
+def param_count(config: ml_collections.ConfigDict, tok: analytic.TokenCounts) -> int:
+    """Parameters of the model a stage trains (backbone plus action modules in joint mode), counted abstractly."""
+    import jax
+
+    from wamjax.models.wam import init_params
+
+    model_cfg = analytic.model_config_from(config)
+    f, h, w = tok.latent_shape
+    latent_shape = (f, h, w, model_cfg.in_channels)
+    shapes = jax.eval_shape(
+        lambda: init_params(model_cfg, jax.random.key(0), latent_shape, tok.text, tok.action, tok.proprio > 0)
+    )
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+
+
+def six_nd(
+    config: ml_collections.ConfigDict, tok: analytic.TokenCounts, steps: int, batch: int
+) -> dict[str, Any]:
+    """The 6*N*D figure of a run (what published totals such as DreamZero's ~9 ZFLOPs use), labelled."""
+    params = param_count(config, tok)
+    tokens = tok.video + tok.action + tok.proprio
+    return {
+        "six_nd_params": params,
+        "six_nd_tokens_per_sample": tokens,
+        "six_nd_total_flops": 6.0 * params * steps * batch * tokens,
+        "six_nd_label": SIX_ND_LABEL,
+        "total_train_flops_label": FULL_COUNT_LABEL,
+    }
 
 
 def format_text(est: dict[str, Any]) -> str:
@@ -142,6 +184,10 @@ def format_text(est: dict[str, Any]) -> str:
         f"total for {est['steps']} steps ({est['samples']} samples): "
         f"{format_flops(est['total_train_flops'])} "
         f"model + {format_flops(est['total_frozen_flops'])} frozen",
+        f"  [{est['total_train_flops_label']}]",
+        f"6*N*D for {est['steps']} steps: {format_flops(est['six_nd_total_flops'])} "
+        f"(N = {est['six_nd_params'] / 1e9:.2f}B params, D = {est['six_nd_tokens_per_sample']} tokens per sample)",
+        f"  [{est['six_nd_label']}]",
     ]
     if est["budget_flops"] > 0:
         lines.append(

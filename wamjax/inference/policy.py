@@ -23,7 +23,7 @@ from wamjax.diffusion.sampler import SamplerOptions, sample
 from wamjax.export.load import load_checkpoint, load_norm_stats
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
-from wamjax.train.inputs import TextEmbedder
+from wamjax.train.inputs import TextEmbedder, clip_num_actions
 
 Params = Any
 
@@ -94,7 +94,7 @@ class Policy:
         self.num_frames = int(run_config.data.num_frames)  # the clip length the model was trained on
         tc = self.vae_config.temporal_compression
         self.num_latent_frames = 1 + (self.num_frames - 1) // tc
-        self.num_actions = self.num_frames - 1
+        self.num_actions = clip_num_actions(run_config)  # per-step actions with data.action_horizon > 0
         self.proprio_dim = self.model_config.proprio_dim
         self._rng = jax.random.key(seed)
         self._text_cache: dict[str, np.ndarray] = {}

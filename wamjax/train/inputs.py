@@ -28,6 +28,34 @@ def stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_colle
     return data
 
 
+def clip_num_actions(config: ml_collections.ConfigDict) -> int:
+    """Action tokens per clip of a run config, checked against the model's actions per latent frame.
+
+    With data.action_horizon > 0 every dataset step's action is kept, so a latent frame (4 clip frames)
+    holds 4 * frame_stride of them: model.action_frames_per_latent has to say so.
+    """
+    from data_pipelines.windowing import num_clip_actions
+
+    data = config.data
+    horizon, stride = int(data.get("action_horizon", 0)), int(data.frame_stride)
+    count = num_clip_actions(int(data.num_frames), stride, horizon)
+    if horizon > 0 and int(config.model.action_frames_per_latent) != 4 * stride:
+        raise ValueError(
+            f"model.action_frames_per_latent={config.model.action_frames_per_latent} but data.action_horizon="
+            f"{horizon} keeps every step's action at data.frame_stride={stride}: a latent frame (4 frames) "
+            f"holds {4 * stride} actions; set model.action_frames_per_latent={4 * stride}"
+        )
+    return count
+
+
+def stage_video_weight(config: ml_collections.ConfigDict, stage: str) -> float:
+    """Mixture weight of the captioned-video shards in `stage`: data.video_weight in video stages,
+    data.action_stage_video_weight in joint stages (video-only examples with the action loss masked)."""
+    if config.stages[stage].mode == "video":
+        return float(config.data.video_weight)
+    return float(config.data.get("action_stage_video_weight", 0.0))
+
+
 def make_stage_dataset(
     config: ml_collections.ConfigDict, stage: str, process_index: int, process_count: int
 ) -> tuple[grain.IterDataset, dict]:
@@ -50,17 +78,19 @@ def make_stage_dataset(
         raise ValueError(f"data.source={data.source!r}; expected 'synthetic' or 'oxe'")
     stats = oxe_pipeline.resolve_stats(data)
     extra = []
-    if config.stages[stage].mode == "video" and data.video_shards and data.video_weight > 0:
+    video_weight = stage_video_weight(config, stage)
+    if data.video_shards and video_weight > 0:
         from data_pipelines.video_source import make_video_dataset
 
-        logging.info("data: captioned-video shards %s mixed in with weight %s", data.video_shards, data.video_weight)
+        logging.info("data: captioned-video shards %s mixed in with weight %s", data.video_shards, video_weight)
         extra.append((
             make_video_dataset(
                 data.video_shards, num_frames=data.num_frames, resolution=tuple(data.resolution),
                 proprio_dim=data.proprio_dim, dataset_index=len(oxe_pipeline.config_lib.dataset_names(data)),
                 seed=data.seed, num_epochs=None, skip_bad_shards=data.skip_bad_records,
+                num_actions=clip_num_actions(config),
             ),
-            float(data.video_weight),
+            video_weight,
         ))
     dataset = oxe_pipeline.make_dataset(
         data, process_index=process_index, process_count=process_count, stats=stats, extra_sources=extra

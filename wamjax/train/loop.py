@@ -169,7 +169,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
     # --- Model and optimizer -----------------------------------------------------------------------
     vae_cfg = vae_lib.vae_config_for(config.vae.size)
     latent_shape = _latent_shape(config, vae_cfg, cfg)
-    num_actions = config.data.num_frames - 1 if mode == "joint" else 0
+    num_actions = inputs_lib.clip_num_actions(config) if mode == "joint" else 0
     lr = stage_cfg.learning_rate if stage_cfg.learning_rate > 0 else config.optim.learning_rate
     warmup = stage_cfg.warmup_steps if stage_cfg.warmup_steps >= 0 else config.optim.warmup_steps
     tx, schedule = make_optimizer(
@@ -365,7 +365,7 @@ def merge_params(target: Any, source: Any, shardings: Any) -> Any:
 
 def _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, num_devices, batch, tokens) -> dict:
     row: dict[str, Any] = {"step": step, "stage": stage}
-    for key in ("loss", "loss_video", "loss_action", "learning_rate", "grad_norm"):
+    for key in ("loss", "loss_video", "loss_action", "actions_share", "learning_rate", "grad_norm"):
         if key in metrics:
             row[key] = float(metrics[key])
     row["update_skipped"] = int(metrics["update_skipped"])

@@ -70,15 +70,49 @@ def i2v_latents_and_conditioning(
     return x0, {"condition_latents": condition, "image_embeddings": image}
 
 
+def time_sampling(diffusion: ml_collections.ConfigDict, modality: str) -> tuple[str, str]:
+    """(distribution, config key) of `modality`'s ("video" | "action") training times.
+
+    `diffusion.<modality>_time_sampling` when set, else the shared `diffusion.time_sampling`.
+    """
+    key = f"{modality}_time_sampling"
+    own = str(diffusion.get(key, "") or "")
+    if own:
+        return own, f"diffusion.{key}"
+    return str(diffusion.time_sampling), "diffusion.time_sampling"
+
+
+def check_diffusion_config(diffusion: ml_collections.ConfigDict) -> None:
+    """Raises naming the key on an unknown time distribution or bad Beta parameters."""
+    for modality in ("video", "action"):
+        flow.check_time_sampling(*time_sampling(diffusion, modality))
+    for key in ("beta_a", "beta_b"):
+        if float(diffusion.get(key, 1.0)) <= 0:
+            raise ValueError(f"diffusion.{key}={diffusion.get(key)}; expected > 0")
+
+
 def sample_chunk_times(
-    rng: jax.Array, chunk_ids: np.ndarray, batch: int, diffusion: ml_collections.ConfigDict
+    rng: jax.Array, chunk_ids: np.ndarray, batch: int, diffusion: ml_collections.ConfigDict, modality: str = "video"
 ) -> jax.Array:
     """One flow time per (example, attention chunk), spread to the items of each chunk -> [B, len(chunk_ids)]."""
     num_chunks = int(chunk_ids.max()) + 1 if len(chunk_ids) else 1
+    sampling, key = time_sampling(diffusion, modality)
     t = flow.sample_time(
-        rng, (batch, num_chunks), diffusion.time_sampling, diffusion.shift, diffusion.logit_mean, diffusion.logit_std
+        rng, (batch, num_chunks), sampling, diffusion.shift, diffusion.logit_mean, diffusion.logit_std,
+        float(diffusion.get("beta_a", 3.0)), float(diffusion.get("beta_b", 1.0)), key=key,
     )
     return t[:, chunk_ids]
+
+
+def example_has_actions(batch: dict[str, jax.Array]) -> jax.Array:
+    """[B] float: 1 for examples whose actions train, 0 for video-only ones (their action loss is masked).
+
+    Batches without `has_actions` (e.g. from a latents cache) count an example as action-bearing when any
+    of its actions is valid.
+    """
+    if "has_actions" in batch:
+        return batch["has_actions"].astype(jnp.float32)
+    return jnp.any(batch["action_mask"], axis=-1).astype(jnp.float32)
 
 
 def compute_loss(
@@ -108,7 +142,7 @@ def compute_loss(
         actions = batch["actions"]
         action_chunks = frame_chunks[np.minimum(action_latent_frame(cfg, actions.shape[1]), f - 1)]
         if diffusion.independent_action_time:
-            t_action = sample_chunk_times(rng_ta, action_chunks, b, diffusion)
+            t_action = sample_chunk_times(rng_ta, action_chunks, b, diffusion, "action")
         else:
             t_action = t_video[:, np.minimum(action_latent_frame(cfg, actions.shape[1]), f - 1)]
         action_noise = jax.random.normal(rng_na, actions.shape, actions.dtype)
@@ -130,7 +164,9 @@ def compute_loss(
     metrics = {"loss_video": loss_video}
     loss = diffusion.video_loss_weight * loss_video
     if spec.mode == "joint":
-        mask = batch["action_mask"].astype(jnp.float32)
+        has_actions = example_has_actions(batch)
+        mask = batch["action_mask"].astype(jnp.float32) * has_actions[:, None]
+        metrics["actions_share"] = jnp.mean(has_actions)
         action_err = jnp.mean(jnp.square(out.actions - flow.velocity_target(actions, action_noise)), axis=-1)
         loss_action = jnp.sum(action_err * mask) / jnp.maximum(mask.sum(), 1.0)
         metrics["loss_action"] = loss_action
@@ -145,6 +181,7 @@ def make_train_step(
 ):
     """Returns the pure step `(state, batch, frozen_params) -> (state, metrics)`; frozen_params are the VAE's, or
     for an image-conditioned model {"vae": ..., "image_encoder": ...}."""
+    check_diffusion_config(diffusion)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], frozen_params: Params):
         rng, step_rng = jax.random.split(state.rng)
