@@ -26,6 +26,7 @@ from wamjax.models.layers import (
     rope_frequencies,
     sinusoidal_embedding,
 )
+from wamjax.parallel import context as context_parallel
 
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")
 _REMAT_POLICIES = {
@@ -199,12 +200,19 @@ class WanAttention(nn.Module):
         k = RMSNorm(cfg.eps, name="norm_k")(k)
         split = lambda t: t.reshape(*t.shape[:2], heads, cfg.attention_head_dim)
         q, k, v = split(q), split(k), split(v)
-        q = constrain(q, ("batch", "length", "heads", "kv"))
-        kv_axes = ("batch", "text_length" if self.cross else "kv_length", "heads", "kv")
-        k, v = constrain(k, kv_axes), constrain(v, kv_axes)
+        # Context parallelism: the sequence axis moves from length to heads around the kernel (all-to-all).
+        heads_parallel = not self.cross and context_parallel.all_to_all_heads(heads)
+        if heads_parallel:
+            q, k, v = (constrain(t, context_parallel.ATTENTION_AXES) for t in (q, k, v))
+        else:
+            q = constrain(q, ("batch", "length", "heads", "kv"))
+            kv_axes = ("batch", "text_length" if self.cross else "kv_length", "heads", "kv")
+            k, v = constrain(k, kv_axes), constrain(v, kv_axes)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention_lib.attention_for(cfg)(q, k, v, mask)
+        if heads_parallel:
+            out = constrain(out, context_parallel.ATTENTION_AXES)
         out = out.reshape(*out.shape[:2], dim)
         out = constrain(out, ("batch", "length", "heads"))
         return Dense(dim, ("heads", "embed"), dtype=cfg.compute_dtype, name="to_out")(out)

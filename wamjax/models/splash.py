@@ -5,8 +5,8 @@ time: splash's mask processing classifies every (q block, kv block) pair as empt
 full (no mask work) or partial (its block stored once, deduplicated), so no [S, S] array is built on the host
 or the device, even at 75k tokens. Off TPU the same kernel runs in Pallas interpret mode (slow; for tests).
 
-Batch shards over the `batch` rule's mesh axes and heads over the `heads` rule's, each device running the
-kernel on its local batch and heads over the whole sequence.
+Batch shards over the `batch` rule's mesh axes and heads over the `heads` rule's (`attn_heads` under context
+parallelism), each device running the kernel on its local batch and heads over the whole sequence.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from wamjax.models.attention_mask import MASK_RULES, AttentionMask
+from wamjax.parallel import context as context_parallel
 
 _TPU_BLOCK = 128
 
@@ -86,7 +87,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | No
         block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk,
     )
     interpret = jax.default_backend() != "tpu"
-    spec = PartitionSpec(*nn.logical_to_mesh_axes(("batch", "heads", None, None)))
+    heads_axis = "attn_heads" if context_parallel.all_to_all_heads(q.shape[1]) else "heads"
+    spec = PartitionSpec(*nn.logical_to_mesh_axes(("batch", heads_axis, None, None)))
     mesh = jax.sharding.get_abstract_mesh()
 
     def local(q, k, v):
