@@ -66,6 +66,18 @@ def test_blockwise_equals_dot_product_values_and_gradients(name):
         np.testing.assert_allclose(np.asarray(moved)[:, rows], np.asarray(got[0])[:, rows], atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["xla", "cudnn"])
+def test_jax_nn_kernels_equal_dot_product_on_every_mask(kernel):
+    # Off GPU, cudnn resolves to xla; bidirectional + padding goes as key lengths, the rest as a mask.
+    name = attention_lib.resolve_attention(kernel, jax.default_backend(), "float32" if kernel == "xla" else "bfloat16")
+    fn = attention_lib.get_attention(name)
+    for sq, sk, mask in _masks().values():
+        q, k, v = _qkv(sq, sk)
+        want = attention_lib.get_attention("dot_product")(q, k, v, mask)
+        rows = np.arange(sq) if mask is None or sq != sk else np.flatnonzero(np.asarray(mask.kv_valid))
+        np.testing.assert_allclose(np.asarray(fn(q, k, v, mask))[:, rows], np.asarray(want)[:, rows], atol=1e-5)
+
+
 def test_blockwise_takes_a_traced_mask_under_jit():
     q, k, v = _qkv(5, 12, seed=1)
 

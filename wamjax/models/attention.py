@@ -122,7 +122,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask 
                   options: KernelOptions = KernelOptions()) -> jax.Array:
     """`jax.nn.dot_product_attention` with XLA's own lowering (any backend)."""
     del options
-    return jax.nn.dot_product_attention(q, k, v, mask=_dense_mask(mask), implementation="xla")
+    return _jax_nn_attention(q, k, v, mask, "xla")
 
 
 @register_attention("cudnn")
@@ -130,7 +130,29 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMas
                     options: KernelOptions = KernelOptions()) -> jax.Array:
     """cuDNN flash attention (NVIDIA GPU, bfloat16/float16; `resolve_attention` routes other cases)."""
     del options
-    return jax.nn.dot_product_attention(q, k, v, mask=_dense_mask(mask), implementation="cudnn")
+    return _jax_nn_attention(q, k, v, mask, "cudnn")
+
+
+def _valid_key_count(mask: AttentionMask | None) -> int | None:
+    """For a static mask that only hides trailing padding keys (every valid key visible to every query),
+    the number of valid keys; else None."""
+    if mask is None or not mask.is_static:
+        return None
+    count = int(mask.kv_valid.sum())
+    if not mask.kv_valid[:count].all():
+        return None
+    valid_rows = mask.dense_numpy()[:, :count]
+    return count if valid_rows.all() else None
+
+
+def _jax_nn_attention(q, k, v, mask: AttentionMask | None, implementation: str) -> jax.Array:
+    """`jax.nn.dot_product_attention`; bidirectional + padding goes as key lengths (cuDNN's padding mode, no
+    [S, S] mask), any other mask as a boolean mask built in the program."""
+    count = _valid_key_count(mask)
+    if count is not None:
+        lengths = jnp.full((q.shape[0],), count, jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=_dense_mask(mask), implementation=implementation)
 
 
 @register_attention("blockwise")
