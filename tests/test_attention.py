@@ -183,3 +183,23 @@ def test_splash_equals_dot_product_in_interpret_mode_and_skips_masked_blocks():
     info, _ = mask_info.process_mask(splash_mask.MultiHeadMask([padded]), (64, 128))
     block_kind = np.asarray(info.block_mask)[0]  # 0 empty (skipped), 1 partial, 2 full
     assert block_kind[0, 1] == 0 and block_kind[2, 0] == 2 and block_kind[2, 1] == 1
+
+
+def test_splash_under_shard_map_on_a_mesh_equals_dot_product():
+    import flax.linen as nn
+    import ml_collections
+
+    from wamjax.parallel.mesh import DEFAULT_RULES, make_mesh
+
+    chunk = np.repeat(np.arange(4), 50)
+    valid = np.arange(200) < 190
+    mask = AttentionMask.create(np.where(valid, chunk, PADDING_CHUNK), kv_valid=valid)
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 200, 4, HEAD_DIM)), jnp.float32) for _ in range(3))
+    want = attention_lib.get_attention("dot_product")(q, k, v, mask)
+    # Batch over fsdp, heads over tensor x sequence (the context-parallel layout): 8 kernels of 1 x 1 heads.
+    mesh = make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 2, "tensor": 2, "sequence": 2}), jax.devices()[:8])
+    splash = attention_lib.get_attention("splash", attention_lib.KernelOptions(64, 128))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(DEFAULT_RULES)):
+        got = jax.jit(lambda q, k, v: splash(q, k, v, mask))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
