@@ -42,12 +42,14 @@ LEARNING_RATE = 1e-2
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def _config(mesh_shape: tuple[int, int, int, int]):
+def _config(mesh_shape: tuple[int, int, int, int], model: tuple = ()):
     config = get_config("size=tiny,stage=video_pretrain")
     with config.unlocked():
         for axis, size in zip(("data", "fsdp", "tensor", "sequence"), mesh_shape, strict=True):
             config.mesh[axis] = size
         config.diffusion.text_dropout = 0.0
+        for key, value in model:
+            config.model[key] = value
     return config
 
 
@@ -73,11 +75,13 @@ class StepResult:
     params: dict  # host copies after one step
     param_shard_shapes: dict  # keystr -> per-device shard shape of the updated params
     state_bytes_per_device: int
+    hlo: str  # the compiled step
 
 
-def _setup(mesh_shape: tuple[int, int, int, int], mode: str):
-    """Mesh, rules, optimizer, state layout and step, built as the training loop builds them."""
-    config = _config(mesh_shape)
+def _setup(mesh_shape: tuple[int, int, int, int], mode: str, model: tuple = (), pad: int | None = None):
+    """Mesh, rules, optimizer, state layout and step, built as the training loop builds them; `model` holds
+    (key, value) overrides of the model config, `pad` the token multiple (default: the sequence axis)."""
+    config = _config(mesh_shape, model)
     cfg = model_config_from_run(config)
     mesh = make_mesh(config.mesh, jax.devices()[: int(np.prod(mesh_shape))])
     rules = logical_rules(config.mesh.rules)
@@ -85,7 +89,7 @@ def _setup(mesh_shape: tuple[int, int, int, int], mode: str):
     # apply_if_finite keeps the optimizer state the step reads (last_finite, notfinite_count).
     tx = optax.apply_if_finite(optax.sgd(LEARNING_RATE), max_consecutive_errors=5)
     schedule = optax.constant_schedule(LEARNING_RATE)
-    pad = mesh.shape["sequence"]
+    pad = mesh.shape["sequence"] if pad is None else pad
     model = WorldActionModel(cfg, pad_to_multiple=pad)
     example = example_inputs(cfg, LATENT_SHAPE, config.text.max_length, num_actions)
     spec = StepSpec(model=cfg, mode=mode, clean_context_frames=0, vae=vae_lib.vae_config_for("tiny"),
@@ -98,23 +102,25 @@ def _setup(mesh_shape: tuple[int, int, int, int], mode: str):
 
 
 @functools.cache
-def _initial_state(mode: str):
+def _initial_state(mode: str, model: tuple = ()):
     """The freshly initialized state on one device, as host arrays (each mesh starts from these values)."""
-    _, mesh, rules, init, _ = _setup((1, 1, 1, 1), mode)
+    _, mesh, rules, init, _ = _setup((1, 1, 1, 1), mode, model)
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
         return jax.device_get(init.init(jax.random.PRNGKey(0)))
 
 
 @functools.cache
-def _result(mesh_shape: tuple[int, int, int, int], mode: str) -> StepResult:
+def _result(mesh_shape: tuple[int, int, int, int], mode: str, model: tuple = (), pad: int | None = None
+            ) -> StepResult:
     """One train step on the first prod(mesh_shape) devices, from the common initial state."""
-    cfg, mesh, rules, init, step_fn = _setup(mesh_shape, mode)
+    cfg, mesh, rules, init, step_fn = _setup(mesh_shape, mode, model, pad)
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-        state = jax.device_put(_initial_state(mode), init.shardings)
+        state = jax.device_put(_initial_state(mode, model), init.shardings)
         check_placement(state.params, init.shardings.params, mesh, log=lambda _: None)
         step = jit_train_step(step_fn, init.shardings, compiler_options=FAST_COMPILE)
         batch = {k: jax.device_put(v, batch_sharding(mesh, rules, v.ndim)) for k, v in _host_batch(mode, cfg).items()}
-        new_state, metrics = step(state, batch, None)
+        compiled = step.lower(state, batch, None).compile()
+        new_state, metrics = compiled(state, batch, None)
     flat = jax.tree_util.tree_flatten_with_path(new_state.params)[0]
     return StepResult(
         mesh=mesh,
@@ -122,6 +128,20 @@ def _result(mesh_shape: tuple[int, int, int, int], mode: str) -> StepResult:
         params=jax.device_get(new_state.params),
         param_shard_shapes={jax.tree_util.keystr(p): v.sharding.shard_shape(v.shape) for p, v in flat},
         state_bytes_per_device=per_device_bytes((new_state.params, new_state.opt_state)),
+        hlo=compiled.as_text(),
+    )
+
+
+def _assert_same_step(result: StepResult, reference: StepResult, mode: str, initial) -> None:
+    for key in ("loss", "loss_video", "grad_norm") + (("loss_action",) if mode == "joint" else ()):
+        np.testing.assert_allclose(result.metrics[key], reference.metrics[key], rtol=2e-5, err_msg=key)
+    assert result.metrics["update_skipped"] == 0
+    # The step must have moved the parameters, or equal parameters would prove nothing.
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), reference.params, initial.params)
+    assert max(jax.tree.leaves(moved)) > 1e-3
+    jax.tree_util.tree_map_with_path(
+        lambda path, a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path)),
+        result.params, reference.params,
     )
 
 
@@ -131,16 +151,27 @@ def test_one_step_matches_single_device(mesh_shape, mode):
     reference = _result((1, 1, 1, 1), mode)
     result = _result(mesh_shape, mode)
     assert result.mesh.size == int(np.prod(mesh_shape))
-    for key in ("loss", "loss_video", "grad_norm") + (("loss_action",) if mode == "joint" else ()):
-        np.testing.assert_allclose(result.metrics[key], reference.metrics[key], rtol=2e-5, err_msg=key)
-    assert result.metrics["update_skipped"] == 0
-    # The step must have moved the parameters, or equal parameters would prove nothing.
-    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), reference.params, _initial_state(mode).params)
-    assert max(jax.tree.leaves(moved)) > 1e-3
-    jax.tree_util.tree_map_with_path(
-        lambda path, a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path)),
-        result.params, reference.params,
-    )
+    _assert_same_step(result, reference, mode, _initial_state(mode))
+
+
+# 4 heads, so sequence=4 can take them; the blockwise kernel, so no device ever holds [S, S].
+CONTEXT_PARALLEL_MODEL = (("num_attention_heads", 4), ("attention_head_dim", 12), ("attention", "blockwise"),
+                          ("attention_block_q", 8), ("attention_block_kv", 8))
+
+
+@pytest.mark.parametrize("mode", ["video", "joint"])
+def test_context_parallel_step_matches_fsdp(mode):
+    # (fsdp=2, sequence=4) against (fsdp=8). Tokens pad to a multiple of 8 (video 12 -> 16, joint 21 -> 24),
+    # so both modes carry padding that valid tokens must not see.
+    reference = _result((1, 8, 1, 1), mode, CONTEXT_PARALLEL_MODEL)
+    result = _result((1, 2, 1, 4), mode, CONTEXT_PARALLEL_MODEL, pad=8)
+    _assert_same_step(result, reference, mode, _initial_state(mode, CONTEXT_PARALLEL_MODEL))
+    # Attention moved the sequence axis onto the heads and back instead of gathering keys and values...
+    assert "all-to-all" in result.hlo
+    # ...and parameters plus optimizer state shard over fsdp x sequence: no more per device than fsdp=8.
+    assert result.state_bytes_per_device <= reference.state_bytes_per_device * 1.05
+    key = "['blocks']['layers']['block']['attn1']['to_q']['kernel']"  # (layers, embed, heads)
+    assert result.param_shard_shapes[key] == reference.param_shard_shapes[key]
 
 
 def test_fsdp_shards_attention_kernel_and_optimizer_state():

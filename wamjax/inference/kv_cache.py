@@ -27,6 +27,7 @@ from wamjax.diffusion import flow
 from wamjax.diffusion.sampler import SamplerOptions, step_times
 from wamjax.models import attention as attention_lib
 from wamjax.models.actions import ACTION_TYPE, ActionTokens
+from wamjax.models.attention_mask import AttentionMask
 from wamjax.models.config import ModelConfig
 from wamjax.models.dit import (
     ConditionEmbedder,
@@ -223,8 +224,9 @@ def _self_attention(cfg, p, x, cos, sin, cache_k, cache_v, cache_length):
     values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
     capacity, s = cache_k.shape[1], x.shape[1]
     valid = jnp.concatenate([jnp.arange(capacity) < cache_length, jnp.ones(s, bool)])
-    mask = jnp.broadcast_to(valid[None, None, None, :], (1, 1, s, capacity + s))
-    out = attention_lib.get_attention(cfg.attention)(q, keys, values, mask)
+    # Every cached token is in an earlier chunk than the queries: one chunk id, validity from the fill level.
+    mask = AttentionMask.create(jnp.zeros(s, jnp.int32), jnp.zeros(capacity + s, jnp.int32), kv_valid=valid)
+    out = attention_lib.attention_for(cfg)(q, keys, values, mask)
     out = _dense(cfg, p["to_out"], out.reshape(*out.shape[:2], cfg.dim), cfg.dim)
     return out, k, v
 
@@ -235,7 +237,7 @@ def _cross_attention(cfg, p, x, context):
     k = RMSNorm(cfg.eps).apply({"params": p["norm_k"]}, _dense(cfg, p["to_k"], context, cfg.dim))
     v = _dense(cfg, p["to_v"], context, cfg.dim)
     split = lambda t: t.reshape(*t.shape[:2], heads, head_dim)
-    out = attention_lib.get_attention(cfg.attention)(split(q), split(k), split(v), None)
+    out = attention_lib.attention_for(cfg)(split(q), split(k), split(v), None)
     return _dense(cfg, p["to_out"], out.reshape(*out.shape[:2], cfg.dim), cfg.dim)
 
 

@@ -41,7 +41,9 @@ class ModelConfig:
     attention_layout: str = "bidirectional"
     chunk_latent_frames: int = 1
     # Execution.
-    attention: str = "dot_product"
+    attention: str = "dot_product"  # kernel: see wamjax.models.attention.known_kernels()
+    attention_block_q: int = 512  # query / key block sizes of the block-based kernels (blockwise)
+    attention_block_kv: int = 512
     scan_layers: bool = True
     remat_policy: str = "none"
     dtype: str = "float32"

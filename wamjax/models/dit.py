@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wamjax.models import attention as attention_lib
+from wamjax.models.attention_mask import PADDING_CHUNK, AttentionMask
 from wamjax.models.config import ModelConfig
 from wamjax.models.layers import (
     Dense,
@@ -25,6 +26,7 @@ from wamjax.models.layers import (
     rope_frequencies,
     sinusoidal_embedding,
 )
+from wamjax.parallel import context as context_parallel
 
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")
 _REMAT_POLICIES = {
@@ -111,7 +113,7 @@ def make_token_layout(
     valid_len = num_video + num_action_tokens + num_proprio_tokens
     num_padding = (-valid_len) % pad_to_multiple
     groups.append(np.zeros(num_padding, np.int64))
-    chunks.append(np.full(num_padding, np.iinfo(np.int32).max // 2, np.int32))
+    chunks.append(np.full(num_padding, PADDING_CHUNK, np.int32))
 
     # Rotary angles: (t, h, w) split of the head dim as Wan splits it; non-video tokens are not rotated.
     head_dim = cfg.attention_head_dim
@@ -144,16 +146,23 @@ def make_token_layout(
     )
 
 
-def attention_mask(layout: TokenLayout) -> np.ndarray | None:
-    """[S, S] boolean mask (query, key) for the layout, or None when every token sees every token."""
+def layout_attention_mask(layout: TokenLayout) -> AttentionMask | None:
+    """The layout's self-attention mask as per-token ids (what the kernels take), or None when every token
+    sees every token."""
     if not layout.causal and layout.num_padding_tokens == 0:
         return None
-    chunk = layout.token_chunk
-    mask = chunk[None, :] <= chunk[:, None]
-    mask &= layout.token_valid[None, :]
-    # Padding queries attend to themselves only, so their rows stay finite.
-    mask |= np.eye(len(chunk), dtype=bool) & ~layout.token_valid[:, None]
-    return mask
+    return AttentionMask.create(layout.token_chunk, kv_valid=layout.token_valid)
+
+
+def attention_mask(layout: TokenLayout) -> np.ndarray | None:
+    """The reference [S, S] boolean mask (query, key) of the layout, or None when every token sees every token.
+
+    A query sees a key iff the key is valid (not padding) and its chunk is <= the query's chunk; padding
+    queries carry the largest chunk id, so they see every valid key (their rows are dropped). Kernels never
+    receive this array: they evaluate the same rule from `layout_attention_mask(layout)` block by block.
+    """
+    mask = layout_attention_mask(layout)
+    return None if mask is None else mask.dense_numpy()
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -179,7 +188,7 @@ class WanAttention(nn.Module):
     cross: bool = False
 
     @nn.compact
-    def __call__(self, x, context=None, rope=None, mask=None, image_context=None):
+    def __call__(self, x, context=None, rope=None, mask: AttentionMask | None = None, image_context=None):
         cfg = self.cfg
         dim, heads = cfg.dim, cfg.num_attention_heads
         kv_in = x if context is None else context
@@ -191,12 +200,19 @@ class WanAttention(nn.Module):
         k = RMSNorm(cfg.eps, name="norm_k")(k)
         split = lambda t: t.reshape(*t.shape[:2], heads, cfg.attention_head_dim)
         q, k, v = split(q), split(k), split(v)
-        q = constrain(q, ("batch", "length", "heads", "kv"))
-        kv_axes = ("batch", "text_length" if self.cross else "kv_length", "heads", "kv")
-        k, v = constrain(k, kv_axes), constrain(v, kv_axes)
+        # Context parallelism: the sequence axis moves from length to heads around the kernel (all-to-all).
+        heads_parallel = not self.cross and context_parallel.all_to_all_heads(heads)
+        if heads_parallel:
+            q, k, v = (constrain(t, context_parallel.ATTENTION_AXES) for t in (q, k, v))
+        else:
+            q = constrain(q, ("batch", "length", "heads", "kv"))
+            kv_axes = ("batch", "text_length" if self.cross else "kv_length", "heads", "kv")
+            k, v = constrain(k, kv_axes), constrain(v, kv_axes)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention_lib.get_attention(cfg.attention)(q, k, v, mask)
+        out = attention_lib.attention_for(cfg)(q, k, v, mask)
+        if heads_parallel:
+            out = constrain(out, context_parallel.ATTENTION_AXES)
         if image_context is not None:
             out = out + self._image_attention(q, image_context)
         out = out.reshape(*out.shape[:2], dim)
@@ -212,7 +228,7 @@ class WanAttention(nn.Module):
         split = lambda t: t.reshape(*t.shape[:2], cfg.num_attention_heads, cfg.attention_head_dim)
         kv_axes = ("batch", "image_length", "heads", "kv")
         k, v = constrain(split(k), kv_axes), constrain(split(v), kv_axes)
-        return attention_lib.get_attention(cfg.attention)(q, k, v, None)
+        return attention_lib.attention_for(cfg)(q, k, v, None)
 
 
 class FeedForward(nn.Module):
@@ -235,8 +251,10 @@ class WanBlock(nn.Module):
     layout: TokenLayout
 
     @nn.compact
-    def __call__(self, x, context, group_modulation, rope, mask):
+    def __call__(self, x, context, group_modulation, rope):
         cfg, layout = self.cfg, self.layout
+        # Built from the static layout inside the block: O(S) ids, never an [S, S] constant.
+        mask = layout_attention_mask(layout)
         table = self.param(
             "scale_shift_table",
             nn.with_logical_partitioning(
@@ -275,8 +293,8 @@ class _ScanBody(nn.Module):
     layout: TokenLayout
 
     @nn.compact
-    def __call__(self, x, context, group_modulation, rope, mask):
-        return WanBlock(self.cfg, self.layout, name="block")(x, context, group_modulation, rope, mask), None
+    def __call__(self, x, context, group_modulation, rope):
+        return WanBlock(self.cfg, self.layout, name="block")(x, context, group_modulation, rope), None
 
 
 class BlockStack(nn.Module):
@@ -286,7 +304,7 @@ class BlockStack(nn.Module):
     layout: TokenLayout
 
     @nn.compact
-    def __call__(self, x, context, group_modulation, rope, mask):
+    def __call__(self, x, context, group_modulation, rope):
         cfg = self.cfg
         if cfg.remat_policy not in _REMAT_POLICIES:
             raise ValueError(f"model.remat_policy={cfg.remat_policy!r}; known: {sorted(_REMAT_POLICIES)}")
@@ -299,14 +317,14 @@ class BlockStack(nn.Module):
                 body,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(cfg, self.layout, name="layers")(x, context, group_modulation, rope, mask)
+            x, _ = scanned(cfg, self.layout, name="layers")(x, context, group_modulation, rope)
             return x
         for i in range(cfg.num_layers):
-            x, _ = body(cfg, self.layout, name=f"layers_{i}")(x, context, group_modulation, rope, mask)
+            x, _ = body(cfg, self.layout, name=f"layers_{i}")(x, context, group_modulation, rope)
         return x
 
 

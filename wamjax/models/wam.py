@@ -19,7 +19,6 @@ from wamjax.models.dit import (
     BlockStack,
     ConditionEmbedder,
     PatchEmbed,
-    attention_mask,
     make_token_layout,
     modulate_per_group,
     unpatchify,
@@ -106,10 +105,8 @@ class WorldActionModel(nn.Module):
         group_temb = jnp.concatenate(tembs, axis=1)
         cos = jnp.asarray(jnp.cos(layout.rope_angles), jnp.float32)
         sin = jnp.asarray(jnp.sin(layout.rope_angles), jnp.float32)
-        mask = attention_mask(layout)
-        mask = None if mask is None else jnp.asarray(mask)[None, None]
 
-        x = BlockStack(cfg, layout, name="blocks")(x, context, group_modulation, (cos, sin), mask)
+        x = BlockStack(cfg, layout, name="blocks")(x, context, group_modulation, (cos, sin))
 
         out_table = self.param(
             "scale_shift_table",

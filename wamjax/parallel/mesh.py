@@ -21,15 +21,25 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 # embed is FSDP-sharded. Kernels shard embed over fsdp and heads/mlp over tensor; the bias and norm vectors,
 # which have no embed axis, shard over fsdp too, so per-device parameter bytes fall as 1/fsdp even at
 # hundreds of devices (replicated, they would add ~15% to Wan-1.3B's per-device state at fsdp=256).
+# Parameters shard over fsdp and sequence together (embed over both, as MaxText does), so a sequence-parallel
+# mesh holds no more state per device than an fsdp-only one; activations keep sequence for their length.
+# `attn_heads` / `attn_length` are self-attention's layout under context parallelism (parallel/context.py).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", "sequence"),
+    ("embed", ("fsdp", "sequence")),
     ("embed", "fsdp"),
+    ("heads", ("tensor", "fsdp", "sequence")),
     ("heads", ("tensor", "fsdp")),
     ("heads", "tensor"),
+    ("mlp", ("tensor", "fsdp", "sequence")),
     ("mlp", ("tensor", "fsdp")),
     ("mlp", "tensor"),
+    ("norm", ("fsdp", "sequence")),
     ("norm", "fsdp"),
+    ("attn_heads", ("tensor", "sequence")),
+    ("attn_heads", "tensor"),
+    ("attn_length", None),
     ("kv", None),
     ("kv_length", None),
     ("text_length", None),

@@ -1,0 +1,161 @@
+"""Memory-efficient attention in pure JAX: online softmax over key blocks for each query block, float32
+accumulation, and a flash-style backward that recomputes each logit block from q, k and the saved per-row
+log-sum-exp, so neither direction stores more than one [B, H, bq, bk] block of logits at a time.
+
+Sequence lengths that are not a multiple of the block sizes are padded here (padded keys are masked out,
+padded query rows are dropped). The mask comes from per-token ids (`AttentionMask`), sliced per block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from wamjax.models.attention_mask import AttentionMask, allowed_block
+
+Ids = dict[str, jax.Array] | None
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, block_q: int,
+              block_kv: int) -> jax.Array:
+    """Softmax attention of q [B, Sq, H, D] over k, v [B, Sk, H, D] under `mask`, block by block."""
+    if block_q < 1 or block_kv < 1:
+        raise ValueError(f"model.attention_block_q={block_q} and model.attention_block_kv={block_kv} must be >= 1")
+    sq, sk = q.shape[1], k.shape[1]
+    if mask is not None and (mask.q_length, mask.kv_length) != (sq, sk):
+        raise ValueError(f"attention mask covers ({mask.q_length}, {mask.kv_length}) tokens; q, k have ({sq}, {sk})")
+    bq, bk = min(block_q, sq), min(block_kv, sk)
+    pad_q, pad_k = -sq % bq, -sk % bk
+    if mask is None and pad_k:
+        mask = AttentionMask.create(jnp.zeros(sq, jnp.int32), jnp.zeros(sk, jnp.int32))
+    rule, q_ids, kv_ids = None, None, None
+    if mask is not None:
+        rule = mask.rule
+        q_ids = {n: jnp.pad(a, (0, pad_q)) for n, a in mask.q_ids().items()}
+        kv_ids = {n: jnp.pad(a, (0, pad_k)) for n, a in mask.kv_ids().items()}  # padded keys: kv_valid False
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
+    out = _flash(pad(q, pad_q), pad(k, pad_k), pad(v, pad_k), q_ids, kv_ids, rule, bq, bk)
+    return out[:, :sq]
+
+
+def _blocks(x: jax.Array, size: int) -> jax.Array:
+    """[B, S, ...] -> [S // size, B, size, ...]."""
+    b, s = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, s // size, size, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x: jax.Array) -> jax.Array:
+    """[N, B, size, ...] -> [B, N * size, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _id_blocks(ids: Ids, size: int) -> Ids:
+    return None if ids is None else {n: a.reshape(-1, size) for n, a in ids.items()}
+
+
+def _logits(qi, kj, qid, kid, rule, scale):
+    """Masked float32 logits [B, H, bq, bk] of one block pair; masked entries are -inf."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) * scale
+    if rule is not None:
+        s = jnp.where(allowed_block(rule, qid, kid)[None, None], s, -jnp.inf)
+    return s
+
+
+def _if_visible(rule, qid, kid, compute, skipped, operand):
+    """`compute(operand)` when any query of the block pair sees any key, else `skipped(operand)`: fully masked
+    block pairs (a later chunk's keys, padding) cost no matmuls."""
+    if rule is None:
+        return compute(operand)
+    return jax.lax.cond(allowed_block(rule, qid, kid).any(), compute, skipped, operand)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, q_ids: Ids, kv_ids: Ids, rule: str | None, bq: int, bk: int) -> jax.Array:
+    return _forward(q, k, v, q_ids, kv_ids, rule, bq, bk)[0]
+
+
+def _forward(q, k, v, q_ids, kv_ids, rule, bq, bk):
+    scale = q.shape[-1] ** -0.5
+    kb, vb, kid_b = _blocks(k, bk), _blocks(v, bk), _id_blocks(kv_ids, bk)
+
+    def per_query_block(args):
+        qi, qid = args
+        b, _, h, d = qi.shape
+
+        def update(carry, kj, vj, kid):
+            m, total, acc = carry
+            s = _logits(qi, kj, qid, kid, rule, scale)
+            m_new = jnp.maximum(m, s.max(-1))
+            # Rows with nothing visible yet keep m = -inf; shift them by 0 so exp gives 0, not NaN.
+            m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+            p = jnp.exp(s - m_safe[..., None])
+            correction = jnp.exp(m - m_safe)
+            total = total * correction + p.sum(-1)
+            pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+            acc = acc * jnp.swapaxes(correction, 1, 2)[..., None] + pv
+            return m_new, total, acc
+
+        def step(carry, kv):
+            kj, vj, kid = kv
+            return _if_visible(rule, qid, kid, lambda c: update(c, kj, vj, kid), lambda c: c, carry), None
+
+        init = (jnp.full((b, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
+                jnp.zeros((b, bq, h, d), jnp.float32))
+        (m, total, acc), _ = jax.lax.scan(step, init, (kb, vb, kid_b))
+        seen = total > 0
+        safe_total = jnp.where(seen, total, 1.0)
+        out = acc / jnp.swapaxes(safe_total, 1, 2)[..., None]
+        lse = jnp.where(seen, m + jnp.log(safe_total), 0.0)
+        return out.astype(q.dtype), lse
+
+    out_b, lse_b = jax.lax.map(per_query_block, (_blocks(q, bq), _id_blocks(q_ids, bq)))
+    return _unblocks(out_b), (out_b, lse_b)
+
+
+def _flash_fwd(q, k, v, q_ids, kv_ids, rule, bq, bk):
+    out, (out_b, lse_b) = _forward(q, k, v, q_ids, kv_ids, rule, bq, bk)
+    return out, (q, k, v, q_ids, kv_ids, out_b, lse_b)
+
+
+def _flash_bwd(rule, bq, bk, residuals, d_out):
+    q, k, v, q_ids, kv_ids, out_b, lse_b = residuals
+    scale = q.shape[-1] ** -0.5
+    qb, kb, vb = _blocks(q, bq), _blocks(k, bk), _blocks(v, bk)
+    dob = _blocks(d_out, bq)
+    # delta_i = rowsum(dO_i * O_i): the softmax-backward term, [Nq, B, H, bq].
+    delta_b = jnp.swapaxes(jnp.einsum("nbqhd,nbqhd->nbqh", dob.astype(jnp.float32), out_b.astype(jnp.float32)),
+                           2, 3)
+    qid_b, kid_b = _id_blocks(q_ids, bq), _id_blocks(kv_ids, bk)
+
+    def per_key_block(dq, kv):
+        kj, vj, kid = kv
+
+        def update(carry, qi, doi, lse, delta, qid):
+            dk, dv = carry
+            s = _logits(qi, kj, qid, kid, rule, scale)
+            p = jnp.exp(s - lse[..., None])
+            dv = dv + jnp.einsum("bhqk,bqhd->bkhd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta[..., None]) * scale).astype(qi.dtype)
+            dk = dk + jnp.einsum("bhqk,bqhd->bkhd", ds, qi, preferred_element_type=jnp.float32)
+            dqi = jnp.einsum("bhqk,bkhd->bqhd", ds, kj, preferred_element_type=jnp.float32)
+            return (dk, dv), dqi
+
+        def step(carry, qs):
+            qi, _, _, _, qid = qs
+            skipped = lambda c: (c, jnp.zeros(qi.shape, jnp.float32))
+            return _if_visible(rule, qid, kid, lambda c: update(c, *qs), skipped, carry)
+
+        zeros = jnp.zeros(kj.shape, jnp.float32)
+        (dk, dv), dq_parts = jax.lax.scan(step, (zeros, zeros), (qb, dob, lse_b, delta_b, qid_b))
+        return dq + dq_parts, (dk, dv)
+
+    dq, (dk_b, dv_b) = jax.lax.scan(per_key_block, jnp.zeros(qb.shape, jnp.float32), (kb, vb, kid_b))
+    return (_unblocks(dq).astype(q.dtype), _unblocks(dk_b).astype(k.dtype), _unblocks(dv_b).astype(v.dtype),
+            None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
