@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from wamjax.checkpoint import manager as ckpt
 from wamjax.flops.analytic import train_step_flops
@@ -57,14 +58,24 @@ class StageResult:
     reason: str
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop polls after each step."""
+class _Preemption:
+    """Decides, identically on every process, the step at which a SIGTERM'd job saves and stops.
+
+    Multi-process runs (jax.distributed with its preemption service, the default) leave SIGTERM to JAX's own
+    notifier: the coordination service tells every process, agrees on a step (the furthest any process
+    has reached, plus one) and `reached_preemption_sync_point` turns true at that step everywhere. Until a
+    notice arrives the per-step check is local, so no step waits on another host. A single process polls its
+    own SIGTERM flag; several processes without the service agree by a max over their flags every step.
+    """
 
     def __init__(self):
         self.raised = False
         self._previous = None
+        self._service = jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
     def __enter__(self):
+        if self._service:
+            return self  # a Python handler would replace JAX's SIGTERM notifier
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
@@ -74,6 +85,14 @@ class _SigtermFlag:
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: finishing this step, saving, then exiting with %d", PREEMPTED_EXIT_CODE)
         self.raised = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step`; every process must ask at every step."""
+        if self._service:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        if jax.process_count() > 1:
+            return bool(np.max(multihost_utils.process_allgather(np.int32(self.raised))))
+        return self.raised
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -126,13 +145,13 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> list[StageRes
     results: list[StageResult] = []
     previous: StageResult | None = None
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)), _SigtermFlag() as sigterm:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)), _Preemption() as preemption:
             for stage in stage_list(config):
                 if resume_ledger is not None and stage in resume_ledger.completed_stages:
                     logging.info("stage %s already completed in this workdir; skipping", stage)
                     previous = StageResult(stage, None, resume_ledger.stage_end_step[stage], "completed")
                     continue
-                result = run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, sigterm)
+                result = run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption)
                 results.append(result)
                 previous = result
     finally:
@@ -141,7 +160,7 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> list[StageRes
     return results
 
 
-def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, sigterm) -> StageResult:
+def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption) -> StageResult:
     """Runs one stage to its end (steps or budget), from its checkpoint, init_from, the previous stage, or fresh."""
     stage_cfg = config.stages[stage]
     cfg = model_config(config)
@@ -256,13 +275,13 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
                 f"(optim.max_consecutive_nonfinite={max_bad}); stopping with the last good checkpoint kept"
             )
         stage_ends = stage_done >= total_steps or (budget and ledger.stage_flops(stage) + flops.train_per_step > budget)
-        if step % config.train.log_every == 0 or stage_ends or sigterm.raised:
+        preempt = preemption.reached(step)
+        if step % config.train.log_every == 0 or stage_ends or preempt:
             row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, mesh.size,
                                config.data.batch_size, tokens_per_step)
             writer.write(row)
             logging.info(format_progress(row, total_steps, stage_done))
 
-        preempt = sigterm.raised
         finished = stage_ends
         if finished:
             ledger.end_stage(stage, step)
