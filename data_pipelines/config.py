@@ -46,3 +46,51 @@ def dataset_names(config: ml_collections.ConfigDict) -> list[str]:
     if not names:
         raise ValueError("config.data.datasets is empty; name at least one dataset")
     return list(names)
+
+
+def check_num_frames(num_frames: int) -> None:
+    """Raises unless `num_frames` is 1 + 4k (the Wan VAE compresses time 4x causally)."""
+    if num_frames < 1 or (num_frames - 1) % 4:
+        raise ValueError(f"data.num_frames must be 1 + 4k (1, 5, 9, 13, ...), got {num_frames}")
+
+
+def num_clip_actions(num_frames: int, frame_stride: int = 1, action_horizon: int = 0) -> int:
+    """Actions per clip: one per frame transition, or every dataset step's when `action_horizon` > 0.
+
+    With `action_horizon` > 0 a chunk's frames (`action_horizon / frame_stride` of them) must be a whole
+    number of 4-frame VAE latents, and the clip's `num_frames - 1` a whole number of chunks.
+    """
+    check_num_frames(num_frames)
+    if frame_stride < 1:
+        raise ValueError(f"data.frame_stride must be >= 1, got {frame_stride}")
+    if action_horizon < 0:
+        raise ValueError(f"data.action_horizon must be >= 0, got {action_horizon}")
+    if action_horizon == 0:
+        return num_frames - 1
+    chunk_frames, rest = divmod(action_horizon, frame_stride)
+    if rest or chunk_frames % 4 or (num_frames - 1) % max(chunk_frames, 1) or chunk_frames == 0:
+        raise ValueError(
+            f"data.action_horizon={action_horizon} with data.frame_stride={frame_stride} and "
+            f"data.num_frames={num_frames}: a chunk's actions must span a whole number of 4-frame VAE latents "
+            f"(action_horizon / frame_stride = 4k frames) and num_frames - 1 a whole number of chunks; "
+            f"e.g. action_horizon=24, frame_stride=3, num_frames=33 (4 chunks of 8 frames)"
+        )
+    return (num_frames - 1) * frame_stride
+
+
+def clip_num_actions(config: ml_collections.ConfigDict) -> int:
+    """Action tokens per clip of a run config, checked against the model's actions per latent frame.
+
+    With data.action_horizon > 0 every dataset step's action is kept, so a latent frame (4 clip frames)
+    holds 4 * frame_stride of them: model.action_frames_per_latent has to say so.
+    """
+    data = config.data
+    horizon, stride = int(data.get("action_horizon", 0)), int(data.frame_stride)
+    count = num_clip_actions(int(data.num_frames), stride, horizon)
+    if horizon > 0 and int(config.model.action_frames_per_latent) != 4 * stride:
+        raise ValueError(
+            f"model.action_frames_per_latent={config.model.action_frames_per_latent} but data.action_horizon="
+            f"{horizon} keeps every step's action at data.frame_stride={stride}: a latent frame (4 frames) "
+            f"holds {4 * stride} actions; set model.action_frames_per_latent={4 * stride}"
+        )
+    return count

@@ -188,7 +188,7 @@ def main(argv: Sequence[str]) -> None:
     del argv
     from absl import flags
 
-    from wamjax.models.vae import load_vae
+    from wamjax.export.wan_vae_import import load_vae
 
     FLAGS = flags.FLAGS
     config = FLAGS.config

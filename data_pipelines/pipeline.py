@@ -6,7 +6,6 @@ import zlib
 from typing import Any
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 from absl import flags, logging
@@ -180,17 +179,3 @@ def make_iterator(
     """Iterator over `make_dataset`; its `get_state()` / `set_state()` resume exactly."""
     dataset = make_dataset(data_config, process_index=process_index, process_count=process_count, stats=stats)
     return iter(dataset)
-
-
-def make_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, Any]:
-    """Turns this process's batch into global jax.Arrays sharded by `sharding` along the batch axis.
-
-    String fields (`instruction`) cannot live on devices and stay per-process numpy arrays.
-    """
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if value.dtype.kind in "US":
-            out[key] = value
-        else:
-            out[key] = jax.make_array_from_process_local_data(sharding, value)
-    return out

@@ -16,10 +16,13 @@ import numpy as np
 from absl import logging
 
 from data_pipelines import registry
+from data_pipelines.normalization import normalize, unnormalize
 from data_pipelines.rlds_source import BadRecordError, EpisodeSource, count_bad_record
+from wamjax.paths import as_path
 
 FORMAT_VERSION = 1
 _STAT_KEYS = ("mean", "std", "q01", "q99", "min", "max")
+__all__ = ["compute_stats", "dataset_stats", "load_stats", "normalize", "save_stats", "unnormalize"]
 
 
 def _pad(values: np.ndarray, dim: int, name: str) -> np.ndarray:
@@ -98,16 +101,15 @@ def compute_stats(
 
 
 def save_stats(stats: dict[str, Any], path: str) -> None:
-    """Writes `stats` as JSON to `path` (creating its directory)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(stats, f, indent=1)
+    """Writes `stats` as JSON to `path` (local or an etils.epath URI, creating its directory)."""
+    path = as_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stats, indent=1))
 
 
 def load_stats(path: str) -> dict[str, Any]:
-    """Reads statistics written by `save_stats`, checking their layout."""
-    with open(path) as f:
-        stats = json.load(f)
+    """Reads statistics written by `save_stats` (local or an etils.epath URI), checking their layout."""
+    stats = json.loads(as_path(path).read_text())
     if stats.get("format_version") != FORMAT_VERSION or "datasets" not in stats:
         raise ValueError(f"{path}: not a normalization stats file of format_version {FORMAT_VERSION}")
     for name, entry in stats["datasets"].items():
@@ -118,35 +120,3 @@ def load_stats(path: str) -> dict[str, Any]:
                         f"{path}: {name}/{group}/{key} has {len(entry[group][key])} values, expected {dim}"
                     )
     return stats
-
-
-def normalize(values: np.ndarray, group_stats: dict[str, list[Any]], method: str) -> np.ndarray:
-    """Normalizes the masked dimensions of `values` [..., D] ("bounds": q01/q99 -> [-1, 1]; "normal")."""
-    mask = np.asarray(group_stats["mask"], bool)
-    if method == "bounds":
-        low, high = np.asarray(group_stats["q01"]), np.asarray(group_stats["q99"])
-        scaled = np.clip(2.0 * (values - low) / np.maximum(high - low, 1e-8) - 1.0, -1.0, 1.0)
-    elif method == "normal":
-        scaled = (values - np.asarray(group_stats["mean"])) / np.maximum(np.asarray(group_stats["std"]), 1e-8)
-    else:
-        raise ValueError(f"Unknown action_normalization {method!r}; expected 'bounds' or 'normal'")
-    return np.where(mask, scaled, values).astype(np.float32)
-
-
-def unnormalize(values: np.ndarray, group_stats: dict[str, list[Any]], method: str) -> np.ndarray:
-    """Inverse of `normalize` on its masked dimensions (unmasked ones pass through).
-
-    "bounds" maps [-1, 1] back to [q01, q99]; "normal" multiplies by std and adds the mean.
-    """
-    values = np.asarray(values, np.float32)
-    mask = np.asarray(group_stats["mask"], bool)
-    if mask.shape[-1] != values.shape[-1]:
-        raise ValueError(f"stats cover {mask.shape[-1]} dims; values have shape {values.shape}")
-    if method == "bounds":
-        low, high = np.asarray(group_stats["q01"]), np.asarray(group_stats["q99"])
-        raw = (np.clip(values, -1.0, 1.0) + 1.0) / 2.0 * np.maximum(high - low, 1e-8) + low
-    elif method == "normal":
-        raw = values * np.maximum(np.asarray(group_stats["std"]), 1e-8) + np.asarray(group_stats["mean"])
-    else:
-        raise ValueError(f"Unknown action_normalization {method!r}; expected 'bounds' or 'normal'")
-    return np.where(mask, raw, values).astype(np.float32)

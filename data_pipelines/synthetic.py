@@ -10,8 +10,8 @@ import grain
 import ml_collections
 import numpy as np
 
+from data_pipelines.config import num_clip_actions
 from data_pipelines.process_split import split_for_process
-from data_pipelines.windowing import num_clip_actions
 
 INSTRUCTIONS = ("synthetic: move the block right", "synthetic: move the block left", "synthetic: lift the block")
 

@@ -7,37 +7,8 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import stats as stats_lib
+from data_pipelines.config import check_num_frames, num_clip_actions  # noqa: F401  (re-exported)
 from data_pipelines.rlds_source import Episode
-
-
-def check_num_frames(num_frames: int) -> None:
-    """Raises unless `num_frames` is 1 + 4k (the Wan VAE compresses time 4x causally)."""
-    if num_frames < 1 or (num_frames - 1) % 4:
-        raise ValueError(f"data.num_frames must be 1 + 4k (1, 5, 9, 13, ...), got {num_frames}")
-
-
-def num_clip_actions(num_frames: int, frame_stride: int = 1, action_horizon: int = 0) -> int:
-    """Actions per clip: one per frame transition, or every dataset step's when `action_horizon` > 0.
-
-    With `action_horizon` > 0 a chunk's frames (`action_horizon / frame_stride` of them) must be a whole
-    number of 4-frame VAE latents, and the clip's `num_frames - 1` a whole number of chunks.
-    """
-    check_num_frames(num_frames)
-    if frame_stride < 1:
-        raise ValueError(f"data.frame_stride must be >= 1, got {frame_stride}")
-    if action_horizon < 0:
-        raise ValueError(f"data.action_horizon must be >= 0, got {action_horizon}")
-    if action_horizon == 0:
-        return num_frames - 1
-    chunk_frames, rest = divmod(action_horizon, frame_stride)
-    if rest or chunk_frames % 4 or (num_frames - 1) % max(chunk_frames, 1) or chunk_frames == 0:
-        raise ValueError(
-            f"data.action_horizon={action_horizon} with data.frame_stride={frame_stride} and "
-            f"data.num_frames={num_frames}: a chunk's actions must span a whole number of 4-frame VAE latents "
-            f"(action_horizon / frame_stride = 4k frames) and num_frames - 1 a whole number of chunks; "
-            f"e.g. action_horizon=24, frame_stride=3, num_frames=33 (4 chunks of 8 frames)"
-        )
-    return (num_frames - 1) * frame_stride
 
 
 def clip_start(length: int, num_frames: int, frame_stride: int, slot: int, clips_per_episode: int, u: float) -> int:

@@ -5,7 +5,8 @@
 #   launch/local_multiprocess.sh 2 --config=configs/wam.py:size=tiny,stage=video_pretrain --workdir=/tmp/run
 #
 # Every process's output is prefixed with [pI]. Exits with the first failing process's status (after
-# stopping the others), or 0 when all succeed. Relative paths in the flags resolve from the caller's cwd.
+# stopping the others), 75 when they were preempted (each saves the agreed step first, so the others are left
+# to finish), or 0 when all succeed. Relative paths in the flags resolve from the caller's cwd.
 set -euo pipefail
 
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
@@ -67,7 +68,9 @@ while [ "$remaining" -gt 0 ]; do
     wait "$pid" || rc=$?
     done_pids[$pid]=1
     remaining=$((remaining - 1))
-    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
+    if [ "$rc" -eq 75 ] && [ "$status" -eq 0 ]; then
+      status=75  # preempted after the agreed save: the others save the same step and exit 75 too
+    elif [ "$rc" -ne 0 ] && [ "$rc" -ne 75 ] && { [ "$status" -eq 0 ] || [ "$status" -eq 75 ]; }; then
       status=$rc
       echo "process $i (pid $pid) exited with status $rc; stopping the others" >&2
       stop_all TERM

@@ -8,7 +8,6 @@ import textwrap
 import zlib
 
 import grain
-import jax
 import numpy as np
 import pytest
 
@@ -177,15 +176,3 @@ def test_extra_sources_join_the_mixture(oxe):
     assert "a captioned video" in batch["instruction"].tolist()
     # Robot clips train their actions, the video-only ones not (the step masks their action loss).
     np.testing.assert_array_equal(batch["has_actions"], batch["dataset_index"] == 0)
-
-
-def test_global_batch_on_8_devices(oxe):
-    config = _config(oxe, batch_size=8, resolution=(8, 8))
-    batch = next(pipeline.make_iterator(config))
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    global_batch = pipeline.make_global_batch(batch, sharding)
-    assert isinstance(global_batch["frames"], jax.Array) and global_batch["frames"].shape == (8, 5, 8, 8, 3)
-    assert len(global_batch["frames"].sharding.device_set) == 8
-    np.testing.assert_array_equal(np.asarray(global_batch["actions"]), batch["actions"])
-    assert global_batch["instruction"].dtype.kind == "U"

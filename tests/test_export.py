@@ -501,3 +501,43 @@ def test_export_checkpoint_cli_ema_and_parity(checkpoint, tmp_path):
 def test_export_of_a_missing_checkpoint_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         to_torch.export_checkpoint(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+
+
+def _bytes_read() -> int:
+    import tensorstore as ts
+
+    return sum(int(v.get("value", 0)) for m in ts.experimental_collect_matching_metrics(
+        "/tensorstore/kvstore/file/bytes_read") for v in m["values"])
+
+
+def test_export_and_policy_read_the_parameters_only(checkpoint, tmp_path):
+    """load_checkpoint, the exporter and Policy.from_checkpoint read one copy of the weights from disk, not the
+    Adam moments or the other copy: a full state restore reads about four times as much."""
+    from wamjax.export.load import load_checkpoint
+    from wamjax.inference import Policy
+
+    full = ckpt.restore_state_tree(checkpoint)
+    params_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(full["params"]))
+    opt_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(full["opt_state"]))
+    assert opt_bytes >= 2 * params_bytes  # Adam's two moments
+
+    def read_by(fn):
+        before = _bytes_read()
+        result = fn()
+        return _bytes_read() - before, result
+
+    # Every restore reads the tree's metadata (sizes with the number of leaves, not their bytes) first.
+    metadata_read, _ = read_by(lambda: ckpt.saved_state_tree(checkpoint))
+    full_read, _ = read_by(lambda: ckpt.restore_state_tree(checkpoint))
+    assert full_read - metadata_read > 3 * params_bytes  # params, EMA copy and two moments
+    limit = metadata_read + 1.5 * params_bytes  # one copy (plus OCDBT nodes), so neither moments nor the other copy
+    read, (_, params) = read_by(lambda: load_checkpoint(checkpoint))
+    assert read < limit, (read, params_bytes)
+    assert all(np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(params), jax.tree.leaves(full["ema_params"]), strict=True))
+    read, _ = read_by(lambda: to_torch.export_checkpoint(checkpoint, str(tmp_path / "out")))
+    assert read < limit, (read, params_bytes)
+    read, policy = read_by(lambda: Policy.from_checkpoint(checkpoint))
+    assert read < limit, (read, params_bytes)
+    leaf = jax.tree.leaves(policy.params)[0]
+    assert isinstance(leaf, jax.Array) and leaf.sharding.device_set == {jax.local_devices()[0]}

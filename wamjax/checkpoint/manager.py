@@ -7,23 +7,33 @@ temporary directory and renames it when every item is complete, so an interrupte
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
-import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from wamjax.paths import PathLike, as_path
 
 ITEMS = ("state", "data", "ledger", "config", "norm_stats")
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir: PathLike) -> epath.Path:
+    """WORKDIR/checkpoints (a URI workdir stays a URI)."""
+    return as_path(workdir) / "checkpoints"
 
 
-def make_manager(workdir: str, checkpoint_config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def step_dir(workdir: PathLike, step: int) -> epath.Path:
+    """WORKDIR/checkpoints/STEP."""
+    return checkpoint_dir(workdir) / str(int(step))
+
+
+def make_manager(workdir: PathLike, checkpoint_config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """A CheckpointManager saving every `every_steps`, keeping the last `keep` plus every `keep_period`-th."""
+    import grain  # the trainer's data item only: loading weights for inference needs no Grain
+
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(1, int(checkpoint_config.every_steps)),
         max_to_keep=int(checkpoint_config.keep) if checkpoint_config.keep > 0 else None,
@@ -52,6 +62,8 @@ def save(
     force: bool = False,
 ) -> bool:
     """Saves one step (asynchronously when configured); returns whether a save started."""
+    import grain
+
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -76,38 +88,79 @@ def restore(
         "norm_stats": ocp.args.JsonRestore(),
     }
     if data_iterator is not None:
+        import grain
+
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored["ledger"], restored["config"], restored["norm_stats"]
 
 
-def read_json_item(step_dir: str, item: str) -> Any:
+def read_json_item(step_path: PathLike, item: str) -> Any:
     """Reads a JSON item (ledger, config, norm_stats) of a step directory without a manager."""
-    path = os.path.join(step_dir, item, "metadata")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {step_dir} a complete wamjax checkpoint step?")
-    with open(path) as f:
-        return json.load(f)
+    path = as_path(step_path) / item / "metadata"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {step_path} a complete wamjax checkpoint step?")
+    return json.loads(path.read_text())
 
 
-def restore_state_tree(step_dir: str, abstract_state: Any = None) -> Any:
-    """Restores the `state` item of a step directory as host-local arrays (or onto `abstract_state`'s shardings)."""
-    checkpointer = ocp.StandardCheckpointer()
-    path = os.path.join(os.path.abspath(step_dir), "state")
+def _state_path(step_path: PathLike) -> epath.Path:
+    path = as_path(step_path) / "state"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found: is {step_path} a complete wamjax checkpoint step?")
+    return path
+
+
+def _is_array_metadata(m: Any) -> bool:
+    return hasattr(m, "shape") and hasattr(m, "dtype")
+
+
+def saved_state_tree(step_path: PathLike) -> Any:
+    """The `state` item's tree of array metadata (shapes, dtypes), read without reading any array."""
+    metadata = ocp.StandardCheckpointer().metadata(_state_path(step_path))
+    return metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+
+
+def restore_state_tree(step_path: PathLike, abstract_state: Any = None) -> Any:
+    """Restores the whole `state` item (optimizer included) onto `abstract_state`'s shardings, or as host numpy
+    arrays. For the parameters alone use `restore_params`."""
+    path = _state_path(step_path)
     if abstract_state is None:
-        metadata = checkpointer.metadata(path)
-        tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
-        device = jax.local_devices(backend="cpu")[0] if _has_cpu() else jax.local_devices()[0]
-        sharding = jax.sharding.SingleDeviceSharding(device)
-        abstract_state = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree,
-            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_state_tree(step_path),
+                                    is_leaf=_is_array_metadata)
+        return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    return ocp.StandardCheckpointer().restore(path, abstract_state)
+
+
+def restore_params(
+    step_path: PathLike, target: Any = None, *, use_ema: bool = False, sharding: jax.sharding.Sharding | None = None
+) -> tuple[Any, bool]:
+    """(parameters, whether they are the EMA copy) of a checkpoint step; only those arrays are read.
+
+    The optimizer state and the other copy of the weights stay on disk. `use_ema` takes `ema_params` when the
+    step has them. `target`, a tree of `jax.ShapeDtypeStruct`s with shardings whose paths are a subset of the
+    saved parameters, restores exactly those leaves straight onto their shardings (each process reads only
+    its shards). Without `target` every saved leaf is restored, onto `sharding` when given, else as host
+    numpy arrays.
+    """
+    path = _state_path(step_path)
+    tree = saved_state_tree(step_path)
+    has_ema = use_ema and bool(jax.tree.leaves(tree.get("ema_params"), is_leaf=_is_array_metadata))
+    name = "ema_params" if has_ema else "params"
+    if name not in tree:
+        raise KeyError(f"{path} holds no {name!r} (items: {sorted(tree)})")
+    if target is None:
+        target = tree[name]
+        if sharding is None:
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target,
+                                        is_leaf=_is_array_metadata)
+        else:
+            restore_args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=m.shape),
+                                        target, is_leaf=_is_array_metadata)
+    else:
+        restore_args = jax.tree.map(
+            lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), target
         )
-    return checkpointer.restore(path, abstract_state)
-
-
-def _has_cpu() -> bool:
-    try:
-        return bool(jax.local_devices(backend="cpu"))
-    except RuntimeError:
-        return False
+    restored = ocp.PyTreeCheckpointer().restore(
+        path, args=ocp.args.PyTreeRestore(item={name: target}, restore_args={name: restore_args}, partial_restore=True)
+    )
+    return restored[name], has_ema

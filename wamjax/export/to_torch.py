@@ -16,7 +16,6 @@ Tensors are written with safetensors' numpy API (bfloat16 through ml_dtypes), so
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator, Mapping
@@ -28,6 +27,7 @@ import numpy as np
 from wamjax.export.wan_import import WeightImportError, state_dict_to_params, to_numpy
 from wamjax.export.wan_names import name_map, ours_to_torch, torch_to_ours
 from wamjax.models.config import ModelConfig, model_config_from_run
+from wamjax.paths import PathLike, as_path, is_uri
 
 WAM_WEIGHTS_NAME = "wam.safetensors"
 WAM_CONFIG_NAME = "wam_config.json"
@@ -201,14 +201,17 @@ def parse_size(size: str | int) -> int:
     return int(number * base**power)
 
 
-def _save_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
-    from safetensors.numpy import save_file
+def _save_safetensors(tensors: Mapping[str, np.ndarray], path: PathLike) -> None:
+    from safetensors.numpy import save, save_file
 
-    save_file(dict(tensors), path, metadata=_SAFETENSORS_METADATA)
+    if is_uri(path):
+        as_path(path).write_bytes(save(dict(tensors), metadata=_SAFETENSORS_METADATA))
+    else:
+        save_file(dict(tensors), path, metadata=_SAFETENSORS_METADATA)
 
 
 def write_diffusers_transformer(
-    out_dir: str,
+    out_dir: PathLike,
     cfg: ModelConfig,
     params: Mapping[str, Any],
     dtype: str = "float32",
@@ -223,14 +226,14 @@ def write_diffusers_transformer(
     """
     np_dtype = _export_dtype(dtype)
     tensors = ((k, v.astype(np_dtype, copy=False)) for k, v in iter_diffusers_state(cfg, params))
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = as_path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     config = dict(cfg.diffusers_config())
     config["_diffusers_version"] = _diffusers_version()
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    for stale in os.listdir(out_dir):  # a previous export with another sharding must not be half-read
-        if stale.startswith("diffusion_pytorch_model"):
-            os.remove(os.path.join(out_dir, stale))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for stale in out_dir.iterdir():  # a previous export with another sharding must not be half-read
+        if stale.name.startswith("diffusion_pytorch_model"):
+            stale.unlink()
 
     # Shards are filled in name-map order and written as soon as they are full; a shard is renamed to its
     # final `-0000i-of-0000n` name once the count is known.
@@ -239,7 +242,7 @@ def write_diffusers_transformer(
     weight_map: dict[str, int] = {}
 
     def flush(tensors: dict[str, np.ndarray]) -> None:
-        path = os.path.join(out_dir, f"diffusion_pytorch_model.partial-{len(written)}")
+        path = out_dir / f"diffusion_pytorch_model.partial-{len(written)}"
         _save_safetensors(tensors, path)
         weight_map.update({key: len(written) for key in tensors})
         written.append(path)
@@ -254,18 +257,17 @@ def write_diffusers_transformer(
     if shard or not written:
         flush(shard)
     if len(written) == 1:
-        final = os.path.join(out_dir, DIFFUSERS_WEIGHTS_NAME)
-        os.replace(written[0], final)
-        return [final]
+        final = out_dir / DIFFUSERS_WEIGHTS_NAME
+        written[0].replace(final)
+        return [str(final)]
     names = [DIFFUSERS_WEIGHTS_NAME.replace(".safetensors", f"-{i + 1:05d}-of-{len(written):05d}.safetensors")
              for i in range(len(written))]
     for path, name in zip(written, names, strict=True):
-        os.replace(path, os.path.join(out_dir, name))
+        path.replace(out_dir / name)
     index = {"metadata": {"total_size": int(total_bytes)},
              "weight_map": {key: names[i] for key, i in weight_map.items()}}
-    with open(os.path.join(out_dir, DIFFUSERS_INDEX_NAME), "w") as f:
-        json.dump(index, f, indent=2)
-    return [os.path.join(out_dir, name) for name in names]
+    (out_dir / DIFFUSERS_INDEX_NAME).write_text(json.dumps(index, indent=2))
+    return [str(out_dir / name) for name in names]
 
 
 def _diffusers_version() -> str:
@@ -278,7 +280,7 @@ def _diffusers_version() -> str:
 
 
 def write_wam(
-    out_dir: str,
+    out_dir: PathLike,
     cfg: ModelConfig,
     params: Mapping[str, Any],
     dtype: str = "float32",
@@ -288,8 +290,9 @@ def write_wam(
     weights path. `extra_config` adds keys (e.g. the run's data settings) to the config json."""
     np_dtype = _export_dtype(dtype)
     state = {k: v.astype(np_dtype) for k, v in params_to_wam_state(cfg, params).items()}
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, WAM_WEIGHTS_NAME)
+    out_dir = as_path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / WAM_WEIGHTS_NAME
     _save_safetensors(state, path)
     config = {
         "format": WAM_FORMAT,
@@ -299,67 +302,39 @@ def write_wam(
         "model": cfg.to_dict(),
         **dict(extra_config or {}),
     }
-    with open(os.path.join(out_dir, WAM_CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
-    return path
+    (out_dir / WAM_CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return str(path)
 
 
-def read_wam_config(out_dir: str) -> dict[str, Any]:
+def read_wam_config(out_dir: PathLike) -> dict[str, Any]:
     """The `wam_config.json` of an export, checking its format."""
-    path = os.path.join(out_dir, WAM_CONFIG_NAME)
-    if not os.path.exists(path):
+    path = as_path(out_dir) / WAM_CONFIG_NAME
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {out_dir} a wamjax export (python -m wamjax.export.to_torch)?")
-    with open(path) as f:
-        config = json.load(f)
+    config = json.loads(path.read_text())
     if config.get("format") != WAM_FORMAT or config.get("format_version") != WAM_FORMAT_VERSION:
         raise ValueError(f"{path}: format {config.get('format')!r} v{config.get('format_version')!r}; "
                          f"expected {WAM_FORMAT!r} v{WAM_FORMAT_VERSION}")
     return config
 
 
-def import_wam(out_dir: str, dtype: Any = np.float32) -> tuple[ModelConfig, dict[str, Any]]:
+def import_wam(out_dir: PathLike, dtype: Any = np.float32) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, params) from an export's `wam.safetensors` + `wam_config.json`, with a strict key/shape check."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
     cfg = ModelConfig.from_dict(read_wam_config(out_dir)["model"])
-    path = os.path.join(out_dir, WAM_WEIGHTS_NAME)
-    if not os.path.exists(path):
+    path = as_path(out_dir) / WAM_WEIGHTS_NAME
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found next to {WAM_CONFIG_NAME}")
-    return cfg, wam_state_to_params(load_file(path), cfg, dtype)
+    state = load(path.read_bytes()) if is_uri(path) else load_file(path)
+    return cfg, wam_state_to_params(state, cfg, dtype)
 
 
 # --- Checkpoint -> OUT -------------------------------------------------------------------------------------
 
-def restore_params(step_dir: str, use_ema: bool = True) -> tuple[dict[str, Any], bool]:
-    """(params as host numpy arrays, whether they are the EMA ones) of a checkpoint step saved on any mesh.
-
-    Only the chosen subtree is read: the optimizer state and the other copy of the weights stay on disk,
-    which matters at 14B parameters.
-    """
-    import jax
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(os.path.abspath(step_dir), "state")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} not found: is {step_dir} a complete wamjax checkpoint step?")
-    metadata = ocp.StandardCheckpointer().metadata(path)
-    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
-    is_leaf = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
-    has_ema = use_ema and bool(jax.tree.leaves(tree.get("ema_params"), is_leaf=is_leaf))
-    name = "ema_params" if has_ema else "params"
-    if name not in tree:
-        raise KeyError(f"{path} holds no {name!r} (items: {sorted(tree)})")
-    item = {name: tree[name]}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item, is_leaf=is_leaf)
-    restored = ocp.PyTreeCheckpointer().restore(
-        path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-    )
-    return jax.tree.map(np.asarray, restored[name]), has_ema
-
-
 def export_checkpoint(
-    checkpoint: str,
-    out_dir: str,
+    checkpoint: PathLike,
+    out_dir: PathLike,
     dtype: str = "float32",
     use_ema: bool = True,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -376,21 +351,21 @@ def export_checkpoint(
 
     step_dir = resolve_step_dir(checkpoint)
     run_config = ml_collections.ConfigDict(ckpt.read_json_item(step_dir, "config"))
-    params, has_ema = restore_params(step_dir, use_ema)
+    params, has_ema = ckpt.restore_params(step_dir, use_ema=use_ema)
     cfg = model_config_from_run(run_config)
-    os.makedirs(out_dir, exist_ok=True)
-    shards = write_diffusers_transformer(os.path.join(out_dir, TRANSFORMER_DIR), cfg, params, dtype, max_shard_bytes)
+    out_dir = as_path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = write_diffusers_transformer(out_dir / TRANSFORMER_DIR, cfg, params, dtype, max_shard_bytes)
     run = run_config.to_dict()
     extra = {
-        "step": int(os.path.basename(step_dir)) if os.path.basename(step_dir).isdigit() else None,
+        "step": int(step_dir.name) if step_dir.name.isdigit() else None,
         "ema": has_ema,
         "run_config": run,
     }
     wam_path = write_wam(out_dir, cfg, params, dtype, extra)
-    stats_path = os.path.join(out_dir, NORM_STATS_NAME)
-    with open(stats_path, "w") as f:
-        json.dump(ckpt.read_json_item(step_dir, "norm_stats"), f, indent=1)
-    return {"step_dir": step_dir, "ema": has_ema, "files": [*shards, wam_path, stats_path]}
+    stats_path = out_dir / NORM_STATS_NAME
+    stats_path.write_text(json.dumps(ckpt.read_json_item(step_dir, "norm_stats"), indent=1))
+    return {"step_dir": str(step_dir), "ema": has_ema, "files": [*shards, wam_path, str(stats_path)]}
 
 
 def main(argv: list[str]) -> None:

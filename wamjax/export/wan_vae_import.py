@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from wamjax.export.wan_import import read_safetensors_file, read_safetensors_folder, to_numpy
@@ -16,7 +17,9 @@ from wamjax.models.vae import (
     Params,
     VAEConfig,
     flatten_params,
+    init_vae_params,
     unflatten_params,
+    vae_config_for,
     vae_param_shapes,
 )
 
@@ -153,3 +156,14 @@ def import_diffusers_wan_vae(
     if vae_config is None:
         vae_config = VAEConfig.from_dict(config_dict) if config_dict is not None else infer_vae_config(state)
     return vae_config, convert_diffusers_vae_state(state, vae_config)
+
+
+def load_vae(size: str = "wan2.1", weights: str = "", seed: int = 0) -> tuple[VAEConfig, Params]:
+    """The frozen VAE of a run: imported diffusers weights when `weights` is set, else random init of `size`.
+
+    Random init is deterministic in `seed`, so a latents cache and the trainer agree on the same VAE.
+    """
+    if weights:
+        return import_diffusers_wan_vae(weights)
+    vae_config = vae_config_for(size)
+    return vae_config, init_vae_params(vae_config, jax.random.key(seed))

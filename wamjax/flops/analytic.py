@@ -388,7 +388,7 @@ def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
 
 def config_num_actions(config: ml_collections.ConfigDict) -> int:
     """Action tokens per joint-mode sample of a run config (data.num_frames, frame_stride, action_horizon)."""
-    from data_pipelines.windowing import num_clip_actions
+    from data_pipelines.config import num_clip_actions
 
     data = config.data
     return num_clip_actions(

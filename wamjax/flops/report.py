@@ -14,13 +14,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 from typing import Any
 
 from absl import app, flags
 
 from wamjax.flops.ledger import format_flops
+from wamjax.paths import PathLike, as_path
 
 METRICS_FILE = "metrics.jsonl"
 COLUMNS = (
@@ -29,17 +29,18 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def read_log(path: str, warn: Any = None) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+def read_log(path: PathLike, warn: Any = None) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """(step lines, deduplicated and sorted by step; the last `stage_end` event per stage) of a metrics.jsonl.
 
     For each (stage, step) the last line written counts. `warn(message)` hears of skipped unparsable lines.
     """
-    if not os.path.exists(path):
+    path = as_path(path)
+    if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected the metrics.jsonl a training run writes")
     latest: dict[tuple[str, int], dict[str, Any]] = {}
     max_step: dict[str, int] = {}
     stage_ends: dict[str, dict[str, Any]] = {}
-    with open(path) as f:
+    with path.open() as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -70,7 +71,7 @@ def read_log(path: str, warn: Any = None) -> tuple[list[dict[str, Any]], dict[st
     return rows, stage_ends
 
 
-def read_metrics(path: str, warn: Any = None) -> list[dict[str, Any]]:
+def read_metrics(path: PathLike, warn: Any = None) -> list[dict[str, Any]]:
     """Step lines of a metrics.jsonl, deduplicated, by step: for each (stage, step) the last line written."""
     return read_log(path, warn)[0]
 
@@ -138,7 +139,7 @@ def summarize(workdirs: list[str], warn: Any = None) -> tuple[list[dict[str, Any
     """(summary rows for all workdirs, deduplicated metric rows per workdir)."""
     summaries, rows_by_workdir = [], {}
     for workdir in workdirs:
-        rows, stage_ends = read_log(os.path.join(workdir, METRICS_FILE), warn)
+        rows, stage_ends = read_log(as_path(workdir) / METRICS_FILE, warn)
         rows_by_workdir[workdir] = rows
         summaries.extend(stage_summaries(workdir, rows, stage_ends))
     return summaries, rows_by_workdir
@@ -217,7 +218,7 @@ def plot(
     scale, unit = (1.0, "s") if longest < 120 else (60.0, "min") if longest < 7200 else (3600.0, "h")
     for workdir, rows in rows_by_workdir.items():
         offset = 0.0  # stages run one after another: each starts where the previous one's wall time ended
-        label_prefix = f"{os.path.basename(os.path.normpath(workdir))}/" if len(rows_by_workdir) > 1 else ""
+        label_prefix = f"{as_path(workdir).name}/" if len(rows_by_workdir) > 1 else ""
         for s in by_workdir[workdir]:
             stage_rows = [r for r in rows if r["stage"] == s["stage"] and r.get("stage_flops") is not None]
             if not stage_rows:
@@ -240,7 +241,8 @@ def plot(
     ax.legend(fontsize="small")
     ax.set_title("FLOPs per stage vs budget")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with as_path(path).open("wb") as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -18,12 +18,14 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from data_pipelines.stats import normalize, unnormalize
+from data_pipelines.config import clip_num_actions
+from data_pipelines.normalization import normalize, unnormalize
 from wamjax.diffusion.sampler import SamplerOptions, sample
 from wamjax.export.load import load_checkpoint, load_norm_stats
+from wamjax.export.wan_vae_import import load_vae
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
-from wamjax.train.inputs import TextEmbedder, clip_num_actions
+from wamjax.models.text import TextEmbedder
 
 Params = Any
 
@@ -83,7 +85,7 @@ class Policy:
         if "actions" not in self.params:
             raise KeyError("checkpoint params have no 'actions' subtree: a video-only checkpoint is not a policy")
         self.options = options or SamplerOptions(shift=float(run_config.diffusion.shift))
-        self.vae_config, vae_params = vae_lib.load_vae(
+        self.vae_config, vae_params = load_vae(
             run_config.vae.size, run_config.vae.weights, int(run_config.vae.seed)
         )
         self.vae_params = jax.tree.map(jnp.asarray, vae_params)
@@ -118,7 +120,9 @@ class Policy:
 
         `dataset` picks the normalization stats when the checkpoint was trained on a mixture.
         """
-        run_config, params = load_checkpoint(path, use_ema=use_ema)
+        # The parameters alone (no optimizer state), read straight onto the device the policy runs on.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        run_config, params = load_checkpoint(path, use_ema=use_ema, sharding=device)
         options = SamplerOptions(
             num_steps=num_steps, action_steps=action_steps, cfg_scale=cfg_scale, cfg_batched=cfg_batched,
             shift=float(run_config.diffusion.shift),

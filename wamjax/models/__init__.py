@@ -6,7 +6,6 @@ from wamjax.models.vae import (
     VAEConfig,
     denormalize_latents,
     init_vae_params,
-    load_vae,
     normalize_latents,
     vae_config_for,
     vae_decode,
@@ -17,6 +16,6 @@ from wamjax.models.wam import WamOutput, WorldActionModel, dit_forward, init_par
 
 __all__ = [
     "SIZES", "ModelConfig", "TextEmbeddingCache", "VAEConfig", "WamOutput", "WorldActionModel", "denormalize_latents",
-    "dit_forward", "init_params", "init_vae_params", "load_vae", "normalize_latents", "vae_config_for", "vae_decode",
+    "dit_forward", "init_params", "init_vae_params", "normalize_latents", "vae_config_for", "vae_decode",
     "vae_encode", "vae_param_count", "wam_forward",
 ]

@@ -65,6 +65,3 @@ class ActionTokens(nn.Module):
     def decode(self, hidden: jax.Array) -> jax.Array:
         """Final-normed action tokens [B, T_a, D] -> velocity [B, T_a, action_dim]."""
         return self.action_decoder(hidden.astype(jnp.float32))
-
-    def __call__(self, actions, proprio, timesteps):
-        return self.encode_actions(actions), self.encode_proprio(proprio), self.time(timesteps)

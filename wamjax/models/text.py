@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Iterable
 from typing import Any
 
+import ml_collections
 import numpy as np
+from absl import logging
 
 CACHE_FORMAT = "wamjax.text_cache.v1"
 NULL_INSTRUCTION = ""
@@ -123,3 +126,42 @@ def _as_list(instructions: Iterable[str] | np.ndarray) -> list[str]:
     if isinstance(instructions, np.ndarray):
         instructions = instructions.reshape(-1).tolist()
     return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in instructions]
+
+
+class TextEmbedder:
+    """Instruction strings -> text-encoder states [B, L, text_dim], from a UMT5 cache or synthetic hashing.
+
+    The synthetic embedder (text.cache="") gives each distinct instruction a fixed random embedding; it is for
+    CPU smoke runs without an encoder at hand and says so in the log.
+    """
+
+    def __init__(self, text_config: ml_collections.ConfigDict, text_dim: int):
+        self.max_length = int(text_config.max_length)
+        self.text_dim = text_dim
+        self.cache = None
+        if text_config.cache:
+            self.cache = TextEmbeddingCache.load(text_config.cache)
+            logging.info("text: embeddings from cache %s", text_config.cache)
+        else:
+            logging.info("text: SYNTHETIC hashed instruction embeddings (text.cache is empty)")
+
+    def __call__(self, instructions: np.ndarray) -> np.ndarray:
+        if self.cache is not None:
+            emb = np.asarray(self.cache.lookup([str(s) for s in instructions]), np.float32)
+            if emb.shape[-1] != self.text_dim:
+                raise ValueError(f"text cache has dim {emb.shape[-1]}; model.text_dim={self.text_dim}")
+            return _fit_length(emb, self.max_length)
+        out = np.zeros((len(instructions), self.max_length, self.text_dim), np.float32)
+        for i, text in enumerate(instructions):
+            text = str(text)
+            if text:  # the empty instruction is the null (CFG) embedding
+                rng = np.random.default_rng(zlib.crc32(text.encode()))
+                n = min(self.max_length, max(1, len(text.split())))
+                out[i, :n] = rng.standard_normal((n, self.text_dim)).astype(np.float32)
+        return out
+
+
+def _fit_length(emb: np.ndarray, length: int) -> np.ndarray:
+    if emb.shape[1] >= length:
+        return emb[:, :length]
+    return np.pad(emb, ((0, 0), (0, length - emb.shape[1]), (0, 0)))

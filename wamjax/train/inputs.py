@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import zlib
 from typing import Any
 
 import grain
@@ -13,8 +12,12 @@ import numpy as np
 from absl import logging
 
 from data_pipelines import pipeline as oxe_pipeline
+from data_pipelines.config import clip_num_actions  # noqa: F401  (re-exported)
 from data_pipelines.synthetic import make_synthetic_dataset
+from wamjax.models.text import TextEmbedder
 from wamjax.parallel.mesh import batch_sharding
+
+__all__ = ["TextEmbedder", "device_batch", "make_stage_dataset", "stage_data_config"]
 
 
 def stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
@@ -26,26 +29,6 @@ def stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_colle
             data.datasets = stage_cfg.datasets
             data.weights = tuple(stage_cfg.weights)
     return data
-
-
-def clip_num_actions(config: ml_collections.ConfigDict) -> int:
-    """Action tokens per clip of a run config, checked against the model's actions per latent frame.
-
-    With data.action_horizon > 0 every dataset step's action is kept, so a latent frame (4 clip frames)
-    holds 4 * frame_stride of them: model.action_frames_per_latent has to say so.
-    """
-    from data_pipelines.windowing import num_clip_actions
-
-    data = config.data
-    horizon, stride = int(data.get("action_horizon", 0)), int(data.frame_stride)
-    count = num_clip_actions(int(data.num_frames), stride, horizon)
-    if horizon > 0 and int(config.model.action_frames_per_latent) != 4 * stride:
-        raise ValueError(
-            f"model.action_frames_per_latent={config.model.action_frames_per_latent} but data.action_horizon="
-            f"{horizon} keeps every step's action at data.frame_stride={stride}: a latent frame (4 frames) "
-            f"holds {4 * stride} actions; set model.action_frames_per_latent={4 * stride}"
-        )
-    return count
 
 
 def stage_video_weight(config: ml_collections.ConfigDict, stage: str) -> float:
@@ -96,47 +79,6 @@ def make_stage_dataset(
         data, process_index=process_index, process_count=process_count, stats=stats, extra_sources=extra
     )
     return dataset, stats
-
-
-class TextEmbedder:
-    """Instruction strings -> text-encoder states [B, L, text_dim], from a UMT5 cache or synthetic hashing.
-
-    The synthetic embedder (text.cache="") gives each distinct instruction a fixed random embedding; it is for
-    CPU smoke runs without an encoder at hand and says so in the log.
-    """
-
-    def __init__(self, text_config: ml_collections.ConfigDict, text_dim: int):
-        self.max_length = int(text_config.max_length)
-        self.text_dim = text_dim
-        self.cache = None
-        if text_config.cache:
-            from wamjax.models.text import TextEmbeddingCache
-
-            self.cache = TextEmbeddingCache.load(text_config.cache)
-            logging.info("text: embeddings from cache %s", text_config.cache)
-        else:
-            logging.info("text: SYNTHETIC hashed instruction embeddings (text.cache is empty)")
-
-    def __call__(self, instructions: np.ndarray) -> np.ndarray:
-        if self.cache is not None:
-            emb = np.asarray(self.cache.lookup([str(s) for s in instructions]), np.float32)
-            if emb.shape[-1] != self.text_dim:
-                raise ValueError(f"text cache has dim {emb.shape[-1]}; model.text_dim={self.text_dim}")
-            return _fit_length(emb, self.max_length)
-        out = np.zeros((len(instructions), self.max_length, self.text_dim), np.float32)
-        for i, text in enumerate(instructions):
-            text = str(text)
-            if text:  # the empty instruction is the null (CFG) embedding
-                rng = np.random.default_rng(zlib.crc32(text.encode()))
-                n = min(self.max_length, max(1, len(text.split())))
-                out[i, :n] = rng.standard_normal((n, self.text_dim)).astype(np.float32)
-        return out
-
-
-def _fit_length(emb: np.ndarray, length: int) -> np.ndarray:
-    if emb.shape[1] >= length:
-        return emb[:, :length]
-    return np.pad(emb, ((0, 0), (0, length - emb.shape[1]), (0, 0)))
 
 
 def device_batch(

@@ -7,7 +7,6 @@ update step, loop), and the stage end (budget, steps, preemption or numerical fa
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from typing import Any
@@ -16,7 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from wamjax.checkpoint import manager as ckpt
 from wamjax.flops.analytic import train_step_flops
@@ -28,6 +29,7 @@ from wamjax.models.config import ModelConfig, model_config_from_run
 from wamjax.models.wam import I2V_MASK_CHANNELS, WorldActionModel, example_inputs
 from wamjax.parallel.mesh import logical_rules, make_mesh, replicated
 from wamjax.parallel.placement import check_placement
+from wamjax.paths import PathLike, as_path
 from wamjax.train import inputs as inputs_lib
 from wamjax.train.metrics import MetricsWriter, format_progress
 from wamjax.train.optimizer import make_optimizer
@@ -57,14 +59,24 @@ class StageResult:
     reason: str
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop polls after each step."""
+class _Preemption:
+    """Decides, identically on every process, the step at which a SIGTERM'd job saves and stops.
+
+    Multi-process runs (jax.distributed with its preemption service, the default) leave SIGTERM to JAX's own
+    notifier: the coordination service tells every process, agrees on a step (the furthest any process
+    has reached, plus one) and `reached_preemption_sync_point` turns true at that step everywhere. Until a
+    notice arrives the per-step check is local, so no step waits on another host. A single process polls its
+    own SIGTERM flag; several processes without the service agree by a max over their flags every step.
+    """
 
     def __init__(self):
         self.raised = False
         self._previous = None
+        self._service = jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
     def __enter__(self):
+        if self._service:
+            return self  # a Python handler would replace JAX's SIGTERM notifier
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
@@ -74,6 +86,14 @@ class _SigtermFlag:
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: finishing this step, saving, then exiting with %d", PREEMPTED_EXIT_CODE)
         self.raised = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step`; every process must ask at every step."""
+        if self._service:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        if jax.process_count() > 1:
+            return bool(np.max(multihost_utils.process_allgather(np.int32(self.raised))))
+        return self.raised
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -110,15 +130,15 @@ def _latent_shape(config: ml_collections.ConfigDict, vae_cfg: Any, cfg: ModelCon
     return f, lh, lw, c
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> list[StageResult]:
+def train(config: ml_collections.ConfigDict, workdir: PathLike) -> list[StageResult]:
     """Runs the configured stage(s) in `workdir`, resuming from its latest complete checkpoint."""
     # --- Logging -----------------------------------------------------------------------------------
-    os.makedirs(workdir, exist_ok=True)
+    workdir = as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     is_lead = jax.process_index() == 0
     writer = MetricsWriter(workdir, enabled=is_lead)
     if is_lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     # --- Mesh --------------------------------------------------------------------------------------
     mesh = make_mesh(config.mesh)
@@ -129,20 +149,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[StageResult]:
     latest = manager.latest_step()
     resume_ledger = None
     if latest is not None:
-        resume_ledger = FlopLedger.from_json(ckpt.read_json_item(os.path.join(ckpt.checkpoint_dir(workdir),
-                                                                              str(latest)), "ledger"))
+        resume_ledger = FlopLedger.from_json(ckpt.read_json_item(ckpt.step_dir(workdir, latest), "ledger"))
         logging.info("found checkpoint at step %d (stage %s)", latest, resume_ledger.current_stage)
 
     results: list[StageResult] = []
     previous: StageResult | None = None
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)), _SigtermFlag() as sigterm:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)), _Preemption() as preemption:
             for stage in stage_list(config):
                 if resume_ledger is not None and stage in resume_ledger.completed_stages:
                     logging.info("stage %s already completed in this workdir; skipping", stage)
                     previous = StageResult(stage, None, resume_ledger.stage_end_step[stage], "completed")
                     continue
-                result = run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, sigterm)
+                result = run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption)
                 results.append(result)
                 previous = result
     finally:
@@ -151,7 +170,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[StageResult]:
     return results
 
 
-def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, sigterm) -> StageResult:
+def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption) -> StageResult:
     """Runs one stage to its end (steps or budget), from its checkpoint, init_from, the previous stage, or fresh."""
     stage_cfg = config.stages[stage]
     cfg = model_config(config)
@@ -189,8 +208,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
     ledger = FlopLedger()
     resumed = False
     if latest is not None:
-        step_dir = os.path.join(ckpt.checkpoint_dir(workdir), str(latest))
-        saved_ledger = FlopLedger.from_json(ckpt.read_json_item(step_dir, "ledger"))
+        saved_ledger = FlopLedger.from_json(ckpt.read_json_item(ckpt.step_dir(workdir, latest), "ledger"))
         if saved_ledger.current_stage == stage:
             state, ledger_json, _, norm_stats_saved = ckpt.restore(manager, latest, abstract_state, data_iter)
             ledger = FlopLedger.from_json(ledger_json)
@@ -275,13 +293,13 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
                 f"(optim.max_consecutive_nonfinite={max_bad}); stopping with the last good checkpoint kept"
             )
         stage_ends = stage_done >= total_steps or (budget and ledger.stage_flops(stage) + flops.train_per_step > budget)
-        if step % config.train.log_every == 0 or stage_ends or sigterm.raised:
+        preempt = preemption.reached(step)
+        if step % config.train.log_every == 0 or stage_ends or preempt:
             row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, mesh.size,
                                config.data.batch_size, tokens_per_step)
             writer.write(row)
             logging.info(format_progress(row, total_steps, stage_done))
 
-        preempt = sigterm.raised
         finished = stage_ends
         if finished:
             ledger.end_stage(stage, step)
@@ -313,51 +331,102 @@ def _vae_params(config: ml_collections.ConfigDict, vae_cfg: Any) -> Any:
 
 
 def _initialize_from(config, stage, state, shardings, previous, cfg, workdir) -> TrainState:
-    """Fills the backbone (or everything that matches) from init_from or the previous stage; logs the source."""
+    """Fills the backbone (or everything that matches) from init_from or the previous stage; logs the source.
+
+    A checkpoint source is read parameters-only, each leaf straight onto its shards of the target mesh.
+    """
     source = config.stages[stage].init_from
+    target = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                          state.params, shardings.params)
     if source:
-        if os.path.exists(os.path.join(source, "config.json")) and not os.path.exists(os.path.join(source, "state")):
+        source_path = as_path(source)
+        if (source_path / "config.json").exists() and not (source_path / "state").exists():
             from wamjax.export.wan_import import import_diffusers_wan
 
             _, loaded = import_diffusers_wan(source, dataclasses.replace(cfg))
             logging.info("stage %s: backbone from diffusers Wan weights %s", stage, source)
+            params = merge_params(state.params, loaded, shardings.params)
         else:
-            loaded = ckpt.restore_state_tree(source)["params"]
+            params = restore_matching_params(source_path, state.params, target)
             logging.info("stage %s: parameters from checkpoint %s", stage, source)
     elif previous is not None and previous.state is not None:
-        loaded = previous.state.params
+        params = merge_params(state.params, previous.state.params, shardings.params)
         logging.info("stage %s: parameters from the previous stage %s", stage, previous.name)
     elif previous is not None:  # the previous stage finished in an earlier attempt of this job
-        step_dir = os.path.join(ckpt.checkpoint_dir(workdir), str(previous.final_step))
-        loaded = ckpt.restore_state_tree(step_dir)["params"]
+        step_dir = ckpt.step_dir(workdir, previous.final_step)
+        params = restore_matching_params(step_dir, state.params, target)
         logging.info("stage %s: parameters from the previous stage %s (checkpoint %s)", stage, previous.name, step_dir)
     else:
         logging.info("stage %s: fresh initialization (no init_from)", stage)
         return state
-    params = merge_params(state.params, loaded, shardings.params)
     ema = state.ema_params
     if ema is not None:
         ema = params
     return state.replace(params=params, ema_params=ema)
 
 
+def restore_matching_params(step_dir: PathLike, params: Any, target: Any) -> Any:
+    """`params` with every leaf the checkpoint also has (same path) restored from it onto `target`'s shardings.
+
+    Only those parameters are read (no optimizer state); each process reads just its own shards.
+    """
+    saved = {jax.tree_util.keystr(p): m for p, m in
+             jax.tree_util.tree_flatten_with_path(ckpt.saved_state_tree(step_dir)["params"])[0]}
+    wanted = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        key = jax.tree_util.keystr(path)
+        if key in saved:
+            if tuple(saved[key].shape) != tuple(leaf.shape):
+                raise ValueError(f"init_from {step_dir}: {key} has shape {tuple(saved[key].shape)}; "
+                                 f"the model needs {tuple(leaf.shape)}")
+            wanted[key] = leaf
+    subset = _nested_subset(target, wanted)
+    restored, _ = ckpt.restore_params(step_dir, subset)
+    return merge_params(params, restored, None)
+
+
+def _nested_subset(tree: Any, wanted: dict[str, Any], prefix: tuple = ()) -> Any:
+    """The nested-dict part of `tree` whose leaf paths are keys of `wanted` (empty dicts dropped)."""
+    out = {}
+    for name, value in tree.items():
+        path = (*prefix, jax.tree_util.DictKey(name))
+        if isinstance(value, dict):
+            sub = _nested_subset(value, wanted, path)
+            if sub:
+                out[name] = sub
+        elif jax.tree_util.keystr(path) in wanted:
+            out[name] = value
+    return out
+
+
 def merge_params(target: Any, source: Any, shardings: Any) -> Any:
-    """Target tree with every leaf that `source` also has (same path and shape) taken from `source`."""
+    """Target tree with every leaf that `source` also has (same path and shape) taken from `source`.
+
+    Host arrays are placed onto `shardings` (each process puts its own shards; valid on a multi-host mesh);
+    with `shardings=None` the source leaves are already global arrays on the right shardings.
+    """
     flat_source = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
     taken, fresh = [], []
 
-    def pick(path, leaf, sharding):
+    def pick(path, leaf, sharding=None):
         key = jax.tree_util.keystr(path)
         if key in flat_source:
             value = flat_source[key]
             if tuple(value.shape) != tuple(leaf.shape):
                 raise ValueError(f"init_from: {key} has shape {tuple(value.shape)}; the model needs {leaf.shape}")
             taken.append(key)
-            return jax.device_put(jnp.asarray(value, leaf.dtype), sharding)
+            if isinstance(value, jax.Array):
+                value = value.astype(leaf.dtype)
+                return value if sharding is None else jax.device_put(value, sharding)
+            host = np.asarray(value, leaf.dtype)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
         fresh.append(key)
         return leaf
 
-    merged = jax.tree_util.tree_map_with_path(pick, target, shardings)
+    if shardings is None:
+        merged = jax.tree_util.tree_map_with_path(pick, target)
+    else:
+        merged = jax.tree_util.tree_map_with_path(pick, target, shardings)
     logging.info("init_from: %d tensors restored, %d freshly initialized%s", len(taken), len(fresh),
                  f" ({', '.join(sorted({k.split(']')[0] + ']' for k in fresh}))})" if fresh else "")
     return merged

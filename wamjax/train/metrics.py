@@ -3,29 +3,79 @@
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import math
-import os
 from typing import Any
+
+from wamjax.paths import PathLike, as_path, is_uri
+
+
+class _EpathRecordWriter:
+    """A TensorBoard event file at a URI: the events so far are rewritten whole on each flush."""
+
+    def __init__(self, path: str):
+        self.path = as_path(path)
+        self.buffer = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        self.path.write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathRecordWriterFactory:
+    def open(self, path: str) -> _EpathRecordWriter:
+        return _EpathRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _tensorboard_writer(logdir: str) -> Any:
+    from tensorboardX import SummaryWriter, record_writer
+
+    if is_uri(logdir):
+        # tensorboardX's own gs:// and s3:// writers need google-cloud-storage or boto3 and know no other
+        # scheme; epath already reaches every store the checkpoints go to.
+        record_writer.register_writer_factory(logdir.split(":", 1)[0], _EpathRecordWriterFactory())
+    return SummaryWriter(logdir)
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and scalars to TensorBoard."""
+    """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and scalars to TensorBoard.
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    The workdir may be local or any etils.epath URI. Object stores cannot append, so there the file is
+    rewritten whole on each write (the rows are kept in memory).
+    """
+
+    def __init__(self, workdir: PathLike, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = as_path(workdir) / "metrics.jsonl"
+        self._append = not is_uri(self.path)
+        self._lines: list[str] | None = None  # the file's lines, for stores that cannot append
         self._tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
+            self._tb = _tensorboard_writer(str(as_path(workdir) / "tensorboard"))
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    def _write_line(self, line: str) -> None:
+        if self._append:
+            with self.path.open("a") as f:
+                f.write(line)
+            return
+        if self._lines is None:
+            self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        self._lines.append(line)
+        self.path.write_text("".join(self._lines))
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, allow_nan=True) + "\n")
+        self._write_line(json.dumps(row, allow_nan=True) + "\n")
         for key, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
                 self._tb.add_scalar(f"{row['stage']}/{key}", value, row["step"])
@@ -34,27 +84,27 @@ class MetricsWriter:
     def write_event(self, event: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(event) + "\n")
+        self._write_line(json.dumps(event) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """Drops rows logged after `step` (a resume from that step re-logs them), keeping the file consistent."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not self.path.exists():
             return
-        with open(self.path) as f:
-            lines = f.readlines()
         kept = []
-        for line in lines:
+        for line in self.path.read_text().splitlines(keepends=True):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill mid-write
             if row.get("step", 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        if self._append:
+            tmp = self.path.parent / (self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.path)
+        else:  # an object is replaced whole by a write
+            self.path.write_text("".join(kept))
+        self._lines = kept
 
     def close(self) -> None:
         if self._tb is not None:
