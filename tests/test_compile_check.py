@@ -5,12 +5,15 @@ described by libtpu. Each compile is of a few-token step, so it takes seconds.""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import subprocess
 import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from train_utils import REPO, get_config, subprocess_env
 
@@ -123,3 +126,42 @@ def test_unknown_config_key_and_topology_exit_nonzero_naming_them():
     assert out.returncode != 0 and "no_such_key" in out.stderr
     out = _run(f"--config={REPO}/configs/wam.py:size=tiny", "--topology=v5p-7")
     assert out.returncode == 2 and "v5p-7" in out.stderr
+
+
+@pytest.mark.parametrize("path,arg,frames", [
+    ("configs/wam.py", "size=wan1.3b", 33),
+    ("configs/wam.py", "size=wan14b,stage=action_tune", 33),
+    ("configs/wan14b_video_pretrain.py", "", 81),
+    ("configs/dreamzero_action_tune.py", "", 33),
+])  # fmt: skip
+def test_full_size_configs_default_to_the_fitting_layout(path, arg, frames):
+    from wamjax import config_files
+
+    module = config_files.load_config_module(f"{REPO}/configs/wam.py")
+    config = config_files.get_config(f"{REPO}/{path}:{arg}" if arg else f"{REPO}/{path}")
+    assert (config.model.dtype, config.model.remat_policy) == ("bfloat16", "full")
+    assert config.model.attention == module.BIG_ATTENTION
+    assert config.mesh.fsdp == -1 and config.data.num_frames == frames
+    assert config.data.latents_cache == f"latents/wan2.1_{frames}x480x832"
+    tiny = config_files.get_config(f"{REPO}/{path}:size=tiny" + (f",{arg.split(',', 1)[1]}" if "," in arg else ""))
+    assert tiny.data.latents_cache == "" and tiny.model.remat_policy == "none"
+
+
+def test_offload_remat_policies_give_the_gradients_of_full_remat():
+    from wamjax.models import wam
+    from wamjax.models.config import SIZES, ModelConfig
+
+    base = ModelConfig.from_dict(SIZES["tiny"])
+    rng = np.random.default_rng(0)
+    inputs = dict(latents=jnp.asarray(rng.standard_normal((2, 3, 4, 4, 16)), jnp.float32),
+                  t_video=jnp.full((2,), 500.0), text_embeddings=jnp.asarray(rng.standard_normal((2, 8, 32)),
+                                                                             jnp.float32))
+    params = wam.init_params(base, jax.random.PRNGKey(0), (3, 4, 4, 16), 8)
+    grads = {}
+    for policy in ("full", "offload_block_inputs", "offload_dots_no_batch"):
+        cfg = dataclasses.replace(base, remat_policy=policy)
+        grads[policy] = jax.jit(jax.grad(lambda p, c=cfg: jnp.mean(wam.wam_forward(c, p, **inputs).video ** 2)))(
+            params)
+    for policy in ("offload_block_inputs", "offload_dots_no_batch"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads[policy],
+                     grads["full"])

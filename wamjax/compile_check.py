@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import re
@@ -43,7 +44,7 @@ from wamjax.models.config import model_config_from_run
 from wamjax.models.wam import WorldActionModel, example_inputs
 from wamjax.parallel.mesh import MESH_AXES, batch_sharding, logical_rules, make_mesh, replicated
 from wamjax.train.optimizer import make_optimizer
-from wamjax.train.setup import boxed_init_fn, jit_train_step, state_layout
+from wamjax.train.setup import boxed_init_fn, jit_train_step, state_layout, unbox_plain
 from wamjax.train.stages import STAGES
 from wamjax.train.step import StepSpec, make_train_step
 
@@ -316,7 +317,7 @@ def compile_policy_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
             jax.random.PRNGKey(0), *[jnp.zeros(e.shape, e.dtype) for e in example])["params"])
         param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, list(rules))
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              nn.meta.unbox(boxed), param_shardings)
+                              unbox_plain(boxed), param_shardings)
         rep = replicated(mesh)
         args = (
             params,
@@ -389,12 +390,31 @@ class Report:
             text += f" (the TPU compiler refused it: {c.out_of_memory})"
         return text
 
+    def to_json(self) -> dict[str, Any]:
+        """The report as plain numbers (bytes and seconds per chip unless named otherwise)."""
+        c, t = self.compiled, self.topology
+        out = {
+            "what": self.what, "stage": self.stage, "topology": t.name, "chips": t.chips,
+            "device_kind": t.device_kind, "mesh": self.mesh, "global_batch": self.global_batch,
+            "fits": self.fits, "out_of_memory": c.out_of_memory, "hbm_bytes": t.hbm_bytes,
+            "argument_bytes": c.argument_bytes, "output_bytes": c.output_bytes, "alias_bytes": c.alias_bytes,
+            "temp_bytes": c.temp_bytes, "code_bytes": c.code_bytes, "host_bytes": c.host_bytes,
+            "total_bytes": c.total_bytes, "compile_s": c.compile_s, "analytic_flops": self.analytic_flops,
+            "model_flops": self.model_flops, "xla_flops": self.xla_flops, "flop_ratio": self.flop_ratio,
+            "step_time_bound_s": self.step_time_bound, "mfu_bound": self.mfu_bound,
+        }
+        if self.vae_delta is not None:
+            out["vae_added_bytes"] = c.total_bytes - self.vae_delta.total_bytes
+        return out
+
     def format(self) -> str:
         t, c = self.topology, self.compiled
+        batch = (f"{self.global_batch} global = {self.global_batch / t.chips:g} per chip" if self.what == "train"
+                 else "one observation (the policy's call)")
         lines = [
             f"compile_check: {self.what} step of stage {self.stage} on {t.name} ({t.chips} chips, {t.device_kind})",
             f"mesh              {self.mesh}",
-            f"batch             {self.global_batch} global = {self.global_batch / t.chips:g} per chip",
+            f"batch             {batch}",
             f"compile time      {c.compile_s:.1f} s",
             "memory per chip (GiB):",
             f"  arguments       {c.argument_bytes / GIB:10.3f}",
@@ -432,7 +452,7 @@ class Report:
                 f"per chip ({d.total_bytes / GIB:.3f} GiB on cached latents), "
                 f"{(c.flops - d.flops) * t.chips:.4e} XLA FLOPs per step; set data.latents_cache to drop it"
             )
-        elif self.vae_in_step:
+        elif self.vae_in_step and self.what == "train":
             lines.append("frozen VAE        encodes frames in the step (run with --vae_delta for its share)")
         lines.append("result            fits" if self.fits else f"result            {self.shortfall()}")
         return "\n".join(lines)
@@ -509,7 +529,7 @@ def main(argv: list[str]) -> None:
     except CompileCheckError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(report.format(), flush=True)
+    print(json.dumps(report.to_json(), indent=2) if f.format == "json" else report.format(), flush=True)
     sys.exit(0 if report.fits else 1)
 
 
@@ -524,6 +544,7 @@ def define_flags() -> None:
     flags.DEFINE_string("stage", "", "Stage to compile; default: the config's stage (the first one for 'all').")
     flags.DEFINE_bool("xla_flops", True, "Count XLA's FLOPs of a scanned stack from 1- and 2-layer compiles.")
     flags.DEFINE_bool("vae_delta", True, "When the VAE runs in the step, also compile on latents for its share.")
+    flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
     flags.DEFINE_integer("num_steps", 4, "Denoising steps of the policy call (--what=inference).")
     flags.mark_flags_as_required(["topology"])
 
