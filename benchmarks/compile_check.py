@@ -3,6 +3,7 @@ kernels x remat policies, one table. Compile only: nothing runs, no TPU is neede
 
   python benchmarks/compile_check.py                                  # every row (long: minutes per 14B row)
   python benchmarks/compile_check.py --sizes=wan1.3b --clips=81x480x832 --topologies=v5p-8 --remats=full
+  python benchmarks/compile_check.py ... --config.model.num_layers=4   # --config.x=y applies to every row
 
 Each row is the video_pretrain train step of configs/wam.py:size=SIZE on a clip of FRAMESxHEIGHTxWIDTH, with
 latents from a cache (the config's default), 512 text tokens, bfloat16 compute, FSDP over every chip and a
@@ -51,7 +52,7 @@ def run_row(size: str, clip: str, topology: str, kernel: str, remat: str, batch_
     except subprocess.TimeoutExpired:
         return {"error": f"compile over {timeout} s", "wall_s": time.perf_counter() - start}
     text = out.stdout
-    if out.returncode in (0, 1) and text.strip().startswith("{"):
+    if out.returncode in (0, 1) and "{" in text:
         row = json.loads(text[text.index("{"):])
         row["wall_s"] = time.perf_counter() - start
         return row
@@ -85,10 +86,13 @@ def main() -> None:
     parser.add_argument("--remats", default="full,offload_block_inputs", help="model.remat_policy values")
     parser.add_argument("--batch_per_chip", type=int, default=1)
     parser.add_argument("--xla_flops", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--noxla_flops", dest="xla_flops", action="store_false", help="as --no-xla_flops")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per row")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
-    parser.add_argument("overrides", nargs="*", help="extra --config.x=y flags for every row")
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()  # the rest: --config.x=y flags for every row
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        parser.error(f"unknown arguments {bad}; only --config.x=y overrides pass through")
     split = lambda s: [x for x in s.split(",") if x]
     keys = list(itertools.product(split(args.sizes), split(args.clips), split(args.topologies), split(args.kernels),
                                   split(args.remats)))
@@ -96,7 +100,7 @@ def main() -> None:
           f"{'GiB/chip':>9s} {'compile':>8s} {'step>=s':>9s} {'MFU<=':>7s} {'XLA/an':>7s}", flush=True)
     rows = []
     for key in keys:
-        row = run_row(*key, args.batch_per_chip, args.xla_flops, args.timeout, args.overrides)
+        row = run_row(*key, args.batch_per_chip, args.xla_flops, args.timeout, overrides)
         rows.append({"size": key[0], "clip": key[1], "topology": key[2], "kernel": key[3], "remat": key[4], **row})
         print(format_row(key, row), flush=True)
     if args.json:

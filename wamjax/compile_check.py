@@ -525,7 +525,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config=configs/wam.py:size=tiny,stage=video_pretrain")
     try:
         report = check(f.config, f.topology, what=f.what, stage=f.stage or None, xla_flops=f.xla_flops,
-                       vae_delta=f.vae_delta, num_steps=f.num_steps, log=lambda s: print(s, flush=True))
+                       vae_delta=f.vae_delta, num_steps=f.num_steps,
+                       log=lambda s: print(s, file=sys.stderr, flush=True))
     except CompileCheckError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
