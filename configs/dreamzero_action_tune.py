@@ -20,6 +20,10 @@ Published shapes (DreamZero repo `droid_training_full_finetune.sh` and the NVIDI
               holds a clean copy, which the full FLOP count will include once that layout exists)
   batch       128 clips (global), 100,000 steps, learning rate 1e-5; budget_flops = 9e21, the blog's figure
   text        512 cached umT5 tokens
+  frozen      VAE latents and text embeddings read from caches (data.latents_cache, text.cache); with
+              --config.data.latents_cache= (empty) the VAE encoder runs in the step
+  memory      bfloat16 compute, full remat, FSDP over all chips, model.attention from
+              configs/wam.py's BIG_ATTENTION: check the fit with `python -m wamjax.compile_check`
 `python -m wamjax.flops.estimate --config=configs/dreamzero_action_tune.py` prints the blog's 6*N*D figure
 (6 x params x steps x batch x tokens per sample) beside our full count.
 """
@@ -68,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.resolution = VIEWS_TILED_RESOLUTION
     c.data.batch_size = GLOBAL_BATCH
     c.text.max_length = 512
+    c.data.latents_cache = base.latents_cache_dir(c)  # for this clip shape; see configs/wam.py
     c.optim.learning_rate = LEARNING_RATE
     c.train.steps = STEPS
     c.stages.action_tune.budget_flops = PUBLISHED_FLOPS

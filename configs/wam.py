@@ -14,6 +14,10 @@ from data_pipelines.config import get_data_config
 from wamjax.models.config import SIZES, ModelConfig
 from wamjax.train.stages import STAGES
 
+# The attention kernel of the full-size models: splash on TPU, cuDNN flash on GPU, blockwise elsewhere; none of
+# them materializes [S, S] logits (`python -m wamjax.compile_check` shows what that buys at the published shapes).
+BIG_ATTENTION = "auto"
+
 
 def parse_arg(arg: str | None) -> dict[str, str]:
     """Parses `key=value,key=value` into a dict."""
@@ -50,6 +54,13 @@ def stage_config(name: str, tiny: bool) -> ml_collections.ConfigDict:
     s.datasets = ""  # "": take data.datasets
     s.weights = ()
     return s
+
+
+def latents_cache_dir(config: ml_collections.ConfigDict) -> str:
+    """The default latents cache of a full-size run: one per VAE and clip shape (relative to the working
+    directory; build it once with `python -m data_pipelines.encode_latents`)."""
+    h, w = config.data.resolution
+    return f"latents/{config.vae.size}_{config.data.num_frames}x{h}x{w}"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -149,4 +160,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distributed.coordinator_address = ""
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
+
+    if not tiny:
+        # What fits at batch 1 per chip (check with `python -m wamjax.compile_check`): bfloat16 compute on float32
+        # parameters sharded over every chip (mesh.fsdp=-1), each block recomputed in the backward pass, and
+        # latents read from a cache: the frozen float32 VAE's first convolution alone holds ~12 GB per clip at
+        # 81x480x832. `--config.data.latents_cache=` (empty) encodes in the step instead.
+        c.model.dtype = "bfloat16"
+        c.model.remat_policy = "full"
+        c.model.attention = BIG_ATTENTION
+        c.data.latents_cache = latents_cache_dir(c)
     return c

@@ -12,7 +12,10 @@ Assumptions (stated, not fitted to the published number; `python -m wamjax.flops
               resolutions early, which this single stage does not model
   batch       256 clips (the repo's default global batch for full-size runs)
   steps       100,000 (the repo's default for full-size runs); budget_flops = 42e21, the published figure less tuning
-  frozen      VAE encoder runs online (no latents cache); text embeddings cached
+  frozen      VAE latents and text embeddings read from caches (data.latents_cache, text.cache); with
+              --config.data.latents_cache= (empty) the VAE encoder runs in the step
+  memory      bfloat16 compute, full remat, FSDP over all chips, model.attention from
+              configs/wam.py's BIG_ATTENTION: check the fit with `python -m wamjax.compile_check`
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.resolution = (480, 832)
     c.data.batch_size = 256
     c.text.max_length = 512
+    c.data.latents_cache = base.latents_cache_dir(c)  # for this clip shape; see configs/wam.py
     c.train.steps = 100_000
     c.stages.video_pretrain.budget_flops = PUBLISHED_FLOPS
     return c

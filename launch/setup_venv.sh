@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates ./.venv (if missing) and installs wamjax with the given extras, pinned in pyproject.toml.
+# Creates ./.venv (if missing) and installs wamjax with the given extras (comma-separated: test,tpu), pinned in
+# pyproject.toml.
 # torch is installed first, alone, at the exact pinned version, so nothing pulls a different build.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -31,7 +31,7 @@ if [ "${SYNC:-0}" = "1" ]; then
   repo="$(cd "$(dirname "$0")/.." && pwd)"
   gcloud compute tpus tpu-vm scp --recurse "$repo" "$TPU_NAME:$REMOTE_DIR" --project="$PROJECT" --zone="$ZONE" \
     --worker=all
-  tpu_ssh "cd $REMOTE_DIR && bash launch/setup_venv.sh export"
+  tpu_ssh "cd $REMOTE_DIR && bash launch/setup_venv.sh export,tpu"   # tpu: libtpu, the TPU runtime
 fi
 
 # Flags are quoted for the remote shell, so values with spaces or commas survive the ssh hop. Each worker

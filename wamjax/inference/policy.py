@@ -55,7 +55,7 @@ def resize_frames(frames: np.ndarray, resolution: tuple[int, int]) -> np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
-class _Shapes:
+class PolicyShapes:
     """Static facts one compiled policy step depends on."""
 
     model: ModelConfig
@@ -64,6 +64,21 @@ class _Shapes:
     future_frames: int
     num_actions: int
     stop_after_actions: bool
+
+
+def policy_step(shapes: PolicyShapes, params: Params, vae_params: Params, frames: jax.Array, text: jax.Array,
+                proprio: jax.Array, rng: jax.Array) -> Any:
+    """The pure function a policy jits: uint8 context frames -> VAE latents -> sampled video and actions."""
+    video = vae_lib.frames_to_video(frames)
+    latents = vae_lib.normalize_latents(shapes.vae, vae_lib.vae_encode(shapes.vae, vae_params, video))
+    rng_v, rng_a = jax.random.split(rng)
+    b, _, h, w, c = latents.shape
+    video_noise = jax.random.normal(rng_v, (b, shapes.future_frames, h, w, c), jnp.float32)
+    action_noise = jax.random.normal(rng_a, (b, shapes.num_actions, shapes.model.action_dim), jnp.float32)
+    return sample(
+        shapes.model, params, latents, text, proprio, video_noise, action_noise,
+        options=shapes.options, stop_after_actions=shapes.stop_after_actions,
+    )
 
 
 class Policy:
@@ -174,18 +189,9 @@ class Policy:
 
     # --- The jitted step -------------------------------------------------------------------------------
 
-    def _policy_step(self, shapes: _Shapes, params, vae_params, frames, text, proprio, rng):
+    def _policy_step(self, shapes: PolicyShapes, params, vae_params, frames, text, proprio, rng):
         self.num_traces += 1
-        video = vae_lib.frames_to_video(frames)
-        latents = vae_lib.normalize_latents(shapes.vae, vae_lib.vae_encode(shapes.vae, vae_params, video))
-        rng_v, rng_a = jax.random.split(rng)
-        b, _, h, w, c = latents.shape
-        video_noise = jax.random.normal(rng_v, (b, shapes.future_frames, h, w, c), jnp.float32)
-        action_noise = jax.random.normal(rng_a, (b, shapes.num_actions, shapes.model.action_dim), jnp.float32)
-        return sample(
-            shapes.model, params, latents, text, proprio, video_noise, action_noise,
-            options=shapes.options, stop_after_actions=shapes.stop_after_actions,
-        )
+        return policy_step(shapes, params, vae_params, frames, text, proprio, rng)
 
     def infer(
         self,
@@ -206,7 +212,7 @@ class Policy:
         proprio_norm = self.prepare_proprio(proprio)
         text = self.embed_instruction(instruction)
         context_latents = 1 + (frames.shape[0] - 1) // self.vae_config.temporal_compression
-        shapes = _Shapes(
+        shapes = PolicyShapes(
             self.model_config, self.vae_config, self.options, self.num_latent_frames - context_latents,
             self.num_actions, stop_after_actions=not return_latents,
         )

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from wamjax.models import attention as attention_lib
 from wamjax.models.attention_mask import PADDING_CHUNK, AttentionMask
@@ -29,12 +30,21 @@ from wamjax.models.layers import (
 from wamjax.parallel import context as context_parallel
 
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")
+BLOCK_INPUT = "block_input"  # checkpoint name of each block's input activations (the scan carry)
 _REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "everything": jax.checkpoint_policies.everything_saveable,
+    # As "full", but the one tensor full remat keeps per block (its input) waits in pinned host memory, not
+    # HBM, until the backward pass needs it: the per-layer activation memory drops to zero.
+    "offload_block_inputs": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[BLOCK_INPUT],
+        offload_src="device", offload_dst="pinned_host",
+    ),
+    # As "dots_no_batch", with the saved matmul outputs offloaded to pinned host memory.
+    "offload_dots_no_batch": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
@@ -294,6 +304,7 @@ class _ScanBody(nn.Module):
 
     @nn.compact
     def __call__(self, x, context, group_modulation, rope):
+        x = checkpoint_name(x, BLOCK_INPUT)
         return WanBlock(self.cfg, self.layout, name="block")(x, context, group_modulation, rope), None
 
 

@@ -2,6 +2,10 @@
 
 Call the returned functions under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`: the model's
 activation constraints name logical axes, which only resolve inside those contexts.
+
+Nothing here runs an operation eagerly: the layout (shardings and abstract state) comes from abstract
+evaluation alone, so it can be computed for an AbstractMesh or a mesh of TPU topology devices that this
+process cannot run anything on (`wamjax.compile_check`).
 """
 
 from __future__ import annotations
@@ -28,12 +32,19 @@ class ShardedInit:
 
 
 def boxed_init_fn(
-    model: nn.Module, example: Sequence[jax.Array], tx: optax.GradientTransformation, use_ema: bool
+    model: nn.Module, example: Sequence[jax.Array | jax.ShapeDtypeStruct | None], tx: optax.GradientTransformation,
+    use_ema: bool,
 ) -> Callable[[jax.Array], TrainState]:
-    """rng -> TrainState whose params (and optimizer moments) still carry their logical-axis boxes."""
+    """rng -> TrainState whose params (and optimizer moments) still carry their logical-axis boxes.
+
+    `example` gives the model inputs' shapes and dtypes only (arrays or ShapeDtypeStructs; None for an absent
+    optional input): initialization never reads their values.
+    """
+    shapes = [None if e is None else jax.ShapeDtypeStruct(e.shape, e.dtype) for e in example]
 
     def init_boxed(rng: jax.Array) -> TrainState:
-        params = model.init(rng, *example)["params"]
+        inputs = [None if s is None else jnp.zeros(s.shape, s.dtype) for s in shapes]
+        params = model.init(rng, *inputs)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           ema_params=params if use_ema else None, rng=rng)
 
@@ -54,16 +65,38 @@ def state_shardings(abstract_boxed: Any, mesh: jax.sharding.Mesh | jax.sharding.
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, list(rules))
 
 
-def sharded_init(
-    init_boxed: Callable[[jax.Array], TrainState], mesh: jax.sharding.Mesh, rules: Sequence, seed: int = 0,
-    compiler_options: dict[str, Any] | None = None,
-) -> ShardedInit:
-    """The state's layout on `mesh` from abstract evaluation, and its jitted, sharded initializer."""
-    abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(seed))
+def abstract_rng() -> jax.ShapeDtypeStruct:
+    """Shape and dtype of the raw PRNG key the train state carries (`jax.random.PRNGKey`), computed abstractly."""
+    return jax.eval_shape(lambda: jax.random.PRNGKey(0))
+
+
+def state_layout(
+    init_boxed: Callable[[jax.Array], TrainState], mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+    rules: Sequence,
+) -> tuple[TrainState, TrainState]:
+    """(abstract state, shardings) of the train state on `mesh`, allocating nothing and running nothing.
+
+    The abstract state's leaves are ShapeDtypeStructs carrying their NamedShardings: restore targets, or the
+    arguments of an ahead-of-time compile. An AbstractMesh gives shard shapes (bytes per device) only.
+    """
+    abstract_boxed = jax.eval_shape(init_boxed, abstract_rng())
     shardings = state_shardings(abstract_boxed, mesh, rules)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_plain(abstract_boxed), shardings
     )
+    return abstract_state, shardings
+
+
+def sharded_init(
+    init_boxed: Callable[[jax.Array], TrainState], mesh: jax.sharding.Mesh, rules: Sequence, seed: int = 0,
+    compiler_options: dict[str, Any] | None = None,
+) -> ShardedInit:
+    """The state's layout on `mesh` from abstract evaluation, and its jitted, sharded initializer.
+
+    `seed` is unused (the caller passes the rng to `init`); kept so existing callers need no change.
+    """
+    del seed
+    abstract_state, shardings = state_layout(init_boxed, mesh, rules)
     init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=shardings,
                    compiler_options=compiler_options)
     return ShardedInit(abstract_state=abstract_state, shardings=shardings, init=init)

@@ -1,0 +1,167 @@
+"""Compile-for-TPU from a CPU: the train state's layout needs no devices, the abstract batch is the loop's batch,
+and `python -m wamjax.compile_check` reports a fit (exit 0) or the shortfall (exit 1) for real TPU topologies
+described by libtpu. Each compile is of a few-token step, so it takes seconds."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from train_utils import REPO, get_config, subprocess_env
+
+from data_pipelines.synthetic import make_synthetic_dataset
+from wamjax import compile_check
+from wamjax.models.config import model_config_from_run
+from wamjax.models.wam import WorldActionModel, example_inputs
+from wamjax.parallel.mesh import MESH_AXES, logical_rules, make_mesh
+from wamjax.parallel.placement import per_device_bytes
+from wamjax.train.inputs import TextEmbedder, device_batch
+from wamjax.train.optimizer import make_optimizer
+from wamjax.train.setup import boxed_init_fn, state_layout
+
+
+def _init_boxed(config):
+    cfg = model_config_from_run(config)
+    tx, _ = make_optimizer(config.optim, learning_rate=1e-3, warmup_steps=1, total_steps=10, trainable="all")
+    example = jax.eval_shape(lambda: example_inputs(cfg, compile_check.latent_shape(config), 8, 0))
+    return boxed_init_fn(WorldActionModel(cfg), example, tx, use_ema=False)
+
+
+def test_state_layout_on_an_abstract_mesh_and_a_topology_mesh_allocates_nothing():
+    config = get_config("size=tiny,stage=video_pretrain")
+    rules = logical_rules(config.mesh.rules)
+    init_boxed = _init_boxed(config)
+    abstract_mesh = jax.sharding.AbstractMesh((1, 4, 1, 1), MESH_AXES,
+                                              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    topology_mesh = make_mesh(config.mesh, compile_check.get_topology("v5p:2x2x1").devices)
+    per_device = []
+    for mesh in (abstract_mesh, topology_mesh):
+        # Under the topology mesh an eager op would fail (no TPU here): the layout must be abstract throughout.
+        mesh_context = jax.set_mesh(mesh) if isinstance(mesh, jax.sharding.Mesh) else contextlib.nullcontext()
+        with mesh_context, nn.logical_axis_rules(list(rules)):
+            abstract_state, _ = state_layout(init_boxed, mesh, rules)
+        leaves = jax.tree.leaves(abstract_state)
+        assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+        per_device.append(per_device_bytes(abstract_state))
+    kernel = abstract_state.params["blocks"]["layers"]["block"]["attn1"]["to_q"]["kernel"]
+    assert kernel.sharding.shard_shape(kernel.shape)[1] == kernel.shape[1] // 4  # embed over fsdp=4
+    assert {d.platform for d in kernel.sharding.mesh.devices.flat} == {"tpu"}
+    assert per_device[0] == per_device[1] > 0
+
+
+def test_abstract_batch_is_the_batch_the_loop_feeds():
+    config = get_config("size=tiny,stage=action_tune")
+    mesh = make_mesh(config.mesh)
+    rules = logical_rules(config.mesh.rules)
+    host = next(iter(make_synthetic_dataset(config.data)))
+    real = device_batch(host, TextEmbedder(config.text, model_config_from_run(config).text_dim), mesh, rules)
+    abstract = compile_check.abstract_batch(config, mesh, rules, latents=False)
+    assert sorted(abstract) == sorted(real)
+    for key, value in real.items():
+        assert (abstract[key].shape, abstract[key].dtype) == (value.shape, value.dtype), key
+        assert abstract[key].sharding.is_equivalent_to(value.sharding, value.ndim), key
+
+
+def test_bad_topology_and_batch_are_named():
+    with pytest.raises(compile_check.CompileCheckError, match="v9x:2x2"):
+        compile_check.canonical_topology("v9x:2x2")
+    with pytest.raises(compile_check.CompileCheckError, match="3-D"):
+        compile_check.canonical_topology("v5p:2x2")
+    assert compile_check.canonical_topology("v5p-128") == ("v5p:4x4x4", "v5p", (4, 4, 4))
+    config = get_config("size=tiny,stage=video_pretrain")
+    config.data.batch_size = 6
+    with pytest.raises(compile_check.CompileCheckError, match=r"data.batch_size=6.*data x fsdp = 4"):
+        compile_check.check(config, "v5p:2x2x1")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wamjax.compile_check", *args], env=subprocess_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _field(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, (pattern, text)
+    return float(match.group(1))
+
+
+def test_tiny_train_step_fits_a_small_v5p_slice():
+    # Unrolled layers: XLA's count is then the whole step, checked against the analytic one.
+    out = _run(f"--config={REPO}/configs/wam.py:size=tiny,stage=video_pretrain", "--topology=v5p:2x2x1",
+               "--config.data.latents_cache=latents", "--config.model.scan_layers=False")
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "(4 chips, TPU v5)" in text and "8 global = 2 per chip" in text
+    total = _field(r"total\s+([\d.]+)\s+of 95 GiB", text)
+    temporaries = _field(r"temporaries\s+([\d.]+)", text)
+    assert 0 < temporaries <= total < 1.0
+    assert 0.9 < _field(r"XLA / analytic = ([\d.]+)", text) < 1.2
+    assert _field(r"step >= ([\d.]+) ms", text) > 0
+    assert 0 < _field(r"MFU <= ([\d.]+)%", text) <= 100
+    assert text.strip().endswith("result            fits")
+
+
+def test_step_that_cannot_fit_exits_1_with_the_shortfall():
+    # Wan-1.3B's float32 parameters and Adam moments alone (~17 GB) exceed one v5e chip's 16 GiB.
+    out = _run(f"--config={REPO}/configs/wam.py:size=wan1.3b,stage=video_pretrain", "--topology=v5e:1x1",
+               "--config.data.latents_cache=latents", "--config.data.batch_size=1", "--config.data.num_frames=1",
+               "--config.data.resolution=(16,16)", "--config.text.max_length=8", "--noxla_flops")
+    assert out.returncode == 1, out.stdout + out.stderr
+    needed = _field(r"does not fit: needs at least ([\d.]+) GiB per chip", out.stdout)
+    assert needed > 16
+    assert _field(r"arguments\s+([\d.]+)", out.stdout) == pytest.approx(
+        3 * 4 * 1.42e9 / 2**30, rel=0.05)  # params + two moments in float32
+
+
+def test_unknown_config_key_and_topology_exit_nonzero_naming_them():
+    out = _run(f"--config={REPO}/configs/wam.py:size=tiny", "--topology=v5p:2x2x1", "--config.model.no_such_key=1")
+    assert out.returncode != 0 and "no_such_key" in out.stderr
+    out = _run(f"--config={REPO}/configs/wam.py:size=tiny", "--topology=v5p-7")
+    assert out.returncode == 2 and "v5p-7" in out.stderr
+
+
+@pytest.mark.parametrize("path,arg,frames", [
+    ("configs/wam.py", "size=wan1.3b", 33),
+    ("configs/wam.py", "size=wan14b,stage=action_tune", 33),
+    ("configs/wan14b_video_pretrain.py", "", 81),
+    ("configs/dreamzero_action_tune.py", "", 33),
+])  # fmt: skip
+def test_full_size_configs_default_to_the_fitting_layout(path, arg, frames):
+    from wamjax import config_files
+
+    module = config_files.load_config_module(f"{REPO}/configs/wam.py")
+    config = config_files.get_config(f"{REPO}/{path}:{arg}" if arg else f"{REPO}/{path}")
+    assert (config.model.dtype, config.model.remat_policy) == ("bfloat16", "full")
+    assert config.model.attention == module.BIG_ATTENTION
+    assert config.mesh.fsdp == -1 and config.data.num_frames == frames
+    assert config.data.latents_cache == f"latents/wan2.1_{frames}x480x832"
+    tiny = config_files.get_config(f"{REPO}/{path}:size=tiny" + (f",{arg.split(',', 1)[1]}" if "," in arg else ""))
+    assert tiny.data.latents_cache == "" and tiny.model.remat_policy == "none"
+
+
+def test_offload_remat_policies_give_the_gradients_of_full_remat():
+    from wamjax.models import wam
+    from wamjax.models.config import SIZES, ModelConfig
+
+    base = ModelConfig.from_dict(SIZES["tiny"])
+    rng = np.random.default_rng(0)
+    inputs = dict(latents=jnp.asarray(rng.standard_normal((2, 3, 4, 4, 16)), jnp.float32),
+                  t_video=jnp.full((2,), 500.0), text_embeddings=jnp.asarray(rng.standard_normal((2, 8, 32)),
+                                                                             jnp.float32))
+    params = wam.init_params(base, jax.random.PRNGKey(0), (3, 4, 4, 16), 8)
+    grads = {}
+    for policy in ("full", "offload_block_inputs", "offload_dots_no_batch"):
+        cfg = dataclasses.replace(base, remat_policy=policy)
+        grads[policy] = jax.jit(jax.grad(lambda p, c=cfg: jnp.mean(wam.wam_forward(c, p, **inputs).video ** 2)))(
+            params)
+    for policy in ("offload_block_inputs", "offload_dots_no_batch"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads[policy],
+                     grads["full"])
