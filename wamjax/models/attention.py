@@ -23,6 +23,7 @@ from absl import logging
 
 from wamjax.models import blockwise, splash
 from wamjax.models.attention_mask import AttentionMask
+from wamjax.parallel import context as context_parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +95,8 @@ def get_attention(name: str, options: KernelOptions = KernelOptions()) -> Attent
 
 
 def attention_for(cfg) -> AttentionFn:
-    """The kernel a ModelConfig selects on the current backend, with its block sizes bound."""
-    name = resolve_attention(cfg.attention, jax.default_backend(), cfg.dtype)
+    """The kernel a ModelConfig selects on the target backend, with its block sizes bound."""
+    name = resolve_attention(cfg.attention, context_parallel.target_backend(), cfg.dtype)
     return get_attention(name, KernelOptions(cfg.attention_block_q, cfg.attention_block_kv))
 
 

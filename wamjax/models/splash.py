@@ -70,6 +70,21 @@ def _pad_mask(mask: AttentionMask | None, sq: int, sk: int, pad_q: int, pad_k: i
                          pad(mask.kv_copy, pad_k), pad(mask.kv_valid, pad_k, False), mask.rule)
 
 
+def _dividing(axes: tuple, shape: tuple[int, ...], mesh: jax.sharding.AbstractMesh) -> tuple:
+    """`axes` with each dimension's mesh axes kept only where their size divides it (a batch of 1 at
+    initialization, say, stays whole)."""
+    if mesh.empty:
+        return tuple(axes)
+    out = []
+    for size, entry in zip(shape, axes, strict=True):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        total = 1
+        for name in names:
+            total *= mesh.shape[name]
+        out.append(entry if size % total == 0 else None)
+    return tuple(out)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, block_q: int,
               block_kv: int) -> jax.Array:
     """Splash attention of q [B, Sq, H, D] over k, v [B, Sk, H, D] under a static `mask`."""
@@ -86,10 +101,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | No
         block_q=bq, block_kv=bk, block_kv_compute=bk,
         block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk,
     )
-    interpret = jax.default_backend() != "tpu"
+    interpret = context_parallel.target_backend() != "tpu"
     heads_axis = "attn_heads" if context_parallel.all_to_all_heads(q.shape[1]) else "heads"
-    spec = PartitionSpec(*nn.logical_to_mesh_axes(("batch", heads_axis, None, None)))
     mesh = jax.sharding.get_abstract_mesh()
+    spec = PartitionSpec(*_dividing(nn.logical_to_mesh_axes(("batch", heads_axis, None, None)), q.shape, mesh))
 
     def local(q, k, v):
         heads = q.shape[1]

@@ -52,3 +52,10 @@ def all_to_all_heads(num_heads: int) -> bool:
         _warn_fallback(num_heads, shards)
         return False
     return True
+
+
+def target_backend() -> str:
+    """The platform the program is built for: that of the mesh set with `jax.set_mesh` (a TPU topology when
+    compiling for a pod from a CPU), else the default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None or not device.platform else device.platform
