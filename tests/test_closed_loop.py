@@ -113,6 +113,14 @@ def test_closed_loop_cli_runs_a_checkpoint_and_the_expert(dataset_dir, tmp_path)
         assert len(frames) == steps + 1 and frames[0].shape == (32, 32, 3)
         assert np.abs(frames[-1].astype(int) - frames[0]).mean() > 0.5  # the arm moved
 
+    # The same loop through the websocket server (openpi protocol), one request per chunk.
+    run = closed_loop(f"--checkpoint={workdir}/checkpoints", "--through_server", "--episodes=1", "--max_steps=8",
+                      "--num_steps=1", f"--out={tmp_path / 'served'}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    served = json.loads((tmp_path / "served" / "summary.json").read_text())
+    assert served["config"]["policy"] == "wam (server)" and served["tasks"][TASK]["episodes"] == 1
+    assert (tmp_path / "served" / served["tasks"][TASK]["episode_results"][0]["video"]).is_file()
+
     run = closed_loop("--policy=expert", "--episodes=2", f"--out={tmp_path / 'expert'}")
     assert run.returncode == 0, run.stderr[-3000:]
     expert = json.loads((tmp_path / "expert" / "summary.json").read_text())["tasks"][TASK]

@@ -14,12 +14,16 @@ on the newest frame. With `--out`, writes `DIR/summary.json` and one mp4 per epi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import socket
+import struct
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -122,6 +126,110 @@ class PolicyAgent:
         boundaries = frames[self.frame_stride - 1 :: self.frame_stride]
         if len(boundaries) == self.session.frames_per_observation:
             self.session.observe(np.stack(boundaries))
+
+
+# Runs in a Python that has openpi-client (its own venv: it pins numpy<2) and relays length-prefixed
+# msgpack-numpy observations from stdin to the server and the replies back, so the loop talks to the server
+# through the real client.
+_OPENPI_BRIDGE = """
+import struct, sys
+from openpi_client import msgpack_numpy
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+client = WebsocketClientPolicy(host=sys.argv[1], port=int(sys.argv[2]))
+source, sink = sys.stdin.buffer, sys.stdout.buffer
+while header := source.read(4):
+    observation = msgpack_numpy.unpackb(source.read(struct.unpack("<I", header)[0]))
+    reply = msgpack_numpy.packb(client.infer(observation))
+    sink.write(struct.pack("<I", len(reply)) + reply)
+    sink.flush()
+"""
+
+
+class OpenpiBridge:
+    """openpi-client's `WebsocketClientPolicy`, run by `python` (a venv with openpi-client), as `infer(obs)`."""
+
+    def __init__(self, python: str, host: str, port: int):
+        self.process = subprocess.Popen([python, "-c", _OPENPI_BRIDGE, host, str(port)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def infer(self, observation: dict[str, Any]) -> dict[str, Any]:
+        from wamjax.serving.client import packb, unpackb
+
+        message = packb(observation)
+        self.process.stdin.write(struct.pack("<I", len(message)) + message)
+        self.process.stdin.flush()
+        header = self.process.stdout.read(4)
+        if len(header) < 4:
+            raise RuntimeError(f"the openpi-client bridge exited with {self.process.wait()}; see its stderr above")
+        return unpackb(self.process.stdout.read(struct.unpack("<I", header)[0]))
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+class ServerAgent:
+    """The same loop through a running policy server: each chunk is one openpi-protocol request."""
+
+    name = "wam (server)"
+
+    def __init__(self, client: Any, frame_stride: int):
+        self.client, self.frame_stride = client, frame_stride
+
+    def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None:
+        self.instruction = instruction
+
+    def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
+        reply = self.client.infer({"observation/image": frame, "observation/state": env.proprio(),
+                                   "prompt": self.instruction})
+        actions = np.asarray(reply["actions"], np.float32)
+        return metaworld_env.env_action(np.repeat(actions, self.frame_stride, axis=0))
+
+    def observe(self, frames: list[np.ndarray]) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def policy_server(checkpoint: str, *, dataset: str | None, num_steps: int, openpi_python: str | None,
+                  timeout_s: float = 600.0) -> Iterator[ServerAgent]:
+    """Starts `python -m wamjax.serving.serve` on a free local port and yields a `ServerAgent` talking to it."""
+    import urllib.request
+
+    from wamjax.checkpoint import manager as ckpt
+    from wamjax.export.load import resolve_step_dir
+    from wamjax.serving.client import PolicyClient
+
+    frame_stride = int(ckpt.read_json_item(resolve_step_dir(checkpoint), "config")["data"]["frame_stride"])
+    served = stats_dataset(checkpoint, dataset)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "wamjax.serving.serve", f"--checkpoint={checkpoint}", f"--port={port}",
+               f"--num_steps={num_steps}", *([f"--dataset={served}"] if served else [])]
+    server = subprocess.Popen(command)
+    client: Any = None
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the policy server exited with {server.returncode}: {' '.join(command)}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the policy server on port {port} was not up after {timeout_s:.0f} s") from None
+                time.sleep(1.0)
+        client = OpenpiBridge(openpi_python, "127.0.0.1", port) if openpi_python else PolicyClient("127.0.0.1", port)
+        agent = ServerAgent(client, frame_stride)
+        if openpi_python:
+            agent.name = "wam (server, openpi-client)"
+        yield agent
+    finally:
+        if client is not None:
+            client.close()
+        server.terminate()
+        server.wait(timeout=60)
 
 
 @dataclasses.dataclass
@@ -257,19 +365,26 @@ def evaluate(
     return summary
 
 
+def stats_dataset(checkpoint: str, dataset: str | None) -> str | None:
+    """`dataset` when the checkpoint has its normalization stats, None when it has none (synthetic data)."""
+    from wamjax.export.load import load_norm_stats
+
+    known = sorted((load_norm_stats(checkpoint) or {}).get("datasets", {}))
+    if not known:
+        return None  # trained on synthetic data: actions are used as predicted
+    if dataset not in known:
+        raise KeyError(f"--dataset={dataset!r} has no normalization stats in {checkpoint}; it has {known}")
+    return dataset
+
+
 def load_policy_agent(
     checkpoint: str, *, dataset: str | None = "metaworld", rollout: str = "auto", execute: int | None = None,
     num_steps: int = 4, action_steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0,
 ) -> PolicyAgent:
     """A `PolicyAgent` of a checkpoint, normalized with `dataset`'s stats when the checkpoint has stats."""
-    from wamjax.export.load import load_norm_stats
     from wamjax.inference.policy import Policy
 
-    known = sorted((load_norm_stats(checkpoint) or {}).get("datasets", {}))
-    if not known:
-        dataset = None  # trained on synthetic data: actions are used as predicted
-    elif dataset not in known:
-        raise KeyError(f"--dataset={dataset!r} has no normalization stats in {checkpoint}; it has {known}")
+    dataset = stats_dataset(checkpoint, dataset)
     policy = Policy.from_checkpoint(
         checkpoint, num_steps=num_steps, action_steps=action_steps, cfg_scale=cfg_scale, dataset=dataset, seed=seed
     )
@@ -286,23 +401,33 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if len(FLAGS.resolution) != 2:
         raise app.UsageError(f"--resolution is H,W; got {FLAGS.resolution}")
-    if FLAGS.policy == "checkpoint":
-        if not FLAGS.checkpoint:
-            raise app.UsageError("--checkpoint is required with --policy=checkpoint (or pick --policy=expert|random)")
-        agent: Agent = load_policy_agent(
-            FLAGS.checkpoint, dataset=FLAGS.dataset, rollout=FLAGS.rollout, execute=FLAGS.execute_actions,
-            num_steps=FLAGS.num_steps, action_steps=FLAGS.action_steps, cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed,
-        )
-    elif FLAGS.checkpoint:
-        raise app.UsageError(f"--checkpoint was given with --policy={FLAGS.policy}; drop one of them")
-    else:
-        agent = ExpertAgent() if FLAGS.policy == "expert" else RandomAgent(FLAGS.seed)
     log = lambda line: print(line, flush=True)
-    summary = evaluate(
+    run = lambda agent: evaluate(
         agent, FLAGS.tasks, FLAGS.episodes, seed=FLAGS.seed, max_steps=FLAGS.max_steps,
         resolution=tuple(int(v) for v in FLAGS.resolution), camera=FLAGS.camera, out_dir=FLAGS.out,
         video_fps=FLAGS.video_fps, log=log,
     )
+    if FLAGS.policy != "checkpoint" and FLAGS.checkpoint:
+        raise app.UsageError(f"--checkpoint was given with --policy={FLAGS.policy}; drop one of them")
+    if FLAGS.policy == "checkpoint" and not FLAGS.checkpoint:
+        raise app.UsageError("--checkpoint is required with --policy=checkpoint (or pick --policy=expert|random)")
+    if FLAGS.openpi_python and not FLAGS.through_server:
+        raise app.UsageError("--openpi_python applies to --through_server")
+    if FLAGS.through_server:
+        if FLAGS.policy != "checkpoint":
+            raise app.UsageError("--through_server serves a --checkpoint")
+        with policy_server(FLAGS.checkpoint, dataset=FLAGS.dataset, num_steps=FLAGS.num_steps,
+                           openpi_python=FLAGS.openpi_python) as agent:
+            summary = run(agent)
+    elif FLAGS.policy == "checkpoint":
+        agent = load_policy_agent(
+            FLAGS.checkpoint, dataset=FLAGS.dataset, rollout=FLAGS.rollout, execute=FLAGS.execute_actions,
+            num_steps=FLAGS.num_steps, action_steps=FLAGS.action_steps, cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed,
+        )
+        summary = run(agent)
+    else:
+        agent = ExpertAgent() if FLAGS.policy == "expert" else RandomAgent(FLAGS.seed)
+        summary = run(agent)
     print(format_table(summary, agent.name))
     if FLAGS.out:
         print(f"Wrote {os.path.join(FLAGS.out, 'summary.json')} and {summary['overall']['episodes']} videos")
@@ -330,4 +455,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_steps", 4, "Denoising steps.")
     flags.DEFINE_integer("action_steps", None, "Denoising steps of the actions (default: num_steps).")
     flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1.0 = off).")
+    flags.DEFINE_bool("through_server", False, "Serve the checkpoint with `wamjax.serving.serve` on a free local "
+                      "port and act through websocket requests (openpi protocol, one request per chunk).")
+    flags.DEFINE_string("openpi_python", None, "With --through_server: a Python with openpi-client installed "
+                        "(its own venv); the requests then go through openpi-client itself.")
     app.run(main)
