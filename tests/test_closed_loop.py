@@ -68,6 +68,9 @@ def test_expert_episodes_read_back_through_registry_stats_and_pipeline(dataset_d
         frame = episode.decode_frame(0, (32, 32))
         wrist = episode.decode_frame(0, (32, 32), wrist=True)
         assert frame.shape == wrist.shape == (32, 32, 3) and frame.std() > 10 and not np.array_equal(frame, wrist)
+        # The right way up: the grey wall at the top left, the wooden table top (brown: red over blue) below it.
+        wall, table = frame[:6, :10].reshape(-1, 3).mean(0), frame[-10:, :10].reshape(-1, 3).mean(0)
+        assert abs(wall[0] - wall[2]) < 10 and wall.mean() > 100 and table[0] - table[2] > 12
     # The end effector moves: frames and proprio change over an episode.
     assert np.abs(source[0].proprio[-1, :3] - source[0].proprio[0, :3]).max() > 0.05
     assert np.abs(source[0].decode_frame(-1, None).astype(int) - source[0].decode_frame(0, None)).mean() > 1
