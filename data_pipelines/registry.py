@@ -130,3 +130,41 @@ register_dataset(
         proprio_mask=(True,) * 6 + (False,),
     ),
 )
+
+
+# --- Meta-World (simulator episodes from `python -m data_pipelines.collect_sim`) -----------------------------
+# Its 4-D action is an end-effector delta xyz plus a gripper command in [-1, 1] (+1 closes), with no rotation.
+# The standard action keeps xyz, holds rotation at 0 (left unnormalized: it never varies) and maps the
+# gripper to openness in [0, 1]; `metaworld_action_from_standard` is the exact inverse on those dimensions.
+
+
+def metaworld_action_to_standard(action: np.ndarray) -> np.ndarray:
+    """Meta-World's 4-D action [..., 4] -> the standard 7-D action [..., 7]."""
+    action = np.asarray(action, np.float32)
+    if action.shape[-1] != 4:
+        raise ValueError(f"a Meta-World action has 4 values (xyz, gripper); got shape {action.shape}")
+    gripper_open = np.clip((1.0 - action[..., 3:]) / 2.0, 0.0, 1.0)
+    return np.concatenate([action[..., :3], np.zeros_like(action[..., :3]), gripper_open], -1).astype(np.float32)
+
+
+def metaworld_action_from_standard(action: np.ndarray) -> np.ndarray:
+    """The standard 7-D action [..., 7] -> Meta-World's 4-D action [..., 4], clipped to its [-1, 1] range."""
+    action = np.asarray(action, np.float32)
+    if action.shape[-1] != ACTION_DIM:
+        raise ValueError(f"a standard action has {ACTION_DIM} values; got shape {action.shape}")
+    gripper = 1.0 - 2.0 * action[..., 6:]
+    return np.clip(np.concatenate([action[..., :3], gripper], -1), -1.0, 1.0).astype(np.float32)
+
+
+register_dataset(
+    "metaworld",
+    DatasetSpec(
+        primary_camera="image",
+        wrist_camera="wrist_image",
+        action=lambda s: metaworld_action_to_standard(s["action"]),
+        proprio=lambda s: _f32(s["observation"]["state"]),
+        instruction=lambda s: s["language_instruction"],
+        action_mask=(True, True, True, False, False, False, False),
+        proprio_mask=(True, True, True, False),
+    ),
+)

@@ -2,7 +2,7 @@
 # Runs the test suite (and ruff) on CPU with 8 simulated devices, installing what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup_venv.sh test,tpu   # tpu: libtpu, for the compile-for-TPU tests
+bash launch/setup_venv.sh test,tpu,sim   # tpu: libtpu for the compile-for-TPU tests; sim: Meta-World
 .venv/bin/ruff check .
 export XLA_FLAGS="--xla_force_host_platform_device_count=8" JAX_PLATFORMS=cpu
 exec .venv/bin/python -m pytest -q --durations=15 "$@" tests

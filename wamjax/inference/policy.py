@@ -176,7 +176,8 @@ class Policy:
             raise ValueError(f"proprio has non-finite values: {proprio.tolist()}")
         proprio = np.pad(proprio, (0, self.proprio_dim - proprio.shape[0]))
         if self.stats is not None:
-            proprio = normalize(proprio, self.stats["proprio"], self.normalization)
+            # The data pipeline normalizes proprio by mean/std whatever data.action_normalization says.
+            proprio = normalize(proprio, self.stats["proprio"], "normal")
         return proprio
 
     def embed_instruction(self, instruction: str) -> np.ndarray:

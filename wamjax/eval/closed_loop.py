@@ -1,0 +1,462 @@
+"""Closed-loop evaluation of a policy in Meta-World: act a chunk, observe, replan; success rate per task.
+
+    python -m wamjax.eval.closed_loop --checkpoint=WORKDIR/checkpoints --env=metaworld --tasks=reach-v3 \
+        --episodes=10 --out=DIR [--max_steps=200] [--seed=1000]
+    python -m wamjax.eval.closed_loop --policy=expert --tasks=reach-v3 --episodes=10   # baselines: expert | random
+
+Episodes run on the variants of `MT1(task, seed)` for `--seed` (default 1000; `collect_sim` collects on seed
+0, so these are held out). A checkpoint acts through `wamjax.inference.Policy` with its dataset's
+normalization stats: each predicted action is held for `data.frame_stride` environment steps (the clip's
+frames are that far apart) and mapped from the standard 7-D action back to Meta-World's 4-D one. Chunk-causal
+checkpoints roll out over the KV cache (`start_rollout` / `next_actions` / `observe`), others call `infer`
+on the newest frame. With `--out`, writes `DIR/summary.json` and one mp4 per episode under `DIR/videos/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from absl import app, flags
+
+from wamjax.eval import metaworld_env
+
+DEFAULT_EVAL_SEED = 1000  # collection uses seed 0: evaluation variants differ
+
+
+class Agent(Protocol):
+    """What the loop drives: a chunk of 4-D actions per call, then the frames seen while it ran."""
+
+    name: str
+
+    def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None: ...
+
+    def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray: ...
+
+    def observe(self, frames: list[np.ndarray]) -> None: ...
+
+
+class ExpertAgent:
+    """Meta-World's scripted expert (one action per call, from the full state)."""
+
+    name = "expert"
+
+    def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None:
+        self.expert = env.expert()
+
+    def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
+        return np.clip(np.asarray(self.expert.get_action(env.obs), np.float32), -1, 1)[None]
+
+    def observe(self, frames: list[np.ndarray]) -> None:
+        pass
+
+
+class RandomAgent:
+    """Uniform random actions in [-1, 1]^4."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None:
+        pass
+
+    def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
+        return self.rng.uniform(-1.0, 1.0, (1, 4)).astype(np.float32)
+
+    def observe(self, frames: list[np.ndarray]) -> None:
+        pass
+
+
+class PolicyAgent:
+    """A world-action model checkpoint acting chunk by chunk through `wamjax.inference.Policy`.
+
+    `rollout`: "infer" (a fresh prediction from the newest frame each chunk) or "kv_cache" (chunk-causal
+    models: the real frames of each executed chunk go into the KV cache). `execute` caps how many of a
+    chunk's actions run before replanning (None: all).
+    """
+
+    name = "policy"
+
+    def __init__(self, policy: Any, *, rollout: str = "auto", execute: int | None = None):
+        self.policy = policy
+        layout = str(policy.model_config.attention_layout)
+        if rollout == "auto":
+            rollout = "kv_cache" if layout == "chunk_causal" else "infer"
+        if rollout not in ("infer", "kv_cache"):
+            raise ValueError(f"--rollout={rollout!r}; expected auto, infer or kv_cache")
+        if rollout == "kv_cache" and layout != "chunk_causal":
+            raise ValueError(f"--rollout=kv_cache needs a chunk_causal checkpoint; this one is {layout!r}")
+        if rollout == "kv_cache" and execute is not None:
+            raise ValueError("--execute_actions applies to --rollout=infer; the KV cache executes whole chunks")
+        if execute is not None and execute < 1:
+            raise ValueError(f"--execute_actions must be >= 1, got {execute}")
+        self.rollout, self.execute = rollout, execute
+        self.frame_stride = int(policy.run_config.data.frame_stride)
+        self.session: Any = None
+
+    def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None:
+        self.instruction = instruction
+        self.session = None
+        if self.rollout == "kv_cache":
+            self.session = self.policy.start_rollout(frame, env.proprio(), instruction)
+
+    def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
+        if self.session is not None:
+            actions = self.session.next_actions()
+        else:
+            actions = self.policy.infer(frame, env.proprio(), self.instruction)["actions"][: self.execute]
+        # One predicted action spans `frame_stride` environment steps: the clip's frames are that far apart.
+        return metaworld_env.env_action(np.repeat(actions, self.frame_stride, axis=0))
+
+    def observe(self, frames: list[np.ndarray]) -> None:
+        if self.session is None:
+            return
+        boundaries = frames[self.frame_stride - 1 :: self.frame_stride]
+        if len(boundaries) == self.session.frames_per_observation:
+            self.session.observe(np.stack(boundaries))
+
+
+# Runs in a Python that has openpi-client (its own venv: it pins numpy<2) and relays length-prefixed
+# msgpack-numpy observations from stdin to the server and the replies back, so the loop talks to the server
+# through the real client.
+_OPENPI_BRIDGE = """
+import struct, sys
+from openpi_client import msgpack_numpy
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+client = WebsocketClientPolicy(host=sys.argv[1], port=int(sys.argv[2]))
+source, sink = sys.stdin.buffer, sys.stdout.buffer
+while header := source.read(4):
+    observation = msgpack_numpy.unpackb(source.read(struct.unpack("<I", header)[0]))
+    reply = msgpack_numpy.packb(client.infer(observation))
+    sink.write(struct.pack("<I", len(reply)) + reply)
+    sink.flush()
+"""
+
+
+class OpenpiBridge:
+    """openpi-client's `WebsocketClientPolicy`, run by `python` (a venv with openpi-client), as `infer(obs)`."""
+
+    def __init__(self, python: str, host: str, port: int):
+        self.process = subprocess.Popen([python, "-c", _OPENPI_BRIDGE, host, str(port)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def infer(self, observation: dict[str, Any]) -> dict[str, Any]:
+        from wamjax.serving.client import packb, unpackb
+
+        message = packb(observation)
+        self.process.stdin.write(struct.pack("<I", len(message)) + message)
+        self.process.stdin.flush()
+        header = self.process.stdout.read(4)
+        if len(header) < 4:
+            raise RuntimeError(f"the openpi-client bridge exited with {self.process.wait()}; see its stderr above")
+        return unpackb(self.process.stdout.read(struct.unpack("<I", header)[0]))
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+class ServerAgent:
+    """The same loop through a running policy server: each chunk is one openpi-protocol request."""
+
+    name = "wam (server)"
+
+    def __init__(self, client: Any, frame_stride: int):
+        self.client, self.frame_stride = client, frame_stride
+
+    def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None:
+        self.instruction = instruction
+
+    def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
+        reply = self.client.infer({"observation/image": frame, "observation/state": env.proprio(),
+                                   "prompt": self.instruction})
+        actions = np.asarray(reply["actions"], np.float32)
+        return metaworld_env.env_action(np.repeat(actions, self.frame_stride, axis=0))
+
+    def observe(self, frames: list[np.ndarray]) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def policy_server(checkpoint: str, *, dataset: str | None, num_steps: int, openpi_python: str | None,
+                  timeout_s: float = 600.0) -> Iterator[ServerAgent]:
+    """Starts `python -m wamjax.serving.serve` on a free local port and yields a `ServerAgent` talking to it."""
+    import urllib.request
+
+    from wamjax.checkpoint import manager as ckpt
+    from wamjax.export.load import resolve_step_dir
+    from wamjax.serving.client import PolicyClient
+
+    frame_stride = int(ckpt.read_json_item(resolve_step_dir(checkpoint), "config")["data"]["frame_stride"])
+    served = stats_dataset(checkpoint, dataset)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "wamjax.serving.serve", f"--checkpoint={checkpoint}", f"--port={port}",
+               f"--num_steps={num_steps}", *([f"--dataset={served}"] if served else [])]
+    server = subprocess.Popen(command)
+    client: Any = None
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the policy server exited with {server.returncode}: {' '.join(command)}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the policy server on port {port} was not up after {timeout_s:.0f} s") from None
+                time.sleep(1.0)
+        client = OpenpiBridge(openpi_python, "127.0.0.1", port) if openpi_python else PolicyClient("127.0.0.1", port)
+        agent = ServerAgent(client, frame_stride)
+        if openpi_python:
+            agent.name = "wam (server, openpi-client)"
+        yield agent
+    finally:
+        if client is not None:
+            client.close()
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@dataclasses.dataclass
+class EpisodeResult:
+    """One closed-loop episode."""
+
+    task: str
+    seed: int
+    variant: int
+    success: bool
+    steps: int  # environment steps executed
+    steps_to_success: int | None
+    episode_return: float
+    seconds: float
+    video: str | None = None
+
+
+def run_episode(
+    agent: Agent, env: metaworld_env.MetaWorldTask, seed: int, variant: int, max_steps: int
+) -> tuple[EpisodeResult, np.ndarray]:
+    """Runs `agent` on one variant until success or `max_steps`; returns the result and the frames [T, H, W, 3]."""
+    start = time.perf_counter()
+    env.reset(seed, variant)
+    frame = env.render()
+    frames = [frame]
+    agent.reset(env, metaworld_env.instruction(env.task), frame)
+    steps, episode_return, success_step, done = 0, 0.0, None, False
+    while not done:
+        chunk = np.asarray(agent.act(env, frame), np.float32)
+        if chunk.ndim != 2 or chunk.shape[1] != 4 or len(chunk) == 0:
+            raise ValueError(f"{agent.name} returned actions of shape {chunk.shape}; expected [k >= 1, 4]")
+        seen = []
+        for action in chunk:
+            result = env.step(action)
+            steps += 1
+            episode_return += result.reward
+            frame = env.render()
+            frames.append(frame)
+            seen.append(frame)
+            if result.success:
+                success_step = steps
+            if result.success or result.truncated or steps >= max_steps:
+                done = True
+                break
+        if not done:
+            agent.observe(seen)
+    result = EpisodeResult(
+        task=env.task, seed=seed, variant=variant, success=success_step is not None, steps=steps,
+        steps_to_success=success_step, episode_return=float(episode_return), seconds=time.perf_counter() - start,
+    )
+    return result, np.stack(frames)
+
+
+def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
+    """Per-task and overall success rate, mean steps (to success, and overall) and mean return."""
+
+    def block(rows: Sequence[EpisodeResult]) -> dict[str, Any]:
+        successes = [r for r in rows if r.success]
+        return {
+            "episodes": len(rows),
+            "successes": len(successes),
+            "success_rate": len(successes) / len(rows),
+            "mean_steps_to_success": float(np.mean([r.steps_to_success for r in successes])) if successes else None,
+            "mean_steps": float(np.mean([r.steps for r in rows])),
+            "mean_return": float(np.mean([r.episode_return for r in rows])),
+        }
+
+    tasks = list(dict.fromkeys(r.task for r in results))
+    summary = {task: block([r for r in results if r.task == task]) for task in tasks}
+    for task in tasks:
+        summary[task]["episode_results"] = [dataclasses.asdict(r) for r in results if r.task == task]
+    return {"tasks": summary, "overall": block(results)}
+
+
+def format_table(summary: dict[str, Any], policy_name: str) -> str:
+    """The summary as a fixed-width table, one row per task and an overall row."""
+    header = ("task", "policy", "episodes", "success rate", "steps to success", "mean steps", "mean return")
+    rows = []
+    for task, entry in [*summary["tasks"].items(), ("overall", summary["overall"])]:
+        to_success = entry["mean_steps_to_success"]
+        rows.append((
+            task, policy_name, str(entry["episodes"]),
+            f"{entry['successes']}/{entry['episodes']} ({entry['success_rate']:.0%})",
+            "-" if to_success is None else f"{to_success:.1f}", f"{entry['mean_steps']:.1f}",
+            f"{entry['mean_return']:.1f}",
+        ))
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def evaluate(
+    agent: Agent,
+    tasks: Sequence[str],
+    episodes: int,
+    *,
+    seed: int = DEFAULT_EVAL_SEED,
+    max_steps: int = metaworld_env.MAX_EPISODE_STEPS,
+    resolution: tuple[int, int] = (128, 128),
+    camera: str = metaworld_env.DEFAULT_CAMERA,
+    out_dir: str | None = None,
+    video_fps: int = 30,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Runs `episodes` episodes of each task; returns the summary (and writes it, and videos, to `out_dir`)."""
+    from data_pipelines.make_videos import write_video
+
+    metaworld_env.check_tasks(list(tasks))
+    if episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    if not 1 <= max_steps <= metaworld_env.MAX_EPISODE_STEPS:
+        raise ValueError(f"--max_steps must be in [1, {metaworld_env.MAX_EPISODE_STEPS}], got {max_steps}")
+    if out_dir:
+        os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
+    results = []
+    for task in tasks:
+        with metaworld_env.MetaWorldTask(task, resolution=resolution, camera=camera) as env:
+            for variant in range(episodes):
+                result, frames = run_episode(agent, env, seed, variant, max_steps)
+                if out_dir:
+                    result.video = os.path.join("videos", f"{task}_seed{seed}_variant{variant:03d}.mp4")
+                    write_video(os.path.join(out_dir, result.video), frames, video_fps)
+                results.append(result)
+                outcome = f"success in {result.steps_to_success} steps" if result.success else "no success"
+                log(f"{task} episode {variant + 1}/{episodes} (variant {variant} of seed {seed}): {outcome}, "
+                    f"{result.steps} steps, return {result.episode_return:.1f}, {result.seconds:.1f} s")
+    summary = summarize(results)
+    summary["config"] = {"policy": agent.name, "seed": seed, "max_steps": max_steps,
+                         "resolution": list(resolution), "camera": camera}
+    if out_dir:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+def stats_dataset(checkpoint: str, dataset: str | None) -> str | None:
+    """`dataset` when the checkpoint has its normalization stats, None when it has none (synthetic data)."""
+    from wamjax.export.load import load_norm_stats
+
+    known = sorted((load_norm_stats(checkpoint) or {}).get("datasets", {}))
+    if not known:
+        return None  # trained on synthetic data: actions are used as predicted
+    if dataset not in known:
+        raise KeyError(f"--dataset={dataset!r} has no normalization stats in {checkpoint}; it has {known}")
+    return dataset
+
+
+def load_policy_agent(
+    checkpoint: str, *, dataset: str | None = "metaworld", rollout: str = "auto", execute: int | None = None,
+    num_steps: int = 4, action_steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0,
+) -> PolicyAgent:
+    """A `PolicyAgent` of a checkpoint, normalized with `dataset`'s stats when the checkpoint has stats."""
+    from wamjax.inference.policy import Policy
+
+    dataset = stats_dataset(checkpoint, dataset)
+    policy = Policy.from_checkpoint(
+        checkpoint, num_steps=num_steps, action_steps=action_steps, cfg_scale=cfg_scale, dataset=dataset, seed=seed
+    )
+    agent = PolicyAgent(policy, rollout=rollout, execute=execute)
+    agent.name = f"wam ({agent.rollout})"
+    return agent
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if len(FLAGS.resolution) != 2:
+        raise app.UsageError(f"--resolution is H,W; got {FLAGS.resolution}")
+    log = lambda line: print(line, flush=True)
+    run = lambda agent: evaluate(
+        agent, FLAGS.tasks, FLAGS.episodes, seed=FLAGS.seed, max_steps=FLAGS.max_steps,
+        resolution=tuple(int(v) for v in FLAGS.resolution), camera=FLAGS.camera, out_dir=FLAGS.out,
+        video_fps=FLAGS.video_fps, log=log,
+    )
+    if FLAGS.policy != "checkpoint" and FLAGS.checkpoint:
+        raise app.UsageError(f"--checkpoint was given with --policy={FLAGS.policy}; drop one of them")
+    if FLAGS.policy == "checkpoint" and not FLAGS.checkpoint:
+        raise app.UsageError("--checkpoint is required with --policy=checkpoint (or pick --policy=expert|random)")
+    if FLAGS.openpi_python and not FLAGS.through_server:
+        raise app.UsageError("--openpi_python applies to --through_server")
+    if FLAGS.through_server:
+        if FLAGS.policy != "checkpoint":
+            raise app.UsageError("--through_server serves a --checkpoint")
+        with policy_server(FLAGS.checkpoint, dataset=FLAGS.dataset, num_steps=FLAGS.num_steps,
+                           openpi_python=FLAGS.openpi_python) as agent:
+            summary = run(agent)
+    elif FLAGS.policy == "checkpoint":
+        agent = load_policy_agent(
+            FLAGS.checkpoint, dataset=FLAGS.dataset, rollout=FLAGS.rollout, execute=FLAGS.execute_actions,
+            num_steps=FLAGS.num_steps, action_steps=FLAGS.action_steps, cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed,
+        )
+        summary = run(agent)
+    else:
+        agent = ExpertAgent() if FLAGS.policy == "expert" else RandomAgent(FLAGS.seed)
+        summary = run(agent)
+    print(format_table(summary, agent.name))
+    if FLAGS.out:
+        print(f"Wrote {os.path.join(FLAGS.out, 'summary.json')} and {summary['overall']['episodes']} videos")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    # Flags are defined only when run as a script so that importing several CLI modules does not clash.
+    flags.DEFINE_enum("env", "metaworld", ["metaworld"], "Simulator.")
+    flags.DEFINE_enum("policy", "checkpoint", ["checkpoint", "expert", "random"], "What acts.")
+    flags.DEFINE_string("checkpoint", None, "Checkpoint step directory, or a run's checkpoints/ (newest step).")
+    flags.DEFINE_list("tasks", ["reach-v3"], "Meta-World tasks.")
+    flags.DEFINE_integer("episodes", 10, "Episodes per task.")
+    flags.DEFINE_integer("seed", DEFAULT_EVAL_SEED, "MT1 seed of the task variants (collection uses 0).")
+    flags.DEFINE_integer("max_steps", metaworld_env.MAX_EPISODE_STEPS, "Environment steps before giving up.")
+    flags.DEFINE_string("out", None, "Directory for summary.json and videos/ (none: print only).")
+    flags.DEFINE_list("resolution", ["128", "128"], "H,W of the rendered camera (the policy resizes).")
+    flags.DEFINE_string("camera", metaworld_env.DEFAULT_CAMERA, "Camera the policy sees.")
+    flags.DEFINE_integer("video_fps", 30, "Frame rate of the written mp4s.")
+    flags.DEFINE_string("dataset", "metaworld", "Which dataset's normalization stats the checkpoint acts with.")
+    flags.DEFINE_enum("rollout", "auto", ["auto", "infer", "kv_cache"],
+                      "auto: the KV cache for chunk-causal checkpoints, infer otherwise.")
+    flags.DEFINE_integer("execute_actions", None, "Actions of each predicted chunk to run before replanning "
+                         "(--rollout=infer; default: the whole chunk).")
+    flags.DEFINE_integer("num_steps", 4, "Denoising steps.")
+    flags.DEFINE_integer("action_steps", None, "Denoising steps of the actions (default: num_steps).")
+    flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1.0 = off).")
+    flags.DEFINE_bool("through_server", False, "Serve the checkpoint with `wamjax.serving.serve` on a free local "
+                      "port and act through websocket requests (openpi protocol, one request per chunk).")
+    flags.DEFINE_string("openpi_python", None, "With --through_server: a Python with openpi-client installed "
+                        "(its own venv); the requests then go through openpi-client itself.")
+    app.run(main)
