@@ -98,6 +98,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion.text_dropout = 0.1  # probability of the null text embedding (classifier-free guidance)
     c.diffusion.video_loss_weight = 1.0
     c.diffusion.action_loss_weight = 1.0
+    # Shares of the examples (joint stages) trained with the video clean (t_video = 0: inverse dynamics) or the
+    # actions clean (t_action = 0: world model); the rest are joint. 0 and 0 = joint only.
+    c.diffusion.clean_video_prob = 0.0
+    c.diffusion.clean_action_prob = 0.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 3e-3 if tiny else 1e-4
