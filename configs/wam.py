@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from data_pipelines.config import get_data_config
+from wamjax.eval.offline import eval_config
 from wamjax.models.config import SIZES, ModelConfig
 from wamjax.train.stages import STAGES
 
@@ -131,6 +132,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.mesh[axis] = size_
         c.mesh[f"dcn_{axis}"] = 1
     c.mesh.rules = ()  # [[logical, mesh axes], ...]; empty = wamjax.parallel.mesh.DEFAULT_RULES
+
+    c.eval = eval_config()  # offline evaluation on held-out clips (eval.every_steps; 0 = off)
 
     c.flops = ml_collections.ConfigDict()
     c.flops.device_kind = ""  # override the peak-FLOP/s table lookup (e.g. "H100"); "" = detect
