@@ -1,12 +1,13 @@
 """Held-out episodes for offline evaluation: a deterministic per-dataset split by a hash of the episode index.
 
-An episode is held out when crc32("<dataset>/<episode index>") falls below `eval_fraction` of the hash range:
+An episode is held out when a BLAKE2b hash of "<dataset>/<episode index>" falls below `eval_fraction` of the hash
+range (crc32 would not do: being linear, it holds out the same indices in datasets whose names differ alike):
 the same episodes whatever the process count, the shuffle seed or a resume, and never in the training stream.
 """
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 
 import numpy as np
 
@@ -22,8 +23,9 @@ def check_eval_fraction(fraction: float) -> float:
 def held_out(name: str, num_episodes: int, fraction: float) -> np.ndarray:
     """Boolean [num_episodes]: True for the episodes of dataset `name` held out for evaluation."""
     fraction = check_eval_fraction(fraction)
-    hashes = np.array([zlib.crc32(f"{name}/{i}".encode()) for i in range(num_episodes)], np.float64)
-    return hashes < fraction * 2.0**32
+    digest = lambda i: int.from_bytes(hashlib.blake2b(f"{name}/{i}".encode(), digest_size=8).digest(), "big")
+    hashes = np.array([digest(i) for i in range(num_episodes)], np.float64)
+    return hashes < fraction * 2.0**64
 
 
 def split_episodes(name: str, num_episodes: int, fraction: float, *, evaluation: bool) -> np.ndarray:

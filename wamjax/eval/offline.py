@@ -188,8 +188,14 @@ def eval_batches(config: ml_collections.ConfigDict, data: ml_collections.ConfigD
         if not float(data.get("eval_fraction", 0.0)):
             raise ValueError("data.eval_fraction is 0: no episodes are held out to evaluate on; set it, e.g. "
                              "--config.data.eval_fraction=0.05, before training")
-        sources = [(name, pipeline.clip_source(data, name, i, stats, evaluation=True).repeat())
-                   for i, name in enumerate(names)]
+        sources = [(name, pipeline.clip_source(data, name, i, stats, evaluation=True)) for i, name in enumerate(names)]
+        for name, source in sources:
+            if len(source) == 0:
+                logging.warning("eval: dataset %s has no held-out episodes at data.eval_fraction=%s; skipped",
+                                name, data.eval_fraction)
+        sources = [(name, source.repeat()) for name, source in sources if len(source)]
+        if not sources:
+            raise ValueError(f"data.eval_fraction={data.eval_fraction} holds out no episode of {names}; raise it")
     for name, source in sources:
         shard = split_for_process(source, process_index, process_count, per_process)
         it = iter(shard.to_iter_dataset().batch(per_process, drop_remainder=True))
