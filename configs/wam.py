@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from data_pipelines.config import get_data_config
+from wamjax.eval.offline import eval_config
 from wamjax.models.config import SIZES, ModelConfig
 from wamjax.train.stages import STAGES
 
@@ -122,6 +123,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion.text_dropout = 0.1  # probability of the null text embedding (classifier-free guidance)
     c.diffusion.video_loss_weight = 1.0
     c.diffusion.action_loss_weight = 1.0
+    # Shares of the examples (joint stages) trained with the video clean (t_video = 0: inverse dynamics) or the
+    # actions clean (t_action = 0: world model); the rest are joint. 0 and 0 = joint only.
+    c.diffusion.clean_video_prob = 0.0
+    c.diffusion.clean_action_prob = 0.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 3e-3 if tiny else 1e-4
@@ -151,6 +156,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.mesh[axis] = size_
         c.mesh[f"dcn_{axis}"] = 1
     c.mesh.rules = ()  # [[logical, mesh axes], ...]; empty = wamjax.parallel.mesh.DEFAULT_RULES
+
+    c.eval = eval_config()  # offline evaluation on held-out clips (eval.every_steps; 0 = off)
 
     c.flops = ml_collections.ConfigDict()
     c.flops.device_kind = ""  # override the peak-FLOP/s table lookup (e.g. "H100"); "" = detect

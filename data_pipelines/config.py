@@ -34,6 +34,9 @@ def get_data_config() -> ml_collections.ConfigDict:
     config.stats_path = ""  # JSON from `python -m data_pipelines.compute_stats`; empty: compute at start-up
     config.skip_bad_records = False  # skip, count and log unreadable shards and records instead of failing
     config.wrist_camera = False
+    # Share of each dataset's episodes held out for offline evaluation (a hash of the episode index; the
+    # training stream never reads them). 0 = none held out.
+    config.eval_fraction = 0.0
     return config
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from absl import flags, logging
 
 from data_pipelines import config as config_lib
-from data_pipelines import mixture, registry, windowing
+from data_pipelines import holdout, mixture, registry, windowing
 from data_pipelines import stats as stats_lib
 from data_pipelines.process_split import split_for_process
 from data_pipelines.rlds_source import BadRecordError, EpisodeSource, count_bad_record
@@ -107,17 +107,27 @@ def _dataset_seed(seed: int, name: str) -> int:
 
 
 def clip_source(
-    config: ml_collections.ConfigDict, name: str, dataset_index: int, stats: dict[str, Any]
+    config: ml_collections.ConfigDict, name: str, dataset_index: int, stats: dict[str, Any],
+    *, evaluation: bool = False,
 ) -> grain.MapDataset:
-    """An infinite, shuffled-per-epoch MapDataset of clips of dataset `name` (before mixing)."""
+    """An infinite, shuffled-per-epoch MapDataset of clips of dataset `name` (before mixing), without the
+    episodes held out by `data.eval_fraction`; with `evaluation`, one unshuffled pass over those alone."""
     windowing.num_clip_actions(config.num_frames, config.frame_stride, config.get("action_horizon", 0))
     source = EpisodeSource(config.data_dir, name, config.split, skip_bad_shards=config.skip_bad_records)
     if len(source) == 0:
         raise ValueError(f"Dataset {name!r} at {source.dataset_dir} has no episodes in split {config.split!r}")
-    slots = grain.MapDataset.range(len(source) * config.clips_per_episode)
+    fraction = float(config.get("eval_fraction", 0.0))
+    if fraction or evaluation:
+        episodes = holdout.split_episodes(name, len(source), fraction, evaluation=evaluation)
+        cpe = int(config.clips_per_episode)
+        slots = grain.MapDataset.source([int(e) * cpe + c for e in episodes for c in range(cpe)])
+    else:
+        slots = grain.MapDataset.range(len(source) * config.clips_per_episode)
+    loader = ClipLoader(source, dataset_index, stats["datasets"][name], config)
+    if evaluation:
+        return slots.map_with_index(loader)
     if config.shuffle:
         slots = slots.shuffle(seed=_dataset_seed(config.seed, name))
-    loader = ClipLoader(source, dataset_index, stats["datasets"][name], config)
     return slots.repeat().map_with_index(loader)
 
 

@@ -12,33 +12,34 @@ DATASETS=fractal20220817_data,bridge,taco_play,droid
 export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
 mkdir -p "$RUN"
 
-echo "== 1/7 OXE-format robot episodes (4 datasets, published feature specs)"
+echo "== 1/8 OXE-format robot episodes (4 datasets, published feature specs)"
 [ -f "$RUN/oxe/.done" ] || { $PY -m data_pipelines.make_oxe_like --out="$RUN/oxe" --datasets=$DATASETS --episodes=16 \
   && touch "$RUN/oxe/.done"; }
-echo "== 2/7 normalization statistics"
+echo "== 2/8 normalization statistics"
 [ -f "$RUN/oxe/norm_stats.json" ] || $PY -m data_pipelines.compute_stats --data_dir="$RUN/oxe" --datasets=$DATASETS \
   --out="$RUN/oxe/norm_stats.json"
-echo "== 3/7 captioned videos -> clip shards"
+echo "== 3/8 captioned videos -> clip shards"
 [ -f "$RUN/videos/captions.jsonl" ] || $PY -m data_pipelines.make_videos --out="$RUN/videos" --num_videos=8
 $PY -m data_pipelines.ingest_video --videos="$RUN/videos/*.mp4,$RUN/videos/*.mkv" --captions="$RUN/videos/captions.jsonl" \
   --out="$RUN/video_shards" --num_frames=9 --fps=8 --resolution=32,32 --num_shards=2 --workers=1
-echo "== 4/7 instruction and caption embeddings (a random tiny UMT5 encoder: no weights download here)"
+echo "== 4/8 instruction and caption embeddings (a random tiny UMT5 encoder: no weights download here)"
 [ -f "$RUN/text_cache.safetensors" ] || $PY -m data_pipelines.text_cache --encoder=tiny:32 --max_length=8 \
   --datasets=$DATASETS --data_dir="$RUN/oxe" --video_shards="$RUN/video_shards" --out="$RUN/text_cache.safetensors"
 
-echo "== 5/7 train: video_pretrain (OXE as video + captioned clips), then action_tune (OXE with actions)"
+echo "== 5/8 train: video_pretrain (OXE as video + captioned clips), then action_tune (OXE with actions)"
 set +e
 $PY -m wamjax.main --config=configs/wam.py:size=tiny,stage=all --workdir="$RUN/train" \
   --config.data.source=oxe --config.data.data_dir="$RUN/oxe" --config.data.stats_path="$RUN/oxe/norm_stats.json" \
   --config.data.video_shards="$RUN/video_shards" --config.data.video_weight=0.5 \
   --config.text.cache="$RUN/text_cache.safetensors" --config.train.steps="$STEPS" \
+  --config.data.eval_fraction=0.2 \
   --config.stages.video_pretrain.budget_flops=2e9 --config.stages.action_tune.budget_flops=4e9 \
   --alsologtostderr 2>&1 | grep --line-buffered -E "\] (\[|stage|mesh|data|text|vae|init_from|param)|Error|error"
 rc=${PIPESTATUS[0]}
 set -e
 [ "$rc" = 0 ] || { echo "training exited with $rc (75 = preempted: run this script again to resume)"; exit "$rc"; }
 
-echo "== 6/7 what the run cost, from its logs alone"
+echo "== 6/8 what the run cost, from its logs alone"
 $PY -m wamjax.flops.report --workdir="$RUN/train" --plot="$RUN/budget.png"
 $PY - "$RUN/train/metrics.jsonl" <<'PYEOF'
 import json, sys
@@ -48,7 +49,12 @@ for stage in dict.fromkeys(r["stage"] for r in rows):
     print(f"{stage}: loss {s[0]['loss']:.3f} at step {s[0]['step']} -> {s[-1]['loss']:.3f} at step {s[-1]['step']}")
 PYEOF
 
-echo "== 7/7 export to PyTorch (diffusers transformer + whole WAM as safetensors)"
+echo "== 7/8 export to PyTorch (diffusers transformer + whole WAM as safetensors)"
 $PY -m wamjax.export.to_torch --checkpoint="$RUN/train/checkpoints" --out="$RUN/export"
 ls -l "$RUN/export" "$RUN/export/transformer"
-echo "done: budget plot $RUN/budget.png, export $RUN/export, TensorBoard logs $RUN/train/tensorboard"
+
+echo "== 8/8 offline evaluation on the held-out episodes (data.eval_fraction)"
+$PY -m wamjax.eval.offline --checkpoint="$RUN/train/checkpoints" --data_dir="$RUN/oxe" --num_batches=1 \
+  --out="$RUN/eval"
+echo "eval: table above, frame grids $RUN/eval/*.png"
+echo "done: budget plot $RUN/budget.png, export $RUN/export, eval grids $RUN/eval, TensorBoard logs $RUN/train/tensorboard"

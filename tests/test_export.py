@@ -541,3 +541,30 @@ def test_export_and_policy_read_the_parameters_only(checkpoint, tmp_path):
     assert read < limit, (read, params_bytes)
     leaf = jax.tree.leaves(policy.params)[0]
     assert isinstance(leaf, jax.Array) and leaf.sharding.device_set == {jax.local_devices()[0]}
+
+
+@pytest.mark.parametrize("exported", ["bidirectional"], indirect=True)
+def test_torch_wam_sampling_modes_match_jax(exported):
+    """torch_wam.sample runs the three ways to act with the JAX sampler's numbers."""
+    from wamjax.diffusion.sampler import SamplerOptions, sample
+    from wamjax.export.torch_wam import sample as torch_sample
+    from wamjax.inference.policy import imagine_then_act
+
+    cfg, params, out = exported
+    model = TorchWam.from_pretrained(out)
+    x = _inputs(cfg, seed=1)
+    noise = _inputs(cfg, seed=2)
+    context, future, text, proprio = x["latents"][:, :1], noise["latents"][:, 1:], x["text"], x["proprio"]
+    options = SamplerOptions(num_steps=3, action_steps=2, shift=2.0)
+    jax_out = {
+        "joint": sample(cfg, params, context, text, proprio, future, noise["actions"], options=options),
+        "imagine_then_act": imagine_then_act(cfg, params, context, text, proprio, future, noise["actions"], options),
+        "world_model": sample(cfg, params, context, text, proprio, future, None, options=options,
+                              clean_actions=x["actions"]),
+    }
+    for mode, ref in jax_out.items():
+        video, actions = torch_sample(model, _channels_first(context), _torch(text), _torch(proprio),
+                                      _channels_first(np.ascontiguousarray(future)), _torch(noise["actions"]),
+                                      mode=mode, num_steps=3, action_steps=2, shift=2.0, actions=_torch(x["actions"]))
+        assert np.abs(video.permute(0, 2, 3, 4, 1).numpy() - np.asarray(ref.latents)).max() < TOL, mode
+        assert np.abs(actions.numpy() - np.asarray(ref.actions)).max() < TOL, mode

@@ -101,18 +101,21 @@ def _double(x: jax.Array | None) -> jax.Array | None:
     return None if x is None else jnp.concatenate([x, x], axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "options", "stop_after_actions"))
+@functools.partial(jax.jit, static_argnames=("cfg", "options", "stop_after_actions", "freeze_actions"))
 def sample(
     cfg: ModelConfig,
     params: Params,
     context_latents: jax.Array,
     text: jax.Array,
     proprio: jax.Array | None,
-    video_noise: jax.Array,
+    video_noise: jax.Array | None,
     action_noise: jax.Array | None,
     *,
     options: SamplerOptions,
     stop_after_actions: bool = False,
+    clean_future: jax.Array | None = None,
+    clean_actions: jax.Array | None = None,
+    freeze_actions: bool = False,
 ) -> SampleOutput:
     """Samples future latents and actions by Euler integration of the model's velocity.
 
@@ -120,7 +123,21 @@ def sample(
     [B, T_a, A] (None: video only) are the starting points at t=1. With `stop_after_actions`, integration ends
     once the actions are clean: the returned future latents are then only partly denoised (for callers that
     want the action chunk alone, fastest when action_steps < num_steps).
+
+    One modality can be held instead of denoised (see wamjax.diffusion.modes): `clean_future`
+    [B, F - Fc, H, W, C] holds the future video clean at t=0 (inverse dynamics; video_noise is then unused
+    and may be None), `clean_actions` [B, T_a, A] holds the actions clean at t=0 (world model; action_noise
+    unused), `freeze_actions` keeps the actions at their noise, t=1, carrying no information (the video pass
+    of imagine-then-act).
     """
+    if clean_actions is not None and freeze_actions:
+        raise ValueError("clean_actions and freeze_actions both given; hold the actions one way")
+    if clean_future is not None:
+        video_noise = clean_future
+    if clean_actions is not None:
+        action_noise = clean_actions
+    if video_noise is None:
+        raise ValueError("video_noise is None; it is needed unless clean_future is given")
     batch, num_context = context_latents.shape[:2]
     if video_noise.shape[0] != batch or video_noise.shape[2:] != context_latents.shape[2:]:
         raise ValueError(
@@ -128,12 +145,19 @@ def sample(
             f"{', '.join(map(str, context_latents.shape[2:]))}] to follow context_latents {context_latents.shape}"
         )
     num_frames = num_context + video_noise.shape[1]
+    if clean_future is not None:  # every frame is held clean, like the context
+        num_context = num_frames
     context_mask = jnp.arange(num_frames) < num_context
     iterations = options.num_iterations
     if stop_after_actions and action_noise is not None:
         iterations = options.resolved_action_steps
     tv, tv_next = step_times(options.num_steps, options.num_iterations, options.shift)
     ta, ta_next = step_times(options.resolved_action_steps, options.num_iterations, options.shift)
+    if clean_future is not None:  # only the actions move
+        iterations = options.resolved_action_steps
+    if clean_actions is not None or freeze_actions:  # only the video moves
+        iterations = options.num_steps
+        ta = ta_next = np.full_like(ta, 0.0 if clean_actions is not None else 1.0)
     xs = tuple(jnp.asarray(a[:iterations]) for a in (tv, tv_next, ta, ta_next))
 
     def velocity(video: jax.Array, actions: jax.Array | None, t_v: jax.Array, t_a: jax.Array):

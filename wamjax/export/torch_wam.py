@@ -5,6 +5,10 @@ It loads the folder written by `python -m wamjax.export.to_torch` and reproduces
 
     model = WorldActionModel.from_pretrained("OUT")          # OUT/wam.safetensors + OUT/wam_config.json
     video_velocity, action_velocity = model(latents, timestep, text, actions, t_action, proprio)
+    latents, actions = sample(model, context, text, proprio, video_noise, action_noise, mode="imagine_then_act")
+
+`sample` runs the three ways to act (joint, imagine_then_act, world_model) with Euler steps, as the JAX
+sampler does.
 
 Conventions (those of wamjax.models.wam): latents are [B, C, F, H, W] like diffusers' WanTransformer3DModel;
 timesteps are on Wan's 0..1000 scale, `timestep` [B] or per latent frame [B, F], `t_action` [B] or per action
@@ -514,3 +518,71 @@ def unnormalize(values: torch.Tensor, group_stats: dict[str, Any], method: str) 
     else:
         raise ValueError(f"unknown action_normalization {method!r}; expected 'bounds' or 'normal'")
     return torch.where(mask, restored, x)
+
+
+# --- Sampling: the three ways to act ---------------------------------------------------------------------------
+
+def _schedule(num_steps: int, shift: float) -> list[tuple[float, float]]:
+    """(t, t_next) pairs of an Euler sampler from 1 to 0 with Wan's shift (wamjax.diffusion.flow)."""
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    t = (shift * t / (1.0 + (shift - 1.0) * t)).float().tolist()
+    return list(zip(t[:-1], t[1:], strict=True))
+
+
+@torch.no_grad()
+def sample(
+    model: WorldActionModel,
+    context_latents: torch.Tensor,
+    text: torch.Tensor,
+    proprio: torch.Tensor | None,
+    video_noise: torch.Tensor | None,
+    action_noise: torch.Tensor | None,
+    *,
+    mode: str = "joint",
+    num_steps: int = 4,
+    action_steps: int | None = None,
+    shift: float = 1.0,
+    actions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Euler sampling (no guidance) in one of the three modes of wamjax.diffusion.modes -> (latents
+    [B, C, F, H, W] with the context first, actions [B, T_a, A]).
+
+    context_latents [B, C, Fc, H, W] are clean; video_noise [B, C, F - Fc, H, W] and action_noise [B, T_a, A]
+    start at t=1. mode "joint": both denoised together (video on num_steps, actions on action_steps; a
+    modality whose steps are done is held at t=0). "imagine_then_act": the video first with the actions held at
+    their noise (t=1), then the actions from the same noise with that video held clean (t=0).
+    "world_model": the video given clean `actions` [B, T_a, A] (t=0); action_noise is unused.
+    """
+    if mode not in ("joint", "imagine_then_act", "world_model"):
+        raise ValueError(f"mode={mode!r}; expected 'joint', 'imagine_then_act' or 'world_model'")
+    if mode == "world_model" and actions is None:
+        raise ValueError("mode='world_model' needs the clean actions (actions=)")
+    if mode != "world_model" and action_noise is None:
+        raise ValueError(f"mode={mode!r} needs action_noise")
+    b, num_context = context_latents.shape[0], context_latents.shape[2]
+    n, m = num_steps, num_steps if action_steps is None else action_steps
+
+    def run(video, acts, video_times, action_times, move_video, move_actions):
+        for (tv, tv_next), (ta, ta_next) in zip(video_times, action_times, strict=True):
+            t_frames = torch.full((b, video.shape[2]), tv * 1000.0)
+            t_frames[:, :num_context] = 0.0
+            if not move_video:
+                t_frames.zero_()
+            v_video, v_actions = model(video, t_frames, text, acts, torch.full((b,), ta * 1000.0), proprio)
+            if move_video:
+                video = video.clone()
+                video[:, :, num_context:] += (tv_next - tv) * v_video[:, :, num_context:]
+            if move_actions:
+                acts = acts + (ta_next - ta) * v_actions
+        return video, acts
+
+    video = torch.cat([context_latents.float(), video_noise.float()], dim=2)
+    if mode == "world_model":
+        return run(video, actions.float(), _schedule(n, shift), [(0.0, 0.0)] * n, True, False)
+    acts = action_noise.float()
+    if mode == "imagine_then_act":
+        video, _ = run(video, acts, _schedule(n, shift), [(1.0, 1.0)] * n, True, False)
+        return run(video, acts, [(0.0, 0.0)] * m, _schedule(m, shift), False, True)
+    iterations = max(n, m)
+    pad = lambda pairs: pairs + [(0.0, 0.0)] * (iterations - len(pairs))
+    return run(video, acts, pad(_schedule(n, shift)), pad(_schedule(m, shift)), True, True)

@@ -375,13 +375,14 @@ def _commit(cfg, geometry, options, params, state, index, latents, actions) -> R
     return state._replace(cache=cache, num_chunks=jnp.maximum(state.num_chunks, index), last_actions=actions)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "geometry", "options"))
+@functools.partial(jax.jit, static_argnames=("cfg", "geometry", "options", "mode"))
 def generate_chunk(
     cfg: ModelConfig, geometry: ChunkGeometry, options: SamplerOptions, params: Params, state: RolloutState,
-    video_noise: jax.Array, action_noise: jax.Array,
+    video_noise: jax.Array, action_noise: jax.Array, mode: str = "joint",
 ) -> tuple[RolloutState, jax.Array, jax.Array]:
     """Denoises the next chunk (frames [B, n, H, W, C] and actions [B, na, A]) against the cache, then caches
-    the prediction clean. Returns (state, latents, actions)."""
+    the prediction clean. Returns (state, latents, actions). mode "imagine_then_act" denoises the frames first
+    (actions held at noise, t=1), then the actions with those frames held clean (t=0)."""
     batch = video_noise.shape[0]
     index = state.num_chunks + 1
     tv, tv_next, ta, ta_next = (jnp.asarray(a) for a in (
@@ -400,7 +401,14 @@ def generate_chunk(
         return (video, actions), None
 
     init = (video_noise.astype(jnp.float32), action_noise.astype(jnp.float32))
-    (video, actions), _ = jax.lax.scan(body, init, (tv, tv_next, ta, ta_next))
+    if mode == "imagine_then_act":  # a held modality has t_next == t, so its Euler step leaves it as it is
+        n, m = options.num_steps, options.resolved_action_steps
+        tv, tv_next = (jnp.asarray(a) for a in step_times(n, n, options.shift))
+        ta, ta_next = (jnp.asarray(a) for a in step_times(m, m, options.shift))
+        video, actions = jax.lax.scan(body, init, (tv, tv_next, jnp.ones(n), jnp.ones(n)))[0]
+        (video, actions), _ = jax.lax.scan(body, (video, actions), (jnp.zeros(m), jnp.zeros(m), ta, ta_next))
+    else:
+        (video, actions), _ = jax.lax.scan(body, init, (tv, tv_next, ta, ta_next))
     state = _commit(cfg, geometry, options, params, state, index, video, actions)
     return state, video, actions
 
@@ -422,8 +430,10 @@ class ChunkedRollout:
     then per chunk `latents, actions = r.generate(rng)`, execute the actions, `r.observe(real_latents)`.
     """
 
-    def __init__(self, cfg: ModelConfig, params: Params, geometry: ChunkGeometry, options: SamplerOptions):
+    def __init__(self, cfg: ModelConfig, params: Params, geometry: ChunkGeometry, options: SamplerOptions,
+                 mode: str = "joint"):
         self.cfg, self.params, self.geometry, self.options = cfg, params, geometry, options
+        self.mode = mode  # "joint" | "imagine_then_act" (see generate_chunk)
         self.state: RolloutState | None = None
         self.num_chunks = 0
         self.batch = 0
@@ -461,7 +471,7 @@ class ChunkedRollout:
     def generate_from(self, video_noise: jax.Array, action_noise: jax.Array) -> tuple[jax.Array, jax.Array]:
         """`generate` from given starting noise (for reproducible comparisons)."""
         self.state, latents, actions = generate_chunk(
-            self.cfg, self.geometry, self.options, self.params, self.state, video_noise, action_noise
+            self.cfg, self.geometry, self.options, self.params, self.state, video_noise, action_noise, self.mode
         )
         self.num_chunks += 1
         return latents, actions

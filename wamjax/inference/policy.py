@@ -20,7 +20,8 @@ from PIL import Image
 
 from data_pipelines.config import clip_num_actions
 from data_pipelines.normalization import normalize, unnormalize
-from wamjax.diffusion.sampler import SamplerOptions, sample
+from wamjax.diffusion.modes import check_mode
+from wamjax.diffusion.sampler import SampleOutput, SamplerOptions, sample
 from wamjax.export.load import load_checkpoint, load_norm_stats
 from wamjax.export.wan_vae_import import load_vae
 from wamjax.models import vae as vae_lib
@@ -64,6 +65,7 @@ class PolicyShapes:
     future_frames: int
     num_actions: int
     stop_after_actions: bool
+    mode: str = "joint"  # a wamjax.diffusion.modes.MODES entry
 
 
 def policy_step(shapes: PolicyShapes, params: Params, vae_params: Params, frames: jax.Array, text: jax.Array,
@@ -75,6 +77,9 @@ def policy_step(shapes: PolicyShapes, params: Params, vae_params: Params, frames
     b, _, h, w, c = latents.shape
     video_noise = jax.random.normal(rng_v, (b, shapes.future_frames, h, w, c), jnp.float32)
     action_noise = jax.random.normal(rng_a, (b, shapes.num_actions, shapes.model.action_dim), jnp.float32)
+    if shapes.mode == "imagine_then_act":
+        return imagine_then_act(shapes.model, params, latents, text, proprio, video_noise, action_noise,
+                                shapes.options)
     return sample(
         shapes.model, params, latents, text, proprio, video_noise, action_noise,
         options=shapes.options, stop_after_actions=shapes.stop_after_actions,
@@ -93,8 +98,10 @@ class Policy:
         options: SamplerOptions | None = None,
         dataset: str | None = None,
         seed: int = 0,
+        mode: str = "joint",
     ):
         self.run_config = run_config
+        self.mode = check_mode(mode)  # how infer() acts unless told otherwise
         self.model_config = model_config_from_run(run_config)
         self.params = jax.tree.map(jnp.asarray, params)
         if "actions" not in self.params:
@@ -130,6 +137,7 @@ class Policy:
         use_ema: bool = True,
         dataset: str | None = None,
         seed: int = 0,
+        mode: str = "joint",
     ) -> Policy:
         """Loads a checkpoint step directory (or a run's `checkpoints/`, taking its newest step).
 
@@ -142,7 +150,8 @@ class Policy:
             num_steps=num_steps, action_steps=action_steps, cfg_scale=cfg_scale, cfg_batched=cfg_batched,
             shift=float(run_config.diffusion.shift),
         )
-        return cls(run_config, params, load_norm_stats(path), options=options, dataset=dataset, seed=seed)
+        return cls(run_config, params, load_norm_stats(path), options=options, dataset=dataset, seed=seed,
+                   mode=mode)
 
     # --- Host-side preparation -----------------------------------------------------------------------
 
@@ -194,6 +203,17 @@ class Policy:
         self.num_traces += 1
         return policy_step(shapes, params, vae_params, frames, text, proprio, rng)
 
+    def _imagine_step(self, shapes: PolicyShapes, params, vae_params, frames, text, proprio, actions, rng):
+        self.num_traces += 1
+        video = vae_lib.frames_to_video(frames)
+        latents = vae_lib.normalize_latents(shapes.vae, vae_lib.vae_encode(shapes.vae, vae_params, video))
+        b, _, h, w, c = latents.shape
+        video_noise = jax.random.normal(rng, (b, shapes.future_frames, h, w, c), jnp.float32)
+        out = sample(shapes.model, params, latents, text, proprio, video_noise, None, options=shapes.options,
+                     clean_actions=actions)
+        decoded = vae_lib.vae_decode(shapes.vae, vae_params, vae_lib.denormalize_latents(shapes.vae, out.latents))
+        return out.latents, decoded
+
     def infer(
         self,
         frames: np.ndarray,
@@ -201,21 +221,27 @@ class Policy:
         instruction: str,
         *,
         return_latents: bool = False,
+        mode: str | None = None,
     ) -> dict[str, np.ndarray]:
         """Action chunk for one observation.
+
+        mode (default: the policy's): "joint" denoises video and actions together; "imagine_then_act" first
+        generates the future video (actions held at noise), then infers the actions with that video held clean
+        (inverse dynamics on the imagined video).
 
         frames: uint8 [T_ctx, H, W, 3] (T_ctx = 1 + 4k) or [H, W, 3], any size (resized to the training
         resolution). proprio: raw [P]. Returns {"actions": [T_a, action_dim] float32 in the dataset's raw
         units} and, with `return_latents`, "latents": the predicted clip [F, h, w, C] in the DiT's normalized
         latent scale (context frames first).
         """
+        mode = check_mode(self.mode if mode is None else mode)
         frames = self.prepare_frames(frames)
         proprio_norm = self.prepare_proprio(proprio)
         text = self.embed_instruction(instruction)
         context_latents = 1 + (frames.shape[0] - 1) // self.vae_config.temporal_compression
         shapes = PolicyShapes(
             self.model_config, self.vae_config, self.options, self.num_latent_frames - context_latents,
-            self.num_actions, stop_after_actions=not return_latents,
+            self.num_actions, stop_after_actions=not return_latents and mode == "joint", mode=mode,
         )
         self._rng, rng = jax.random.split(self._rng)
         out = self._step(shapes, self.params, self.vae_params, frames[None], text[None], proprio_norm[None], rng)
@@ -227,11 +253,47 @@ class Policy:
             result["latents"] = np.asarray(out.latents[0], np.float32)
         return result
 
+    def imagine(
+        self, frames: np.ndarray, actions: np.ndarray, instruction: str, proprio: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """World model: the future given an action chunk, held clean while the video is denoised.
+
+        frames as in `infer`; actions: raw [T_a, action_dim] in the dataset's units (T_a = the policy's
+        action_horizon). Returns "latents" [F, h, w, C] (normalized latent scale, context frames first) and
+        "frames" uint8 [num_frames, h, w, 3]: the VAE decode of the whole predicted clip.
+        """
+        actions = np.asarray(actions, np.float32)
+        expected = (self.num_actions, self.model_config.action_dim)
+        if actions.shape != expected:
+            raise ValueError(f"actions have shape {actions.shape}; expected {expected} (action_horizon, action_dim)")
+        if not np.all(np.isfinite(actions)):
+            raise ValueError("actions have non-finite values")
+        if self.stats is not None:
+            actions = normalize(actions, self.stats["action"], self.normalization)
+        frames = self.prepare_frames(frames)
+        proprio_norm = self.prepare_proprio(proprio)
+        text = self.embed_instruction(instruction)
+        context_latents = 1 + (frames.shape[0] - 1) // self.vae_config.temporal_compression
+        shapes = PolicyShapes(self.model_config, self.vae_config, self.options,
+                         self.num_latent_frames - context_latents, self.num_actions, False, mode="world_model")
+        self._rng, rng = jax.random.split(self._rng)
+        latents, video = self._imagine_jit(shapes, self.params, self.vae_params, frames[None], text[None],
+                                           proprio_norm[None], jnp.asarray(actions)[None], rng)
+        decoded = np.round((np.asarray(video[0], np.float32) + 1.0) * 127.5)
+        return {"latents": np.asarray(latents[0], np.float32), "frames": np.clip(decoded, 0, 255).astype(np.uint8)}
+
+    @functools.cached_property
+    def _imagine_jit(self):
+        return jax.jit(self._imagine_step, static_argnums=0)
+
     def start_rollout(
-        self, frame: np.ndarray, proprio: np.ndarray | None, instruction: str, *, max_chunks: int | None = None
+        self, frame: np.ndarray, proprio: np.ndarray | None, instruction: str, *, max_chunks: int | None = None,
+        mode: str | None = None,
     ) -> ClosedLoopSession:
-        """Closed-loop control chunk by chunk with the KV cache (chunk-causal checkpoints only)."""
-        return ClosedLoopSession(self, frame, proprio, instruction, max_chunks=max_chunks)
+        """Closed-loop control chunk by chunk with the KV cache (chunk-causal checkpoints only); `mode` as in
+        `infer` (default: the policy's)."""
+        return ClosedLoopSession(self, frame, proprio, instruction, max_chunks=max_chunks,
+                                 mode=self.mode if mode is None else mode)
 
     def encode_frames(self, frames: np.ndarray) -> jax.Array:
         """uint8 [T, h, w, 3] at the training resolution -> normalized latents [1, 1 + (T-1)/4, H', W', C]."""
@@ -251,6 +313,7 @@ class Policy:
             "action_steps": self.options.resolved_action_steps,
             "cfg_scale": self.options.cfg_scale,
             "normalized": self.stats is not None,
+            "mode": self.mode,
         }
 
 
@@ -264,7 +327,7 @@ class ClosedLoopSession:
     """
 
     def __init__(self, policy: Policy, frame: np.ndarray, proprio: np.ndarray | None, instruction: str,
-                 *, max_chunks: int | None = None):
+                 *, max_chunks: int | None = None, mode: str = "joint"):
         from wamjax.inference.kv_cache import ChunkedRollout, ChunkGeometry
 
         self.policy = policy
@@ -275,7 +338,7 @@ class ClosedLoopSession:
         sc = policy.vae_config.spatial_compression
         latent_hw = (policy.resolution[0] // sc, policy.resolution[1] // sc)
         self.geometry = ChunkGeometry.for_model(cfg, latent_hw, max_chunks)
-        self.rollout = ChunkedRollout(cfg, policy.params, self.geometry, policy.options)
+        self.rollout = ChunkedRollout(cfg, policy.params, self.geometry, policy.options, mode=check_mode(mode))
         self.text = jnp.asarray(policy.embed_instruction(instruction))[None]
         self.frames_per_observation = frames_per_chunk * policy.vae_config.temporal_compression
         self._anchor(policy.prepare_frames(frame)[-1], proprio)
@@ -319,3 +382,19 @@ class ClosedLoopSession:
             self.policy.prepare_proprio(proprio)  # checked now, used at the next re-anchoring
             self.raw_proprio = proprio
         self.awaiting_observation = False
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "options"))
+def imagine_then_act(
+    cfg: ModelConfig, params: Params, context_latents: jax.Array, text: jax.Array, proprio: jax.Array | None,
+    video_noise: jax.Array, action_noise: jax.Array, options: SamplerOptions,
+) -> SampleOutput:
+    """Inverse dynamics on imagined video: the future video is generated with the actions held at noise, then
+    the actions are denoised from the same noise with that video held clean. Returns both."""
+    video = sample(cfg, params, context_latents, text, proprio, video_noise, action_noise, options=options,
+                   freeze_actions=True).latents
+    num_context = context_latents.shape[1]
+    actions = sample(cfg, params, context_latents, text, proprio, None, action_noise, options=options,
+                     clean_future=video[:, num_context:]).actions
+    return SampleOutput(video, actions)
+

@@ -372,7 +372,7 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"--image_shape={','.join(f.image_shape)}; expected H,W")
     policy = Policy.from_checkpoint(
         f.checkpoint, num_steps=f.num_steps, action_steps=f.action_steps, cfg_scale=f.cfg_scale,
-        cfg_batched=f.cfg_batched, use_ema=f.use_ema, dataset=f.dataset, seed=f.seed,
+        cfg_batched=f.cfg_batched, use_ema=f.use_ema, dataset=f.dataset, seed=f.seed, mode=f.mode,
     )
     server = PolicyServer(
         policy, schema=ObservationSchema.parse(f.schema), host=f.host, port=f.port,
@@ -397,6 +397,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("use_ema", True, "Serve the EMA params when the checkpoint has them.")
     flags.DEFINE_string("dataset", None, "Which dataset's normalization stats to use (mixtures).")
     flags.DEFINE_integer("seed", 0, "Seed of the sampling noise.")
+    flags.DEFINE_enum("mode", "joint", ["joint", "imagine_then_act"],
+                      "How the policy acts (reported in the metadata): joint video+action denoising, or "
+                      "imagine_then_act (future video first, then actions by inverse dynamics on it).")
     flags.DEFINE_string("schema", "", "Observation keys, e.g. image=observation/image,state=observation/state,"
                                       "prompt=prompt,wrist_image=none (default: openpi's LIBERO example).")
     flags.DEFINE_string("api_key", None, f"Require 'Authorization: Api-Key <key>' (default: ${API_KEY_ENV}, "

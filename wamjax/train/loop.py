@@ -20,6 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from wamjax.checkpoint import manager as ckpt
+from wamjax.eval.offline import LoopEvaluator
 from wamjax.flops.analytic import train_step_flops
 from wamjax.flops.ledger import FlopLedger
 from wamjax.flops.peak import peak_flops_per_device
@@ -245,6 +246,8 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
     stage_start = ledger.stage_start_step[stage]
     step_fn = make_train_step(spec, config.diffusion, tx, schedule, config.optim.ema_decay, stage_start)
     train_step = jit_train_step(step_fn, state_shardings)
+    evaluator = LoopEvaluator.maybe(config, stage, cfg, vae_cfg, mode, stage_cfg.clean_context_frames, text, mesh,
+                                    rules, vae_params, norm_stats, writer, workdir)
 
     flops = train_step_flops(config, stage)
     peak = peak_flops_per_device(config.flops.device_kind or None)
@@ -299,6 +302,8 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
                                config.data.batch_size, tokens_per_step)
             writer.write(row)
             logging.info(format_progress(row, total_steps, stage_done))
+        if evaluator is not None:  # held-out clips, with the EMA params when there are
+            evaluator.maybe_run(step, state.params if state.ema_params is None else state.ema_params, stage_ends)
 
         finished = stage_ends
         if finished:

@@ -81,6 +81,19 @@ class MetricsWriter:
                 self._tb.add_scalar(f"{row['stage']}/{key}", value, row["step"])
         self._tb.flush()
 
+    def write_eval(self, row: dict[str, Any], images: dict[str, Any] | None = None) -> None:
+        """An offline-eval row (an event line: the FLOP report skips it), its scalars under `eval/` and
+        uint8 [H, W, 3] images in TensorBoard."""
+        if not self.enabled:
+            return
+        self.write_event(row)
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self._tb.add_scalar(f"eval/{key}", value, row["step"])
+        for name, image in (images or {}).items():
+            self._tb.add_image(f"eval/{name}", image, row["step"], dataformats="HWC")
+        self._tb.flush()
+
     def write_event(self, event: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from wamjax.diffusion import flow
+from wamjax.diffusion.modes import draw_clean_modalities
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
@@ -131,6 +132,11 @@ def compute_loss(
     t_video = sample_chunk_times(rng_tv, frame_chunks, b, diffusion)
     context = np.arange(f) < spec.clean_context_frames
     t_video = jnp.where(context[None], 0.0, t_video)
+    # Per example: video clean (inverse dynamics) or actions clean (world model); None = all joint. Its own
+    # key (fold_in) leaves the default draws untouched, so the default config trains exactly as before.
+    clean = draw_clean_modalities(jax.random.fold_in(rng, 1), b, diffusion) if spec.mode == "joint" else None
+    if clean is not None:
+        t_video = jnp.where(clean.video[:, None], 0.0, t_video)
     noise = jax.random.normal(rng_nv, x0.shape, x0.dtype)
     xt = flow.add_noise(x0, noise, t_video)
     text = batch["text_embeddings"]
@@ -145,6 +151,8 @@ def compute_loss(
             t_action = sample_chunk_times(rng_ta, action_chunks, b, diffusion, "action")
         else:
             t_action = t_video[:, np.minimum(action_latent_frame(cfg, actions.shape[1]), f - 1)]
+        if clean is not None:
+            t_action = jnp.where(clean.actions[:, None], 0.0, t_action)
         action_noise = jax.random.normal(rng_na, actions.shape, actions.dtype)
         noisy_actions = flow.add_noise(actions, action_noise, t_action)
         proprio = batch["proprio"]
@@ -160,13 +168,21 @@ def compute_loss(
     )
     frame_weight = jnp.asarray(~context, jnp.float32)
     video_err = jnp.mean(jnp.square(out.video - flow.velocity_target(x0, noise)), axis=(2, 3, 4))
-    loss_video = jnp.sum(video_err * frame_weight) / (b * jnp.maximum(frame_weight.sum(), 1.0))
+    if clean is None:
+        loss_video = jnp.sum(video_err * frame_weight) / (b * jnp.maximum(frame_weight.sum(), 1.0))
+    else:
+        # A clean modality is an input, not a target: its loss is not counted for that example (as in UVA and
+        # DreamZero); the mean is over the examples and items that do count.
+        weight = frame_weight[None] * (~clean.video)[:, None]
+        loss_video = jnp.sum(video_err * weight) / jnp.maximum(weight.sum(), 1.0)
     metrics = {"loss_video": loss_video}
     loss = diffusion.video_loss_weight * loss_video
     if spec.mode == "joint":
         has_actions = example_has_actions(batch)
         mask = batch["action_mask"].astype(jnp.float32) * has_actions[:, None]
         metrics["actions_share"] = jnp.mean(has_actions)
+        if clean is not None:
+            mask = mask * (~clean.actions)[:, None]
         action_err = jnp.mean(jnp.square(out.actions - flow.velocity_target(actions, action_noise)), axis=-1)
         loss_action = jnp.sum(action_err * mask) / jnp.maximum(mask.sum(), 1.0)
         metrics["loss_action"] = loss_action
