@@ -31,6 +31,10 @@ def get_data_config() -> ml_collections.ConfigDict:
     config.stats_path = ""  # JSON from `python -m data_pipelines.compute_stats`; empty: compute at start-up
     config.skip_bad_records = False  # skip, count and log unreadable shards and records instead of failing
     config.wrist_camera = False
+    # Cameras of each clip (keys or the roles primary/wrist, comma-separated; "" = the primary alone) and how
+    # several reach the model: "tile" (one frame of `resolution`, views in a grid) or "tokens" (a views axis).
+    config.cameras = ""
+    config.view_layout = "tile"
     return config
 
 

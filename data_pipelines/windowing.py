@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,14 +40,18 @@ def make_clip(
     action_normalization: str,
     dataset_index: int,
     wrist_camera: bool,
+    frame_decoder: Callable[[int], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Builds one example of the batch contract from `episode`, starting at step `start`."""
+    """Builds one example of the batch contract from `episode`, starting at step `start`.
+
+    `frame_decoder(step)` gives the frame of a step when it is not the primary camera alone (several views)."""
     length = len(episode)
     steps = start + frame_stride * np.arange(num_frames)
     frame_mask = steps < length
     last_valid = int(steps[frame_mask][-1])
     frame_steps = np.minimum(steps, last_valid)
-    frames = np.stack([episode.decode_frame(int(s), resolution) for s in frame_steps])
+    decode = frame_decoder or (lambda step: episode.decode_frame(step, resolution))
+    frames = np.stack([decode(int(s)) for s in frame_steps])
 
     # actions[i] takes frame i to frame i + 1: the mean per-step delta over the stride (so it matches
     # the per-step statistics) and the gripper command of the stride's last step.
