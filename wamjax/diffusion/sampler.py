@@ -19,7 +19,7 @@ import numpy as np
 
 from wamjax.diffusion import flow
 from wamjax.models.config import ModelConfig
-from wamjax.models.wam import wam_forward
+from wamjax.models.wam import i2v_model_input, wam_forward
 
 Params = Any
 
@@ -113,13 +113,16 @@ def sample(
     *,
     options: SamplerOptions,
     stop_after_actions: bool = False,
+    image_conditioning: tuple[jax.Array, jax.Array] | None = None,
 ) -> SampleOutput:
     """Samples future latents and actions by Euler integration of the model's velocity.
 
     context_latents [B, Fc, H, W, C] are clean; video_noise [B, F - Fc, H, W, C] and action_noise
     [B, T_a, A] (None: video only) are the starting points at t=1. With `stop_after_actions`, integration ends
     once the actions are clean: the returned future latents are then only partly denoised (for callers that
-    want the action chunk alone, fastest when action_steps < num_steps).
+    want the action chunk alone, fastest when action_steps < num_steps). Image-conditioned (I2V) models take
+    `image_conditioning` = (condition latents [B, F, H, W, z], CLIP tokens [B, tokens, image_dim]), as the
+    trainer builds them; both passes of guidance read them, as in Wan's I2V pipeline.
     """
     batch, num_context = context_latents.shape[:2]
     if video_noise.shape[0] != batch or video_noise.shape[2:] != context_latents.shape[2:]:
@@ -143,11 +146,16 @@ def sample(
         def run(text_batch: jax.Array):
             reps = text_batch.shape[0] // batch
             lat, act, tf, tact, prop = video, actions, t_frames, t_actions, proprio
+            condition, image = image_conditioning or (None, None)
             if reps == 2:
-                lat, act, tf, tact, prop = (_double(x) for x in (lat, act, tf, tact, prop))
+                lat, act, tf, tact, prop, condition, image = (
+                    _double(x) for x in (lat, act, tf, tact, prop, condition, image)
+                )
+            if condition is not None:
+                lat = i2v_model_input(lat, condition)
             out = wam_forward(
                 cfg, params, lat, flow.to_model_timestep(tf), text_batch, act,
-                None if tact is None else flow.to_model_timestep(tact), prop,
+                None if tact is None else flow.to_model_timestep(tact), prop, image,
             )
             return out.video, out.actions
 

@@ -21,6 +21,7 @@ from PIL import Image
 from data_pipelines.stats import normalize, unnormalize
 from wamjax.diffusion.sampler import SamplerOptions, sample
 from wamjax.export.load import load_checkpoint, load_norm_stats
+from wamjax.inference import conditioning
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
 from wamjax.train.inputs import TextEmbedder
@@ -62,6 +63,8 @@ class _Shapes:
     future_frames: int
     num_actions: int
     stop_after_actions: bool
+    image_encoder: Any = None  # CLIPVisionConfig of an image-conditioned (I2V) model
+    num_frames: int = 0  # pixel frames of a training clip (the I2V conditioning video's length)
 
 
 class Policy:
@@ -100,6 +103,10 @@ class Policy:
         self._text_cache: dict[str, np.ndarray] = {}
         self.num_traces = 0  # how many times the policy step was traced (once per input shape)
         self._step = jax.jit(self._policy_step, static_argnums=0)
+        self.image_encoder_config, self.image_encoder_params = conditioning.load_image_encoder(
+            run_config, self.model_config
+        )
+        self.num_cameras = conditioning.camera_count(run_config)
 
     @classmethod
     def from_checkpoint(
@@ -128,8 +135,9 @@ class Policy:
     # --- Host-side preparation -----------------------------------------------------------------------
 
     def prepare_frames(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 [T, H, W, 3] or [H, W, 3] -> [T, h, w, 3] at the training resolution, checked."""
-        frames = np.asarray(frames)
+        """uint8 [T, H, W, 3] or [H, W, 3] -> [T, h, w, 3] at the training resolution, checked. A policy trained
+        on several cameras takes them as a list (or a views axis, see `conditioning.combine_cameras`)."""
+        frames = conditioning.combine_cameras(frames, self.run_config, resize_frames)
         if frames.ndim == 3:
             frames = frames[None]
         if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -170,8 +178,13 @@ class Policy:
 
     # --- The jitted step -------------------------------------------------------------------------------
 
-    def _policy_step(self, shapes: _Shapes, params, vae_params, frames, text, proprio, rng):
+    def _policy_step(self, shapes: _Shapes, params, vae_params, frames, text, proprio, rng, image_params=None):
         self.num_traces += 1
+        image_conditioning = None
+        if shapes.image_encoder is not None:
+            image_conditioning = conditioning.i2v_conditioning(
+                shapes.vae, vae_params, shapes.image_encoder, image_params, frames[:, 0], shapes.num_frames
+            )
         video = vae_lib.frames_to_video(frames)
         latents = vae_lib.normalize_latents(shapes.vae, vae_lib.vae_encode(shapes.vae, vae_params, video))
         rng_v, rng_a = jax.random.split(rng)
@@ -181,6 +194,7 @@ class Policy:
         return sample(
             shapes.model, params, latents, text, proprio, video_noise, action_noise,
             options=shapes.options, stop_after_actions=shapes.stop_after_actions,
+            image_conditioning=image_conditioning,
         )
 
     def infer(
@@ -194,8 +208,10 @@ class Policy:
         """Action chunk for one observation.
 
         frames: uint8 [T_ctx, H, W, 3] (T_ctx = 1 + 4k) or [H, W, 3], any size (resized to the training
-        resolution). proprio: raw [P]. Returns {"actions": [T_a, action_dim] float32 in the dataset's raw
-        units} and, with `return_latents`, "latents": the predicted clip [F, h, w, C] in the DiT's normalized
+        resolution); for a policy trained on several cameras, one such array per camera in a list. Image-
+        conditioned (I2V) models are conditioned on the first context frame, as in training. proprio: raw [P].
+        Returns {"actions": [T_a, action_dim] float32 in the dataset's raw units}
+        and, with `return_latents`, "latents": the predicted clip [F, h, w, C] in the DiT's normalized
         latent scale (context frames first).
         """
         frames = self.prepare_frames(frames)
@@ -205,9 +221,11 @@ class Policy:
         shapes = _Shapes(
             self.model_config, self.vae_config, self.options, self.num_latent_frames - context_latents,
             self.num_actions, stop_after_actions=not return_latents,
+            image_encoder=self.image_encoder_config, num_frames=self.num_frames,
         )
         self._rng, rng = jax.random.split(self._rng)
-        out = self._step(shapes, self.params, self.vae_params, frames[None], text[None], proprio_norm[None], rng)
+        out = self._step(shapes, self.params, self.vae_params, frames[None], text[None], proprio_norm[None], rng,
+                         self.image_encoder_params)
         actions = np.asarray(out.actions[0], np.float32)
         if self.stats is not None:
             actions = unnormalize(actions, self.stats["action"], self.normalization)
@@ -240,6 +258,7 @@ class Policy:
             "action_steps": self.options.resolved_action_steps,
             "cfg_scale": self.options.cfg_scale,
             "normalized": self.stats is not None,
+            "cameras": self.num_cameras,
         }
 
 
@@ -272,7 +291,17 @@ class ClosedLoopSession:
     def _anchor(self, frame: np.ndarray, proprio: np.ndarray | None) -> None:
         self.last_frame, self.raw_proprio = frame, proprio
         normalized = self.policy.prepare_proprio(proprio)
-        self.rollout.start(self.policy.encode_frames(frame[None]), self.text, jnp.asarray(normalized)[None])
+        image_conditioning = None
+        policy = self.policy
+        if policy.image_encoder_config is not None:
+            # The anchor frame conditions the whole cache window, as a clip's first frame does in training.
+            frames = (self.geometry.max_frames - 1) * policy.vae_config.temporal_compression + 1
+            image_conditioning = conditioning.i2v_conditioning(
+                policy.vae_config, policy.vae_params, policy.image_encoder_config, policy.image_encoder_params,
+                jnp.asarray(frame)[None], frames,
+            )
+        self.rollout.start(self.policy.encode_frames(frame[None]), self.text, jnp.asarray(normalized)[None],
+                           image_conditioning=image_conditioning)
         self.awaiting_observation = False
 
     def next_actions(self) -> np.ndarray:
@@ -290,8 +319,9 @@ class ClosedLoopSession:
         return actions
 
     def observe(self, frames: np.ndarray, proprio: np.ndarray | None = None) -> None:
-        """The real frames uint8 [4 * chunk_latent_frames, H, W, 3] recorded while the last chunk executed."""
-        frames = np.asarray(frames)
+        """The real frames uint8 [4 * chunk_latent_frames, H, W, 3] recorded while the last chunk executed (one
+        such array per camera, in a list, for a policy trained on several)."""
+        frames = conditioning.combine_cameras(frames, self.policy.run_config, resize_frames)
         if frames.ndim != 4 or frames.shape[0] != self.frames_per_observation:
             raise ValueError(
                 f"observed frames have shape {frames.shape}; expected [{self.frames_per_observation}, H, W, 3]"
