@@ -77,7 +77,7 @@ def test_i2v_cached_chunk_forward_equals_full_sequence_forward():
     np.testing.assert_allclose(out.latents[:, 1:], noise_v - ref.video[:, 1:], atol=1e-4)
 
 
-def _i2v_two_camera_policy(layout: str = "bidirectional") -> Policy:
+def _i2v_two_camera_policy(layout: str) -> Policy:
     config = get_config("size=tiny-i2v,stage=action_tune")
     config.data.cameras = "primary,wrist"
     config.model.attention_layout = layout
@@ -87,8 +87,8 @@ def _i2v_two_camera_policy(layout: str = "bidirectional") -> Policy:
     return Policy(config, params, {}, options=SamplerOptions(num_steps=2))
 
 
-def test_i2v_policy_takes_two_cameras():
-    policy = _i2v_two_camera_policy()
+def test_i2v_policy_takes_two_cameras_in_infer_and_closed_loop():
+    policy = _i2v_two_camera_policy("chunk_causal")
     assert policy.metadata["cameras"] == 2
     rng = np.random.default_rng(0)
     primary, wrist = rng.integers(0, 255, (48, 64, 3), np.uint8), rng.integers(0, 255, (24, 24, 3), np.uint8)
@@ -97,11 +97,10 @@ def test_i2v_policy_takes_two_cameras():
     assert frame.shape == (1, 32, 32, 3)
     np.testing.assert_array_equal(policy.prepare_frames(np.stack([primary[:24, :24], wrist]))[0, :, 16:],
                                   frame[0, :, 16:])
-    out = policy.infer([primary, wrist], np.zeros(8, np.float32), "pick", return_latents=True)
-    assert out["actions"].shape == (8, 7) and np.all(np.isfinite(out["actions"]))
     # The wrist camera reaches the model: a different wrist image changes the actions (same noise seed).
     policy._rng = jax.random.key(1)
-    a = policy.infer([primary, wrist], None, "pick")["actions"]
+    a = policy.infer([primary, wrist], np.zeros(8, np.float32), "pick")["actions"]
+    assert a.shape == (8, 7) and np.all(np.isfinite(a))
     policy._rng = jax.random.key(1)
     b = policy.infer([primary, 255 - wrist], None, "pick")["actions"]
     assert not np.allclose(a, b)
@@ -110,10 +109,7 @@ def test_i2v_policy_takes_two_cameras():
     with pytest.raises(ValueError, match=r"images have shape \(48, 64, 3\); this policy reads 2 cameras"):
         policy.infer(primary, None, "pick")
 
-
-def test_i2v_closed_loop_rollout_with_two_cameras():
-    policy = _i2v_two_camera_policy("chunk_causal")
-    rng = np.random.default_rng(1)
+    # Closed loop over the KV cache: each observation is both cameras' frames of the executed chunk.
     camera = lambda *shape: rng.integers(0, 255, shape, np.uint8)
     session = policy.start_rollout([camera(32, 32, 3), camera(32, 32, 3)], None, "pick")
     assert session.rollout.state.condition.shape == (1, 3, H, W, 20)  # mask + first-frame latents, whole window

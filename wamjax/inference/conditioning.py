@@ -3,6 +3,7 @@ first-frame latents and CLIP tokens."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ def load_image_encoder(
     return cfg, jax.tree.map(jnp.asarray, clip.encoder_params(run_config, cfg))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 5))
 def i2v_conditioning(
     vae_config: Any, vae_params: Params, image_config: clip.CLIPVisionConfig, image_params: Params,
     first_frames: jax.Array, num_frames: int,
