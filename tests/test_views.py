@@ -1,5 +1,7 @@
 """Several cameras and Wan2.1-I2V conditioning at inference: the KV-cached rollout, the sampler and Policy."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +122,56 @@ def test_i2v_policy_takes_two_cameras_in_infer_and_closed_loop():
     session.next_actions()
     with pytest.raises(ValueError, match="camera images disagree on their number of frames"):
         session.observe([camera(4, 32, 32, 3), camera(3, 32, 32, 3)])
+
+
+@pytest.mark.slow  # end to end like the notebooks: about 4 CPU-minutes (compiles the I2V step and the policy)
+def test_i2v_action_tune_config_two_cameras_train_export_serve(tmp_path):
+    """configs/i2v_action_tune.py end to end: train on two tiled cameras, export for diffusers, serve one request."""
+    from diffusers import WanTransformer3DModel
+    from train_utils import REPO
+
+    from data_pipelines import make_oxe_like
+    from data_pipelines import stats as stats_lib
+    from wamjax import config_files
+    from wamjax.export import to_torch
+    from wamjax.serving.client import PolicyClient, ServerError
+    from wamjax.serving.serve import PolicyServer
+    from wamjax.train.loop import train
+
+    data_dir = str(tmp_path / "oxe")
+    make_oxe_like.make_datasets(data_dir, ["taco_play", "droid"], episodes=2, seed=0, image_size=(24, 32))
+    stats_lib.save_stats(stats_lib.compute_stats(data_dir, ["taco_play", "droid"]), f"{data_dir}/stats.json")
+    config = config_files.get_config(f"{REPO}/configs/i2v_action_tune.py")
+    assert config.data.cameras == "primary,wrist" and config.model.image_dim and config.data.source == "oxe"
+    config.data.data_dir, config.data.stats_path = data_dir, f"{data_dir}/stats.json"
+    config.train.steps, config.train.log_every = 2, 1
+    config.checkpoint.async_save = False
+    workdir = str(tmp_path / "run")
+    train(config, workdir)
+
+    out = str(tmp_path / "export")
+    to_torch.export_checkpoint(f"{workdir}/checkpoints", out)
+    model, info = WanTransformer3DModel.from_pretrained(f"{out}/transformer", output_loading_info=True)
+    assert not any(info.values()), info  # no missing or unexpected keys
+    assert model.config.in_channels == 36 and model.config.image_dim == 32
+    with open(f"{out}/wam_config.json") as f:
+        exported = json.load(f)
+    assert exported["cameras"] == ["primary", "wrist"] and exported["view_layout"] == "tile"
+
+    policy = Policy.from_checkpoint(f"{workdir}/checkpoints", num_steps=1, dataset="droid")
+    server = PolicyServer(policy, port=0)
+    server.start_in_thread()
+    try:
+        rng = np.random.default_rng(0)
+        obs = {"observation/image": rng.integers(0, 255, (224, 224, 3), np.uint8),
+               "observation/wrist_image": rng.integers(0, 255, (128, 128, 3), np.uint8),
+               "observation/state": rng.standard_normal(7).astype(np.float32), "prompt": "pick"}
+        with PolicyClient(port=server.port) as client:
+            assert client.metadata["cameras"] == 2
+            actions = client.infer(obs)["actions"]
+            assert actions.shape == (8, 7) and np.all(np.isfinite(actions))
+            del obs["observation/wrist_image"]
+            with pytest.raises(ServerError, match="missing key 'observation/wrist_image': this policy reads 2"):
+                client.infer(obs)
+    finally:
+        server.stop()

@@ -385,12 +385,23 @@ def export_checkpoint(
         "step": int(os.path.basename(step_dir)) if os.path.basename(step_dir).isdigit() else None,
         "ema": has_ema,
         "run_config": run,
+        **camera_config(run_config),
     }
     wam_path = write_wam(out_dir, cfg, params, dtype, extra)
     stats_path = os.path.join(out_dir, NORM_STATS_NAME)
     with open(stats_path, "w") as f:
         json.dump(ckpt.read_json_item(step_dir, "norm_stats"), f, indent=1)
     return {"step_dir": step_dir, "ema": has_ema, "files": [*shards, wam_path, stats_path]}
+
+
+def camera_config(run_config: Any) -> dict[str, Any]:
+    """How the policy's frames are made from its cameras: their names (in order), the layout and the frame size."""
+    from data_pipelines import views
+    from wamjax.inference.conditioning import policy_data_config
+
+    data = policy_data_config(run_config)
+    return {"cameras": views.camera_names(data) or ["primary"], "view_layout": views.view_layout(data),
+            "resolution": [int(r) for r in data.resolution]}
 
 
 def main(argv: list[str]) -> None:

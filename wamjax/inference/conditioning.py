@@ -45,9 +45,18 @@ def i2v_conditioning(
     return condition, clip.encode_frames(image_config, image_params, first_frames)
 
 
+def policy_data_config(run_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The data config a policy's action stage trained on (its `stages.action_tune` overrides applied)."""
+    if "action_tune" not in run_config.get("stages", {}):
+        return run_config.data
+    from wamjax.train.inputs import stage_data_config
+
+    return stage_data_config(run_config, "action_tune")
+
+
 def camera_count(run_config: ml_collections.ConfigDict) -> int:
-    """How many cameras the run's clips carried (`data.cameras`; 1 when unset)."""
-    return views.num_views(run_config.data)
+    """How many cameras the run's action stage read (`data.cameras`; 1 when unset)."""
+    return views.num_views(policy_data_config(run_config))
 
 
 def combine_cameras(
@@ -61,7 +70,7 @@ def combine_cameras(
     Several cameras are resized to one grid cell each and tiled (`data.view_layout=tile`), as in training.
     `resize(frames [T, H, W, 3], (h, w))` is the resize the policy uses.
     """
-    data = run_config.data
+    data = policy_data_config(run_config)
     expected = views.num_views(data)
     names = views.camera_names(data) or ["primary"]
     if isinstance(images, (list, tuple)):
