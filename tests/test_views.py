@@ -175,3 +175,17 @@ def test_i2v_action_tune_config_two_cameras_train_export_serve(tmp_path):
                 client.infer(obs)
     finally:
         server.stop()
+
+
+def test_stage_cameras_override_and_tokens_layout_refused():
+    from wamjax.inference import conditioning
+    from wamjax.train.inputs import make_stage_dataset, stage_data_config
+
+    config = get_config("size=tiny,stage=all")
+    config.stages.action_tune.cameras = "primary,wrist"
+    assert stage_data_config(config, "action_tune").cameras == "primary,wrist"
+    assert stage_data_config(config, "video_pretrain").cameras == ""
+    assert conditioning.camera_count(config) == 2  # a policy reads the action stage's cameras
+    config.data.view_layout = "tokens"
+    with pytest.raises(ValueError, match=r"data.view_layout='tokens' with cameras \['primary', 'wrist'\]"):
+        make_stage_dataset(config, "action_tune", 0, 1)
