@@ -53,6 +53,7 @@ def stage_config(name: str, tiny: bool) -> ml_collections.ConfigDict:
     s.warmup_steps = -1  # -1: take optim.warmup_steps
     s.clean_context_frames = 0 if name == "video_pretrain" else 1  # leading latent frames given clean
     s.datasets = ""  # "": take data.datasets
+    s.cameras = ""  # "": take data.cameras (e.g. "primary,wrist" for the action stage only)
     s.weights = ()
     return s
 

@@ -37,6 +37,10 @@ def get_data_config() -> ml_collections.ConfigDict:
     # Share of each dataset's episodes held out for offline evaluation (a hash of the episode index; the
     # training stream never reads them). 0 = none held out.
     config.eval_fraction = 0.0
+    # Cameras of each clip (keys or the roles primary/wrist, comma-separated; "" = the primary alone) and how
+    # several reach the model: "tile" (one frame of `resolution`, views in a grid) or "tokens" (a views axis).
+    config.cameras = ""
+    config.view_layout = "tile"
     return config
 
 

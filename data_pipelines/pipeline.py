@@ -11,7 +11,7 @@ import numpy as np
 from absl import flags, logging
 
 from data_pipelines import config as config_lib
-from data_pipelines import holdout, mixture, registry, windowing
+from data_pipelines import holdout, mixture, registry, views, windowing
 from data_pipelines import stats as stats_lib
 from data_pipelines.process_split import split_for_process
 from data_pipelines.rlds_source import BadRecordError, EpisodeSource, count_bad_record
@@ -44,6 +44,9 @@ class ClipLoader:
         self.wrist_camera = bool(config.wrist_camera)
         self.skip_bad_records = bool(config.skip_bad_records)
         self.seed = int(config.seed)
+        self.cameras = views.dataset_cameras(source.name, views.camera_names(config))
+        self.view_layout = views.view_layout(config)
+        self.view_resolution = views.view_resolution(self.resolution, len(self.cameras), self.view_layout)
 
     def __call__(self, position: int, slot: int) -> dict[str, np.ndarray] | None:
         episode_index, clip_slot = divmod(int(slot), self.clips_per_episode)
@@ -65,12 +68,22 @@ class ClipLoader:
                 dataset_index=self.dataset_index,
                 wrist_camera=self.wrist_camera,
                 action_horizon=self.action_horizon,
+                frame_decoder=self._frame_decoder(episode) if self.cameras else None,
             )
         except BadRecordError as e:
             if not self.skip_bad_records:
                 raise
             count_bad_record(e)
             return None  # Grain drops None elements when iterating
+
+    def _frame_decoder(self, episode: Any) -> Any:
+        """step -> the frame of every configured camera: tiled into one [H, W, 3], or [V, H, W, 3] for tokens."""
+
+        def decode(step: int) -> np.ndarray:
+            frames = np.stack([episode.decode_camera(c, step, self.view_resolution) for c in self.cameras])
+            return views.tile_views(frames) if self.view_layout == "tile" else frames
+
+        return decode
 
 
 def resolve_stats(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -113,7 +126,10 @@ def clip_source(
     """An infinite, shuffled-per-epoch MapDataset of clips of dataset `name` (before mixing), without the
     episodes held out by `data.eval_fraction`; with `evaluation`, one unshuffled pass over those alone."""
     windowing.num_clip_actions(config.num_frames, config.frame_stride, config.get("action_horizon", 0))
-    source = EpisodeSource(config.data_dir, name, config.split, skip_bad_shards=config.skip_bad_records)
+    cameras = views.dataset_cameras(name, views.camera_names(config))  # a missing camera fails before any I/O
+    source = EpisodeSource(
+        config.data_dir, name, config.split, skip_bad_shards=config.skip_bad_records, cameras=cameras
+    )
     if len(source) == 0:
         raise ValueError(f"Dataset {name!r} at {source.dataset_dir} has no episodes in split {config.split!r}")
     fraction = float(config.get("eval_fraction", 0.0))
@@ -152,6 +168,7 @@ def make_dataset(
     names = config_lib.dataset_names(config)
     for name in names:
         registry.get_spec(name)  # fail before any I/O, naming the known datasets
+        views.dataset_cameras(name, views.camera_names(config))  # and naming a camera a dataset lacks
     stats = stats if stats is not None else resolve_stats(config)
     missing = [n for n in names if n not in stats["datasets"]]
     if missing:

@@ -1,8 +1,8 @@
 """Per-dataset standardization of Open X-Embodiment datasets (Octo style).
 
-Each entry says which camera is the primary (and wrist) view, and how one RLDS step becomes the shared
-7-D action (EEF delta xyz, delta rpy, gripper in [0, 1] with 1 = open), the proprio vector and the
-language instruction. Adding a dataset is one `register_dataset` call.
+Each entry lists every camera of the dataset, says which is the primary (and wrist) view, and how one RLDS
+step becomes the shared 7-D action (EEF delta xyz, delta rpy, gripper in [0, 1] with 1 = open), the proprio
+vector and the language instruction. Adding a dataset is one `register_dataset` call.
 """
 
 from __future__ import annotations
@@ -30,6 +30,22 @@ class DatasetSpec:
     wrist_camera: str | None = None
     action_mask: tuple[bool, ...] = DEFAULT_ACTION_MASK  # True: dimension is normalized
     proprio_mask: tuple[bool, ...] | None = None  # None: every proprio dimension is normalized
+    cameras: tuple[str, ...] = ()  # every camera (observation key) of the dataset; () = primary and wrist
+
+    def camera_keys(self) -> tuple[str, ...]:
+        """Every camera of the dataset, as observation keys."""
+        return self.cameras or (self.primary_camera, *([self.wrist_camera] if self.wrist_camera else []))
+
+    def camera_key(self, dataset: str, camera: str) -> str:
+        """The observation key of `camera`: a key of the dataset, or the role `primary` / `wrist`."""
+        key = {"primary": self.primary_camera, "wrist": self.wrist_camera}.get(camera, camera)
+        if key not in self.camera_keys():
+            raise ValueError(
+                f"data.cameras: dataset {dataset!r} has no camera {camera!r}; its cameras are "
+                f"{list(self.camera_keys())} (or the roles 'primary'"
+                + (", 'wrist')" if self.wrist_camera else ")")
+            )
+        return key
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
@@ -92,6 +108,7 @@ register_dataset(
     "fractal20220817_data",
     DatasetSpec(
         primary_camera="image",
+        cameras=("image",),
         action=_fractal_action,
         proprio=lambda s: _f32(s["observation"]["base_pose_tool_reached"], s["observation"]["gripper_closed"]),
         instruction=lambda s: s["observation"]["natural_language_instruction"],
@@ -102,6 +119,7 @@ register_dataset(
     "bridge",
     DatasetSpec(
         primary_camera="image",
+        cameras=("image",),
         action=_bridge_action,
         proprio=lambda s: _f32(s["observation"]["state"]),
         instruction=lambda s: s["observation"]["natural_language_instruction"],
@@ -113,6 +131,7 @@ register_dataset(
     DatasetSpec(
         primary_camera="rgb_static",
         wrist_camera="rgb_gripper",
+        cameras=("rgb_static", "rgb_gripper"),
         action=_taco_action,
         proprio=lambda s: _f32(np.asarray(s["observation"]["robot_obs"])[:7]),
         instruction=lambda s: s["observation"]["natural_language_instruction"],
@@ -124,6 +143,7 @@ register_dataset(
     DatasetSpec(
         primary_camera="exterior_image_1_left",
         wrist_camera="wrist_image_left",
+        cameras=("exterior_image_1_left", "exterior_image_2_left", "wrist_image_left"),
         action=_droid_action,
         proprio=lambda s: _f32(s["observation"]["cartesian_position"], s["observation"]["gripper_position"]),
         instruction=lambda s: s["language_instruction"],

@@ -65,6 +65,9 @@ class Episode:
     actions: np.ndarray  # float32 [L, 7], raw (not normalized)
     proprio: np.ndarray  # float32 [L, p], raw
     instruction: str
+    # Every camera read (the primary, the wrist and those `data.cameras` asks for), by observation key.
+    camera_images: dict[str, list[bytes]] = dataclasses.field(default_factory=dict)
+    camera_shapes: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.primary_images)
@@ -74,7 +77,18 @@ class Episode:
         images, shape = (
             (self.wrist_images, self.wrist_image_shape) if wrist else (self.primary_images, self.image_shape)
         )
-        camera = "wrist" if wrist else "primary"
+        return self._decode(images, shape, "wrist" if wrist else "primary", index, size)
+
+    def decode_camera(self, camera: str, index: int, size: tuple[int, int] | None) -> np.ndarray:
+        """Decodes frame `index` of camera `camera` (an observation key) to uint8 [H, W, 3], resized to `size`."""
+        if camera not in self.camera_images:
+            raise KeyError(f"{self.dataset}: camera {camera!r} was not read; read: {sorted(self.camera_images)}")
+        return self._decode(self.camera_images[camera], self.camera_shapes[camera], camera, index, size)
+
+    def _decode(
+        self, images: list[bytes], shape: tuple[int, int, int] | None, camera: str, index: int,
+        size: tuple[int, int] | None,
+    ) -> np.ndarray:
         try:
             image = Image.open(io.BytesIO(images[index]))
             width, height = image.size
@@ -133,9 +147,13 @@ class EpisodeSource:
     episodes (listed in `bad_shards`, counted by `shards.bad_shard_counts`).
     """
 
-    def __init__(self, data_dir: str, name: str, split: str = "train", *, skip_bad_shards: bool = False):
+    def __init__(
+        self, data_dir: str, name: str, split: str = "train", *, skip_bad_shards: bool = False,
+        cameras: tuple[str, ...] = (),
+    ):
         self.name = name
         self.spec = registry.get_spec(name)
+        self.extra_cameras = tuple(cameras)  # observation keys read besides the primary and wrist cameras
         self.dataset_dir = find_dataset_dir(data_dir, name)
         self.split = split
         builder = tfds.builder_from_directory(self.dataset_dir)
@@ -227,6 +245,7 @@ class EpisodeSource:
     def _read(self, index: int, filename: str, record_index: int) -> Episode:
         spec = self.spec
         cameras = [spec.primary_camera] + ([spec.wrist_camera] if spec.wrist_camera else [])
+        cameras += [c for c in self.extra_cameras if c not in cameras]
         skip = {camera: tfds.decode.SkipDecoding() for camera in cameras}
         record = self._features.deserialize_example_np(self._reader[index], decoders={"steps": {"observation": skip}})
         steps = record["steps"]
@@ -270,4 +289,6 @@ class EpisodeSource:
             actions=actions,
             proprio=proprio,
             instruction=str(instruction),
+            camera_images={c: [s["observation"][c] for s in steps] for c in cameras},
+            camera_shapes={c: _feature_shape(self._features, c) for c in cameras},
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,18 +46,21 @@ def make_clip(
     dataset_index: int,
     wrist_camera: bool,
     action_horizon: int = 0,
+    frame_decoder: Callable[[int], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Builds one example of the batch contract from `episode`, starting at step `start`.
 
     Actions: one per frame transition (averaged over the stride), or with `action_horizon` > 0 every dataset
-    step's action, (num_frames - 1) * frame_stride of them (`num_clip_actions`).
+    step's action, (num_frames - 1) * frame_stride of them (`num_clip_actions`). `frame_decoder(step)` gives the
+    frame of a step when it is not the primary camera alone (several views).
     """
     length = len(episode)
     steps = start + frame_stride * np.arange(num_frames)
     frame_mask = steps < length
     last_valid = int(steps[frame_mask][-1])
     frame_steps = np.minimum(steps, last_valid)
-    frames = np.stack([episode.decode_frame(int(s), resolution) for s in frame_steps])
+    decode = frame_decoder or (lambda step: episode.decode_frame(step, resolution))
+    frames = np.stack([decode(int(s)) for s in frame_steps])
 
     if action_horizon > 0:
         count = num_clip_actions(num_frames, frame_stride, action_horizon)

@@ -26,7 +26,8 @@ echo "== 4/8 instruction and caption embeddings (a random tiny UMT5 encoder: no 
 [ -f "$RUN/text_cache.safetensors" ] || $PY -m data_pipelines.text_cache --encoder=tiny:32 --max_length=8 \
   --datasets=$DATASETS --data_dir="$RUN/oxe" --video_shards="$RUN/video_shards" --out="$RUN/text_cache.safetensors"
 
-echo "== 5/8 train: video_pretrain (OXE as video + captioned clips), then action_tune (OXE with actions)"
+echo "== 5/8 train: video_pretrain (OXE as video + captioned clips), then action_tune (OXE with actions, two cameras"
+echo "   tiled into one frame: the primary and wrist cameras of taco_play and droid)"
 set +e
 $PY -m wamjax.main --config=configs/wam.py:size=tiny,stage=all --workdir="$RUN/train" \
   --config.data.source=oxe --config.data.data_dir="$RUN/oxe" --config.data.stats_path="$RUN/oxe/norm_stats.json" \
@@ -34,6 +35,7 @@ $PY -m wamjax.main --config=configs/wam.py:size=tiny,stage=all --workdir="$RUN/t
   --config.text.cache="$RUN/text_cache.safetensors" --config.train.steps="$STEPS" \
   --config.data.eval_fraction=0.2 \
   --config.stages.video_pretrain.budget_flops=2e9 --config.stages.action_tune.budget_flops=4e9 \
+  --config.stages.action_tune.datasets=taco_play,droid --config.stages.action_tune.cameras=primary,wrist \
   --alsologtostderr 2>&1 | grep --line-buffered -E "\] (\[|stage|mesh|data|text|vae|init_from|param)|Error|error"
 rc=${PIPESTATUS[0]}
 set -e

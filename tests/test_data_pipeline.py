@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import config as config_lib
-from data_pipelines import make_oxe_like, mixture, pipeline
+from data_pipelines import make_oxe_like, mixture, pipeline, views
 from data_pipelines import stats as stats_lib
 
 DATASETS = ["fractal20220817_data", "bridge", "taco_play", "droid"]
@@ -69,6 +69,40 @@ def test_wrist_camera(oxe):
     assert not np.array_equal(batch["wrist_frames"], batch["frames"])
     with pytest.raises(ValueError, match="has no wrist camera"):
         next(pipeline.make_iterator(_config(oxe, datasets="bridge", wrist_camera=True, batch_size=4)))
+
+
+def test_cameras_tile_and_tokens(oxe):
+    """data.cameras decodes any cameras of a dataset: tiled into one frame, or kept as a views axis."""
+    cameras = "exterior_image_1_left,exterior_image_2_left,wrist"
+    tokens = next(pipeline.make_iterator(
+        _config(oxe, datasets="droid", cameras=cameras, view_layout="tokens", batch_size=2, shuffle=False)
+    ))
+    assert tokens["frames"].shape == (2, 5, 3, 16, 16, 3)
+    assert not np.array_equal(tokens["frames"][:, :, 0], tokens["frames"][:, :, 1])  # exterior 1 vs 2
+    primary = next(pipeline.make_iterator(_config(oxe, datasets="droid", batch_size=2, shuffle=False)))
+    np.testing.assert_array_equal(tokens["frames"][:, :, 0], primary["frames"])
+    # Three 8x8 views tile a 2x2 grid of a 16x16 frame, the fourth cell black.
+    tiled = next(pipeline.make_iterator(
+        _config(oxe, datasets="droid", cameras=cameras, view_layout="tile", batch_size=2, shuffle=False)
+    ))
+    assert tiled["frames"].shape == (2, 5, 16, 16, 3)
+    assert np.all(tiled["frames"][:, :, 8:, 8:] == 0) and tiled["frames"][:, :, 8:, :8].max() > 0
+    small = next(pipeline.make_iterator(_config(
+        oxe, datasets="droid", cameras=cameras, view_layout="tokens", resolution=(8, 8), batch_size=2, shuffle=False
+    )))
+    np.testing.assert_array_equal(tiled["frames"], views.tile_views(small["frames"]))
+    # Roles resolve per dataset: taco_play's wrist camera is rgb_gripper.
+    taco = next(pipeline.make_iterator(
+        _config(oxe, datasets="taco_play,droid", cameras="primary,wrist", view_layout="tokens", batch_size=4)
+    ))
+    assert taco["frames"].shape == (4, 5, 2, 16, 16, 3)
+
+
+def test_missing_camera_named(oxe):
+    with pytest.raises(ValueError, match=r"dataset 'bridge' has no camera 'wrist'; its cameras are \['image'\]"):
+        pipeline.make_iterator(_config(oxe, datasets="droid,bridge", cameras="primary,wrist", batch_size=4))
+    with pytest.raises(ValueError, match="data.view_layout='stack'"):
+        pipeline.make_iterator(_config(oxe, datasets="droid", cameras="primary,wrist", view_layout="stack"))
 
 
 def test_mixture_proportions(oxe):

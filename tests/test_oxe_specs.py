@@ -214,3 +214,13 @@ def test_registry_standardizes_the_full_spec(published_shape_dir, name):
     assert episode.proprio.ndim == 2 and episode.instruction in make_oxe_like._TASKS
     height, width = make_oxe_like.MAKERS[name].image_shapes[registry.get_spec(name).primary_camera]
     assert episode.decode_frame(0, None).shape == (height, width, 3)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_registry_lists_every_published_camera(name):
+    """Every Image feature of the published observation is a camera of the registry (droid: two exterior, wrist)."""
+    published = {row[0].removeprefix("steps/observation/") for row in _published_rows(PUBLISHED[name])
+                 if row[1] == "Image" and row[0].startswith("steps/observation/")}
+    spec = registry.get_spec(name)
+    assert set(spec.camera_keys()) == published and len(spec.camera_keys()) == len(published)
+    assert spec.primary_camera in published and spec.wrist_camera in (None, *published)

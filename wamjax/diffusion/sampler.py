@@ -19,7 +19,7 @@ import numpy as np
 
 from wamjax.diffusion import flow
 from wamjax.models.config import ModelConfig
-from wamjax.models.wam import wam_forward
+from wamjax.models.wam import i2v_model_input, wam_forward
 
 Params = Any
 
@@ -116,6 +116,7 @@ def sample(
     clean_future: jax.Array | None = None,
     clean_actions: jax.Array | None = None,
     freeze_actions: bool = False,
+    image_conditioning: tuple[jax.Array, jax.Array] | None = None,
 ) -> SampleOutput:
     """Samples future latents and actions by Euler integration of the model's velocity.
 
@@ -128,7 +129,9 @@ def sample(
     [B, F - Fc, H, W, C] holds the future video clean at t=0 (inverse dynamics; video_noise is then unused
     and may be None), `clean_actions` [B, T_a, A] holds the actions clean at t=0 (world model; action_noise
     unused), `freeze_actions` keeps the actions at their noise, t=1, carrying no information (the video pass
-    of imagine-then-act).
+    of imagine-then-act). Image-conditioned (I2V) models take
+    `image_conditioning` = (condition latents [B, F, H, W, z], CLIP tokens [B, tokens, image_dim]), as the
+    trainer builds them; both passes of guidance read them, as in Wan's I2V pipeline.
     """
     if clean_actions is not None and freeze_actions:
         raise ValueError("clean_actions and freeze_actions both given; hold the actions one way")
@@ -167,11 +170,16 @@ def sample(
         def run(text_batch: jax.Array):
             reps = text_batch.shape[0] // batch
             lat, act, tf, tact, prop = video, actions, t_frames, t_actions, proprio
+            condition, image = image_conditioning or (None, None)
             if reps == 2:
-                lat, act, tf, tact, prop = (_double(x) for x in (lat, act, tf, tact, prop))
+                lat, act, tf, tact, prop, condition, image = (
+                    _double(x) for x in (lat, act, tf, tact, prop, condition, image)
+                )
+            if condition is not None:
+                lat = i2v_model_input(lat, condition)
             out = wam_forward(
                 cfg, params, lat, flow.to_model_timestep(tf), text_batch, act,
-                None if tact is None else flow.to_model_timestep(tact), prop,
+                None if tact is None else flow.to_model_timestep(tact), prop, image,
             )
             return out.video, out.actions
 

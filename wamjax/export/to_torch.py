@@ -361,11 +361,22 @@ def export_checkpoint(
         "step": int(step_dir.name) if step_dir.name.isdigit() else None,
         "ema": has_ema,
         "run_config": run,
+        **camera_config(run_config),
     }
     wam_path = write_wam(out_dir, cfg, params, dtype, extra)
     stats_path = out_dir / NORM_STATS_NAME
     stats_path.write_text(json.dumps(ckpt.read_json_item(step_dir, "norm_stats"), indent=1))
     return {"step_dir": str(step_dir), "ema": has_ema, "files": [*shards, wam_path, str(stats_path)]}
+
+
+def camera_config(run_config: Any) -> dict[str, Any]:
+    """How the policy's frames are made from its cameras: their names (in order), the layout and the frame size."""
+    from data_pipelines import views
+    from wamjax.inference.conditioning import policy_data_config
+
+    data = policy_data_config(run_config)
+    return {"cameras": views.camera_names(data) or ["primary"], "view_layout": views.view_layout(data),
+            "resolution": [int(r) for r in data.resolution]}
 
 
 def main(argv: list[str]) -> None:

@@ -37,6 +37,7 @@ from wamjax.models.dit import (
     unpatchify,
 )
 from wamjax.models.layers import MLP2, Dense, LayerNorm, RMSNorm, rope_frequencies
+from wamjax.models.wam import i2v_condition
 
 Params = Any
 
@@ -232,12 +233,18 @@ def _self_attention(cfg, p, x, cos, sin, cache_k, cache_v, cache_length):
 
 
 def _cross_attention(cfg, p, x, context):
+    """Cross-attention to the text, plus the I2V image attention when `context` is (text, image)."""
+    context, image = context if isinstance(context, tuple) else (context, None)
     heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
     q = RMSNorm(cfg.eps).apply({"params": p["norm_q"]}, _dense(cfg, p["to_q"], x, cfg.dim))
     k = RMSNorm(cfg.eps).apply({"params": p["norm_k"]}, _dense(cfg, p["to_k"], context, cfg.dim))
     v = _dense(cfg, p["to_v"], context, cfg.dim)
     split = lambda t: t.reshape(*t.shape[:2], heads, head_dim)
     out = attention_lib.attention_for(cfg)(split(q), split(k), split(v), None)
+    if image is not None:  # Wan2.1-I2V: the same queries read the image tokens through their own keys/values
+        k_img = RMSNorm(cfg.eps).apply({"params": p["norm_added_k"]}, _dense(cfg, p["add_k_proj"], image, cfg.dim))
+        v_img = _dense(cfg, p["add_v_proj"], image, cfg.dim)
+        out = out + attention_lib.attention_for(cfg)(split(q), split(k_img), split(v_img), None)
     return _dense(cfg, p["to_out"], out.reshape(*out.shape[:2], cfg.dim), cfg.dim)
 
 
@@ -316,6 +323,9 @@ class RolloutState(NamedTuple):
     context: jax.Array  # projected text [B or 2B, L, D] (conditional first, then null)
     num_chunks: jax.Array  # int32 []: chunks after the context chunk already in the cache
     last_actions: jax.Array  # [B, actions_per_chunk, A]: the newest chunk's actions (executed in closed loop)
+    # I2V models: the 20 conditioning channels (mask + first-frame latents) of every frame of the window
+    # [B or 2B, max_frames, H, W, 20]; the embedded image tokens ride in `context` as (text, image).
+    condition: jax.Array | None = None
 
 
 def _guided_batch(options: SamplerOptions, x: jax.Array) -> jax.Array:
@@ -332,21 +342,38 @@ def _combine(options: SamplerOptions, v: jax.Array, batch: int) -> jax.Array:
 def start_rollout(
     cfg: ModelConfig, geometry: ChunkGeometry, options: SamplerOptions, params: Params,
     context_latents: jax.Array, text: jax.Array, proprio: jax.Array | None,
+    image_conditioning: tuple[jax.Array, jax.Array] | None = None,
 ) -> RolloutState:
-    """Caches chunk 0: the clean context latent frame [B, 1, H, W, C] and the proprio token."""
+    """Caches chunk 0: the clean context latent frame [B, 1, H, W, C] and the proprio token. I2V models take
+    `image_conditioning` = (condition latents [B, max_frames, H, W, z], CLIP tokens [B, tokens, image_dim])."""
     batch = context_latents.shape[0]
     if options.uses_cfg:
         text = jnp.concatenate([text, jnp.zeros_like(text)], axis=0)
     context = ConditionEmbedder(cfg).apply({"params": params["condition_embedder"]}, text,
                                             method=ConditionEmbedder.text)
-    lat = _guided_batch(options, context_latents.astype(jnp.float32))
+    condition = None
+    if image_conditioning is not None:
+        condition_latents, image = (_guided_batch(options, x) for x in image_conditioning)
+        condition = i2v_condition(condition_latents.astype(jnp.float32))
+        image = ConditionEmbedder(cfg).apply({"params": params["condition_embedder"]}, image,
+                                             method=ConditionEmbedder.image)
+        context = (context, image)
+    lat = _with_condition(_guided_batch(options, context_latents.astype(jnp.float32)), condition, 0)
     prop = None if proprio is None else _guided_batch(options, proprio.astype(jnp.float32))
     tokens = embed_chunk(cfg, geometry, params, lat, jnp.zeros(lat.shape[:2]), 0, proprio=prop)
     cache = empty_cache(cfg, geometry, lat.shape[0])
     out = chunk_forward(cfg, params, tokens, context, cache, geometry.latent_hw)
     cache = write_chunk(cache, out.keys, out.values, 0)
     last = jnp.zeros((batch, geometry.actions_per_chunk, cfg.action_dim), jnp.float32)
-    return RolloutState(cache, context, jnp.zeros((), jnp.int32), last)
+    return RolloutState(cache, context, jnp.zeros((), jnp.int32), last, condition)
+
+
+def _with_condition(latents: jax.Array, condition: jax.Array | None, frame0: jax.Array | int) -> jax.Array:
+    """Latents [B, n, H, W, z] with the I2V conditioning channels of frames frame0.. appended (I2V models)."""
+    if condition is None:
+        return latents
+    part = jax.lax.dynamic_slice_in_dim(condition, frame0, latents.shape[1], axis=1)
+    return jnp.concatenate([latents, part.astype(latents.dtype)], axis=-1)
 
 
 def _chunk_offsets(cfg: ModelConfig, geometry: ChunkGeometry, index: jax.Array):
@@ -359,7 +386,8 @@ def _chunk_pass(cfg, geometry, options, params, state, index, latents, t_frames,
     """One forward of chunk `index` against the cache (batch doubled for CFG inside)."""
     offset, frame0, action0 = _chunk_offsets(cfg, geometry, index)
     tokens = embed_chunk(
-        cfg, geometry, params, _guided_batch(options, latents), _guided_batch(options, t_frames), frame0,
+        cfg, geometry, params, _with_condition(_guided_batch(options, latents), state.condition, frame0),
+        _guided_batch(options, t_frames), frame0,
         _guided_batch(options, actions), _guided_batch(options, t_actions), action0,
     )
     return chunk_forward(cfg, params, tokens, state.context, state.cache, geometry.latent_hw, visible=offset)
@@ -443,15 +471,24 @@ class ChunkedRollout:
         """True when the cache holds `max_chunks` chunks: start again from the newest real observation."""
         return self.num_chunks >= self.geometry.max_chunks
 
-    def start(self, context_latents: jax.Array, text: jax.Array, proprio: jax.Array | None) -> None:
-        """Begins a rollout from clean context latents [B, 1, H, W, C], text [B, L, text_dim], proprio [B, P]."""
+    def start(self, context_latents: jax.Array, text: jax.Array, proprio: jax.Array | None,
+              image_conditioning: tuple[jax.Array, jax.Array] | None = None) -> None:
+        """Begins a rollout from clean context latents [B, 1, H, W, C], text [B, L, text_dim], proprio [B, P];
+        I2V models also take (condition latents [B, max_frames, H, W, C], CLIP tokens [B, tokens, image_dim])."""
+        if self.cfg.image_conditioned != (image_conditioning is not None):
+            raise ValueError(f"model.image_dim={self.cfg.image_dim}: image_conditioning must be given exactly for "
+                             "an image-conditioned (I2V) model")
+        if image_conditioning is not None and image_conditioning[0].shape[1] != self.geometry.max_frames:
+            raise ValueError(f"condition latents have shape {image_conditioning[0].shape}; expected "
+                             f"{self.geometry.max_frames} latent frames (the cache window)")
         h, w = self.geometry.latent_hw
         if context_latents.ndim != 5 or context_latents.shape[1] != 1 or context_latents.shape[2:4] != (h, w):
             raise ValueError(f"context_latents have shape {context_latents.shape}; expected [B, 1, {h}, {w}, C]")
         if (proprio is not None) != self.geometry.with_proprio:
             raise ValueError(f"proprio is {'given' if proprio is not None else 'missing'}; geometry.with_proprio="
                              f"{self.geometry.with_proprio}")
-        self.state = start_rollout(self.cfg, self.geometry, self.options, self.params, context_latents, text, proprio)
+        self.state = start_rollout(self.cfg, self.geometry, self.options, self.params, context_latents, text, proprio,
+                                   image_conditioning)
         self.num_chunks = 0
         self.batch = context_latents.shape[0]
 
@@ -464,7 +501,7 @@ class ChunkedRollout:
                                "again from the newest real observation")
         g, cfg = self.geometry, self.cfg
         rng_v, rng_a = jax.random.split(rng)
-        video_noise = jax.random.normal(rng_v, (self.batch, g.frames_per_chunk, *g.latent_hw, cfg.in_channels))
+        video_noise = jax.random.normal(rng_v, (self.batch, g.frames_per_chunk, *g.latent_hw, cfg.out_channels))
         action_noise = jax.random.normal(rng_a, (self.batch, g.actions_per_chunk, cfg.action_dim))
         return self.generate_from(video_noise, action_noise)
 

@@ -24,6 +24,7 @@ from wamjax.diffusion.modes import check_mode
 from wamjax.diffusion.sampler import SampleOutput, SamplerOptions, sample
 from wamjax.export.load import load_checkpoint, load_norm_stats
 from wamjax.export.wan_vae_import import load_vae
+from wamjax.inference import conditioning
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
 from wamjax.models.text import TextEmbedder
@@ -66,23 +67,37 @@ class PolicyShapes:
     num_actions: int
     stop_after_actions: bool
     mode: str = "joint"  # a wamjax.diffusion.modes.MODES entry
+    image_encoder: Any = None  # CLIPVisionConfig of an image-conditioned (I2V) model
+    num_frames: int = 0  # pixel frames of a training clip (the I2V conditioning video's length)
+
+
+def _context_latents(shapes: PolicyShapes, vae_params: Params, frames: jax.Array, image_params: Params):
+    """Normalized VAE latents of uint8 context frames, and an I2V model's (condition latents, CLIP tokens)."""
+    image_conditioning = None
+    if shapes.image_encoder is not None:
+        image_conditioning = conditioning.i2v_conditioning(
+            shapes.vae, vae_params, shapes.image_encoder, image_params, frames[:, 0], shapes.num_frames
+        )
+    video = vae_lib.frames_to_video(frames)
+    latents = vae_lib.normalize_latents(shapes.vae, vae_lib.vae_encode(shapes.vae, vae_params, video))
+    return latents, image_conditioning
 
 
 def policy_step(shapes: PolicyShapes, params: Params, vae_params: Params, frames: jax.Array, text: jax.Array,
-                proprio: jax.Array, rng: jax.Array) -> Any:
+                proprio: jax.Array, rng: jax.Array, image_params: Params = None) -> Any:
     """The pure function a policy jits: uint8 context frames -> VAE latents -> sampled video and actions."""
-    video = vae_lib.frames_to_video(frames)
-    latents = vae_lib.normalize_latents(shapes.vae, vae_lib.vae_encode(shapes.vae, vae_params, video))
+    latents, image_conditioning = _context_latents(shapes, vae_params, frames, image_params)
     rng_v, rng_a = jax.random.split(rng)
     b, _, h, w, c = latents.shape
     video_noise = jax.random.normal(rng_v, (b, shapes.future_frames, h, w, c), jnp.float32)
     action_noise = jax.random.normal(rng_a, (b, shapes.num_actions, shapes.model.action_dim), jnp.float32)
     if shapes.mode == "imagine_then_act":
         return imagine_then_act(shapes.model, params, latents, text, proprio, video_noise, action_noise,
-                                shapes.options)
+                                shapes.options, image_conditioning=image_conditioning)
     return sample(
         shapes.model, params, latents, text, proprio, video_noise, action_noise,
         options=shapes.options, stop_after_actions=shapes.stop_after_actions,
+        image_conditioning=image_conditioning,
     )
 
 
@@ -124,6 +139,10 @@ class Policy:
         self._text_cache: dict[str, np.ndarray] = {}
         self.num_traces = 0  # how many times the policy step was traced (once per input shape)
         self._step = jax.jit(self._policy_step, static_argnums=0)
+        self.image_encoder_config, self.image_encoder_params = conditioning.load_image_encoder(
+            run_config, self.model_config
+        )
+        self.num_cameras = conditioning.camera_count(run_config)
 
     @classmethod
     def from_checkpoint(
@@ -156,8 +175,9 @@ class Policy:
     # --- Host-side preparation -----------------------------------------------------------------------
 
     def prepare_frames(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 [T, H, W, 3] or [H, W, 3] -> [T, h, w, 3] at the training resolution, checked."""
-        frames = np.asarray(frames)
+        """uint8 [T, H, W, 3] or [H, W, 3] -> [T, h, w, 3] at the training resolution, checked. A policy trained
+        on several cameras takes them as a list (or a views axis, see `conditioning.combine_cameras`)."""
+        frames = conditioning.combine_cameras(frames, self.run_config, resize_frames)
         if frames.ndim == 3:
             frames = frames[None]
         if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -199,18 +219,18 @@ class Policy:
 
     # --- The jitted step -------------------------------------------------------------------------------
 
-    def _policy_step(self, shapes: PolicyShapes, params, vae_params, frames, text, proprio, rng):
+    def _policy_step(self, shapes: PolicyShapes, params, vae_params, frames, text, proprio, rng, image_params=None):
         self.num_traces += 1
-        return policy_step(shapes, params, vae_params, frames, text, proprio, rng)
+        return policy_step(shapes, params, vae_params, frames, text, proprio, rng, image_params)
 
-    def _imagine_step(self, shapes: PolicyShapes, params, vae_params, frames, text, proprio, actions, rng):
+    def _imagine_step(self, shapes: PolicyShapes, params, vae_params, frames, text, proprio, actions, rng,
+                      image_params=None):
         self.num_traces += 1
-        video = vae_lib.frames_to_video(frames)
-        latents = vae_lib.normalize_latents(shapes.vae, vae_lib.vae_encode(shapes.vae, vae_params, video))
+        latents, image_conditioning = _context_latents(shapes, vae_params, frames, image_params)
         b, _, h, w, c = latents.shape
         video_noise = jax.random.normal(rng, (b, shapes.future_frames, h, w, c), jnp.float32)
         out = sample(shapes.model, params, latents, text, proprio, video_noise, None, options=shapes.options,
-                     clean_actions=actions)
+                     clean_actions=actions, image_conditioning=image_conditioning)
         decoded = vae_lib.vae_decode(shapes.vae, vae_params, vae_lib.denormalize_latents(shapes.vae, out.latents))
         return out.latents, decoded
 
@@ -230,8 +250,10 @@ class Policy:
         (inverse dynamics on the imagined video).
 
         frames: uint8 [T_ctx, H, W, 3] (T_ctx = 1 + 4k) or [H, W, 3], any size (resized to the training
-        resolution). proprio: raw [P]. Returns {"actions": [T_a, action_dim] float32 in the dataset's raw
-        units} and, with `return_latents`, "latents": the predicted clip [F, h, w, C] in the DiT's normalized
+        resolution); for a policy trained on several cameras, one such array per camera in a list. Image-
+        conditioned (I2V) models are conditioned on the first context frame, as in training. proprio: raw [P].
+        Returns {"actions": [T_a, action_dim] float32 in the dataset's raw units}
+        and, with `return_latents`, "latents": the predicted clip [F, h, w, C] in the DiT's normalized
         latent scale (context frames first).
         """
         mode = check_mode(self.mode if mode is None else mode)
@@ -242,9 +264,11 @@ class Policy:
         shapes = PolicyShapes(
             self.model_config, self.vae_config, self.options, self.num_latent_frames - context_latents,
             self.num_actions, stop_after_actions=not return_latents and mode == "joint", mode=mode,
+            image_encoder=self.image_encoder_config, num_frames=self.num_frames,
         )
         self._rng, rng = jax.random.split(self._rng)
-        out = self._step(shapes, self.params, self.vae_params, frames[None], text[None], proprio_norm[None], rng)
+        out = self._step(shapes, self.params, self.vae_params, frames[None], text[None], proprio_norm[None], rng,
+                         self.image_encoder_params)
         actions = np.asarray(out.actions[0], np.float32)
         if self.stats is not None:
             actions = unnormalize(actions, self.stats["action"], self.normalization)
@@ -275,10 +299,12 @@ class Policy:
         text = self.embed_instruction(instruction)
         context_latents = 1 + (frames.shape[0] - 1) // self.vae_config.temporal_compression
         shapes = PolicyShapes(self.model_config, self.vae_config, self.options,
-                         self.num_latent_frames - context_latents, self.num_actions, False, mode="world_model")
+                              self.num_latent_frames - context_latents, self.num_actions, False, mode="world_model",
+                              image_encoder=self.image_encoder_config, num_frames=self.num_frames)
         self._rng, rng = jax.random.split(self._rng)
         latents, video = self._imagine_jit(shapes, self.params, self.vae_params, frames[None], text[None],
-                                           proprio_norm[None], jnp.asarray(actions)[None], rng)
+                                           proprio_norm[None], jnp.asarray(actions)[None], rng,
+                                           self.image_encoder_params)
         decoded = np.round((np.asarray(video[0], np.float32) + 1.0) * 127.5)
         return {"latents": np.asarray(latents[0], np.float32), "frames": np.clip(decoded, 0, 255).astype(np.uint8)}
 
@@ -314,6 +340,7 @@ class Policy:
             "cfg_scale": self.options.cfg_scale,
             "normalized": self.stats is not None,
             "mode": self.mode,
+            "cameras": self.num_cameras,
         }
 
 
@@ -346,7 +373,17 @@ class ClosedLoopSession:
     def _anchor(self, frame: np.ndarray, proprio: np.ndarray | None) -> None:
         self.last_frame, self.raw_proprio = frame, proprio
         normalized = self.policy.prepare_proprio(proprio)
-        self.rollout.start(self.policy.encode_frames(frame[None]), self.text, jnp.asarray(normalized)[None])
+        image_conditioning = None
+        policy = self.policy
+        if policy.image_encoder_config is not None:
+            # The anchor frame conditions the whole cache window, as a clip's first frame does in training.
+            frames = (self.geometry.max_frames - 1) * policy.vae_config.temporal_compression + 1
+            image_conditioning = conditioning.i2v_conditioning(
+                policy.vae_config, policy.vae_params, policy.image_encoder_config, policy.image_encoder_params,
+                jnp.asarray(frame)[None], frames,
+            )
+        self.rollout.start(self.policy.encode_frames(frame[None]), self.text, jnp.asarray(normalized)[None],
+                           image_conditioning=image_conditioning)
         self.awaiting_observation = False
 
     def next_actions(self) -> np.ndarray:
@@ -364,8 +401,9 @@ class ClosedLoopSession:
         return actions
 
     def observe(self, frames: np.ndarray, proprio: np.ndarray | None = None) -> None:
-        """The real frames uint8 [4 * chunk_latent_frames, H, W, 3] recorded while the last chunk executed."""
-        frames = np.asarray(frames)
+        """The real frames uint8 [4 * chunk_latent_frames, H, W, 3] recorded while the last chunk executed (one
+        such array per camera, in a list, for a policy trained on several)."""
+        frames = conditioning.combine_cameras(frames, self.policy.run_config, resize_frames)
         if frames.ndim != 4 or frames.shape[0] != self.frames_per_observation:
             raise ValueError(
                 f"observed frames have shape {frames.shape}; expected [{self.frames_per_observation}, H, W, 3]"
@@ -388,13 +426,14 @@ class ClosedLoopSession:
 def imagine_then_act(
     cfg: ModelConfig, params: Params, context_latents: jax.Array, text: jax.Array, proprio: jax.Array | None,
     video_noise: jax.Array, action_noise: jax.Array, options: SamplerOptions,
+    image_conditioning: tuple[jax.Array, jax.Array] | None = None,
 ) -> SampleOutput:
     """Inverse dynamics on imagined video: the future video is generated with the actions held at noise, then
     the actions are denoised from the same noise with that video held clean. Returns both."""
     video = sample(cfg, params, context_latents, text, proprio, video_noise, action_noise, options=options,
-                   freeze_actions=True).latents
+                   freeze_actions=True, image_conditioning=image_conditioning).latents
     num_context = context_latents.shape[1]
     actions = sample(cfg, params, context_latents, text, proprio, None, action_noise, options=options,
-                     clean_future=video[:, num_context:]).actions
+                     clean_future=video[:, num_context:], image_conditioning=image_conditioning).actions
     return SampleOutput(video, actions)
 

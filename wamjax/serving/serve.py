@@ -3,9 +3,9 @@
 Speaks the protocol of openpi's `WebsocketPolicyServer` (see `wamjax.serving.client`), so
 `openpi_client.websocket_client_policy.WebsocketClientPolicy` works against it unchanged. Observation keys
 map to the policy's camera / proprio / instruction inputs through an `ObservationSchema`, by default openpi's
-LIBERO example: `observation/image` (H x W x 3 uint8), `observation/wrist_image` (optional), `observation/state`
-(float), `prompt` (str). A malformed request gets a text-frame error naming the problem (openpi's client
-raises it as RuntimeError); the connection and the server stay up.
+LIBERO example: `observation/image` (H x W x 3 uint8), `observation/wrist_image` (read by two-camera policies,
+optional otherwise), `observation/state` (float), `prompt` (str). A malformed request gets a text-frame error
+naming the problem (openpi's client raises it as RuntimeError); the connection and the server stay up.
 
 With an API key (`--api_key` or the `WAMJAX_API_KEY` environment variable) a connection must send openpi-client's
 `Authorization: Api-Key <key>` header; without it or with another key the handshake is refused with HTTP 401.
@@ -55,7 +55,8 @@ class ServedPolicy(Protocol):
 class ObservationSchema:
     """Which observation keys hold the camera image, the optional wrist image, the proprio state and the prompt.
 
-    The wrist image is checked when sent but not used by a single-camera model.
+    A single-camera model reads `image` (the wrist image is checked when sent, not used); a model trained on two
+    cameras (`data.cameras`, e.g. primary,wrist) reads `image` and `wrist_image`, in that order, both required.
     """
 
     image: str = "observation/image"
@@ -96,9 +97,11 @@ def _check_image(key: str, value: Any) -> np.ndarray:
 
 
 def decode_observation(
-    message: bytes | str, schema: ObservationSchema, proprio_dim: int
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """One request frame -> (frames uint8, proprio float32 [P], prompt), or MalformedRequest naming the problem."""
+    message: bytes | str, schema: ObservationSchema, proprio_dim: int, cameras: int = 1
+) -> tuple[np.ndarray | list[np.ndarray], np.ndarray, str]:
+    """One request frame -> (frames uint8, proprio float32 [P], prompt), or MalformedRequest naming the problem.
+
+    With `cameras=2` the frames are [image, wrist image] (the policy tiles them as in training)."""
     if isinstance(message, str):
         raise MalformedRequest("received a text frame; expected a binary msgpack frame with the observation dict")
     try:
@@ -116,8 +119,13 @@ def decode_observation(
         raise MalformedRequest(f"observation has unexpected key(s) {extra}; expected {list(schema.keys)}")
 
     frames = _check_image(schema.image, observation[schema.image])
+    if cameras > 1 and schema.wrist_image not in observation:
+        raise MalformedRequest(f"observation is missing key {schema.wrist_image!r}: this policy reads {cameras} "
+                               f"cameras ({schema.image!r}, {schema.wrist_image!r})")
     if schema.wrist_image and schema.wrist_image in observation:
-        _check_image(schema.wrist_image, observation[schema.wrist_image])
+        wrist = _check_image(schema.wrist_image, observation[schema.wrist_image])
+        if cameras > 1:
+            frames = [frames, wrist]
     state = observation[schema.state]
     if not isinstance(state, np.ndarray):
         raise MalformedRequest(f"{schema.state!r} is {type(state).__name__}; expected a numpy float32 array")
@@ -215,6 +223,10 @@ class PolicyServer:
         # Compared as bytes: hmac.compare_digest takes str only when it is ASCII.
         self._expected_authorization = f"Api-Key {api_key}".encode() if api_key else None
         self.schema = schema or ObservationSchema()
+        self.cameras = int(policy.metadata.get("cameras", 1))
+        if self.cameras > 2 or (self.cameras == 2 and not self.schema.wrist_image):
+            raise ValueError(f"the policy reads {self.cameras} cameras; the observation schema names "
+                             f"{1 + bool(self.schema.wrist_image)} (image, wrist_image)")
         self.host, self.port = host, port
         self.queue_size = queue_size
         limits = {"max_message_bytes": self.max_message_bytes, "queue_size": queue_size,
@@ -255,7 +267,7 @@ class PolicyServer:
     async def _infer(self, message: bytes | str) -> tuple[dict[str, Any], dict[str, float]] | str:
         """(result, timing) of one request, or the text of the error frame that refuses it."""
         try:
-            frames, state, prompt = decode_observation(message, self.schema, self.policy.proprio_dim)
+            frames, state, prompt = decode_observation(message, self.schema, self.policy.proprio_dim, self.cameras)
         except MalformedRequest as e:
             return f"malformed request: {e}"
         assert self._queue is not None

@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from data_pipelines import pipeline as oxe_pipeline
+from data_pipelines import views
 from data_pipelines.config import clip_num_actions  # noqa: F401  (re-exported)
 from data_pipelines.synthetic import make_synthetic_dataset
 from wamjax.models.text import TextEmbedder
@@ -21,13 +22,15 @@ __all__ = ["TextEmbedder", "device_batch", "make_stage_dataset", "stage_data_con
 
 
 def stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
-    """config.data with the stage's dataset overrides applied."""
+    """config.data with the stage's dataset (and camera) overrides applied."""
     data = copy.deepcopy(config.data)
     stage_cfg = config.stages[stage]
     with data.unlocked():
         if stage_cfg.datasets:
             data.datasets = stage_cfg.datasets
             data.weights = tuple(stage_cfg.weights)
+        if stage_cfg.get("cameras"):
+            data.cameras = stage_cfg.cameras
     return data
 
 
@@ -44,6 +47,9 @@ def make_stage_dataset(
 ) -> tuple[grain.IterDataset, dict]:
     """The stage's per-process batch dataset and the normalization stats it uses."""
     data = stage_data_config(config, stage)
+    if views.model_views(data) > 1:
+        raise ValueError(f"data.view_layout={data.view_layout!r} with cameras {views.camera_names(data)}: the model "
+                         "reads one frame per time step; use data.view_layout='tile'")
     if data.latents_cache:
         from data_pipelines.encode_latents import make_latents_dataset
         from wamjax.models.vae import vae_config_for

@@ -1,0 +1,105 @@
+"""Inference inputs built as the trainer builds them: several cameras into one frame, and Wan2.1-I2V's
+first-frame latents and CLIP tokens."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_pipelines import views
+from wamjax.models import clip
+from wamjax.models import vae as vae_lib
+from wamjax.models.config import ModelConfig
+from wamjax.models.wam import first_frame_video
+
+Params = Any
+
+
+def load_image_encoder(
+    run_config: ml_collections.ConfigDict, model: ModelConfig
+) -> tuple[clip.CLIPVisionConfig | None, Params | None]:
+    """The frozen CLIP tower the run trained with (`image.*`), or (None, None) for a text-to-video model."""
+    if not model.image_conditioned:
+        return None, None
+    cfg = clip.encoder_config(run_config)
+    return cfg, jax.tree.map(jnp.asarray, clip.encoder_params(run_config, cfg))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 5))
+def i2v_conditioning(
+    vae_config: Any, vae_params: Params, image_config: clip.CLIPVisionConfig, image_params: Params,
+    first_frames: jax.Array, num_frames: int,
+) -> tuple[jax.Array, jax.Array]:
+    """uint8 first frames [B, H, W, 3] -> (normalized VAE latents of the frame followed by `num_frames - 1` zero
+    frames [B, F, h, w, z], CLIP tokens [B, tokens, image_dim]): the trainer's conditioning of a clip."""
+    video = vae_lib.frames_to_video(first_frames)[:, None]
+    video = jnp.concatenate([video, jnp.zeros((video.shape[0], num_frames - 1, *video.shape[2:]), video.dtype)], 1)
+    latents = vae_lib.vae_encode(vae_config, vae_params, first_frame_video(video))
+    condition = vae_lib.normalize_latents(vae_config, latents)
+    return condition, clip.encode_frames(image_config, image_params, first_frames)
+
+
+def policy_data_config(run_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The data config a policy's action stage trained on (its `stages.action_tune` overrides applied)."""
+    if "action_tune" not in run_config.get("stages", {}):
+        return run_config.data
+    from wamjax.train.inputs import stage_data_config
+
+    return stage_data_config(run_config, "action_tune")
+
+
+def camera_count(run_config: ml_collections.ConfigDict) -> int:
+    """How many cameras the run's action stage read (`data.cameras`; 1 when unset)."""
+    return views.num_views(policy_data_config(run_config))
+
+
+def combine_cameras(
+    images: np.ndarray | Sequence[np.ndarray], run_config: ml_collections.ConfigDict,
+    resize: Any,
+) -> np.ndarray:
+    """The cameras of one observation as the model's frames [T, H, W, 3] (or [H, W, 3]) at `data.resolution`.
+
+    `images` is one array per camera (a list, in `data.cameras` order, each [H, W, 3] or [T, H, W, 3]) or an array
+    with a views axis [V, H, W, 3] / [T, V, H, W, 3]; a single-camera model also takes its one array as is.
+    Several cameras are resized to one grid cell each and tiled (`data.view_layout=tile`), as in training.
+    `resize(frames [T, H, W, 3], (h, w))` is the resize the policy uses.
+    """
+    data = policy_data_config(run_config)
+    expected = views.num_views(data)
+    names = views.camera_names(data) or ["primary"]
+    if isinstance(images, (list, tuple)):
+        per_camera = [np.asarray(i) for i in images]
+    elif expected == 1:
+        return np.asarray(images)
+    else:
+        images = np.asarray(images)
+        if images.ndim not in (4, 5) or images.shape[-4] != expected:
+            raise ValueError(f"images have shape {images.shape}; this policy reads {expected} cameras {names}: "
+                             f"pass a list of {expected} arrays or an array [{expected}, H, W, 3] / "
+                             f"[T, {expected}, H, W, 3]")
+        per_camera = [images[..., v, :, :, :] for v in range(expected)]
+    if len(per_camera) != expected:
+        raise ValueError(f"{len(per_camera)} camera images; this policy reads {expected} cameras {names} "
+                         "(data.cameras of its run), in that order")
+    if expected == 1:
+        return per_camera[0]
+    layout = views.view_layout(data)
+    if layout != "tile":
+        raise NotImplementedError(f"data.view_layout={layout!r}: inference takes tiled cameras only")
+    shapes = {i.shape[:-3] for i in per_camera}
+    for name, image in zip(names, per_camera, strict=True):
+        if image.ndim not in (3, 4) or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"camera {name!r}: image has shape {image.shape} and dtype {image.dtype}; expected "
+                             "uint8 [H, W, 3] or [T, H, W, 3]")
+    if len(shapes) != 1:
+        raise ValueError(f"camera images disagree on their number of frames: {[i.shape for i in per_camera]}")
+    cell = views.view_resolution(data.resolution, expected, layout)
+    resized = [resize(i if i.ndim == 4 else i[None], cell) for i in per_camera]
+    tiled = views.tile_views(np.stack(resized, axis=1))
+    return tiled if per_camera[0].ndim == 4 else tiled[0]
