@@ -1,6 +1,8 @@
 """The real trainer on the tiny model: losses fall, stages chain, frozen parameters stay put, faults are handled."""
 
 import os
+import re
+import sys
 
 import jax
 import numpy as np
@@ -9,6 +11,7 @@ from train_utils import get_config, metrics_rows, run_main
 
 from wamjax.checkpoint import manager as ckpt
 from wamjax.export.load import load_checkpoint
+from wamjax.train import loop as loop_lib
 from wamjax.train.loop import NumericalFault, train
 
 
@@ -122,3 +125,29 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     _, params = load_checkpoint(os.path.join(ckpt.checkpoint_dir(str(tmp_path)), str(latest - 1)), use_ema=False)
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_loop_reads_the_device_on_log_and_checkpoint_steps_only(tmp_path, monkeypatch):
+    """Metrics stay on device between log steps; the deferred non-finite check still names the exact step."""
+    real_device_get = jax.device_get
+    loop_fetches = []
+
+    def counting_device_get(tree):
+        if sys._getframe(1).f_code.co_filename == loop_lib.__file__:
+            loop_fetches.append(tree)
+        return real_device_get(tree)
+
+    monkeypatch.setattr(jax, "device_get", counting_device_get)
+    config = _tiny("size=tiny,stage=video_pretrain", 30, **{"optim.learning_rate": 1e12, "optim.grad_clip": 0.0,
+                                                            "optim.max_consecutive_nonfinite": 2})
+    config.train.log_every = 4
+    config.checkpoint.every_steps = 4
+    with pytest.raises(NumericalFault, match=r"step \d+: 3 non-finite steps in a row") as fault:
+        train(config, str(tmp_path))
+    fault_step = int(re.search(r"step (\d+):", str(fault.value)).group(1))
+    assert fault_step >= 3
+    # Today's loop read every step; now one transfer per log/checkpoint step, the last one finding the fault.
+    assert len(loop_fetches) == -(-fault_step // 4) < fault_step
+    assert [r["step"] for r in metrics_rows(str(tmp_path))] == list(range(4, fault_step, 4))
+    latest = ckpt.make_manager(str(tmp_path), config.checkpoint).latest_step()
+    assert latest == 4 * ((fault_step - 1) // 4)  # nothing was saved at or past the faulty step

@@ -220,13 +220,16 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
     )
 
     # --- Loop --------------------------------------------------------------------------------------
+    # Metrics stay on device between fetches so that dispatch runs ahead of the device; the host blocks only
+    # on log, checkpoint, stage-end and preemption steps (see `_NonfiniteGuard` for what that costs).
     step = int(state.step)
     stage_done = ledger.stage_steps(stage)
     reason = "steps"
-    max_bad = int(config.optim.max_consecutive_nonfinite)
+    guard = _NonfiniteGuard(int(config.optim.max_consecutive_nonfinite))
     every = max(1, int(config.checkpoint.every_steps))
     ledger_config = config.to_dict()
-    last_time = time.perf_counter()
+    last_time = fetch_time = time.perf_counter()
+    steps_since_fetch = 0
     while True:
         if stage_done >= total_steps:
             reason = "steps"
@@ -238,36 +241,38 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
             break
         host_batch = next(data_iter)
         batch = inputs_lib.device_batch(host_batch, text, mesh, rules)
-        state, metrics = train_step(state, batch, vae_params)
-        metrics = jax.device_get(metrics)
-        now = time.perf_counter()
-        step_time = now - last_time
-        last_time = now
+        state, device_metrics = train_step(state, batch, vae_params)
         step += 1
         stage_done += 1
-        ledger.record(stage, flops.train_per_step, config.data.batch_size, tokens_per_step, step_time,
+        steps_since_fetch += 1
+        guard.add(step, device_metrics)
+        stage_flops = ledger.stage_flops(stage) + flops.train_per_step
+        stage_ends = stage_done >= total_steps or bool(budget and stage_flops + flops.train_per_step > budget)
+        log_step = step % config.train.log_every == 0 or stage_ends or sigterm.raised
+        preempt = sigterm.raised
+        finished = stage_ends
+        save_step = step % every == 0 or preempt or finished
+        # Blocks until this step is done; raises NumericalFault before anything is saved past a fault.
+        metrics = guard.fetch() if log_step or save_step else None
+        now = time.perf_counter()
+        # Host time between dispatches; a fetch's wait for the device lands on its step, so the ledger's
+        # per-stage seconds still sum to wall time.
+        ledger.record(stage, flops.train_per_step, config.data.batch_size, tokens_per_step, now - last_time,
                       frozen_flops=flops.frozen_per_step)
-
-        if int(metrics["nonfinite_in_a_row"]) > 0:
-            logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, %d max)",
-                            step, int(metrics["nonfinite_in_a_row"]), max_bad)
-        if int(metrics["nonfinite_in_a_row"]) > max_bad:
-            raise NumericalFault(
-                f"step {step}: {int(metrics['nonfinite_in_a_row'])} non-finite steps in a row "
-                f"(optim.max_consecutive_nonfinite={max_bad}); stopping with the last good checkpoint kept"
-            )
-        stage_ends = stage_done >= total_steps or (budget and ledger.stage_flops(stage) + flops.train_per_step > budget)
-        if step % config.train.log_every == 0 or stage_ends or sigterm.raised:
+        last_time = now
+        if metrics is None:
+            continue
+        step_time = (now - fetch_time) / steps_since_fetch
+        fetch_time, steps_since_fetch = now, 0
+        if log_step:
             row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, mesh.size,
                                config.data.batch_size, tokens_per_step)
             writer.write(row)
             logging.info(format_progress(row, total_steps, stage_done))
 
-        preempt = sigterm.raised
-        finished = stage_ends
         if finished:
             ledger.end_stage(stage, step)
-        if step % every == 0 or preempt or finished:
+        if save_step:
             ckpt.save(manager, step, state, data_iter, ledger.to_json(), ledger_config, norm_stats,
                       force=True)
         if preempt:
@@ -282,6 +287,45 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
                         "stage_flops": ledger.stage_flops(stage)})
     logging.info("stage %s ended at step %d (%s); stage FLOPs %.3e", stage, step, reason, ledger.stage_flops(stage))
     return StageResult(stage, state, step, reason)
+
+
+class _NonfiniteGuard:
+    """Skips, counts and stops on non-finite steps without reading the device every step.
+
+    optax.apply_if_finite already skips a non-finite update and counts them in a row on the device; the host
+    only has to stop the run once the count passes `max_consecutive_nonfinite`. Each step's count stays on the
+    device until the next fetch, where all of them come over in one transfer and are checked in step order, so
+    the fault names the exact step and a checkpoint is never written past it. The trade-off: the run notices a
+    fault only at the next log or checkpoint step, so up to `train.log_every - 1` more steps run (and are
+    skipped, as their updates are non-finite too) before it stops.
+    """
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self._pending: list[tuple[int, jax.Array]] = []
+        self._last: dict[str, jax.Array] | None = None
+
+    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self._pending.append((step, metrics["nonfinite_in_a_row"]))
+        self._last = metrics
+
+    def fetch(self) -> dict[str, Any]:
+        """The newest step's metrics on the host, after checking every step since the last fetch."""
+        steps = [s for s, _ in self._pending]
+        last, counts = jax.device_get((self._last, [c for _, c in self._pending]))
+        self._pending = []
+        for step, count in zip(steps, counts, strict=True):
+            count = int(count)
+            if count > 0:
+                logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, %d max)",
+                                step, count, self.max_in_a_row)
+            if count > self.max_in_a_row:
+                raise NumericalFault(
+                    f"step {step}: {count} non-finite steps in a row "
+                    f"(optim.max_consecutive_nonfinite={self.max_in_a_row}); stopping with the last good "
+                    "checkpoint kept"
+                )
+        return last
 
 
 def _vae_params(config: ml_collections.ConfigDict, vae_cfg: Any) -> Any:
