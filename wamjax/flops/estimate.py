@@ -133,7 +133,7 @@ def format_text(est: dict[str, Any]) -> str:
             lines.append(f"  {name:<30} {format_flops(value):>14}  {100 * value / fwd:5.1f}%")
     lines += [
         f"forward per sample            {format_flops(fwd)}",
-        f"train per sample (3x fwd)     {format_flops(est['train_flops_per_sample'])}",
+        f"train per sample              {format_flops(est['train_flops_per_sample'])}",
         f"train per step                {format_flops(est['train_flops_per_step'])}",
         f"hardware per step (remat={est['remat_policy']}) {format_flops(est['hardware_flops_per_step'])}",
         f"frozen per step               {format_flops(est['frozen_flops_per_step'])} "

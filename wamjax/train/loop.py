@@ -25,14 +25,14 @@ from wamjax.flops.peak import peak_flops_per_device
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
 from wamjax.models.wam import WorldActionModel, example_inputs
-from wamjax.parallel.mesh import logical_rules, make_mesh, replicated
+from wamjax.parallel.mesh import batch_sharding, logical_rules, make_mesh, replicated
 from wamjax.parallel.placement import check_placement
 from wamjax.train import inputs as inputs_lib
 from wamjax.train.metrics import MetricsWriter, format_progress
 from wamjax.train.optimizer import make_optimizer
 from wamjax.train.setup import boxed_init_fn, jit_train_step, sharded_init
 from wamjax.train.stages import STAGES
-from wamjax.train.step import StepSpec, TrainState, make_train_step
+from wamjax.train.step import StepSpec, TrainState, check_microbatches, make_train_step
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved and stopped on SIGTERM; resubmit the same command.
 
@@ -204,8 +204,12 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
         vae_params = jax.device_put(_vae_params(config, vae_cfg), replicated(mesh))
 
     # --- Update step -------------------------------------------------------------------------------
+    microbatches = int(config.train.microbatches)
+    batch_size = int(config.data.batch_size)
+    check_microbatches(microbatches, batch_size,
+                       batch_size // batch_sharding(mesh, rules, 1).shard_shape((batch_size,))[0])
     spec = StepSpec(model=cfg, mode=mode, clean_context_frames=int(stage_cfg.clean_context_frames),
-                    vae=vae_cfg, pad_to_multiple=pad)
+                    vae=vae_cfg, pad_to_multiple=pad, microbatches=microbatches, trainable=stage_cfg.trainable)
     stage_start = ledger.stage_start_step[stage]
     step_fn = make_train_step(spec, config.diffusion, tx, schedule, config.optim.ema_decay, stage_start)
     train_step = jit_train_step(step_fn, state_shardings)
