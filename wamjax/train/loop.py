@@ -20,7 +20,7 @@ from absl import logging
 
 from wamjax.checkpoint import manager as ckpt
 from wamjax.flops.analytic import train_step_flops
-from wamjax.flops.ledger import FlopLedger
+from wamjax.flops.ledger import FlopLedger, stage_step_count
 from wamjax.flops.peak import peak_flops_per_device
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
@@ -148,8 +148,11 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
     mode = stage_cfg.mode
     if mode not in ("video", "joint"):
         raise ValueError(f"stages.{stage}.mode={mode!r}; expected 'video' or 'joint'")
-    total_steps = stage_steps(config, stage)
     budget = float(stage_cfg.budget_flops)
+    flops = train_step_flops(config, stage)
+    # One count for the loop's end, the schedule and `flops.estimate`: the budget may buy fewer than `steps`.
+    total_steps = stage_step_count(stage_steps(config, stage), budget, flops.train_per_step)
+    budget_limited = total_steps < stage_steps(config, stage)
 
     # --- Input -------------------------------------------------------------------------------------
     dataset, norm_stats = inputs_lib.make_stage_dataset(config, stage, jax.process_index(), jax.process_count())
@@ -214,12 +217,12 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
     step_fn = make_train_step(spec, config.diffusion, tx, schedule, config.optim.ema_decay, stage_start)
     train_step = jit_train_step(step_fn, state_shardings)
 
-    flops = train_step_flops(config, stage)
     peak = peak_flops_per_device(config.flops.device_kind or None)
     tokens_per_step = (flops.video_tokens + flops.action_tokens) * config.data.batch_size
     logging.info(
-        "stage %s: mode=%s steps=%d trainable=%s | %.3e model FLOPs/step (fwd %.3e/sample, frozen %.3e/step)%s",
-        stage, mode, total_steps, stage_cfg.trainable, flops.train_per_step, flops.forward_per_sample,
+        "stage %s: mode=%s steps=%d%s trainable=%s | %.3e model FLOPs/step (fwd %.3e/sample, frozen %.3e/step)%s",
+        stage, mode, total_steps, f" (what the budget buys of {stage_steps(config, stage)})" if budget_limited else "",
+        stage_cfg.trainable, flops.train_per_step, flops.forward_per_sample,
         flops.frozen_per_step, f" | budget {budget:.3e} FLOPs" if budget else "",
     )
 
@@ -236,12 +239,10 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
     steps_since_fetch = 0
     while True:
         if stage_done >= total_steps:
-            reason = "steps"
-            break
-        if budget and ledger.stage_flops(stage) + flops.train_per_step > budget:
-            reason = "budget"
-            logging.info("stage %s: FLOP budget %.3e spent at step %d (one more step would exceed it)",
-                         stage, budget, step)
+            reason = "budget" if budget_limited else "steps"
+            if budget_limited:
+                logging.info("stage %s: FLOP budget %.3e spent at step %d (one more step would exceed it)",
+                             stage, budget, step)
             break
         host_batch = next(data_iter)
         batch = inputs_lib.device_batch(host_batch, text, mesh, rules)
@@ -250,8 +251,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, si
         stage_done += 1
         steps_since_fetch += 1
         guard.add(step, device_metrics)
-        stage_flops = ledger.stage_flops(stage) + flops.train_per_step
-        stage_ends = stage_done >= total_steps or bool(budget and stage_flops + flops.train_per_step > budget)
+        stage_ends = stage_done >= total_steps
         log_step = step % config.train.log_every == 0 or stage_ends or sigterm.raised
         preempt = sigterm.raised
         finished = stage_ends
