@@ -144,6 +144,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.steps = 50 if tiny else 100_000
     c.train.seed = 0
     c.train.log_every = 5 if tiny else 50
+    c.train.microbatches = 1  # gradient accumulation: data.batch_size in this many pieces, one optimizer step
     c.train.param_dtype = "float32"
 
     c.checkpoint = ml_collections.ConfigDict()

@@ -16,7 +16,7 @@ from wamjax.inference.policy import Policy, imagine_then_act
 from wamjax.models.config import SIZES, ModelConfig
 from wamjax.models.dit import action_latent_frame, latent_frame_chunk
 from wamjax.serving.serve import PolicyServer
-from wamjax.train.step import StepSpec, compute_loss, sample_chunk_times
+from wamjax.train.step import StepSpec, compute_loss, example_rngs, sample_chunk_times
 
 B, F, T_A = 4, 3, 8
 
@@ -40,16 +40,19 @@ def _loss(cfg, params, diffusion, seed=0):
              "action_mask": jnp.ones((B, T_A), bool)}
     spec = StepSpec(model=cfg, mode="joint", clean_context_frames=1, vae=None)
     fn = jax.jit(lambda p, x, bt, r: compute_loss(spec, diffusion, p, x, bt, r)[1])
-    return fn(params, x0, batch, jax.random.key(7)), (x0, batch)
+    return fn(params, x0, batch, example_rngs(jax.random.key(7), B)), (x0, batch)
 
 
 def _noised_by_hand(cfg, diffusion, x0, actions):
-    """The times and noises compute_loss draws from key 7 (its split into five keys)."""
-    rng_tv, rng_ta, rng_nv, rng_na, _ = jax.random.split(jax.random.key(7), 5)
+    """The times and noises compute_loss draws from key 7 (one key per example, each split into five)."""
+    keys = jax.vmap(lambda r: jax.random.split(r, 5))(example_rngs(jax.random.key(7), B))
+    rng_tv, rng_ta, rng_nv, rng_na = (keys[:, i] for i in range(4))
     chunks = latent_frame_chunk(cfg, F)
-    t_video = sample_chunk_times(rng_tv, chunks, B, diffusion).at[:, 0].set(0.0)
-    t_action = sample_chunk_times(rng_ta, chunks[np.minimum(action_latent_frame(cfg, T_A), F - 1)], B, diffusion)
-    return t_video, t_action, jax.random.normal(rng_nv, x0.shape), jax.random.normal(rng_na, actions.shape)
+    t_video = sample_chunk_times(rng_tv, chunks, diffusion).at[:, 0].set(0.0)
+    t_action = sample_chunk_times(rng_ta, chunks[np.minimum(action_latent_frame(cfg, T_A), F - 1)], diffusion,
+                                  "action")
+    normal = lambda rngs, shape: jax.vmap(lambda r: jax.random.normal(r, shape[1:]))(rngs)
+    return t_video, t_action, normal(rng_nv, x0.shape), normal(rng_na, actions.shape)
 
 
 def test_clean_modality_draw_holds_it_at_t0_and_drops_its_loss(joint_model):

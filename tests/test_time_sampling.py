@@ -12,7 +12,14 @@ from wamjax.models.config import model_config_from_run
 from wamjax.models.vae import vae_config_for
 from wamjax.models.wam import init_params
 from wamjax.train.optimizer import make_optimizer
-from wamjax.train.step import StepSpec, TrainState, check_diffusion_config, make_train_step, sample_chunk_times
+from wamjax.train.step import (
+    StepSpec,
+    TrainState,
+    check_diffusion_config,
+    example_rngs,
+    make_train_step,
+    sample_chunk_times,
+)
 
 N = 100_000
 
@@ -40,11 +47,11 @@ def test_video_and_action_times_follow_their_own_distributions():
     d = get_config("size=tiny,stage=action_tune").diffusion
     d.shift, d.video_time_sampling, d.action_time_sampling = 1.0, "beta", "uniform"
     chunks = np.zeros(1, np.int32)
-    video = np.asarray(sample_chunk_times(jax.random.key(2), chunks, N, d, "video"))
-    action = np.asarray(sample_chunk_times(jax.random.key(3), chunks, N, d, "action"))
+    video = np.asarray(sample_chunk_times(example_rngs(jax.random.key(2), N), chunks, d, "video"))
+    action = np.asarray(sample_chunk_times(example_rngs(jax.random.key(3), N), chunks, d, "action"))
     assert video.mean() == pytest.approx(0.75, abs=3e-3) and action.mean() == pytest.approx(0.5, abs=3e-3)
     d.video_time_sampling = ""  # falls back to the shared time_sampling (logit-normal)
-    video = np.asarray(sample_chunk_times(jax.random.key(2), chunks, N, d, "video"))
+    video = np.asarray(sample_chunk_times(example_rngs(jax.random.key(2), N), chunks, d, "video"))
     assert video.mean() == pytest.approx(0.5, abs=3e-3)
 
 

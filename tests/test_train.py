@@ -1,15 +1,22 @@
 """The real trainer on the tiny model: losses fall, stages chain, frozen parameters stay put, faults are handled."""
 
+import json
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
-from train_utils import get_config, metrics_rows, run_main
+from train_utils import REPO, get_config, metrics_rows, run_main, subprocess_env
 
 from wamjax.checkpoint import manager as ckpt
 from wamjax.export.load import load_checkpoint
+from wamjax.flops.analytic import train_step_flops
+from wamjax.train import loop as loop_lib
 from wamjax.train.loop import NumericalFault, train
+from wamjax.train.optimizer import learning_rate_schedule
 
 
 def _tiny(arg: str, steps: int, **overrides) -> object:
@@ -142,3 +149,56 @@ def test_i2v_action_tune_trains_and_checkpoints(tmp_path):
     block = params["blocks"]["layers"]["block"]
     assert block["attn2"]["add_k_proj"]["kernel"].shape == (2, 48, 48)
     assert params["patch_embedding"]["kernel"].shape[3] == 36  # 16 noisy + 4 mask + 16 conditioning channels
+
+
+def test_loop_reads_the_device_on_log_and_checkpoint_steps_only(tmp_path, monkeypatch):
+    """Metrics stay on device between log steps; the deferred non-finite check still names the exact step."""
+    real_device_get = jax.device_get
+    loop_fetches = []
+
+    def counting_device_get(tree):
+        if sys._getframe(1).f_code.co_filename == loop_lib.__file__:
+            loop_fetches.append(tree)
+        return real_device_get(tree)
+
+    monkeypatch.setattr(jax, "device_get", counting_device_get)
+    config = _tiny("size=tiny,stage=video_pretrain", 30, **{"optim.learning_rate": 1e12, "optim.grad_clip": 0.0,
+                                                            "optim.max_consecutive_nonfinite": 2})
+    config.train.log_every = 4
+    config.checkpoint.every_steps = 4
+    with pytest.raises(NumericalFault, match=r"step \d+: 3 non-finite steps in a row") as fault:
+        train(config, str(tmp_path))
+    fault_step = int(re.search(r"step (\d+):", str(fault.value)).group(1))
+    assert fault_step >= 3
+    # Today's loop read every step; now one transfer per log/checkpoint step, the last one finding the fault.
+    assert len(loop_fetches) == -(-fault_step // 4) < fault_step
+    assert [r["step"] for r in metrics_rows(str(tmp_path))] == list(range(4, fault_step, 4))
+    latest = ckpt.make_manager(str(tmp_path), config.checkpoint).latest_step()
+    assert latest == 4 * ((fault_step - 1) // 4)  # nothing was saved at or past the faulty step
+
+
+def test_budget_cut_stage_runs_the_estimated_steps_on_a_schedule_built_for_them(tmp_path):
+    config = _tiny("size=tiny,stage=video_pretrain", 20, **{"optim.warmup_steps": 1})
+    config.train.log_every = 1
+    step_flops = train_step_flops(config, "video_pretrain").train_per_step
+    config.stages.video_pretrain.budget_flops = 7 * step_flops  # an exact multiple buys all 7 steps
+    est = subprocess.run(
+        [sys.executable, "-m", "wamjax.flops.estimate",
+         f"--config={REPO}/configs/wam.py:size=tiny,stage=video_pretrain",
+         "--config.train.steps=20", f"--config.stages.video_pretrain.budget_flops={7 * step_flops!r}",
+         "--format=json"], env=subprocess_env(1), cwd=REPO, capture_output=True, text=True, check=True)
+    estimate = json.loads(est.stdout)
+    assert (estimate["stage_steps"], estimate["budget_limited"], estimate["configured_steps"]) == (7, True, 20)
+
+    (result,) = train(config, str(tmp_path))
+    assert (result.final_step, result.reason) == (estimate["stage_steps"], "budget")
+    rows = metrics_rows(str(tmp_path))
+    assert [r["step"] for r in rows] == list(range(1, 8))
+    assert rows[-1]["stage_flops"] <= config.stages.video_pretrain.budget_flops
+    # The schedule spans the 7 steps the budget buys, not the 20 configured: the last step's learning rate
+    # is one step from the cosine floor, which the next step (not bought) would reach.
+    peak, floor = config.optim.learning_rate, config.optim.learning_rate * config.optim.min_lr_ratio
+    schedule = learning_rate_schedule(peak, 1, 7, config.optim.min_lr_ratio)
+    assert rows[-1]["learning_rate"] == pytest.approx(float(schedule(6)), rel=1e-5)
+    assert float(schedule(7)) == pytest.approx(floor, rel=1e-6)
+    assert rows[-1]["learning_rate"] < floor + 0.1 * (peak - floor)

@@ -40,6 +40,9 @@ def clean_probs(diffusion: ml_collections.ConfigDict) -> tuple[float, float]:
     return pv, pa
 
 
+CLEAN_DRAW_FOLD = 1  # folded into an example's key for its clean-modality draw
+
+
 class CleanDraw(NamedTuple):
     """Per example [B] booleans: the video is clean (inverse dynamics) / the actions are clean (world model)."""
 
@@ -47,10 +50,12 @@ class CleanDraw(NamedTuple):
     actions: jax.Array
 
 
-def draw_clean_modalities(rng: jax.Array, batch: int, diffusion: ml_collections.ConfigDict) -> CleanDraw | None:
-    """Which examples have a clean modality; None when both shares are 0 (no draw, today's behaviour)."""
+def draw_clean_modalities(example_rngs: jax.Array, diffusion: ml_collections.ConfigDict) -> CleanDraw | None:
+    """Which examples have a clean modality, from one key per example [B]; None when both shares are 0 (no
+    draw, today's behaviour). The keys are folded with a constant of their own so the draw is independent of
+    the times and noises drawn from the same keys."""
     pv, pa = clean_probs(diffusion)
     if pv == 0.0 and pa == 0.0:
         return None
-    u = jax.random.uniform(rng, (batch,))
+    u = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(r, CLEAN_DRAW_FOLD)))(example_rngs)
     return CleanDraw(video=u < pv, actions=(u >= pv) & (u < pv + pa))

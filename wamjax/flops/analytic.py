@@ -359,7 +359,7 @@ class StepFlops:
     """FLOPs of one training step of a stage (whole global batch) and its per-sample parts."""
 
     forward_per_sample: float
-    train_per_step: float  # model FLOPs: 3 x forward x global batch (forward + backward), no remat recompute
+    train_per_step: float  # model FLOPs: forward + backward x global batch (`train_multipliers`), no remat recompute
     frozen_per_step: float  # frozen parts run in the step (VAE encoder, text encoder if online)
     hardware_per_step: float  # train_per_step plus what rematerialization recomputes
     batch_size: int
@@ -373,7 +373,7 @@ class StepFlops:
 
     @property
     def train_per_sample(self) -> float:
-        return 3.0 * self.forward_per_sample
+        return self.train_per_step / self.batch_size
 
     @property
     def tokens_per_sample(self) -> int:
@@ -426,6 +426,46 @@ def frozen_flops(config: ml_collections.ConfigDict, batch: int | None = None) ->
 
 _NO_RECOMPUTE_POLICIES = ("none", "everything")
 
+# A parameter of each component (the names `stages.<stage>.trainable` matches against) and the components
+# feeding it, for deciding which backward work a partly frozen model does.
+_COMPONENT_PARAM = {
+    "patch_embedding": "patch_embedding/kernel",
+    "text_projection": "condition_embedder/text_embedder/linear_1/kernel",
+    "modulation": "condition_embedder/time_embedder/linear_1/kernel",
+    "action_encoders": "actions/action_encoder/kernel",
+    "self_attention_projections": "blocks/layers/block/attn1/to_q/kernel",
+    "cross_attention_projections": "blocks/layers/block/attn2/to_q/kernel",
+    "ffn": "blocks/layers/block/ffn/proj_in/kernel",
+    "output_head": "proj_out/kernel",
+    "action_decoder": "actions/action_decoder/kernel",
+}
+_INPUT_COMPONENTS = ("patch_embedding", "text_projection", "modulation", "action_encoders")
+_BLOCK_WEIGHTS = ("self_attention_projections", "cross_attention_projections", "ffn")
+_WEIGHTLESS = ("self_attention_scores", "cross_attention_scores", "norms_and_elementwise", "attention_skipped_blocks")
+
+
+def train_multipliers(trainable: str) -> dict[str, float]:
+    """Training FLOPs per forward FLOP of each component when `trainable` parameters train.
+
+    A trained component costs 3x its forward (forward, activation gradient, weight gradient: the usual
+    convention, so `all` is 3x everywhere). A frozen component costs 2x (no weight gradient) where a trained
+    parameter lies upstream of it, so activation gradients pass through it, and 1x (forward only) where none
+    does. Weightless parts (attention scores, norms) cost 3x wherever gradients pass through them.
+    """
+    from wamjax.train.optimizer import is_trainable
+
+    trained = {name: is_trainable(param, trainable) for name, param in _COMPONENT_PARAM.items()}
+    into_blocks = any(trained[name] for name in _INPUT_COMPONENTS) or any(trained[n] for n in _BLOCK_WEIGHTS)
+    flows = dict.fromkeys(_INPUT_COMPONENTS, False)
+    flows.update(dict.fromkeys(_BLOCK_WEIGHTS + _WEIGHTLESS + ("output_head", "action_decoder"), into_blocks))
+    out = {}
+    for name in COMPONENTS:
+        if name in _WEIGHTLESS:
+            out[name] = 3.0 if flows[name] else 1.0
+        else:
+            out[name] = 3.0 if trained[name] else (2.0 if flows[name] else 1.0)
+    return out
+
 
 def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_multiple: int = 1) -> StepFlops:
     """FLOPs of one training step of `stage` for a run config (configs/wam.py's layout)."""
@@ -447,7 +487,11 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
     components = forward_flops(cfg, **kwargs)
     tok = token_counts(cfg, **kwargs)
     forward = components.pop("total")
-    train = 3.0 * forward * batch
+    multipliers = train_multipliers(str(config.stages[stage].trainable))
+    train = sum(multipliers[name] * value for name, value in components.items()) * batch
+    if multipliers["cross_attention_projections"] == 2.0 and multipliers["text_projection"] == 1.0:
+        # The text keys/values of a frozen cross-attention have no trained parameter upstream: forward only.
+        train -= float(cfg.num_layers * 2 * _dense(tok.text, cfg.dim, cfg.dim)) * batch
     # Remat re-runs the block stack's forward during the backward pass ("everything" saves it all).
     recompute = 0.0 if cfg.remat_policy in _NO_RECOMPUTE_POLICIES else block_forward_flops(components) * batch
     frozen = frozen_flops(config, batch)

@@ -4,7 +4,9 @@
       [--config.data.batch_size=128] [--steps=N | --samples=N] [--budget_flops=9e21] [--format=json] [--xla]
 
 Totals use --steps, else --samples, else the stage's `steps` (or train.steps). The budget is --budget_flops,
-else the stage's `budget_flops`. `--xla` adds XLA's count of the compiled forward (small sizes only).
+else the stage's `budget_flops`. `stage_steps` is the count a run of the stage takes: its `steps`, cut to what
+the budget buys (`budget_limited`), the same count the training loop stops on and builds its schedule for.
+`--xla` adds XLA's count of the compiled forward (small sizes only).
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ def estimate(
     batch = step_flops.batch_size
     if steps is not None and samples is not None:
         raise ValueError("give --steps or --samples, not both")
+    configured_steps = int(stage_cfg.steps) if int(stage_cfg.steps) > 0 else int(config.train.steps)
     if samples is not None:
         steps = math.ceil(samples / batch)
     elif steps is None:
-        steps = int(stage_cfg.steps) if int(stage_cfg.steps) > 0 else int(config.train.steps)
+        steps = configured_steps
     samples = steps * batch if samples is None else samples
     budget = float(stage_cfg.budget_flops) if budget_flops is None else float(budget_flops)
     total = step_flops.train_per_sample * samples
@@ -90,6 +93,7 @@ def estimate(
         "frozen_flops_per_step": step_flops.frozen_per_step,
         "steps": steps,
         "samples": samples,
+        "configured_steps": configured_steps,
         "total_train_flops": total,
         "total_frozen_flops": step_flops.frozen_per_step * samples / batch,
         "budget_flops": budget,
@@ -97,6 +101,10 @@ def estimate(
         if budget > 0
         else None,
         "budget_fraction_of_total": total / budget if budget > 0 else None,
+        # What a run of this stage does: its configured steps, cut to what the budget buys.
+        "stage_steps": ledger.stage_step_count(configured_steps, budget, step_flops.train_per_step),
+        "budget_limited": budget > 0
+        and ledger.stage_step_count(configured_steps, budget, step_flops.train_per_step) < configured_steps,
     }
     out.update(six_nd(config, tok, steps, batch))
     if xla:
@@ -176,7 +184,7 @@ def format_text(est: dict[str, Any]) -> str:
             lines.append(f"  {name:<30} {format_flops(value):>14}  {100 * value / fwd:5.1f}%")
     lines += [
         f"forward per sample            {format_flops(fwd)}",
-        f"train per sample (3x fwd)     {format_flops(est['train_flops_per_sample'])}",
+        f"train per sample              {format_flops(est['train_flops_per_sample'])}",
         f"train per step                {format_flops(est['train_flops_per_step'])}",
         f"hardware per step (remat={est['remat_policy']}) {format_flops(est['hardware_flops_per_step'])}",
         f"frozen per step               {format_flops(est['frozen_flops_per_step'])} "
@@ -194,6 +202,11 @@ def format_text(est: dict[str, Any]) -> str:
             f"budget {format_flops(est['budget_flops'])} buys {est['steps_for_budget']} steps "
             f"({est['steps_for_budget'] * est['batch_size']} samples); the total above is "
             f"{est['budget_fraction_of_total']:.3f} of it"
+        )
+    if est["budget_limited"]:
+        lines.append(
+            f"the stage runs {est['stage_steps']} of its {est['configured_steps']} configured steps (budget-limited); "
+            "its learning-rate schedule is built for that count"
         )
     if "xla_forward_flops_per_sample" in est:
         lines.append(

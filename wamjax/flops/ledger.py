@@ -181,6 +181,16 @@ def steps_for_budget(budget: float, flops_per_step: float) -> int:
     return int(math.floor(budget / flops_per_step * (1 + 1e-12)))
 
 
+def stage_step_count(steps: int, budget: float, flops_per_step: float) -> int:
+    """Steps a stage runs: its `steps`, or the fewer that its FLOP budget buys (`budget` <= 0: no budget).
+
+    The loop stops on this count, the learning-rate schedule is built for it and `flops.estimate` prints it.
+    """
+    if budget <= 0:
+        return int(steps)
+    return min(int(steps), steps_for_budget(budget, flops_per_step))
+
+
 _PREFIXES = (
     (1e21, "ZFLOPs"),
     (1e18, "EFLOPs"),

@@ -22,13 +22,13 @@ from jax.experimental import multihost_utils
 from wamjax.checkpoint import manager as ckpt
 from wamjax.eval.offline import LoopEvaluator
 from wamjax.flops.analytic import train_step_flops
-from wamjax.flops.ledger import FlopLedger
+from wamjax.flops.ledger import FlopLedger, stage_step_count
 from wamjax.flops.peak import peak_flops_per_device
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
 from wamjax.models.wam import I2V_MASK_CHANNELS, WorldActionModel, example_inputs
-from wamjax.parallel.mesh import logical_rules, make_mesh, replicated
+from wamjax.parallel.mesh import batch_sharding, logical_rules, make_mesh, replicated
 from wamjax.parallel.placement import check_placement
 from wamjax.paths import PathLike, as_path
 from wamjax.train import inputs as inputs_lib
@@ -36,7 +36,7 @@ from wamjax.train.metrics import MetricsWriter, format_progress
 from wamjax.train.optimizer import make_optimizer
 from wamjax.train.setup import boxed_init_fn, jit_train_step, sharded_init
 from wamjax.train.stages import STAGES
-from wamjax.train.step import StepSpec, TrainState, make_train_step
+from wamjax.train.step import StepSpec, TrainState, check_microbatches, make_train_step
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved and stopped on SIGTERM; resubmit the same command.
 
@@ -178,8 +178,11 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
     mode = stage_cfg.mode
     if mode not in ("video", "joint"):
         raise ValueError(f"stages.{stage}.mode={mode!r}; expected 'video' or 'joint'")
-    total_steps = stage_steps(config, stage)
     budget = float(stage_cfg.budget_flops)
+    flops = train_step_flops(config, stage)
+    # One count for the loop's end, the schedule and `flops.estimate`: the budget may buy fewer than `steps`.
+    total_steps = stage_step_count(stage_steps(config, stage), budget, flops.train_per_step)
+    budget_limited = total_steps < stage_steps(config, stage)
 
     # --- Input -------------------------------------------------------------------------------------
     dataset, norm_stats = inputs_lib.make_stage_dataset(config, stage, jax.process_index(), jax.process_count())
@@ -241,74 +244,80 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         vae_params = {"vae": vae_params, "image_encoder": image_params}
 
     # --- Update step -------------------------------------------------------------------------------
+    microbatches = int(config.train.microbatches)
+    batch_size = int(config.data.batch_size)
+    check_microbatches(microbatches, batch_size,
+                       batch_size // batch_sharding(mesh, rules, 1).shard_shape((batch_size,))[0])
     spec = StepSpec(model=cfg, mode=mode, clean_context_frames=int(stage_cfg.clean_context_frames),
-                    vae=vae_cfg, pad_to_multiple=pad, image_encoder=image_encoder)
+                    vae=vae_cfg, pad_to_multiple=pad, image_encoder=image_encoder, microbatches=microbatches,
+                    trainable=stage_cfg.trainable)
     stage_start = ledger.stage_start_step[stage]
     step_fn = make_train_step(spec, config.diffusion, tx, schedule, config.optim.ema_decay, stage_start)
     train_step = jit_train_step(step_fn, state_shardings)
     evaluator = LoopEvaluator.maybe(config, stage, cfg, vae_cfg, mode, stage_cfg.clean_context_frames, text, mesh,
                                     rules, vae_params, norm_stats, writer, workdir)
 
-    flops = train_step_flops(config, stage)
     peak = peak_flops_per_device(config.flops.device_kind or None)
     tokens_per_step = (flops.video_tokens + flops.action_tokens) * config.data.batch_size
     logging.info(
-        "stage %s: mode=%s steps=%d trainable=%s | %.3e model FLOPs/step (fwd %.3e/sample, frozen %.3e/step)%s",
-        stage, mode, total_steps, stage_cfg.trainable, flops.train_per_step, flops.forward_per_sample,
+        "stage %s: mode=%s steps=%d%s trainable=%s | %.3e model FLOPs/step (fwd %.3e/sample, frozen %.3e/step)%s",
+        stage, mode, total_steps, f" (what the budget buys of {stage_steps(config, stage)})" if budget_limited else "",
+        stage_cfg.trainable, flops.train_per_step, flops.forward_per_sample,
         flops.frozen_per_step, f" | budget {budget:.3e} FLOPs" if budget else "",
     )
 
     # --- Loop --------------------------------------------------------------------------------------
+    # Metrics stay on device between fetches so that dispatch runs ahead of the device; the host blocks only
+    # on log, checkpoint, stage-end and preemption steps (see `_NonfiniteGuard` for what that costs).
     step = int(state.step)
     stage_done = ledger.stage_steps(stage)
     reason = "steps"
-    max_bad = int(config.optim.max_consecutive_nonfinite)
+    guard = _NonfiniteGuard(int(config.optim.max_consecutive_nonfinite))
     every = max(1, int(config.checkpoint.every_steps))
     ledger_config = config.to_dict()
-    last_time = time.perf_counter()
+    last_time = fetch_time = time.perf_counter()
+    steps_since_fetch = 0
     while True:
         if stage_done >= total_steps:
-            reason = "steps"
-            break
-        if budget and ledger.stage_flops(stage) + flops.train_per_step > budget:
-            reason = "budget"
-            logging.info("stage %s: FLOP budget %.3e spent at step %d (one more step would exceed it)",
-                         stage, budget, step)
+            reason = "budget" if budget_limited else "steps"
+            if budget_limited:
+                logging.info("stage %s: FLOP budget %.3e spent at step %d (one more step would exceed it)",
+                             stage, budget, step)
             break
         host_batch = next(data_iter)
         batch = inputs_lib.device_batch(host_batch, text, mesh, rules)
-        state, metrics = train_step(state, batch, vae_params)
-        metrics = jax.device_get(metrics)
-        now = time.perf_counter()
-        step_time = now - last_time
-        last_time = now
+        state, device_metrics = train_step(state, batch, vae_params)
         step += 1
         stage_done += 1
-        ledger.record(stage, flops.train_per_step, config.data.batch_size, tokens_per_step, step_time,
+        steps_since_fetch += 1
+        guard.add(step, device_metrics)
+        stage_ends = stage_done >= total_steps
+        preempt = preemption.reached(step)  # every step on every process: they agree on the step to stop at
+        log_step = step % config.train.log_every == 0 or stage_ends or preempt
+        finished = stage_ends
+        save_step = step % every == 0 or preempt or finished
+        # Blocks until this step is done; raises NumericalFault before anything is saved past a fault.
+        metrics = guard.fetch() if log_step or save_step else None
+        now = time.perf_counter()
+        # Host time between dispatches; a fetch's wait for the device lands on its step, so the ledger's
+        # per-stage seconds still sum to wall time.
+        ledger.record(stage, flops.train_per_step, config.data.batch_size, tokens_per_step, now - last_time,
                       frozen_flops=flops.frozen_per_step)
-
-        if int(metrics["nonfinite_in_a_row"]) > 0:
-            logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, %d max)",
-                            step, int(metrics["nonfinite_in_a_row"]), max_bad)
-        if int(metrics["nonfinite_in_a_row"]) > max_bad:
-            raise NumericalFault(
-                f"step {step}: {int(metrics['nonfinite_in_a_row'])} non-finite steps in a row "
-                f"(optim.max_consecutive_nonfinite={max_bad}); stopping with the last good checkpoint kept"
-            )
-        stage_ends = stage_done >= total_steps or (budget and ledger.stage_flops(stage) + flops.train_per_step > budget)
-        preempt = preemption.reached(step)
-        if step % config.train.log_every == 0 or stage_ends or preempt:
-            row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, mesh.size,
-                               config.data.batch_size, tokens_per_step)
-            writer.write(row)
-            logging.info(format_progress(row, total_steps, stage_done))
+        last_time = now
+        if metrics is not None:
+            step_time = (now - fetch_time) / steps_since_fetch
+            fetch_time, steps_since_fetch = now, 0
+            if log_step:
+                row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, mesh.size,
+                                   config.data.batch_size, tokens_per_step)
+                writer.write(row)
+                logging.info(format_progress(row, total_steps, stage_done))
         if evaluator is not None:  # held-out clips, with the EMA params when there are
             evaluator.maybe_run(step, state.params if state.ema_params is None else state.ema_params, stage_ends)
 
-        finished = stage_ends
         if finished:
             ledger.end_stage(stage, step)
-        if step % every == 0 or preempt or finished:
+        if save_step:
             ckpt.save(manager, step, state, data_iter, ledger.to_json(), ledger_config, norm_stats,
                       force=True)
         if preempt:
@@ -323,6 +332,45 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
                         "stage_flops": ledger.stage_flops(stage)})
     logging.info("stage %s ended at step %d (%s); stage FLOPs %.3e", stage, step, reason, ledger.stage_flops(stage))
     return StageResult(stage, state, step, reason)
+
+
+class _NonfiniteGuard:
+    """Skips, counts and stops on non-finite steps without reading the device every step.
+
+    optax.apply_if_finite already skips a non-finite update and counts them in a row on the device; the host
+    only has to stop the run once the count passes `max_consecutive_nonfinite`. Each step's count stays on the
+    device until the next fetch, where all of them come over in one transfer and are checked in step order, so
+    the fault names the exact step and a checkpoint is never written past it. The trade-off: the run notices a
+    fault only at the next log or checkpoint step, so up to `train.log_every - 1` more steps run (and are
+    skipped, as their updates are non-finite too) before it stops.
+    """
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self._pending: list[tuple[int, jax.Array]] = []
+        self._last: dict[str, jax.Array] | None = None
+
+    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self._pending.append((step, metrics["nonfinite_in_a_row"]))
+        self._last = metrics
+
+    def fetch(self) -> dict[str, Any]:
+        """The newest step's metrics on the host, after checking every step since the last fetch."""
+        steps = [s for s, _ in self._pending]
+        last, counts = jax.device_get((self._last, [c for _, c in self._pending]))
+        self._pending = []
+        for step, count in zip(steps, counts, strict=True):
+            count = int(count)
+            if count > 0:
+                logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, %d max)",
+                                step, count, self.max_in_a_row)
+            if count > self.max_in_a_row:
+                raise NumericalFault(
+                    f"step {step}: {count} non-finite steps in a row "
+                    f"(optim.max_consecutive_nonfinite={self.max_in_a_row}); stopping with the last good "
+                    "checkpoint kept"
+                )
+        return last
 
 
 def _vae_params(config: ml_collections.ConfigDict, vae_cfg: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -19,6 +20,7 @@ from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
 from wamjax.models.dit import action_latent_frame, latent_frame_chunk
 from wamjax.models.wam import first_frame_video, i2v_model_input, wam_forward
+from wamjax.train.optimizer import trainable_labels
 
 Params = Any
 
@@ -44,6 +46,8 @@ class StepSpec:
     vae: Any | None  # VAEConfig when frames are encoded online; None when batches carry latents
     pad_to_multiple: int = 1
     image_encoder: clip.CLIPVisionConfig | None = None  # image-conditioned (I2V) models: the frozen CLIP tower
+    microbatches: int = 1  # train.microbatches: the batch is split into this many, one optimizer step
+    trainable: str = "all"  # stages.<stage>.trainable: gradients are taken w.r.t. these parameters only
 
 
 def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
@@ -93,15 +97,16 @@ def check_diffusion_config(diffusion: ml_collections.ConfigDict) -> None:
 
 
 def sample_chunk_times(
-    rng: jax.Array, chunk_ids: np.ndarray, batch: int, diffusion: ml_collections.ConfigDict, modality: str = "video"
+    example_rngs: jax.Array, chunk_ids: np.ndarray, diffusion: ml_collections.ConfigDict, modality: str = "video"
 ) -> jax.Array:
-    """One flow time per (example, attention chunk), spread to the items of each chunk -> [B, len(chunk_ids)]."""
+    """One flow time per (example, attention chunk), spread to the items of each chunk -> [B, len(chunk_ids)],
+    drawn from `modality`'s distribution with one key per example."""
     num_chunks = int(chunk_ids.max()) + 1 if len(chunk_ids) else 1
     sampling, key = time_sampling(diffusion, modality)
-    t = flow.sample_time(
-        rng, (batch, num_chunks), sampling, diffusion.shift, diffusion.logit_mean, diffusion.logit_std,
+    t = jax.vmap(lambda r: flow.sample_time(
+        r, (num_chunks,), sampling, diffusion.shift, diffusion.logit_mean, diffusion.logit_std,
         float(diffusion.get("beta_a", 3.0)), float(diffusion.get("beta_b", 1.0)), key=key,
-    )
+    ))(example_rngs)
     return t[:, chunk_ids]
 
 
@@ -116,31 +121,89 @@ def example_has_actions(batch: dict[str, jax.Array]) -> jax.Array:
     return jnp.any(batch["action_mask"], axis=-1).astype(jnp.float32)
 
 
+def example_rngs(rng: jax.Array, batch: int) -> jax.Array:
+    """One key per example of the global batch, so an example's noise and times do not depend on micro-batching."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch))
+
+
+def _normal_per_example(rngs: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    return jax.vmap(lambda r: jax.random.normal(r, shape[1:], dtype))(rngs)
+
+
+def loss_weights(
+    spec: StepSpec, diffusion: ml_collections.ConfigDict, batch: dict[str, jax.Array], rngs: jax.Array,
+    num_latent_frames: int,
+) -> dict[str, jax.Array]:
+    """Per-item weights of the losses: "video" [B, F] (0 on context frames and on examples whose video is
+    held clean) and, in joint mode, "action" [B, T_a] (the action mask, 0 for video-only examples and for
+    examples whose actions are held clean), and the draw of clean modalities ("clean", None when off).
+
+    A clean modality is an input, not a target: its loss is not counted for that example (as in UVA and
+    DreamZero). The draw is a function of the per-example keys, so micro-batches see the global batch's.
+    """
+    context = np.arange(num_latent_frames) < spec.clean_context_frames
+    b = rngs.shape[0]
+    clean = draw_clean_modalities(rngs, diffusion) if spec.mode == "joint" else None
+    video = jnp.broadcast_to(jnp.asarray(~context, jnp.float32)[None], (b, num_latent_frames))
+    if clean is not None:
+        video = video * (~clean.video)[:, None]
+    out = {"video": video, "clean": clean}
+    if spec.mode == "joint":
+        action = batch["action_mask"].astype(jnp.float32) * example_has_actions(batch)[:, None]
+        if clean is not None:
+            action = action * (~clean.actions)[:, None]
+        out["action"] = action
+    return out
+
+
+def loss_normalizers(
+    spec: StepSpec, diffusion: ml_collections.ConfigDict, batch: dict[str, jax.Array], rngs: jax.Array,
+    num_latent_frames: int,
+) -> dict[str, jax.Array]:
+    """Denominators of the per-modality mean losses over the whole (global) batch.
+
+    Micro-batches divide their sums by these, so their losses and gradients add up to the global batch's.
+    """
+    weights = loss_weights(spec, diffusion, batch, rngs, num_latent_frames)
+    out = {"video": jnp.maximum(weights["video"].sum(), 1.0),
+           "examples": jnp.asarray(rngs.shape[0], jnp.float32)}
+    if spec.mode == "joint":
+        out["action"] = jnp.maximum(weights["action"].sum(), 1.0)
+    return out
+
+
 def compute_loss(
     spec: StepSpec,
     diffusion: ml_collections.ConfigDict,
     params: Params,
     x0: jax.Array,
     batch: dict[str, jax.Array],
-    rng: jax.Array,
+    rngs: jax.Array,
+    normalizers: dict[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Flow-matching loss per modality; the total is their weighted sum."""
+    """Flow-matching loss per modality; the total is their weighted sum.
+
+    `rngs` holds one key per example (`example_rngs`); `normalizers` (`loss_normalizers` of the global batch)
+    default to this batch's own.
+    """
     cfg = spec.model
     b, f = x0.shape[:2]
-    rng_tv, rng_ta, rng_nv, rng_na, rng_drop = jax.random.split(rng, 5)
+    if normalizers is None:
+        normalizers = loss_normalizers(spec, diffusion, batch, rngs, f)
+    weights = loss_weights(spec, diffusion, batch, rngs, f)
+    clean = weights["clean"]  # per example: video clean (inverse dynamics) or actions clean (world model)
+    keys = jax.vmap(lambda r: jax.random.split(r, 5))(rngs)
+    rng_tv, rng_ta, rng_nv, rng_na, rng_drop = (keys[:, i] for i in range(5))
     frame_chunks = latent_frame_chunk(cfg, f)
-    t_video = sample_chunk_times(rng_tv, frame_chunks, b, diffusion)
+    t_video = sample_chunk_times(rng_tv, frame_chunks, diffusion)
     context = np.arange(f) < spec.clean_context_frames
     t_video = jnp.where(context[None], 0.0, t_video)
-    # Per example: video clean (inverse dynamics) or actions clean (world model); None = all joint. Its own
-    # key (fold_in) leaves the default draws untouched, so the default config trains exactly as before.
-    clean = draw_clean_modalities(jax.random.fold_in(rng, 1), b, diffusion) if spec.mode == "joint" else None
     if clean is not None:
         t_video = jnp.where(clean.video[:, None], 0.0, t_video)
-    noise = jax.random.normal(rng_nv, x0.shape, x0.dtype)
+    noise = _normal_per_example(rng_nv, x0.shape, x0.dtype)
     xt = flow.add_noise(x0, noise, t_video)
     text = batch["text_embeddings"]
-    keep_text = jax.random.bernoulli(rng_drop, 1.0 - diffusion.text_dropout, (b, 1, 1))
+    keep_text = jax.vmap(lambda r: jax.random.bernoulli(r, 1.0 - diffusion.text_dropout, (1, 1)))(rng_drop)
     text = jnp.where(keep_text, text, 0.0)
 
     actions = t_action = noisy_actions = action_noise = proprio = None
@@ -148,12 +211,12 @@ def compute_loss(
         actions = batch["actions"]
         action_chunks = frame_chunks[np.minimum(action_latent_frame(cfg, actions.shape[1]), f - 1)]
         if diffusion.independent_action_time:
-            t_action = sample_chunk_times(rng_ta, action_chunks, b, diffusion, "action")
+            t_action = sample_chunk_times(rng_ta, action_chunks, diffusion, "action")
         else:
             t_action = t_video[:, np.minimum(action_latent_frame(cfg, actions.shape[1]), f - 1)]
         if clean is not None:
             t_action = jnp.where(clean.actions[:, None], 0.0, t_action)
-        action_noise = jax.random.normal(rng_na, actions.shape, actions.dtype)
+        action_noise = _normal_per_example(rng_na, actions.shape, actions.dtype)
         noisy_actions = flow.add_noise(actions, action_noise, t_action)
         proprio = batch["proprio"]
 
@@ -166,29 +229,44 @@ def compute_loss(
         noisy_actions, None if t_action is None else flow.to_model_timestep(t_action), proprio, image,
         pad_to_multiple=spec.pad_to_multiple,
     )
-    frame_weight = jnp.asarray(~context, jnp.float32)
     video_err = jnp.mean(jnp.square(out.video - flow.velocity_target(x0, noise)), axis=(2, 3, 4))
-    if clean is None:
-        loss_video = jnp.sum(video_err * frame_weight) / (b * jnp.maximum(frame_weight.sum(), 1.0))
-    else:
-        # A clean modality is an input, not a target: its loss is not counted for that example (as in UVA and
-        # DreamZero); the mean is over the examples and items that do count.
-        weight = frame_weight[None] * (~clean.video)[:, None]
-        loss_video = jnp.sum(video_err * weight) / jnp.maximum(weight.sum(), 1.0)
+    loss_video = jnp.sum(video_err * weights["video"]) / normalizers["video"]
     metrics = {"loss_video": loss_video}
     loss = diffusion.video_loss_weight * loss_video
     if spec.mode == "joint":
-        has_actions = example_has_actions(batch)
-        mask = batch["action_mask"].astype(jnp.float32) * has_actions[:, None]
-        metrics["actions_share"] = jnp.mean(has_actions)
-        if clean is not None:
-            mask = mask * (~clean.actions)[:, None]
+        metrics["actions_share"] = jnp.sum(example_has_actions(batch)) / normalizers["examples"]
         action_err = jnp.mean(jnp.square(out.actions - flow.velocity_target(actions, action_noise)), axis=-1)
-        loss_action = jnp.sum(action_err * mask) / jnp.maximum(mask.sum(), 1.0)
+        loss_action = jnp.sum(action_err * weights["action"]) / normalizers["action"]
         metrics["loss_action"] = loss_action
         loss = loss + diffusion.action_loss_weight * loss_action
     metrics["loss"] = loss
     return loss, metrics
+
+
+def check_microbatches(microbatches: int, batch_size: int, batch_shards: int = 1) -> None:
+    """Raises a ValueError naming the keys unless the batch splits into equal, shardable micro-batches."""
+    if microbatches < 1:
+        raise ValueError(f"train.microbatches={microbatches}; expected 1 or more")
+    if batch_size % microbatches:
+        raise ValueError(f"data.batch_size={batch_size} is not divisible by train.microbatches={microbatches}")
+    if (batch_size // microbatches) % batch_shards:
+        raise ValueError(
+            f"a micro-batch of data.batch_size={batch_size} / train.microbatches={microbatches} = "
+            f"{batch_size // microbatches} examples does not divide over the {batch_shards} devices the batch is "
+            "sharded over (mesh.data x mesh.fsdp)"
+        )
+
+
+def _split_microbatches(tree: Any, microbatches: int) -> Any:
+    """[B, ...] -> [M, B/M, ...], micro-batch m holding examples m, m+M, m+2M, ...
+
+    Strided rather than contiguous, so every device's shard of the batch feeds every micro-batch and none
+    has to move across the mesh.
+    """
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, tree)
 
 
 def make_train_step(
@@ -198,20 +276,66 @@ def make_train_step(
     """Returns the pure step `(state, batch, frozen_params) -> (state, metrics)`; frozen_params are the VAE's, or
     for an image-conditioned model {"vae": ..., "image_encoder": ...}."""
     check_diffusion_config(diffusion)
+    m = spec.microbatches
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array], frozen_params: Params):
-        rng, step_rng = jax.random.split(state.rng)
+    def latents_and_batch(batch, frozen_params):
+        """Clean latents x0 of a (micro-)batch and the batch with any I2V conditioning added, all frozen."""
         if spec.model.image_conditioned:
             x0, conditioning = i2v_latents_and_conditioning(
                 spec, frozen_params["vae"], frozen_params["image_encoder"], batch["frames"]
             )
-            batch = {**batch, **conditioning}
-        elif "latents" in batch:  # a latents cache stores them unnormalized
-            x0 = vae_lib.normalize_latents(spec.vae, batch["latents"].astype(jnp.float32))
+            return x0, {**batch, **conditioning}
+        if "latents" in batch:  # a latents cache stores them unnormalized
+            return vae_lib.normalize_latents(spec.vae, batch["latents"].astype(jnp.float32)), batch
+        return frames_to_latents(spec.vae, frozen_params, batch["frames"]), batch
+
+    def trained_grads_and_metrics(params, is_train, batch, frozen_params, rngs, normalizers):
+        """Loss gradients w.r.t. the trainable leaves of `params` (in flattened order) and the loss metrics."""
+        x0, batch = latents_and_batch(batch, frozen_params)
+        leaves, treedef = jax.tree.flatten(params)
+
+        # Frozen leaves enter as constants: autodiff then never forms their weight-gradient matmuls, only the
+        # activation gradients that flow through them to trainable parameters upstream.
+        def loss_fn(trained_leaves):
+            it = iter(trained_leaves)
+            full = [next(it) if t else leaf for leaf, t in zip(leaves, is_train, strict=True)]
+            return compute_loss(spec, diffusion, jax.tree.unflatten(treedef, full), x0, batch, rngs, normalizers)
+
+        trained = [leaf for leaf, t in zip(leaves, is_train, strict=True) if t]
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        return grads, metrics
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], frozen_params: Params):
+        rng, step_rng = jax.random.split(state.rng)
+        b = next(iter(batch.values())).shape[0]
+        rngs = example_rngs(step_rng, b)
+        vae_cfg = spec.vae
+        num_frames = (batch["latents"].shape[1] if "latents" in batch
+                      else vae_lib.latent_shape(vae_cfg, batch["frames"].shape)[1])
+        normalizers = loss_normalizers(spec, diffusion, batch, rngs, num_frames)
+        leaves, treedef = jax.tree.flatten(state.params)
+        is_train = [label == "train" for label in jax.tree.leaves(trainable_labels(state.params, spec.trainable))]
+        grads_of = functools.partial(trained_grads_and_metrics, state.params, is_train, frozen_params=frozen_params,
+                                     normalizers=normalizers)
+        if m == 1:
+            trained_grads, metrics = grads_of(batch, rngs=rngs)
         else:
-            x0 = frames_to_latents(spec.vae, frozen_params, batch["frames"])
-        grad_fn = jax.value_and_grad(lambda p: compute_loss(spec, diffusion, p, x0, batch, step_rng), has_aux=True)
-        (_, metrics), grads = grad_fn(state.params)
+            check_microbatches(m, b)
+            # Each micro-batch's loss is its share of the global mean, so the sums are the global batch's
+            # loss and gradient; scan keeps one micro-batch's activations alive at a time.
+            micro = _split_microbatches((batch, rngs), m)
+
+            def body(acc, mb):
+                out = grads_of(mb[0], rngs=mb[1])
+                return jax.tree.map(jnp.add, acc, out), None
+
+            shapes = jax.eval_shape(lambda mb: grads_of(mb[0], rngs=mb[1]), jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), shapes)
+            (trained_grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+        it = iter(trained_grads)
+        grads = jax.tree.unflatten(
+            treedef, [next(it) if t else jnp.zeros_like(leaf) for leaf, t in zip(leaves, is_train, strict=True)]
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = opt_state.last_finite
