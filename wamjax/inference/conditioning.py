@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import views
+from wamjax.export import clip_import
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
@@ -28,7 +29,7 @@ def load_image_encoder(
     if not model.image_conditioned:
         return None, None
     cfg = clip.encoder_config(run_config)
-    return cfg, jax.tree.map(jnp.asarray, clip.encoder_params(run_config, cfg))
+    return cfg, jax.tree.map(jnp.asarray, clip_import.encoder_params(run_config, cfg))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 5))

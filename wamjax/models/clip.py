@@ -26,7 +26,7 @@ PREFIX = "vision_model."
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Keys a saved CLIP vision folder may hold that the penultimate hidden states never read.
-_UNUSED_OPTIONAL = ("visual_projection.weight", "vision_model.embeddings.position_ids")
+UNUSED_OPTIONAL = ("visual_projection.weight", "vision_model.embeddings.position_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,40 +101,6 @@ def init_params(cfg: CLIPVisionConfig, seed: int) -> Params:
             value = 0.02 * rng.standard_normal(shape)
         params[key] = value.astype(np.float32)
     return params
-
-
-def state_dict_to_params(state: Mapping[str, Any], cfg: CLIPVisionConfig, source: str = "state dict") -> Params:
-    """A transformers CLIP vision state dict (numpy or torch values) -> params, strictly (errors name the key)."""
-    from wamjax.export.wan_import import WeightImportError, to_numpy
-
-    expected = param_shapes(cfg)
-    for key in sorted(state):
-        if key not in expected and key not in _UNUSED_OPTIONAL:
-            raise WeightImportError(f"unexpected key {key!r} in the CLIP vision {source}")
-    params = {}
-    for key, shape in expected.items():
-        if key not in state:
-            raise WeightImportError(f"missing key {key!r} in the CLIP vision {source}")
-        value = to_numpy(state[key]).astype(np.float32)
-        if tuple(value.shape) != shape:
-            raise WeightImportError(f"key {key!r} has shape {tuple(value.shape)} in the CLIP vision {source}; "
-                                    f"expected {shape} for its config")
-        params[key] = value
-    return params
-
-
-def load(path: str) -> tuple[CLIPVisionConfig, Params]:
-    """(config, params) of a transformers CLIPVisionModel(WithProjection) folder written by `save_pretrained`
-    (Wan2.1-I2V's `image_encoder/`)."""
-    from wamjax.export.wan_import import read_safetensors_folder
-
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: image.encoder must be a CLIP vision model folder")
-    with open(config_path) as f:
-        cfg = CLIPVisionConfig.from_transformers(json.load(f))
-    state = read_safetensors_folder(path, weights_name="model")
-    return cfg, state_dict_to_params(state, cfg, source=f"folder {path}")
 
 
 def _layer_norm(x: jax.Array, params: Params, name: str, eps: float) -> jax.Array:
@@ -224,13 +190,3 @@ def encoder_config(config: Any) -> CLIPVisionConfig:
         raise ValueError(f"image encoder width {cfg.hidden_size} (image.encoder={config.image.encoder!r}) != "
                          f"model.image_dim={image_dim}")
     return cfg
-
-
-def encoder_params(config: Any, cfg: CLIPVisionConfig) -> Params:
-    """The image encoder's weights: `image.encoder`'s folder, or a random tower seeded by `image.seed`."""
-    if config.image.encoder:
-        loaded_cfg, params = load(config.image.encoder)
-        if loaded_cfg != cfg:
-            raise ValueError(f"image.encoder={config.image.encoder!r}: config changed while loading")
-        return params
-    return init_params(cfg, int(config.image.seed))

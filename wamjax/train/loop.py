@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from wamjax.checkpoint import manager as ckpt
 from wamjax.eval.offline import LoopEvaluator
+from wamjax.export import clip_import
 from wamjax.flops.analytic import train_step_flops
 from wamjax.flops.ledger import FlopLedger, stage_step_count
 from wamjax.flops.peak import peak_flops_per_device
@@ -240,7 +241,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         logging.info("image encoder: %s CLIP vision tower (%d tokens per first frame), frozen in the step",
                      config.image.encoder or "RANDOM (image.encoder is empty; CPU smoke runs only)",
                      image_encoder.num_tokens)
-        image_params = jax.device_put(clip.encoder_params(config, image_encoder), replicated(mesh))
+        image_params = jax.device_put(clip_import.encoder_params(config, image_encoder), replicated(mesh))
         vae_params = {"vae": vae_params, "image_encoder": image_params}
 
     # --- Update step -------------------------------------------------------------------------------
