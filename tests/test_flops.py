@@ -14,7 +14,7 @@ import pytest
 
 from wamjax import config_files
 from wamjax.flops import analytic, ledger, peak, report, xla
-from wamjax.flops.ledger import FlopLedger, format_flops, steps_for_budget
+from wamjax.flops.ledger import FlopLedger, format_flops, stage_step_count, steps_for_budget
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import PUBLISHED_PARAM_COUNTS, SIZES, ModelConfig
 
@@ -267,11 +267,11 @@ def test_budget_stop_spends_exactly_the_steps_a_budget_buys():
     budget = 10.5 * step.train_per_step
     book = FlopLedger()
     book.start_stage("action_tune", 0)
-    steps = 0
-    while not book.budget_spent("action_tune", budget, step.train_per_step):
+    steps = stage_step_count(100, budget, step.train_per_step)
+    for _ in range(steps):
         book.record("action_tune", step.train_per_step, step.batch_size, 20 * step.batch_size, 0.1)
-        steps += 1
     assert steps == steps_for_budget(budget, step.train_per_step) == 10
+    assert stage_step_count(7, budget, step.train_per_step) == 7  # steps, when the budget buys more
     assert book.stage_flops("action_tune") <= budget
     assert 0.95 < book.budget_fraction("action_tune", budget) <= 1.0
 

@@ -119,12 +119,6 @@ class FlopLedger:
             return None
         return remaining / rate
 
-    def budget_spent(self, stage: str, budget: float, step_flops: float) -> bool:
-        """True when another step of `step_flops` would take `stage` past `budget` (False without one)."""
-        if budget <= 0:
-            return False
-        return self.stage_flops(stage) + step_flops > budget * (1 + 1e-9)
-
     def remaining_steps(self, stage: str, budget: float, step_flops: float) -> int | None:
         """Whole steps of `step_flops` left in `budget` for `stage`; None without a budget."""
         if budget <= 0:
