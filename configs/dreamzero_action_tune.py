@@ -54,11 +54,7 @@ def _base_module():
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     base = _base_module()
-    args = base.parse_arg(arg)
-    if "stage" in args:
-        raise ValueError(f"stage={args['stage']!r}: this config is the action_tune stage only")
-    args.setdefault("size", BACKBONE)
-    c = base.get_config(",".join(f"{k}={v}" for k, v in {**args, "stage": "action_tune"}.items()))
+    c = base.pinned_stage_config(arg, "action_tune", size=BACKBONE)
     c.model.attention_layout = "chunk_causal"
     if c.size in ("tiny", "small"):
         return c

@@ -26,13 +26,7 @@ def _base_module():
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    base = _base_module()
-    args = base.parse_arg(arg)
-    if "stage" in args:
-        raise ValueError(f"stage={args['stage']!r}: this config is the action_tune stage only")
-    args.setdefault("size", "tiny-i2v")
-    args.setdefault("data", "oxe")
-    c = base.get_config(",".join(f"{k}={v}" for k, v in {**args, "stage": "action_tune"}.items()))
+    c = _base_module().pinned_stage_config(arg, "action_tune", size="tiny-i2v", data="oxe")
     if not c.model.image_dim:
         raise ValueError(f"size={c.size!r} is not image-conditioned; use tiny-i2v or wan14b-i2v")
     c.model.attention_layout = "chunk_causal"

@@ -20,6 +20,15 @@ from wamjax.train.stages import STAGES
 BIG_ATTENTION = "auto"
 
 
+def pinned_stage_config(arg: str | None, stage: str, **defaults: str) -> ml_collections.ConfigDict:
+    """This file's config for a config file pinned to one `stage`; `defaults` fill the arguments not given."""
+    args = parse_arg(arg)
+    if "stage" in args:
+        raise ValueError(f"stage={args['stage']!r}: this config is the {stage} stage only")
+    args = {**defaults, **args, "stage": stage}
+    return get_config(",".join(f"{k}={v}" for k, v in args.items()))
+
+
 def parse_arg(arg: str | None) -> dict[str, str]:
     """Parses `key=value,key=value` into a dict."""
     out: dict[str, str] = {}

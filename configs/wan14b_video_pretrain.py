@@ -35,11 +35,7 @@ def _base_module():
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     base = _base_module()
-    args = base.parse_arg(arg)
-    if "stage" in args:
-        raise ValueError(f"stage={args['stage']!r}: this config is the video_pretrain stage only")
-    args.setdefault("size", "wan14b")
-    c = base.get_config(",".join(f"{k}={v}" for k, v in {**args, "stage": "video_pretrain"}.items()))
+    c = base.pinned_stage_config(arg, "video_pretrain", size="wan14b")
     if c.size in ("tiny", "small"):
         return c
     c.model.dtype = "bfloat16"
