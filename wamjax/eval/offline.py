@@ -32,6 +32,7 @@ from data_pipelines.stats import unnormalize
 from wamjax.diffusion import flow
 from wamjax.diffusion.modes import MODES, check_mode
 from wamjax.diffusion.sampler import SamplerOptions, sample
+from wamjax.export.wan_vae_import import load_vae
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
 from wamjax.models.wam import wam_forward
@@ -383,7 +384,7 @@ def evaluate_checkpoint(path: str, *, data_dir: str = "", modes: str = ",".join(
         if batch_size:
             data.batch_size = batch_size
     joint = "actions" in params
-    vae_config, vae_params = vae_lib.load_vae(run_config.vae.size, run_config.vae.weights, int(run_config.vae.seed))
+    vae_config, vae_params = load_vae(run_config.vae.size, run_config.vae.weights, int(run_config.vae.seed))
     spec = EvalSpec(model=cfg, vae=vae_config, stage_mode="joint" if joint else "video", clean_context_frames=1,
                     modes=parse_modes(modes), options=SamplerOptions(num_steps=num_steps,
                                                                      shift=float(run_config.diffusion.shift)))
