@@ -142,7 +142,8 @@ def test_full_size_configs_default_to_the_fitting_layout(path, arg, frames):
     assert (config.model.dtype, config.model.remat_policy) == ("bfloat16", "full")
     assert config.model.attention == module.BIG_ATTENTION
     assert config.mesh.fsdp == -1 and config.data.num_frames == frames
-    assert config.data.latents_cache == f"latents/wan2.1_{frames}x480x832"
+    h, w = config.data.resolution
+    assert config.data.latents_cache == f"latents/wan2.1_{frames}x{h}x{w}"
     tiny = config_files.get_config(f"{REPO}/{path}:size=tiny" + (f",{arg.split(',', 1)[1]}" if "," in arg else ""))
     assert tiny.data.latents_cache == "" and tiny.model.remat_policy == "none"
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from data_pipelines.config import clip_num_actions
 from wamjax.flops import peak as peak_lib
 from wamjax.flops.analytic import forward_flops, train_step_flops
 from wamjax.models import vae as vae_lib
@@ -243,10 +244,12 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, r
             f"data.batch_size={b} (global) is not divisible by the mesh's batch axes data x fsdp = {batch_ways} "
             f"(mesh {dict(mesh.shape)}); use a multiple of {batch_ways} or move devices to mesh.tensor/sequence"
         )
+    num_actions = clip_num_actions(config)
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {
         "frame_mask": ((b, t), jnp.bool_),
-        "actions": ((b, t - 1, cfg.action_dim), jnp.float32),
-        "action_mask": ((b, t - 1), jnp.bool_),
+        "actions": ((b, num_actions, cfg.action_dim), jnp.float32),
+        "action_mask": ((b, num_actions), jnp.bool_),
+        "has_actions": ((b,), jnp.bool_),
         "proprio": ((b, int(config.data.proprio_dim)), jnp.float32),
         "dataset_index": ((b,), jnp.int32),
         "text_embeddings": ((b, int(config.text.max_length), cfg.text_dim), jnp.float32),
