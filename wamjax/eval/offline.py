@@ -373,7 +373,7 @@ def evaluate_checkpoint(path: str, *, data_dir: str = "", modes: str = ",".join(
     from wamjax.models.config import model_config_from_run
     from wamjax.train.inputs import TextEmbedder
 
-    step_dir = resolve_step_dir(path)
+    step_dir = str(resolve_step_dir(path))
     run_config, params = load_checkpoint(step_dir, use_ema=use_ema)
     stats = load_norm_stats(step_dir) or {}
     cfg = model_config_from_run(run_config)
