@@ -273,7 +273,12 @@ class WanBlock(nn.Module):
             (1, 6, cfg.dim),
         )
         # [B, G, 6, D] -> per token [B, S or 1, 6, D], in float32 like diffusers.
-        mod = modulate_per_group(table[None] + group_modulation, layout.token_group, layout.num_groups)
+        # Both sides of the per-token gather sharded like the activations (batch over data/fsdp): left to
+        # propagation, the gather was split over `embed` with the whole global batch on every chip, e.g. a
+        # 240 GB f32[64, 32760, 6, 5120] buffer for wan14b on v5p-128.
+        per_group = constrain(table[None] + group_modulation, ("batch", None, None, "embed"))
+        mod = modulate_per_group(per_group, layout.token_group, layout.num_groups)
+        mod = constrain(mod, ("batch", "length" if mod.shape[1] > 1 else None, None, "embed"))
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
         dtype = x.dtype
 
