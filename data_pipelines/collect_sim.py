@@ -27,6 +27,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
+from data_pipelines import make_oxe_like
+
 DATASET_NAME = "metaworld"
 DATASET_VERSION = "0.1.0"
 WRIST_CAMERA = "gripperPOV"
@@ -156,28 +158,11 @@ def collect_metaworld(
 
     features = _features(resolution)
 
-    class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        name = DATASET_NAME
-        VERSION = tfds.core.Version(DATASET_VERSION)
-        RELEASE_NOTES = {DATASET_VERSION: "Meta-World scripted-expert episodes."}  # noqa: RUF012
-        # A generated dataset has no checksums file next to this code.
-        code_path = None
-        # TFDS finds builder metadata through the defining module, which must be importable when this file
-        # runs as `python -m` (where it is `__main__`).
-        __module__ = "data_pipelines.collect_sim"
-
-        def _info(self) -> tfds.core.DatasetInfo:
-            return self.dataset_info_from_configs(
-                features=features, description=f"Meta-World expert episodes of {', '.join(tasks)}"
-            )
-
-        def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self) -> Iterator[tuple[str, dict[str, Any]]]:
-            yield from generate()
-
-    builder = Builder(data_dir=out_dir)
+    builder = make_oxe_like.generated_builder(
+        DATASET_NAME, out_dir, features, generate, DATASET_VERSION,
+        description=f"Meta-World expert episodes of {', '.join(tasks)}",
+        release_notes="Meta-World scripted-expert episodes.",
+    )
     if os.path.exists(builder.data_dir):
         raise FileExistsError(f"{builder.data_dir} already exists; remove it or choose another --out")
     builder.download_and_prepare(

@@ -431,17 +431,21 @@ MAKERS: dict[str, _Maker] = {
 }
 
 
-def _builder(
+def generated_builder(
     dataset_name: str,
     data_dir: str,
     features: tfds.features.FeaturesDict,
-    episodes: Callable[[], Iterator[tuple[int, dict[str, Any]]]],
+    episodes: Callable[[], Iterator[tuple[Any, dict[str, Any]]]],
     version: str,
+    description: str = "OXE-format (generated)",
+    release_notes: str = "Procedurally generated in the published OXE format.",
 ) -> tfds.core.DatasetBuilder:
+    """A TFDS builder of a dataset generated here (one `train` split of `episodes()`), for local data."""
+
     class _OxeLikeBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         name = dataset_name
         VERSION = tfds.core.Version(version)
-        RELEASE_NOTES = {version: "Procedurally generated in the published OXE format."}  # noqa: RUF012
+        RELEASE_NOTES = {version: release_notes}  # noqa: RUF012
         # TFDS looks for a checksums file next to the builder's code; a generated dataset has none, and
         # the lookup needs a package (importlib_resources) that is not a dependency.
         code_path = None
@@ -450,7 +454,7 @@ def _builder(
         __module__ = "data_pipelines.make_oxe_like"
 
         def _info(self) -> tfds.core.DatasetInfo:
-            return self.dataset_info_from_configs(features=features, description="OXE-format (generated)")
+            return self.dataset_info_from_configs(features=features, description=description)
 
         def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
             return {"train": self._generate_examples()}
@@ -496,7 +500,7 @@ def make_datasets(
                 traj = _make_trajectory(rng, int(rng.integers(min_steps, max_steps + 1)))
                 yield episode, maker.episode(traj, shapes)
 
-        builder = _builder(name, out_dir, maker.features(shapes), generate, maker.version)
+        builder = generated_builder(name, out_dir, maker.features(shapes), generate, maker.version)
         builder.download_and_prepare(
             file_format=file_format,
             download_config=tfds.download.DownloadConfig(verify_ssl=False, num_shards=num_shards),
