@@ -24,6 +24,8 @@ from wamjax.models.layers import (
     RMSNorm,
     activation_fn,
     constrain,
+    modulate,
+    recomputed,
     rope_frequencies,
     sinusoidal_embedding,
 )
@@ -175,6 +177,7 @@ def attention_mask(layout: TokenLayout) -> np.ndarray | None:
     return None if mask is None else mask.dense_numpy()
 
 
+@recomputed
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotates interleaved pairs of x [B, S, H, D] by angles with cos/sin [S, D // 2]."""
     xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
@@ -241,6 +244,15 @@ class WanAttention(nn.Module):
         return attention_lib.attention_for(cfg)(q, k, v, None)
 
 
+class _ActivatedDense(Dense):
+    """A Dense layer applied to `activation(x)` (same parameters as Dense)."""
+
+    activation: str = "gelu_tanh"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(activation_fn(self.activation)(x))
+
+
 class FeedForward(nn.Module):
     """GELU(tanh) MLP with diffusers' `net.0.proj` / `net.2` as `proj_in` / `proj_out`."""
 
@@ -250,8 +262,10 @@ class FeedForward(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         h = Dense(cfg.ffn_dim, ("embed", "mlp"), dtype=cfg.compute_dtype, name="proj_in")(x)
-        h = constrain(activation_fn("gelu_tanh")(h), ("batch", "length", "mlp"))
-        return Dense(cfg.dim, ("mlp", "embed"), dtype=cfg.compute_dtype, name="proj_out")(h)
+        h = constrain(h, ("batch", "length", "mlp"))
+        # The GELU is recomputed in the backward pass from its input, so only one [S, ffn_dim] activation
+        # is kept per block instead of the GELU's input and output.
+        return nn.remat(_ActivatedDense)(cfg.dim, ("mlp", "embed"), dtype=cfg.compute_dtype, name="proj_out")(h)
 
 
 class WanBlock(nn.Module):
@@ -272,19 +286,29 @@ class WanBlock(nn.Module):
             ),
             (1, 6, cfg.dim),
         )
-        # [B, G, 6, D] -> per token [B, S or 1, 6, D], in float32 like diffusers.
+        # [B, G, 6, D] per group, spread over tokens inside each use below, in float32 like diffusers.
         # Both sides of the per-token gather sharded like the activations (batch over data/fsdp): left to
         # propagation, the gather was split over `embed` with the whole global batch on every chip, e.g. a
         # 240 GB f32[64, 32760, 6, 5120] buffer for wan14b on v5p-128.
         per_group = constrain(table[None] + group_modulation, ("batch", None, None, "embed"))
-        mod = modulate_per_group(per_group, layout.token_group, layout.num_groups)
-        mod = constrain(mod, ("batch", "length" if mod.shape[1] > 1 else None, None, "embed"))
-        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
         dtype = x.dtype
 
-        h = LayerNorm(cfg.eps, name="norm1")(x) * (1 + scale_msa) + shift_msa
+        def per_token(table: jax.Array, i: int) -> jax.Array:  # row i of the table -> [B, S or 1, D]
+            mod = modulate_per_group(table[:, :, i], layout.token_group, layout.num_groups)
+            return constrain(mod, ("batch", "length" if mod.shape[1] > 1 else None, "embed"))
+
+        # The per-token modulation, norms and gated residuals are recomputed in the backward pass: kept,
+        # their float32 [S, D] temporaries would outweigh the bfloat16 activations the matmuls keep.
+        def adaln(shift: int, scale: int):
+            return recomputed(lambda x, t: modulate(x, per_token(t, scale), per_token(t, shift), cfg.eps))
+
+        def gated_residual(gate: int):
+            return recomputed(lambda x, h, t: (x.astype(jnp.float32) + h.astype(jnp.float32) * per_token(t, gate))
+                              .astype(dtype))
+
+        h = adaln(0, 1)(x, per_group)
         h = WanAttention(cfg, name="attn1")(h.astype(dtype), rope=rope, mask=mask)
-        x = (x.astype(jnp.float32) + h * gate_msa).astype(dtype)
+        x = gated_residual(2)(x, h, per_group)
         x = constrain(x, BATCH_LENGTH_EMBED)
 
         h = LayerNorm(cfg.eps, affine=True, name="norm2")(x) if cfg.cross_attn_norm else x
@@ -295,9 +319,9 @@ class WanBlock(nn.Module):
         )
         x = constrain(x, BATCH_LENGTH_EMBED)
 
-        h = LayerNorm(cfg.eps, name="norm3")(x) * (1 + c_scale) + c_shift
+        h = adaln(3, 4)(x, per_group)
         h = FeedForward(cfg, name="ffn")(h.astype(dtype))
-        x = (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
+        x = gated_residual(5)(x, h, per_group)
         return constrain(x, BATCH_LENGTH_EMBED)
 
 

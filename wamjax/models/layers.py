@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -16,6 +17,12 @@ LogicalAxes = tuple[str | None, ...]
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """Annotates an activation with logical axis names (a no-op outside a mesh with rules)."""
     return nn.with_logical_constraint(x, axes)
+
+
+def recomputed(fn):
+    """`fn` with its intermediates recomputed in the backward pass instead of kept: for elementwise chains
+    (norms, modulation, GELU, RoPE) whose float32 temporaries cost far more memory than redoing them."""
+    return jax.checkpoint(fn)
 
 
 class Dense(nn.Module):
@@ -62,9 +69,34 @@ class RMSNorm(nn.Module):
             (x.shape[-1],),
             jnp.float32,
         )
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * scale).astype(x.dtype)
+        return _rms_norm(x, scale, self.eps)
+
+
+@recomputed
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * scale).astype(x.dtype)
+
+
+def _normalize(x: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return (xf - mean) * jax.lax.rsqrt(var + eps)
+
+
+@recomputed
+def _affine_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    return _normalize(x, eps) * scale + bias
+
+
+def modulate(x: jax.Array, scale: jax.Array, shift: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without affine parameters, then adaLN modulation `* (1 + scale) + shift`, in float32."""
+    return _normalize(x, eps) * (1 + scale) + shift
+
+
+modulated_layer_norm = recomputed(modulate)
 
 
 class LayerNorm(nn.Module):
@@ -75,10 +107,6 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         if self.affine:
             scale = self.param(
                 "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],)
@@ -86,8 +114,8 @@ class LayerNorm(nn.Module):
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (x.shape[-1],)
             )
-            y = y * scale + bias
-        return y
+            return _affine_layer_norm(x, scale, bias, self.eps)
+        return recomputed(_normalize)(x, self.eps)
 
 
 def sinusoidal_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -122,7 +150,7 @@ def activation_fn(name: str):
     """Returns the activation called `name` (silu, gelu_tanh, gelu)."""
     table = {
         "silu": jax.nn.silu,
-        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_tanh": recomputed(functools.partial(jax.nn.gelu, approximate=True)),
         "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     }
     if name not in table:

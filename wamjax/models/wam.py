@@ -23,7 +23,7 @@ from wamjax.models.dit import (
     modulate_per_group,
     unpatchify,
 )
-from wamjax.models.layers import Dense, LayerNorm, constrain
+from wamjax.models.layers import Dense, constrain, modulated_layer_norm
 
 Params = Any
 CLIP_IMAGE_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token (Wan2.1-I2V)
@@ -117,7 +117,7 @@ class WorldActionModel(nn.Module):
         )
         out_mod = modulate_per_group(out_table[None] + group_temb[:, :, None], layout.token_group, layout.num_groups)
         shift, scale = out_mod[:, :, 0], out_mod[:, :, 1]
-        h = LayerNorm(cfg.eps, name="norm_out")(x) * (1 + scale) + shift
+        h = modulated_layer_norm(x, scale, shift, cfg.eps)
         nv = layout.num_video_tokens
         pt, ph, pw = cfg.patch_size
         video = Dense(cfg.out_channels * pt * ph * pw, ("embed", None), dtype=cfg.compute_dtype, name="proj_out")(
