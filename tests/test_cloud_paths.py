@@ -46,40 +46,44 @@ class GcsServer:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
+        self._log = open(log_path, "w")  # closed in stop()
         self.process = subprocess.Popen(
             [str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
              "-port", str(port), "-external-url", self.url, "-log-level", "warn"],
             stdout=self._log, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 20
-        while True:
-            assert self.process.poll() is None, f"fake-gcs-server exited {self.process.returncode}: {log_path}"
-            try:
-                with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        self.env = {
-            **subprocess_env(),
-            "STORAGE_EMULATOR_HOST": self.url,  # gcsfs and google-cloud-storage
-            "TENSORSTORE_GCS_HTTP_URL": self.url,  # tensorstore (Orbax's arrays)
-            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore sends it instead of looking for credentials
-            "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credential lookup
-            "NO_GCE_CHECK": "true",  # google-auth: never probe for a GCE metadata server
-            "CLOUDSDK_CONFIG": config_dir,  # no gcloud credentials of this machine
-            "EPATH_USE_TF": "false",  # epath's gcsfs backend; TensorFlow's GCS client cannot be pointed at a server
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs would ask the bucket's layout over gRPC+TLS
-            # Anything that still tried to reach the internet fails at once on a closed loopback port.
-            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "no_proxy": "127.0.0.1",
-        }
-        self.env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
-        from gcsfs.core import GCSFileSystem  # the plain client: no gRPC layout lookup
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                assert self.process.poll() is None, f"fake-gcs-server exited {self.process.returncode}: {log_path}"
+                try:
+                    with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            self.env = {
+                **subprocess_env(),
+                "STORAGE_EMULATOR_HOST": self.url,  # gcsfs and google-cloud-storage
+                "TENSORSTORE_GCS_HTTP_URL": self.url,  # tensorstore (Orbax's arrays)
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore sends it instead of looking for credentials
+                "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credential lookup
+                "NO_GCE_CHECK": "true",  # google-auth: never probe for a GCE metadata server
+                "CLOUDSDK_CONFIG": config_dir,  # no gcloud credentials of this machine
+                "EPATH_USE_TF": "false",  # epath's gcsfs backend; TensorFlow's GCS client cannot be pointed at a server
+                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs would ask the bucket's layout over gRPC+TLS
+                # Anything that still tried to reach the internet fails at once on a closed loopback port.
+                "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "no_proxy": "127.0.0.1",
+            }
+            self.env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+            from gcsfs.core import GCSFileSystem  # the plain client: no gRPC layout lookup
 
-        self.fs = GCSFileSystem(endpoint_url=self.url, token="anon", skip_instance_cache=True)
-        self.fs.mkdir(BUCKET)
+            self.fs = GCSFileSystem(endpoint_url=self.url, token="anon", skip_instance_cache=True)
+            self.fs.mkdir(BUCKET)
+        except BaseException:
+            self.stop()
+            raise
 
     def key(self, uri: str) -> str:
         return uri.removeprefix("gs://")
@@ -134,19 +138,21 @@ def test_train_resume_report_export_on_a_gcs_workdir(gcs, tmp_path):
                            "--config.eval.every_steps=100", "--config.eval.num_batches=1", "--config.eval.num_steps=1")
 
     # 1) Train, and preempt after the first logged step: the checkpoint of the step it stops at is in the bucket.
-    proc = subprocess.Popen(command, cwd=cwd, env=gcs.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not _logged_steps(gcs):
-            assert proc.poll() is None, f"trainer exited early ({proc.returncode}): {proc.stderr.read()[-4000:]}"
-            assert time.monotonic() < deadline, "no step logged to the bucket"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    log_path = tmp_path / "train.log"  # a file, not a pipe: nobody reads the log while polling
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=cwd, env=gcs.env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            deadline = time.monotonic() + 240
+            while not _logged_steps(gcs):
+                assert proc.poll() is None, f"trainer exited early ({proc.returncode}): {log_path.read_text()[-4000:]}"
+                assert time.monotonic() < deadline, "no step logged to the bucket"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = log_path.read_text()
     assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-4000:]
     preempted_at = max(_logged_steps(gcs))
     assert 1 <= preempted_at < STEPS
