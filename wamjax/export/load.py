@@ -17,7 +17,7 @@ from wamjax.paths import PathLike, as_path
 def _is_complete_step(path: epath.Path) -> bool:
     # Locally Orbax renames a step into place once it is complete; on an object store (gs://) it writes the
     # step in place and marks it complete last, so a save cut short by preemption leaves a step that looks
-    # whole but is not. Orbax's own test covers both.
+    # whole but is not. Orbax's finalization check knows both layouts.
     return (path / "state").is_dir() and ocp.path.step.is_path_finalized(path)
 
 
