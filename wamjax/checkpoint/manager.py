@@ -1,7 +1,8 @@
 """Orbax checkpoints: train state + Grain iterator state + FLOP ledger + config + norm stats per step.
 
-Layout: WORKDIR/checkpoints/<step>/{state/, data/, ledger/, config/, norm_stats/}. Orbax writes a step to a
-temporary directory and renames it when every item is complete, so an interrupted save is never listed.
+Layout: WORKDIR/checkpoints/<step>/{state/, data/, ledger/, config/, norm_stats/}. On a local disk Orbax writes a
+step to a temporary directory and renames it when every item is complete; on gs:// it writes the step in place
+and adds `commit_success.txt` last. Either way an interrupted save is never restored.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +35,7 @@ from wamjax.export.wan_vae_import import load_vae
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
 from wamjax.models.wam import wam_forward
+from wamjax.paths import PathLike, as_path
 
 Params = Any
 T_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)  # flow times of the deterministic eval loss
@@ -288,16 +288,18 @@ def _jitted_eval():
     return jax.jit(_eval_batch, static_argnums=0)
 
 
-def write_grids(out_dir: str, step: int, grids: dict[str, np.ndarray]) -> list[str]:
-    """PNG files `out_dir/step_<step>_<name>.png`; returns their paths."""
+def write_grids(out_dir: PathLike, step: int, grids: dict[str, np.ndarray]) -> list[str]:
+    """PNG files `out_dir/step_<step>_<name>.png` (local or an etils.epath URI); returns their paths."""
     from PIL import Image
 
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = as_path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, grid in sorted(grids.items()):
-        path = os.path.join(out_dir, f"step_{step}_{name}.png")
-        Image.fromarray(grid).save(path)
-        paths.append(path)
+        path = out_dir / f"step_{step}_{name}.png"
+        with path.open("wb") as f:
+            Image.fromarray(grid).save(f, format="PNG")
+        paths.append(str(path))
     return paths
 
 
@@ -348,7 +350,7 @@ class LoopEvaluator:
         row = {"event": "eval", "kind": "eval", "stage": self.stage, "step": int(step), **row}
         self.writer.write_eval(row, grids)
         if jax.process_index() == 0:
-            write_grids(os.path.join(self.workdir, "eval"), step, grids)
+            write_grids(as_path(self.workdir) / "eval", step, grids)
         logging.info("eval at step %d: %s", step, format_table(row))
         return row
 
@@ -373,7 +375,8 @@ def evaluate_checkpoint(path: str, *, data_dir: str = "", modes: str = ",".join(
     from wamjax.models.config import model_config_from_run
     from wamjax.train.inputs import TextEmbedder
 
-    step_dir = str(resolve_step_dir(path))
+    step_path = resolve_step_dir(path)
+    step_dir = str(step_path)
     run_config, params = load_checkpoint(step_dir, use_ema=use_ema)
     stats = load_norm_stats(step_dir) or {}
     cfg = model_config_from_run(run_config)
@@ -398,12 +401,11 @@ def evaluate_checkpoint(path: str, *, data_dir: str = "", modes: str = ",".join(
     row, grids = evaluate(spec, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, vae_params),
                           eval_batches(run_config, data, stats, num_batches), to_device, stats,
                           str(data.action_normalization), grid_examples)
-    step = int(os.path.basename(os.path.normpath(step_dir)))
+    step = int(step_path.name)
     row = {"event": "eval", "kind": "eval", "checkpoint": step_dir, "step": step, **row}
-    out = out or os.path.join(os.path.dirname(os.path.dirname(os.path.normpath(step_dir))), "eval")
-    write_grids(out, step, grids)
-    with open(os.path.join(out, "offline_eval.json"), "w") as f:
-        json.dump(row, f, indent=1, allow_nan=True)
+    out_dir = as_path(out) if out else step_path.parent.parent / "eval"  # WORKDIR/checkpoints/STEP -> WORKDIR/eval
+    write_grids(out_dir, step, grids)
+    (out_dir / "offline_eval.json").write_text(json.dumps(row, indent=1, allow_nan=True))
     return row
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 from etils import epath
 
 from wamjax.checkpoint import manager as ckpt
@@ -13,14 +14,23 @@ from wamjax.models.config import ModelConfig, model_config_from_run
 from wamjax.paths import PathLike, as_path
 
 
+def _is_complete_step(path: epath.Path) -> bool:
+    # Locally Orbax renames a step into place once it is complete; on an object store (gs://) it writes the
+    # step in place and marks it complete last, so a save cut short by preemption leaves a step that looks
+    # whole but is not. Orbax's finalization check knows both layouts.
+    return (path / "state").is_dir() and ocp.path.step.is_path_finalized(path)
+
+
 def resolve_step_dir(path: PathLike) -> epath.Path:
     """A step directory from either a step directory or a run's `checkpoints/` folder (its newest complete step)."""
     path = as_path(path)
     if (path / "state").is_dir():
+        if not ocp.path.step.is_path_finalized(path):
+            raise FileNotFoundError(f"{path} is an incomplete checkpoint step (a save that did not finish)")
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist: expected a checkpoint step directory or checkpoints/")
-    steps = sorted(int(d.name) for d in path.iterdir() if d.name.isdigit() and (d / "state").is_dir())
+    steps = sorted(int(d.name) for d in path.iterdir() if d.name.isdigit() and _is_complete_step(d))
     if not steps:
         raise FileNotFoundError(f"{path} is neither a checkpoint step directory nor holds complete steps")
     return path / str(steps[-1])
