@@ -64,17 +64,27 @@ class WorldActionModel(nn.Module):
         t_action: jax.Array | None = None,
         proprio: jax.Array | None = None,
         image_embeddings: jax.Array | None = None,
+        history_latents: jax.Array | None = None,
+        history_actions: jax.Array | None = None,
     ) -> WamOutput:
+        """Velocities of the noisy inputs. With `history_latents` (the clean model input, shaped like `latents`)
+        and, in joint mode, `history_actions` (the clean actions) the sequence is teacher-forced: a clean copy of
+        the chunks before the last joins it, and noisy chunk i attends to the clean chunks before it and to
+        itself (model.history="teacher_forcing"); without them each chunk attends to the earlier chunks of the
+        one copy given."""
         cfg = self.cfg
         batch = latents.shape[0]
         _check_conditioning(cfg, latents, image_embeddings)
         num_actions = 0 if actions is None else actions.shape[1]
         num_proprio = 0 if (actions is None or proprio is None) else 1
-        layout = make_token_layout(cfg, latents.shape[1:4], num_actions, num_proprio, self.pad_to_multiple)
+        teacher_forcing = history_latents is not None
+        layout = make_token_layout(cfg, latents.shape[1:4], num_actions, num_proprio, self.pad_to_multiple,
+                                   teacher_forcing=teacher_forcing)
         gf = layout.grid[0]
 
         cond = ConditionEmbedder(cfg, name="condition_embedder")
-        video_tokens = PatchEmbed(cfg, name="patch_embedding")(latents)
+        patch_embedding = PatchEmbed(cfg, name="patch_embedding")
+        video_tokens = patch_embedding(latents)
         t_frames = _per_group(t_video, batch, latents.shape[1], "t_video")[:, :: cfg.patch_size[0]][:, :gf]
         temb, modulation = cond.time(t_frames)
         context = cond.text(text_embeddings)
@@ -97,6 +107,26 @@ class WorldActionModel(nn.Module):
                 p_temb, p_mod = action_module.time(jnp.zeros((batch, 1), jnp.float32))
                 tembs.append(p_temb)
                 modulations.append(p_mod)
+        if teacher_forcing:
+            # The clean history copy: same frames, rope positions and action positions as the noisy chunks it
+            # repeats, read at t=0 (one modulation group per modality).
+            if history_latents.shape != latents.shape:
+                raise ValueError(f"history_latents have shape {history_latents.shape}; expected the latents' "
+                                 f"{latents.shape}")
+            pt = cfg.patch_size[0]
+            tokens.append(patch_embedding(history_latents[:, pt : pt * (1 + layout.history_frames)]))
+            h_temb, h_mod = cond.time(jnp.zeros((batch, 1), jnp.float32))
+            tembs.append(h_temb)
+            modulations.append(h_mod)
+            if layout.num_history_action_tokens:
+                if history_actions is None or history_actions.shape != actions.shape:
+                    got = None if history_actions is None else history_actions.shape
+                    raise ValueError(f"history_actions must be the clean actions, shaped like the actions "
+                                     f"{actions.shape}; got {got}")
+                tokens.append(action_module.encode_actions(history_actions[:, : layout.num_history_action_tokens]))
+                ha_temb, ha_mod = action_module.time(jnp.zeros((batch, 1), jnp.float32))
+                tembs.append(ha_temb)
+                modulations.append(ha_mod)
         if layout.num_padding_tokens:
             tokens.append(jnp.zeros((batch, layout.num_padding_tokens, cfg.dim), video_tokens.dtype))
 
@@ -211,12 +241,17 @@ def wam_forward(
     proprio: jax.Array | None = None,
     image_embeddings: jax.Array | None = None,
     pad_to_multiple: int = 1,
+    history_latents: jax.Array | None = None,
+    history_actions: jax.Array | None = None,
 ) -> WamOutput:
     """Pure forward of the world-action model. Latents are channels-last [B, F, H, W, C] with all
     `in_channels` (for I2V the caller concatenates the conditioning channels, see `i2v_model_input`);
-    image_embeddings [B, tokens, image_dim] are the CLIP tokens of the image-conditioned backbone."""
+    image_embeddings [B, tokens, image_dim] are the CLIP tokens of the image-conditioned backbone;
+    history_latents / history_actions (the clean inputs) make the sequence teacher-forced
+    (`WorldActionModel.__call__`)."""
     return WorldActionModel(cfg, pad_to_multiple).apply(
-        {"params": params}, latents, t_video, text_embeddings, actions, t_action, proprio, image_embeddings
+        {"params": params}, latents, t_video, text_embeddings, actions, t_action, proprio, image_embeddings,
+        history_latents, history_actions,
     )
 
 
