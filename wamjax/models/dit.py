@@ -267,7 +267,11 @@ class WanAttention(nn.Module):
     cross: bool = False
 
     @nn.compact
-    def __call__(self, x, context=None, rope=None, mask: AttentionMask | None = None, image_context=None):
+    def __call__(self, x, context=None, rope=None, mask: AttentionMask | None = None, image_context=None,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None):
+        """Attention output [B, S, D]; with `kv_cache` = (keys, values) [B, C, heads, head_dim] of cached tokens
+        (self-attention only) the queries attend to [cached | own] keys under `mask`, and the result is
+        (output, (own rotated keys, own values)) for the caller to cache."""
         cfg = self.cfg
         dim, heads = cfg.dim, cfg.num_attention_heads
         kv_in = x if context is None else context
@@ -289,6 +293,11 @@ class WanAttention(nn.Module):
             k, v = constrain(k, kv_axes), constrain(v, kv_axes)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        own_kv = (k, v)
+        if kv_cache is not None:
+            cache_k, cache_v = kv_cache
+            k = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)
+            v = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
         out = attention_lib.attention_for(cfg)(q, k, v, mask)
         if heads_parallel:
             out = constrain(out, context_parallel.ATTENTION_AXES)
@@ -296,7 +305,8 @@ class WanAttention(nn.Module):
             out = out + self._image_attention(q, image_context)
         out = out.reshape(*out.shape[:2], dim)
         out = constrain(out, ("batch", "length", "heads"))
-        return Dense(dim, ("heads", "embed"), dtype=cfg.compute_dtype, name="to_out")(out)
+        out = Dense(dim, ("heads", "embed"), dtype=cfg.compute_dtype, name="to_out")(out)
+        return out if kv_cache is None else (out, own_kv)
 
     def _image_attention(self, q: jax.Array, image_context: jax.Array) -> jax.Array:
         """Wan2.1-I2V: the same queries attend to the embedded image tokens through their own keys/values."""
@@ -324,16 +334,23 @@ class FeedForward(nn.Module):
 
 
 class WanBlock(nn.Module):
-    """One Wan transformer block: modulated self-attention, cross-attention to text, modulated FFN."""
+    """One Wan transformer block: modulated self-attention, cross-attention to text, modulated FFN.
+
+    Over a whole sequence `layout` gives the modulation groups and the mask. Over one chunk of a cached rollout
+    `layout` is None: `group_modulation` is per token [B, S, 6, D], `kv_cache` holds the cached keys/values the
+    chunk's self-attention reads under `mask`, and the block returns (x, (keys, values)) of the chunk.
+    """
 
     cfg: ModelConfig
-    layout: TokenLayout
+    layout: TokenLayout | None
 
     @nn.compact
-    def __call__(self, x, context, group_modulation, rope):
+    def __call__(self, x, context, group_modulation, rope, kv_cache: tuple[jax.Array, jax.Array] | None = None,
+                 mask: AttentionMask | None = None):
         cfg, layout = self.cfg, self.layout
-        # Built from the static layout inside the block: O(S) ids, never an [S, S] constant.
-        mask = layout_attention_mask(layout)
+        if layout is not None:
+            # Built from the static layout inside the block: O(S) ids, never an [S, S] constant.
+            mask = layout_attention_mask(layout)
         table = self.param(
             "scale_shift_table",
             nn.with_logical_partitioning(
@@ -346,13 +363,15 @@ class WanBlock(nn.Module):
         # propagation, the gather was split over `embed` with the whole global batch on every chip, e.g. a
         # 240 GB f32[64, 32760, 6, 5120] buffer for wan14b on v5p-128.
         per_group = constrain(table[None] + group_modulation, ("batch", None, None, "embed"))
-        mod = modulate_per_group(per_group, layout.token_group, layout.num_groups)
+        mod = per_group if layout is None else modulate_per_group(per_group, layout.token_group, layout.num_groups)
         mod = constrain(mod, ("batch", "length" if mod.shape[1] > 1 else None, None, "embed"))
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
         dtype = x.dtype
 
         h = LayerNorm(cfg.eps, name="norm1")(x) * (1 + scale_msa) + shift_msa
-        h = WanAttention(cfg, name="attn1")(h.astype(dtype), rope=rope, mask=mask)
+        h = WanAttention(cfg, name="attn1")(h.astype(dtype), rope=rope, mask=mask, kv_cache=kv_cache)
+        if kv_cache is not None:
+            h, own_kv = h
         x = (x.astype(jnp.float32) + h * gate_msa).astype(dtype)
         x = constrain(x, BATCH_LENGTH_EMBED)
 
@@ -367,7 +386,8 @@ class WanBlock(nn.Module):
         h = LayerNorm(cfg.eps, name="norm3")(x) * (1 + c_scale) + c_shift
         h = FeedForward(cfg, name="ffn")(h.astype(dtype))
         x = (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
-        return constrain(x, BATCH_LENGTH_EMBED)
+        x = constrain(x, BATCH_LENGTH_EMBED)
+        return x if kv_cache is None else (x, own_kv)
 
 
 class _ScanBody(nn.Module):

@@ -138,26 +138,46 @@ class WorldActionModel(nn.Module):
 
         x = BlockStack(cfg, layout, name="blocks")(x, context, group_modulation, (cos, sin))
 
-        out_table = self.param(
+        head = OutputHead(cfg)
+        nn.share_scope(self, head)  # Wan's parameter names: scale_shift_table, proj_out at the top level
+        h, video = head(x, group_temb, layout.num_video_tokens, layout.token_group, layout.num_groups)
+        video = unpatchify(cfg, video, layout.grid)
+        nv = layout.num_video_tokens
+        action_velocity = None
+        if action_module is not None:
+            action_velocity = action_module.decode(h[:, nv : nv + num_actions])
+        return WamOutput(video, action_velocity)
+
+
+class OutputHead(nn.Module):
+    """Final modulated norm of every token and the video projection of the first `num_video` tokens.
+
+    `temb` is per group [B, G, D] spread by `token_group`, or per token [B, S, D] when `token_group` is None.
+    Returns (normed tokens [B, S, D], video patches [B, num_video, pt*ph*pw*C] in float32).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, temb, num_video: int, token_group=None, num_groups: int | None = None):
+        cfg = self.cfg
+        table = self.param(
             "scale_shift_table",
             nn.with_logical_partitioning(
                 lambda key, shape: jax.random.normal(key, shape) / cfg.dim**0.5, (None, None, "embed")
             ),
             (1, 2, cfg.dim),
         )
-        out_mod = modulate_per_group(out_table[None] + group_temb[:, :, None], layout.token_group, layout.num_groups)
-        shift, scale = out_mod[:, :, 0], out_mod[:, :, 1]
+        mod = table[None] + temb[:, :, None]
+        if token_group is not None:
+            mod = modulate_per_group(mod, token_group, num_groups)
+        shift, scale = mod[:, :, 0], mod[:, :, 1]
         h = LayerNorm(cfg.eps, name="norm_out")(x) * (1 + scale) + shift
-        nv = layout.num_video_tokens
         pt, ph, pw = cfg.patch_size
         video = Dense(cfg.out_channels * pt * ph * pw, ("embed", None), dtype=cfg.compute_dtype, name="proj_out")(
-            h[:, :nv].astype(cfg.compute_dtype)
+            h[:, :num_video].astype(cfg.compute_dtype)
         )
-        video = unpatchify(cfg, video.astype(jnp.float32), layout.grid)
-        action_velocity = None
-        if action_module is not None:
-            action_velocity = action_module.decode(h[:, nv : nv + num_actions])
-        return WamOutput(video, action_velocity)
+        return h, video.astype(jnp.float32)
 
 
 def _check_conditioning(cfg: ModelConfig, latents: jax.Array, image_embeddings: jax.Array | None) -> None:
