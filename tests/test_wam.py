@@ -197,6 +197,12 @@ def test_teacher_forced_forward_reads_only_the_clean_history_before_each_chunk()
     last[:, 3] += 5.0
     np.testing.assert_allclose(np.asarray(forward(cfg, params, **x, history_latents=last,
                                                   history_actions=clean["history_actions"]).video), v0, atol=1e-6)
+    # Video mode (no action tokens) is teacher-forced the same way.
+    video_only = {k: x[k] for k in ("latents", "t_video", "text_embeddings")}
+    a = np.asarray(forward(cfg, params, **video_only, history_latents=clean["history_latents"]).video)
+    b = np.asarray(forward(cfg, params, **video_only, history_latents=hist).video)
+    np.testing.assert_allclose(b[:, 1:3], a[:, 1:3], atol=1e-5)
+    assert np.abs(b[:, 3] - a[:, 3]).max() > 1e-3
 
 
 def test_history_is_checked():
