@@ -16,8 +16,9 @@ Published shapes (DreamZero repo `droid_training_full_finetune.sh` and the NVIDI
               (2 latent frames each, after the first frame) -> 96 action tokens
   state       one proprio token per clip (at its first frame); DreamZero has one per chunk (4), which
               the model does not yet support
-  attention   chunk_causal, over today's single noisy copy of the clip (DreamZero's teacher forcing also
-              holds a clean copy, which the full FLOP count will include once that layout exists)
+  attention   chunk_causal with teacher forcing (model.history): the sequence holds the noisy chunks and a
+              clean copy of chunks 1-3 (6 latent frames, 72 actions) they attend to, 13,369 tokens in all;
+              the full FLOP count includes the clean copy, the blog's 6*N*D counts the 8,361 noisy-clip tokens
   batch       128 clips (global), 100,000 steps, learning rate 1e-5; budget_flops = 9e21, the blog's figure
   text        512 cached umT5 tokens
   frozen      VAE latents and text embeddings read from caches (data.latents_cache, text.cache); with
@@ -56,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     base = _base_module()
     c = base.pinned_stage_config(arg, "action_tune", size=BACKBONE)
     c.model.attention_layout = "chunk_causal"
+    c.model.history = "teacher_forcing"
     if c.size in ("tiny", "small"):
         return c
     c.model.dtype = "bfloat16"

@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if not c.model.image_dim:
         raise ValueError(f"size={c.size!r} is not image-conditioned; use tiny-i2v or wan14b-i2v")
     c.model.attention_layout = "chunk_causal"
+    c.model.history = "teacher_forcing"
     c.data.view_layout = "tile"
     if c.size == "tiny-i2v":
         c.data.datasets = "taco_play,droid"

@@ -42,10 +42,11 @@ def _run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
 # ----------------------------------------------------------------------------------------------------
 
 XLA_CASES = [
-    # size, mode, frames, resolution, text, batch, layout, pad_to_multiple
+    # size, mode, frames, resolution, text, batch, layout, pad_to_multiple; chunk_causal trains teacher-forced
+    # (the clean history copy in the sequence) unless the layout says diffusion_forcing
     ("tiny", "video", 9, (32, 32), 8, 1, "bidirectional", 1),
     ("tiny", "joint", 9, (32, 32), 8, 2, "bidirectional", 1),
-    ("tiny", "joint", 9, (32, 48), 8, 2, "chunk_causal", 1),
+    ("tiny", "joint", 9, (32, 48), 8, 2, "chunk_causal/diffusion_forcing", 1),
     ("tiny", "joint", 13, (32, 32), 8, 1, "chunk_causal", 8),
     ("small", "video", 5, (64, 32), 16, 1, "chunk_causal", 1),
     ("small", "joint", 13, (32, 64), 16, 2, "bidirectional", 1),
@@ -56,10 +57,15 @@ XLA_CASES = [
 def test_analytic_forward_matches_xla_within_3_percent(
     size, mode, frames, resolution, text, batch, layout, pad
 ):
-    cfg = _model(size, attention_layout=layout)
+    layout, _, history = layout.partition("/")
+    cfg = _model(size, attention_layout=layout, history=history or "teacher_forcing")
     kwargs = dict(mode=mode, num_frames=frames, resolution=resolution, text_length=text, batch=batch,
                   pad_to_multiple=pad)
     counted = analytic.forward_flops(cfg, **kwargs)
+    tok = analytic.token_counts(cfg, **kwargs)
+    # 13 frames are 4 latent frames: chunks 1 and 2 have a clean copy (frames and their 8 actions).
+    if layout == "chunk_causal" and not history and frames == 13:
+        assert (tok.history_video, tok.history_action) == (2 * tok.video // 4, 8 * (mode == "joint"))
     compiled = xla.xla_forward_flops(cfg, **kwargs)
     assert counted["total"] == pytest.approx(compiled, rel=0.03), (counted, compiled)
     assert counted["total"] == pytest.approx(sum(v for k, v in counted.items() if k != "total"))
@@ -139,7 +145,8 @@ def test_matmul_components_match_hand_counts_and_scale_with_batch():
 def test_chunk_causal_dense_attention_costs_every_score():
     kwargs = dict(mode="joint", num_frames=33, resolution=(96, 96), text_length=16)
     bi = analytic.forward_flops(_model("small"), **kwargs)
-    causal = analytic.forward_flops(_model("small", attention_layout="chunk_causal"), **kwargs)
+    causal = analytic.forward_flops(_model("small", attention_layout="chunk_causal", history="diffusion_forcing"),
+                                    **kwargs)
     # The mask adds one select per score; nothing is halved.
     s = analytic.token_counts(_model("small"), **kwargs).sequence
     assert causal["self_attention_scores"] - bi["self_attention_scores"] == 4 * 4 * s * s

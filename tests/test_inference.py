@@ -146,65 +146,6 @@ def test_cached_chunk_forward_equals_full_sequence_forward(chunk_frames, num_chu
     np.testing.assert_allclose(out.actions, full.actions[:, last_actions], atol=1e-4)
 
 
-def reference_rollout(cfg, params, options, context, text, proprio, noises, observed):
-    """Chunk by chunk without a cache: the full prefix sequence through wam_forward (chunk-causal mask)."""
-    latents, actions_done, outs = context, jnp.zeros((context.shape[0], 0, 7)), []
-    tv, tv_next, ta, ta_next = (*step_times(options.num_steps, options.num_iterations, options.shift),
-                                *step_times(options.resolved_action_steps, options.num_iterations, options.shift))
-    for (video_noise, action_noise), real in zip(noises, observed, strict=True):
-        x, y = video_noise, action_noise
-        for i in range(options.num_iterations):
-            seq = jnp.concatenate([latents, x], axis=1)
-            acts = jnp.concatenate([actions_done, y], axis=1)
-            t_video = jnp.zeros(seq.shape[:2]).at[:, latents.shape[1]:].set(tv[i] * 1000)
-            t_action = jnp.zeros(acts.shape[:2]).at[:, actions_done.shape[1]:].set(ta[i] * 1000)
-
-            def run(text_batch, seq=seq, acts=acts, t_video=t_video, t_action=t_action):
-                return jitted_forward(cfg, params, seq, t_video, text_batch, acts, t_action, proprio)
-
-            cond, null = run(text), run(jnp.zeros_like(text))
-            s = options.cfg_scale
-            v_video = null.video + s * (cond.video - null.video)
-            v_actions = null.actions + s * (cond.actions - null.actions)
-            x = x + (tv_next[i] - tv[i]) * v_video[:, latents.shape[1]:]
-            y = y + (ta_next[i] - ta[i]) * v_actions[:, actions_done.shape[1]:]
-        outs.append((x, y))
-        latents = jnp.concatenate([latents, real], axis=1)  # teacher forcing: the real frames, not x
-        actions_done = jnp.concatenate([actions_done, y], axis=1)
-    return outs
-
-
-def test_cached_rollout_with_teacher_forcing_equals_uncached_generation():
-    num_chunks = 3
-    cfg, params, frames, num_actions = causal_model(1, num_chunks)
-    latents, _, proprio, text = random_inputs(5, 1, frames, num_actions)
-    options = SamplerOptions(num_steps=3, action_steps=2, cfg_scale=2.5)
-    r = np.random.default_rng(6)
-    noises = [(jnp.asarray(r.standard_normal((1, 1, H, W, 16)), jnp.float32),
-               jnp.asarray(r.standard_normal((1, 4, 7)), jnp.float32)) for _ in range(num_chunks)]
-    observed = [latents[:, 1 + j : 2 + j] for j in range(num_chunks)]
-
-    rollout = kv.ChunkedRollout(cfg, params, kv.ChunkGeometry.for_model(cfg, (H, W), num_chunks), options)
-    rollout.start(latents[:, :1], text, proprio)
-    cached = []
-    for noise, real in zip(noises, observed, strict=True):
-        cached.append(rollout.generate_from(*noise))
-        rollout.observe(real)
-    assert rollout.full
-    with pytest.raises(RuntimeError, match="max_chunks=3"):
-        rollout.generate(jax.random.key(0))
-
-    reference = reference_rollout(cfg, params, options, latents[:, :1], text, proprio, noises, observed)
-    for (cached_video, cached_actions), (ref_video, ref_actions) in zip(cached, reference, strict=True):
-        np.testing.assert_allclose(cached_video, ref_video, atol=1e-4)
-        np.testing.assert_allclose(cached_actions, ref_actions, atol=1e-4)
-    # Teacher forcing matters: without observe() the next chunk reads the predicted frames instead.
-    rollout.start(latents[:, :1], text, proprio)
-    rollout.generate_from(*noises[0])
-    _, actions_predicted_history = rollout.generate_from(*noises[1])
-    assert float(jnp.abs(actions_predicted_history - cached[1][1]).max()) > 1e-4
-
-
 def test_kv_cache_rejects_bidirectional_models_and_bad_observations():
     with pytest.raises(ValueError, match="chunk_causal"):
         kv.ChunkGeometry.for_model(ModelConfig.from_dict(SIZES["tiny"]), (H, W), 2)

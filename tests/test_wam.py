@@ -132,3 +132,84 @@ def test_i2v_joint_mode_reads_the_image_and_the_conditioning_channels():
     assert jax.tree.structure(params["actions"]) == jax.tree.structure(t2v["actions"])
     with pytest.raises(ValueError, match="image_embeddings were given but model.image_dim is None"):
         jax.eval_shape(lambda: wam.wam_forward(CFG, t2v, **{**_inputs(), "image_embeddings": x["image_embeddings"]}))
+
+
+TF_LATENT = (4, 4, 4, 4)  # context frame + 3 one-frame chunks
+TF_ACTIONS = 12
+
+
+def test_teacher_forcing_mask_and_rope():
+    cfg = dataclasses.replace(CFG, attention_layout="chunk_causal", chunk_latent_frames=1)
+    layout = make_token_layout(cfg, TF_LATENT[:3], TF_ACTIONS, 1, pad_to_multiple=8, teacher_forcing=True)
+    mask = attention_mask(layout)
+    chunk, copy, valid = layout.token_chunk, layout.token_copy, layout.token_valid
+    # Chunks 1 and 2 repeat clean (4 tokens per frame and 4 actions each); the last chunk has no clean copy.
+    assert (layout.history_frames, layout.num_history_action_tokens) == (2, 8)
+    assert layout.length % 8 == 0 and layout.num_padding_tokens > 0
+    noisy, clean = valid & (copy == 1), valid & (copy == 0)
+    assert noisy.sum() == 12 + TF_ACTIONS and clean.sum() == 4 + 1 + 8 + 8
+    for q in np.flatnonzero(valid):
+        seen = mask[q] & valid
+        if copy[q] == 0:
+            assert not (seen & noisy).any() and (chunk[seen] <= chunk[q]).all()
+            assert seen[clean & (chunk <= chunk[q])].all()
+        else:
+            # Its own noisy chunk and the clean chunks before it, never its own clean copy or a later chunk.
+            assert not (seen & clean & (chunk >= chunk[q])).any()
+            assert not (seen & noisy & (chunk != chunk[q])).any()
+            assert seen[(clean & (chunk < chunk[q])) | (noisy & (chunk == chunk[q]))].all()
+    # A clean frame and its noisy copy share their rotary positions.
+    per_frame, hist = 4, layout.history_offset
+    for frame in (1, 2):
+        np.testing.assert_array_equal(layout.rope_angles[hist + (frame - 1) * per_frame : hist + frame * per_frame],
+                                      layout.rope_angles[frame * per_frame : (frame + 1) * per_frame])
+
+
+def test_teacher_forced_forward_reads_only_the_clean_history_before_each_chunk():
+    cfg = dataclasses.replace(CFG, attention_layout="chunk_causal", chunk_latent_frames=1)
+    params = wam.init_params(cfg, jax.random.key(0), TF_LATENT, 5, TF_ACTIONS)
+    rng = np.random.default_rng(1)
+    x = {**_inputs(), "latents": rng.standard_normal((2, *TF_LATENT)).astype(np.float32),
+         "actions": rng.standard_normal((2, TF_ACTIONS, cfg.action_dim)).astype(np.float32)}
+    clean = {"history_latents": rng.standard_normal((2, *TF_LATENT)).astype(np.float32),
+             "history_actions": rng.standard_normal((2, TF_ACTIONS, cfg.action_dim)).astype(np.float32)}
+    forward = jax.jit(wam.wam_forward, static_argnums=0)
+    base = forward(cfg, params, **x, **clean)
+    assert base.video.shape == (2, *TF_LATENT) and base.actions.shape == (2, TF_ACTIONS, cfg.action_dim)
+    # Changing the clean frame of chunk 2 (and its actions) moves chunk 3 only, not chunks 1 and 2.
+    hist = clean["history_latents"].copy()
+    hist[:, 2] += 3.0
+    acts = clean["history_actions"].copy()
+    acts[:, 4:8] -= 2.0
+    moved = forward(cfg, params, **x, history_latents=hist, history_actions=acts)
+    v0, v1 = np.asarray(base.video), np.asarray(moved.video)
+    np.testing.assert_allclose(v1[:, 1:3], v0[:, 1:3], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(moved.actions)[:, :8], np.asarray(base.actions)[:, :8], atol=1e-5)
+    assert np.abs(v1[:, 3] - v0[:, 3]).max() > 1e-3
+    # Noisy chunks do not see each other: changing noisy chunk 1 leaves chunks 2 and 3 as they were.
+    lat = x["latents"].copy()
+    lat[:, 1] += 3.0
+    other = forward(cfg, params, **{**x, "latents": lat}, **clean)
+    np.testing.assert_allclose(np.asarray(other.video)[:, 2:], v0[:, 2:], atol=1e-5)
+    assert np.abs(np.asarray(other.video)[:, 1] - v0[:, 1]).max() > 1e-3
+    # The clean copy of the last chunk is never read: the layout leaves it out.
+    last = clean["history_latents"].copy()
+    last[:, 3] += 5.0
+    np.testing.assert_allclose(np.asarray(forward(cfg, params, **x, history_latents=last,
+                                                  history_actions=clean["history_actions"]).video), v0, atol=1e-6)
+    # Video mode (no action tokens) is teacher-forced the same way.
+    video_only = {k: x[k] for k in ("latents", "t_video", "text_embeddings")}
+    a = np.asarray(forward(cfg, params, **video_only, history_latents=clean["history_latents"]).video)
+    b = np.asarray(forward(cfg, params, **video_only, history_latents=hist).video)
+    np.testing.assert_allclose(b[:, 1:3], a[:, 1:3], atol=1e-5)
+    assert np.abs(b[:, 3] - a[:, 3]).max() > 1e-3
+
+
+def test_history_is_checked():
+    with pytest.raises(ValueError, match="model.history='clean'"):
+        dataclasses.replace(CFG, history="clean")
+    x = _inputs()
+    params = jax.eval_shape(lambda: _params(CFG))
+    with pytest.raises(ValueError, match="model.history"):  # a bidirectional model has no teacher-forced layout
+        jax.eval_shape(lambda: wam.wam_forward(CFG, params, **x, history_latents=x["latents"],
+                                               history_actions=x["actions"]))

@@ -33,6 +33,7 @@ from typing import Any
 import ml_collections
 
 from wamjax.models.config import ModelConfig
+from wamjax.models.dit import history_sizes, trains_teacher_forced
 
 # Wan 2.1 VAE compression: causal 4x in time, 8x in space, 16 latent channels.
 VAE_TIME_COMPRESSION = 4
@@ -75,15 +76,21 @@ class TokenCounts:
     text: int
     video_groups: int  # modulation groups of the video tokens (one per patched latent frame)
     image: int = 0  # CLIP image tokens (image-conditioned backbone only)
+    # Teacher forcing (model.history): the clean copy of the chunks before the last, at t=0.
+    history_video: int = 0
+    history_action: int = 0
+    teacher_forcing: bool = False
 
     @property
     def sequence(self) -> int:
         """Length of the joint self-attention sequence."""
-        return self.video + self.action + self.proprio + self.padding
+        return self.video + self.action + self.proprio + self.history_video + self.history_action + self.padding
 
     @property
     def groups(self) -> int:
-        return self.video_groups + self.action + (1 if self.proprio else 0)
+        # The history copy reads one t=0 group per modality.
+        history = int(self.teacher_forcing) + (1 if self.history_action else 0)
+        return self.video_groups + self.action + (1 if self.proprio else 0) + history
 
 
 def latent_shape_for(num_frames: int, resolution: tuple[int, int] | list[int]) -> tuple[int, int, int]:
@@ -116,9 +123,11 @@ def token_counts(
     pad_to_multiple: int = 1,
     image_tokens: int = 0,
     num_actions: int | None = None,
+    teacher_forcing: bool | None = None,
 ) -> TokenCounts:
     """Tokens per sample: video tokens after patching; `num_actions` (default T-1) action tokens and 1 proprio
-    token in joint mode."""
+    token in joint mode; with `teacher_forcing` (default: what training runs, `trains_teacher_forced`) the clean
+    history copy."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     frames, height, width = latent_shape_for(num_frames, resolution)
@@ -132,7 +141,13 @@ def token_counts(
     video = grid[0] * grid[1] * grid[2]
     action = (num_frames - 1 if num_actions is None else int(num_actions)) if mode == "joint" else 0
     proprio = 1 if mode == "joint" else 0
-    padding = (-(video + action + proprio)) % max(int(pad_to_multiple), 1)
+    if teacher_forcing is None:
+        teacher_forcing = trains_teacher_forced(model_cfg)
+    history_video = history_action = 0
+    if teacher_forcing:
+        history_frames, history_action = history_sizes(model_cfg, grid[0], action)
+        history_video = history_frames * grid[1] * grid[2]
+    padding = (-(video + action + proprio + history_video + history_action)) % max(int(pad_to_multiple), 1)
     return TokenCounts(
         latent_shape=(frames, height, width),
         video=video,
@@ -142,6 +157,9 @@ def token_counts(
         text=int(text_length),
         video_groups=grid[0],
         image=int(image_tokens) if model_cfg.image_conditioned else 0,
+        history_video=history_video,
+        history_action=history_action,
+        teacher_forcing=bool(teacher_forcing),
     )
 
 
@@ -188,9 +206,11 @@ def forward_flops(
     pad_to_multiple: int = 1,
     image_tokens: int = 0,
     num_actions: int | None = None,
+    teacher_forcing: bool | None = None,
 ) -> dict[str, float]:
     """Forward FLOPs of `wam_forward` for `batch` samples per component (module docstring) and "total";
-    `image_tokens` CLIP tokens per sample for the image-conditioned backbone."""
+    `image_tokens` CLIP tokens per sample for the image-conditioned backbone; `teacher_forcing` (default: what
+    training runs) counts the clean history copy in the sequence."""
     cfg = model_cfg
     tok = token_counts(
         cfg,
@@ -201,6 +221,7 @@ def forward_flops(
         pad_to_multiple=pad_to_multiple,
         image_tokens=image_tokens,
         num_actions=num_actions,
+        teacher_forcing=teacher_forcing,
     )
     d, layers, s, text = cfg.dim, cfg.num_layers, tok.sequence, tok.text
     patch = math.prod(cfg.patch_size)
@@ -208,7 +229,7 @@ def forward_flops(
     masked = cfg.attention_layout == "chunk_causal" or tok.padding > 0
 
     c = dict.fromkeys(COMPONENTS, 0.0)
-    c["patch_embedding"] = _dense(tok.video, patch * cfg.in_channels, d)
+    c["patch_embedding"] = _dense(tok.video + tok.history_video, patch * cfg.in_channels, d)
     c["self_attention_projections"] = layers * 4 * _dense(s, d, d)
     c["self_attention_scores"] = layers * _attention_scores(cfg, s, s, masked)
     c["cross_attention_projections"] = layers * (2 * _dense(s, d, d) + 2 * _dense(text, d, d))
@@ -230,11 +251,12 @@ def forward_flops(
             + _GELU_TANH * image * image_dim + _dense(image, image_dim, d)
         )
     if tok.action:
+        encoded = tok.action + tok.history_action
         c["action_encoders"] = (
-            _dense(tok.action, cfg.action_dim, d)
-            + _SILU * tok.action * d
-            + _dense(tok.action, d, d)
-            + 2 * tok.action * d  # position and type embeddings
+            _dense(encoded, cfg.action_dim, d)
+            + _SILU * encoded * d
+            + _dense(encoded, d, d)
+            + 2 * encoded * d  # position and type embeddings
         )
         c["action_decoder"] = _dense(tok.action, d, cfg.action_dim)
     if tok.proprio:

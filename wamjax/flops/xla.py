@@ -52,15 +52,20 @@ def compiled_forward_flops(
     pad_to_multiple: int = 1,
     image_tokens: int = 0,
 ) -> float:
-    """XLA's FLOP count of one compiled `wam_forward` call exactly as `cfg` describes it (no unrolling)."""
+    """XLA's FLOP count of one compiled `wam_forward` call exactly as `cfg` describes it (no unrolling); a
+    teacher-forced model (`trains_teacher_forced`) is compiled with its clean history, as training runs it."""
+    from wamjax.models.dit import trains_teacher_forced
     from wamjax.models.wam import init_params, wam_forward
 
     params = jax.eval_shape(
         lambda: init_params(cfg, jax.random.key(0), latent_shape, text_length, num_actions, with_proprio=True)
     )
     inputs = _abstract_inputs(cfg, latent_shape, text_length, num_actions, batch, image_tokens)
-    fn = jax.jit(lambda p, *args: wam_forward(cfg, p, *args, pad_to_multiple=pad_to_multiple))
-    return _cost_flops(fn.lower(params, *inputs).compile())
+    history = {}
+    if trains_teacher_forced(cfg):
+        history = {"history_latents": inputs[0], "history_actions": inputs[3] if num_actions else None}
+    fn = jax.jit(lambda p, *args, **kw: wam_forward(cfg, p, *args, pad_to_multiple=pad_to_multiple, **kw))
+    return _cost_flops(fn.lower(params, *inputs, **history).compile())
 
 
 def param_bytes(

@@ -5,12 +5,13 @@ is the context latent frame plus the proprio token; chunk k >= 1 is `chunk_laten
 the action tokens aligned with them. A token sees its own chunk and earlier ones only, so the keys and values
 of a finished chunk never change: they are computed once (at t=0, clean) and cached per layer. Generating
 chunk k denoises only its own tokens against the cache. When the real observation of a chunk arrives it
-replaces the predicted frames in the cache (teacher forcing), so closed-loop control never re-encodes the
-history.
+replaces the predicted frames in the cache, so closed-loop control never re-encodes the history.
 
-The forward here is the math of `wamjax.models.dit` / `wam.py` applied block by block (a `lax.scan` over the
-stacked layer params) with the model's own submodules; the cached result equals the uncached full-sequence
-forward with the chunk-causal mask (tests/test_inference.py checks it).
+This is what a teacher-forced model (model.history="teacher_forcing") saw in training: the noisy chunk attends
+to the clean keys/values of the earlier chunks and to itself. This module keeps only the cache bookkeeping:
+the embedding, blocks and heads are the model's own Flax modules (`WanBlock` with a KV cache, `OutputHead`,
+`ActionTokens`) applied to the sub-trees of the params, a `lax.scan` over the stacked layers
+(tests/test_inference.py checks the rollout against the full teacher-forced forward).
 """
 
 from __future__ import annotations
@@ -21,23 +22,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from wamjax.diffusion import flow
 from wamjax.diffusion.sampler import SamplerOptions, step_times
-from wamjax.models import attention as attention_lib
-from wamjax.models.actions import ACTION_TYPE, ActionTokens
+from wamjax.models.actions import ActionTokens
 from wamjax.models.attention_mask import AttentionMask
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import (
-    ConditionEmbedder,
-    FeedForward,
-    PatchEmbed,
-    apply_rope,
-    unpatchify,
-)
-from wamjax.models.layers import MLP2, Dense, LayerNorm, RMSNorm, rope_frequencies
-from wamjax.models.wam import i2v_condition
+from wamjax.models.dit import ConditionEmbedder, PatchEmbed, WanBlock, unpatchify, video_rope_angles
+from wamjax.models.wam import OutputHead, i2v_condition
 
 Params = Any
 
@@ -129,19 +121,6 @@ class ChunkTokens(NamedTuple):
     num_actions: int
 
 
-def _rope_tables(cfg: ModelConfig, geometry: ChunkGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-axis rotary angles (t, h, w) as Wan splits the head dim; float64 like make_token_layout."""
-    head_dim = cfg.attention_head_dim
-    h_dim = w_dim = 2 * (head_dim // 6)
-    t_dim = head_dim - h_dim - w_dim
-    gh, gw = geometry.latent_hw[0] // cfg.patch_size[1], geometry.latent_hw[1] // cfg.patch_size[2]
-    return (
-        rope_frequencies(t_dim, np.arange(geometry.max_frames), cfg.rope_theta),
-        rope_frequencies(h_dim, np.arange(gh), cfg.rope_theta),
-        rope_frequencies(w_dim, np.arange(gw), cfg.rope_theta),
-    )
-
-
 def embed_chunk(
     cfg: ModelConfig,
     geometry: ChunkGeometry,
@@ -155,7 +134,11 @@ def embed_chunk(
     proprio: jax.Array | None = None,
 ) -> ChunkTokens:
     """Tokens of one chunk: latents [B, n, H, W, C] at frames frame_offset.., t_frames [B, n] (0..1000 scale),
-    optional actions [B, na, A] at action positions action_offset.. with t_actions [B, na], optional proprio."""
+    optional actions [B, na, A] at action positions action_offset.. with t_actions [B, na], optional proprio.
+
+    The model's own modules embed them (patch embedding, timestep embedders, action and proprio encoders), with
+    the rotary angles `make_token_layout` gives the same frames.
+    """
     batch, n = latents.shape[:2]
     gh, gw = latents.shape[2] // cfg.patch_size[1], latents.shape[3] // cfg.patch_size[2]
     per_frame = gh * gw
@@ -163,38 +146,23 @@ def embed_chunk(
     video = PatchEmbed(cfg).apply({"params": params["patch_embedding"]}, latents)
     temb, mod = cond.apply({"params": params["condition_embedder"]}, t_frames, method=ConditionEmbedder.time)
     tokens, mods, tembs = [video], [jnp.repeat(mod, per_frame, axis=1)], [jnp.repeat(temb, per_frame, axis=1)]
-
-    t_table, h_table, w_table = (jnp.asarray(a) for a in _rope_tables(cfg, geometry))
-    frames = jax.lax.dynamic_slice_in_dim(t_table, frame_offset, n, axis=0)
-    angles = jnp.concatenate(
-        [
-            jnp.broadcast_to(frames[:, None, None], (n, gh, gw, frames.shape[-1])),
-            jnp.broadcast_to(h_table[None, :, None], (n, gh, gw, h_table.shape[-1])),
-            jnp.broadcast_to(w_table[None, None, :], (n, gh, gw, w_table.shape[-1])),
-        ],
-        axis=-1,
-    ).reshape(n * per_frame, -1)
+    table = jnp.asarray(video_rope_angles(cfg, (geometry.max_frames, gh, gw)))
+    angles = jax.lax.dynamic_slice_in_dim(table, frame_offset * per_frame, n * per_frame, axis=0)
     num_unrotated = 0
 
-    action_params = params["actions"]
-    action_module = ActionTokens(cfg)
+    action_module, action_params = ActionTokens(cfg), {"params": params["actions"]}
     num_actions = 0
     if actions is not None:
         num_actions = actions.shape[1]
-        encoder = MLP2(cfg.dim, cfg.dim, "silu", ("action", "embed"))
-        a_tokens = encoder.apply({"params": action_params["action_encoder"]}, actions.astype(jnp.float32))
-        positions = jax.lax.dynamic_slice_in_dim(action_params["position_embedding"], action_offset, num_actions, 0)
-        a_tokens = a_tokens + positions[None] + action_params["type_embedding"][ACTION_TYPE]
-        tokens.append(a_tokens.astype(cfg.compute_dtype))
-        a_temb, a_mod = action_module.apply({"params": action_params}, t_actions, method=ActionTokens.time)
+        tokens.append(action_module.apply(action_params, actions, action_offset, method=ActionTokens.encode_actions))
+        a_temb, a_mod = action_module.apply(action_params, t_actions, method=ActionTokens.time)
         tembs.append(a_temb)
         mods.append(a_mod)
         num_unrotated += num_actions
     if proprio is not None:
-        tokens.append(action_module.apply({"params": action_params}, proprio, method=ActionTokens.encode_proprio))
-        p_temb, p_mod = action_module.apply(
-            {"params": action_params}, jnp.zeros((batch, 1), jnp.float32), method=ActionTokens.time
-        )
+        tokens.append(action_module.apply(action_params, proprio, method=ActionTokens.encode_proprio))
+        # Proprio is an observation, never noised: it reads the clean-timestep modulation.
+        p_temb, p_mod = action_module.apply(action_params, jnp.zeros((batch, 1), jnp.float32), method=ActionTokens.time)
         tembs.append(p_temb)
         mods.append(p_mod)
         num_unrotated += 1
@@ -205,63 +173,7 @@ def embed_chunk(
     )
 
 
-# --- Blocks over a chunk, reading the cache ------------------------------------------------------------
-
-
-def _dense(cfg: ModelConfig, p: Params, x: jax.Array, features: int) -> jax.Array:
-    return Dense(features, dtype=cfg.compute_dtype).apply({"params": p}, x)
-
-
-def _self_attention(cfg, p, x, cos, sin, cache_k, cache_v, cache_length):
-    """Self-attention of a chunk's queries over [cached keys | the chunk's own keys]; returns (out, k, v)."""
-    heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
-    q = RMSNorm(cfg.eps).apply({"params": p["norm_q"]}, _dense(cfg, p["to_q"], x, cfg.dim))
-    k = RMSNorm(cfg.eps).apply({"params": p["norm_k"]}, _dense(cfg, p["to_k"], x, cfg.dim))
-    v = _dense(cfg, p["to_v"], x, cfg.dim)
-    split = lambda t: t.reshape(*t.shape[:2], heads, head_dim)
-    q, k, v = split(q), split(k), split(v)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)
-    values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
-    capacity, s = cache_k.shape[1], x.shape[1]
-    valid = jnp.concatenate([jnp.arange(capacity) < cache_length, jnp.ones(s, bool)])
-    # Every cached token is in an earlier chunk than the queries: one chunk id, validity from the fill level.
-    mask = AttentionMask.create(jnp.zeros(s, jnp.int32), jnp.zeros(capacity + s, jnp.int32), kv_valid=valid)
-    out = attention_lib.attention_for(cfg)(q, keys, values, mask)
-    out = _dense(cfg, p["to_out"], out.reshape(*out.shape[:2], cfg.dim), cfg.dim)
-    return out, k, v
-
-
-def _cross_attention(cfg, p, x, context):
-    """Cross-attention to the text, plus the I2V image attention when `context` is (text, image)."""
-    context, image = context if isinstance(context, tuple) else (context, None)
-    heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
-    q = RMSNorm(cfg.eps).apply({"params": p["norm_q"]}, _dense(cfg, p["to_q"], x, cfg.dim))
-    k = RMSNorm(cfg.eps).apply({"params": p["norm_k"]}, _dense(cfg, p["to_k"], context, cfg.dim))
-    v = _dense(cfg, p["to_v"], context, cfg.dim)
-    split = lambda t: t.reshape(*t.shape[:2], heads, head_dim)
-    out = attention_lib.attention_for(cfg)(split(q), split(k), split(v), None)
-    if image is not None:  # Wan2.1-I2V: the same queries read the image tokens through their own keys/values
-        k_img = RMSNorm(cfg.eps).apply({"params": p["norm_added_k"]}, _dense(cfg, p["add_k_proj"], image, cfg.dim))
-        v_img = _dense(cfg, p["add_v_proj"], image, cfg.dim)
-        out = out + attention_lib.attention_for(cfg)(split(q), split(k_img), split(v_img), None)
-    return _dense(cfg, p["to_out"], out.reshape(*out.shape[:2], cfg.dim), cfg.dim)
-
-
-def _block(cfg: ModelConfig, p: Params, x, context, modulation, cos, sin, cache_k, cache_v, cache_length):
-    """One WanBlock (same math as wamjax.models.dit.WanBlock) with cached self-attention keys/values."""
-    mod = p["scale_shift_table"][None] + modulation
-    shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
-    dtype = x.dtype
-    h = LayerNorm(cfg.eps).apply({}, x) * (1 + scale_msa) + shift_msa
-    h, k, v = _self_attention(cfg, p["attn1"], h.astype(dtype), cos, sin, cache_k, cache_v, cache_length)
-    x = (x.astype(jnp.float32) + h * gate_msa).astype(dtype)
-    h = LayerNorm(cfg.eps, affine=True).apply({"params": p["norm2"]}, x) if cfg.cross_attn_norm else x
-    x = x + _cross_attention(cfg, p["attn2"], h.astype(dtype), context)
-    h = LayerNorm(cfg.eps).apply({}, x) * (1 + c_scale) + c_shift
-    h = FeedForward(cfg).apply({"params": p["ffn"]}, h.astype(dtype))
-    x = (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
-    return x, k, v
+# --- The model's blocks over a chunk, reading the cache ---------------------------------------------------
 
 
 class ChunkOutput(NamedTuple):
@@ -284,25 +196,27 @@ def chunk_forward(
     """
     stacked = stacked_block_params(cfg, params)
     visible = cache.length if visible is None else visible
+    capacity, s = cache.keys.shape[2], chunk.x.shape[1]
+    # Every cached token is in an earlier chunk than the queries: one chunk id, validity from the fill level.
+    valid = jnp.concatenate([jnp.arange(capacity) < visible, jnp.ones(s, bool)])
+    mask = AttentionMask.create(jnp.zeros(s, jnp.int32), jnp.zeros(capacity + s, jnp.int32), kv_valid=valid)
+    block = WanBlock(cfg, None)
 
     def layer(x, inputs):
         p, cache_k, cache_v = inputs
-        x, k, v = _block(cfg, p, x, context, chunk.modulation, chunk.cos, chunk.sin, cache_k, cache_v, visible)
+        x, (k, v) = block.apply({"params": p}, x, context, chunk.modulation, (chunk.cos, chunk.sin),
+                                kv_cache=(cache_k, cache_v), mask=mask)
         return x, (k.astype(cache_k.dtype), v.astype(cache_v.dtype))
 
     x, (keys, values) = jax.lax.scan(layer, chunk.x, (stacked, cache.keys, cache.values))
-    out_mod = params["scale_shift_table"][None] + chunk.temb[:, :, None]
-    h = LayerNorm(cfg.eps).apply({}, x) * (1 + out_mod[:, :, 1]) + out_mod[:, :, 0]
     nv, na = chunk.num_video, chunk.num_actions
-    pt, ph, pw = cfg.patch_size
-    video = _dense(cfg, params["proj_out"], h[:, :nv].astype(cfg.compute_dtype), cfg.out_channels * pt * ph * pw)
+    h, video = OutputHead(cfg).apply({"params": params}, x, chunk.temb, nv)
+    ph, pw = cfg.patch_size[1:]
     grid = (nv // ((latent_hw[0] // ph) * (latent_hw[1] // pw)), latent_hw[0] // ph, latent_hw[1] // pw)
-    video = unpatchify(cfg, video.astype(jnp.float32), grid)
+    video = unpatchify(cfg, video, grid)
     actions = None
     if na:
-        actions = Dense(cfg.action_dim).apply(
-            {"params": params["actions"]["action_decoder"]}, h[:, nv : nv + na].astype(jnp.float32)
-        )
+        actions = ActionTokens(cfg).apply({"params": params["actions"]}, h[:, nv : nv + na], method=ActionTokens.decode)
     return ChunkOutput(video, actions, keys, values)
 
 

@@ -36,8 +36,8 @@ class ActionTokens(nn.Module):
         self.time_proj = Dense(6 * cfg.dim, (None, "embed"), name="time_proj")
         self.action_decoder = Dense(cfg.action_dim, ("embed", "action"), name="action_decoder")
 
-    def encode_actions(self, actions: jax.Array) -> jax.Array:
-        """[B, T_a, action_dim] -> tokens [B, T_a, D]."""
+    def encode_actions(self, actions: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+        """[B, T_a, action_dim] at action positions offset.. (a cached rollout's chunk) -> tokens [B, T_a, D]."""
         cfg = self.cfg
         num = actions.shape[1]
         if num > cfg.max_action_tokens:
@@ -45,7 +45,8 @@ class ActionTokens(nn.Module):
         if actions.shape[-1] != cfg.action_dim:
             raise ValueError(f"actions have dim {actions.shape[-1]}, model.action_dim={cfg.action_dim}")
         tokens = self.action_encoder(actions.astype(jnp.float32))
-        tokens = tokens + self.position_embedding[None, :num] + self.type_embedding[ACTION_TYPE]
+        positions = jax.lax.dynamic_slice_in_dim(self.position_embedding, offset, num, axis=0)
+        tokens = tokens + positions[None] + self.type_embedding[ACTION_TYPE]
         return constrain(tokens.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
     def encode_proprio(self, proprio: jax.Array) -> jax.Array:

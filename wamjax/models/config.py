@@ -40,6 +40,10 @@ class ModelConfig:
     # Attention layout: "bidirectional" (Wan) or "chunk_causal" (DreamZero-style chunks of latent frames).
     attention_layout: str = "bidirectional"
     chunk_latent_frames: int = 1
+    # What a chunk-causal model's noisy chunk attends to in training: "teacher_forcing" (a clean copy of the
+    # earlier chunks, as the KV-cache rollout sees them) or "diffusion_forcing" (the earlier chunks of the one
+    # noisy copy, each at its own noise level). Ignored by bidirectional models.
+    history: str = "teacher_forcing"
     # Execution.
     attention: str = "dot_product"  # kernel: see wamjax.models.attention.known_kernels()
     attention_block_q: int = 512  # query / key block sizes of the block-based kernels (blockwise)
@@ -49,6 +53,8 @@ class ModelConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        if self.history not in ("teacher_forcing", "diffusion_forcing"):
+            raise ValueError(f"model.history={self.history!r}; expected 'teacher_forcing' or 'diffusion_forcing'")
         if (self.image_dim is None) != (self.added_kv_proj_dim is None):
             raise ValueError(
                 f"model.image_dim={self.image_dim} and model.added_kv_proj_dim={self.added_kv_proj_dim}: "

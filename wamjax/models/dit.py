@@ -52,7 +52,12 @@ _REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class TokenLayout:
-    """Static description of the joint token sequence: sizes, group ids, chunk ids and rotary angles."""
+    """Static description of the joint token sequence: sizes, group ids, chunk and copy ids, rotary angles.
+
+    Order: [video | actions | proprio | clean history video | clean history actions | padding]. The history
+    part exists only in the teacher-forced layout (`teacher_forcing`): it is the clean copy (copy 0) of the
+    chunks before the last, while the video and action tokens of chunks >= 1 are the noisy copy (copy 1).
+    """
 
     grid: tuple[int, int, int]  # (frames, height, width) of video tokens after patching
     num_action_tokens: int
@@ -64,6 +69,10 @@ class TokenLayout:
     rope_angles: np.ndarray  # [S, head_dim // 2] float64
     num_groups: int
     causal: bool
+    teacher_forcing: bool = False
+    history_frames: int = 0  # patched latent frames 1.. repeated clean in the history part
+    num_history_action_tokens: int = 0  # actions 0.. repeated clean in the history part
+    token_copy: np.ndarray | None = None  # [S] int32: 0 clean, 1 noisy (teacher forcing); None: one copy
 
     @property
     def num_video_tokens(self) -> int:
@@ -71,15 +80,32 @@ class TokenLayout:
         return f * h * w
 
     @property
+    def num_history_video_tokens(self) -> int:
+        return self.history_frames * self.grid[1] * self.grid[2]
+
+    @property
+    def history_offset(self) -> int:
+        """Index of the first history token."""
+        return self.num_video_tokens + self.num_action_tokens + self.num_proprio_tokens
+
+    @property
     def length(self) -> int:
-        return self.num_video_tokens + self.num_action_tokens + self.num_proprio_tokens + self.num_padding_tokens
+        return (self.history_offset + self.num_history_video_tokens + self.num_history_action_tokens
+                + self.num_padding_tokens)
 
     def __hash__(self) -> int:  # numpy fields are fixed by the scalar ones
         return hash((self.grid, self.num_action_tokens, self.num_proprio_tokens, self.num_padding_tokens,
-                     self.num_groups, self.causal))
+                     self.num_groups, self.causal, self.teacher_forcing, self.history_frames,
+                     self.num_history_action_tokens))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TokenLayout) and hash(self) == hash(other)
+
+
+def trains_teacher_forced(cfg: ModelConfig) -> bool:
+    """True when training sequences hold a clean and a noisy copy of the chunks (chunk-causal models with
+    model.history="teacher_forcing")."""
+    return cfg.history == "teacher_forcing" and cfg.attention_layout == "chunk_causal"
 
 
 def latent_frame_chunk(cfg: ModelConfig, num_latent_frames: int) -> np.ndarray:
@@ -99,42 +125,26 @@ def action_latent_frame(cfg: ModelConfig, num_action_tokens: int) -> np.ndarray:
     return (1 + np.arange(num_action_tokens) // cfg.action_frames_per_latent).astype(np.int32)
 
 
-def make_token_layout(
-    cfg: ModelConfig,
-    latent_shape: tuple[int, int, int],
-    num_action_tokens: int = 0,
-    num_proprio_tokens: int = 0,
-    pad_to_multiple: int = 1,
-) -> TokenLayout:
-    """Builds the static token layout for latents of (frames, height, width) plus optional action tokens.
+def history_sizes(cfg: ModelConfig, num_frames: int, num_action_tokens: int) -> tuple[int, int]:
+    """(latent frames, action tokens) of the clean history copy in the teacher-forced layout: those of chunks
+    1 .. last-1 (chunk 0 is clean already; nothing attends to the last chunk's clean copy)."""
+    frame_chunk = latent_frame_chunk(cfg, num_frames)
+    last = int(frame_chunk.max()) if num_frames else 0
+    frames = int(np.sum((frame_chunk >= 1) & (frame_chunk < last)))
+    action_chunk = frame_chunk[np.minimum(action_latent_frame(cfg, num_action_tokens), num_frames - 1)]
+    return frames, int(np.sum(action_chunk < last))
 
-    Groups: one per latent frame, then one per action token, then one for the proprio token.
-    """
-    pt, ph, pw = cfg.patch_size
-    frames, height, width = latent_shape
-    if frames % pt or height % ph or width % pw:
-        raise ValueError(f"latent shape {latent_shape} is not divisible by patch_size {cfg.patch_size}")
-    grid = (frames // pt, height // ph, width // pw)
-    gf, gh, gw = grid
-    num_video = gf * gh * gw
-    frame_idx = np.repeat(np.arange(gf), gh * gw)
-    frame_chunk = latent_frame_chunk(cfg, gf)
-    action_frame = np.minimum(action_latent_frame(cfg, num_action_tokens), gf - 1)
-    groups = [frame_idx, gf + np.arange(num_action_tokens), np.full(num_proprio_tokens, gf + num_action_tokens)]
-    chunks = [frame_chunk[frame_idx], frame_chunk[action_frame], np.zeros(num_proprio_tokens, np.int32)]
-    valid_len = num_video + num_action_tokens + num_proprio_tokens
-    num_padding = (-valid_len) % pad_to_multiple
-    groups.append(np.zeros(num_padding, np.int64))
-    chunks.append(np.full(num_padding, PADDING_CHUNK, np.int32))
 
-    # Rotary angles: (t, h, w) split of the head dim as Wan splits it; non-video tokens are not rotated.
+def video_rope_angles(cfg: ModelConfig, grid: tuple[int, int, int]) -> np.ndarray:
+    """Rotary angles [F * H * W, head_dim // 2] of a (frames, height, width) token grid, frame-major, with the
+    head dim split (t, h, w) as Wan splits it."""
     head_dim = cfg.attention_head_dim
     h_dim = w_dim = 2 * (head_dim // 6)
     t_dim = head_dim - h_dim - w_dim
     if max(grid) > cfg.rope_max_seq_len:
         raise ValueError(f"token grid {grid} exceeds model.rope_max_seq_len={cfg.rope_max_seq_len}")
-    ff, hh, ww = np.meshgrid(np.arange(gf), np.arange(gh), np.arange(gw), indexing="ij")
-    video_angles = np.concatenate(
+    ff, hh, ww = np.meshgrid(*(np.arange(n) for n in grid), indexing="ij")
+    return np.concatenate(
         [
             rope_frequencies(t_dim, ff.reshape(-1), cfg.rope_theta),
             rope_frequencies(h_dim, hh.reshape(-1), cfg.rope_theta),
@@ -142,8 +152,59 @@ def make_token_layout(
         ],
         axis=-1,
     )
-    unrotated = np.zeros((valid_len - num_video + num_padding, head_dim // 2))
-    angles = np.concatenate([video_angles, unrotated], axis=0)
+
+
+def make_token_layout(
+    cfg: ModelConfig,
+    latent_shape: tuple[int, int, int],
+    num_action_tokens: int = 0,
+    num_proprio_tokens: int = 0,
+    pad_to_multiple: int = 1,
+    teacher_forcing: bool = False,
+) -> TokenLayout:
+    """Builds the static token layout for latents of (frames, height, width) plus optional action tokens.
+
+    Groups: one per latent frame, then one per action token, then one for the proprio token; the teacher-forced
+    layout adds one group for its clean history video and one for its clean history actions (both t=0).
+    """
+    pt, ph, pw = cfg.patch_size
+    frames, height, width = latent_shape
+    if frames % pt or height % ph or width % pw:
+        raise ValueError(f"latent shape {latent_shape} is not divisible by patch_size {cfg.patch_size}")
+    if teacher_forcing and not trains_teacher_forced(cfg):
+        raise ValueError(f"a teacher-forced layout needs model.attention_layout='chunk_causal' and "
+                         f"model.history='teacher_forcing'; got {cfg.attention_layout!r}, {cfg.history!r}")
+    grid = (frames // pt, height // ph, width // pw)
+    gf, gh, gw = grid
+    frame_idx = np.repeat(np.arange(gf), gh * gw)
+    frame_chunk = latent_frame_chunk(cfg, gf)
+    action_frame = np.minimum(action_latent_frame(cfg, num_action_tokens), gf - 1)
+    action_chunk = frame_chunk[action_frame]
+    proprio_group = gf + num_action_tokens
+    groups = [frame_idx, gf + np.arange(num_action_tokens), np.full(num_proprio_tokens, proprio_group)]
+    chunks = [frame_chunk[frame_idx], action_chunk, np.zeros(num_proprio_tokens, np.int32)]
+    # Only chunk 0 (context frame, proprio) is clean in the main part; the rest is the noisy copy.
+    copies = [(frame_chunk[frame_idx] > 0).astype(np.int32), np.ones(num_action_tokens, np.int32),
+              np.zeros(num_proprio_tokens, np.int32)]
+    video_angles = video_rope_angles(cfg, grid)
+    angles = [video_angles, np.zeros((num_action_tokens + num_proprio_tokens, video_angles.shape[1]))]
+    num_groups = gf + num_action_tokens + (1 if num_proprio_tokens else 0)
+    history_frames = history_actions = 0
+    if teacher_forcing:
+        history_frames, history_actions = history_sizes(cfg, gf, num_action_tokens)
+        hist_idx = 1 + np.repeat(np.arange(history_frames), gh * gw)
+        groups += [np.full(len(hist_idx), num_groups), np.full(history_actions, num_groups + 1)]
+        chunks += [frame_chunk[hist_idx], action_chunk[:history_actions]]
+        copies += [np.zeros(len(hist_idx) + history_actions, np.int32)]
+        angles += [video_angles[gh * gw : gh * gw * (1 + history_frames)],
+                   np.zeros((history_actions, video_angles.shape[1]))]
+        num_groups += 1 + (1 if history_actions else 0)
+    valid_len = sum(len(c) for c in chunks)
+    num_padding = (-valid_len) % pad_to_multiple
+    groups.append(np.zeros(num_padding, np.int64))
+    chunks.append(np.full(num_padding, PADDING_CHUNK, np.int32))
+    copies.append(np.zeros(num_padding, np.int32))
+    angles.append(np.zeros((num_padding, video_angles.shape[1])))
     return TokenLayout(
         grid=grid,
         num_action_tokens=num_action_tokens,
@@ -152,15 +213,22 @@ def make_token_layout(
         token_group=np.concatenate(groups).astype(np.int32),
         token_chunk=np.concatenate(chunks).astype(np.int32),
         token_valid=np.arange(valid_len + num_padding) < valid_len,
-        rope_angles=angles,
-        num_groups=gf + num_action_tokens + (1 if num_proprio_tokens else 0),
+        rope_angles=np.concatenate(angles, axis=0),
+        num_groups=num_groups,
         causal=cfg.attention_layout == "chunk_causal",
+        teacher_forcing=teacher_forcing,
+        history_frames=history_frames,
+        num_history_action_tokens=history_actions,
+        token_copy=np.concatenate(copies).astype(np.int32) if teacher_forcing else None,
     )
 
 
 def layout_attention_mask(layout: TokenLayout) -> AttentionMask | None:
     """The layout's self-attention mask as per-token ids (what the kernels take), or None when every token
     sees every token."""
+    if layout.teacher_forcing:
+        return AttentionMask.create(layout.token_chunk, layout.token_chunk, kv_valid=layout.token_valid,
+                                    q_copy=layout.token_copy, kv_copy=layout.token_copy, rule="teacher_forcing")
     if not layout.causal and layout.num_padding_tokens == 0:
         return None
     return AttentionMask.create(layout.token_chunk, kv_valid=layout.token_valid)
@@ -169,9 +237,10 @@ def layout_attention_mask(layout: TokenLayout) -> AttentionMask | None:
 def attention_mask(layout: TokenLayout) -> np.ndarray | None:
     """The reference [S, S] boolean mask (query, key) of the layout, or None when every token sees every token.
 
-    A query sees a key iff the key is valid (not padding) and its chunk is <= the query's chunk; padding
-    queries carry the largest chunk id, so they see every valid key (their rows are dropped). Kernels never
-    receive this array: they evaluate the same rule from `layout_attention_mask(layout)` block by block.
+    A query sees a key iff the key is valid (not padding) and the layout's rule allows it: chunk-causal, a key's
+    chunk is <= the query's; teacher-forced, see `attention_mask.py`. Padding queries carry the largest chunk
+    id, so they see every valid (clean) key (their rows are dropped). Kernels never receive this array: they
+    evaluate the same rule from `layout_attention_mask(layout)` block by block.
     """
     mask = layout_attention_mask(layout)
     return None if mask is None else mask.dense_numpy()
@@ -201,7 +270,11 @@ class WanAttention(nn.Module):
     cross: bool = False
 
     @nn.compact
-    def __call__(self, x, context=None, rope=None, mask: AttentionMask | None = None, image_context=None):
+    def __call__(self, x, context=None, rope=None, mask: AttentionMask | None = None, image_context=None,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None):
+        """Attention output [B, S, D]; with `kv_cache` = (keys, values) [B, C, heads, head_dim] of cached tokens
+        (self-attention only) the queries attend to [cached | own] keys under `mask`, and the result is
+        (output, (own rotated keys, own values)) for the caller to cache."""
         cfg = self.cfg
         dim, heads = cfg.dim, cfg.num_attention_heads
         kv_in = x if context is None else context
@@ -223,6 +296,11 @@ class WanAttention(nn.Module):
             k, v = constrain(k, kv_axes), constrain(v, kv_axes)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        own_kv = (k, v)
+        if kv_cache is not None:
+            cache_k, cache_v = kv_cache
+            k = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)
+            v = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
         out = attention_lib.attention_for(cfg)(q, k, v, mask)
         if heads_parallel:
             out = constrain(out, context_parallel.ATTENTION_AXES)
@@ -230,7 +308,8 @@ class WanAttention(nn.Module):
             out = out + self._image_attention(q, image_context)
         out = out.reshape(*out.shape[:2], dim)
         out = constrain(out, ("batch", "length", "heads"))
-        return Dense(dim, ("heads", "embed"), dtype=cfg.compute_dtype, name="to_out")(out)
+        out = Dense(dim, ("heads", "embed"), dtype=cfg.compute_dtype, name="to_out")(out)
+        return out if kv_cache is None else (out, own_kv)
 
     def _image_attention(self, q: jax.Array, image_context: jax.Array) -> jax.Array:
         """Wan2.1-I2V: the same queries attend to the embedded image tokens through their own keys/values."""
@@ -269,16 +348,23 @@ class FeedForward(nn.Module):
 
 
 class WanBlock(nn.Module):
-    """One Wan transformer block: modulated self-attention, cross-attention to text, modulated FFN."""
+    """One Wan transformer block: modulated self-attention, cross-attention to text, modulated FFN.
+
+    Over a whole sequence `layout` gives the modulation groups and the mask. Over one chunk of a cached rollout
+    `layout` is None: `group_modulation` is per token [B, S, 6, D], `kv_cache` holds the cached keys/values the
+    chunk's self-attention reads under `mask`, and the block returns (x, (keys, values)) of the chunk.
+    """
 
     cfg: ModelConfig
-    layout: TokenLayout
+    layout: TokenLayout | None
 
     @nn.compact
-    def __call__(self, x, context, group_modulation, rope):
+    def __call__(self, x, context, group_modulation, rope, kv_cache: tuple[jax.Array, jax.Array] | None = None,
+                 mask: AttentionMask | None = None):
         cfg, layout = self.cfg, self.layout
-        # Built from the static layout inside the block: O(S) ids, never an [S, S] constant.
-        mask = layout_attention_mask(layout)
+        if layout is not None:
+            # Built from the static layout inside the block: O(S) ids, never an [S, S] constant.
+            mask = layout_attention_mask(layout)
         table = self.param(
             "scale_shift_table",
             nn.with_logical_partitioning(
@@ -294,7 +380,9 @@ class WanBlock(nn.Module):
         dtype = x.dtype
 
         def per_token(table: jax.Array, i: int) -> jax.Array:  # row i of the table -> [B, S or 1, D]
-            mod = modulate_per_group(table[:, :, i], layout.token_group, layout.num_groups)
+            mod = table[:, :, i]  # per token already without a layout (the cached rollout)
+            if layout is not None:
+                mod = modulate_per_group(mod, layout.token_group, layout.num_groups)
             return constrain(mod, ("batch", "length" if mod.shape[1] > 1 else None, "embed"))
 
         # The per-token modulation, norms and gated residuals are recomputed in the backward pass: kept,
@@ -307,7 +395,9 @@ class WanBlock(nn.Module):
                               .astype(dtype))
 
         h = adaln(0, 1)(x, per_group)
-        h = WanAttention(cfg, name="attn1")(h.astype(dtype), rope=rope, mask=mask)
+        h = WanAttention(cfg, name="attn1")(h.astype(dtype), rope=rope, mask=mask, kv_cache=kv_cache)
+        if kv_cache is not None:
+            h, own_kv = h
         x = gated_residual(2)(x, h, per_group)
         x = constrain(x, BATCH_LENGTH_EMBED)
 
@@ -322,7 +412,8 @@ class WanBlock(nn.Module):
         h = adaln(3, 4)(x, per_group)
         h = FeedForward(cfg, name="ffn")(h.astype(dtype))
         x = gated_residual(5)(x, h, per_group)
-        return constrain(x, BATCH_LENGTH_EMBED)
+        x = constrain(x, BATCH_LENGTH_EMBED)
+        return x if kv_cache is None else (x, own_kv)
 
 
 class _ScanBody(nn.Module):

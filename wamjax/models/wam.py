@@ -64,17 +64,27 @@ class WorldActionModel(nn.Module):
         t_action: jax.Array | None = None,
         proprio: jax.Array | None = None,
         image_embeddings: jax.Array | None = None,
+        history_latents: jax.Array | None = None,
+        history_actions: jax.Array | None = None,
     ) -> WamOutput:
+        """Velocities of the noisy inputs. With `history_latents` (the clean model input, shaped like `latents`)
+        and, in joint mode, `history_actions` (the clean actions) the sequence is teacher-forced: a clean copy of
+        the chunks before the last joins it, and noisy chunk i attends to the clean chunks before it and to
+        itself (model.history="teacher_forcing"); without them each chunk attends to the earlier chunks of the
+        one copy given."""
         cfg = self.cfg
         batch = latents.shape[0]
         _check_conditioning(cfg, latents, image_embeddings)
         num_actions = 0 if actions is None else actions.shape[1]
         num_proprio = 0 if (actions is None or proprio is None) else 1
-        layout = make_token_layout(cfg, latents.shape[1:4], num_actions, num_proprio, self.pad_to_multiple)
+        teacher_forcing = history_latents is not None
+        layout = make_token_layout(cfg, latents.shape[1:4], num_actions, num_proprio, self.pad_to_multiple,
+                                   teacher_forcing=teacher_forcing)
         gf = layout.grid[0]
 
         cond = ConditionEmbedder(cfg, name="condition_embedder")
-        video_tokens = PatchEmbed(cfg, name="patch_embedding")(latents)
+        patch_embedding = PatchEmbed(cfg, name="patch_embedding")
+        video_tokens = patch_embedding(latents)
         t_frames = _per_group(t_video, batch, latents.shape[1], "t_video")[:, :: cfg.patch_size[0]][:, :gf]
         temb, modulation = cond.time(t_frames)
         context = cond.text(text_embeddings)
@@ -97,6 +107,26 @@ class WorldActionModel(nn.Module):
                 p_temb, p_mod = action_module.time(jnp.zeros((batch, 1), jnp.float32))
                 tembs.append(p_temb)
                 modulations.append(p_mod)
+        if teacher_forcing:
+            # The clean history copy: same frames, rope positions and action positions as the noisy chunks it
+            # repeats, read at t=0 (one modulation group per modality).
+            if history_latents.shape != latents.shape:
+                raise ValueError(f"history_latents have shape {history_latents.shape}; expected the latents' "
+                                 f"{latents.shape}")
+            pt = cfg.patch_size[0]
+            tokens.append(patch_embedding(history_latents[:, pt : pt * (1 + layout.history_frames)]))
+            h_temb, h_mod = cond.time(jnp.zeros((batch, 1), jnp.float32))
+            tembs.append(h_temb)
+            modulations.append(h_mod)
+            if layout.num_history_action_tokens:
+                if history_actions is None or history_actions.shape != actions.shape:
+                    got = None if history_actions is None else history_actions.shape
+                    raise ValueError(f"history_actions must be the clean actions, shaped like the actions "
+                                     f"{actions.shape}; got {got}")
+                tokens.append(action_module.encode_actions(history_actions[:, : layout.num_history_action_tokens]))
+                ha_temb, ha_mod = action_module.time(jnp.zeros((batch, 1), jnp.float32))
+                tembs.append(ha_temb)
+                modulations.append(ha_mod)
         if layout.num_padding_tokens:
             tokens.append(jnp.zeros((batch, layout.num_padding_tokens, cfg.dim), video_tokens.dtype))
 
@@ -108,26 +138,46 @@ class WorldActionModel(nn.Module):
 
         x = BlockStack(cfg, layout, name="blocks")(x, context, group_modulation, (cos, sin))
 
-        out_table = self.param(
+        head = OutputHead(cfg)
+        nn.share_scope(self, head)  # Wan's parameter names: scale_shift_table, proj_out at the top level
+        h, video = head(x, group_temb, layout.num_video_tokens, layout.token_group, layout.num_groups)
+        video = unpatchify(cfg, video, layout.grid)
+        nv = layout.num_video_tokens
+        action_velocity = None
+        if action_module is not None:
+            action_velocity = action_module.decode(h[:, nv : nv + num_actions])
+        return WamOutput(video, action_velocity)
+
+
+class OutputHead(nn.Module):
+    """Final modulated norm of every token and the video projection of the first `num_video` tokens.
+
+    `temb` is per group [B, G, D] spread by `token_group`, or per token [B, S, D] when `token_group` is None.
+    Returns (normed tokens [B, S, D], video patches [B, num_video, pt*ph*pw*C] in float32).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, temb, num_video: int, token_group=None, num_groups: int | None = None):
+        cfg = self.cfg
+        table = self.param(
             "scale_shift_table",
             nn.with_logical_partitioning(
                 lambda key, shape: jax.random.normal(key, shape) / cfg.dim**0.5, (None, None, "embed")
             ),
             (1, 2, cfg.dim),
         )
-        out_mod = modulate_per_group(out_table[None] + group_temb[:, :, None], layout.token_group, layout.num_groups)
-        shift, scale = out_mod[:, :, 0], out_mod[:, :, 1]
+        mod = table[None] + temb[:, :, None]
+        if token_group is not None:
+            mod = modulate_per_group(mod, token_group, num_groups)
+        shift, scale = mod[:, :, 0], mod[:, :, 1]
         h = modulated_layer_norm(x, scale, shift, cfg.eps)
-        nv = layout.num_video_tokens
         pt, ph, pw = cfg.patch_size
         video = Dense(cfg.out_channels * pt * ph * pw, ("embed", None), dtype=cfg.compute_dtype, name="proj_out")(
-            h[:, :nv].astype(cfg.compute_dtype)
+            h[:, :num_video].astype(cfg.compute_dtype)
         )
-        video = unpatchify(cfg, video.astype(jnp.float32), layout.grid)
-        action_velocity = None
-        if action_module is not None:
-            action_velocity = action_module.decode(h[:, nv : nv + num_actions])
-        return WamOutput(video, action_velocity)
+        return h, video.astype(jnp.float32)
 
 
 def _check_conditioning(cfg: ModelConfig, latents: jax.Array, image_embeddings: jax.Array | None) -> None:
@@ -211,12 +261,17 @@ def wam_forward(
     proprio: jax.Array | None = None,
     image_embeddings: jax.Array | None = None,
     pad_to_multiple: int = 1,
+    history_latents: jax.Array | None = None,
+    history_actions: jax.Array | None = None,
 ) -> WamOutput:
     """Pure forward of the world-action model. Latents are channels-last [B, F, H, W, C] with all
     `in_channels` (for I2V the caller concatenates the conditioning channels, see `i2v_model_input`);
-    image_embeddings [B, tokens, image_dim] are the CLIP tokens of the image-conditioned backbone."""
+    image_embeddings [B, tokens, image_dim] are the CLIP tokens of the image-conditioned backbone;
+    history_latents / history_actions (the clean inputs) make the sequence teacher-forced
+    (`WorldActionModel.__call__`)."""
     return WorldActionModel(cfg, pad_to_multiple).apply(
-        {"params": params}, latents, t_video, text_embeddings, actions, t_action, proprio, image_embeddings
+        {"params": params}, latents, t_video, text_embeddings, actions, t_action, proprio, image_embeddings,
+        history_latents, history_actions,
     )
 
 

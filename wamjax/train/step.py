@@ -18,7 +18,7 @@ from wamjax.diffusion.modes import draw_clean_modalities
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import action_latent_frame, latent_frame_chunk
+from wamjax.models.dit import action_latent_frame, latent_frame_chunk, trains_teacher_forced
 from wamjax.models.wam import first_frame_video, i2v_model_input, wam_forward
 from wamjax.train.optimizer import trainable_labels
 
@@ -221,13 +221,19 @@ def compute_loss(
         proprio = batch["proprio"]
 
     image = None
+    # Teacher forcing: the clean clip (and clean actions) join the sequence as the history the noisy chunks
+    # attend to; the loss stays on the noisy tokens, which are the outputs.
+    history_latents = x0 if trains_teacher_forced(cfg) else None
     if cfg.image_conditioned:
         xt = i2v_model_input(xt, batch["condition_latents"])
+        if history_latents is not None:
+            history_latents = i2v_model_input(history_latents, batch["condition_latents"])
         image = batch["image_embeddings"]
     out = wam_forward(
         cfg, params, xt, flow.to_model_timestep(t_video), text,
         noisy_actions, None if t_action is None else flow.to_model_timestep(t_action), proprio, image,
-        pad_to_multiple=spec.pad_to_multiple,
+        pad_to_multiple=spec.pad_to_multiple, history_latents=history_latents,
+        history_actions=actions if history_latents is not None else None,
     )
     video_err = jnp.mean(jnp.square(out.video - flow.velocity_target(x0, noise)), axis=(2, 3, 4))
     loss_video = jnp.sum(video_err * weights["video"]) / normalizers["video"]
