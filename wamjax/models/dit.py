@@ -1,6 +1,9 @@
 """Wan-2.1-compatible video diffusion transformer blocks (math and parameter names of diffusers' Wan).
 
 Latents are channels-last [B, F, H, W, C]; tokens are ordered frame-major (f, h, w) as Wan flattens them.
+Several camera views as separate token groups (`data.view_layout=tokens`) come as [B, F, V, H, W, C]; their
+tokens are ordered (f, v, h, w): all views of a latent frame are adjacent (so a latent frame's views always share
+its attention chunk), and every view reads the frame's time position and the spatial positions of one view.
 Modulation is per token group: every token belongs to a group (a latent frame, an action token, ...) and
 each group has its own timestep, so video and actions can sit at independent noise levels.
 """
@@ -62,11 +65,12 @@ class TokenLayout:
     rope_angles: np.ndarray  # [S, head_dim // 2] float64
     num_groups: int
     causal: bool
+    num_views: int = 1  # camera views per latent frame (tokens view layout), each a (h, w) grid of tokens
 
     @property
     def num_video_tokens(self) -> int:
         f, h, w = self.grid
-        return f * h * w
+        return f * self.num_views * h * w
 
     @property
     def length(self) -> int:
@@ -74,7 +78,7 @@ class TokenLayout:
 
     def __hash__(self) -> int:  # numpy fields are fixed by the scalar ones
         return hash((self.grid, self.num_action_tokens, self.num_proprio_tokens, self.num_padding_tokens,
-                     self.num_groups, self.causal))
+                     self.num_groups, self.causal, self.num_views))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TokenLayout) and hash(self) == hash(other)
@@ -103,10 +107,12 @@ def make_token_layout(
     num_action_tokens: int = 0,
     num_proprio_tokens: int = 0,
     pad_to_multiple: int = 1,
+    num_views: int = 1,
 ) -> TokenLayout:
     """Builds the static token layout for latents of (frames, height, width) plus optional action tokens.
 
-    Groups: one per latent frame, then one per action token, then one for the proprio token.
+    Groups: one per latent frame (shared by its `num_views` views), then one per action token, then one for
+    the proprio token.
     """
     pt, ph, pw = cfg.patch_size
     frames, height, width = latent_shape
@@ -114,8 +120,10 @@ def make_token_layout(
         raise ValueError(f"latent shape {latent_shape} is not divisible by patch_size {cfg.patch_size}")
     grid = (frames // pt, height // ph, width // pw)
     gf, gh, gw = grid
-    num_video = gf * gh * gw
-    frame_idx = np.repeat(np.arange(gf), gh * gw)
+    if num_views < 1:
+        raise ValueError(f"num_views={num_views}; expected >= 1")
+    num_video = gf * num_views * gh * gw
+    frame_idx = np.repeat(np.arange(gf), num_views * gh * gw)
     frame_chunk = latent_frame_chunk(cfg, gf)
     action_frame = np.minimum(action_latent_frame(cfg, num_action_tokens), gf - 1)
     groups = [frame_idx, gf + np.arange(num_action_tokens), np.full(num_proprio_tokens, gf + num_action_tokens)]
@@ -131,7 +139,8 @@ def make_token_layout(
     t_dim = head_dim - h_dim - w_dim
     if max(grid) > cfg.rope_max_seq_len:
         raise ValueError(f"token grid {grid} exceeds model.rope_max_seq_len={cfg.rope_max_seq_len}")
-    ff, hh, ww = np.meshgrid(np.arange(gf), np.arange(gh), np.arange(gw), indexing="ij")
+    # Views share positions: a view's tokens are rotated as a lone camera's would be at that frame.
+    ff, _, hh, ww = np.meshgrid(np.arange(gf), np.arange(num_views), np.arange(gh), np.arange(gw), indexing="ij")
     video_angles = np.concatenate(
         [
             rope_frequencies(t_dim, ff.reshape(-1), cfg.rope_theta),
@@ -153,6 +162,7 @@ def make_token_layout(
         rope_angles=angles,
         num_groups=gf + num_action_tokens + (1 if num_proprio_tokens else 0),
         causal=cfg.attention_layout == "chunk_causal",
+        num_views=num_views,
     )
 
 
@@ -465,3 +475,30 @@ def unpatchify(cfg: ModelConfig, tokens: jax.Array, grid: tuple[int, int, int]) 
     x = tokens.reshape(b, gf, gh, gw, pt, ph, pw, cfg.out_channels)
     x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
     return x.reshape(b, gf * pt, gh * ph, gw * pw, cfg.out_channels)
+
+
+def views_into_batch(latents: jax.Array) -> jax.Array:
+    """Multi-view latents or frames [B, T, V, ...] -> [B * V, T, ...], view-major within each example (what the
+    per-view VAE, patch embedding and unpatchify run on)."""
+    b, t, v = latents.shape[:3]
+    return jnp.swapaxes(latents, 1, 2).reshape(b * v, t, *latents.shape[3:])
+
+
+def views_out_of_batch(x: jax.Array, views: int) -> jax.Array:
+    """Inverse of `views_into_batch`: [B * V, T, ...] -> [B, T, V, ...]."""
+    bv, t = x.shape[:2]
+    return jnp.swapaxes(x.reshape(bv // views, views, t, *x.shape[2:]), 1, 2)
+
+
+def view_tokens_by_frame(tokens: jax.Array, views: int, frames: int) -> jax.Array:
+    """Per-view token sequences [B * V, F * N, D] -> one sequence [B, F * V * N, D] ordered (f, v, n)."""
+    bv, s, d = tokens.shape
+    x = tokens.reshape(bv // views, views, frames, s // frames, d)
+    return x.transpose(0, 2, 1, 3, 4).reshape(bv // views, s * views, d)
+
+
+def view_tokens_by_view(tokens: jax.Array, views: int, frames: int) -> jax.Array:
+    """Inverse of `view_tokens_by_frame`: [B, F * V * N, D] -> [B * V, F * N, D]."""
+    b, s, d = tokens.shape
+    x = tokens.reshape(b, frames, views, s // (frames * views), d)
+    return x.transpose(0, 2, 1, 3, 4).reshape(b * views, s // views, d)
