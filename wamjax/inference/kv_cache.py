@@ -34,10 +34,9 @@ from wamjax.models.dit import (
     FeedForward,
     PatchEmbed,
     apply_rope,
-    unpatchify,
 )
 from wamjax.models.layers import MLP2, Dense, LayerNorm, RMSNorm, rope_frequencies
-from wamjax.models.wam import i2v_condition
+from wamjax.models.wam import embed_video, i2v_condition, unpatchify_video
 
 Params = Any
 
@@ -51,10 +50,11 @@ class ChunkGeometry:
     actions_per_chunk: int
     max_chunks: int  # chunks after the context chunk that the cache can hold
     with_proprio: bool = True
+    views: int | None = None  # camera views per latent frame (tokens view layout): latents [B, n, V, H, W, C]
 
     @staticmethod
-    def for_model(cfg: ModelConfig, latent_hw: tuple[int, int], max_chunks: int, with_proprio: bool = True
-                  ) -> ChunkGeometry:
+    def for_model(cfg: ModelConfig, latent_hw: tuple[int, int], max_chunks: int, with_proprio: bool = True,
+                  views: int | None = None) -> ChunkGeometry:
         """The geometry a chunk-causal model implies; checks the model can represent `max_chunks` chunks."""
         if cfg.attention_layout != "chunk_causal":
             raise ValueError(
@@ -63,7 +63,8 @@ class ChunkGeometry:
         if cfg.patch_size[0] != 1:
             raise ValueError(f"model.patch_size={cfg.patch_size}; the KV cache needs a temporal patch of 1")
         c = max(cfg.chunk_latent_frames, 1)
-        geometry = ChunkGeometry(tuple(latent_hw), c, c * cfg.action_frames_per_latent, max_chunks, with_proprio)
+        geometry = ChunkGeometry(tuple(latent_hw), c, c * cfg.action_frames_per_latent, max_chunks, with_proprio,
+                                 views)
         if geometry.max_frames > cfg.rope_max_seq_len:
             raise ValueError(f"{geometry.max_frames} latent frames exceed model.rope_max_seq_len")
         if max_chunks * geometry.actions_per_chunk > cfg.max_action_tokens:
@@ -74,7 +75,14 @@ class ChunkGeometry:
         return geometry
 
     def tokens_per_frame(self, cfg: ModelConfig) -> int:
-        return (self.latent_hw[0] // cfg.patch_size[1]) * (self.latent_hw[1] // cfg.patch_size[2])
+        """Tokens of one latent frame, all its views."""
+        per_view = (self.latent_hw[0] // cfg.patch_size[1]) * (self.latent_hw[1] // cfg.patch_size[2])
+        return per_view * (self.views or 1)
+
+    def latent_shape(self, frames: int, channels: int) -> tuple[int, ...]:
+        """Per-example latents of `frames` latent frames: (n, H, W, C), or (n, V, H, W, C) with views."""
+        views = () if self.views is None else (self.views,)
+        return (frames, *views, *self.latent_hw, channels)
 
     def context_tokens(self, cfg: ModelConfig) -> int:
         return self.tokens_per_frame(cfg) + int(self.with_proprio)
@@ -127,6 +135,7 @@ class ChunkTokens(NamedTuple):
     sin: jax.Array
     num_video: int
     num_actions: int
+    views: int | None = None
 
 
 def _rope_tables(cfg: ModelConfig, geometry: ChunkGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -154,18 +163,22 @@ def embed_chunk(
     action_offset: jax.Array | int = 0,
     proprio: jax.Array | None = None,
 ) -> ChunkTokens:
-    """Tokens of one chunk: latents [B, n, H, W, C] at frames frame_offset.., t_frames [B, n] (0..1000 scale),
-    optional actions [B, na, A] at action positions action_offset.. with t_actions [B, na], optional proprio."""
+    """Tokens of one chunk: latents [B, n, H, W, C] (or [B, n, V, H, W, C]) at frames frame_offset.., t_frames
+    [B, n] (0..1000 scale), optional actions [B, na, A] at action positions action_offset.. with t_actions
+    [B, na], optional proprio."""
     batch, n = latents.shape[:2]
-    gh, gw = latents.shape[2] // cfg.patch_size[1], latents.shape[3] // cfg.patch_size[2]
-    per_frame = gh * gw
+    views = latents.shape[2] if latents.ndim == 6 else None
+    gh, gw = latents.shape[-3] // cfg.patch_size[1], latents.shape[-2] // cfg.patch_size[2]
+    per_frame = gh * gw * (views or 1)
     cond = ConditionEmbedder(cfg)
-    video = PatchEmbed(cfg).apply({"params": params["patch_embedding"]}, latents)
+    patch_embed = functools.partial(PatchEmbed(cfg).apply, {"params": params["patch_embedding"]})
+    video = embed_video(cfg, patch_embed, latents, params.get("view_embedding"))
     temb, mod = cond.apply({"params": params["condition_embedder"]}, t_frames, method=ConditionEmbedder.time)
     tokens, mods, tembs = [video], [jnp.repeat(mod, per_frame, axis=1)], [jnp.repeat(temb, per_frame, axis=1)]
 
     t_table, h_table, w_table = (jnp.asarray(a) for a in _rope_tables(cfg, geometry))
     frames = jax.lax.dynamic_slice_in_dim(t_table, frame_offset, n, axis=0)
+    # Views share positions: the (t, h, w) grid of one view, repeated for each view of a frame.
     angles = jnp.concatenate(
         [
             jnp.broadcast_to(frames[:, None, None], (n, gh, gw, frames.shape[-1])),
@@ -173,7 +186,8 @@ def embed_chunk(
             jnp.broadcast_to(w_table[None, None, :], (n, gh, gw, w_table.shape[-1])),
         ],
         axis=-1,
-    ).reshape(n * per_frame, -1)
+    )
+    angles = jnp.repeat(angles[:, None], views or 1, axis=1).reshape(n * per_frame, -1)
     num_unrotated = 0
 
     action_params = params["actions"]
@@ -201,7 +215,7 @@ def embed_chunk(
     angles = jnp.concatenate([angles, jnp.zeros((num_unrotated, angles.shape[-1]), angles.dtype)], axis=0)
     return ChunkTokens(
         jnp.concatenate(tokens, axis=1), jnp.concatenate(mods, axis=1), jnp.concatenate(tembs, axis=1),
-        jnp.cos(angles), jnp.sin(angles), n * per_frame, num_actions,
+        jnp.cos(angles), jnp.sin(angles), n * per_frame, num_actions, views,
     )
 
 
@@ -296,8 +310,9 @@ def chunk_forward(
     nv, na = chunk.num_video, chunk.num_actions
     pt, ph, pw = cfg.patch_size
     video = _dense(cfg, params["proj_out"], h[:, :nv].astype(cfg.compute_dtype), cfg.out_channels * pt * ph * pw)
-    grid = (nv // ((latent_hw[0] // ph) * (latent_hw[1] // pw)), latent_hw[0] // ph, latent_hw[1] // pw)
-    video = unpatchify(cfg, video.astype(jnp.float32), grid)
+    grid = (nv // ((latent_hw[0] // ph) * (latent_hw[1] // pw) * (chunk.views or 1)), latent_hw[0] // ph,
+            latent_hw[1] // pw)
+    video = unpatchify_video(cfg, video.astype(jnp.float32), grid, chunk.views)
     actions = None
     if na:
         actions = Dense(cfg.action_dim).apply(
@@ -481,9 +496,10 @@ class ChunkedRollout:
         if image_conditioning is not None and image_conditioning[0].shape[1] != self.geometry.max_frames:
             raise ValueError(f"condition latents have shape {image_conditioning[0].shape}; expected "
                              f"{self.geometry.max_frames} latent frames (the cache window)")
-        h, w = self.geometry.latent_hw
-        if context_latents.ndim != 5 or context_latents.shape[1] != 1 or context_latents.shape[2:4] != (h, w):
-            raise ValueError(f"context_latents have shape {context_latents.shape}; expected [B, 1, {h}, {w}, C]")
+        expected = self.geometry.latent_shape(1, context_latents.shape[-1])
+        if tuple(context_latents.shape[1:]) != expected:
+            raise ValueError(f"context_latents have shape {context_latents.shape}; expected [B, "
+                             f"{', '.join(map(str, expected[:-1]))}, C]")
         if (proprio is not None) != self.geometry.with_proprio:
             raise ValueError(f"proprio is {'given' if proprio is not None else 'missing'}; geometry.with_proprio="
                              f"{self.geometry.with_proprio}")
@@ -501,7 +517,7 @@ class ChunkedRollout:
                                "again from the newest real observation")
         g, cfg = self.geometry, self.cfg
         rng_v, rng_a = jax.random.split(rng)
-        video_noise = jax.random.normal(rng_v, (self.batch, g.frames_per_chunk, *g.latent_hw, cfg.out_channels))
+        video_noise = jax.random.normal(rng_v, (self.batch, *g.latent_shape(g.frames_per_chunk, cfg.out_channels)))
         action_noise = jax.random.normal(rng_a, (self.batch, g.actions_per_chunk, cfg.action_dim))
         return self.generate_from(video_noise, action_noise)
 
@@ -517,7 +533,7 @@ class ChunkedRollout:
         """Replaces the newest chunk's predicted frames in the cache with the real observation's latents."""
         if self.state is None or self.num_chunks == 0:
             raise RuntimeError("observe() needs a generated chunk to replace")
-        expected = (self.batch, self.geometry.frames_per_chunk, *self.geometry.latent_hw)
-        if tuple(observed_latents.shape[:4]) != expected:
+        expected = (self.batch, *self.geometry.latent_shape(self.geometry.frames_per_chunk, 0)[:-1])
+        if tuple(observed_latents.shape[:-1]) != expected:
             raise ValueError(f"observed_latents have shape {observed_latents.shape}; expected {expected} + (C,)")
         self.state = observe_chunk(self.cfg, self.geometry, self.options, self.params, self.state, observed_latents)
