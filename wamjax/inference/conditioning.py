@@ -91,8 +91,10 @@ def combine_cameras(
     names = views.camera_names(data) or ["primary"]
     if isinstance(images, (list, tuple)):
         per_camera = [np.asarray(i) for i in images]
-    elif expected == 1 and views.views_axis(data) is None:
-        return np.asarray(images)
+    elif expected == 1:
+        if views.views_axis(data) is None:
+            return np.asarray(images)
+        per_camera = [np.asarray(images)]  # one camera on a views axis of length 1
     else:
         images = np.asarray(images)
         if images.ndim not in (4, 5) or images.shape[-4] != expected:
