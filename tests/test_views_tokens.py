@@ -9,11 +9,13 @@ import optax
 import pytest
 from train_utils import get_config
 
+from wamjax.export import clip_import
+from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import SIZES, ModelConfig, model_config_from_run
 from wamjax.models.dit import make_token_layout
 from wamjax.models.wam import i2v_model_input, init_params, wam_forward
-from wamjax.train.step import StepSpec, TrainState, encode_views, make_train_step
+from wamjax.train.step import StepSpec, TrainState, encode_first_frames, encode_views, make_train_step
 
 H = W = 4  # latent height and width of one view (32 px with the tiny VAE)
 VIEWS = 3
@@ -76,6 +78,18 @@ def test_each_view_goes_through_the_vae_on_its_own():
     latents = encode_views(vae_cfg, vae_params, video)
     assert latents.shape == (1, 2, 2, 2, 2, vae_cfg.z_dim)
     np.testing.assert_allclose(latents[:, :, 1], vae_lib.vae_encode(vae_cfg, vae_params, video[:, :, 1]), atol=1e-5)
+
+
+def test_each_view_first_frame_gets_its_own_clip_tokens():
+    """I2V on several views: the CLIP tokens of each view's first frame, concatenated view by view."""
+    config = get_config("size=tiny-i2v,stage=action_tune")
+    image_encoder = clip.encoder_config(config)
+    params = clip_import.encoder_params(config, image_encoder)
+    first = jnp.asarray(np.random.default_rng(1).integers(0, 255, (1, 2, 32, 32, 3), np.uint8))
+    tokens = encode_first_frames(image_encoder, params, first)
+    n = image_encoder.num_tokens
+    assert tokens.shape == (1, 2 * n, image_encoder.hidden_size)
+    np.testing.assert_allclose(tokens[:, n:], clip.encode_frames(image_encoder, params, first[:, 1]), atol=1e-5)
 
 
 def test_one_train_step_on_three_views():

@@ -445,7 +445,8 @@ def define_flags() -> None:
     flags.DEFINE_list("image_shape", None, "H,W of the largest camera image clients send; sizes the default "
                                            "--max_message_bytes (default: training resolution, at least 224,224).")
     flags.DEFINE_integer("max_message_bytes", None, "Largest request frame; larger ones close the connection with "
-                                                    "1009 (default: two cameras of --image_shape x clip length).")
+                                                    "1009 (default: the policy's cameras, at least two, of "
+                                                    "--image_shape x clip length).")
     flags.DEFINE_float("max_requests_per_s", 100.0, "Requests per second per connection (bursts of as many); "
                                                     "more get a 'rate limited' error frame. 0 = no limit.")
     flags.mark_flag_as_required("checkpoint")
