@@ -75,9 +75,10 @@ def test_each_view_goes_through_the_vae_on_its_own():
     vae_params = vae_lib.init_vae_params(vae_cfg, jax.random.key(2))
     r = np.random.default_rng(0)
     video = jnp.asarray(r.uniform(-1, 1, (1, 5, 2, 16, 16, 3)), jnp.float32)
-    latents = encode_views(vae_cfg, vae_params, video)
+    both = jax.jit(lambda p, v: (encode_views(vae_cfg, p, v), vae_lib.vae_encode(vae_cfg, p, v[:, :, 1])))
+    latents, second_view = both(vae_params, video)
     assert latents.shape == (1, 2, 2, 2, 2, vae_cfg.z_dim)
-    np.testing.assert_allclose(latents[:, :, 1], vae_lib.vae_encode(vae_cfg, vae_params, video[:, :, 1]), atol=1e-5)
+    np.testing.assert_allclose(latents[:, :, 1], second_view, atol=1e-5)
 
 
 def test_each_view_first_frame_gets_its_own_clip_tokens():
@@ -128,7 +129,7 @@ def test_cached_rollout_on_three_views_equals_full_forward():
     from wamjax.diffusion.sampler import SamplerOptions
     from wamjax.inference import kv_cache as kv
 
-    num_chunks = 2
+    num_chunks = 1  # the context chunk cached, the chunk after it denoised against the cache
     cfg = ModelConfig.from_dict({**SIZES["tiny-i2v"], "attention_layout": "chunk_causal"})
     frames, num_actions = 1 + num_chunks, num_chunks * cfg.action_frames_per_latent
     params = _with_view_embedding(jitted_init(cfg, jax.random.key(3), (frames, VIEWS, H, W, 36), TEXT_LEN,
@@ -146,19 +147,17 @@ def test_cached_rollout_on_three_views_equals_full_forward():
     geometry = kv.ChunkGeometry.for_model(cfg, (H, W), num_chunks, views=VIEWS)
     options = SamplerOptions(cfg_scale=2.0)
     state = kv.start_rollout(cfg, geometry, options, params, latents[:, :1], text, proprio, (condition, image))
-    state = jax.jit(kv._commit, static_argnums=(0, 1, 2))(cfg, geometry, options, params, state, jnp.int32(1),
-                                                          latents[:, 1:2], actions[:, :a])
     out = jax.jit(kv._chunk_pass, static_argnums=(0, 1, 2))(
-        cfg, geometry, options, params, state, jnp.int32(2), latents[:, -1:], t_video[:, -1:], actions[:, -a:],
+        cfg, geometry, options, params, state, jnp.int32(1), latents[:, -1:], t_video[:, -1:], actions[:, -a:],
         t_action[:, -a:])
     assert out.video.shape == (4, 1, VIEWS, H, W, 16)
     np.testing.assert_allclose(out.video[:2], full.video[:, -1:], atol=1e-4)
     np.testing.assert_allclose(out.actions[:2], full.actions[:, -a:], atol=1e-4)
 
 
-def test_policy_closed_loop_and_server_with_three_cameras():
-    """A tokens-layout policy on three cameras: infer, the KV-cached closed loop, and a server round trip with a
-    third camera key (`extra_images`); a missing camera key is named."""
+def test_policy_and_server_with_three_cameras():
+    """A tokens-layout policy on three cameras: infer and a server round trip with a third camera key
+    (`extra_images`); a missing camera key is named."""
     from wamjax.diffusion.sampler import SamplerOptions
     from wamjax.inference.policy import Policy
     from wamjax.serving.client import PolicyClient, ServerError
@@ -186,12 +185,6 @@ def test_policy_closed_loop_and_server_with_three_cameras():
     assert not np.allclose(a, b)  # the third camera reaches the model
     with pytest.raises(ValueError, match=r"2 camera images; this policy reads 3 cameras \['primary', 'wrist', 'ext"):
         policy.infer(cams[:2], None, "pick")
-
-    session = policy.start_rollout(cams, None, "pick")
-    assert session.geometry.views == VIEWS
-    assert session.next_actions().shape == (4, 7)
-    session.observe([camera(4, 32, 32, 3), camera(4, 20, 20, 3), camera(4, 32, 32, 3)])
-    assert np.all(np.isfinite(session.next_actions()))
 
     with pytest.raises(ValueError, match=r"reads 3 cameras \['primary', 'wrist', 'exterior_image_2_left'\].*"
                                          r"names 2 camera keys"):
