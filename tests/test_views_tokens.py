@@ -44,6 +44,15 @@ def test_token_layout_groups_views_by_frame_and_shares_positions():
     single = make_token_layout(cfg, (3, H, W), 8, 1).rope_angles[: 3 * per_view].reshape(3, per_view, -1)
     for v in range(VIEWS):  # every view at the positions a lone camera has
         np.testing.assert_array_equal(angles[:, v], single)
+    # Teacher-forced (the chunk-causal default): the clean history copy of frame 1 holds all its views, at the
+    # noisy copy's chunk and positions.
+    tf = make_token_layout(cfg, (3, H, W), 8, 1, teacher_forcing=True, num_views=VIEWS)
+    assert tf.history_frames == 1 and tf.num_history_video_tokens == VIEWS * per_view
+    frame1 = slice(VIEWS * per_view, 2 * VIEWS * per_view)
+    hist = slice(tf.history_offset, tf.history_offset + tf.num_history_video_tokens)
+    np.testing.assert_array_equal(tf.rope_angles[hist], layout.rope_angles[frame1])
+    np.testing.assert_array_equal(tf.token_chunk[hist], layout.token_chunk[frame1])
+    assert (tf.token_copy[hist] == 0).all() and (tf.token_copy[frame1] == 1).all()
 
 
 def test_views_are_separate_token_groups_with_their_own_embedding():
@@ -94,14 +103,15 @@ def test_each_view_first_frame_gets_its_own_clip_tokens():
 
 
 def test_one_train_step_on_three_views():
-    """Latents [B, F, V, H, W, C] through the joint chunk-causal step: the loss covers every view and the view
-    embedding trains."""
+    """Latents [B, F, V, H, W, C] through the joint chunk-causal step, teacher-forced (a clean copy of every view
+    of frame 1 joins the sequence): the loss covers every view and the view embedding trains."""
     config = get_config("size=tiny,stage=action_tune")
     config.model.attention_layout = "chunk_causal"
     cfg = model_config_from_run(config)
     vae_cfg = vae_lib.vae_config_for("tiny")
-    batch_size, num_actions = 2, 4
-    latent_shape = (2, VIEWS, H, W, cfg.in_channels)
+    assert cfg.history == "teacher_forcing"
+    batch_size, num_actions = 2, 8
+    latent_shape = (3, VIEWS, H, W, cfg.in_channels)
     params = _with_view_embedding(jitted_init(cfg, jax.random.key(1), latent_shape, TEXT_LEN, num_actions))
     tx = optax.apply_if_finite(optax.sgd(1e-1), 3)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), None, jax.random.key(3))
@@ -123,36 +133,52 @@ def test_one_train_step_on_three_views():
     assert (moved > 0).all()  # every view's row gets a gradient
 
 
-def test_cached_rollout_on_three_views_equals_full_forward():
-    """I2V on three views, chunk-causal: the KV-cached chunk pass (with CFG's doubled batch) equals the full
-    sequence forward, each view conditioned on its own first frame."""
+def test_cached_rollout_on_three_views_equals_full_teacher_forced_forward():
+    """I2V on three views, chunk-causal and teacher-forced: the KV-cached chunk passes (with CFG's doubled batch)
+    equal the full teacher-forced forward, whose clean history copy holds every view of chunk 1 (the cache holds
+    them as the rollout observed them); each view is conditioned on its own first frame."""
     from wamjax.diffusion.sampler import SamplerOptions
     from wamjax.inference import kv_cache as kv
 
-    num_chunks = 1  # the context chunk cached, the chunk after it denoised against the cache
+    num_chunks = 2  # the context chunk cached, then chunk 1 and chunk 2 (which reads chunk 1's clean views)
     cfg = ModelConfig.from_dict({**SIZES["tiny-i2v"], "attention_layout": "chunk_causal"})
+    assert cfg.history == "teacher_forcing"
     frames, num_actions = 1 + num_chunks, num_chunks * cfg.action_frames_per_latent
     params = _with_view_embedding(jitted_init(cfg, jax.random.key(3), (frames, VIEWS, H, W, 36), TEXT_LEN,
                                               num_actions))
     r = np.random.default_rng(4)
     f32 = lambda *s: jnp.asarray(r.standard_normal(s), jnp.float32)
-    latents, condition = f32(2, frames, VIEWS, H, W, 16), f32(2, frames, VIEWS, H, W, 16)
-    actions, proprio, text, image = f32(2, num_actions, 7), f32(2, 8), f32(2, TEXT_LEN, 32), f32(2, VIEWS * 5, 32)
+    clean, noisy, condition = (f32(2, frames, VIEWS, H, W, 16) for _ in range(3))
+    noisy = noisy.at[:, 0].set(clean[:, 0])  # the context frame is clean
+    clean_actions, noisy_actions = f32(2, num_actions, 7), f32(2, num_actions, 7)
+    proprio, text, image = f32(2, 8), f32(2, TEXT_LEN, 32), f32(2, VIEWS * 5, 32)
     a = num_actions // num_chunks
-    t_video = jnp.zeros((2, frames)).at[:, -1].set(637.0)
-    t_action = jnp.zeros((2, num_actions)).at[:, -a:].set(421.0)
-    full = jitted_forward(cfg, params, i2v_model_input(latents, condition), t_video, text, actions, t_action,
-                          proprio, image)
+    t_video = jnp.asarray([[0.0, 637.0, 250.0]] * 2)
+    t_action = jnp.concatenate([jnp.full((2, a), 421.0), jnp.full((2, a), 120.0)], axis=1)
+    full = jitted_forward(cfg, params, i2v_model_input(noisy, condition), t_video, text, noisy_actions, t_action,
+                          proprio, image, history_latents=i2v_model_input(clean, condition),
+                          history_actions=clean_actions)
 
     geometry = kv.ChunkGeometry.for_model(cfg, (H, W), num_chunks, views=VIEWS)
     options = SamplerOptions(cfg_scale=2.0)
-    state = kv.start_rollout(cfg, geometry, options, params, latents[:, :1], text, proprio, (condition, image))
-    out = jax.jit(kv._chunk_pass, static_argnums=(0, 1, 2))(
-        cfg, geometry, options, params, state, jnp.int32(1), latents[:, -1:], t_video[:, -1:], actions[:, -a:],
-        t_action[:, -a:])
-    assert out.video.shape == (4, 1, VIEWS, H, W, 16)
-    np.testing.assert_allclose(out.video[:2], full.video[:, -1:], atol=1e-4)
-    np.testing.assert_allclose(out.actions[:2], full.actions[:, -a:], atol=1e-4)
+    state = kv.start_rollout(cfg, geometry, options, params, clean[:, :1], text, proprio, (condition, image))
+    chunk_pass = jax.jit(kv._chunk_pass, static_argnums=(0, 1, 2))
+
+    def run(state, k, latents, t, actions, t_a):  # chunk k of the given inputs against the cache
+        return chunk_pass(cfg, geometry, options, params, state, jnp.int32(k), latents[:, k : k + 1],
+                          t[:, k : k + 1], actions[:, (k - 1) * a : k * a], t_a[:, (k - 1) * a : k * a])
+
+    outs = {1: run(state, 1, noisy, t_video, noisy_actions, t_action)}
+    # Chunk 1 observed: its clean views and executed actions cached at t=0 (what observe_chunk writes).
+    seen = run(state, 1, clean, jnp.zeros_like(t_video), clean_actions, jnp.zeros_like(t_action))
+    offset = kv._chunk_offsets(cfg, geometry, 1)[0]
+    state = state._replace(cache=kv.write_chunk(state.cache, seen.keys, seen.values, offset))
+    outs[2] = run(state, 2, noisy, t_video, noisy_actions, t_action)
+    for k, out in outs.items():
+        assert out.video.shape == (4, 1, VIEWS, H, W, 16)
+        np.testing.assert_allclose(out.video[:2], full.video[:, k : k + 1], atol=1e-4, err_msg=f"chunk {k}")
+        np.testing.assert_allclose(out.actions[:2], full.actions[:, (k - 1) * a : k * a], atol=1e-4,
+                                   err_msg=f"chunk {k}")
 
 
 def test_policy_and_server_with_three_cameras():
