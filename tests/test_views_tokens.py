@@ -264,7 +264,7 @@ def test_export_carries_the_view_embedding_to_the_torch_reference(tmp_path):
 
 
 def test_flops_count_every_view():
-    from wamjax.flops.analytic import train_step_flops
+    from wamjax.flops.analytic import token_counts, train_step_flops
 
     config = get_config("size=tiny,stage=action_tune")
     single = train_step_flops(config, "action_tune")
@@ -276,3 +276,10 @@ def test_flops_count_every_view():
     assert tokens.video_tokens == VIEWS * single.video_tokens
     assert tokens.frozen_components["vae_encoder"] == VIEWS * single.frozen_components["vae_encoder"]
     assert tokens.components["patch_embedding"] == VIEWS * single.components["patch_embedding"]
+    # Teacher-forced, the clean history copy counts every view of each history frame too.
+    cfg = ModelConfig.from_dict({**SIZES["tiny"], "attention_layout": "chunk_causal"})
+    kwargs = dict(mode="joint", num_frames=9, resolution=(32, 32), text_length=TEXT_LEN)
+    one, three = (token_counts(cfg, **kwargs, views=v) for v in (1, VIEWS))
+    assert three.teacher_forcing and three.history_video == VIEWS * one.history_video > 0
+    assert three.history_action == one.history_action
+    assert three.sequence - one.sequence == (VIEWS - 1) * (one.video + one.history_video)
