@@ -45,6 +45,14 @@ def model_views(data_config: ml_collections.ConfigDict) -> int:
     return num_views(data_config) if view_layout(data_config) == "tokens" else 1
 
 
+def views_axis(data_config: ml_collections.ConfigDict) -> int | None:
+    """Length of the views axis of a clip's `frames` ([T, V, H, W, 3], tokens layout with `data.cameras` set), or
+    None when the frames carry none (one camera, or tiled cameras)."""
+    if view_layout(data_config) != "tokens" or not camera_names(data_config):
+        return None
+    return num_views(data_config)
+
+
 def dataset_cameras(name: str, cameras: Sequence[str]) -> tuple[str, ...]:
     """Observation keys of `cameras` (keys or roles) in dataset `name`; a missing one is named with the dataset
     and the cameras it has."""

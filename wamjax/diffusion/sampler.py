@@ -190,7 +190,7 @@ def sample(
         t_v, t_v_next, t_a, t_a_next = times
         v_video, v_actions = velocity(video, actions, t_v, t_a)
         future = video + (t_v_next - t_v) * v_video
-        video = jnp.where(context_mask[None, :, None, None, None], video, future)
+        video = jnp.where(context_mask.reshape(1, -1, *([1] * (video.ndim - 2))), video, future)
         if actions is not None:
             actions = actions + (t_a_next - t_a) * v_actions
         return (video, actions), None

@@ -39,6 +39,8 @@ WAM_FORMAT = "wamjax-wam"
 WAM_FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 10 * 1000**3  # diffusers' own default, max_shard_size="10GB"
 ACTIONS_PREFIX = "actions."
+VIEW_EMBEDDING = "view_embedding"  # [views, dim]: the tokens view layout's per-camera embedding (wamjax only)
+_EXTRA_PARAMS = ("actions", VIEW_EMBEDDING)  # wamjax parameters outside the diffusers Wan backbone
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # safetensors files without this metadata are refused by transformers' loaders.
 _SAFETENSORS_METADATA = {"format": "pt"}
@@ -104,7 +106,7 @@ def _check_backbone_leaves(cfg: ModelConfig, params: Mapping[str, Any]) -> None:
     for key, path, _, _ in entries:
         _get(params, path, f"diffusers key {key!r}")
     known = {path for _, path, _, _ in entries}
-    backbone = {k: v for k, v in params.items() if k != "actions"}
+    backbone = {k: v for k, v in params.items() if k not in _EXTRA_PARAMS}
     extra = sorted("/".join(p) for p in _leaf_paths(backbone) if p not in known)
     if extra:
         raise WeightImportError(f"parameter {extra[0]!r} is not part of the Wan backbone of this config "
@@ -134,14 +136,21 @@ def params_to_diffusers_state(cfg: ModelConfig, params: Mapping[str, Any]) -> di
     """The diffusers WanTransformer3DModel state dict (numpy, torch layouts) of the backbone of `params`.
 
     Strict: every backbone parameter of `cfg` must be present, and the backbone must hold nothing else
-    (the `actions` subtree is ignored here).
+    (the `actions` subtree and the `view_embedding` are ignored here).
     """
     return dict(iter_diffusers_state(cfg, params))
 
 
 def params_to_wam_state(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The whole model's state dict (numpy, torch layouts): diffusers backbone keys plus `actions.*`."""
+    """The whole model's state dict (numpy, torch layouts): diffusers backbone keys plus `actions.*` and, for
+    the tokens view layout, `view_embedding` [views, dim]."""
     state = params_to_diffusers_state(cfg, params)
+    if VIEW_EMBEDDING in params:
+        value = np.asarray(params[VIEW_EMBEDDING])
+        if value.ndim != 2 or value.shape[1] != cfg.dim:
+            raise WeightImportError(f"parameter {VIEW_EMBEDDING!r} has shape {value.shape}; expected "
+                                    f"(views, {cfg.dim})")
+        state[VIEW_EMBEDDING] = np.ascontiguousarray(value)
     if "actions" not in params:
         return state
     entries = action_name_map(cfg)
@@ -162,8 +171,14 @@ def wam_state_to_params(state: Mapping[str, Any], cfg: ModelConfig, dtype: Any =
     """Inverse of `params_to_wam_state`, strictly: a missing, unexpected or misshapen key raises naming it."""
     state = {k: to_numpy(v) for k, v in state.items()}
     action_state = {k: v for k, v in state.items() if k.startswith(ACTIONS_PREFIX)}
-    backbone_state = {k: v for k, v in state.items() if not k.startswith(ACTIONS_PREFIX)}
+    backbone_state = {k: v for k, v in state.items() if not k.startswith(ACTIONS_PREFIX) and k != VIEW_EMBEDDING}
     params = state_dict_to_params(backbone_state, cfg, dtype)
+    if VIEW_EMBEDDING in state:
+        value = state[VIEW_EMBEDDING]
+        if value.ndim != 2 or value.shape[1] != cfg.dim:
+            raise WeightImportError(f"key {VIEW_EMBEDDING!r} has shape {tuple(value.shape)}; expected (views, "
+                                    f"{cfg.dim})")
+        params[VIEW_EMBEDDING] = np.asarray(value).astype(dtype)
     if not action_state:
         return params
     entries = action_name_map(cfg)

@@ -309,16 +309,17 @@ def _per_group(t: torch.Tensor | float, batch: int, count: int, name: str, devic
 # --- Token layout --------------------------------------------------------------------------------------------
 
 def token_layout(
-    cfg: WamConfig, grid: tuple[int, int, int], num_actions: int, num_proprio: int
+    cfg: WamConfig, grid: tuple[int, int, int], num_actions: int, num_proprio: int, views: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(group id per token [S], chunk id per token [S]) for [video | actions | proprio] tokens.
 
     Groups: one per latent frame, one per action token, one for proprio. Chunks: frame 0 is chunk 0, later
     frames come in chunks of `chunk_latent_frames`; an action token shares the chunk of the future frame it
-    leads to; proprio is chunk 0. With a bidirectional layout every chunk id is 0.
+    leads to; proprio is chunk 0. With a bidirectional layout every chunk id is 0. The `views` of a latent frame
+    (tokens view layout) are adjacent and share its group and chunk.
     """
     gf, gh, gw = grid
-    frame_idx = torch.arange(gf).repeat_interleave(gh * gw)
+    frame_idx = torch.arange(gf).repeat_interleave(views * gh * gw)
     f = torch.arange(gf)
     if cfg.attention_layout == "chunk_causal":
         per_chunk = max(cfg.chunk_latent_frames, 1)
@@ -331,8 +332,9 @@ def token_layout(
     return groups, chunks
 
 
-def rope_angles(cfg: WamConfig, grid: tuple[int, int, int], num_other: int) -> torch.Tensor:
-    """Rotary angles [S, head_dim // 2] in float64: Wan's (t, h, w) split for video tokens, 0 for the rest."""
+def rope_angles(cfg: WamConfig, grid: tuple[int, int, int], num_other: int, views: int = 1) -> torch.Tensor:
+    """Rotary angles [S, head_dim // 2] in float64: Wan's (t, h, w) split for video tokens, 0 for the rest; every
+    view of a frame at one view's positions."""
     head_dim = cfg.attention_head_dim
     h_dim = w_dim = 2 * (head_dim // 6)
     t_dim = head_dim - h_dim - w_dim
@@ -343,7 +345,8 @@ def rope_angles(cfg: WamConfig, grid: tuple[int, int, int], num_other: int) -> t
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim))
         return positions.double()[:, None] * inv[None, :]
 
-    ff, hh, ww = torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")
+    ff, _, hh, ww = torch.meshgrid(torch.arange(grid[0]), torch.arange(views), torch.arange(grid[1]),
+                                   torch.arange(grid[2]), indexing="ij")
     video = torch.cat([axis(t_dim, ff.reshape(-1)), axis(h_dim, hh.reshape(-1)), axis(w_dim, ww.reshape(-1))], -1)
     return torch.cat([video, torch.zeros(num_other, head_dim // 2, dtype=torch.float64)])
 
@@ -353,7 +356,7 @@ def rope_angles(cfg: WamConfig, grid: tuple[int, int, int], num_other: int) -> t
 class WorldActionModel(nn.Module):
     """Joint video + action denoiser on a Wan-2.1 transformer; `forward` returns (video, action) velocities."""
 
-    def __init__(self, cfg: WamConfig, with_actions: bool = True):
+    def __init__(self, cfg: WamConfig, with_actions: bool = True, views: int | None = None):
         super().__init__()
         self.cfg = cfg
         d = cfg.dim
@@ -364,6 +367,8 @@ class WorldActionModel(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
         self.proj_out = nn.Linear(d, cfg.out_channels * pt * ph * pw)
         self.actions = ActionModules(cfg) if with_actions else None
+        # Tokens view layout: one learned row per camera, added to that view's tokens.
+        self.view_embedding = nn.Parameter(torch.zeros(views, d)) if views else None
 
     @classmethod
     def from_pretrained(
@@ -384,7 +389,8 @@ class WorldActionModel(nn.Module):
             raise KeyError(f"{config_path} has no 'model' entry; expected the wamjax model config there")
         cfg = WamConfig.from_dict(export_config["model"])
         state = load_file(weights_path, device=str(device))
-        model = cls(cfg, with_actions=any(k.startswith("actions.") for k in state))
+        views = state["view_embedding"].shape[0] if "view_embedding" in state else None
+        model = cls(cfg, with_actions=any(k.startswith("actions.") for k in state), views=views)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -410,12 +416,18 @@ class WorldActionModel(nn.Module):
         proprio: torch.Tensor | None = None,
         image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """latents [B, C, F, H, W], timestep [B] or [B, F], text [B, L, text_dim], actions [B, T_a, action_dim],
+        """latents [B, C, F, H, W] (several views, tokens view layout: [B, C, F, V, H, W]), timestep [B] or [B, F],
+        text [B, L, text_dim], actions [B, T_a, action_dim],
         t_action [B] or [B, T_a], proprio [B, proprio_dim], image [B, N, image_dim] (CLIP tokens, image-conditioned
         exports only) -> (video velocity [B, out_channels, F, H, W], action velocity [B, T_a, action_dim] or None).
         For I2V, latents carry all in_channels: noisy latents, 4 mask channels, conditioning-frame latents."""
         cfg = self.cfg
-        b, c, frames, height, width = latents.shape
+        views = None if self.view_embedding is None else self.view_embedding.shape[0]
+        if latents.ndim != (5 if views is None else 6) or (views is not None and latents.shape[3] != views):
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; this export expects "
+                             f"{'[B, C, F, H, W]' if views is None else f'[B, C, F, {views}, H, W] ({views} views)'}")
+        b, c, frames = latents.shape[:3]
+        height, width = latents.shape[-2:]
         pt, ph, pw = cfg.patch_size
         if c != cfg.in_channels or frames % pt or height % ph or width % pw:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [B, {cfg.in_channels}, F, H, W] "
@@ -430,7 +442,14 @@ class WorldActionModel(nn.Module):
         num_actions = 0 if actions is None else actions.shape[1]
         num_proprio = 0 if (actions is None or proprio is None) else 1
 
-        video_tokens = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2)
+        if views is None:
+            video_tokens = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2)
+        else:  # each view patchified alone, its embedding row added, tokens ordered (frame, view, h, w)
+            per_view = latents.permute(0, 3, 1, 2, 4, 5).reshape(b * views, c, frames, height, width)
+            v_tokens = self.patch_embedding(per_view.to(dtype)).flatten(2).transpose(1, 2)
+            v_tokens = v_tokens.reshape(b, views, grid[0], -1, v_tokens.shape[-1])
+            v_tokens = v_tokens + self.view_embedding.to(dtype)[None, :, None, None]
+            video_tokens = v_tokens.transpose(1, 2).reshape(b, -1, v_tokens.shape[-1])
         t_frames = _per_group(timestep, b, frames, "timestep", device)[:, ::pt][:, : grid[0]]
         embedder = self.condition_embedder
         temb, modulation = _time(embedder.time_embedder, embedder.time_proj, cfg.freq_dim, t_frames)
@@ -463,11 +482,11 @@ class WorldActionModel(nn.Module):
                 modulations.append(p_mod)
 
         x = torch.cat(tokens, dim=1)
-        groups, chunks = token_layout(cfg, grid, num_actions, num_proprio)
+        groups, chunks = token_layout(cfg, grid, num_actions, num_proprio, views or 1)
         groups, chunks = groups.to(device), chunks.to(device)
         token_modulation = torch.cat(modulations, dim=1)[:, groups]  # [B, S, 6, D]
         token_temb = torch.cat(tembs, dim=1)[:, groups]  # [B, S, D]
-        angles = rope_angles(cfg, grid, num_actions + num_proprio).to(device)
+        angles = rope_angles(cfg, grid, num_actions + num_proprio, views or 1).to(device)
         rope = (torch.cos(angles).float(), torch.sin(angles).float())
         mask = None
         if cfg.attention_layout == "chunk_causal":
@@ -479,10 +498,15 @@ class WorldActionModel(nn.Module):
         out_mod = self.scale_shift_table.float()[None] + token_temb[:, :, None]
         shift, scale = out_mod[:, :, 0], out_mod[:, :, 1]
         h = layer_norm(x, cfg.eps) * (1 + scale) + shift
-        nv = grid[0] * grid[1] * grid[2]
+        nv = grid[0] * (views or 1) * grid[1] * grid[2]
         video = self.proj_out(h[:, :nv].to(dtype)).float()
-        video = video.reshape(b, *grid, pt, ph, pw, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        video = video.reshape(b, cfg.out_channels, frames, height, width)
+        if views is None:
+            video = video.reshape(b, *grid, pt, ph, pw, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
+            video = video.reshape(b, cfg.out_channels, frames, height, width)
+        else:
+            gf, gh, gw = grid
+            video = video.reshape(b, gf, views, gh, gw, pt, ph, pw, cfg.out_channels)
+            video = video.permute(0, 8, 1, 5, 2, 3, 6, 4, 7).reshape(b, cfg.out_channels, frames, views, height, width)
         action_velocity = None
         if actions is not None:
             dec = self.actions.action_decoder
@@ -551,7 +575,8 @@ def sample(
     start at t=1. mode "joint": both denoised together (video on num_steps, actions on action_steps; a
     modality whose steps are done is held at t=0). "imagine_then_act": the video first with the actions held at
     their noise (t=1), then the actions from the same noise with that video held clean (t=0).
-    "world_model": the video given clean `actions` [B, T_a, A] (t=0); action_noise is unused.
+    "world_model": the video given clean `actions` [B, T_a, A] (t=0); action_noise is unused. A tokens-layout
+    export takes and returns latents with a views axis, [B, C, F, V, H, W].
     """
     if mode not in ("joint", "imagine_then_act", "world_model"):
         raise ValueError(f"mode={mode!r}; expected 'joint', 'imagine_then_act' or 'world_model'")

@@ -124,10 +124,11 @@ def token_counts(
     image_tokens: int = 0,
     num_actions: int | None = None,
     teacher_forcing: bool | None = None,
+    views: int = 1,
 ) -> TokenCounts:
-    """Tokens per sample: video tokens after patching; `num_actions` (default T-1) action tokens and 1 proprio
-    token in joint mode; with `teacher_forcing` (default: what training runs, `trains_teacher_forced`) the clean
-    history copy."""
+    """Tokens per sample: video tokens after patching (of each of `views` camera views, tokens view layout);
+    `num_actions` (default T-1) action tokens and 1 proprio token in joint mode; with `teacher_forcing` (default:
+    what training runs, `trains_teacher_forced`) the clean history copy (all views of each history frame)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     frames, height, width = latent_shape_for(num_frames, resolution)
@@ -138,7 +139,7 @@ def token_counts(
             f"is not divisible by model.patch_size={tuple(model_cfg.patch_size)}"
         )
     grid = (frames // pt, height // ph, width // pw)
-    video = grid[0] * grid[1] * grid[2]
+    video = grid[0] * grid[1] * grid[2] * int(views)
     action = (num_frames - 1 if num_actions is None else int(num_actions)) if mode == "joint" else 0
     proprio = 1 if mode == "joint" else 0
     if teacher_forcing is None:
@@ -146,7 +147,7 @@ def token_counts(
     history_video = history_action = 0
     if teacher_forcing:
         history_frames, history_action = history_sizes(model_cfg, grid[0], action)
-        history_video = history_frames * grid[1] * grid[2]
+        history_video = history_frames * grid[1] * grid[2] * int(views)
     padding = (-(video + action + proprio + history_video + history_action)) % max(int(pad_to_multiple), 1)
     return TokenCounts(
         latent_shape=(frames, height, width),
@@ -207,6 +208,7 @@ def forward_flops(
     image_tokens: int = 0,
     num_actions: int | None = None,
     teacher_forcing: bool | None = None,
+    views: int = 1,
 ) -> dict[str, float]:
     """Forward FLOPs of `wam_forward` for `batch` samples per component (module docstring) and "total";
     `image_tokens` CLIP tokens per sample for the image-conditioned backbone; `teacher_forcing` (default: what
@@ -222,6 +224,7 @@ def forward_flops(
         image_tokens=image_tokens,
         num_actions=num_actions,
         teacher_forcing=teacher_forcing,
+        views=views,
     )
     d, layers, s, text = cfg.dim, cfg.num_layers, tok.sequence, tok.text
     patch = math.prod(cfg.patch_size)
@@ -425,12 +428,27 @@ def stage_mode(config: ml_collections.ConfigDict, stage: str) -> str:
     return str(config.stages[stage].mode)
 
 
-def frozen_flops(config: ml_collections.ConfigDict, batch: int | None = None) -> dict[str, float]:
+def _token_views(config: ml_collections.ConfigDict, stage: str | None) -> int:
+    """Camera views a clip of `stage` (default: `data`) carries as separate token groups (tokens layout), else 1."""
+    from data_pipelines import views as views_lib
+
+    data = config.data
+    if stage is not None and stage in config.get("stages", {}):
+        from wamjax.train.inputs import stage_data_config
+
+        data = stage_data_config(config, stage)
+    return views_lib.views_axis(data) or 1
+
+
+def frozen_flops(config: ml_collections.ConfigDict, batch: int | None = None, stage: str | None = None
+                 ) -> dict[str, float]:
     """FLOPs of the frozen parts of one step: VAE encode unless latents are cached; text encoder; for the
-    image-conditioned backbone the VAE encode of the conditioning video and the CLIP image encoder."""
+    image-conditioned backbone the VAE encode of the conditioning video and the CLIP image encoder. With the
+    tokens view layout every camera view is encoded (`stage` picks its camera overrides)."""
     from wamjax.models.vae import vae_config_for
 
     batch = int(config.data.batch_size) if batch is None else batch
+    batch *= _token_views(config, stage)
     vae = 0.0
     if not config.data.get("latents_cache", ""):
         vae = vae_encode_flops(
@@ -501,11 +519,12 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
         text_length=int(config.text.max_length),
         pad_to_multiple=pad_to_multiple,
         num_actions=config_num_actions(config),
+        views=_token_views(config, stage),
     )
     if cfg.image_conditioned:
         from wamjax.models import clip
 
-        kwargs["image_tokens"] = clip.encoder_config(config).num_tokens
+        kwargs["image_tokens"] = clip.encoder_config(config).num_tokens * kwargs["views"]  # per view's first frame
     components = forward_flops(cfg, **kwargs)
     tok = token_counts(cfg, **kwargs)
     forward = components.pop("total")
@@ -516,7 +535,7 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
         train -= float(cfg.num_layers * 2 * _dense(tok.text, cfg.dim, cfg.dim)) * batch
     # Remat re-runs the block stack's forward during the backward pass ("everything" saves it all).
     recompute = 0.0 if cfg.remat_policy in _NO_RECOMPUTE_POLICIES else block_forward_flops(components) * batch
-    frozen = frozen_flops(config, batch)
+    frozen = frozen_flops(config, batch, stage)
     return StepFlops(
         forward_per_sample=forward,
         train_per_step=train,

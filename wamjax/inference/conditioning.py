@@ -1,5 +1,5 @@
-"""Inference inputs built as the trainer builds them: several cameras into one frame, and Wan2.1-I2V's
-first-frame latents and CLIP tokens."""
+"""Inference inputs built as the trainer builds them: several cameras into one frame (tile) or a views axis
+(tokens), and Wan2.1-I2V's first-frame latents and CLIP tokens."""
 
 from __future__ import annotations
 
@@ -38,12 +38,15 @@ def i2v_conditioning(
     first_frames: jax.Array, num_frames: int,
 ) -> tuple[jax.Array, jax.Array]:
     """uint8 first frames [B, H, W, 3] -> (normalized VAE latents of the frame followed by `num_frames - 1` zero
-    frames [B, F, h, w, z], CLIP tokens [B, tokens, image_dim]): the trainer's conditioning of a clip."""
+    frames [B, F, h, w, z], CLIP tokens [B, tokens, image_dim]): the trainer's conditioning of a clip. Several
+    views [B, V, H, W, 3] give [B, F, V, h, w, z] and [B, V * tokens, image_dim], as the trainer's."""
+    from wamjax.train.step import encode_first_frames, encode_views
+
     video = vae_lib.frames_to_video(first_frames)[:, None]
     video = jnp.concatenate([video, jnp.zeros((video.shape[0], num_frames - 1, *video.shape[2:]), video.dtype)], 1)
-    latents = vae_lib.vae_encode(vae_config, vae_params, first_frame_video(video))
+    latents = encode_views(vae_config, vae_params, first_frame_video(video))
     condition = vae_lib.normalize_latents(vae_config, latents)
-    return condition, clip.encode_frames(image_config, image_params, first_frames)
+    return condition, encode_first_frames(image_config, image_params, first_frames)
 
 
 def policy_data_config(run_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -60,15 +63,27 @@ def camera_count(run_config: ml_collections.ConfigDict) -> int:
     return views.num_views(policy_data_config(run_config))
 
 
+def camera_names(run_config: ml_collections.ConfigDict) -> list[str]:
+    """The cameras of the run's action stage, in the order a policy takes them (["primary"] when unset)."""
+    return views.camera_names(policy_data_config(run_config)) or ["primary"]
+
+
+def views_axis(run_config: ml_collections.ConfigDict) -> int | None:
+    """Views per frame the model reads as separate token groups (tokens view layout), or None."""
+    return views.views_axis(policy_data_config(run_config))
+
+
 def combine_cameras(
     images: np.ndarray | Sequence[np.ndarray], run_config: ml_collections.ConfigDict,
     resize: Any,
 ) -> np.ndarray:
-    """The cameras of one observation as the model's frames [T, H, W, 3] (or [H, W, 3]) at `data.resolution`.
+    """The cameras of one observation as the model's frames [T, H, W, 3] (or [H, W, 3]) at `data.resolution`;
+    for the tokens view layout, [T, V, H, W, 3] (or [V, H, W, 3]), each view resized to `data.resolution`.
 
     `images` is one array per camera (a list, in `data.cameras` order, each [H, W, 3] or [T, H, W, 3]) or an array
     with a views axis [V, H, W, 3] / [T, V, H, W, 3]; a single-camera model also takes its one array as is.
-    Several cameras are resized to one grid cell each and tiled (`data.view_layout=tile`), as in training.
+    Several cameras are resized to one grid cell each and tiled (`data.view_layout=tile`), as in training, or
+    each to the whole resolution and stacked along a views axis (`tokens`).
     `resize(frames [T, H, W, 3], (h, w))` is the resize the policy uses.
     """
     data = policy_data_config(run_config)
@@ -77,7 +92,9 @@ def combine_cameras(
     if isinstance(images, (list, tuple)):
         per_camera = [np.asarray(i) for i in images]
     elif expected == 1:
-        return np.asarray(images)
+        if views.views_axis(data) is None:
+            return np.asarray(images)
+        per_camera = [np.asarray(images)]  # one camera on a views axis of length 1
     else:
         images = np.asarray(images)
         if images.ndim not in (4, 5) or images.shape[-4] != expected:
@@ -88,11 +105,9 @@ def combine_cameras(
     if len(per_camera) != expected:
         raise ValueError(f"{len(per_camera)} camera images; this policy reads {expected} cameras {names} "
                          "(data.cameras of its run), in that order")
-    if expected == 1:
-        return per_camera[0]
     layout = views.view_layout(data)
-    if layout != "tile":
-        raise NotImplementedError(f"data.view_layout={layout!r}: inference takes tiled cameras only")
+    if expected == 1 and views.views_axis(data) is None:
+        return per_camera[0]
     shapes = {i.shape[:-3] for i in per_camera}
     for name, image in zip(names, per_camera, strict=True):
         if image.ndim not in (3, 4) or image.shape[-1] != 3 or image.dtype != np.uint8:
@@ -101,6 +116,6 @@ def combine_cameras(
     if len(shapes) != 1:
         raise ValueError(f"camera images disagree on their number of frames: {[i.shape for i in per_camera]}")
     cell = views.view_resolution(data.resolution, expected, layout)
-    resized = [resize(i if i.ndim == 4 else i[None], cell) for i in per_camera]
-    tiled = views.tile_views(np.stack(resized, axis=1))
-    return tiled if per_camera[0].ndim == 4 else tiled[0]
+    resized = np.stack([resize(i if i.ndim == 4 else i[None], cell) for i in per_camera], axis=1)
+    combined = views.tile_views(resized) if layout == "tile" else resized
+    return combined if per_camera[0].ndim == 4 else combined[0]

@@ -28,8 +28,8 @@ from wamjax.diffusion.sampler import SamplerOptions, step_times
 from wamjax.models.actions import ActionTokens
 from wamjax.models.attention_mask import AttentionMask
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import ConditionEmbedder, PatchEmbed, WanBlock, unpatchify, video_rope_angles
-from wamjax.models.wam import OutputHead, i2v_condition
+from wamjax.models.dit import ConditionEmbedder, PatchEmbed, WanBlock, video_rope_angles
+from wamjax.models.wam import OutputHead, embed_video, i2v_condition, unpatchify_video
 
 Params = Any
 
@@ -43,10 +43,11 @@ class ChunkGeometry:
     actions_per_chunk: int
     max_chunks: int  # chunks after the context chunk that the cache can hold
     with_proprio: bool = True
+    views: int | None = None  # camera views per latent frame (tokens view layout): latents [B, n, V, H, W, C]
 
     @staticmethod
-    def for_model(cfg: ModelConfig, latent_hw: tuple[int, int], max_chunks: int, with_proprio: bool = True
-                  ) -> ChunkGeometry:
+    def for_model(cfg: ModelConfig, latent_hw: tuple[int, int], max_chunks: int, with_proprio: bool = True,
+                  views: int | None = None) -> ChunkGeometry:
         """The geometry a chunk-causal model implies; checks the model can represent `max_chunks` chunks."""
         if cfg.attention_layout != "chunk_causal":
             raise ValueError(
@@ -55,7 +56,8 @@ class ChunkGeometry:
         if cfg.patch_size[0] != 1:
             raise ValueError(f"model.patch_size={cfg.patch_size}; the KV cache needs a temporal patch of 1")
         c = max(cfg.chunk_latent_frames, 1)
-        geometry = ChunkGeometry(tuple(latent_hw), c, c * cfg.action_frames_per_latent, max_chunks, with_proprio)
+        geometry = ChunkGeometry(tuple(latent_hw), c, c * cfg.action_frames_per_latent, max_chunks, with_proprio,
+                                 views)
         if geometry.max_frames > cfg.rope_max_seq_len:
             raise ValueError(f"{geometry.max_frames} latent frames exceed model.rope_max_seq_len")
         if max_chunks * geometry.actions_per_chunk > cfg.max_action_tokens:
@@ -66,7 +68,14 @@ class ChunkGeometry:
         return geometry
 
     def tokens_per_frame(self, cfg: ModelConfig) -> int:
-        return (self.latent_hw[0] // cfg.patch_size[1]) * (self.latent_hw[1] // cfg.patch_size[2])
+        """Tokens of one latent frame, all its views."""
+        per_view = (self.latent_hw[0] // cfg.patch_size[1]) * (self.latent_hw[1] // cfg.patch_size[2])
+        return per_view * (self.views or 1)
+
+    def latent_shape(self, frames: int, channels: int) -> tuple[int, ...]:
+        """Per-example latents of `frames` latent frames: (n, H, W, C), or (n, V, H, W, C) with views."""
+        views = () if self.views is None else (self.views,)
+        return (frames, *views, *self.latent_hw, channels)
 
     def context_tokens(self, cfg: ModelConfig) -> int:
         return self.tokens_per_frame(cfg) + int(self.with_proprio)
@@ -119,6 +128,7 @@ class ChunkTokens(NamedTuple):
     sin: jax.Array
     num_video: int
     num_actions: int
+    views: int | None = None
 
 
 def embed_chunk(
@@ -133,20 +143,23 @@ def embed_chunk(
     action_offset: jax.Array | int = 0,
     proprio: jax.Array | None = None,
 ) -> ChunkTokens:
-    """Tokens of one chunk: latents [B, n, H, W, C] at frames frame_offset.., t_frames [B, n] (0..1000 scale),
-    optional actions [B, na, A] at action positions action_offset.. with t_actions [B, na], optional proprio.
+    """Tokens of one chunk: latents [B, n, H, W, C] (or [B, n, V, H, W, C]) at frames frame_offset.., t_frames
+    [B, n] (0..1000 scale), optional actions [B, na, A] at action positions action_offset.. with t_actions
+    [B, na], optional proprio.
 
-    The model's own modules embed them (patch embedding, timestep embedders, action and proprio encoders), with
-    the rotary angles `make_token_layout` gives the same frames.
+    The model's own modules embed them (patch embedding and view embedding, timestep embedders, action and
+    proprio encoders), with the rotary angles `make_token_layout` gives the same frames (views share them).
     """
     batch, n = latents.shape[:2]
-    gh, gw = latents.shape[2] // cfg.patch_size[1], latents.shape[3] // cfg.patch_size[2]
-    per_frame = gh * gw
+    views = latents.shape[2] if latents.ndim == 6 else None
+    gh, gw = latents.shape[-3] // cfg.patch_size[1], latents.shape[-2] // cfg.patch_size[2]
+    per_frame = gh * gw * (views or 1)
     cond = ConditionEmbedder(cfg)
-    video = PatchEmbed(cfg).apply({"params": params["patch_embedding"]}, latents)
+    patch_embed = functools.partial(PatchEmbed(cfg).apply, {"params": params["patch_embedding"]})
+    video = embed_video(cfg, patch_embed, latents, params.get("view_embedding"))
     temb, mod = cond.apply({"params": params["condition_embedder"]}, t_frames, method=ConditionEmbedder.time)
     tokens, mods, tembs = [video], [jnp.repeat(mod, per_frame, axis=1)], [jnp.repeat(temb, per_frame, axis=1)]
-    table = jnp.asarray(video_rope_angles(cfg, (geometry.max_frames, gh, gw)))
+    table = jnp.asarray(video_rope_angles(cfg, (geometry.max_frames, gh, gw), views or 1))
     angles = jax.lax.dynamic_slice_in_dim(table, frame_offset * per_frame, n * per_frame, axis=0)
     num_unrotated = 0
 
@@ -169,7 +182,7 @@ def embed_chunk(
     angles = jnp.concatenate([angles, jnp.zeros((num_unrotated, angles.shape[-1]), angles.dtype)], axis=0)
     return ChunkTokens(
         jnp.concatenate(tokens, axis=1), jnp.concatenate(mods, axis=1), jnp.concatenate(tembs, axis=1),
-        jnp.cos(angles), jnp.sin(angles), n * per_frame, num_actions,
+        jnp.cos(angles), jnp.sin(angles), n * per_frame, num_actions, views,
     )
 
 
@@ -212,8 +225,9 @@ def chunk_forward(
     nv, na = chunk.num_video, chunk.num_actions
     h, video = OutputHead(cfg).apply({"params": params}, x, chunk.temb, nv)
     ph, pw = cfg.patch_size[1:]
-    grid = (nv // ((latent_hw[0] // ph) * (latent_hw[1] // pw)), latent_hw[0] // ph, latent_hw[1] // pw)
-    video = unpatchify(cfg, video, grid)
+    grid = (nv // ((latent_hw[0] // ph) * (latent_hw[1] // pw) * (chunk.views or 1)), latent_hw[0] // ph,
+            latent_hw[1] // pw)
+    video = unpatchify_video(cfg, video, grid, chunk.views)
     actions = None
     if na:
         actions = ActionTokens(cfg).apply({"params": params["actions"]}, h[:, nv : nv + na], method=ActionTokens.decode)
@@ -395,9 +409,10 @@ class ChunkedRollout:
         if image_conditioning is not None and image_conditioning[0].shape[1] != self.geometry.max_frames:
             raise ValueError(f"condition latents have shape {image_conditioning[0].shape}; expected "
                              f"{self.geometry.max_frames} latent frames (the cache window)")
-        h, w = self.geometry.latent_hw
-        if context_latents.ndim != 5 or context_latents.shape[1] != 1 or context_latents.shape[2:4] != (h, w):
-            raise ValueError(f"context_latents have shape {context_latents.shape}; expected [B, 1, {h}, {w}, C]")
+        expected = self.geometry.latent_shape(1, context_latents.shape[-1])
+        if tuple(context_latents.shape[1:]) != expected:
+            raise ValueError(f"context_latents have shape {context_latents.shape}; expected [B, "
+                             f"{', '.join(map(str, expected[:-1]))}, C]")
         if (proprio is not None) != self.geometry.with_proprio:
             raise ValueError(f"proprio is {'given' if proprio is not None else 'missing'}; geometry.with_proprio="
                              f"{self.geometry.with_proprio}")
@@ -415,7 +430,7 @@ class ChunkedRollout:
                                "again from the newest real observation")
         g, cfg = self.geometry, self.cfg
         rng_v, rng_a = jax.random.split(rng)
-        video_noise = jax.random.normal(rng_v, (self.batch, g.frames_per_chunk, *g.latent_hw, cfg.out_channels))
+        video_noise = jax.random.normal(rng_v, (self.batch, *g.latent_shape(g.frames_per_chunk, cfg.out_channels)))
         action_noise = jax.random.normal(rng_a, (self.batch, g.actions_per_chunk, cfg.action_dim))
         return self.generate_from(video_noise, action_noise)
 
@@ -431,7 +446,7 @@ class ChunkedRollout:
         """Replaces the newest chunk's predicted frames in the cache with the real observation's latents."""
         if self.state is None or self.num_chunks == 0:
             raise RuntimeError("observe() needs a generated chunk to replace")
-        expected = (self.batch, self.geometry.frames_per_chunk, *self.geometry.latent_hw)
-        if tuple(observed_latents.shape[:4]) != expected:
+        expected = (self.batch, *self.geometry.latent_shape(self.geometry.frames_per_chunk, 0)[:-1])
+        if tuple(observed_latents.shape[:-1]) != expected:
             raise ValueError(f"observed_latents have shape {observed_latents.shape}; expected {expected} + (C,)")
         self.state = observe_chunk(self.cfg, self.geometry, self.options, self.params, self.state, observed_latents)

@@ -27,7 +27,9 @@ from wamjax.export.wan_vae_import import load_vae
 from wamjax.inference import conditioning
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
+from wamjax.models.dit import views_into_batch, views_out_of_batch
 from wamjax.models.text import TextEmbedder
+from wamjax.train.step import encode_views
 
 Params = Any
 
@@ -79,7 +81,7 @@ def _context_latents(shapes: PolicyShapes, vae_params: Params, frames: jax.Array
             shapes.vae, vae_params, shapes.image_encoder, image_params, frames[:, 0], shapes.num_frames
         )
     video = vae_lib.frames_to_video(frames)
-    latents = vae_lib.normalize_latents(shapes.vae, vae_lib.vae_encode(shapes.vae, vae_params, video))
+    latents = vae_lib.normalize_latents(shapes.vae, encode_views(shapes.vae, vae_params, video))
     return latents, image_conditioning
 
 
@@ -88,8 +90,8 @@ def policy_step(shapes: PolicyShapes, params: Params, vae_params: Params, frames
     """The pure function a policy jits: uint8 context frames -> VAE latents -> sampled video and actions."""
     latents, image_conditioning = _context_latents(shapes, vae_params, frames, image_params)
     rng_v, rng_a = jax.random.split(rng)
-    b, _, h, w, c = latents.shape
-    video_noise = jax.random.normal(rng_v, (b, shapes.future_frames, h, w, c), jnp.float32)
+    b = latents.shape[0]
+    video_noise = jax.random.normal(rng_v, (b, shapes.future_frames, *latents.shape[2:]), jnp.float32)
     action_noise = jax.random.normal(rng_a, (b, shapes.num_actions, shapes.model.action_dim), jnp.float32)
     if shapes.mode == "imagine_then_act":
         return imagine_then_act(shapes.model, params, latents, text, proprio, video_noise, action_noise,
@@ -143,6 +145,8 @@ class Policy:
             run_config, self.model_config
         )
         self.num_cameras = conditioning.camera_count(run_config)
+        self.camera_names = conditioning.camera_names(run_config)
+        self.views = conditioning.views_axis(run_config)  # tokens view layout: views per frame, else None
 
     @classmethod
     def from_checkpoint(
@@ -178,10 +182,12 @@ class Policy:
         """uint8 [T, H, W, 3] or [H, W, 3] -> [T, h, w, 3] at the training resolution, checked. A policy trained
         on several cameras takes them as a list (or a views axis, see `conditioning.combine_cameras`)."""
         frames = conditioning.combine_cameras(frames, self.run_config, resize_frames)
-        if frames.ndim == 3:
+        view_axes = 0 if self.views is None else 1  # tokens layout: [T, V, H, W, 3], already resized
+        if frames.ndim == 3 + view_axes:
             frames = frames[None]
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames have shape {frames.shape}; expected [T, H, W, 3] or [H, W, 3]")
+        if frames.ndim != 4 + view_axes or frames.shape[-1] != 3:
+            expected = "[T, H, W, 3] or [H, W, 3]" if not view_axes else f"[T, {self.views}, H, W, 3]"
+            raise ValueError(f"frames have shape {frames.shape}; expected {expected}")
         if frames.dtype != np.uint8:
             raise TypeError(f"frames have dtype {frames.dtype}; expected uint8")
         tc = self.vae_config.temporal_compression
@@ -192,7 +198,7 @@ class Policy:
                 f"{t} context frames; expected 1 + {tc}k frames encoding to fewer than the "
                 f"{self.num_latent_frames} latent frames of a training clip ({self.num_frames} frames)"
             )
-        return resize_frames(frames, self.resolution)
+        return frames if view_axes else resize_frames(frames, self.resolution)
 
     def prepare_proprio(self, proprio: np.ndarray | None) -> np.ndarray:
         """Raw proprio [P <= proprio_dim] -> normalized, zero-padded [proprio_dim] float32."""
@@ -227,12 +233,16 @@ class Policy:
                       image_params=None):
         self.num_traces += 1
         latents, image_conditioning = _context_latents(shapes, vae_params, frames, image_params)
-        b, _, h, w, c = latents.shape
-        video_noise = jax.random.normal(rng, (b, shapes.future_frames, h, w, c), jnp.float32)
+        video_noise = jax.random.normal(rng, (latents.shape[0], shapes.future_frames, *latents.shape[2:]),
+                                        jnp.float32)
         out = sample(shapes.model, params, latents, text, proprio, video_noise, None, options=shapes.options,
                      clean_actions=actions, image_conditioning=image_conditioning)
-        decoded = vae_lib.vae_decode(shapes.vae, vae_params, vae_lib.denormalize_latents(shapes.vae, out.latents))
-        return out.latents, decoded
+        denormalized = vae_lib.denormalize_latents(shapes.vae, out.latents)
+        if denormalized.ndim == 6:  # each view decoded on its own: [B, T, V, H, W, 3]
+            views = denormalized.shape[2]
+            decoded = vae_lib.vae_decode(shapes.vae, vae_params, views_into_batch(denormalized))
+            return out.latents, views_out_of_batch(decoded, views)
+        return out.latents, vae_lib.vae_decode(shapes.vae, vae_params, denormalized)
 
     def infer(
         self,
@@ -322,9 +332,10 @@ class Policy:
                                  mode=self.mode if mode is None else mode)
 
     def encode_frames(self, frames: np.ndarray) -> jax.Array:
-        """uint8 [T, h, w, 3] at the training resolution -> normalized latents [1, 1 + (T-1)/4, H', W', C]."""
+        """uint8 [T, h, w, 3] at the training resolution -> normalized latents [1, 1 + (T-1)/4, H', W', C]
+        ([T, V, h, w, 3] -> [1, 1 + (T-1)/4, V, H', W', C] for the tokens view layout)."""
         video = vae_lib.frames_to_video(jnp.asarray(frames)[None])
-        return vae_lib.normalize_latents(self.vae_config, vae_lib.vae_encode(self.vae_config, self.vae_params, video))
+        return vae_lib.normalize_latents(self.vae_config, encode_views(self.vae_config, self.vae_params, video))
 
     @functools.cached_property
     def metadata(self) -> dict[str, Any]:
@@ -341,6 +352,8 @@ class Policy:
             "normalized": self.stats is not None,
             "mode": self.mode,
             "cameras": self.num_cameras,
+            "camera_names": list(self.camera_names),
+            "view_layout": "tokens" if self.views is not None else "tile",
         }
 
 
@@ -364,7 +377,7 @@ class ClosedLoopSession:
             max_chunks = (policy.num_latent_frames - 1) // frames_per_chunk
         sc = policy.vae_config.spatial_compression
         latent_hw = (policy.resolution[0] // sc, policy.resolution[1] // sc)
-        self.geometry = ChunkGeometry.for_model(cfg, latent_hw, max_chunks)
+        self.geometry = ChunkGeometry.for_model(cfg, latent_hw, max_chunks, views=policy.views)
         self.rollout = ChunkedRollout(cfg, policy.params, self.geometry, policy.options, mode=check_mode(mode))
         self.text = jnp.asarray(policy.embed_instruction(instruction))[None]
         self.frames_per_observation = frames_per_chunk * policy.vae_config.temporal_compression
@@ -404,15 +417,17 @@ class ClosedLoopSession:
         """The real frames uint8 [4 * chunk_latent_frames, H, W, 3] recorded while the last chunk executed (one
         such array per camera, in a list, for a policy trained on several)."""
         frames = conditioning.combine_cameras(frames, self.policy.run_config, resize_frames)
-        if frames.ndim != 4 or frames.shape[0] != self.frames_per_observation:
-            raise ValueError(
-                f"observed frames have shape {frames.shape}; expected [{self.frames_per_observation}, H, W, 3]"
-            )
+        views = self.policy.views
+        if frames.ndim != (4 if views is None else 5) or frames.shape[0] != self.frames_per_observation:
+            view_axis = "" if views is None else f"{views}, "
+            raise ValueError(f"observed frames have shape {frames.shape}; expected "
+                             f"[{self.frames_per_observation}, {view_axis}H, W, 3]")
         if frames.dtype != np.uint8:
             raise TypeError(f"observed frames have dtype {frames.dtype}; expected uint8")
         if not self.awaiting_observation:
             raise RuntimeError("observe() without a generated chunk: call next_actions() first")
-        frames = resize_frames(frames, self.policy.resolution)
+        if views is None:
+            frames = resize_frames(frames, self.policy.resolution)
         latents = self.policy.encode_frames(np.concatenate([self.last_frame[None], frames]))
         self.rollout.observe(latents[:, 1:])
         self.last_frame = frames[-1]

@@ -1,6 +1,9 @@
 """Wan-2.1-compatible video diffusion transformer blocks (math and parameter names of diffusers' Wan).
 
 Latents are channels-last [B, F, H, W, C]; tokens are ordered frame-major (f, h, w) as Wan flattens them.
+Several camera views as separate token groups (`data.view_layout=tokens`) come as [B, F, V, H, W, C]; their
+tokens are ordered (f, v, h, w): all views of a latent frame are adjacent (so a latent frame's views always share
+its attention chunk), and every view reads the frame's time position and the spatial positions of one view.
 Modulation is per token group: every token belongs to a group (a latent frame, an action token, ...) and
 each group has its own timestep, so video and actions can sit at independent noise levels.
 """
@@ -73,15 +76,16 @@ class TokenLayout:
     history_frames: int = 0  # patched latent frames 1.. repeated clean in the history part
     num_history_action_tokens: int = 0  # actions 0.. repeated clean in the history part
     token_copy: np.ndarray | None = None  # [S] int32: 0 clean, 1 noisy (teacher forcing); None: one copy
+    num_views: int = 1  # camera views per latent frame (tokens view layout), each a (h, w) grid of tokens
 
     @property
     def num_video_tokens(self) -> int:
         f, h, w = self.grid
-        return f * h * w
+        return f * self.num_views * h * w
 
     @property
     def num_history_video_tokens(self) -> int:
-        return self.history_frames * self.grid[1] * self.grid[2]
+        return self.history_frames * self.num_views * self.grid[1] * self.grid[2]
 
     @property
     def history_offset(self) -> int:
@@ -96,7 +100,7 @@ class TokenLayout:
     def __hash__(self) -> int:  # numpy fields are fixed by the scalar ones
         return hash((self.grid, self.num_action_tokens, self.num_proprio_tokens, self.num_padding_tokens,
                      self.num_groups, self.causal, self.teacher_forcing, self.history_frames,
-                     self.num_history_action_tokens))
+                     self.num_history_action_tokens, self.num_views))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TokenLayout) and hash(self) == hash(other)
@@ -135,15 +139,17 @@ def history_sizes(cfg: ModelConfig, num_frames: int, num_action_tokens: int) -> 
     return frames, int(np.sum(action_chunk < last))
 
 
-def video_rope_angles(cfg: ModelConfig, grid: tuple[int, int, int]) -> np.ndarray:
-    """Rotary angles [F * H * W, head_dim // 2] of a (frames, height, width) token grid, frame-major, with the
-    head dim split (t, h, w) as Wan splits it."""
+def video_rope_angles(cfg: ModelConfig, grid: tuple[int, int, int], num_views: int = 1) -> np.ndarray:
+    """Rotary angles [F * V * H * W, head_dim // 2] of a (frames, height, width) token grid of `num_views` views,
+    ordered (f, v, h, w), with the head dim split (t, h, w) as Wan splits it."""
     head_dim = cfg.attention_head_dim
     h_dim = w_dim = 2 * (head_dim // 6)
     t_dim = head_dim - h_dim - w_dim
     if max(grid) > cfg.rope_max_seq_len:
         raise ValueError(f"token grid {grid} exceeds model.rope_max_seq_len={cfg.rope_max_seq_len}")
-    ff, hh, ww = np.meshgrid(*(np.arange(n) for n in grid), indexing="ij")
+    # Views share positions: a view's tokens are rotated as a lone camera's would be at that frame.
+    gf, gh, gw = grid
+    ff, _, hh, ww = np.meshgrid(np.arange(gf), np.arange(num_views), np.arange(gh), np.arange(gw), indexing="ij")
     return np.concatenate(
         [
             rope_frequencies(t_dim, ff.reshape(-1), cfg.rope_theta),
@@ -161,11 +167,13 @@ def make_token_layout(
     num_proprio_tokens: int = 0,
     pad_to_multiple: int = 1,
     teacher_forcing: bool = False,
+    num_views: int = 1,
 ) -> TokenLayout:
     """Builds the static token layout for latents of (frames, height, width) plus optional action tokens.
 
-    Groups: one per latent frame, then one per action token, then one for the proprio token; the teacher-forced
-    layout adds one group for its clean history video and one for its clean history actions (both t=0).
+    Groups: one per latent frame (shared by its `num_views` views), then one per action token, then one for the
+    proprio token; the teacher-forced layout adds one group for its clean history video (all views of each
+    history frame, at the noisy copy's positions) and one for its clean history actions (both t=0).
     """
     pt, ph, pw = cfg.patch_size
     frames, height, width = latent_shape
@@ -176,7 +184,10 @@ def make_token_layout(
                          f"model.history='teacher_forcing'; got {cfg.attention_layout!r}, {cfg.history!r}")
     grid = (frames // pt, height // ph, width // pw)
     gf, gh, gw = grid
-    frame_idx = np.repeat(np.arange(gf), gh * gw)
+    if num_views < 1:
+        raise ValueError(f"num_views={num_views}; expected >= 1")
+    per_frame = num_views * gh * gw  # tokens of one patched latent frame, all its views
+    frame_idx = np.repeat(np.arange(gf), per_frame)
     frame_chunk = latent_frame_chunk(cfg, gf)
     action_frame = np.minimum(action_latent_frame(cfg, num_action_tokens), gf - 1)
     action_chunk = frame_chunk[action_frame]
@@ -186,17 +197,17 @@ def make_token_layout(
     # Only chunk 0 (context frame, proprio) is clean in the main part; the rest is the noisy copy.
     copies = [(frame_chunk[frame_idx] > 0).astype(np.int32), np.ones(num_action_tokens, np.int32),
               np.zeros(num_proprio_tokens, np.int32)]
-    video_angles = video_rope_angles(cfg, grid)
+    video_angles = video_rope_angles(cfg, grid, num_views)
     angles = [video_angles, np.zeros((num_action_tokens + num_proprio_tokens, video_angles.shape[1]))]
     num_groups = gf + num_action_tokens + (1 if num_proprio_tokens else 0)
     history_frames = history_actions = 0
     if teacher_forcing:
         history_frames, history_actions = history_sizes(cfg, gf, num_action_tokens)
-        hist_idx = 1 + np.repeat(np.arange(history_frames), gh * gw)
+        hist_idx = 1 + np.repeat(np.arange(history_frames), per_frame)
         groups += [np.full(len(hist_idx), num_groups), np.full(history_actions, num_groups + 1)]
         chunks += [frame_chunk[hist_idx], action_chunk[:history_actions]]
         copies += [np.zeros(len(hist_idx) + history_actions, np.int32)]
-        angles += [video_angles[gh * gw : gh * gw * (1 + history_frames)],
+        angles += [video_angles[per_frame : per_frame * (1 + history_frames)],
                    np.zeros((history_actions, video_angles.shape[1]))]
         num_groups += 1 + (1 if history_actions else 0)
     valid_len = sum(len(c) for c in chunks)
@@ -220,6 +231,7 @@ def make_token_layout(
         history_frames=history_frames,
         num_history_action_tokens=history_actions,
         token_copy=np.concatenate(copies).astype(np.int32) if teacher_forcing else None,
+        num_views=num_views,
     )
 
 
@@ -580,3 +592,30 @@ def unpatchify(cfg: ModelConfig, tokens: jax.Array, grid: tuple[int, int, int]) 
     x = tokens.reshape(b, gf, gh, gw, pt, ph, pw, cfg.out_channels)
     x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
     return x.reshape(b, gf * pt, gh * ph, gw * pw, cfg.out_channels)
+
+
+def views_into_batch(latents: jax.Array) -> jax.Array:
+    """Multi-view latents or frames [B, T, V, ...] -> [B * V, T, ...], view-major within each example (what the
+    per-view VAE, patch embedding and unpatchify run on)."""
+    b, t, v = latents.shape[:3]
+    return jnp.swapaxes(latents, 1, 2).reshape(b * v, t, *latents.shape[3:])
+
+
+def views_out_of_batch(x: jax.Array, views: int) -> jax.Array:
+    """Inverse of `views_into_batch`: [B * V, T, ...] -> [B, T, V, ...]."""
+    bv, t = x.shape[:2]
+    return jnp.swapaxes(x.reshape(bv // views, views, t, *x.shape[2:]), 1, 2)
+
+
+def view_tokens_by_frame(tokens: jax.Array, views: int, frames: int) -> jax.Array:
+    """Per-view token sequences [B * V, F * N, D] -> one sequence [B, F * V * N, D] ordered (f, v, n)."""
+    bv, s, d = tokens.shape
+    x = tokens.reshape(bv // views, views, frames, s // frames, d)
+    return x.transpose(0, 2, 1, 3, 4).reshape(bv // views, s * views, d)
+
+
+def view_tokens_by_view(tokens: jax.Array, views: int, frames: int) -> jax.Array:
+    """Inverse of `view_tokens_by_frame`: [B, F * V * N, D] -> [B * V, F * N, D]."""
+    b, s, d = tokens.shape
+    x = tokens.reshape(b, frames, views, s // (frames * views), d)
+    return x.transpose(0, 2, 1, 3, 4).reshape(b * views, s // views, d)

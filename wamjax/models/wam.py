@@ -3,10 +3,15 @@
 Mode is data: without `actions` the model is exactly the Wan video backbone (mode `video`); with them
 (mode `joint`) action and proprio tokens join the same sequence with their own noise level. Timesteps are
 on Wan's 0..1000 scale: t_video is [B] or per latent frame [B, F]; t_action is [B] or per action token.
+
+Several camera views (`data.view_layout=tokens`) come as latents [B, F, V, H, W, C]: each view is patchified
+on its own, gets its row of the learned `view_embedding` [V, dim] added, and the views of a latent frame sit
+next to each other in the sequence (see `wamjax.models.dit`); the velocity comes back as [B, F, V, H, W, C].
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -22,6 +27,10 @@ from wamjax.models.dit import (
     make_token_layout,
     modulate_per_group,
     unpatchify,
+    view_tokens_by_frame,
+    view_tokens_by_view,
+    views_into_batch,
+    views_out_of_batch,
 )
 from wamjax.models.layers import Dense, constrain, modulated_layer_norm
 
@@ -31,7 +40,8 @@ I2V_MASK_CHANNELS = 4  # one per pixel frame of a latent frame (the Wan VAE's 4x
 
 
 class WamOutput(NamedTuple):
-    """Predicted velocities: video [B, F, H, W, C] and actions [B, T_a, action_dim] (None in video mode)."""
+    """Predicted velocities: video [B, F, H, W, C] (or [B, F, V, H, W, C] for several views) and actions
+    [B, T_a, action_dim] (None in video mode)."""
 
     video: jax.Array
     actions: jax.Array | None
@@ -78,13 +88,22 @@ class WorldActionModel(nn.Module):
         num_actions = 0 if actions is None else actions.shape[1]
         num_proprio = 0 if (actions is None or proprio is None) else 1
         teacher_forcing = history_latents is not None
-        layout = make_token_layout(cfg, latents.shape[1:4], num_actions, num_proprio, self.pad_to_multiple,
-                                   teacher_forcing=teacher_forcing)
+        views = latents.shape[2] if latents.ndim == 6 else None
+        spatial = (latents.shape[1], *latents.shape[-3:-1])
+        layout = make_token_layout(cfg, spatial, num_actions, num_proprio, self.pad_to_multiple,
+                                   teacher_forcing=teacher_forcing, num_views=views or 1)
         gf = layout.grid[0]
 
         cond = ConditionEmbedder(cfg, name="condition_embedder")
+        view_embedding = None
+        if views is not None:
+            # Zeros: a pretrained single-view backbone starts out unchanged; the rows part as the views differ.
+            view_embedding = self.param(
+                "view_embedding", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "embed")),
+                (views, cfg.dim),
+            )
         patch_embedding = PatchEmbed(cfg, name="patch_embedding")
-        video_tokens = patch_embedding(latents)
+        video_tokens = embed_video(cfg, patch_embedding, latents, view_embedding)
         t_frames = _per_group(t_video, batch, latents.shape[1], "t_video")[:, :: cfg.patch_size[0]][:, :gf]
         temb, modulation = cond.time(t_frames)
         context = cond.text(text_embeddings)
@@ -108,13 +127,15 @@ class WorldActionModel(nn.Module):
                 tembs.append(p_temb)
                 modulations.append(p_mod)
         if teacher_forcing:
-            # The clean history copy: same frames, rope positions and action positions as the noisy chunks it
-            # repeats, read at t=0 (one modulation group per modality).
+            # The clean history copy: same frames (all their views, with the same view embedding), rope positions
+            # and action positions as the noisy chunks it repeats, read at t=0 (one modulation group per modality).
             if history_latents.shape != latents.shape:
                 raise ValueError(f"history_latents have shape {history_latents.shape}; expected the latents' "
                                  f"{latents.shape}")
-            pt = cfg.patch_size[0]
-            tokens.append(patch_embedding(history_latents[:, pt : pt * (1 + layout.history_frames)]))
+            if layout.history_frames:  # none when there is one chunk after the context
+                pt = cfg.patch_size[0]
+                clean_frames = history_latents[:, pt : pt * (1 + layout.history_frames)]
+                tokens.append(embed_video(cfg, patch_embedding, clean_frames, view_embedding))
             h_temb, h_mod = cond.time(jnp.zeros((batch, 1), jnp.float32))
             tembs.append(h_temb)
             modulations.append(h_mod)
@@ -141,7 +162,7 @@ class WorldActionModel(nn.Module):
         head = OutputHead(cfg)
         nn.share_scope(self, head)  # Wan's parameter names: scale_shift_table, proj_out at the top level
         h, video = head(x, group_temb, layout.num_video_tokens, layout.token_group, layout.num_groups)
-        video = unpatchify(cfg, video, layout.grid)
+        video = unpatchify_video(cfg, video, layout.grid, views)
         nv = layout.num_video_tokens
         action_velocity = None
         if action_module is not None:
@@ -178,6 +199,33 @@ class OutputHead(nn.Module):
             h[:, :num_video].astype(cfg.compute_dtype)
         )
         return h, video.astype(jnp.float32)
+
+
+def embed_video(
+    cfg: ModelConfig, patch_embed: Callable[[jax.Array], jax.Array], latents: jax.Array,
+    view_embedding: jax.Array | None = None,
+) -> jax.Array:
+    """Video tokens [B, S, dim] of latents [B, F, H, W, C], or of several views [B, F, V, H, W, C] (each
+    patchified alone, its view embedding row added, tokens ordered (frame, view, h, w))."""
+    if latents.ndim == 5:
+        return patch_embed(latents)
+    if latents.ndim != 6:
+        raise ValueError(f"latents have shape {latents.shape}; expected [B, F, H, W, C] or [B, F, V, H, W, C]")
+    views = latents.shape[2]
+    if view_embedding is None or view_embedding.shape[0] != views:
+        have = None if view_embedding is None else tuple(view_embedding.shape)
+        raise ValueError(f"latents have {views} views (shape {latents.shape}); the view_embedding parameter has "
+                         f"shape {have}: the model was built for another number of views")
+    tokens = patch_embed(views_into_batch(latents))  # [B * V, F' * N, dim]
+    tokens = tokens.reshape(-1, views, *tokens.shape[1:]) + view_embedding[None, :, None].astype(tokens.dtype)
+    return view_tokens_by_frame(tokens.reshape(-1, *tokens.shape[2:]), views, latents.shape[1] // cfg.patch_size[0])
+
+
+def unpatchify_video(cfg: ModelConfig, tokens: jax.Array, grid: tuple[int, int, int], views: int | None) -> jax.Array:
+    """Projected video tokens [B, S, pt*ph*pw*C] -> latents [B, F, H, W, C], or [B, F, V, H, W, C] for `views`."""
+    if views is None:
+        return unpatchify(cfg, tokens, grid)
+    return views_out_of_batch(unpatchify(cfg, view_tokens_by_view(tokens, views, grid[0]), grid), views)
 
 
 def _check_conditioning(cfg: ModelConfig, latents: jax.Array, image_embeddings: jax.Array | None) -> None:
@@ -296,10 +344,12 @@ def i2v_condition(condition_latents: jax.Array, num_conditioned_frames: int = 1)
     frame followed by zero frames (`first_frame_video`), as diffusers' WanImageToVideoPipeline encodes it.
     The mask has one channel per pixel frame inside a latent frame (the VAE's 4x time compression): 1 on the
     first latent frame (the given frame, repeated 4 times as the pipeline does), 0 elsewhere.
+    Several views [B, F, V, H, W, z] are conditioned each on its own first frame, with the same mask.
     """
-    b, f, h, w, _ = condition_latents.shape
+    b, f, *rest, _ = condition_latents.shape
     known = (jnp.arange(f) < num_conditioned_frames).astype(condition_latents.dtype)
-    mask = jnp.broadcast_to(known[None, :, None, None, None], (b, f, h, w, I2V_MASK_CHANNELS))
+    known = known.reshape(1, f, *([1] * (len(rest) + 1)))
+    mask = jnp.broadcast_to(known, (b, f, *rest, I2V_MASK_CHANNELS))
     return jnp.concatenate([mask, condition_latents], axis=-1)
 
 
@@ -317,8 +367,8 @@ def first_frame_video(frames: jax.Array) -> jax.Array:
 
 
 def backbone_params(params: Params) -> Params:
-    """The video-backbone subtree (everything except the action modules)."""
-    return {k: v for k, v in params.items() if k != "actions"}
+    """The video-backbone subtree (everything except the action modules and the view embedding)."""
+    return {k: v for k, v in params.items() if k not in ("actions", "view_embedding")}
 
 
 def count_params(tree: Params) -> int:

@@ -4,8 +4,10 @@ Speaks the protocol of openpi's `WebsocketPolicyServer` (see `wamjax.serving.cli
 `openpi_client.websocket_client_policy.WebsocketClientPolicy` works against it unchanged. Observation keys
 map to the policy's camera / proprio / instruction inputs through an `ObservationSchema`, by default openpi's
 LIBERO example: `observation/image` (H x W x 3 uint8), `observation/wrist_image` (read by two-camera policies,
-optional otherwise), `observation/state` (float), `prompt` (str). A malformed request gets a text-frame error
-naming the problem (openpi's client raises it as RuntimeError); the connection and the server stay up.
+optional otherwise), `observation/state` (float), `prompt` (str); a policy trained on more cameras reads further
+keys (`--extra_image_keys`), one per camera of its `data.cameras` in order, all required. A malformed request
+gets a text-frame error naming the problem (openpi's client raises it as RuntimeError); the connection and the
+server stay up.
 
 With an API key (`--api_key` or the `WAMJAX_API_KEY` environment variable) a connection must send openpi-client's
 `Authorization: Api-Key <key>` header; without it or with another key the handshake is refused with HTTP 401.
@@ -56,7 +58,8 @@ class ObservationSchema:
     """Which observation keys hold the camera image, the optional wrist image, the proprio state and the prompt.
 
     A single-camera model reads `image` (the wrist image is checked when sent, not used); a model trained on two
-    cameras (`data.cameras`, e.g. primary,wrist) reads `image` and `wrist_image`, in that order, both required.
+    cameras (`data.cameras`, e.g. primary,wrist) reads `image` and `wrist_image`, in that order, both required;
+    one trained on more reads `extra_images` after those, one key per further camera.
     """
 
     image: str = "observation/image"
@@ -64,12 +67,13 @@ class ObservationSchema:
     prompt: str = "prompt"
     wrist_image: str | None = "observation/wrist_image"
     allow_extra_keys: bool = False
+    extra_images: tuple[str, ...] = ()  # keys of the third, fourth, ... camera (data.cameras order)
 
     @classmethod
     def parse(cls, spec: str) -> ObservationSchema:
         """`image=KEY,state=KEY,prompt=KEY,wrist_image=KEY|none` (omitted fields keep their defaults)."""
         values: dict[str, Any] = {}
-        fields = {f.name for f in dataclasses.fields(cls)} - {"allow_extra_keys"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"allow_extra_keys", "extra_images"}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, sep, key = part.partition("=")
             if not sep or name not in fields:
@@ -79,7 +83,12 @@ class ObservationSchema:
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return tuple(k for k in (self.image, self.state, self.prompt, self.wrist_image) if k)
+        return tuple(k for k in (self.image, self.state, self.prompt, self.wrist_image, *self.extra_images) if k)
+
+    @property
+    def camera_keys(self) -> tuple[str, ...]:
+        """The image keys in camera order: image, wrist image (when named), then the extra images."""
+        return tuple(k for k in (self.image, self.wrist_image, *self.extra_images) if k)
 
 
 class MalformedRequest(ValueError):
@@ -97,11 +106,13 @@ def _check_image(key: str, value: Any) -> np.ndarray:
 
 
 def decode_observation(
-    message: bytes | str, schema: ObservationSchema, proprio_dim: int, cameras: int = 1
+    message: bytes | str, schema: ObservationSchema, proprio_dim: int, cameras: int = 1,
+    camera_names: list[str] | None = None,
 ) -> tuple[np.ndarray | list[np.ndarray], np.ndarray, str]:
     """One request frame -> (frames uint8, proprio float32 [P], prompt), or MalformedRequest naming the problem.
 
-    With `cameras=2` the frames are [image, wrist image] (the policy tiles them as in training)."""
+    With `cameras` > 1 the frames are a list of the schema's first `cameras` camera keys' images ([image, wrist
+    image, extra images...]), every one required; `camera_names` (the policy's cameras) only word the error."""
     if isinstance(message, str):
         raise MalformedRequest("received a text frame; expected a binary msgpack frame with the observation dict")
     try:
@@ -119,13 +130,16 @@ def decode_observation(
         raise MalformedRequest(f"observation has unexpected key(s) {extra}; expected {list(schema.keys)}")
 
     frames = _check_image(schema.image, observation[schema.image])
-    if cameras > 1 and schema.wrist_image not in observation:
-        raise MalformedRequest(f"observation is missing key {schema.wrist_image!r}: this policy reads {cameras} "
-                               f"cameras ({schema.image!r}, {schema.wrist_image!r})")
-    if schema.wrist_image and schema.wrist_image in observation:
-        wrist = _check_image(schema.wrist_image, observation[schema.wrist_image])
-        if cameras > 1:
-            frames = [frames, wrist]
+    camera_keys = schema.camera_keys[:cameras] if cameras > 1 else ()
+    for key in camera_keys:
+        if key not in observation:
+            names = f" {camera_names}" if camera_names else ""
+            raise MalformedRequest(f"observation is missing key {key!r}: this policy reads {cameras} cameras{names} "
+                                   f"from keys {list(camera_keys)}")
+    sent = [k for k in schema.camera_keys[1:] if k in observation]  # checked whether the policy reads them or not
+    checked = {k: _check_image(k, observation[k]) for k in sent}
+    if camera_keys:
+        frames = [frames, *(checked[k] for k in camera_keys[1:])]
     state = observation[schema.state]
     if not isinstance(state, np.ndarray):
         raise MalformedRequest(f"{schema.state!r} is {type(state).__name__}; expected a numpy float32 array")
@@ -213,8 +227,9 @@ class PolicyServer:
             raise ValueError(f"max_requests_per_s={max_requests_per_s}; expected >= 0 (0 = no limit)")
         if image_shape is None:
             image_shape = tuple(max(a, b) for a, b in zip(policy.resolution, DEFAULT_CAMERA_SHAPE, strict=True))
+        cameras = int(policy.metadata.get("cameras", 1))
         if max_message_bytes is None:
-            max_message_bytes = default_max_message_bytes(image_shape, policy.num_frames)
+            max_message_bytes = default_max_message_bytes(image_shape, policy.num_frames, max(2, cameras))
         if max_message_bytes < 1:
             raise ValueError(f"max_message_bytes={max_message_bytes}; expected >= 1")
         self.max_message_bytes = int(max_message_bytes)
@@ -223,10 +238,14 @@ class PolicyServer:
         # Compared as bytes: hmac.compare_digest takes str only when it is ASCII.
         self._expected_authorization = f"Api-Key {api_key}".encode() if api_key else None
         self.schema = schema or ObservationSchema()
-        self.cameras = int(policy.metadata.get("cameras", 1))
-        if self.cameras > 2 or (self.cameras == 2 and not self.schema.wrist_image):
-            raise ValueError(f"the policy reads {self.cameras} cameras; the observation schema names "
-                             f"{1 + bool(self.schema.wrist_image)} (image, wrist_image)")
+        self.cameras = cameras
+        self.camera_names = list(policy.metadata.get("camera_names", []))
+        keys = self.schema.camera_keys
+        if (cameras > 1 and len(keys) < cameras) or (self.schema.extra_images and len(keys) > cameras):
+            raise ValueError(
+                f"the policy reads {cameras} cameras {self.camera_names} (data.cameras of its checkpoint); the "
+                f"observation schema names {len(keys)} camera keys {list(keys)}: one key per camera, in that order "
+                "(image, wrist_image, then --extra_image_keys)")
         self.host, self.port = host, port
         self.queue_size = queue_size
         limits = {"max_message_bytes": self.max_message_bytes, "queue_size": queue_size,
@@ -267,7 +286,8 @@ class PolicyServer:
     async def _infer(self, message: bytes | str) -> tuple[dict[str, Any], dict[str, float]] | str:
         """(result, timing) of one request, or the text of the error frame that refuses it."""
         try:
-            frames, state, prompt = decode_observation(message, self.schema, self.policy.proprio_dim, self.cameras)
+            frames, state, prompt = decode_observation(message, self.schema, self.policy.proprio_dim, self.cameras,
+                                                       self.camera_names)
         except MalformedRequest as e:
             return f"malformed request: {e}"
         assert self._queue is not None
@@ -387,7 +407,9 @@ def main(argv: list[str]) -> None:
         cfg_batched=f.cfg_batched, use_ema=f.use_ema, dataset=f.dataset, seed=f.seed, mode=f.mode,
     )
     server = PolicyServer(
-        policy, schema=ObservationSchema.parse(f.schema), host=f.host, port=f.port,
+        policy, schema=dataclasses.replace(ObservationSchema.parse(f.schema),
+                                           extra_images=tuple(f.extra_image_keys or ())),
+        host=f.host, port=f.port,
         api_key=f.api_key or os.environ.get(API_KEY_ENV) or None, queue_size=f.queue_size,
         max_message_bytes=f.max_message_bytes, max_requests_per_s=f.max_requests_per_s,
         image_shape=tuple(int(x) for x in f.image_shape) if f.image_shape else None,
@@ -414,6 +436,8 @@ def define_flags() -> None:
                       "imagine_then_act (future video first, then actions by inverse dynamics on it).")
     flags.DEFINE_string("schema", "", "Observation keys, e.g. image=observation/image,state=observation/state,"
                                       "prompt=prompt,wrist_image=none (default: openpi's LIBERO example).")
+    flags.DEFINE_list("extra_image_keys", [], "Observation keys of the cameras after image and wrist_image, in the "
+                                             "order of the checkpoint's data.cameras (e.g. observation/image_2).")
     flags.DEFINE_string("api_key", None, f"Require 'Authorization: Api-Key <key>' (default: ${API_KEY_ENV}, "
                                          "which keeps the key out of the process list; unset = no key).")
     flags.DEFINE_integer("queue_size", 8, "Requests (of all clients) that may wait for the model while one runs; "
@@ -421,7 +445,8 @@ def define_flags() -> None:
     flags.DEFINE_list("image_shape", None, "H,W of the largest camera image clients send; sizes the default "
                                            "--max_message_bytes (default: training resolution, at least 224,224).")
     flags.DEFINE_integer("max_message_bytes", None, "Largest request frame; larger ones close the connection with "
-                                                    "1009 (default: two cameras of --image_shape x clip length).")
+                                                    "1009 (default: the policy's cameras, at least two, of "
+                                                    "--image_shape x clip length).")
     flags.DEFINE_float("max_requests_per_s", 100.0, "Requests per second per connection (bursts of as many); "
                                                     "more get a 'rate limited' error frame. 0 = no limit.")
     flags.mark_flag_as_required("checkpoint")

@@ -47,9 +47,9 @@ def make_stage_dataset(
 ) -> tuple[grain.IterDataset, dict]:
     """The stage's per-process batch dataset and the normalization stats it uses."""
     data = stage_data_config(config, stage)
-    if views.model_views(data) > 1:
-        raise ValueError(f"data.view_layout={data.view_layout!r} with cameras {views.camera_names(data)}: the model "
-                         "reads one frame per time step; use data.view_layout='tile'")
+    if views.views_axis(data) is not None and data.latents_cache:
+        raise ValueError(f"data.latents_cache with data.view_layout='tokens' (cameras {views.camera_names(data)}): "
+                         "a latents cache holds one camera; the step encodes each view from the frames")
     if data.latents_cache:
         from data_pipelines.encode_latents import make_latents_dataset
         from wamjax.models.vae import vae_config_for
@@ -69,6 +69,9 @@ def make_stage_dataset(
     extra = []
     video_weight = stage_video_weight(config, stage)
     if data.video_shards and video_weight > 0:
+        if views.views_axis(data) is not None:
+            raise ValueError(f"data.video_shards with data.view_layout='tokens' (cameras {views.camera_names(data)}) "
+                             f"in stage {stage!r}: captioned videos have one camera; set its mixture weight to 0")
         from data_pipelines.video_source import make_video_dataset
 
         logging.info("data: captioned-video shards %s mixed in with weight %s", data.video_shards, video_weight)

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from data_pipelines import views as views_lib
 from wamjax.checkpoint import manager as ckpt
 from wamjax.eval.offline import LoopEvaluator
 from wamjax.export import clip_import
@@ -115,7 +116,16 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     return model_config_from_run(config)
 
 
-def _latent_shape(config: ml_collections.ConfigDict, vae_cfg: Any, cfg: ModelConfig) -> tuple[int, int, int, int]:
+def _latent_shape(
+    config: ml_collections.ConfigDict, vae_cfg: Any, cfg: ModelConfig, views: int | None = None
+) -> tuple[int, ...]:
+    """(F, H, W, C) of the model's latents, or (F, V, H, W, C) with a views axis (tokens view layout)."""
+    f, lh, lw, c = _single_view_latent_shape(config, vae_cfg, cfg)
+    return (f, lh, lw, c) if views is None else (f, views, lh, lw, c)
+
+
+def _single_view_latent_shape(config: ml_collections.ConfigDict, vae_cfg: Any, cfg: ModelConfig
+                              ) -> tuple[int, int, int, int]:
     h, w = config.data.resolution
     f, lh, lw, c = vae_lib.latent_shape(vae_cfg, (1, config.data.num_frames, h, w, 3))[1:]
     if cfg.image_conditioned:
@@ -192,7 +202,8 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
 
     # --- Model and optimizer -----------------------------------------------------------------------
     vae_cfg = vae_lib.vae_config_for(config.vae.size)
-    latent_shape = _latent_shape(config, vae_cfg, cfg)
+    stage_views = views_lib.views_axis(inputs_lib.stage_data_config(config, stage))
+    latent_shape = _latent_shape(config, vae_cfg, cfg, stage_views)
     num_actions = inputs_lib.clip_num_actions(config) if mode == "joint" else 0
     lr = stage_cfg.learning_rate if stage_cfg.learning_rate > 0 else config.optim.learning_rate
     warmup = stage_cfg.warmup_steps if stage_cfg.warmup_steps >= 0 else config.optim.warmup_steps
@@ -255,6 +266,9 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
     stage_start = ledger.stage_start_step[stage]
     step_fn = make_train_step(spec, config.diffusion, tx, schedule, config.optim.ema_decay, stage_start)
     train_step = jit_train_step(step_fn, state_shardings)
+    if stage_views is not None and int(config.get("eval", {}).get("every_steps", 0)) > 0:
+        raise ValueError(f"eval.every_steps={config.eval.every_steps} with data.view_layout='tokens' in stage "
+                         f"{stage!r}: the offline evaluation reads one camera; set eval.every_steps=0")
     evaluator = LoopEvaluator.maybe(config, stage, cfg, vae_cfg, mode, stage_cfg.clean_context_frames, text, mesh,
                                     rules, vae_params, norm_stats, writer, workdir)
 

@@ -18,7 +18,13 @@ from wamjax.diffusion.modes import draw_clean_modalities
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import action_latent_frame, latent_frame_chunk, trains_teacher_forced
+from wamjax.models.dit import (
+    action_latent_frame,
+    latent_frame_chunk,
+    trains_teacher_forced,
+    views_into_batch,
+    views_out_of_batch,
+)
 from wamjax.models.wam import first_frame_video, i2v_model_input, wam_forward
 from wamjax.train.optimizer import trainable_labels
 
@@ -55,10 +61,30 @@ def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
     return opt_state.notfinite_count
 
 
+def encode_views(vae_config: Any, vae_params: Params, video: jax.Array) -> jax.Array:
+    """VAE latents of video [B, T, H, W, 3] -> [B, F, h, w, z], or of several camera views [B, T, V, H, W, 3] ->
+    [B, F, V, h, w, z]: each view encoded on its own, all views in one VAE batch."""
+    if video.ndim == 5:
+        return vae_lib.vae_encode(vae_config, vae_params, video)
+    views = video.shape[2]
+    return views_out_of_batch(vae_lib.vae_encode(vae_config, vae_params, views_into_batch(video)), views)
+
+
 def frames_to_latents(vae_config: Any, vae_params: Params, frames: jax.Array) -> jax.Array:
-    """uint8 frames [B, T, H, W, 3] -> normalized VAE latents [B, 1+(T-1)/4, H/8, W/8, z], no gradients."""
-    latents = vae_lib.vae_encode(vae_config, vae_params, vae_lib.frames_to_video(frames))
+    """uint8 frames [B, T, H, W, 3] (or [B, T, V, H, W, 3]) -> normalized VAE latents [B, 1+(T-1)/4, H/8, W/8, z]
+    (or [B, F, V, h, w, z]), no gradients."""
+    latents = encode_views(vae_config, vae_params, vae_lib.frames_to_video(frames))
     return jax.lax.stop_gradient(vae_lib.normalize_latents(vae_config, latents))
+
+
+def encode_first_frames(image_encoder: clip.CLIPVisionConfig, params: Params, first_frames: jax.Array) -> jax.Array:
+    """CLIP tokens of first frames [B, H, W, 3] -> [B, N, image_dim]; several views [B, V, H, W, 3] are encoded
+    one by one and their tokens concatenated, view by view -> [B, V * N, image_dim]."""
+    if first_frames.ndim == 4:
+        return clip.encode_frames(image_encoder, params, first_frames)
+    b, v = first_frames.shape[:2]
+    tokens = clip.encode_frames(image_encoder, params, first_frames.reshape(b * v, *first_frames.shape[2:]))
+    return tokens.reshape(b, v * tokens.shape[1], tokens.shape[2])
 
 
 def i2v_latents_and_conditioning(
@@ -66,12 +92,14 @@ def i2v_latents_and_conditioning(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Wan2.1-I2V inputs of uint8 clips [B, T, H, W, 3], frozen: the clips' normalized latents, and as
     conditioning the normalized latents of the first frame followed by zero frames and the first frame's CLIP
-    tokens. Clips and conditioning videos go through the VAE as one batch (one encoder in the compiled step)."""
+    tokens. Clips and conditioning videos go through the VAE as one batch (one encoder in the compiled step).
+    Several views [B, T, V, H, W, 3] are each conditioned on their own first frame; their CLIP tokens are
+    concatenated view by view."""
     video = vae_lib.frames_to_video(frames)
-    both = vae_lib.vae_encode(spec.vae, vae_params, jnp.concatenate([video, first_frame_video(video)], axis=0))
+    both = encode_views(spec.vae, vae_params, jnp.concatenate([video, first_frame_video(video)], axis=0))
     both = jax.lax.stop_gradient(vae_lib.normalize_latents(spec.vae, both))
     x0, condition = jnp.split(both, 2, axis=0)
-    image = clip.encode_frames(spec.image_encoder, image_encoder_params, frames[:, 0])
+    image = encode_first_frames(spec.image_encoder, image_encoder_params, frames[:, 0])
     return x0, {"condition_latents": condition, "image_embeddings": image}
 
 
@@ -235,7 +263,8 @@ def compute_loss(
         pad_to_multiple=spec.pad_to_multiple, history_latents=history_latents,
         history_actions=actions if history_latents is not None else None,
     )
-    video_err = jnp.mean(jnp.square(out.video - flow.velocity_target(x0, noise)), axis=(2, 3, 4))
+    # Per latent frame, over every view and position: [B, F].
+    video_err = jnp.mean(jnp.square(out.video - flow.velocity_target(x0, noise)), axis=tuple(range(2, x0.ndim)))
     loss_video = jnp.sum(video_err * weights["video"]) / normalizers["video"]
     metrics = {"loss_video": loss_video}
     loss = diffusion.video_loss_weight * loss_video
