@@ -198,7 +198,8 @@ def make_token_layout(
     num_chunks = int(frame_chunk.max()) + 1 if gf else 1
     if num_proprio_tokens not in (0, 1, num_chunks):
         raise ValueError(f"{num_proprio_tokens} proprio tokens; expected 0, 1 (chunk 0 only) or one per chunk "
-                         f"({num_chunks})")
+                         f"({num_chunks}): set data.proprio_chunk_frames to 4 * model.chunk_latent_frames "
+                         f"(chunk-causal models) or 0")
     # Proprio token k belongs to chunk k (k = 0 alone when there is one token).
     proprio_chunk = np.arange(num_proprio_tokens, dtype=np.int32)
     groups = [frame_idx, gf + np.arange(num_action_tokens), np.full(num_proprio_tokens, proprio_group)]
