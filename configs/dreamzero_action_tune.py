@@ -14,10 +14,10 @@ Published shapes (DreamZero repo `droid_training_full_finetune.sh` and the NVIDI
   clip        33 frames at stride 3 (every 3rd dataset step) -> 9 latent frames, 7,920 video tokens
   actions     24 actions per chunk (every dataset step's action, 1.6 s at 15 Hz), 4 chunks per sample
               (2 latent frames each, after the first frame) -> 96 action tokens
-  state       one proprio token per clip (at its first frame); DreamZero has one per chunk (4), which
-              the model does not yet support
+  state       one proprio token per chunk, as DreamZero (data.proprio_chunk_frames = 8 frames): chunk 0's at the
+              first frame and chunk k's at the last frame of chunk k - 1 -> 5 proprio tokens
   attention   chunk_causal with teacher forcing (model.history): the sequence holds the noisy chunks and a
-              clean copy of chunks 1-3 (6 latent frames, 72 actions) they attend to, 13,369 tokens in all;
+              clean copy of chunks 1-3 (6 latent frames, 72 actions) they attend to, 13,373 tokens in all;
               the full FLOP count includes the clean copy, the blog's 6*N*D counts the 8,361 noisy-clip tokens
   batch       128 clips (global), 100,000 steps, learning rate 1e-5; budget_flops = 1.9e22, the full count
               of those steps (the blog's 9e21 is 6*N*D, which would stop the run halfway)
@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.attention_layout = "chunk_causal"
     c.model.history = "teacher_forcing"
     if c.size in ("tiny", "small"):
+        c.data.proprio_chunk_frames = 4 * max(int(c.model.chunk_latent_frames), 1)
         return c
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "full"
@@ -71,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.num_frames = NUM_FRAMES
     c.data.frame_stride = FRAME_STRIDE
     c.data.action_horizon = ACTION_HORIZON
+    c.data.proprio_chunk_frames = ACTION_HORIZON // FRAME_STRIDE  # one state per chunk of 8 frames
     c.data.resolution = VIEWS_TILED_RESOLUTION
     c.data.batch_size = GLOBAL_BATCH
     c.text.max_length = 512

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 
 def get_data_config() -> ml_collections.ConfigDict:
@@ -21,6 +22,10 @@ def get_data_config() -> ml_collections.ConfigDict:
     config.clips_per_episode = 4  # clip windows drawn per episode per epoch, spread over the episode
     config.resolution = (32, 32)  # (H, W)
     config.proprio_dim = 8
+    # Clip frames per chunk of a chunk-causal model (4 * model.chunk_latent_frames) for one state per chunk:
+    # `proprio` is then [1 + (num_frames - 1) / proprio_chunk_frames, proprio_dim], chunk 0's the state at frame 0
+    # and chunk k's the state at the last frame of chunk k - 1. 0: one state per clip, [proprio_dim], at frame 0.
+    config.proprio_chunk_frames = 0
     config.action_normalization = "bounds"  # "bounds": q01/q99 -> [-1, 1], clipped; "normal": mean/std
     config.batch_size = 8  # GLOBAL batch; each process gets batch_size / process_count
     config.seed = 0
@@ -83,6 +88,30 @@ def num_clip_actions(num_frames: int, frame_stride: int = 1, action_horizon: int
             f"e.g. action_horizon=24, frame_stride=3, num_frames=33 (4 chunks of 8 frames)"
         )
     return (num_frames - 1) * frame_stride
+
+
+def state_frames(num_frames: int, proprio_chunk_frames: int = 0) -> np.ndarray:
+    """Clip frame of each chunk's state: [0] for one state per clip; with `proprio_chunk_frames` > 0 chunk 0's is
+    frame 0 and chunk k's is the last frame of chunk k - 1 ((k - 1) * proprio_chunk_frames), the observation
+    the robot has when chunk k's actions start."""
+    check_num_frames(num_frames)
+    if proprio_chunk_frames == 0:
+        return np.zeros(1, np.int64)
+    if proprio_chunk_frames < 0 or proprio_chunk_frames % 4 or (num_frames - 1) % proprio_chunk_frames:
+        raise ValueError(
+            f"data.proprio_chunk_frames={proprio_chunk_frames} with data.num_frames={num_frames}: a chunk is a "
+            f"whole number of 4-frame VAE latents (4 * model.chunk_latent_frames) and num_frames - 1 a whole "
+            f"number of chunks; 0 keeps one state per clip"
+        )
+    num_chunks = 1 + (num_frames - 1) // proprio_chunk_frames
+    return np.maximum(np.arange(num_chunks) - 1, 0) * proprio_chunk_frames
+
+
+def clip_num_states(data: ml_collections.ConfigDict) -> int | None:
+    """States per clip of a data config: None for one state per clip (proprio [proprio_dim]), else one per chunk
+    (proprio [C, proprio_dim], `state_frames`)."""
+    chunk_frames = int(data.get("proprio_chunk_frames", 0))
+    return None if chunk_frames == 0 else len(state_frames(int(data.num_frames), chunk_frames))
 
 
 def clip_num_actions(config: ml_collections.ConfigDict) -> int:

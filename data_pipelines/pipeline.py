@@ -40,6 +40,7 @@ class ClipLoader:
         self.action_horizon = int(config.get("action_horizon", 0))
         self.resolution = tuple(int(v) for v in config.resolution)
         self.proprio_dim = int(config.proprio_dim)
+        self.proprio_chunk_frames = int(config.get("proprio_chunk_frames", 0))
         self.action_normalization = str(config.action_normalization)
         self.wrist_camera = bool(config.wrist_camera)
         self.skip_bad_records = bool(config.skip_bad_records)
@@ -68,6 +69,7 @@ class ClipLoader:
                 dataset_index=self.dataset_index,
                 wrist_camera=self.wrist_camera,
                 action_horizon=self.action_horizon,
+                proprio_chunk_frames=self.proprio_chunk_frames,
                 frame_decoder=self._frame_decoder(episode) if self.cameras else None,
             )
         except BadRecordError as e:

@@ -10,7 +10,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from data_pipelines.config import num_clip_actions
+from data_pipelines.config import num_clip_actions, state_frames
 from data_pipelines.process_split import split_for_process
 
 INSTRUCTIONS = ("synthetic: move the block right", "synthetic: move the block left", "synthetic: lift the block")
@@ -20,9 +20,11 @@ class SyntheticClip:
     """Clip `index` of the synthetic source: deterministic in (seed, index)."""
 
     def __init__(
-        self, num_frames: int, resolution: tuple[int, int], proprio_dim: int, seed: int, num_actions: int | None = None
+        self, num_frames: int, resolution: tuple[int, int], proprio_dim: int, seed: int, num_actions: int | None = None,
+        proprio_chunk_frames: int = 0,
     ):
         self.num_frames = num_frames
+        self.proprio_chunk_frames = proprio_chunk_frames  # > 0: one state per chunk (data.proprio_chunk_frames)
         # Per-step actions (data.action_horizon > 0): each frame transition's action repeated over its steps.
         self.steps_per_frame = 1 if num_actions is None else num_actions // (num_frames - 1)
         self.height, self.width = resolution
@@ -44,7 +46,9 @@ class SyntheticClip:
         color = rng.integers(80, 255, size=3)
         background = rng.integers(0, 60, size=3)
         frames = np.empty((t, h, w, 3), np.uint8)
+        positions = np.empty((t, 2))
         for i in range(t):
+            positions[i] = pos
             frame = np.empty((h, w, 3), np.uint8)
             frame[:] = background
             y, x = np.clip(pos, 0, [h - size, w - size]).astype(int)
@@ -52,9 +56,13 @@ class SyntheticClip:
             frames[i] = frame
             if i < t - 1:
                 pos = pos + actions[i, :2]
-        proprio = np.zeros(self.proprio_dim, np.float32)
-        proprio[:2] = pos / np.array([h, w]) * 2 - 1
-        proprio[min(6, self.proprio_dim - 1)] = actions[0, 6]
+        # The block's position at each state's frame (never a later one) and the gripper command.
+        state_at = state_frames(t, self.proprio_chunk_frames)
+        proprio = np.zeros((len(state_at), self.proprio_dim), np.float32)
+        proprio[:, :2] = positions[state_at] / np.array([h, w]) * 2 - 1
+        proprio[:, min(6, self.proprio_dim - 1)] = actions[0, 6]
+        if self.proprio_chunk_frames == 0:
+            proprio = proprio[0]
         actions = np.repeat(np.clip(actions / 2.0, -1, 1).astype(np.float32), self.steps_per_frame, axis=0)
         return {
             "frames": frames,
@@ -78,7 +86,8 @@ def make_synthetic_dataset(
         data_config.num_frames, data_config.frame_stride, data_config.get("action_horizon", 0)
     )
     clip = SyntheticClip(
-        data_config.num_frames, tuple(data_config.resolution), data_config.proprio_dim, data_config.seed, num_actions
+        data_config.num_frames, tuple(data_config.resolution), data_config.proprio_dim, data_config.seed, num_actions,
+        int(data_config.get("proprio_chunk_frames", 0)),
     )
     dataset = grain.MapDataset.range(data_config.synthetic_examples)
     if data_config.shuffle:

@@ -250,8 +250,10 @@ class ClipToExample:
         dataset_index: int = 0,
         include_metadata: bool = False,
         num_actions: int | None = None,
+        num_states: int | None = None,
     ):
         self.num_frames = num_frames
+        self.num_states = num_states  # one (zero) state per chunk when given, else one per clip
         self.num_actions = num_frames - 1 if num_actions is None else int(num_actions)
         self.resolution = (int(resolution[0]), int(resolution[1]))
         self.resize_mode = resize_mode
@@ -278,7 +280,8 @@ class ClipToExample:
             "actions": np.zeros((self.num_actions, self.action_dim), dtype=np.float32),
             "action_mask": np.zeros((self.num_actions,), dtype=bool),
             "has_actions": np.bool_(False),
-            "proprio": np.zeros((self.proprio_dim,), dtype=np.float32),
+            "proprio": np.zeros((*(() if self.num_states is None else (self.num_states,)), self.proprio_dim),
+                                dtype=np.float32),
             "instruction": np.str_(record["caption"]),
             "dataset_index": np.int32(self.dataset_index),
         }
@@ -308,6 +311,7 @@ def make_video_dataset(
     require_complete: bool = True,
     skip_bad_shards: bool = False,
     num_actions: int | None = None,
+    num_states: int | None = None,
 ) -> grain.MapDataset:
     """Grain MapDataset of contract examples (one clip each) from a shard directory, glob or path list.
 
@@ -317,7 +321,8 @@ def make_video_dataset(
     out. `include_metadata` adds `clip_source`, `clip_start_time`, `clip_frame_times` and `clip_fps`
     (not part of the shared contract: leave it off when mixing with other sources). An unreadable
     shard raises `BadShardError`, or with `skip_bad_shards` is skipped, counted and logged. `num_actions`
-    sizes the (all-masked) action chunk to match the robot clips it mixes with (default num_frames - 1).
+    sizes the (all-masked) action chunk to match the robot clips it mixes with (default num_frames - 1), and
+    `num_states` their per-chunk proprio ([num_states, proprio_dim] zeros; default one state, [proprio_dim]).
     """
     if num_frames < 1 or (num_frames - 1) % 4 != 0:
         raise ValueError(f"num_frames={num_frames}, expected 1 + 4k (Wan VAE's causal 4x time compression)")
@@ -342,6 +347,7 @@ def make_video_dataset(
             action_dim=action_dim,
             dataset_index=dataset_index,
             num_actions=num_actions,
+            num_states=num_states,
             include_metadata=include_metadata,
         )
     )

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import stats as stats_lib
-from data_pipelines.config import check_num_frames, num_clip_actions  # noqa: F401  (re-exported)
+from data_pipelines.config import check_num_frames, num_clip_actions, state_frames  # noqa: F401  (re-exported)
 from data_pipelines.rlds_source import Episode
 
 
@@ -47,12 +47,14 @@ def make_clip(
     wrist_camera: bool,
     action_horizon: int = 0,
     frame_decoder: Callable[[int], np.ndarray] | None = None,
+    proprio_chunk_frames: int = 0,
 ) -> dict[str, np.ndarray]:
     """Builds one example of the batch contract from `episode`, starting at step `start`.
 
     Actions: one per frame transition (averaged over the stride), or with `action_horizon` > 0 every dataset
     step's action, (num_frames - 1) * frame_stride of them (`num_clip_actions`). `frame_decoder(step)` gives the
-    frame of a step when it is not the primary camera alone (several views).
+    frame of a step when it is not the primary camera alone (several views). Proprio: the state at the first
+    frame [proprio_dim], or with `proprio_chunk_frames` > 0 one state per chunk [C, proprio_dim] (`state_frames`).
     """
     length = len(episode)
     steps = start + frame_stride * np.arange(num_frames)
@@ -77,14 +79,17 @@ def make_clip(
     chunk = stats_lib.normalize(chunk, dataset_stats["action"], action_normalization)
     chunk[~action_mask] = 0.0
 
-    proprio = np.zeros(proprio_dim, np.float32)
-    raw = episode.proprio[start]
-    if raw.shape[0] > proprio_dim:
+    state_steps = frame_steps[state_frames(num_frames, proprio_chunk_frames)]
+    raw = np.stack([np.asarray(episode.proprio[int(s)], np.float32) for s in state_steps])
+    if raw.shape[-1] > proprio_dim:
         raise ValueError(
-            f"{episode.dataset}: proprio has {raw.shape[0]} dims, more than data.proprio_dim={proprio_dim}"
+            f"{episode.dataset}: proprio has {raw.shape[-1]} dims, more than data.proprio_dim={proprio_dim}"
         )
-    proprio[: raw.shape[0]] = raw
-    proprio = stats_lib.normalize(proprio, dataset_stats["proprio"], "normal")
+    proprio = np.zeros((len(state_steps), proprio_dim), np.float32)
+    proprio[:, : raw.shape[-1]] = raw
+    proprio = stats_lib.normalize(proprio, dataset_stats["proprio"], "normal").astype(np.float32)
+    if proprio_chunk_frames == 0:
+        proprio = proprio[0]
 
     example = {
         "frames": frames,

@@ -61,13 +61,16 @@ def test_abstract_batch_is_the_batch_the_loop_feeds():
     config = get_config("size=tiny,stage=action_tune")
     mesh = make_mesh(config.mesh)
     rules = logical_rules(config.mesh.rules)
-    host = next(iter(make_synthetic_dataset(config.data)))
-    real = device_batch(host, TextEmbedder(config.text, model_config_from_run(config).text_dim), mesh, rules)
-    abstract = compile_check.abstract_batch(config, mesh, rules, latents=False)
-    assert sorted(abstract) == sorted(real)
-    for key, value in real.items():
-        assert (abstract[key].shape, abstract[key].dtype) == (value.shape, value.dtype), key
-        assert abstract[key].sharding.is_equivalent_to(value.sharding, value.ndim), key
+    for chunk_frames in (0, 4):  # one state per clip, one per chunk of 4 frames
+        config.data.proprio_chunk_frames = chunk_frames
+        host = next(iter(make_synthetic_dataset(config.data)))
+        real = device_batch(host, TextEmbedder(config.text, model_config_from_run(config).text_dim), mesh, rules)
+        abstract = compile_check.abstract_batch(config, mesh, rules, latents=False)
+        assert sorted(abstract) == sorted(real)
+        for key, value in real.items():
+            assert (abstract[key].shape, abstract[key].dtype) == (value.shape, value.dtype), key
+            assert abstract[key].sharding.is_equivalent_to(value.sharding, value.ndim), key
+    assert real["proprio"].shape == (config.data.batch_size, 3, config.data.proprio_dim)
 
 
 def test_bad_topology_and_batch_are_named():

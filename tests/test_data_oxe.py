@@ -1,5 +1,6 @@
 """OXE-format datasets, per-dataset standardization, statistics and clip windows."""
 
+import io
 import json
 import os
 import subprocess
@@ -8,11 +9,14 @@ import sys
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from data_pipelines import make_oxe_like, registry, windowing
 from data_pipelines import stats as stats_lib
 from data_pipelines.convert import convert
 from data_pipelines.rlds_source import EpisodeSource
+from data_pipelines.synthetic import SyntheticClip
+from data_pipelines.video_source import ClipToExample
 
 DATASETS = ["fractal20220817_data", "bridge", "taco_play", "droid"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,6 +175,40 @@ def test_action_horizon_keeps_every_step_action(oxe_dir):
     per_step = windowing.make_clip(episode, 0, num_frames=5, frame_stride=1, action_horizon=4, **common)
     per_frame = windowing.make_clip(episode, 0, num_frames=5, frame_stride=1, **common)
     np.testing.assert_allclose(per_step["actions"], per_frame["actions"], rtol=1e-6)
+
+
+def test_one_state_per_chunk_is_the_state_its_actions_start_from(oxe_dir):
+    episode = EpisodeSource(oxe_dir, "bridge")[0]
+    stats = stats_lib.compute_stats(oxe_dir, ["bridge"])["datasets"]["bridge"]
+    common = dict(num_frames=9, frame_stride=2, resolution=(16, 16), dataset_stats=stats, proprio_dim=8,
+                  action_normalization="bounds", dataset_index=0, wrist_camera=False)
+    clip = windowing.make_clip(episode, 1, proprio_chunk_frames=4, **common)
+    # Chunks: frame 0 | frames 1-4 | frames 5-8. Chunk k's state is at the last frame of chunk k - 1: frames 0,
+    # 0, 4, i.e. steps 1, 1, 9 at stride 2.
+    raw = np.zeros((3, 8), np.float32)
+    for k, step in enumerate((1, 1, 9)):
+        raw[k, : episode.proprio.shape[-1]] = episode.proprio[step]
+    expected = stats_lib.normalize(raw, stats["proprio"], "normal")
+    assert clip["proprio"].shape == (3, 8)
+    np.testing.assert_allclose(clip["proprio"], expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(clip["proprio"][2], clip["proprio"][1])
+    # One state per clip (the default) is chunk 0's.
+    np.testing.assert_allclose(windowing.make_clip(episode, 1, **common)["proprio"], expected[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="data.proprio_chunk_frames=3"):
+        windowing.make_clip(episode, 1, proprio_chunk_frames=3, **common)
+    # The synthetic source's states are the block's position at the same frames; video-only clips carry zeros.
+    synthetic = SyntheticClip(9, (16, 16), 8, seed=0, proprio_chunk_frames=4)(0)
+    single = SyntheticClip(9, (16, 16), 8, seed=0)(0)
+    assert synthetic["proprio"].shape == (3, 8) and single["proprio"].shape == (8,)
+    np.testing.assert_array_equal(synthetic["proprio"][0], single["proprio"])
+    np.testing.assert_array_equal(synthetic["proprio"][1], single["proprio"])
+    assert not np.allclose(synthetic["proprio"][2, :2], single["proprio"][:2])
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(png, format="PNG")
+    record = {"frames": [png.getvalue()] * 9, "caption": "a video", "clip_index": 0, "source": "v"}
+    video_only = ClipToExample(num_frames=9, resolution=(16, 16), num_states=3)(record)
+    assert video_only["proprio"].shape == (3, 8) and not video_only["proprio"].any()
+    assert not video_only["has_actions"]
 
 
 def test_clip_alignment_and_padding(oxe_dir):

@@ -60,6 +60,10 @@ def test_batch_contract(oxe):
     assert "wrist_frames" not in batch
     assert np.all(np.abs(batch["actions"][..., :6]) <= 1.0)  # "bounds" normalization
     assert set(np.unique(batch["actions"][..., 6])) <= {0.0, 1.0}  # gripper left raw
+    # One state per chunk of 4 frames (chunk-causal models): frames 0 | 1-4 -> two states, both at frame 0.
+    per_chunk = next(pipeline.make_iterator(_config(oxe, batch_size=8, proprio_chunk_frames=4)))
+    assert per_chunk["proprio"].shape == (8, 2, 8)
+    np.testing.assert_array_equal(per_chunk["proprio"][:, 0], per_chunk["proprio"][:, 1])
 
 
 def test_wrist_camera(oxe):

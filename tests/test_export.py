@@ -202,7 +202,7 @@ def test_torch_wam_matches_jax(exported, mode):
 
 @pytest.mark.parametrize("exported", ["chunk_causal"], indirect=True)
 def test_torch_wam_chunk_causal_future_does_not_change_past(exported):
-    cfg, _, out = exported
+    cfg, params, out = exported
     model = TorchWam.from_pretrained(out)
     x = _inputs(cfg)
     args = (x["latents"], x["t_frames"], x["text"], x["actions"], x["t_action"], x["proprio"])
@@ -214,6 +214,17 @@ def test_torch_wam_chunk_causal_future_does_not_change_past(exported):
     assert np.abs(video2[:, -1] - video[:, -1]).max() > 1e-3
     # Actions 0..1 lead to frame 1 (chunk 1): they cannot see frame 2.
     assert np.abs(actions2[:, :2] - actions[:, :2]).max() < 1e-5
+    # One state per chunk: the reference equals JAX, and chunk 2's state moves chunk 2 only.
+    states = np.random.default_rng(5).standard_normal((2, LATENT_SHAPE[0], cfg.proprio_dim)).astype(np.float32)
+    per_chunk = (*args[:5], states)
+    ref = _jax_forward(cfg, params, *per_chunk)
+    video, actions = _torch_wam_forward(model, *per_chunk)
+    assert np.abs(video - np.asarray(ref.video)).max() < TOL
+    assert np.abs(actions - np.asarray(ref.actions)).max() < TOL
+    moved = states.copy()
+    moved[:, 2] += 3.0
+    video2, _ = _torch_wam_forward(model, *per_chunk[:5], moved)
+    assert np.abs(video2[:, :2] - video[:, :2]).max() < 1e-5 and np.abs(video2[:, 2] - video[:, 2]).max() > 1e-3
 
 
 # --- Image-to-video (Wan2.1-I2V) backbone -------------------------------------------------------------------

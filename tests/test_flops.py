@@ -116,6 +116,12 @@ def test_token_counts_follow_the_documented_layout():
     assert tok.latent_shape == (9, 60, 104)
     assert (tok.video, tok.action, tok.proprio, tok.text) == (9 * 30 * 52, 32, 1, 512)
     assert tok.sequence == 9 * 30 * 52 + 33
+    per_chunk = analytic.token_counts(cfg, mode="joint", num_frames=33, resolution=(480, 832), text_length=512,
+                                      num_proprio=5)
+    assert per_chunk.proprio == 5 and per_chunk.sequence == tok.sequence + 4
+    flops = {n: analytic.forward_flops(cfg, mode="joint", num_frames=9, resolution=(32, 32), text_length=8,
+                                       num_proprio=n)["action_encoders"] for n in (1, 3)}
+    assert flops[3] > flops[1]
     video = analytic.token_counts(cfg, mode="video", num_frames=33, resolution=(480, 832), text_length=512)
     assert (video.action, video.proprio) == (0, 0)
     padded = analytic.token_counts(cfg, mode="joint", num_frames=9, resolution=(32, 32), text_length=8,
@@ -358,7 +364,9 @@ def test_dreamzero_config_six_nd_is_the_formula_of_its_own_values():
     assert per_frame == 880
     actions = (c.data.num_frames - 1) * c.data.frame_stride
     assert actions == 4 * c.data.action_horizon
-    tokens = latent_frames * per_frame + actions + 1
+    states = 1 + (c.data.num_frames - 1) // c.data.proprio_chunk_frames  # one proprio token per chunk
+    assert states == 5
+    tokens = latent_frames * per_frame + actions + states
     assert (est["video_tokens"], est["action_tokens"], est["six_nd_tokens_per_sample"]) == (7920, 96, tokens)
     # N: the Wan-14B backbone plus the action modules.
     assert 1.0 < est["six_nd_params"] / PUBLISHED_PARAM_COUNTS["wan14b"] < 1.03
@@ -368,7 +376,7 @@ def test_dreamzero_config_six_nd_is_the_formula_of_its_own_values():
     assert "6*N*D" in est["six_nd_label"] and "full count" in est["total_train_flops_label"]
     assert est["total_train_flops"] > est["six_nd_total_flops"]  # attention scores and the rest come on top
     text = format_text(est)
-    assert "6*N*D for 100000 steps: 8.94 ZFLOPs" in text and "[full count:" in text
+    assert "6*N*D for 100000 steps: 8.95 ZFLOPs" in text and "[full count:" in text
 
 
 # ----------------------------------------------------------------------------------------------------

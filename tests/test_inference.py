@@ -267,3 +267,17 @@ def test_closed_loop_session_with_teacher_forcing_and_reanchoring():
         session.observe(np.zeros((3, 32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="chunk_causal"):
         Policy(get_config("size=tiny,stage=action_tune"), params, {}).start_rollout(frame, None, "x")
+    # Trained with one state per chunk: each observed state is the next chunk's state token, not only kept for
+    # re-anchoring (same rng, same frames, another state -> other actions for chunk 2, same for chunk 1).
+    config.data.proprio_chunk_frames = 4
+    observed = rng.integers(0, 255, (4, 32, 32, 3), np.uint8)
+    runs = []
+    for state in (np.zeros(8, np.float32), np.ones(8, np.float32)):
+        session = Policy(config, params, {}, options=SamplerOptions(num_steps=2)).start_rollout(
+            frame, np.zeros(8, np.float32), "synthetic: move the block left")
+        assert session.geometry.proprio_per_chunk
+        first = session.next_actions()
+        session.observe(observed, state)
+        runs.append((first, session.next_actions()))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], atol=1e-6)
+    assert not np.allclose(runs[0][1], runs[1][1], atol=1e-4)

@@ -1,5 +1,6 @@
 """Teacher forcing end to end: a chunk-causal model trained teacher-forced for a few steps; its KV-cached
-closed-loop rollout equals the full teacher-forced forward pass on the same noise."""
+closed-loop rollout, with a new robot state per chunk, equals the full teacher-forced forward pass on the same
+noise."""
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ def _trained_model():
         "latents": r.standard_normal((4, FRAMES, H, W, 16)).astype(np.float32),
         "text_embeddings": r.standard_normal((4, TEXT_LEN, cfg.text_dim)).astype(np.float32),
         "actions": r.uniform(-1, 1, (4, ACTIONS, cfg.action_dim)).astype(np.float32),
-        "proprio": r.uniform(-1, 1, (4, cfg.proprio_dim)).astype(np.float32),
+        "proprio": r.uniform(-1, 1, (4, 1 + CHUNKS, cfg.proprio_dim)).astype(np.float32),  # one state per chunk
         "action_mask": np.ones((4, ACTIONS), bool),
     }
     losses = []
@@ -57,24 +58,28 @@ def test_cached_rollout_equals_full_teacher_forced_forward():
     options = SamplerOptions(num_steps=3, action_steps=2, cfg_scale=2.5)
     r = np.random.default_rng(1)
     f32 = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.float32)
-    context, text, proprio = f32(2, 1, H, W, 16), f32(2, TEXT_LEN, cfg.text_dim), f32(2, cfg.proprio_dim)
+    context, text, state0 = f32(2, 1, H, W, 16), f32(2, TEXT_LEN, cfg.text_dim), f32(2, cfg.proprio_dim)
     noises = [(f32(2, 1, H, W, 16), f32(2, 4, cfg.action_dim)) for _ in range(CHUNKS)]
-    observed = [f32(2, 1, H, W, 16) for _ in range(CHUNKS)]
+    observed = [(f32(2, 1, H, W, 16), f32(2, cfg.proprio_dim)) for _ in range(CHUNKS)]
 
-    # Closed loop: generate a chunk, execute its actions, observe the real frame (it replaces the prediction).
-    rollout = kv.ChunkedRollout(cfg, params, kv.ChunkGeometry.for_model(cfg, (H, W), CHUNKS), options)
-    rollout.start(context, text, proprio)
+    # Closed loop: generate a chunk, execute its actions, observe the real frame (it replaces the prediction)
+    # and the robot's state, which the next chunk reads as its state token.
+    geometry = kv.ChunkGeometry.for_model(cfg, (H, W), CHUNKS, proprio_per_chunk=True)
+    rollout = kv.ChunkedRollout(cfg, params, geometry, options)
+    rollout.start(context, text, state0)
     cached = []
-    for noise, real in zip(noises, observed, strict=True):
+    for noise, (real, state) in zip(noises, observed, strict=True):
         cached.append(rollout.generate_from(*noise))
-        rollout.observe(real)
+        rollout.observe(real, state)
     assert rollout.full
     with pytest.raises(RuntimeError, match=f"max_chunks={CHUNKS}"):
         rollout.generate(jax.random.key(0))
 
     # One teacher-forced sequence for all chunks at once: the clean history is what the rollout cached (the
     # observed frames, the executed actions); every noisy chunk takes the same Euler steps from the same noise.
-    history_latents = jnp.concatenate([context, *observed], axis=1)
+    history_latents = jnp.concatenate([context, *(v for v, _ in observed)], axis=1)
+    # Chunk 0 and chunk 1 read the state at the context frame; chunk k + 1 the state observed after chunk k.
+    proprio = jnp.stack([state0, state0, *(s for _, s in observed[:-1])], axis=1)
     history_actions = jnp.concatenate([a for _, a in cached], axis=1)
     x = jnp.concatenate([context, *(v for v, _ in noises)], axis=1)
     y = jnp.concatenate([a for _, a in noises], axis=1)
@@ -83,7 +88,7 @@ def test_cached_rollout_equals_full_teacher_forced_forward():
     ta, ta_next = step_times(options.resolved_action_steps, n, options.shift)
     forward = jax.jit(wam_forward, static_argnums=0)
 
-    def guided(x, y, i, history_latents=history_latents):
+    def guided(x, y, i, history_latents=history_latents, proprio=proprio):
         t_video = jnp.zeros((2, FRAMES)).at[:, 1:].set(tv[i] * 1000)
         t_action = jnp.full((2, ACTIONS), ta[i] * 1000)
         cond, null = (forward(cfg, params, x, t_video, words, y, t_action, proprio, history_latents=history_latents,
@@ -104,3 +109,12 @@ def test_cached_rollout_equals_full_teacher_forced_forward():
     np.testing.assert_allclose(moved[:, 1], same[:, 1], atol=1e-5)
     assert float(jnp.abs(moved[:, 2] - same[:, 2]).max()) > 1e-3
     assert float(jnp.abs(moved[:, 3] - same[:, 3]).max()) > 1e-3
+    # Chunk 2's state token is read by chunk 2 alone: another state there moves its frame and actions only.
+    moved, moved_actions = guided(x, y, 0, proprio=proprio.at[:, 2].add(1.0))
+    same_actions = guided(x, y, 0)[1]
+    for k in (1, 3):
+        np.testing.assert_allclose(moved[:, k], same[:, k], atol=1e-5, err_msg=f"chunk {k} video")
+        np.testing.assert_allclose(moved_actions[:, 4 * (k - 1) : 4 * k], same_actions[:, 4 * (k - 1) : 4 * k],
+                                   atol=1e-5, err_msg=f"chunk {k} actions")
+    assert float(jnp.abs(moved[:, 2] - same[:, 2]).max()) > 1e-3
+    assert float(jnp.abs(moved_actions[:, 4:8] - same_actions[:, 4:8]).max()) > 1e-3

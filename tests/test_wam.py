@@ -165,6 +165,31 @@ def test_teacher_forcing_mask_and_rope():
                                       layout.rope_angles[frame * per_frame : (frame + 1) * per_frame])
 
 
+@pytest.mark.parametrize("teacher_forcing", [False, True])
+def test_one_proprio_token_per_chunk(teacher_forcing):
+    cfg = dataclasses.replace(CFG, attention_layout="chunk_causal", chunk_latent_frames=1)
+    layout = make_token_layout(cfg, TF_LATENT[:3], TF_ACTIONS, 4, pad_to_multiple=8, teacher_forcing=teacher_forcing)
+    first = layout.num_video_tokens + TF_ACTIONS
+    proprio = np.arange(first, first + 4)
+    np.testing.assert_array_equal(layout.token_chunk[proprio], [0, 1, 2, 3])
+    assert len(set(layout.token_group[proprio])) == 1 and layout.history_offset == first + 4
+    mask = attention_mask(layout)
+    chunk = layout.token_chunk
+    video = np.arange(layout.num_video_tokens)
+    for k in range(4):
+        readers = np.flatnonzero(mask[:, proprio[k]] & layout.token_valid)
+        own = readers[readers < layout.num_video_tokens + TF_ACTIONS]  # main-part video and actions
+        # Chunk k's video and actions read state k; no earlier chunk reads it.
+        assert set(video[chunk[video] == k]) <= set(own) and (chunk[own] >= k).all()
+        if teacher_forcing and k:
+            # Only its own noisy chunk: the clean history and later chunks read their own states instead.
+            assert (chunk[readers] == k).all() and (layout.token_copy[readers] == 1).all()
+    # A state token never reads a later chunk's state.
+    assert not np.triu(mask[np.ix_(proprio, proprio)], 1).any()
+    with pytest.raises(ValueError, match="3 proprio tokens"):
+        make_token_layout(cfg, TF_LATENT[:3], TF_ACTIONS, 3)
+
+
 def test_teacher_forced_forward_reads_only_the_clean_history_before_each_chunk():
     cfg = dataclasses.replace(CFG, attention_layout="chunk_causal", chunk_latent_frames=1)
     params = wam.init_params(cfg, jax.random.key(0), TF_LATENT, 5, TF_ACTIONS)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from data_pipelines.config import clip_num_actions
+from data_pipelines.config import clip_num_actions, clip_num_states
 from wamjax.flops import peak as peak_lib
 from wamjax.flops.analytic import forward_flops, train_step_flops
 from wamjax.models import vae as vae_lib
@@ -250,7 +250,8 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, r
         "actions": ((b, num_actions, cfg.action_dim), jnp.float32),
         "action_mask": ((b, num_actions), jnp.bool_),
         "has_actions": ((b,), jnp.bool_),
-        "proprio": ((b, int(config.data.proprio_dim)), jnp.float32),
+        "proprio": ((b, *((clip_num_states(config.data),) if clip_num_states(config.data) else ()),
+                     int(config.data.proprio_dim)), jnp.float32),
         "dataset_index": ((b,), jnp.int32),
         "text_embeddings": ((b, int(config.text.max_length), cfg.text_dim), jnp.float32),
     }

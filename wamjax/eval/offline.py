@@ -178,7 +178,8 @@ def eval_batches(config: ml_collections.ConfigDict, data: ml_collections.ConfigD
     if data.source == "synthetic":
         from data_pipelines.synthetic import SyntheticClip
 
-        clip = SyntheticClip(data.num_frames, tuple(data.resolution), data.proprio_dim, data.seed)
+        clip = SyntheticClip(data.num_frames, tuple(data.resolution), data.proprio_dim, data.seed,
+                             proprio_chunk_frames=int(data.get("proprio_chunk_frames", 0)))
         # Training reads clips 0 .. synthetic_examples - 1; the clips after them are never trained on.
         start = int(data.synthetic_examples)
         sources = [("synthetic", grain.MapDataset.range(start, start + num_batches * data.batch_size).map(clip))]

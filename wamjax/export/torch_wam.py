@@ -315,7 +315,8 @@ def token_layout(
 
     Groups: one per latent frame, one per action token, one for proprio. Chunks: frame 0 is chunk 0, later
     frames come in chunks of `chunk_latent_frames`; an action token shares the chunk of the future frame it
-    leads to; proprio is chunk 0. With a bidirectional layout every chunk id is 0. The `views` of a latent frame
+    leads to; proprio token k is chunk k (one token: chunk 0; one per chunk: each its chunk's state). With a
+    bidirectional layout every chunk id is 0. The `views` of a latent frame
     (tokens view layout) are adjacent and share its group and chunk.
     """
     gf, gh, gw = grid
@@ -328,7 +329,7 @@ def token_layout(
         frame_chunk = torch.zeros(gf, dtype=torch.long)
     action_frame = torch.clamp(1 + torch.arange(num_actions) // cfg.action_frames_per_latent, max=gf - 1)
     groups = torch.cat([frame_idx, gf + torch.arange(num_actions), torch.full((num_proprio,), gf + num_actions)])
-    chunks = torch.cat([frame_chunk[frame_idx], frame_chunk[action_frame], torch.zeros(num_proprio, dtype=torch.long)])
+    chunks = torch.cat([frame_chunk[frame_idx], frame_chunk[action_frame], torch.arange(num_proprio)])
     return groups, chunks
 
 
@@ -417,8 +418,8 @@ class WorldActionModel(nn.Module):
         image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """latents [B, C, F, H, W] (several views, tokens view layout: [B, C, F, V, H, W]), timestep [B] or [B, F],
-        text [B, L, text_dim], actions [B, T_a, action_dim],
-        t_action [B] or [B, T_a], proprio [B, proprio_dim], image [B, N, image_dim] (CLIP tokens, image-conditioned
+        text [B, L, text_dim], actions [B, T_a, action_dim], t_action [B] or [B, T_a], proprio [B, proprio_dim]
+        (or one state per chunk [B, chunks, proprio_dim]), image [B, N, image_dim] (CLIP tokens, image-conditioned
         exports only) -> (video velocity [B, out_channels, F, H, W], action velocity [B, T_a, action_dim] or None).
         For I2V, latents carry all in_channels: noisy latents, 4 mask channels, conditioning-frame latents."""
         cfg = self.cfg
@@ -440,7 +441,7 @@ class WorldActionModel(nn.Module):
         grid = (frames // pt, height // ph, width // pw)
         dtype, device = self.proj_out.weight.dtype, latents.device
         num_actions = 0 if actions is None else actions.shape[1]
-        num_proprio = 0 if (actions is None or proprio is None) else 1
+        num_proprio = 0 if (actions is None or proprio is None) else (1 if proprio.ndim == 2 else proprio.shape[1])
 
         if views is None:
             video_tokens = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2)
@@ -471,10 +472,11 @@ class WorldActionModel(nn.Module):
             tembs.append(a_temb)
             modulations.append(a_mod)
             if num_proprio:
-                if proprio.shape != (b, cfg.proprio_dim):
-                    raise ValueError(f"proprio has shape {tuple(proprio.shape)}; expected ({b}, {cfg.proprio_dim})")
-                p = _mlp_f32(am.proprio_encoder, proprio)
-                tokens.append((p + am.type_embedding.float()[PROPRIO_TYPE])[:, None].to(dtype))
+                if proprio.shape not in ((b, cfg.proprio_dim), (b, num_proprio, cfg.proprio_dim)):
+                    raise ValueError(f"proprio has shape {tuple(proprio.shape)}; expected ({b}, {cfg.proprio_dim}) "
+                                     f"or ({b}, chunks, {cfg.proprio_dim})")
+                p = _mlp_f32(am.proprio_encoder, proprio.reshape(b, num_proprio, cfg.proprio_dim))
+                tokens.append((p + am.type_embedding.float()[PROPRIO_TYPE]).to(dtype))
                 # Proprio is an observation, never noised: it reads the clean-timestep modulation.
                 p_temb, p_mod = _time(am.time_embedder, am.time_proj, cfg.freq_dim,
                                       torch.zeros(b, 1, device=device))

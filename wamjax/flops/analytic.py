@@ -125,10 +125,12 @@ def token_counts(
     num_actions: int | None = None,
     teacher_forcing: bool | None = None,
     views: int = 1,
+    num_proprio: int = 1,
 ) -> TokenCounts:
     """Tokens per sample: video tokens after patching (of each of `views` camera views, tokens view layout);
-    `num_actions` (default T-1) action tokens and 1 proprio token in joint mode; with `teacher_forcing` (default:
-    what training runs, `trains_teacher_forced`) the clean history copy (all views of each history frame)."""
+    `num_actions` (default T-1) action tokens and `num_proprio` proprio tokens (1, or one per chunk) in joint
+    mode; with `teacher_forcing` (default: what training runs, `trains_teacher_forced`) the clean history copy
+    (all views of each history frame)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     frames, height, width = latent_shape_for(num_frames, resolution)
@@ -141,7 +143,7 @@ def token_counts(
     grid = (frames // pt, height // ph, width // pw)
     video = grid[0] * grid[1] * grid[2] * int(views)
     action = (num_frames - 1 if num_actions is None else int(num_actions)) if mode == "joint" else 0
-    proprio = 1 if mode == "joint" else 0
+    proprio = int(num_proprio) if mode == "joint" else 0
     if teacher_forcing is None:
         teacher_forcing = trains_teacher_forced(model_cfg)
     history_video = history_action = 0
@@ -209,6 +211,7 @@ def forward_flops(
     num_actions: int | None = None,
     teacher_forcing: bool | None = None,
     views: int = 1,
+    num_proprio: int = 1,
 ) -> dict[str, float]:
     """Forward FLOPs of `wam_forward` for `batch` samples per component (module docstring) and "total";
     `image_tokens` CLIP tokens per sample for the image-conditioned backbone; `teacher_forcing` (default: what
@@ -225,6 +228,7 @@ def forward_flops(
         num_actions=num_actions,
         teacher_forcing=teacher_forcing,
         views=views,
+        num_proprio=num_proprio,
     )
     d, layers, s, text = cfg.dim, cfg.num_layers, tok.sequence, tok.text
     patch = math.prod(cfg.patch_size)
@@ -264,7 +268,8 @@ def forward_flops(
         c["action_decoder"] = _dense(tok.action, d, cfg.action_dim)
     if tok.proprio:
         c["action_encoders"] += (
-            _dense(1, cfg.proprio_dim, d) + _SILU * d + _dense(1, d, d) + d  # type embedding
+            _dense(tok.proprio, cfg.proprio_dim, d) + _SILU * tok.proprio * d + _dense(tok.proprio, d, d)
+            + tok.proprio * d  # type embedding
         )
     c["output_head"] = (
         _LAYER_NORM * s * d + _modulate(cfg, s, groups) + _dense(tok.video, d, patch * cfg.out_channels)
@@ -421,6 +426,13 @@ def config_num_actions(config: ml_collections.ConfigDict) -> int:
     )
 
 
+def config_num_proprio(config: ml_collections.ConfigDict) -> int:
+    """Proprio tokens per joint-mode sample of a run config: one, or one per chunk (data.proprio_chunk_frames)."""
+    from data_pipelines.config import clip_num_states
+
+    return clip_num_states(config.data) or 1
+
+
 def stage_mode(config: ml_collections.ConfigDict, stage: str) -> str:
     """The mode of a named stage, naming the known stages on a miss."""
     if stage not in config.stages:
@@ -520,6 +532,7 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
         pad_to_multiple=pad_to_multiple,
         num_actions=config_num_actions(config),
         views=_token_views(config, stage),
+        num_proprio=config_num_proprio(config),
     )
     if cfg.image_conditioned:
         from wamjax.models import clip

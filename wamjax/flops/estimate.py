@@ -69,6 +69,7 @@ def estimate(
         text_length=int(config.text.max_length),
         pad_to_multiple=pad_to_multiple,
         num_actions=analytic.config_num_actions(config),
+        num_proprio=analytic.config_num_proprio(config),
     )
     out: dict[str, Any] = {
         "size": config.get("size", ""),

@@ -2,10 +2,13 @@
 
 A chunk-causal model (model.attention_layout="chunk_causal") splits the joint sequence into chunks: chunk 0
 is the context latent frame plus the proprio token; chunk k >= 1 is `chunk_latent_frames` latent frames plus
-the action tokens aligned with them. A token sees its own chunk and earlier ones only, so the keys and values
-of a finished chunk never change: they are computed once (at t=0, clean) and cached per layer. Generating
-chunk k denoises only its own tokens against the cache. When the real observation of a chunk arrives it
-replaces the predicted frames in the cache, so closed-loop control never re-encodes the history.
+the action tokens aligned with them (and, with `ChunkGeometry.proprio_per_chunk`, its own state token: the state
+its actions start from, read by that chunk's tokens while they are denoised and never cached, as in the
+teacher-forced layout where only the chunk's noisy copy sees it). A token sees its own chunk and earlier ones
+only, so the keys and values of a finished chunk never change: they are computed once (at t=0, clean) and
+cached per layer. Generating chunk k denoises only its own tokens against the cache. When the real observation
+of a chunk arrives it replaces the predicted frames in the cache, so closed-loop control never re-encodes the
+history.
 
 This is what a teacher-forced model (model.history="teacher_forcing") saw in training: the noisy chunk attends
 to the clean keys/values of the earlier chunks and to itself. This module keeps only the cache bookkeeping:
@@ -44,10 +47,11 @@ class ChunkGeometry:
     max_chunks: int  # chunks after the context chunk that the cache can hold
     with_proprio: bool = True
     views: int | None = None  # camera views per latent frame (tokens view layout): latents [B, n, V, H, W, C]
+    proprio_per_chunk: bool = False  # each generated chunk also reads a state token of its own
 
     @staticmethod
     def for_model(cfg: ModelConfig, latent_hw: tuple[int, int], max_chunks: int, with_proprio: bool = True,
-                  views: int | None = None) -> ChunkGeometry:
+                  views: int | None = None, proprio_per_chunk: bool = False) -> ChunkGeometry:
         """The geometry a chunk-causal model implies; checks the model can represent `max_chunks` chunks."""
         if cfg.attention_layout != "chunk_causal":
             raise ValueError(
@@ -56,8 +60,10 @@ class ChunkGeometry:
         if cfg.patch_size[0] != 1:
             raise ValueError(f"model.patch_size={cfg.patch_size}; the KV cache needs a temporal patch of 1")
         c = max(cfg.chunk_latent_frames, 1)
+        if proprio_per_chunk and not with_proprio:
+            raise ValueError("proprio_per_chunk=True needs with_proprio=True")
         geometry = ChunkGeometry(tuple(latent_hw), c, c * cfg.action_frames_per_latent, max_chunks, with_proprio,
-                                 views)
+                                 views, proprio_per_chunk)
         if geometry.max_frames > cfg.rope_max_seq_len:
             raise ValueError(f"{geometry.max_frames} latent frames exceed model.rope_max_seq_len")
         if max_chunks * geometry.actions_per_chunk > cfg.max_action_tokens:
@@ -310,19 +316,23 @@ def _chunk_offsets(cfg: ModelConfig, geometry: ChunkGeometry, index: jax.Array):
     return token, 1 + (index - 1) * geometry.frames_per_chunk, (index - 1) * geometry.actions_per_chunk
 
 
-def _chunk_pass(cfg, geometry, options, params, state, index, latents, t_frames, actions, t_actions):
-    """One forward of chunk `index` against the cache (batch doubled for CFG inside)."""
+def _chunk_pass(cfg, geometry, options, params, state, index, latents, t_frames, actions, t_actions,
+                proprio=None):
+    """One forward of chunk `index` against the cache (batch doubled for CFG inside), with the chunk's own
+    state token when `proprio` [B, P] is given."""
     offset, frame0, action0 = _chunk_offsets(cfg, geometry, index)
+    prop = None if proprio is None else _guided_batch(options, proprio.astype(jnp.float32))
     tokens = embed_chunk(
         cfg, geometry, params, _with_condition(_guided_batch(options, latents), state.condition, frame0),
         _guided_batch(options, t_frames), frame0,
-        _guided_batch(options, actions), _guided_batch(options, t_actions), action0,
+        _guided_batch(options, actions), _guided_batch(options, t_actions), action0, proprio=prop,
     )
     return chunk_forward(cfg, params, tokens, state.context, state.cache, geometry.latent_hw, visible=offset)
 
 
 def _commit(cfg, geometry, options, params, state, index, latents, actions) -> RolloutState:
-    """Caches chunk `index` computed clean (t=0) from `latents` and `actions`."""
+    """Caches chunk `index` computed clean (t=0) from `latents` and `actions` (its state token, if any, is not
+    cached: later chunks never read it)."""
     b, n = latents.shape[:2]
     out = _chunk_pass(cfg, geometry, options, params, state, index, latents, jnp.zeros((b, n)), actions,
                       jnp.zeros(actions.shape[:2]))
@@ -334,10 +344,11 @@ def _commit(cfg, geometry, options, params, state, index, latents, actions) -> R
 @functools.partial(jax.jit, static_argnames=("cfg", "geometry", "options", "mode"))
 def generate_chunk(
     cfg: ModelConfig, geometry: ChunkGeometry, options: SamplerOptions, params: Params, state: RolloutState,
-    video_noise: jax.Array, action_noise: jax.Array, mode: str = "joint",
+    video_noise: jax.Array, action_noise: jax.Array, mode: str = "joint", proprio: jax.Array | None = None,
 ) -> tuple[RolloutState, jax.Array, jax.Array]:
-    """Denoises the next chunk (frames [B, n, H, W, C] and actions [B, na, A]) against the cache, then caches
-    the prediction clean. Returns (state, latents, actions). mode "imagine_then_act" denoises the frames first
+    """Denoises the next chunk (frames [B, n, H, W, C] and actions [B, na, A]) against the cache, reading its
+    state token `proprio` [B, P] when given (`ChunkGeometry.proprio_per_chunk`), then caches the prediction
+    clean. Returns (state, latents, actions). mode "imagine_then_act" denoises the frames first
     (actions held at noise, t=1), then the actions with those frames held clean (t=0)."""
     batch = video_noise.shape[0]
     index = state.num_chunks + 1
@@ -351,7 +362,8 @@ def generate_chunk(
         t_v, t_v_next, t_a, t_a_next = times
         t_frames = jnp.full(video.shape[:2], flow.to_model_timestep(t_v))
         t_actions = jnp.full(actions.shape[:2], flow.to_model_timestep(t_a))
-        out = _chunk_pass(cfg, geometry, options, params, state, index, video, t_frames, actions, t_actions)
+        out = _chunk_pass(cfg, geometry, options, params, state, index, video, t_frames, actions, t_actions,
+                          proprio)
         video = video + (t_v_next - t_v) * _combine(options, out.video, batch)
         actions = actions + (t_a_next - t_a) * _combine(options, out.actions, batch)
         return (video, actions), None
@@ -383,7 +395,9 @@ class ChunkedRollout:
     """Host-side driver of a chunked rollout: checks shapes and capacity, holds the state between calls.
 
     Usage: `r = ChunkedRollout(cfg, params, geometry, options)`; `r.start(context_latents, text, proprio)`;
-    then per chunk `latents, actions = r.generate(rng)`, execute the actions, `r.observe(real_latents)`.
+    then per chunk `latents, actions = r.generate(rng)`, execute the actions, `r.observe(real_latents, state)`.
+    With `geometry.proprio_per_chunk` each generated chunk reads the newest state given (by `start`, then by each
+    `observe`) as its own state token.
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, geometry: ChunkGeometry, options: SamplerOptions,
@@ -393,6 +407,7 @@ class ChunkedRollout:
         self.state: RolloutState | None = None
         self.num_chunks = 0
         self.batch = 0
+        self.proprio: jax.Array | None = None  # the newest state [B, P]: the next chunk's state token
 
     @property
     def full(self) -> bool:
@@ -420,6 +435,7 @@ class ChunkedRollout:
                                    image_conditioning)
         self.num_chunks = 0
         self.batch = context_latents.shape[0]
+        self.proprio = proprio
 
     def generate(self, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Next chunk's predicted latents [B, n, H, W, C] and actions [B, na, A] (also cached as predicted)."""
@@ -434,19 +450,36 @@ class ChunkedRollout:
         action_noise = jax.random.normal(rng_a, (self.batch, g.actions_per_chunk, cfg.action_dim))
         return self.generate_from(video_noise, action_noise)
 
-    def generate_from(self, video_noise: jax.Array, action_noise: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """`generate` from given starting noise (for reproducible comparisons)."""
+    def generate_from(self, video_noise: jax.Array, action_noise: jax.Array,
+                      proprio: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """`generate` from given starting noise (for reproducible comparisons); `proprio` [B, P] overrides the
+        newest state as the chunk's state token (`geometry.proprio_per_chunk` only)."""
+        if proprio is not None and not self.geometry.proprio_per_chunk:
+            raise ValueError("proprio was given to generate_from but geometry.proprio_per_chunk=False")
+        if self.geometry.proprio_per_chunk:
+            proprio = self.proprio if proprio is None else proprio
+            if proprio.shape != (self.batch, self.cfg.proprio_dim):
+                raise ValueError(f"proprio has shape {proprio.shape}; expected ({self.batch}, {self.cfg.proprio_dim})")
         self.state, latents, actions = generate_chunk(
-            self.cfg, self.geometry, self.options, self.params, self.state, video_noise, action_noise, self.mode
+            self.cfg, self.geometry, self.options, self.params, self.state, video_noise, action_noise, self.mode,
+            proprio,
         )
         self.num_chunks += 1
         return latents, actions
 
-    def observe(self, observed_latents: jax.Array) -> None:
-        """Replaces the newest chunk's predicted frames in the cache with the real observation's latents."""
+    def observe(self, observed_latents: jax.Array, proprio: jax.Array | None = None) -> None:
+        """Replaces the newest chunk's predicted frames in the cache with the real observation's latents; the
+        robot's state [B, P] at its last frame becomes the next chunk's state token (`proprio_per_chunk`)."""
+        if proprio is not None:
+            if not self.geometry.proprio_per_chunk:
+                raise ValueError("proprio was given to observe but geometry.proprio_per_chunk=False")
+            if proprio.shape != (self.batch, self.cfg.proprio_dim):
+                raise ValueError(f"proprio has shape {proprio.shape}; expected ({self.batch}, {self.cfg.proprio_dim})")
         if self.state is None or self.num_chunks == 0:
             raise RuntimeError("observe() needs a generated chunk to replace")
         expected = (self.batch, *self.geometry.latent_shape(self.geometry.frames_per_chunk, 0)[:-1])
         if tuple(observed_latents.shape[:-1]) != expected:
             raise ValueError(f"observed_latents have shape {observed_latents.shape}; expected {expected} + (C,)")
         self.state = observe_chunk(self.cfg, self.geometry, self.options, self.params, self.state, observed_latents)
+        if proprio is not None:
+            self.proprio = proprio

@@ -377,7 +377,10 @@ class ClosedLoopSession:
             max_chunks = (policy.num_latent_frames - 1) // frames_per_chunk
         sc = policy.vae_config.spatial_compression
         latent_hw = (policy.resolution[0] // sc, policy.resolution[1] // sc)
-        self.geometry = ChunkGeometry.for_model(cfg, latent_hw, max_chunks, views=policy.views)
+        # A model trained with one state per chunk (data.proprio_chunk_frames) reads each chunk's own state.
+        per_chunk = int(policy.run_config.data.get("proprio_chunk_frames", 0)) > 0
+        self.geometry = ChunkGeometry.for_model(cfg, latent_hw, max_chunks, views=policy.views,
+                                                proprio_per_chunk=per_chunk)
         self.rollout = ChunkedRollout(cfg, policy.params, self.geometry, policy.options, mode=check_mode(mode))
         self.text = jnp.asarray(policy.embed_instruction(instruction))[None]
         self.frames_per_observation = frames_per_chunk * policy.vae_config.temporal_compression
@@ -415,7 +418,9 @@ class ClosedLoopSession:
 
     def observe(self, frames: np.ndarray, proprio: np.ndarray | None = None) -> None:
         """The real frames uint8 [4 * chunk_latent_frames, H, W, 3] recorded while the last chunk executed (one
-        such array per camera, in a list, for a policy trained on several)."""
+        such array per camera, in a list, for a policy trained on several) and the raw state at the last of them:
+        the next chunk's state token for a model trained with one state per chunk (without it the newest state
+        given is reused), else kept for the next re-anchoring."""
         frames = conditioning.combine_cameras(frames, self.policy.run_config, resize_frames)
         views = self.policy.views
         if frames.ndim != (4 if views is None else 5) or frames.shape[0] != self.frames_per_observation:
@@ -428,11 +433,14 @@ class ClosedLoopSession:
             raise RuntimeError("observe() without a generated chunk: call next_actions() first")
         if views is None:
             frames = resize_frames(frames, self.policy.resolution)
+        state = None
+        if proprio is not None:
+            normalized = self.policy.prepare_proprio(proprio)  # checked before the cache changes
+            state = jnp.asarray(normalized)[None] if self.geometry.proprio_per_chunk else None
         latents = self.policy.encode_frames(np.concatenate([self.last_frame[None], frames]))
-        self.rollout.observe(latents[:, 1:])
+        self.rollout.observe(latents[:, 1:], state)
         self.last_frame = frames[-1]
         if proprio is not None:
-            self.policy.prepare_proprio(proprio)  # checked now, used at the next re-anchoring
             self.raw_proprio = proprio
         self.awaiting_observation = False
 

@@ -50,12 +50,13 @@ class ActionTokens(nn.Module):
         return constrain(tokens.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
     def encode_proprio(self, proprio: jax.Array) -> jax.Array:
-        """[B, proprio_dim] -> one token [B, 1, D]."""
+        """[B, proprio_dim] -> one token [B, 1, D]; [B, C, proprio_dim] (one state per chunk) -> [B, C, D], one
+        encoder shared by the chunks."""
         cfg = self.cfg
         if proprio.shape[-1] != cfg.proprio_dim:
             raise ValueError(f"proprio has dim {proprio.shape[-1]}, model.proprio_dim={cfg.proprio_dim}")
         token = self.proprio_encoder(proprio.astype(jnp.float32)) + self.type_embedding[PROPRIO_TYPE]
-        return token[:, None].astype(cfg.compute_dtype)
+        return (token[:, None] if proprio.ndim == 2 else token).astype(cfg.compute_dtype)
 
     def time(self, timesteps: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Action-side timestep embedding and its 6-way modulation, independent of the video's."""

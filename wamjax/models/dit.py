@@ -57,7 +57,8 @@ _REMAT_POLICIES = {
 class TokenLayout:
     """Static description of the joint token sequence: sizes, group ids, chunk and copy ids, rotary angles.
 
-    Order: [video | actions | proprio | clean history video | clean history actions | padding]. The history
+    Order: [video | actions | proprio (one, or one per chunk) | clean history video | clean history actions |
+    padding]. The history
     part exists only in the teacher-forced layout (`teacher_forcing`): it is the clean copy (copy 0) of the
     chunks before the last, while the video and action tokens of chunks >= 1 are the noisy copy (copy 1).
     """
@@ -171,9 +172,11 @@ def make_token_layout(
 ) -> TokenLayout:
     """Builds the static token layout for latents of (frames, height, width) plus optional action tokens.
 
-    Groups: one per latent frame (shared by its `num_views` views), then one per action token, then one for the
-    proprio token; the teacher-forced layout adds one group for its clean history video (all views of each
-    history frame, at the noisy copy's positions) and one for its clean history actions (both t=0).
+    `num_proprio_tokens` is 1 (chunk 0's state) or, for chunk-causal layouts, one per chunk (token k in chunk k:
+    the state its actions start from). Groups: one per latent frame (shared by its `num_views` views), then one
+    per action token, then one for the proprio tokens (all clean); the teacher-forced layout adds one group for
+    its clean history video (all views of each history frame, at the noisy copy's positions) and one for its
+    clean history actions (both t=0).
     """
     pt, ph, pw = cfg.patch_size
     frames, height, width = latent_shape
@@ -192,11 +195,21 @@ def make_token_layout(
     action_frame = np.minimum(action_latent_frame(cfg, num_action_tokens), gf - 1)
     action_chunk = frame_chunk[action_frame]
     proprio_group = gf + num_action_tokens
+    num_chunks = int(frame_chunk.max()) + 1 if gf else 1
+    if num_proprio_tokens not in (0, 1, num_chunks):
+        raise ValueError(f"{num_proprio_tokens} proprio tokens; expected 0, 1 (chunk 0 only) or one per chunk "
+                         f"({num_chunks}): set data.proprio_chunk_frames to 4 * model.chunk_latent_frames "
+                         f"(chunk-causal models) or 0")
+    # Proprio token k belongs to chunk k (k = 0 alone when there is one token).
+    proprio_chunk = np.arange(num_proprio_tokens, dtype=np.int32)
     groups = [frame_idx, gf + np.arange(num_action_tokens), np.full(num_proprio_tokens, proprio_group)]
-    chunks = [frame_chunk[frame_idx], action_chunk, np.zeros(num_proprio_tokens, np.int32)]
-    # Only chunk 0 (context frame, proprio) is clean in the main part; the rest is the noisy copy.
+    chunks = [frame_chunk[frame_idx], action_chunk, proprio_chunk]
+    # Only chunk 0 (context frame, its proprio) is clean in the main part; the rest is the noisy copy. The state
+    # tokens of chunks >= 1 are clean observations too, but they take the noisy copy's id so that only their own
+    # chunk's noisy tokens read them (a clean id would hide them from their chunk: noisy chunk k sees clean
+    # chunks < k); the clean history copy has none, as the KV cache caches none.
     copies = [(frame_chunk[frame_idx] > 0).astype(np.int32), np.ones(num_action_tokens, np.int32),
-              np.zeros(num_proprio_tokens, np.int32)]
+              (proprio_chunk > 0).astype(np.int32)]
     video_angles = video_rope_angles(cfg, grid, num_views)
     angles = [video_angles, np.zeros((num_action_tokens + num_proprio_tokens, video_angles.shape[1]))]
     num_groups = gf + num_action_tokens + (1 if num_proprio_tokens else 0)

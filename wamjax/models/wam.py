@@ -77,16 +77,22 @@ class WorldActionModel(nn.Module):
         history_latents: jax.Array | None = None,
         history_actions: jax.Array | None = None,
     ) -> WamOutput:
-        """Velocities of the noisy inputs. With `history_latents` (the clean model input, shaped like `latents`)
-        and, in joint mode, `history_actions` (the clean actions) the sequence is teacher-forced: a clean copy of
-        the chunks before the last joins it, and noisy chunk i attends to the clean chunks before it and to
-        itself (model.history="teacher_forcing"); without them each chunk attends to the earlier chunks of the
-        one copy given."""
+        """Velocities of the noisy inputs. proprio is [B, P] (one state token, in chunk 0) or [B, C, P] (one per
+        chunk of a chunk-causal layout: chunk k's is the state its actions start from, in chunk k; teacher-forced,
+        only chunk k's noisy tokens read it). With `history_latents` (the clean model input, shaped like
+        `latents`) and, in joint mode, `history_actions` (the clean actions) the sequence is teacher-forced: a
+        clean copy of the chunks before the last joins it, and noisy chunk i attends to the clean chunks before
+        it and to itself (model.history="teacher_forcing"); without them each chunk attends to the earlier
+        chunks of the one copy given."""
         cfg = self.cfg
         batch = latents.shape[0]
         _check_conditioning(cfg, latents, image_embeddings)
         num_actions = 0 if actions is None else actions.shape[1]
-        num_proprio = 0 if (actions is None or proprio is None) else 1
+        num_proprio = 0
+        if actions is not None and proprio is not None:
+            if proprio.ndim not in (2, 3):
+                raise ValueError(f"proprio has shape {proprio.shape}; expected [B, P] or [B, chunks, P]")
+            num_proprio = 1 if proprio.ndim == 2 else proprio.shape[1]
         teacher_forcing = history_latents is not None
         views = latents.shape[2] if latents.ndim == 6 else None
         spatial = (latents.shape[1], *latents.shape[-3:-1])

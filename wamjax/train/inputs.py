@@ -13,7 +13,7 @@ from absl import logging
 
 from data_pipelines import pipeline as oxe_pipeline
 from data_pipelines import views
-from data_pipelines.config import clip_num_actions  # noqa: F401  (re-exported)
+from data_pipelines.config import clip_num_actions, clip_num_states  # noqa: F401  (re-exported)
 from data_pipelines.synthetic import make_synthetic_dataset
 from wamjax.models.text import TextEmbedder
 from wamjax.parallel.mesh import batch_sharding
@@ -81,6 +81,7 @@ def make_stage_dataset(
                 proprio_dim=data.proprio_dim, dataset_index=len(oxe_pipeline.config_lib.dataset_names(data)),
                 seed=data.seed, num_epochs=None, skip_bad_shards=data.skip_bad_records,
                 num_actions=clip_num_actions(config),
+                num_states=clip_num_states(data),
             ),
             video_weight,
         ))
