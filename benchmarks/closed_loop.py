@@ -80,9 +80,12 @@ def main(argv: Sequence[str]) -> None:
     results = {
         "expert": _closed_loop(["--policy=expert"], os.path.join(workdir, "eval_expert"), "expert"),
         "random": _closed_loop(["--policy=random"], os.path.join(workdir, "eval_random"), "random"),
-        "wam": _closed_loop([f"--checkpoint={run_dir}/checkpoints", f"--num_steps={FLAGS.num_steps}"],
-                            os.path.join(workdir, "eval_wam"), "wam"),
     }
+    execute = [f"--execute_actions={FLAGS.execute_actions}"] if FLAGS.execute_actions else []
+    for mode in FLAGS.modes:
+        results[f"wam ({mode})"] = _closed_loop(
+            [f"--checkpoint={run_dir}/checkpoints", f"--num_steps={FLAGS.num_steps}", f"--mode={mode}", *execute],
+            os.path.join(workdir, f"eval_wam_{mode}"), f"wam ({mode})")
     losses = []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -95,10 +98,10 @@ def main(argv: Sequence[str]) -> None:
     print(f"Meta-World closed loop: tiny WAM trained on {FLAGS.episodes} expert episodes per task "
           f"({FLAGS.pretrain_steps} video + {FLAGS.tune_steps} action steps, frame_stride {FLAGS.frame_stride}, "
           f"{FLAGS.resolution} renders, 32x32 model input); {FLAGS.eval_episodes} held-out variants per task, "
-          f"at most {FLAGS.max_steps} steps; {'; '.join(losses)}")
-    header = ["task", "expert", "random", "wam (joint)"]
-    rows_out = [[task, *(_cell(results[name][0]["tasks"][task]) for name in ("expert", "random", "wam"))]
-                for task in FLAGS.tasks]
+          f"at most {FLAGS.max_steps} steps, {FLAGS.num_steps} denoising steps, "
+          f"{FLAGS.execute_actions or 'all'} actions of each chunk executed before replanning; {'; '.join(losses)}")
+    header = ["task", *results]
+    rows_out = [[task, *(_cell(results[name][0]["tasks"][task]) for name in results)] for task in FLAGS.tasks]
     widths = [max(len(r[i]) for r in (header, *rows_out)) for i in range(len(header))]
     for row in (header, ["-" * w for w in widths], *rows_out):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -108,7 +111,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.DEFINE_list("tasks", ["reach-v3"], "Meta-World tasks.")
+    flags.DEFINE_list("tasks", ["drawer-close-v3"], "Meta-World tasks.")
     flags.DEFINE_integer("episodes", 30, "Expert episodes collected per task.")
     flags.DEFINE_string("resolution", "64,64", "H,W of the rendered cameras (the model trains at 32x32).")
     flags.DEFINE_integer("frame_stride", 2, "Environment steps between clip frames (and per predicted action).")
@@ -117,6 +120,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("eval_episodes", 10, "Held-out episodes per task and policy.")
     flags.DEFINE_integer("max_steps", 150, "Environment steps per evaluation episode.")
     flags.DEFINE_integer("num_steps", 4, "Denoising steps of the trained policy.")
+    flags.DEFINE_integer("execute_actions", 4, "Actions of each predicted chunk run before replanning (0: all).")
+    flags.DEFINE_list("modes", ["joint"], "Ways the trained model acts (joint, imagine_then_act), one evaluation each.")
     flags.DEFINE_string("workdir", "", "Where data, run and evaluations go (default: a new temp dir); "
                         "existing data there is reused.")
     app.run(main)
