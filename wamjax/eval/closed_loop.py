@@ -554,7 +554,7 @@ class LoopClosedLoop:
         from wamjax.diffusion.sampler import SamplerOptions
         from wamjax.inference.policy import Policy
 
-        ev = self.ev
+        ev, start = self.ev, time.perf_counter()
         params = jax.device_get(params)  # off the training mesh: the policy runs on one device
         if self.policy is None:
             options = SamplerOptions(num_steps=int(ev.closed_loop_num_steps),
@@ -572,7 +572,7 @@ class LoopClosedLoop:
             camera=str(ev.closed_loop_camera), out_dir=out, log=log, make_env=SpawnedTask,
         )
         row: dict[str, Any] = {"event": "closed_loop", "kind": "closed_loop", "stage": self.stage, "step": int(step),
-                               "out": out}
+                               "out": out, "seconds": time.perf_counter() - start}
         for name, entry in [*summary["tasks"].items(), ("overall", summary["overall"])]:
             for key in ("success_rate", "mean_steps", "mean_return"):
                 row[f"closed_loop/{name}/{key}"] = entry[key]
