@@ -6,7 +6,8 @@
 
 Collects scripted-expert episodes of each task (MT1 seed 0), trains the `tiny` WAM on CPU on them (video
 pretraining, then action tuning from that checkpoint, `stage=all`), and runs the trained policy (once per
-mode), the scripted expert and a uniformly random policy on held-out variants (MT1 seed 1000) through
+mode), the scripted expert, a uniformly random policy and a blind replay of one expert episode's actions
+(`--policy=replay`: what a task needs no perception for) on held-out variants (MT1 seed 1000) through
 `wamjax.eval.closed_loop`, all with the same success criterion and step cap. Prints one row per task: success
 rate and mean steps to success of each. Every step is a subprocess of the repository's own CLIs, so the
 figures are what a user would get.
@@ -72,7 +73,15 @@ def main(argv: Sequence[str]) -> None:
     if not os.path.exists(stats_path):
         _run(["-m", "data_pipelines.compute_stats", f"--data_dir={data_dir}", "--datasets=metaworld",
               f"--out={stats_path}"], "stats")
-    timings["train"] = _run([
+    if FLAGS.reuse_run and os.path.exists(os.path.join(run_dir, "checkpoints")):
+        print(f"[train] reusing the trained run in {run_dir}", flush=True)
+    else:
+        timings["train"] = _train(data_dir, run_dir, stats_path)
+    _evaluate_and_print(workdir, run_dir, timings)
+
+
+def _train(data_dir: str, run_dir: str, stats_path: str) -> float:
+    return _run([
         "-m", "wamjax.main", f"--config={os.path.join(REPO, 'configs', 'wam.py')}:size=tiny,stage=all,data=oxe",
         f"--workdir={run_dir}", f"--config.data.data_dir={data_dir}", "--config.data.datasets=metaworld",
         f"--config.data.stats_path={stats_path}", f"--config.data.frame_stride={FLAGS.frame_stride}",
@@ -82,9 +91,12 @@ def main(argv: Sequence[str]) -> None:
         "--config.checkpoint.every_steps=100000",
     ], "train")
 
+
+def _evaluate_and_print(workdir: str, run_dir: str, timings: dict[str, float]) -> None:
     results = {
         "expert": _closed_loop(["--policy=expert"], os.path.join(workdir, "eval_expert"), "expert"),
         "random": _closed_loop(["--policy=random"], os.path.join(workdir, "eval_random"), "random"),
+        "replay": _closed_loop(["--policy=replay"], os.path.join(workdir, "eval_replay"), "replay"),
     }
     execute = [f"--execute_actions={FLAGS.execute_actions}"] if FLAGS.execute_actions else []
     for mode in FLAGS.modes:
@@ -127,6 +139,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_steps", 4, "Denoising steps of the trained policy.")
     flags.DEFINE_integer("execute_actions", 4, "Actions of each predicted chunk run before replanning (0: all).")
     flags.DEFINE_list("modes", ["joint"], "Ways the trained model acts (joint, imagine_then_act), one evaluation each.")
+    flags.DEFINE_bool("reuse_run", False, "Evaluate the trained run already in --workdir instead of training.")
     flags.DEFINE_string("workdir", "", "Where data, run and evaluations go (default: a new temp dir); "
                         "existing data there is reused.")
     app.run(main)

@@ -91,12 +91,16 @@ def test_expert_episodes_read_back_through_registry_stats_and_pipeline(dataset_d
 def test_closed_loop_in_the_training_loop_and_the_cli(dataset_dir, tmp_path):
     import tensorflow  # noqa: F401  (as in a trainer reading TFDS data: the simulator must live elsewhere)
 
-    from wamjax.eval.closed_loop import ExpertAgent, LoopClosedLoop, SpawnedTask, evaluate
+    from wamjax.eval.closed_loop import ExpertAgent, LoopClosedLoop, ReplayAgent, SpawnedTask, evaluate
     from wamjax.train.loop import train
 
     # The spawned simulator is the same environment: the expert succeeds through it.
     summary = evaluate(ExpertAgent(), [TASK], 1, resolution=(32, 32), make_env=SpawnedTask, log=lambda _: None)
     assert summary["tasks"][TASK]["success_rate"] == 1.0
+    # The blind baseline replays the expert's actions of collection variant 0: on that variant it succeeds too.
+    replay = ReplayAgent()
+    summary = evaluate(replay, [TASK], 1, seed=0, resolution=(32, 32), make_env=SpawnedTask, log=lambda _: None)
+    assert summary["tasks"][TASK]["success_rate"] == 1.0 and len(replay.recorded[TASK]) < 150
 
     config = get_config("size=tiny,stage=action_tune,data=oxe")
     config.train.steps = 2

@@ -3,6 +3,7 @@
     python -m wamjax.eval.closed_loop --checkpoint=WORKDIR/checkpoints --env=metaworld --tasks=reach-v3 \
         --episodes=10 --out=DIR [--max_steps=200] [--seed=1000]
     python -m wamjax.eval.closed_loop --policy=expert --tasks=reach-v3 --episodes=10   # baselines: expert | random
+                                                                                       # | replay (blind)
 
 Episodes run on the variants of `MT1(task, seed)` for `--seed` (default 1000; `collect_sim` collects on seed
 0, so these are held out). A checkpoint acts through `wamjax.inference.Policy` with its dataset's
@@ -76,6 +77,42 @@ class RandomAgent:
 
     def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
         return self.rng.uniform(-1.0, 1.0, (1, 4)).astype(np.float32)
+
+    def observe(self, frames: list[np.ndarray]) -> None:
+        pass
+
+
+class ReplayAgent:
+    """Blind baseline: the scripted expert's actions on one collection episode (variant `variant` of MT1 seed
+    `seed`), replayed open loop on every episode, then zero motion. Succeeds where the task barely varies."""
+
+    name = "replay"
+
+    def __init__(self, seed: int = 0, variant: int = 0):
+        self.seed, self.variant = seed, variant
+        self.recorded: dict[str, np.ndarray] = {}
+
+    def _record(self, env: Any) -> np.ndarray:
+        # A second environment of the same kind, so the evaluation's episode is left as it is.
+        with type(env)(env.task, resolution=(16, 16)) as recorder:
+            recorder.reset(self.seed, self.variant)
+            expert, actions = recorder.expert(), []
+            for _ in range(metaworld_env.MAX_EPISODE_STEPS):
+                actions.append(np.clip(np.asarray(expert.get_action(recorder.obs), np.float32), -1, 1))
+                if recorder.step(actions[-1]).success:
+                    break
+        return np.stack(actions)
+
+    def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None:
+        if env.task not in self.recorded:
+            self.recorded[env.task] = self._record(env)
+        self.actions, self.index = self.recorded[env.task], 0
+
+    def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
+        self.index += 1
+        if self.index > len(self.actions):
+            return np.zeros((1, 4), np.float32)
+        return self.actions[self.index - 1][None]
 
     def observe(self, frames: list[np.ndarray]) -> None:
         pass
@@ -615,7 +652,8 @@ def main(argv: Sequence[str]) -> None:
         )
         summary = run(agent)
     else:
-        agent = ExpertAgent() if FLAGS.policy == "expert" else RandomAgent(FLAGS.seed)
+        agent = {"expert": ExpertAgent, "random": lambda: RandomAgent(FLAGS.seed), "replay": ReplayAgent}[
+            FLAGS.policy]()
         summary = run(agent)
     print(format_table(summary, agent.name))
     if FLAGS.out:
@@ -626,7 +664,8 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     # Flags are defined only when run as a script so that importing several CLI modules does not clash.
     flags.DEFINE_enum("env", "metaworld", ["metaworld"], "Simulator.")
-    flags.DEFINE_enum("policy", "checkpoint", ["checkpoint", "expert", "random"], "What acts.")
+    flags.DEFINE_enum("policy", "checkpoint", ["checkpoint", "expert", "random", "replay"], "What acts (replay: "
+                      "the expert's actions of one collection episode, variant 0 of MT1 seed 0, open loop).")
     flags.DEFINE_string("checkpoint", None, "Checkpoint step directory, or a run's checkpoints/ (newest step).")
     flags.DEFINE_list("tasks", ["reach-v3"], "Meta-World tasks.")
     flags.DEFINE_integer("episodes", 10, "Episodes per task.")
