@@ -88,22 +88,52 @@ def test_expert_episodes_read_back_through_registry_stats_and_pipeline(dataset_d
     assert np.abs(batch["actions"][..., :3]).max() > 0.1 and np.all(batch["actions"][..., 3:6] == 0)
 
 
-def test_closed_loop_cli_runs_a_checkpoint_and_the_expert(dataset_dir, tmp_path):
+def test_closed_loop_in_the_training_loop_and_the_cli(dataset_dir, tmp_path):
+    import tensorflow  # noqa: F401  (as in a trainer reading TFDS data: the simulator must live elsewhere)
+
+    from wamjax.eval.closed_loop import ExpertAgent, LoopClosedLoop, ReplayAgent, SpawnedTask, evaluate
     from wamjax.train.loop import train
+
+    # The spawned simulator is the same environment: the expert succeeds through it.
+    summary = evaluate(ExpertAgent(), [TASK], 1, resolution=(32, 32), make_env=SpawnedTask, log=lambda _: None)
+    assert summary["tasks"][TASK]["success_rate"] == 1.0
+    # The blind baseline replays the expert's actions of collection variant 0: on that variant it succeeds too.
+    replay = ReplayAgent()
+    summary = evaluate(replay, [TASK], 1, seed=0, resolution=(32, 32), make_env=SpawnedTask, log=lambda _: None)
+    assert summary["tasks"][TASK]["success_rate"] == 1.0 and len(replay.recorded[TASK]) < 150
 
     config = get_config("size=tiny,stage=action_tune,data=oxe")
     config.train.steps = 2
     config.checkpoint.async_save = False
     config.data.batch_size = 8
     config.data.data_dir, config.data.datasets = dataset_dir, "metaworld"
+    ev = config.eval
+    ev.closed_loop_every_steps, ev.closed_loop_tasks, ev.closed_loop_episodes = 2, TASK, 1
+    ev.closed_loop_max_steps, ev.closed_loop_resolution, ev.closed_loop_num_steps = 6, (32, 32), 1
     workdir = str(tmp_path / "run")
     train(config, workdir)
+    with open(f"{workdir}/metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f if '"closed_loop"' in line]
+    assert [r["step"] for r in rows] == [2]
+    for row in rows:
+        assert row["stage"] == "action_tune" and 0.0 <= row[f"closed_loop/{TASK}/success_rate"] <= 1.0
+        assert row[f"closed_loop/{TASK}/mean_steps"] <= 6 and row["closed_loop/overall/mean_return"] > 0
+        out = tmp_path / "run" / "closed_loop" / f"step_{row['step']}"
+        episode = json.loads((out / "summary.json").read_text())["tasks"][TASK]["episode_results"][0]
+        with av.open(str(out / episode["video"])) as container:
+            assert sum(1 for _ in container.decode(video=0)) == episode["steps"] + 1
+    assert LoopClosedLoop.maybe(config, "video_pretrain", "video", None, None, workdir) is None
+    ev.closed_loop_tasks = "reach-v3,reach-v9"
+    with pytest.raises(ValueError, match=r"eval.closed_loop_tasks='reach-v3,reach-v9'.*reach-v9"):
+        LoopClosedLoop.maybe(config, "action_tune", "joint", None, None, workdir)
+
+    # The CLI on the run's checkpoint.
 
     out = tmp_path / "eval"
     run = closed_loop(f"--checkpoint={workdir}/checkpoints", "--episodes=2", "--max_steps=12", "--num_steps=1",
                       f"--out={out}")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"{TASK} episode 2/2 (variant 1 of seed 1000)" in run.stdout and "wam (infer)" in run.stdout
+    assert f"{TASK} episode 2/2 (variant 1 of seed 1000)" in run.stdout and "wam (joint, infer)" in run.stdout
     summary = json.loads((out / "summary.json").read_text())
     entry = summary["tasks"][TASK]
     assert entry["episodes"] == 2 and 0.0 <= entry["success_rate"] <= 1.0 and entry["mean_return"] > 0
@@ -137,3 +167,4 @@ def test_bad_tasks_and_a_renderer_beside_tensorflow_are_named():
 
     with pytest.raises(RuntimeError, match="TensorFlow is loaded in this process"):
         metaworld_env.MetaWorldTask(TASK)
+

@@ -3,6 +3,7 @@
     python -m wamjax.eval.closed_loop --checkpoint=WORKDIR/checkpoints --env=metaworld --tasks=reach-v3 \
         --episodes=10 --out=DIR [--max_steps=200] [--seed=1000]
     python -m wamjax.eval.closed_loop --policy=expert --tasks=reach-v3 --episodes=10   # baselines: expert | random
+                                                                                       # | replay (blind)
 
 Episodes run on the variants of `MT1(task, seed)` for `--seed` (default 1000; `collect_sim` collects on seed
 0, so these are held out). A checkpoint acts through `wamjax.inference.Policy` with its dataset's
@@ -17,13 +18,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import socket
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -74,6 +77,42 @@ class RandomAgent:
 
     def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
         return self.rng.uniform(-1.0, 1.0, (1, 4)).astype(np.float32)
+
+    def observe(self, frames: list[np.ndarray]) -> None:
+        pass
+
+
+class ReplayAgent:
+    """Blind baseline: the scripted expert's actions on one collection episode (variant `variant` of MT1 seed
+    `seed`), replayed open loop on every episode, then zero motion. Succeeds where the task barely varies."""
+
+    name = "replay"
+
+    def __init__(self, seed: int = 0, variant: int = 0):
+        self.seed, self.variant = seed, variant
+        self.recorded: dict[str, np.ndarray] = {}
+
+    def _record(self, env: Any) -> np.ndarray:
+        # A second environment of the same kind, so the evaluation's episode is left as it is.
+        with type(env)(env.task, resolution=(16, 16)) as recorder:
+            recorder.reset(self.seed, self.variant)
+            expert, actions = recorder.expert(), []
+            for _ in range(metaworld_env.MAX_EPISODE_STEPS):
+                actions.append(np.clip(np.asarray(expert.get_action(recorder.obs), np.float32), -1, 1))
+                if recorder.step(actions[-1]).success:
+                    break
+        return np.stack(actions)
+
+    def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None:
+        if env.task not in self.recorded:
+            self.recorded[env.task] = self._record(env)
+        self.actions, self.index = self.recorded[env.task], 0
+
+    def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
+        self.index += 1
+        if self.index > len(self.actions):
+            return np.zeros((1, 4), np.float32)
+        return self.actions[self.index - 1][None]
 
     def observe(self, frames: list[np.ndarray]) -> None:
         pass
@@ -232,6 +271,104 @@ def policy_server(checkpoint: str, *, dataset: str | None, num_steps: int, openp
         server.wait(timeout=60)
 
 
+def _serve_task(conn: Any, task: str, resolution: tuple[int, int], camera: str) -> None:
+    """The child side of `SpawnedTask`: one MetaWorldTask, driven by (method, args) messages."""
+    try:
+        env = metaworld_env.MetaWorldTask(task, resolution=resolution, camera=camera)
+    except Exception:  # noqa: BLE001 - the parent re-raises it with the child's traceback
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", None))
+    with env:
+        while True:
+            name, args = conn.recv()
+            if name == "close":
+                conn.send(("ok", None))
+                return
+            try:
+                if name == "expert_action":
+                    value = np.asarray(env.expert().get_action(*args), np.float32)  # the experts are stateless
+                else:
+                    value = getattr(env, name)(*args)
+            except Exception:  # noqa: BLE001 - as above
+                conn.send(("error", traceback.format_exc()))
+            else:
+                conn.send(("ok", value))
+
+
+class SpawnedTask:
+    """A `metaworld_env.MetaWorldTask` simulated and rendered in a spawned process, with the same methods.
+
+    MuJoCo's CPU renderer crashes in a process that has TensorFlow loaded (as a trainer reading TFDS data
+    has), so the training loop's closed-loop evaluation keeps the simulator in a child that never imports it.
+    """
+
+    def __init__(self, task: str, *, resolution: tuple[int, int] = (128, 128),
+                 camera: str = metaworld_env.DEFAULT_CAMERA):
+        metaworld_env.check_tasks([task])
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve_task, args=(child, task, tuple(resolution), camera),
+                                        daemon=True)
+        self._process.start()
+        child.close()
+        self.task, self.obs = task, None
+        self._receive("start")
+
+    def _receive(self, name: str) -> Any:
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the Meta-World process of {self.task} exited with {self._process.exitcode} "
+                               f"during {name}") from None
+        if status == "error":
+            raise RuntimeError(f"the Meta-World process of {self.task} failed in {name}:\n{value}")
+        return value
+
+    def _call(self, name: str, *args: Any) -> Any:
+        self._conn.send((name, args))
+        return self._receive(name)
+
+    def reset(self, seed: int, index: int) -> np.ndarray:
+        self.obs = self._call("reset", seed, index)
+        return self.obs
+
+    def step(self, action: np.ndarray) -> metaworld_env.StepResult:
+        result = self._call("step", np.asarray(action))
+        self.obs = result.obs
+        return result
+
+    def render(self, camera: str | None = None) -> np.ndarray:
+        return self._call("render", camera)
+
+    def proprio(self) -> np.ndarray:
+        return np.asarray(self.obs[: metaworld_env.PROPRIO_DIM], np.float32)
+
+    def expert(self) -> Any:
+        """The task's scripted expert, asked in the child (`get_action(obs)` -> 4-D action)."""
+        return _SpawnedExpert(self)
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._call("close")
+        self._process.join(timeout=30)
+        self._conn.close()
+
+    def __enter__(self) -> SpawnedTask:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _SpawnedExpert:
+    def __init__(self, env: SpawnedTask):
+        self.env = env
+
+    def get_action(self, obs: np.ndarray) -> np.ndarray:
+        return self.env._call("expert_action", obs)
+
+
 @dataclasses.dataclass
 class EpisodeResult:
     """One closed-loop episode."""
@@ -333,8 +470,12 @@ def evaluate(
     out_dir: str | None = None,
     video_fps: int = 30,
     log: Any = print,
+    make_env: Callable[..., Any] = metaworld_env.MetaWorldTask,
 ) -> dict[str, Any]:
-    """Runs `episodes` episodes of each task; returns the summary (and writes it, and videos, to `out_dir`)."""
+    """Runs `episodes` episodes of each task; returns the summary (and writes it, and videos, to `out_dir`).
+
+    `make_env(task, resolution=, camera=)` builds each task's environment: `SpawnedTask` simulates in a child
+    process (for callers that have TensorFlow loaded)."""
     from data_pipelines.make_videos import write_video
 
     metaworld_env.check_tasks(list(tasks))
@@ -346,7 +487,7 @@ def evaluate(
         os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     results = []
     for task in tasks:
-        with metaworld_env.MetaWorldTask(task, resolution=resolution, camera=camera) as env:
+        with make_env(task, resolution=resolution, camera=camera) as env:
             for variant in range(episodes):
                 result, frames = run_episode(agent, env, seed, variant, max_steps)
                 if out_dir:
@@ -379,18 +520,102 @@ def stats_dataset(checkpoint: str, dataset: str | None) -> str | None:
 
 def load_policy_agent(
     checkpoint: str, *, dataset: str | None = "metaworld", rollout: str = "auto", execute: int | None = None,
-    num_steps: int = 4, action_steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0,
+    num_steps: int = 4, action_steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0, mode: str = "joint",
 ) -> PolicyAgent:
     """A `PolicyAgent` of a checkpoint, normalized with `dataset`'s stats when the checkpoint has stats."""
     from wamjax.inference.policy import Policy
 
     dataset = stats_dataset(checkpoint, dataset)
     policy = Policy.from_checkpoint(
-        checkpoint, num_steps=num_steps, action_steps=action_steps, cfg_scale=cfg_scale, dataset=dataset, seed=seed
+        checkpoint, num_steps=num_steps, action_steps=action_steps, cfg_scale=cfg_scale, dataset=dataset, seed=seed,
+        mode=mode,
     )
     agent = PolicyAgent(policy, rollout=rollout, execute=execute)
-    agent.name = f"wam ({agent.rollout})"
+    agent.name = f"wam ({mode}, {agent.rollout})"
     return agent
+
+
+class LoopClosedLoop:
+    """Closed-loop evaluation from the training loop: every `eval.closed_loop_every_steps` steps of a stage with
+    actions and at its end, the current params act in the simulator (`SpawnedTask`); writes a `closed_loop`
+    row (success rate, mean steps and return per task and overall) and videos under WORKDIR/closed_loop/."""
+
+    def __init__(self, config: Any, stage: str, norm_stats: dict[str, Any] | None, writer: Any, workdir: str):
+        ev = config.eval
+        self.every = int(ev.closed_loop_every_steps)
+        if ev.closed_loop_env != "metaworld":
+            raise ValueError(f"eval.closed_loop_env={ev.closed_loop_env!r}; expected 'metaworld'")
+        self.tasks = [t.strip() for t in str(ev.closed_loop_tasks).split(",") if t.strip()]
+        try:
+            metaworld_env.check_tasks(self.tasks)
+        except ValueError as e:
+            raise ValueError(f"eval.closed_loop_tasks={ev.closed_loop_tasks!r}: {e}") from None
+        for key in ("closed_loop_episodes", "closed_loop_num_steps"):
+            if int(ev[key]) < 1:
+                raise ValueError(f"eval.{key}={ev[key]}; expected >= 1")
+        if not 1 <= int(ev.closed_loop_max_steps) <= metaworld_env.MAX_EPISODE_STEPS:
+            raise ValueError(f"eval.closed_loop_max_steps={ev.closed_loop_max_steps}; expected 1 to "
+                             f"{metaworld_env.MAX_EPISODE_STEPS}")
+        if len(tuple(ev.closed_loop_resolution)) != 2:
+            raise ValueError(f"eval.closed_loop_resolution={ev.closed_loop_resolution}; expected (H, W)")
+        known = sorted((norm_stats or {}).get("datasets", {}))
+        if known and ev.closed_loop_dataset not in known:
+            raise KeyError(f"eval.closed_loop_dataset={ev.closed_loop_dataset!r} has no normalization stats in "
+                           f"this run; it has {known}")
+        self.dataset = str(ev.closed_loop_dataset) if known else None  # synthetic data: actions as predicted
+        self.config, self.stage, self.ev = config, stage, ev
+        self.norm_stats, self.writer, self.workdir = norm_stats, writer, str(workdir)
+        self.policy: Any = None
+
+    @classmethod
+    def maybe(cls, config: Any, stage: str, stage_mode: str, *args: Any) -> LoopClosedLoop | None:
+        """An evaluator when `eval.closed_loop_every_steps` > 0 and the stage trains actions, else None."""
+        import jax
+
+        ev = config.get("eval")
+        if ev is None or int(ev.get("closed_loop_every_steps", 0)) <= 0 or stage_mode != "joint":
+            return None
+        if jax.process_count() > 1:
+            raise ValueError(f"eval.closed_loop_every_steps runs the simulator beside a single-process run; this "
+                             f"run has {jax.process_count()} processes (evaluate its checkpoints with "
+                             "python -m wamjax.eval.closed_loop instead)")
+        return cls(config, stage, *args)
+
+    def maybe_run(self, step: int, params: Any, stage_ends: bool, log: Any = print) -> dict[str, Any] | None:
+        """Evaluates when `step` is due (or the stage ends); returns the row written, if any."""
+        if not (step % self.every == 0 or stage_ends):
+            return None
+        import jax
+        import jax.numpy as jnp
+
+        from wamjax.diffusion.sampler import SamplerOptions
+        from wamjax.inference.policy import Policy
+
+        ev, start = self.ev, time.perf_counter()
+        params = jax.device_get(params)  # off the training mesh: the policy runs on one device
+        if self.policy is None:
+            options = SamplerOptions(num_steps=int(ev.closed_loop_num_steps),
+                                     shift=float(self.config.diffusion.shift))
+            self.policy = Policy(self.config, params, self.norm_stats, options=options, dataset=self.dataset)
+        else:  # same shapes: the compiled policy step is reused
+            self.policy.params = jax.tree.map(jnp.asarray, params)
+        execute = int(ev.closed_loop_execute_actions) or None
+        agent = PolicyAgent(self.policy, rollout="infer" if execute else "auto", execute=execute)
+        agent.name = f"wam ({agent.rollout})"
+        out = os.path.join(self.workdir, "closed_loop", f"step_{step}")
+        summary = evaluate(
+            agent, self.tasks, int(ev.closed_loop_episodes), seed=int(ev.closed_loop_seed),
+            max_steps=int(ev.closed_loop_max_steps), resolution=tuple(int(v) for v in ev.closed_loop_resolution),
+            camera=str(ev.closed_loop_camera), out_dir=out, log=log, make_env=SpawnedTask,
+        )
+        row: dict[str, Any] = {"event": "closed_loop", "kind": "closed_loop", "stage": self.stage, "step": int(step),
+                               "out": out, "seconds": time.perf_counter() - start}
+        for name, entry in [*summary["tasks"].items(), ("overall", summary["overall"])]:
+            for key in ("success_rate", "mean_steps", "mean_return"):
+                row[f"closed_loop/{name}/{key}"] = entry[key]
+        self.writer.write_eval(row)
+        log(f"closed-loop eval at step {step}:\n{format_table(summary, agent.name)}")
+        return row
 
 
 FLAGS = flags.FLAGS
@@ -423,10 +648,12 @@ def main(argv: Sequence[str]) -> None:
         agent = load_policy_agent(
             FLAGS.checkpoint, dataset=FLAGS.dataset, rollout=FLAGS.rollout, execute=FLAGS.execute_actions,
             num_steps=FLAGS.num_steps, action_steps=FLAGS.action_steps, cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed,
+            mode=FLAGS.mode,
         )
         summary = run(agent)
     else:
-        agent = ExpertAgent() if FLAGS.policy == "expert" else RandomAgent(FLAGS.seed)
+        agent = {"expert": ExpertAgent, "random": lambda: RandomAgent(FLAGS.seed), "replay": ReplayAgent}[
+            FLAGS.policy]()
         summary = run(agent)
     print(format_table(summary, agent.name))
     if FLAGS.out:
@@ -437,7 +664,8 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     # Flags are defined only when run as a script so that importing several CLI modules does not clash.
     flags.DEFINE_enum("env", "metaworld", ["metaworld"], "Simulator.")
-    flags.DEFINE_enum("policy", "checkpoint", ["checkpoint", "expert", "random"], "What acts.")
+    flags.DEFINE_enum("policy", "checkpoint", ["checkpoint", "expert", "random", "replay"], "What acts (replay: "
+                      "the expert's actions of one collection episode, variant 0 of MT1 seed 0, open loop).")
     flags.DEFINE_string("checkpoint", None, "Checkpoint step directory, or a run's checkpoints/ (newest step).")
     flags.DEFINE_list("tasks", ["reach-v3"], "Meta-World tasks.")
     flags.DEFINE_integer("episodes", 10, "Episodes per task.")
@@ -452,6 +680,8 @@ if __name__ == "__main__":
                       "auto: the KV cache for chunk-causal checkpoints, infer otherwise.")
     flags.DEFINE_integer("execute_actions", None, "Actions of each predicted chunk to run before replanning "
                          "(--rollout=infer; default: the whole chunk).")
+    flags.DEFINE_enum("mode", "joint", ["joint", "imagine_then_act"], "How the checkpoint acts: video and actions "
+                      "denoised jointly, or the future video first and the actions inferred from it.")
     flags.DEFINE_integer("num_steps", 4, "Denoising steps.")
     flags.DEFINE_integer("action_steps", None, "Denoising steps of the actions (default: num_steps).")
     flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1.0 = off).")

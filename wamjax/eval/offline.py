@@ -50,6 +50,18 @@ def eval_config() -> ml_collections.ConfigDict:
     c.modes = "joint,imagine_then_act,world_model"  # ways to act evaluated in joint stages (video: "video")
     c.num_steps = 4  # sampler steps of the evaluation's predictions
     c.grid_examples = 1  # examples per evaluation drawn as frame grids
+    # Closed-loop evaluation in a simulator (wamjax.eval.closed_loop) in stages with actions; 0 = off.
+    c.closed_loop_every_steps = 0  # every this many steps (and at the stage's end)
+    c.closed_loop_env = "metaworld"
+    c.closed_loop_tasks = "reach-v3"  # comma-separated
+    c.closed_loop_episodes = 1  # per task, on held-out variants (MT1 seed closed_loop_seed)
+    c.closed_loop_seed = 1000
+    c.closed_loop_max_steps = 150  # environment steps per episode
+    c.closed_loop_resolution = (128, 128)  # rendered H, W (the policy resizes to data.resolution)
+    c.closed_loop_camera = "corner"
+    c.closed_loop_num_steps = 4  # sampler steps of the policy
+    c.closed_loop_execute_actions = 0  # actions of each chunk run before replanning; 0 = the whole chunk
+    c.closed_loop_dataset = "metaworld"  # whose normalization stats the policy acts with
     return c
 
 

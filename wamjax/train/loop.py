@@ -271,6 +271,11 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
                          f"{stage!r}: the offline evaluation reads one camera; set eval.every_steps=0")
     evaluator = LoopEvaluator.maybe(config, stage, cfg, vae_cfg, mode, stage_cfg.clean_context_frames, text, mesh,
                                     rules, vae_params, norm_stats, writer, workdir)
+    closed_loop = None
+    if config.get("eval") is not None and int(config.eval.get("closed_loop_every_steps", 0)) > 0:
+        from wamjax.eval.closed_loop import LoopClosedLoop  # imports the simulator: only when asked for
+
+        closed_loop = LoopClosedLoop.maybe(config, stage, mode, norm_stats, writer, str(workdir))
 
     peak = peak_flops_per_device(config.flops.device_kind or None)
     tokens_per_step = (flops.video_tokens + flops.action_tokens) * config.data.batch_size
@@ -329,6 +334,9 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
                 logging.info(format_progress(row, total_steps, stage_done))
         if evaluator is not None:  # held-out clips, with the EMA params when there are
             evaluator.maybe_run(step, state.params if state.ema_params is None else state.ema_params, stage_ends)
+        if closed_loop is not None:  # in the simulator, with the same params
+            closed_loop.maybe_run(step, state.params if state.ema_params is None else state.ema_params, stage_ends,
+                                  log=logging.info)
 
         if finished:
             ledger.end_stage(stage, step)
