@@ -119,6 +119,7 @@ def _saved_steps(workdir) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_one_host_sigterm_saves_everywhere_and_restores_are_params_only(tmp_path):
     straight, preempted = str(tmp_path / "straight"), str(tmp_path / "preempted")
 
