@@ -281,3 +281,37 @@ def test_closed_loop_session_with_teacher_forcing_and_reanchoring():
         runs.append((first, session.next_actions()))
     np.testing.assert_allclose(runs[0][0], runs[1][0], atol=1e-6)
     assert not np.allclose(runs[0][1], runs[1][1], atol=1e-4)
+
+
+def test_infer_denoises_a_teacher_forced_model_chunk_by_chunk():
+    """A teacher-forced model never saw noisy history in training: `infer` denoises its chunks one after another,
+    each against the cached clean predictions before it (a diffusion-forcing model keeps the one-shot sampler)."""
+    config = get_config("size=tiny,stage=action_tune")
+    config.model.attention_layout = "chunk_causal"
+    cfg = ModelConfig.from_dict({**config.model.to_dict(), "proprio_dim": config.data.proprio_dim})
+    assert cfg.history == "teacher_forcing"
+    params = jitted_init(cfg, jax.random.key(8), (3, H, W, 16), TEXT_LEN, 8)
+    frame = np.random.default_rng(3).integers(0, 255, (32, 32, 3), np.uint8)
+    proprio, prompt = np.full(8, 0.5, np.float32), "synthetic: move the block left"
+    make = lambda config: Policy(config, params, {}, options=SamplerOptions(num_steps=2), seed=4)
+    policy = make(config)
+    out = policy.infer(frame, proprio, prompt, return_latents=True)
+    assert out["actions"].shape == (8, 7) and out["latents"].shape == (3, H, W, 16)
+    assert policy.num_traces == 0  # the one-shot policy step never ran
+    # The same as driving the KV-cache session by hand, keeping each chunk's prediction as its history.
+    session = make(config).start_rollout(frame, proprio, prompt)
+    first = session.next_actions()
+    first_latents = np.asarray(session.last_latents[0], np.float32)
+    session.keep_prediction()
+    with pytest.raises(RuntimeError, match="without a generated chunk"):
+        session.keep_prediction()
+    second = session.next_actions()
+    np.testing.assert_allclose(out["actions"], np.concatenate([first, second]), atol=1e-6)
+    np.testing.assert_allclose(out["latents"][1:2], first_latents, atol=1e-5)
+    np.testing.assert_allclose(out["latents"][2:], np.asarray(session.last_latents[0], np.float32), atol=1e-5)
+    np.testing.assert_allclose(out["latents"][:1], np.asarray(session.context_latents[0], np.float32), atol=1e-5)
+    # A diffusion-forcing model was trained on noisy history: it keeps the one-shot sampler.
+    config.model.history = "diffusion_forcing"
+    policy = make(config)
+    assert policy.infer(frame, proprio, prompt)["actions"].shape == (8, 7)
+    assert policy.num_traces == 1

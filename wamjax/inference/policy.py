@@ -27,7 +27,7 @@ from wamjax.export.wan_vae_import import load_vae
 from wamjax.inference import conditioning
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
-from wamjax.models.dit import views_into_batch, views_out_of_batch
+from wamjax.models.dit import trains_teacher_forced, views_into_batch, views_out_of_batch
 from wamjax.models.text import TextEmbedder
 from wamjax.train.step import encode_views
 
@@ -267,10 +267,13 @@ class Policy:
         latent scale (context frames first).
         """
         mode = check_mode(self.mode if mode is None else mode)
+        raw_frames = frames
         frames = self.prepare_frames(frames)
         proprio_norm = self.prepare_proprio(proprio)
         text = self.embed_instruction(instruction)
         context_latents = 1 + (frames.shape[0] - 1) // self.vae_config.temporal_compression
+        if trains_teacher_forced(self.model_config) and context_latents == 1:
+            return self._infer_chunk_by_chunk(raw_frames, proprio, instruction, mode, return_latents)
         shapes = PolicyShapes(
             self.model_config, self.vae_config, self.options, self.num_latent_frames - context_latents,
             self.num_actions, stop_after_actions=not return_latents and mode == "joint", mode=mode,
@@ -285,6 +288,22 @@ class Policy:
         result = {"actions": actions}
         if return_latents:
             result["latents"] = np.asarray(out.latents[0], np.float32)
+        return result
+
+    def _infer_chunk_by_chunk(self, frames: Any, proprio: np.ndarray | None, instruction: str, mode: str,
+                              return_latents: bool) -> dict[str, np.ndarray]:
+        """`infer` for a teacher-forced model: its chunks are denoised one after another, each against the KV
+        cache of the clean chunks before it (its own predictions), as in training; not all at once."""
+        session = self.start_rollout(frames, proprio, instruction, mode=mode)
+        actions, latents = [], [session.context_latents]
+        for i in range(session.geometry.max_chunks):
+            if i:
+                session.keep_prediction()
+            actions.append(session.next_actions())
+            latents.append(session.last_latents)
+        result = {"actions": np.concatenate(actions)[: self.num_actions]}
+        if return_latents:
+            result["latents"] = np.asarray(jnp.concatenate(latents, axis=1)[0], np.float32)
         return result
 
     def imagine(
@@ -398,7 +417,8 @@ class ClosedLoopSession:
                 policy.vae_config, policy.vae_params, policy.image_encoder_config, policy.image_encoder_params,
                 jnp.asarray(frame)[None], frames,
             )
-        self.rollout.start(self.policy.encode_frames(frame[None]), self.text, jnp.asarray(normalized)[None],
+        self.context_latents = self.policy.encode_frames(frame[None])
+        self.rollout.start(self.context_latents, self.text, jnp.asarray(normalized)[None],
                            image_conditioning=image_conditioning)
         self.awaiting_observation = False
 
@@ -409,12 +429,19 @@ class ClosedLoopSession:
         if self.rollout.full:
             self._anchor(self.last_frame, self.raw_proprio)
         self.policy._rng, rng = jax.random.split(self.policy._rng)
-        _, actions = self.rollout.generate(rng)
+        self.last_latents, actions = self.rollout.generate(rng)
         self.awaiting_observation = True
         actions = np.asarray(actions[0], np.float32)
         if self.policy.stats is not None:
             actions = unnormalize(actions, self.policy.stats["action"], self.policy.normalization)
         return actions
+
+    def keep_prediction(self) -> None:
+        """Goes on from the last chunk's predicted frames (already in the cache) as if they had been observed:
+        open-loop imagination, without a camera."""
+        if not self.awaiting_observation:
+            raise RuntimeError("keep_prediction() without a generated chunk: call next_actions() first")
+        self.awaiting_observation = False
 
     def observe(self, frames: np.ndarray, proprio: np.ndarray | None = None) -> None:
         """The real frames uint8 [4 * chunk_latent_frames, H, W, 3] recorded while the last chunk executed (one
