@@ -4,6 +4,7 @@ kernels x remat policies, one table. Compile only: nothing runs, no TPU is neede
   python benchmarks/compile_check.py                                  # every row (long: minutes per 14B row)
   python benchmarks/compile_check.py --sizes=wan1.3b --clips=81x480x832 --topologies=v5p-8 --remats=full
   python benchmarks/compile_check.py ... --config.model.num_layers=4   # --config.x=y applies to every row
+  python benchmarks/compile_check.py --jobs=2 --markdown=rows.md       # two compiles at once; a RESULTS.md table
 
 Each row is the video_pretrain train step of configs/wam.py:size=SIZE on a clip of FRAMESxHEIGHTxWIDTH, with
 latents from a cache (the config's default), 512 text tokens, bfloat16 compute, FSDP over every chip and a
@@ -16,6 +17,7 @@ temporaries; "+" when the compiler gave up counting), compile seconds, roofline 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import json
 import os
@@ -82,13 +84,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="wan1.3b,wan14b")
     parser.add_argument("--clips", default="81x480x832,81x720x1280", help="FRAMESxHEIGHTxWIDTH, comma-separated")
     parser.add_argument("--topologies", default="v5p-8,v5p-64,v5p-128,v6e-16")
-    parser.add_argument("--kernels", default="dot_product", help="model.attention values, comma-separated")
+    parser.add_argument("--kernels", default="auto,dot_product", help="model.attention values, comma-separated")
     parser.add_argument("--remats", default="full,offload_block_inputs", help="model.remat_policy values")
     parser.add_argument("--batch_per_chip", type=int, default=1)
     parser.add_argument("--xla_flops", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--noxla_flops", dest="xla_flops", action="store_false", help="as --no-xla_flops")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per row")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    parser.add_argument("--markdown", default="", help="also write the rows as a markdown table to this file")
+    parser.add_argument("--jobs", type=int, default=1, help="rows compiled at once (each is one process)")
     args, overrides = parser.parse_known_args()  # the rest: --config.x=y flags for every row
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
@@ -98,15 +102,55 @@ def main() -> None:
                                   split(args.remats)))
     print(f"{'size':8s} {'clip':12s} {'topology':8s} {'kernel':12s} {'remat':22s} {'b/c':>3s} {'fits':>15s} "
           f"{'GiB/chip':>9s} {'compile':>8s} {'step>=s':>9s} {'MFU<=':>7s} {'XLA/an':>7s}", flush=True)
-    rows = []
-    for key in keys:
-        row = run_row(*key, args.batch_per_chip, args.xla_flops, args.timeout, overrides)
-        rows.append({"size": key[0], "clip": key[1], "topology": key[2], "kernel": key[3], "remat": key[4], **row})
-        print(format_row(key, row), flush=True)
+    rows: dict[tuple, dict] = {}
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_row, *key, args.batch_per_chip, args.xla_flops, args.timeout, overrides): key
+                   for key in keys}
+        for future in concurrent.futures.as_completed(futures):  # printed as they finish
+            key = futures[future]
+            rows[key] = {"size": key[0], "clip": key[1], "topology": key[2], "kernel": key[3], "remat": key[4],
+                         **future.result()}
+            print(format_row(key, rows[key]), flush=True)
+    ordered = [rows[key] for key in keys]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(ordered, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(ordered))
+        print(f"wrote {args.markdown}", flush=True)
 
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a RESULTS.md table."""
+    out = ["| model | clip (tokens) | topology (chips) | kernel | remat | batch / chip | result | GiB per chip "
+           "(args / temps / total of HBM) | compile s | step >= | MFU <= | XLA / analytic FLOPs |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        frames, height, width = (int(x) for x in r["clip"].split("x"))
+        tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+        head = f"| {r['size']} | {r['clip']} ({tokens:,}) | {r['topology']}"
+        if "error" in r:
+            out.append(f"{head} | {r['kernel']} | {r['remat']} | - | error: {r['error']} | - | - | - | - | - |")
+            continue
+        head += f" ({r['chips']}) | {r['kernel']} | {r['remat']} | {r['global_batch'] // r['chips']}"
+        oom = bool(r["out_of_memory"])
+        plus = "+" if oom else ""
+        if r["fits"]:
+            result = "fits"
+        elif oom:
+            result = "does not fit (compiler refused)"
+        else:
+            result = f"does not fit: {(r['total_bytes'] - r['hbm_bytes']) / GIB:.1f} GiB over"
+        if r.get("host_bytes"):
+            result += f"; {r['host_bytes'] / GIB:.1f} GiB in host memory"
+        gib = (f"{r['argument_bytes'] / GIB:.2f} / {r['temp_bytes'] / GIB:.1f}{plus} / "
+               f"{r['total_bytes'] / GIB:.1f}{plus} of {r['hbm_bytes'] / GIB:.0f}")
+        ratio = "-" if r["flop_ratio"] is None else f"{r['flop_ratio']:.3f}"
+        step = "-" if oom else f"{r['step_time_bound_s']:.2f} s"
+        mfu = "-" if oom else f"{100 * r['mfu_bound']:.1f}%"
+        out.append(f"{head} | {result} | {gib} | {r['compile_s']:.0f} | {step} | {mfu} | {ratio} |")
+    return "\n".join(out) + "\n"
 
 if __name__ == "__main__":
     sys.path.insert(0, REPO)

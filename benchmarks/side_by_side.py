@@ -1,7 +1,7 @@
 """wamjax vs diffusers' WanTransformer3DModel: forward+backward on the same weights and inputs, on CPU.
 
   python benchmarks/side_by_side.py                           # 6 layers, 512 wide, ~300 to ~5k tokens
-  python benchmarks/side_by_side.py --attention=blockwise     # any kernel of the model.attention registry
+  python benchmarks/side_by_side.py --attention=dot_product   # any kernel of the model.attention registry
   python benchmarks/side_by_side.py --tokens=320,1280 --repeats=2 --profile_tokens=1280
 
 A random diffusers model is built, its weights are imported into wamjax (wamjax.export.wan_import), and both
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-_ATTENTION = flags.DEFINE_string("attention", "dot_product", "wamjax kernel (model.attention).")
+_ATTENTION = flags.DEFINE_string("attention", "auto", "wamjax kernel (model.attention; auto: blockwise on CPU).")
 _TOKENS = flags.DEFINE_list("tokens", ["320", "1280", "2880", "5120"], "Video token counts (5 latent frames each).")
 _LAYERS = flags.DEFINE_integer("layers", 6, "Transformer blocks.")
 _HEADS = flags.DEFINE_integer("heads", 4, "Attention heads (head dim 128: 512 wide with 4).")
@@ -122,11 +122,11 @@ def _time_size(reference, cfg, params, tokens: int) -> dict:
 
 def _attention_alone(tokens: int) -> tuple[float, float]:
     """One layer's self-attention kernel, forward + backward: (wamjax kernel s, torch SDPA s)."""
-    from wamjax.models.attention import get_attention
+    from wamjax.models.attention import get_attention, resolve_attention
 
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, tokens, _HEADS.value, HEAD_DIM)).astype(np.float32) for _ in range(3))
-    kernel = get_attention(_ATTENTION.value)
+    kernel = get_attention(resolve_attention(_ATTENTION.value, jax.default_backend(), "float32"))
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(kernel(q, k, v)), argnums=(0, 1, 2)))
     jax.block_until_ready(grad(q, k, v))
     jax_s = _median_seconds(lambda: jax.block_until_ready(grad(q, k, v)), _REPEATS.value)
