@@ -265,6 +265,9 @@ class Policy:
         Returns {"actions": [T_a, action_dim] float32 in the dataset's raw units}
         and, with `return_latents`, "latents": the predicted clip [F, h, w, C] in the DiT's normalized
         latent scale (context frames first).
+
+        A teacher-forced chunk-causal model (model.history="teacher_forcing") given one context frame denoises
+        its chunks one after another through the KV cache, each against its own clean predictions before it.
         """
         mode = check_mode(self.mode if mode is None else mode)
         raw_frames = frames
@@ -301,7 +304,11 @@ class Policy:
                 session.keep_prediction()
             actions.append(session.next_actions())
             latents.append(session.last_latents)
-        result = {"actions": np.concatenate(actions)[: self.num_actions]}
+        actions = np.concatenate(actions)
+        if actions.shape[0] < self.num_actions:
+            raise RuntimeError(f"the KV-cache rollout gave {actions.shape[0]} actions over "
+                               f"{session.geometry.max_chunks} chunks; the clip has {self.num_actions}")
+        result = {"actions": actions[: self.num_actions]}
         if return_latents:
             result["latents"] = np.asarray(jnp.concatenate(latents, axis=1)[0], np.float32)
         return result
@@ -403,6 +410,7 @@ class ClosedLoopSession:
         self.rollout = ChunkedRollout(cfg, policy.params, self.geometry, policy.options, mode=check_mode(mode))
         self.text = jnp.asarray(policy.embed_instruction(instruction))[None]
         self.frames_per_observation = frames_per_chunk * policy.vae_config.temporal_compression
+        self.last_latents: jax.Array | None = None  # the newest chunk's predicted latents
         self._anchor(policy.prepare_frames(frame)[-1], proprio)
 
     def _anchor(self, frame: np.ndarray, proprio: np.ndarray | None) -> None:
