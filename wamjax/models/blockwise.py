@@ -35,21 +35,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | No
         rule = mask.rule
         q_ids = {n: jnp.pad(a, (0, pad_q)) for n, a in mask.q_ids().items()}
         kv_ids = {n: jnp.pad(a, (0, pad_k)) for n, a in mask.kv_ids().items()}  # padded keys: kv_valid False
-    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
+    # Head-major [B, H, S, D] inside: every block matmul is then a plain batched GEMM with no per-block transpose.
+    pad = lambda x, n: jnp.swapaxes(jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x, 1, 2)
     out = _flash(pad(q, pad_q), pad(k, pad_k), pad(v, pad_k), q_ids, kv_ids, rule, bq, bk)
-    return out[:, :sq]
+    return jnp.swapaxes(out, 1, 2)[:, :sq]
 
 
 def _blocks(x: jax.Array, size: int) -> jax.Array:
-    """[B, S, ...] -> [S // size, B, size, ...]."""
-    b, s = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, s // size, size, *x.shape[2:]), 1, 0)
+    """[B, H, S, D] -> [S // size, B, H, size, D]."""
+    b, h, s, d = x.shape
+    return jnp.moveaxis(x.reshape(b, h, s // size, size, d), 2, 0)
 
 
 def _unblocks(x: jax.Array) -> jax.Array:
-    """[N, B, size, ...] -> [B, N * size, ...]."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])
+    """[N, B, H, size, D] -> [B, H, N * size, D]."""
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
 
 
 def _id_blocks(ids: Ids, size: int) -> Ids:
@@ -58,7 +59,7 @@ def _id_blocks(ids: Ids, size: int) -> Ids:
 
 def _logits(qi, kj, qid, kid, rule, scale):
     """Masked float32 logits [B, H, bq, bk] of one block pair; masked entries are -inf."""
-    s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=jnp.float32) * scale
     if rule is not None:
         s = jnp.where(allowed_block(rule, qid, kid)[None, None], s, -jnp.inf)
     return s
@@ -83,7 +84,7 @@ def _forward(q, k, v, q_ids, kv_ids, rule, bq, bk):
 
     def per_query_block(args):
         qi, qid = args
-        b, _, h, d = qi.shape
+        b, h, _, d = qi.shape
 
         def update(carry, kj, vj, kid):
             m, total, acc = carry
@@ -94,8 +95,8 @@ def _forward(q, k, v, q_ids, kv_ids, rule, bq, bk):
             p = jnp.exp(s - m_safe[..., None])
             correction = jnp.exp(m - m_safe)
             total = total * correction + p.sum(-1)
-            pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
-            acc = acc * jnp.swapaxes(correction, 1, 2)[..., None] + pv
+            pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+            acc = acc * correction[..., None] + pv
             return m_new, total, acc
 
         def step(carry, kv):
@@ -103,11 +104,11 @@ def _forward(q, k, v, q_ids, kv_ids, rule, bq, bk):
             return _if_visible(rule, qid, kid, lambda c: update(c, kj, vj, kid), lambda c: c, carry), None
 
         init = (jnp.full((b, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
-                jnp.zeros((b, bq, h, d), jnp.float32))
+                jnp.zeros((b, h, bq, d), jnp.float32))
         (m, total, acc), _ = jax.lax.scan(step, init, (kb, vb, kid_b))
         seen = total > 0
         safe_total = jnp.where(seen, total, 1.0)
-        out = acc / jnp.swapaxes(safe_total, 1, 2)[..., None]
+        out = acc / safe_total[..., None]
         lse = jnp.where(seen, m + jnp.log(safe_total), 0.0)
         return out.astype(q.dtype), lse
 
@@ -126,8 +127,7 @@ def _flash_bwd(rule, bq, bk, residuals, d_out):
     qb, kb, vb = _blocks(q, bq), _blocks(k, bk), _blocks(v, bk)
     dob = _blocks(d_out, bq)
     # delta_i = rowsum(dO_i * O_i): the softmax-backward term, [Nq, B, H, bq].
-    delta_b = jnp.swapaxes(jnp.einsum("nbqhd,nbqhd->nbqh", dob.astype(jnp.float32), out_b.astype(jnp.float32)),
-                           2, 3)
+    delta_b = jnp.einsum("nbhqd,nbhqd->nbhq", dob.astype(jnp.float32), out_b.astype(jnp.float32))
     qid_b, kid_b = _id_blocks(q_ids, bq), _id_blocks(kv_ids, bk)
 
     def per_key_block(dq, kv):
@@ -137,11 +137,11 @@ def _flash_bwd(rule, bq, bk, residuals, d_out):
             dk, dv = carry
             s = _logits(qi, kj, qid, kid, rule, scale)
             p = jnp.exp(s - lse[..., None])
-            dv = dv + jnp.einsum("bhqk,bqhd->bkhd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, preferred_element_type=jnp.float32)
+            dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bhqd,bhkd->bhqk", doi, vj, preferred_element_type=jnp.float32)
             ds = (p * (dp - delta[..., None]) * scale).astype(qi.dtype)
-            dk = dk + jnp.einsum("bhqk,bqhd->bkhd", ds, qi, preferred_element_type=jnp.float32)
-            dqi = jnp.einsum("bhqk,bkhd->bqhd", ds, kj, preferred_element_type=jnp.float32)
+            dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, qi, preferred_element_type=jnp.float32)
+            dqi = jnp.einsum("bhqk,bhkd->bhqd", ds, kj, preferred_element_type=jnp.float32)
             return (dk, dv), dqi
 
         def step(carry, qs):
