@@ -66,6 +66,28 @@ def test_blockwise_equals_dot_product_values_and_gradients(name):
         np.testing.assert_allclose(np.asarray(moved)[:, rows], np.asarray(got[0])[:, rows], atol=1e-5)
 
 
+def test_blockwise_balances_its_blocks_over_the_sequence():
+    from wamjax.models.blockwise import balanced_block
+
+    for length in (1, 7, 64, 320, 513, 1280, 2880, 5120, 14073, 32760, 75600):
+        for block in (8, 64, 512):
+            size = balanced_block(length, block)
+            count = -(-length // size)
+            assert size <= block and count == -(-length // block)  # no more blocks than asked for
+            assert count * size - length < max(8 * count, 1)  # padding: under 8 tokens per block
+    assert balanced_block(1280, 512) == 432  # 3 x 432 (16 padded), not 3 x 512 (256 padded)
+    # A ragged length with balanced blocks (70 tokens at 32: 3 blocks of 24) equals dot_product, with and
+    # without a mask.
+    q, k, v = _qkv(70, 70, seed=3)
+    chunks = AttentionMask.create(np.repeat(np.arange(5), 14))
+    kernel = attention_lib.get_attention("blockwise", attention_lib.KernelOptions(block_q=32, block_kv=32))
+    for mask in (None, chunks):
+        want = _value_and_grads(attention_lib.get_attention("dot_product"), q, k, v, mask)
+        have = _value_and_grads(kernel, q, k, v, mask)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(have), strict=True):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["xla", "cudnn"])
 def test_jax_nn_kernels_equal_dot_product_on_every_mask(kernel):
     # Off GPU, cudnn resolves to xla; bidirectional + padding goes as key lengths, the rest as a mask.

@@ -2,13 +2,14 @@
 accumulation, and a flash-style backward that recomputes each logit block from q, k and the saved per-row
 log-sum-exp, so neither direction stores more than one [B, H, bq, bk] block of logits at a time.
 
-Sequence lengths that are not a multiple of the block sizes are padded here (padded keys are masked out,
-padded query rows are dropped). The mask comes from per-token ids (`AttentionMask`), sliced per block.
+Block sizes are balanced over the sequence (`balanced_block`); what is left is padded here (padded keys are
+masked out, padded query rows are dropped). The mask comes from per-token ids (`AttentionMask`), sliced per block.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | No
     sq, sk = q.shape[1], k.shape[1]
     if mask is not None and (mask.q_length, mask.kv_length) != (sq, sk):
         raise ValueError(f"attention mask covers ({mask.q_length}, {mask.kv_length}) tokens; q, k have ({sq}, {sk})")
-    bq, bk = min(block_q, sq), min(block_kv, sk)
+    bq, bk = balanced_block(sq, block_q), balanced_block(sk, block_kv)
     pad_q, pad_k = -sq % bq, -sk % bk
+    skip_masked_blocks = mask is not None  # a mask made here only hides padded keys: no block pair is skipped
     if mask is None and pad_k:
         mask = AttentionMask.create(jnp.zeros(sq, jnp.int32), jnp.zeros(sk, jnp.int32))
     rule, q_ids, kv_ids = None, None, None
@@ -37,8 +39,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | No
         kv_ids = {n: jnp.pad(a, (0, pad_k)) for n, a in mask.kv_ids().items()}  # padded keys: kv_valid False
     # Head-major [B, H, S, D] inside: every block matmul is then a plain batched GEMM with no per-block transpose.
     pad = lambda x, n: jnp.swapaxes(jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x, 1, 2)
-    out = _flash(pad(q, pad_q), pad(k, pad_k), pad(v, pad_k), q_ids, kv_ids, rule, bq, bk)
+    out = _flash(pad(q, pad_q), pad(k, pad_k), pad(v, pad_k), q_ids, kv_ids, rule, bq, bk, skip_masked_blocks)
     return jnp.swapaxes(out, 1, 2)[:, :sq]
+
+
+def balanced_block(length: int, block: int) -> int:
+    """The block size used for `length` tokens: as many blocks as `block` needs, made equal, rounded up to a
+    multiple of 8 (1,280 tokens at 512 run as 3 blocks of 432, 1.2% padding, not 3 of 512, 20%)."""
+    if length <= block:
+        return length
+    count = math.ceil(length / block)
+    return min(block, 8 * math.ceil(math.ceil(length / count) / 8))
 
 
 def _blocks(x: jax.Array, size: int) -> jax.Array:
@@ -65,20 +76,20 @@ def _logits(qi, kj, qid, kid, rule, scale):
     return s
 
 
-def _if_visible(rule, qid, kid, compute, skipped, operand):
+def _if_visible(rule, skip, qid, kid, compute, skipped, operand):
     """`compute(operand)` when any query of the block pair sees any key, else `skipped(operand)`: fully masked
-    block pairs (a later chunk's keys, padding) cost no matmuls."""
-    if rule is None:
+    block pairs (a later chunk's keys, padding) cost no matmuls. Without `skip`, always `compute`."""
+    if rule is None or not skip:
         return compute(operand)
     return jax.lax.cond(allowed_block(rule, qid, kid).any(), compute, skipped, operand)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q, k, v, q_ids: Ids, kv_ids: Ids, rule: str | None, bq: int, bk: int) -> jax.Array:
-    return _forward(q, k, v, q_ids, kv_ids, rule, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q, k, v, q_ids: Ids, kv_ids: Ids, rule: str | None, bq: int, bk: int, skip: bool) -> jax.Array:
+    return _forward(q, k, v, q_ids, kv_ids, rule, bq, bk, skip)[0]
 
 
-def _forward(q, k, v, q_ids, kv_ids, rule, bq, bk):
+def _forward(q, k, v, q_ids, kv_ids, rule, bq, bk, skip):
     scale = q.shape[-1] ** -0.5
     kb, vb, kid_b = _blocks(k, bk), _blocks(v, bk), _id_blocks(kv_ids, bk)
 
@@ -101,7 +112,7 @@ def _forward(q, k, v, q_ids, kv_ids, rule, bq, bk):
 
         def step(carry, kv):
             kj, vj, kid = kv
-            return _if_visible(rule, qid, kid, lambda c: update(c, kj, vj, kid), lambda c: c, carry), None
+            return _if_visible(rule, skip, qid, kid, lambda c: update(c, kj, vj, kid), lambda c: c, carry), None
 
         init = (jnp.full((b, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
                 jnp.zeros((b, h, bq, d), jnp.float32))
@@ -116,12 +127,12 @@ def _forward(q, k, v, q_ids, kv_ids, rule, bq, bk):
     return _unblocks(out_b), (out_b, lse_b)
 
 
-def _flash_fwd(q, k, v, q_ids, kv_ids, rule, bq, bk):
-    out, (out_b, lse_b) = _forward(q, k, v, q_ids, kv_ids, rule, bq, bk)
+def _flash_fwd(q, k, v, q_ids, kv_ids, rule, bq, bk, skip):
+    out, (out_b, lse_b) = _forward(q, k, v, q_ids, kv_ids, rule, bq, bk, skip)
     return out, (q, k, v, q_ids, kv_ids, out_b, lse_b)
 
 
-def _flash_bwd(rule, bq, bk, residuals, d_out):
+def _flash_bwd(rule, bq, bk, skip, residuals, d_out):
     q, k, v, q_ids, kv_ids, out_b, lse_b = residuals
     scale = q.shape[-1] ** -0.5
     qb, kb, vb = _blocks(q, bq), _blocks(k, bk), _blocks(v, bk)
@@ -147,7 +158,7 @@ def _flash_bwd(rule, bq, bk, residuals, d_out):
         def step(carry, qs):
             qi, _, _, _, qid = qs
             skipped = lambda c: (c, jnp.zeros(qi.shape, jnp.float32))
-            return _if_visible(rule, qid, kid, lambda c: update(c, *qs), skipped, carry)
+            return _if_visible(rule, skip, qid, kid, lambda c: update(c, *qs), skipped, carry)
 
         zeros = jnp.zeros(kj.shape, jnp.float32)
         (dk, dv), dq_parts = jax.lax.scan(step, (zeros, zeros), (qb, dob, lse_b, delta_b, qid_b))
