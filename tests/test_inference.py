@@ -315,3 +315,32 @@ def test_infer_denoises_a_teacher_forced_model_chunk_by_chunk():
     policy = make(config)
     assert policy.infer(frame, proprio, prompt)["actions"].shape == (8, 7)
     assert policy.num_traces == 1
+
+
+def test_imagine_runs_a_teacher_forced_model_chunk_by_chunk():
+    """World model on a teacher-forced model: each chunk's frames are denoised against the clean chunks before
+    it, with that chunk's own actions held clean."""
+    config = get_config("size=tiny,stage=action_tune")
+    config.model.attention_layout = "chunk_causal"
+    cfg = ModelConfig.from_dict({**config.model.to_dict(), "proprio_dim": config.data.proprio_dim})
+    params = jitted_init(cfg, jax.random.key(8), (3, H, W, 16), TEXT_LEN, 8)
+    frame = np.random.default_rng(3).integers(0, 255, (32, 32, 3), np.uint8)
+    actions = np.random.default_rng(4).uniform(-1, 1, (8, 7)).astype(np.float32)
+    make = lambda: Policy(config, params, {}, options=SamplerOptions(num_steps=2), seed=4)
+    policy = make()
+    out = policy.imagine(frame, actions, "synthetic: move the block left")
+    assert out["latents"].shape == (3, H, W, 16) and out["frames"].shape == (9, 32, 32, 3)
+    assert out["frames"].dtype == np.uint8 and policy.num_traces == 0  # the one-shot sampler never ran
+    # Other actions for the second chunk only: the first chunk's frames stay, the second's change.
+    changed = actions.copy()
+    changed[4:] = -changed[4:]
+    other = make().imagine(frame, changed, "synthetic: move the block left")
+    np.testing.assert_allclose(other["latents"][:2], out["latents"][:2], atol=1e-5)
+    assert not np.allclose(other["latents"][2], out["latents"][2], atol=1e-4)
+    # Other actions for the first chunk change its frames, and the second chunk's through the cache.
+    changed = actions.copy()
+    changed[:4] = -changed[:4]
+    first = make().imagine(frame, changed, "synthetic: move the block left")
+    assert not np.allclose(first["latents"][1], out["latents"][1], atol=1e-4)
+    with pytest.raises(ValueError, match=r"actions have shape \(7, 7\)"):
+        make().imagine(frame, actions[:7], "x")

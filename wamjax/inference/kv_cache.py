@@ -349,7 +349,8 @@ def generate_chunk(
     """Denoises the next chunk (frames [B, n, H, W, C] and actions [B, na, A]) against the cache, reading its
     state token `proprio` [B, P] when given (`ChunkGeometry.proprio_per_chunk`), then caches the prediction
     clean. Returns (state, latents, actions). mode "imagine_then_act" denoises the frames first
-    (actions held at noise, t=1), then the actions with those frames held clean (t=0)."""
+    (actions held at noise, t=1), then the actions with those frames held clean (t=0); mode "world_model" takes
+    `action_noise` as the chunk's given actions, held clean (t=0) while the frames are denoised."""
     batch = video_noise.shape[0]
     index = state.num_chunks + 1
     tv, tv_next, ta, ta_next = (jnp.asarray(a) for a in (
@@ -375,6 +376,10 @@ def generate_chunk(
         ta, ta_next = (jnp.asarray(a) for a in step_times(m, m, options.shift))
         video, actions = jax.lax.scan(body, init, (tv, tv_next, jnp.ones(n), jnp.ones(n)))[0]
         (video, actions), _ = jax.lax.scan(body, (video, actions), (jnp.zeros(m), jnp.zeros(m), ta, ta_next))
+    elif mode == "world_model":
+        n = options.num_steps
+        tv, tv_next = (jnp.asarray(a) for a in step_times(n, n, options.shift))
+        (video, actions), _ = jax.lax.scan(body, init, (tv, tv_next, jnp.zeros(n), jnp.zeros(n)))
     else:
         (video, actions), _ = jax.lax.scan(body, init, (tv, tv_next, ta, ta_next))
     state = _commit(cfg, geometry, options, params, state, index, video, actions)
@@ -466,6 +471,26 @@ class ChunkedRollout:
         )
         self.num_chunks += 1
         return latents, actions
+
+    def imagine(self, rng: jax.Array, actions: jax.Array) -> jax.Array:
+        """World model: the next chunk's predicted latents [B, n, H, W, C] given its actions [B, na, A] (normalized),
+        held clean while the frames are denoised; both are cached as the chunk."""
+        g = self.geometry
+        expected = (self.batch, g.actions_per_chunk, self.cfg.action_dim)
+        if tuple(actions.shape) != expected:
+            raise ValueError(f"actions have shape {tuple(actions.shape)}; expected {expected} (one chunk's)")
+        if self.state is None:
+            raise RuntimeError("imagine() before start()")
+        if self.full:
+            raise RuntimeError(f"the KV cache holds max_chunks={g.max_chunks} chunks; call start() again")
+        video_noise = jax.random.normal(rng, (self.batch, *g.latent_shape(g.frames_per_chunk, self.cfg.out_channels)))
+        proprio = self.proprio if g.proprio_per_chunk else None
+        self.state, latents, _ = generate_chunk(
+            self.cfg, g, self.options, self.params, self.state, video_noise, jnp.asarray(actions, jnp.float32),
+            "world_model", proprio,
+        )
+        self.num_chunks += 1
+        return latents
 
     def observe(self, observed_latents: jax.Array, proprio: jax.Array | None = None) -> None:
         """Replaces the newest chunk's predicted frames in the cache with the real observation's latents; the

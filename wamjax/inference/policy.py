@@ -85,6 +85,16 @@ def _context_latents(shapes: PolicyShapes, vae_params: Params, frames: jax.Array
     return latents, image_conditioning
 
 
+def decode_latents(vae_config: Any, vae_params: Params, latents: jax.Array) -> jax.Array:
+    """Normalized latents [B, F, H', W', C] (or [B, F, V, H', W', C], each view decoded on its own) -> frames in
+    [-1, 1]."""
+    denormalized = vae_lib.denormalize_latents(vae_config, latents)
+    if denormalized.ndim == 6:  # [B, T, V, H, W, 3]
+        views = denormalized.shape[2]
+        return views_out_of_batch(vae_lib.vae_decode(vae_config, vae_params, views_into_batch(denormalized)), views)
+    return vae_lib.vae_decode(vae_config, vae_params, denormalized)
+
+
 def policy_step(shapes: PolicyShapes, params: Params, vae_params: Params, frames: jax.Array, text: jax.Array,
                 proprio: jax.Array, rng: jax.Array, image_params: Params = None) -> Any:
     """The pure function a policy jits: uint8 context frames -> VAE latents -> sampled video and actions."""
@@ -237,12 +247,7 @@ class Policy:
                                         jnp.float32)
         out = sample(shapes.model, params, latents, text, proprio, video_noise, None, options=shapes.options,
                      clean_actions=actions, image_conditioning=image_conditioning)
-        denormalized = vae_lib.denormalize_latents(shapes.vae, out.latents)
-        if denormalized.ndim == 6:  # each view decoded on its own: [B, T, V, H, W, 3]
-            views = denormalized.shape[2]
-            decoded = vae_lib.vae_decode(shapes.vae, vae_params, views_into_batch(denormalized))
-            return out.latents, views_out_of_batch(decoded, views)
-        return out.latents, vae_lib.vae_decode(shapes.vae, vae_params, denormalized)
+        return out.latents, decode_latents(shapes.vae, vae_params, out.latents)
 
     def infer(
         self,
@@ -320,7 +325,8 @@ class Policy:
 
         frames as in `infer`; actions: raw [T_a, action_dim] in the dataset's units (T_a = the policy's
         action_horizon). Returns "latents" [F, h, w, C] (normalized latent scale, context frames first) and
-        "frames" uint8 [num_frames, h, w, 3]: the VAE decode of the whole predicted clip.
+        "frames" uint8 [num_frames, h, w, 3]: the VAE decode of the whole predicted clip. A teacher-forced model
+        given one context frame predicts chunk by chunk through the KV cache, as `infer` does.
         """
         actions = np.asarray(actions, np.float32)
         expected = (self.num_actions, self.model_config.action_dim)
@@ -330,10 +336,13 @@ class Policy:
             raise ValueError("actions have non-finite values")
         if self.stats is not None:
             actions = normalize(actions, self.stats["action"], self.normalization)
+        raw_frames = frames
         frames = self.prepare_frames(frames)
         proprio_norm = self.prepare_proprio(proprio)
         text = self.embed_instruction(instruction)
         context_latents = 1 + (frames.shape[0] - 1) // self.vae_config.temporal_compression
+        if trains_teacher_forced(self.model_config) and context_latents == 1:
+            return self._imagine_chunk_by_chunk(raw_frames, actions, instruction, proprio)
         shapes = PolicyShapes(self.model_config, self.vae_config, self.options,
                               self.num_latent_frames - context_latents, self.num_actions, False, mode="world_model",
                               image_encoder=self.image_encoder_config, num_frames=self.num_frames)
@@ -343,6 +352,29 @@ class Policy:
                                            self.image_encoder_params)
         decoded = np.round((np.asarray(video[0], np.float32) + 1.0) * 127.5)
         return {"latents": np.asarray(latents[0], np.float32), "frames": np.clip(decoded, 0, 255).astype(np.uint8)}
+
+    def _imagine_chunk_by_chunk(self, frames: Any, actions: np.ndarray, instruction: str,
+                                proprio: np.ndarray | None) -> dict[str, np.ndarray]:
+        """`imagine` for a teacher-forced model: chunk by chunk through the KV cache, each chunk's frames denoised
+        against the clean predictions before it, with its own slice of the (normalized) actions held clean."""
+        session = self.start_rollout(frames, proprio, instruction)
+        per_chunk = session.geometry.actions_per_chunk
+        if per_chunk * session.geometry.max_chunks < actions.shape[0]:
+            raise RuntimeError(f"the KV-cache rollout takes {per_chunk} actions x {session.geometry.max_chunks} "
+                               f"chunks; the clip has {actions.shape[0]}")
+        latents = [session.context_latents]
+        for i in range(session.geometry.max_chunks):
+            self._rng, rng = jax.random.split(self._rng)
+            chunk = jnp.asarray(actions[i * per_chunk : (i + 1) * per_chunk])[None]
+            latents.append(session.rollout.imagine(rng, chunk))
+        latents = jnp.concatenate(latents, axis=1)
+        video = self._decode_jit(self.vae_config, self.vae_params, latents)
+        decoded = np.round((np.asarray(video[0], np.float32) + 1.0) * 127.5)
+        return {"latents": np.asarray(latents[0], np.float32), "frames": np.clip(decoded, 0, 255).astype(np.uint8)}
+
+    @functools.cached_property
+    def _decode_jit(self):
+        return jax.jit(decode_latents, static_argnums=0)
 
     @functools.cached_property
     def _imagine_jit(self):
