@@ -147,6 +147,8 @@ def markdown_table(rows: list[dict]) -> str:
         gib = (f"{r['argument_bytes'] / GIB:.2f} / {r['temp_bytes'] / GIB:.1f}{plus} / "
                f"{r['total_bytes'] / GIB:.1f}{plus} of {r['hbm_bytes'] / GIB:.0f}")
         ratio = "-" if r["flop_ratio"] is None else f"{r['flop_ratio']:.3f}"
+        if r["flop_ratio"] is not None and r.get("opaque_attention"):
+            ratio += " (XLA does not count the splash kernel)"
         step = "-" if oom else f"{r['step_time_bound_s']:.2f} s"
         mfu = "-" if oom else f"{100 * r['mfu_bound']:.1f}%"
         out.append(f"{head} | {result} | {gib} | {r['compile_s']:.0f} | {step} | {mfu} | {ratio} |")

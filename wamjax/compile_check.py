@@ -41,6 +41,7 @@ from data_pipelines.config import clip_num_actions, clip_num_states
 from wamjax.flops import peak as peak_lib
 from wamjax.flops.analytic import forward_flops, train_step_flops
 from wamjax.models import vae as vae_lib
+from wamjax.models.attention import resolve_attention
 from wamjax.models.config import model_config_from_run
 from wamjax.models.wam import WorldActionModel, example_inputs
 from wamjax.parallel.mesh import MESH_AXES, batch_sharding, logical_rules, make_mesh, replicated
@@ -364,6 +365,7 @@ class Report:
     xla_bytes_accessed: float | None  # per chip, loops counted in full
     vae_in_step: bool
     vae_delta: Compiled | None = None  # the same step on cached latents (no VAE), for the VAE's share
+    opaque_attention: bool = False  # attention is a Pallas kernel: XLA's cost analysis counts none of its FLOPs
 
     @property
     def fits(self) -> bool:
@@ -375,8 +377,10 @@ class Report:
 
     @property
     def step_time_bound(self) -> float:
-        """Roofline lower bound on the step time: max(compute at peak, HBM traffic at full bandwidth)."""
-        flops = self.xla_flops if self.xla_flops is not None else self.analytic_flops
+        """Roofline lower bound on the step time: max(compute at peak, HBM traffic at full bandwidth). XLA's
+        FLOPs are used unless they miss an opaque (Pallas) attention kernel; then the analytic count is."""
+        use_xla = self.xla_flops is not None and not self.opaque_attention
+        flops = self.xla_flops if use_xla else self.analytic_flops
         compute = flops / self.topology.chips / self.topology.peak_flops
         memory = (self.xla_bytes_accessed or 0.0) / self.topology.hbm_bandwidth
         return max(compute, memory)
@@ -406,6 +410,7 @@ class Report:
             "total_bytes": c.total_bytes, "compile_s": c.compile_s, "analytic_flops": self.analytic_flops,
             "model_flops": self.model_flops, "xla_flops": self.xla_flops, "flop_ratio": self.flop_ratio,
             "step_time_bound_s": self.step_time_bound, "mfu_bound": self.mfu_bound,
+            "opaque_attention": self.opaque_attention,
         }
         if self.vae_delta is not None:
             out["vae_added_bytes"] = c.total_bytes - self.vae_delta.total_bytes
@@ -442,6 +447,9 @@ class Report:
         lines.append(f"FLOPs per step    analytic {self.analytic_flops:.4e} (model {self.model_flops:.4e})")
         if self.xla_flops is not None:
             lines.append(f"                  XLA      {self.xla_flops:.4e}  (XLA / analytic = {self.flop_ratio:.4f})")
+            if self.opaque_attention:
+                lines.append("                  (XLA counts none of the Pallas attention kernel's FLOPs; the roofline "
+                             "uses the analytic count)")
         else:
             lines.append("                  XLA      not counted (--noxla_flops, an inference loop, or a compile that "
                          "ran out of memory)")
@@ -509,9 +517,10 @@ def check(config: ml_collections.ConfigDict, topology: str, *, what: str = "trai
     if vae_in_step and vae_delta:
         log("compiling the same step on cached latents, for the VAE's share ...")
         delta = compile_train_step(config, stage, mesh, latents=True)
+    kernel = resolve_attention(cfg.attention, "tpu", cfg.dtype)
     return Report(what, stage, topo, mesh_sizes, int(config.data.batch_size), compiled, analytic_flops=analytic,
                   model_flops=step.train_per_step, xla_flops=xla_total, xla_bytes_accessed=bytes_accessed,
-                  vae_in_step=vae_in_step, vae_delta=delta)
+                  vae_in_step=vae_in_step, vae_delta=delta, opaque_attention=kernel == "splash")
 
 
 # ----------------------------------------------------------------------------------------------------
