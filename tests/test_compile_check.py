@@ -83,6 +83,9 @@ def test_bad_topology_and_batch_are_named():
     config.data.batch_size = 6
     with pytest.raises(compile_check.CompileCheckError, match=r"data.batch_size=6.*data x fsdp = 4"):
         compile_check.check(config, "v5p:2x2x1")
+    config.data.batch_size, config.train.microbatches = 8, 4  # micro-batches of 2 over 4 chips
+    with pytest.raises(compile_check.CompileCheckError, match=r"train.microbatches=4 = 2 examples.*4 devices"):
+        compile_check.check(config, "v5p:2x2x1", xla_flops=False)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -110,6 +113,16 @@ def test_tiny_train_step_fits_a_small_v5p_slice():
     assert _field(r"step >= ([\d.]+) ms", text) > 0
     assert 0 < _field(r"MFU <= ([\d.]+)%", text) <= 100
     assert text.strip().endswith("result            fits")
+
+
+def test_micro_batches_are_compiled_as_the_loop_runs_them():
+    # Gradient accumulation over 2 micro-batches: XLA counts the scan's body once, the check scales it back.
+    out = _run(f"--config={REPO}/configs/wam.py:size=tiny,stage=video_pretrain", "--topology=v5p:2x2x1",
+               "--config.data.latents_cache=latents", "--config.model.scan_layers=False",
+               "--config.train.microbatches=2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "8 global = 2 per chip" in out.stdout
+    assert 0.9 < _field(r"XLA / analytic = ([\d.]+)", out.stdout) < 1.2
 
 
 def test_splash_flops_are_not_taken_from_xla():

@@ -48,7 +48,7 @@ from wamjax.parallel.mesh import MESH_AXES, batch_sharding, logical_rules, make_
 from wamjax.train.optimizer import make_optimizer
 from wamjax.train.setup import boxed_init_fn, jit_train_step, state_layout, unbox_plain
 from wamjax.train.stages import STAGES
-from wamjax.train.step import StepSpec, make_train_step
+from wamjax.train.step import StepSpec, check_microbatches, make_train_step
 
 # Generations libtpu describes, with the chip configuration each is compiled for (v4 and v5p: one device per
 # chip, both TensorCores, as they run in practice).
@@ -288,8 +288,17 @@ def compile_train_step(config: ml_collections.ConfigDict, stage: str, mesh: jax.
     example = jax.eval_shape(lambda: example_inputs(cfg, latent_shape(config), int(config.text.max_length),
                                                     num_actions))
     vae_cfg = vae_lib.vae_config_for(config.vae.size)
+    microbatches = int(config.train.microbatches)
+    batch_size = int(config.data.batch_size)
+    if microbatches != 1:  # the whole batch's own sharding is checked with the batch
+        try:
+            check_microbatches(microbatches, batch_size,
+                               batch_size // batch_sharding(mesh, rules, 1).shard_shape((batch_size,))[0])
+        except ValueError as e:
+            raise CompileCheckError(str(e)) from e
+    # The step as the loop builds it: gradient accumulation over micro-batches, frozen parameters' gradients.
     spec = StepSpec(model=cfg, mode=stage_cfg.mode, clean_context_frames=int(stage_cfg.clean_context_frames),
-                    vae=vae_cfg, pad_to_multiple=pad)
+                    vae=vae_cfg, pad_to_multiple=pad, microbatches=microbatches, trainable=stage_cfg.trainable)
     step_fn = make_train_step(spec, config.diffusion, tx, schedule, config.optim.ema_decay)
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
         init_boxed = boxed_init_fn(WorldActionModel(cfg, pad_to_multiple=pad), example, tx,
@@ -513,6 +522,12 @@ def check(config: ml_collections.ConfigDict, topology: str, *, what: str = "trai
         elif not compiled.out_of_memory:
             per_chip, bytes_accessed = compiled.flops, compiled.bytes_accessed
             xla_total = per_chip * topo.chips
+    microbatches = int(config.train.microbatches)
+    if xla_total is not None and microbatches > 1:
+        # The micro-batches are a scan whose body XLA counts once (the optimizer update outside it is then
+        # counted `microbatches` times too: a small excess).
+        xla_total *= microbatches
+        bytes_accessed = None if bytes_accessed is None else bytes_accessed * microbatches
     delta = None
     if vae_in_step and vae_delta:
         log("compiling the same step on cached latents, for the VAE's share ...")
