@@ -15,7 +15,9 @@ Assumptions (stated, not fitted to the published number; `python -m wamjax.flops
   frozen      VAE latents and text embeddings read from caches (data.latents_cache, text.cache); with
               --config.data.latents_cache= (empty) the VAE encoder runs in the step
   memory      bfloat16 compute, full remat, FSDP over all chips, model.attention from
-              configs/wam.py's BIG_ATTENTION: check the fit with `python -m wamjax.compile_check`
+              configs/wam.py's BIG_ATTENTION: check the fit with `python -m wamjax.compile_check`. One clip
+              per chip fits a v5p chip; the global batch of 256 on fewer than 256 chips needs gradient
+              accumulation, e.g. --config.train.microbatches=4 on a v5p-128 (43 GiB per chip, compiled)
 """
 
 from __future__ import annotations
