@@ -258,7 +258,7 @@ def summarize(per_dataset: dict[str, dict[str, list[np.ndarray]]]) -> dict[str, 
 
 def frame_grid(context: np.ndarray, predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
     """uint8 [2H, (1 + T)W, 3]: row 1 the context frame then the predicted frames, row 2 it then the true."""
-    to_u8 = lambda x: np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    to_u8 = vae_lib.video_to_frames
     rows = [np.concatenate([to_u8(context), *map(to_u8, frames)], axis=1) for frames in (predicted, true)]
     return np.concatenate(rows, axis=0)
 

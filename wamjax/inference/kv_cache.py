@@ -442,13 +442,16 @@ class ChunkedRollout:
         self.batch = context_latents.shape[0]
         self.proprio = proprio
 
-    def generate(self, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Next chunk's predicted latents [B, n, H, W, C] and actions [B, na, A] (also cached as predicted)."""
+    def _check_room(self, caller: str) -> None:
         if self.state is None:
-            raise RuntimeError("generate() before start()")
+            raise RuntimeError(f"{caller}() before start()")
         if self.full:
             raise RuntimeError(f"the KV cache holds max_chunks={self.geometry.max_chunks} chunks; call start() "
                                "again from the newest real observation")
+
+    def generate(self, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Next chunk's predicted latents [B, n, H, W, C] and actions [B, na, A] (also cached as predicted)."""
+        self._check_room("generate")
         g, cfg = self.geometry, self.cfg
         rng_v, rng_a = jax.random.split(rng)
         video_noise = jax.random.normal(rng_v, (self.batch, *g.latent_shape(g.frames_per_chunk, cfg.out_channels)))
@@ -479,10 +482,7 @@ class ChunkedRollout:
         expected = (self.batch, g.actions_per_chunk, self.cfg.action_dim)
         if tuple(actions.shape) != expected:
             raise ValueError(f"actions have shape {tuple(actions.shape)}; expected {expected} (one chunk's)")
-        if self.state is None:
-            raise RuntimeError("imagine() before start()")
-        if self.full:
-            raise RuntimeError(f"the KV cache holds max_chunks={g.max_chunks} chunks; call start() again")
+        self._check_room("imagine")
         video_noise = jax.random.normal(rng, (self.batch, *g.latent_shape(g.frames_per_chunk, self.cfg.out_channels)))
         proprio = self.proprio if g.proprio_per_chunk else None
         self.state, latents, _ = generate_chunk(

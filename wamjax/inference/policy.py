@@ -275,13 +275,13 @@ class Policy:
         its chunks one after another through the KV cache, each against its own clean predictions before it.
         """
         mode = check_mode(self.mode if mode is None else mode)
-        raw_frames = frames
-        frames = self.prepare_frames(frames)
+        prepared = self.prepare_frames(frames)
+        context_latents = 1 + (prepared.shape[0] - 1) // self.vae_config.temporal_compression
+        if trains_teacher_forced(self.model_config) and context_latents == 1:
+            return self._infer_chunk_by_chunk(frames, proprio, instruction, mode, return_latents)
+        frames = prepared
         proprio_norm = self.prepare_proprio(proprio)
         text = self.embed_instruction(instruction)
-        context_latents = 1 + (frames.shape[0] - 1) // self.vae_config.temporal_compression
-        if trains_teacher_forced(self.model_config) and context_latents == 1:
-            return self._infer_chunk_by_chunk(raw_frames, proprio, instruction, mode, return_latents)
         shapes = PolicyShapes(
             self.model_config, self.vae_config, self.options, self.num_latent_frames - context_latents,
             self.num_actions, stop_after_actions=not return_latents and mode == "joint", mode=mode,
@@ -298,22 +298,28 @@ class Policy:
             result["latents"] = np.asarray(out.latents[0], np.float32)
         return result
 
+    def _clip_rollout(self, frames: Any, proprio: np.ndarray | None, instruction: str,
+                      mode: str) -> ClosedLoopSession:
+        """A KV-cache session over the trained clip's chunks, checked to hold all of its actions."""
+        session = self.start_rollout(frames, proprio, instruction, mode=mode)
+        g = session.geometry
+        if g.actions_per_chunk * g.max_chunks < self.num_actions:
+            raise RuntimeError(f"the KV-cache rollout takes {g.actions_per_chunk} actions x {g.max_chunks} chunks; "
+                               f"the clip has {self.num_actions}")
+        return session
+
     def _infer_chunk_by_chunk(self, frames: Any, proprio: np.ndarray | None, instruction: str, mode: str,
                               return_latents: bool) -> dict[str, np.ndarray]:
         """`infer` for a teacher-forced model: its chunks are denoised one after another, each against the KV
         cache of the clean chunks before it (its own predictions), as in training; not all at once."""
-        session = self.start_rollout(frames, proprio, instruction, mode=mode)
+        session = self._clip_rollout(frames, proprio, instruction, mode)
         actions, latents = [], [session.context_latents]
         for i in range(session.geometry.max_chunks):
             if i:
                 session.keep_prediction()
             actions.append(session.next_actions())
             latents.append(session.last_latents)
-        actions = np.concatenate(actions)
-        if actions.shape[0] < self.num_actions:
-            raise RuntimeError(f"the KV-cache rollout gave {actions.shape[0]} actions over "
-                               f"{session.geometry.max_chunks} chunks; the clip has {self.num_actions}")
-        result = {"actions": actions[: self.num_actions]}
+        result = {"actions": np.concatenate(actions)[: self.num_actions]}
         if return_latents:
             result["latents"] = np.asarray(jnp.concatenate(latents, axis=1)[0], np.float32)
         return result
@@ -336,13 +342,13 @@ class Policy:
             raise ValueError("actions have non-finite values")
         if self.stats is not None:
             actions = normalize(actions, self.stats["action"], self.normalization)
-        raw_frames = frames
-        frames = self.prepare_frames(frames)
+        prepared = self.prepare_frames(frames)
+        context_latents = 1 + (prepared.shape[0] - 1) // self.vae_config.temporal_compression
+        if trains_teacher_forced(self.model_config) and context_latents == 1:
+            return self._imagine_chunk_by_chunk(frames, actions, instruction, proprio)
+        frames = prepared
         proprio_norm = self.prepare_proprio(proprio)
         text = self.embed_instruction(instruction)
-        context_latents = 1 + (frames.shape[0] - 1) // self.vae_config.temporal_compression
-        if trains_teacher_forced(self.model_config) and context_latents == 1:
-            return self._imagine_chunk_by_chunk(raw_frames, actions, instruction, proprio)
         shapes = PolicyShapes(self.model_config, self.vae_config, self.options,
                               self.num_latent_frames - context_latents, self.num_actions, False, mode="world_model",
                               image_encoder=self.image_encoder_config, num_frames=self.num_frames)
@@ -350,18 +356,14 @@ class Policy:
         latents, video = self._imagine_jit(shapes, self.params, self.vae_params, frames[None], text[None],
                                            proprio_norm[None], jnp.asarray(actions)[None], rng,
                                            self.image_encoder_params)
-        decoded = np.round((np.asarray(video[0], np.float32) + 1.0) * 127.5)
-        return {"latents": np.asarray(latents[0], np.float32), "frames": np.clip(decoded, 0, 255).astype(np.uint8)}
+        return {"latents": np.asarray(latents[0], np.float32), "frames": vae_lib.video_to_frames(video[0])}
 
     def _imagine_chunk_by_chunk(self, frames: Any, actions: np.ndarray, instruction: str,
                                 proprio: np.ndarray | None) -> dict[str, np.ndarray]:
         """`imagine` for a teacher-forced model: chunk by chunk through the KV cache, each chunk's frames denoised
         against the clean predictions before it, with its own slice of the (normalized) actions held clean."""
-        session = self.start_rollout(frames, proprio, instruction)
+        session = self._clip_rollout(frames, proprio, instruction, self.mode)
         per_chunk = session.geometry.actions_per_chunk
-        if per_chunk * session.geometry.max_chunks < actions.shape[0]:
-            raise RuntimeError(f"the KV-cache rollout takes {per_chunk} actions x {session.geometry.max_chunks} "
-                               f"chunks; the clip has {actions.shape[0]}")
         latents = [session.context_latents]
         for i in range(session.geometry.max_chunks):
             self._rng, rng = jax.random.split(self._rng)
@@ -369,8 +371,7 @@ class Policy:
             latents.append(session.rollout.imagine(rng, chunk))
         latents = jnp.concatenate(latents, axis=1)
         video = self._decode_jit(self.vae_config, self.vae_params, latents)
-        decoded = np.round((np.asarray(video[0], np.float32) + 1.0) * 127.5)
-        return {"latents": np.asarray(latents[0], np.float32), "frames": np.clip(decoded, 0, 255).astype(np.uint8)}
+        return {"latents": np.asarray(latents[0], np.float32), "frames": vae_lib.video_to_frames(video[0])}
 
     @functools.cached_property
     def _decode_jit(self):

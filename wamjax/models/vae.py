@@ -474,3 +474,8 @@ def latent_shape(vae_config: VAEConfig, video_shape: tuple[int, ...]) -> tuple[i
 def frames_to_video(frames: jax.Array) -> jax.Array:
     """uint8 frames [..., 3] in [0, 255] -> float32 video in [-1, 1], the range `vae_encode` expects."""
     return frames.astype(jnp.float32) / 127.5 - 1.0
+
+
+def video_to_frames(video: Any) -> np.ndarray:
+    """Video in [-1, 1] (as `vae_decode` gives it) -> host uint8 frames in [0, 255], rounded and clipped."""
+    return np.clip(np.round((np.asarray(video, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
