@@ -9,7 +9,9 @@ same one the trainer builds). Train from the result with `--config.data.latents_
 A cache directory holds `latents-*.array_record` (one record per clip in openpi's msgpack-numpy encoding,
 `wamjax.serving.msgpack_numpy`: the batch contract with `frames` replaced by `latents`, float
 [T', H', W', z_dim], unnormalized like `vae_encode`'s output; `wrist_frames` is dropped) and
-`latents_cache.json` (format, VAE config, shapes, example count).
+`latents_cache.json` (format, VAE config, shapes, example count, the data layout the clips were cut with, and
+the normalization stats their actions and states were normalized with). A run training from the cache must
+use the same layout and stats (each difference refused by name); its checkpoints carry the cache's stats.
 The stored clips are a fixed sample of the stream: training from them repeats those clips every epoch.
 """
 
@@ -24,10 +26,29 @@ import numpy as np
 
 from wamjax.serving import msgpack_numpy
 
-CACHE_FORMAT = "wamjax.latents_cache.v2"  # v2: records in openpi's msgpack-numpy encoding
+# v2: records in openpi's msgpack-numpy encoding; v3: the data layout and normalization stats are recorded
+CACHE_FORMAT = "wamjax.latents_cache.v3"
 META_NAME = "latents_cache.json"
 _SHARD_NAME = "latents-{:05d}.array_record"
 _SKIPPED_KEYS = ("frames", "wrist_frames")
+# The data settings that shape a cached example; a run reading the cache must have the same ones.
+LAYOUT_KEYS = ("source", "datasets", "resolution", "num_frames", "frame_stride", "action_horizon", "proprio_dim",
+               "proprio_chunk_frames", "cameras", "view_layout")
+
+
+def data_layout(data_config: Any) -> dict[str, Any]:
+    """The settings of `config.data` that shape a cached example, as JSON values (datasets as a list)."""
+    from data_pipelines.config import dataset_names
+
+    layout = {}
+    for key in LAYOUT_KEYS:
+        value = data_config.get(key, None)
+        if key == "datasets":
+            value = dataset_names(data_config) if data_config.get("source", "oxe") != "synthetic" else []
+        elif isinstance(value, tuple | list):
+            value = list(value)
+        layout[key] = value
+    return layout
 
 
 def pack_example(example: dict[str, np.ndarray]) -> bytes:
@@ -87,6 +108,7 @@ def encode_batches(
     if len(shapes) > 1:
         raise ValueError(f"batches gave latents of different shapes {sorted(shapes)}; expected one clip shape")
     os.replace(tmp, shard)
+    # The metadata is written last: a cache directory without it is refused (not a cache), never half read.
     meta = {
         "format": CACHE_FORMAT,
         "num_examples": count,
@@ -115,6 +137,38 @@ def read_cache_metadata(cache_dir: str) -> dict[str, Any]:
         raise ValueError(f"{path} has format {meta.get('format')!r}; expected {CACHE_FORMAT!r} "
                          "(re-encode it with `python -m data_pipelines.encode_latents`)")
     return meta
+
+
+def check_cache_layout(cache_dir: str, meta: dict[str, Any], data_config: Any) -> None:
+    """Raises unless the run's data settings (`data_config`) are those the cache's clips were cut with."""
+    recorded = meta.get("data", {})
+    wanted = data_layout(data_config)
+    diffs = [f"data.{key}: cache {recorded.get(key)!r}, run {wanted[key]!r}" for key in LAYOUT_KEYS
+             if recorded.get(key) != wanted[key]]
+    if diffs:
+        raise ValueError(f"latents cache {cache_dir} was built for other data settings than this run's "
+                         f"({'; '.join(diffs)}): re-encode it with this run's config, or match the run to it")
+
+
+def cache_norm_stats(cache_dir: str, data_config: Any) -> dict[str, Any]:
+    """The normalization stats the cache's actions and states were normalized with ({} for synthetic data).
+
+    With `data.stats_path` set the file's stats must equal the cache's; a difference is refused naming both.
+    """
+    from data_pipelines import stats as stats_lib
+
+    meta = read_cache_metadata(cache_dir)
+    stats = meta.get("norm_stats") or {}
+    if data_config.get("stats_path"):
+        wanted = stats_lib.load_stats(data_config.stats_path)
+        if wanted != stats:
+            raise ValueError(
+                f"latents cache {cache_dir} was normalized with the stats of "
+                f"{meta.get('stats_path') or '(stats computed at encoding)'}; this run's data.stats_path "
+                f"{data_config.stats_path} holds different stats: re-encode the cache with them, or train with "
+                f"data.stats_path={meta.get('stats_path') or ''!r}"
+            )
+    return stats
 
 
 class LatentsCacheSource:
@@ -156,16 +210,22 @@ def make_latents_dataset(
     process_index: int = 0,
     process_count: int = 1,
     vae_config: Any | None = None,
+    data_config: Any | None = None,
 ) -> Any:
     """Per-process batches (batch contract, `latents` instead of `frames`) of a latents cache, as a Grain
-    IterDataset; each process gets `batch_size / process_count` disjoint examples per batch."""
+    IterDataset; each process gets `batch_size / process_count` disjoint examples per batch.
+
+    With `data_config` (the run's `config.data`) the cache must have been cut with the same data settings."""
     import grain
 
     from data_pipelines.process_split import split_for_process
 
     if batch_size % process_count:
         raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
-    dataset = grain.MapDataset.source(LatentsCacheSource(cache_dir, vae_config))
+    source = LatentsCacheSource(cache_dir, vae_config)
+    if data_config is not None:
+        check_cache_layout(cache_dir, source.metadata, data_config)
+    dataset = grain.MapDataset.source(source)
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
     dataset = dataset.repeat(num_epochs)
@@ -173,15 +233,16 @@ def make_latents_dataset(
     return dataset.to_iter_dataset().batch(batch_size // process_count, drop_remainder=True)
 
 
-def _config_batches(config: Any) -> Iterator[dict[str, np.ndarray]]:
-    data = config.data
+def _config_batches(data: Any) -> tuple[Iterator[dict[str, np.ndarray]], dict[str, Any]]:
+    """The data config's batch stream and the normalization stats it is normalized with ({} for synthetic)."""
     if data.get("source", "oxe") == "synthetic":
         from data_pipelines.synthetic import make_synthetic_dataset
 
-        return iter(make_synthetic_dataset(data, process_index=0, process_count=1))
+        return iter(make_synthetic_dataset(data, process_index=0, process_count=1)), {}
     from data_pipelines import pipeline
 
-    return iter(pipeline.make_dataset(data))
+    stats = pipeline.resolve_stats(data)
+    return iter(pipeline.make_dataset(data, stats=stats)), stats
 
 
 def main(argv: Sequence[str]) -> None:
@@ -195,8 +256,10 @@ def main(argv: Sequence[str]) -> None:
     if not FLAGS.out:
         raise ValueError("--out is required: the directory to write the latents cache to")
     vae_config, params = load_vae(config.vae.size, config.vae.weights, config.vae.seed)
+    data = config.data
+    batches, stats = _config_batches(data)
     count = encode_batches(
-        _config_batches(config),
+        batches,
         vae_config,
         params,
         FLAGS.out,
@@ -205,8 +268,9 @@ def main(argv: Sequence[str]) -> None:
         metadata={
             "vae_weights": config.vae.weights,
             "vae_seed": int(config.vae.seed),
-            "num_frames": int(config.data.num_frames),
-            "resolution": list(config.data.resolution),
+            "data": data_layout(data),
+            "norm_stats": stats,
+            "stats_path": str(data.get("stats_path", "")),
         },
     )
     print(f"Wrote latents of {count} clips to {FLAGS.out}")

@@ -1,6 +1,5 @@
 """Policy server: openpi protocol, malformed requests, the CLI, and the real openpi-client package."""
 
-import os
 import re
 import socket
 import statistics
@@ -18,18 +17,13 @@ import websockets
 import websockets.frames
 import websockets.sync.client
 from test_inference import tiny_checkpoint
-from train_utils import REPO, subprocess_env
+from train_utils import REPO, openpi_client_python, subprocess_env
 
 from data_pipelines.encode_latents import pack_example, unpack_example
 from wamjax.inference.policy import Policy
 from wamjax.serving.client import PolicyClient, ServerError
 from wamjax.serving.msgpack_numpy import packb, unpackb
 from wamjax.serving.serve import ObservationSchema, PolicyServer, default_max_message_bytes
-
-OPENPI_CLIENT_VERSION = "0.1.2"  # pins numpy<2, hence its own venv
-# openpi-client 0.1.2 imports typing_extensions without declaring it as a dependency.
-OPENPI_CLIENT_EXTRAS = ("typing_extensions",)
-OPENPI_VENV = os.path.join(REPO, ".venv-openpi-client")  # git-ignored (.venv-*/), reused across runs
 
 
 def libero_observation(rng: np.random.Generator, wrist: bool = True) -> dict:
@@ -320,21 +314,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _openpi_client_python() -> str:
-    """The Python of a venv with the pinned openpi-client (created on first use, then reused)."""
-    python = os.path.join(OPENPI_VENV, "bin", "python")
-    probe = [python, "-c", f"import openpi_client.websocket_client_policy, importlib.metadata as m; "
-                           f"assert m.version('openpi-client') == {OPENPI_CLIENT_VERSION!r}"]
-    if os.path.exists(python) and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python
-    subprocess.run([sys.executable, "-m", "venv", "--clear", OPENPI_VENV], check=True, timeout=300)
-    result = subprocess.run([python, "-m", "pip", "install", "-q", f"openpi-client=={OPENPI_CLIENT_VERSION}",
-                             *OPENPI_CLIENT_EXTRAS],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"pip install openpi-client=={OPENPI_CLIENT_VERSION} failed:\n{result.stderr}"
-    return python
-
-
 OPENPI_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
@@ -375,7 +354,7 @@ OPENPI_SCRIPT = textwrap.dedent("""
 
 
 def test_real_openpi_client_100_requests_against_cli_server_with_api_key(checkpoint, tmp_path):
-    python = _openpi_client_python()
+    python = openpi_client_python()
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -39,3 +40,26 @@ def run_main(workdir: str, arg: str, *overrides: str, timeout: int = 600) -> sub
 def metrics_rows(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [row for row in map(json.loads, f) if "loss" in row]
+
+
+OPENPI_CLIENT_VERSION = "0.1.2"  # pins numpy<2, hence its own venv
+# openpi-client 0.1.2 imports typing_extensions without declaring it as a dependency.
+OPENPI_CLIENT_EXTRAS = ("typing_extensions",)
+OPENPI_VENV = os.path.join(REPO, ".venv-openpi-client")  # git-ignored (.venv-*/), reused across runs
+
+
+def openpi_client_python() -> str:
+    """The Python of a venv with the pinned openpi-client (created on first use, then reused; a file lock keeps
+    two test workers from building it at once)."""
+    python = os.path.join(OPENPI_VENV, "bin", "python")
+    probe = [python, "-c", f"import openpi_client.websocket_client_policy, importlib.metadata as m; "
+                           f"assert m.version('openpi-client') == {OPENPI_CLIENT_VERSION!r}"]
+    with open(OPENPI_VENV + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(python) and subprocess.run(probe, capture_output=True).returncode == 0:
+            return python
+        subprocess.run([sys.executable, "-m", "venv", "--clear", OPENPI_VENV], check=True, timeout=300)
+        result = subprocess.run([python, "-m", "pip", "install", "-q", f"openpi-client=={OPENPI_CLIENT_VERSION}",
+                                 *OPENPI_CLIENT_EXTRAS], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"pip install openpi-client=={OPENPI_CLIENT_VERSION} failed:\n{result.stderr}"
+        return python

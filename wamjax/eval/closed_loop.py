@@ -507,10 +507,14 @@ def evaluate(
 
 
 def stats_dataset(checkpoint: str, dataset: str | None) -> str | None:
-    """`dataset` when the checkpoint has its normalization stats, None when it has none (synthetic data)."""
-    from wamjax.export.load import load_norm_stats
+    """`dataset` when the checkpoint has its normalization stats, None when its run's data was synthetic
+    (a checkpoint of real data without stats is refused)."""
+    from wamjax.checkpoint.norm_stats import checked_norm_stats
+    from wamjax.export.load import load_model_run_config, load_norm_stats
 
-    known = sorted((load_norm_stats(checkpoint) or {}).get("datasets", {}))
+    stats = checked_norm_stats(load_model_run_config(checkpoint), load_norm_stats(checkpoint),
+                               where=f"checkpoint {checkpoint}")
+    known = sorted(stats.get("datasets", {}))
     if not known:
         return None  # trained on synthetic data: actions are used as predicted
     if dataset not in known:
@@ -558,7 +562,10 @@ class LoopClosedLoop:
                              f"{metaworld_env.MAX_EPISODE_STEPS}")
         if len(tuple(ev.closed_loop_resolution)) != 2:
             raise ValueError(f"eval.closed_loop_resolution={ev.closed_loop_resolution}; expected (H, W)")
-        known = sorted((norm_stats or {}).get("datasets", {}))
+        from wamjax.checkpoint.norm_stats import checked_norm_stats
+
+        norm_stats = checked_norm_stats(config, norm_stats, where=f"stage {stage!r} of this run")
+        known = sorted(norm_stats.get("datasets", {}))
         if known and ev.closed_loop_dataset not in known:
             raise KeyError(f"eval.closed_loop_dataset={ev.closed_loop_dataset!r} has no normalization stats in "
                            f"this run; it has {known}")

@@ -2,6 +2,7 @@
 
     python -m wamjax.eval.offline --checkpoint=WORKDIR/checkpoints[/STEP] --data_dir=DIR \
         [--modes=joint,imagine_then_act,world_model] [--num_batches=N] [--out=DIR]
+    python -m wamjax.eval.offline --checkpoint=... --vision_ablation   # does it look? (wamjax.eval.action_error)
 
 Per dataset and overall: a deterministic flow-matching loss (fixed noise, a fixed grid of t), and per mode
 (wamjax.diffusion.modes) from fixed sampling noise: action MSE and L1 per dimension in normalized and dataset
@@ -384,6 +385,7 @@ def evaluate_checkpoint(path: str, *, data_dir: str = "", modes: str = ",".join(
     `out/offline_eval.json` and frame-grid PNGs (out default: the run's WORKDIR/eval). Returns the row."""
     import json
 
+    from wamjax.checkpoint.norm_stats import checked_norm_stats
     from wamjax.export.load import load_checkpoint, load_norm_stats, resolve_step_dir
     from wamjax.models.config import model_config_from_run
     from wamjax.train.inputs import TextEmbedder
@@ -391,7 +393,7 @@ def evaluate_checkpoint(path: str, *, data_dir: str = "", modes: str = ",".join(
     step_path = resolve_step_dir(path)
     step_dir = str(step_path)
     run_config, params = load_checkpoint(step_dir, use_ema=use_ema)
-    stats = load_norm_stats(step_dir) or {}
+    stats = checked_norm_stats(run_config, load_norm_stats(step_dir), where=f"checkpoint {step_dir}")
     cfg = model_config_from_run(run_config)
     data = run_config.data
     with data.unlocked():
@@ -422,12 +424,48 @@ def evaluate_checkpoint(path: str, *, data_dir: str = "", modes: str = ",".join(
     return row
 
 
+def vision_ablation(path: str, *, data_dir: str = "", max_episodes: int = 8, windows_per_episode: int = 2,
+                    num_steps: int = 4, use_ema: bool = True, out: str = "", print_fn: Any = print) -> list[dict]:
+    """`wamjax.eval.action_error` for every dataset of a checkpoint's action stage: the first chunk's error with
+    its cameras, a blank frame and another episode's frames, beside a constant mean action. Writes
+    `out/vision_ablation.json` (out default: the run's WORKDIR/eval) and returns the rows."""
+    import json
+
+    from wamjax.eval.action_error import format_action_error, policy_action_error
+    from wamjax.export.load import load_model_run_config, resolve_step_dir
+    from wamjax.inference.conditioning import policy_data_config
+    from wamjax.inference.policy import Policy
+
+    step_path = resolve_step_dir(path)
+    rows = []
+    policy = None
+    for name in data_config_lib.dataset_names(policy_data_config(load_model_run_config(step_path))):
+        policy = Policy.from_checkpoint(str(step_path), num_steps=num_steps, use_ema=use_ema, dataset=name)
+        data = policy_data_config(policy.run_config)
+        with data.unlocked():
+            if data_dir:
+                data.data_dir = data_dir
+        result = policy_action_error(policy, data, name, max_episodes=max_episodes,
+                                     windows_per_episode=windows_per_episode)
+        print_fn(format_action_error(result))
+        rows.append(result)
+    out_dir = as_path(out) if out else step_path.parent.parent / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vision_ablation.json").write_text(json.dumps(
+        {"checkpoint": str(step_path), "step": int(step_path.name), "datasets": rows}, indent=1))
+    return rows
+
+
 def main(argv: list[str]) -> None:
     from absl import flags
 
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
+    if f.vision_ablation:
+        vision_ablation(f.checkpoint, data_dir=f.data_dir, max_episodes=f.ablation_episodes,
+                        windows_per_episode=f.ablation_windows, num_steps=f.num_steps, use_ema=f.use_ema, out=f.out)
+        return
     row = evaluate_checkpoint(f.checkpoint, data_dir=f.data_dir, modes=f.modes, num_batches=f.num_batches,
                               batch_size=f.batch_size, num_steps=f.num_steps, use_ema=f.use_ema, out=f.out)
     print(f"offline eval of {row['checkpoint']} (step {row['step']}):{format_table(row)}")
@@ -445,6 +483,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_steps", 4, "Sampler steps of the predictions.")
     flags.DEFINE_bool("use_ema", True, "Evaluate the EMA params when the checkpoint has them.")
     flags.DEFINE_string("out", "", "Where offline_eval.json and the frame-grid PNGs go (default: WORKDIR/eval).")
+    flags.DEFINE_bool("vision_ablation", False, "Instead: the policy's first-chunk action error on episodes with "
+                      "its cameras, a blank frame and another episode's frames, beside a constant mean action "
+                      "(wamjax.eval.action_error); writes vision_ablation.json.")
+    flags.DEFINE_integer("ablation_episodes", 8, "Episodes per dataset of --vision_ablation (held-out ones when "
+                         "the run holds some out).")
+    flags.DEFINE_integer("ablation_windows", 2, "Windows per episode of --vision_ablation.")
     flags.mark_flag_as_required("checkpoint")
 
 

@@ -50,11 +50,17 @@ def load_checkpoint(
     return config, params
 
 
+def load_model_run_config(path: PathLike) -> ml_collections.ConfigDict:
+    """The run config a checkpoint was trained with (no weights read)."""
+    return ml_collections.ConfigDict(ckpt.read_json_item(resolve_step_dir(path), "config"))
+
+
 def load_model_config(path: PathLike) -> ModelConfig:
     """The ModelConfig a checkpoint was trained with."""
     return model_config_from_run(ckpt.read_json_item(resolve_step_dir(path), "config"))
 
 
 def load_norm_stats(path: PathLike) -> dict:
-    """The normalization statistics saved with a checkpoint ({} for synthetic data)."""
+    """The normalization statistics saved with a checkpoint as stored ({} for synthetic data); consumers check them
+    against the run with `wamjax.checkpoint.norm_stats.checked_norm_stats`."""
     return ckpt.read_json_item(resolve_step_dir(path), "norm_stats")

@@ -362,10 +362,14 @@ def export_checkpoint(
     import ml_collections
 
     from wamjax.checkpoint import manager as ckpt
+    from wamjax.checkpoint.norm_stats import checked_norm_stats
     from wamjax.export.load import resolve_step_dir
 
     step_dir = resolve_step_dir(checkpoint)
     run_config = ml_collections.ConfigDict(ckpt.read_json_item(step_dir, "config"))
+    # Refused before anything is written: an export of real data without its stats would act unnormalized.
+    norm_stats = checked_norm_stats(run_config, ckpt.read_json_item(step_dir, "norm_stats"),
+                                    where=f"checkpoint {step_dir}")
     params, has_ema = ckpt.restore_params(step_dir, use_ema=use_ema)
     cfg = model_config_from_run(run_config)
     out_dir = as_path(out_dir)
@@ -380,7 +384,7 @@ def export_checkpoint(
     }
     wam_path = write_wam(out_dir, cfg, params, dtype, extra)
     stats_path = out_dir / NORM_STATS_NAME
-    stats_path.write_text(json.dumps(ckpt.read_json_item(step_dir, "norm_stats"), indent=1))
+    stats_path.write_text(json.dumps(norm_stats, indent=1))
     return {"step_dir": str(step_dir), "ema": has_ema, "files": [*shards, wam_path, str(stats_path)]}
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from data_pipelines.config import clip_num_actions
 from data_pipelines.normalization import normalize, unnormalize
+from wamjax.checkpoint.norm_stats import checked_norm_stats
 from wamjax.diffusion.modes import check_mode
 from wamjax.diffusion.sampler import SampleOutput, SamplerOptions, sample
 from wamjax.export.load import load_checkpoint, load_norm_stats
@@ -126,7 +127,9 @@ class Policy:
         dataset: str | None = None,
         seed: int = 0,
         mode: str = "joint",
+        source: str = "the given run",
     ):
+        """`source` names where params and stats came from (a checkpoint path) in errors."""
         self.run_config = run_config
         self.mode = check_mode(mode)  # how infer() acts unless told otherwise
         self.model_config = model_config_from_run(run_config)
@@ -139,7 +142,7 @@ class Policy:
         )
         self.vae_params = jax.tree.map(jnp.asarray, vae_params)
         self.text_embedder = TextEmbedder(run_config.text, self.model_config.text_dim)
-        self.stats = select_dataset_stats(norm_stats or {}, dataset)
+        self.stats = select_dataset_stats(checked_norm_stats(run_config, norm_stats, where=source), dataset)
         self.normalization = str(run_config.data.action_normalization)
         self.resolution = tuple(int(x) for x in run_config.data.resolution)
         self.num_frames = int(run_config.data.num_frames)  # the clip length the model was trained on
@@ -184,7 +187,7 @@ class Policy:
             shift=float(run_config.diffusion.shift),
         )
         return cls(run_config, params, load_norm_stats(path), options=options, dataset=dataset, seed=seed,
-                   mode=mode)
+                   mode=mode, source=f"checkpoint {path}")
 
     # --- Host-side preparation -----------------------------------------------------------------------
 

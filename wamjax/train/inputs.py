@@ -51,15 +51,16 @@ def make_stage_dataset(
         raise ValueError(f"data.latents_cache with data.view_layout='tokens' (cameras {views.camera_names(data)}): "
                          "a latents cache holds one camera; the step encodes each view from the frames")
     if data.latents_cache:
-        from data_pipelines.encode_latents import make_latents_dataset
+        from data_pipelines.encode_latents import cache_norm_stats, make_latents_dataset
         from wamjax.models.vae import vae_config_for
 
         logging.info("data: precomputed VAE latents from %s (data.latents_cache)", data.latents_cache)
         dataset = make_latents_dataset(
             data.latents_cache, data.batch_size, seed=data.seed, shuffle=data.shuffle,
             process_index=process_index, process_count=process_count, vae_config=vae_config_for(config.vae.size),
+            data_config=data,
         )
-        return dataset, {}
+        return dataset, cache_norm_stats(data.latents_cache, data)
     if data.source == "synthetic":
         logging.info("data: SYNTHETIC clips (data.source=synthetic); not a real dataset")
         return make_synthetic_dataset(data, process_index=process_index, process_count=process_count), {}

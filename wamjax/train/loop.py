@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from data_pipelines import views as views_lib
 from wamjax.checkpoint import manager as ckpt
+from wamjax.checkpoint.norm_stats import checked_norm_stats, has_norm_stats
 from wamjax.eval.offline import LoopEvaluator
 from wamjax.export import clip_import
 from wamjax.flops.analytic import train_step_flops
@@ -197,6 +198,8 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
 
     # --- Input -------------------------------------------------------------------------------------
     dataset, norm_stats = inputs_lib.make_stage_dataset(config, stage, jax.process_index(), jax.process_count())
+    # Every checkpoint of a run on real data carries the stats it trained with; refuse to start without them.
+    norm_stats = checked_norm_stats(config, norm_stats, where=f"stage {stage!r}'s data")
     data_iter = iter(dataset)
     text = inputs_lib.TextEmbedder(config.text, cfg.text_dim)
 
@@ -228,7 +231,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         if saved_ledger.current_stage == stage:
             state, ledger_json, _, norm_stats_saved = ckpt.restore(manager, latest, abstract_state, data_iter)
             ledger = FlopLedger.from_json(ledger_json)
-            norm_stats = norm_stats_saved or norm_stats
+            norm_stats = norm_stats_saved if has_norm_stats(norm_stats_saved) else norm_stats
             writer.truncate_after(latest)
             resumed = True
             logging.info("stage %s: resumed from step %d", stage, latest)
