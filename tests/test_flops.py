@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,7 +62,9 @@ def test_analytic_forward_matches_xla_within_3_percent(
     cfg = _model(size, attention_layout=layout, history=history or "teacher_forcing")
     kwargs = dict(mode=mode, num_frames=frames, resolution=resolution, text_length=text, batch=batch,
                   pad_to_multiple=pad)
-    counted = analytic.forward_flops(cfg, **kwargs)
+    # XLA counts what the compiled dot_product kernel computes: the hardware count of that kernel.
+    counted = analytic.forward_flops(cfg, **kwargs, kernel="dot_product")
+    model = analytic.forward_flops(cfg, **kwargs)
     tok = analytic.token_counts(cfg, **{k: v for k, v in kwargs.items() if k != "batch"})  # per sample
     # 13 frames are 4 latent frames: chunks 1 and 2 have a clean copy (frames and their 8 actions).
     if layout == "chunk_causal" and not history and frames == 13:
@@ -69,13 +72,20 @@ def test_analytic_forward_matches_xla_within_3_percent(
     compiled = xla.xla_forward_flops(cfg, **kwargs)
     assert counted["total"] == pytest.approx(compiled, rel=0.03), (counted, compiled)
     assert counted["total"] == pytest.approx(sum(v for k, v in counted.items() if k != "total"))
+    if layout == "bidirectional" and pad == 1:
+        assert model == counted  # nothing masked: model = hardware = the dense count, exactly
+    else:
+        assert model["self_attention_scores"] < counted["self_attention_scores"]
+        assert {k: v for k, v in model.items() if k not in ("self_attention_scores", "total")} == {
+            k: v for k, v in counted.items() if k not in ("self_attention_scores", "total")}
 
 
 def test_analytic_i2v_forward_matches_xla_within_3_percent():
     cfg = ModelConfig.from_dict(SIZES["tiny-i2v"])
     kwargs = dict(mode="joint", num_frames=9, resolution=(32, 32), text_length=8, batch=2, image_tokens=17)
-    counted = analytic.forward_flops(cfg, **kwargs)
+    counted = analytic.forward_flops(cfg, **kwargs, kernel="dot_product")
     assert counted["total"] == pytest.approx(xla.xla_forward_flops(cfg, **kwargs), rel=0.03)
+    assert counted == analytic.forward_flops(cfg, **kwargs)  # bidirectional, unpadded: model = hardware
     without_image = analytic.forward_flops(dataclasses.replace(cfg, image_dim=None, added_kv_proj_dim=None),
                                            **kwargs)
     assert counted["cross_attention_scores"] > without_image["cross_attention_scores"]
@@ -142,21 +152,23 @@ def test_matmul_components_match_hand_counts_and_scale_with_batch():
     # QK^T and AV dominate the scores component; softmax adds 5 per score.
     assert one["self_attention_scores"] == layers * (4 * s * s * d + 5 * 40 * s * s)
     assert one["patch_embedding"] == 2 * s * 64 * d + s * d
-    assert one["action_encoders"] == one["action_decoder"] == one["attention_skipped_blocks"] == 0
+    assert one["action_encoders"] == one["action_decoder"] == 0
     four = analytic.forward_flops(cfg, mode="video", num_frames=81, resolution=(480, 832), text_length=512,
                                   batch=4)
     assert four["total"] == pytest.approx(4 * one["total"])
 
 
-def test_chunk_causal_dense_attention_costs_every_score():
+def test_chunk_causal_dense_kernel_computes_every_score_and_the_model_counts_the_visible_ones():
     kwargs = dict(mode="joint", num_frames=33, resolution=(96, 96), text_length=16)
     bi = analytic.forward_flops(_model("small"), **kwargs)
-    causal = analytic.forward_flops(_model("small", attention_layout="chunk_causal", history="diffusion_forcing"),
-                                    **kwargs)
-    # The mask adds one select per score; nothing is halved.
+    causal_cfg = _model("small", attention_layout="chunk_causal", history="diffusion_forcing")
+    dense = analytic.forward_flops(causal_cfg, **kwargs, kernel="dot_product")
+    # A dense kernel computes every score and adds one select per score for the mask; nothing is halved.
     s = analytic.token_counts(_model("small"), **kwargs).sequence
-    assert causal["self_attention_scores"] - bi["self_attention_scores"] == 4 * 4 * s * s
-    assert causal["self_attention_scores"] > 0.99 * bi["self_attention_scores"]
+    assert dense["self_attention_scores"] - bi["self_attention_scores"] == 4 * 4 * s * s
+    # The model counts the pairs the mask shows: chunk-causal, a little over half.
+    model = analytic.forward_flops(causal_cfg, **kwargs)
+    assert 0.5 < model["self_attention_scores"] / dense["self_attention_scores"] < 0.7
 
 
 def test_train_step_flops_is_three_forwards_plus_frozen_and_remat():
@@ -164,7 +176,8 @@ def test_train_step_flops_is_three_forwards_plus_frozen_and_remat():
     step = analytic.train_step_flops(config, "action_tune")
     batch = config.data.batch_size
     assert step.train_per_step == pytest.approx(3 * step.forward_per_sample * batch)
-    assert step.hardware_per_step == step.train_per_step  # remat_policy = none
+    assert step.hardware_per_step == step.train_per_step == step.dense_per_step  # dot_product, no remat, no mask
+    assert step.attention_kernel == "dot_product" and step.attention.visible_fraction == 1.0
     assert step.forward_per_sample == pytest.approx(sum(step.components.values()))
     assert (step.video_tokens, step.action_tokens, step.text_tokens) == (12, 8, 8)
     assert step.frozen_components["vae_encoder"] > 0 and step.frozen_components["text_encoder"] == 0
@@ -256,6 +269,36 @@ def test_ledger_survives_resume_without_double_counting():
     assert resumed.stage_flops("action_tune") == 12 * step_flops
 
 
+def test_old_format_ledger_is_read_as_dense_and_converted_never_mixed():
+    """A ledger a checkpoint stored before mask-aware counting: no units, no hardware FLOPs."""
+    old = {"current_stage": "action_tune", "stages": {
+        "video_pretrain": {"start_step": 0, "end_step": 10, "steps": 10, "samples": 80, "tokens": 960,
+                           "flops": 10 * 4e9, "seconds": 5.0, "frozen_flops": 0.0},
+        "action_tune": {"start_step": 10, "end_step": None, "steps": 4, "samples": 32, "tokens": 640,
+                        "flops": 4 * 5e9, "seconds": 2.0, "frozen_flops": 1e8},
+    }}  # fmt: skip
+    book = FlopLedger.from_json(json.dumps(old))
+    assert book.dense_stages() == ["video_pretrain", "action_tune"]
+    assert book.stage_units("action_tune") == ledger.DENSE_UNITS and book.stage_flops("action_tune") == 20e9
+    with pytest.raises(ValueError, match="'action_tune' holds dense FLOPs"):
+        book.record("action_tune", 4e9, 8, 160, 0.5)
+    with pytest.raises(ValueError, match="dense FLOP counts"):
+        book.total_flops()
+    # Resuming the stage converts it at its own per-step counts: 4 steps' worth of model and hardware FLOPs.
+    factor = book.to_model_units("action_tune", model_per_step=4e9, dense_per_step=5e9, hardware_per_step=6e9)
+    assert factor == pytest.approx(0.8)
+    assert book.stage_flops("action_tune") == pytest.approx(16e9)
+    assert book.stage_hardware_flops("action_tune") == pytest.approx(24e9)
+    book.record("action_tune", 4e9, 8, 160, 0.5, hardware_flops=6e9)
+    assert book.stage_flops("action_tune") == pytest.approx(20e9) and book.stage_steps("action_tune") == 5
+    # The completed stage keeps its dense count, marked so through another save and restore.
+    restored = FlopLedger.from_json(json.dumps(book.to_json()))
+    assert restored == book and restored.dense_stages() == ["video_pretrain"]
+    assert book.to_json()["units"] == ledger.MODEL_UNITS
+    with pytest.raises(ValueError, match="units 'flops'"):
+        FlopLedger.from_json({"stages": {"s": {"flops": 1.0, "units": "flops"}}})
+
+
 def test_budget_math():
     assert steps_for_budget(9e21, 3e17) == 30_000  # an exact multiple keeps its last step
     assert steps_for_budget(1e10, 3e9) == 3
@@ -331,7 +374,7 @@ def test_estimate_cli_text_and_xla_refusal_for_big_sizes():
 
 
 @pytest.mark.parametrize("name,stage,published", [
-    ("dreamzero_action_tune", "action_tune", 1.9e22),  # the full count of its 100k steps; 6*N*D is 9e21
+    ("dreamzero_action_tune", "action_tune", 1.5e22),  # the model FLOPs of its 100k steps; 6*N*D is 9e21
     ("wan14b_video_pretrain", "video_pretrain", 42e21),
 ])  # fmt: skip
 def test_field_configs_state_their_budget_and_have_tiny_variants(name, stage, published):
@@ -373,10 +416,52 @@ def test_dreamzero_config_six_nd_is_the_formula_of_its_own_values():
     formula = 6 * est["six_nd_params"] * c.train.steps * c.data.batch_size * tokens
     assert est["six_nd_total_flops"] == pytest.approx(formula, rel=1e-12)
     assert est["six_nd_total_flops"] == pytest.approx(9.0e21, rel=0.03)  # the blog's 6 x 14B x 100k x 128 x 8,361
-    assert "6*N*D" in est["six_nd_label"] and "full count" in est["total_train_flops_label"]
+    assert "6*N*D" in est["six_nd_label"] and "model FLOPs" in est["total_train_flops_label"]
     assert est["total_train_flops"] > est["six_nd_total_flops"]  # attention scores and the rest come on top
     text = format_text(est)
-    assert "6*N*D for 100000 steps: 8.95 ZFLOPs" in text and "[full count:" in text
+    assert "6*N*D for 100000 steps: 8.95 ZFLOPs" in text and "[model FLOPs:" in text
+    assert "hardware for 100000 steps" in text and "dense for 100000 steps" in text
+
+
+def test_dreamzero_model_attention_is_the_visible_fraction_of_the_dense_count():
+    """The teacher-forced layout shows 35.1% of its (query, key) pairs; the model count charges that share."""
+    import numpy as np
+
+    from wamjax.flops.estimate import estimate
+    from wamjax.models.dit import attention_mask, make_token_layout
+
+    c = _load_config("dreamzero_action_tune", "")
+    est = estimate(c, "action_tune")  # hardware on TPU: splash at model.attention_block_q x _kv
+    cfg = analytic.model_config_from(c)
+    layout = make_token_layout(cfg, tuple(est["latent_shape"]), est["action_tokens"], est["proprio_tokens"],
+                               teacher_forcing=True)
+    reference = attention_mask(layout)  # the dense [S, S] oracle, 13,373^2 booleans
+    assert layout.length == est["sequence_length"] == 13_373
+    fraction = float(np.mean(reference))
+    assert fraction == pytest.approx(0.351, abs=1e-3)
+    att = est["attention"]
+    assert att["visible_pairs"] == int(reference.sum()) and att["dense_pairs"] == layout.length**2
+    dense = analytic.forward_flops(cfg, **_dreamzero_clip(c), kernel="dot_product")
+    model = est["components"]
+    assert model["self_attention_scores"] / dense["self_attention_scores"] == pytest.approx(fraction, abs=1e-9)
+    # What the ledger charged before: every pair; the difference is the masked scores, 3x in training.
+    masked_scores = dense["self_attention_scores"] - model["self_attention_scores"]
+    assert est["dense_flops_per_step"] - est["train_flops_per_step"] == pytest.approx(
+        3 * masked_scores * c.data.batch_size, rel=1e-9)
+    assert est["dense_flops_per_step"] == pytest.approx(1.83e17, rel=0.01)
+    # Splash skips the empty 512 x 512 block pairs and computes the partial ones whole; full remat re-runs the
+    # blocks' forward: hardware > dense > model.
+    assert (att["kernel"], att["block_q"], att["block_kv"]) == ("splash", 512, 512)
+    assert 0 < att["skipped_block_pairs"] < att["block_pairs"] == math.ceil(layout.length / 512) ** 2
+    assert fraction < att["computed_fraction"] < 1
+    assert est["total_hardware_flops"] > est["total_dense_flops"] > est["total_train_flops"]
+    assert est["total_train_flops"] <= c.stages.action_tune.budget_flops
+
+
+def _dreamzero_clip(c) -> dict:
+    return dict(mode="joint", num_frames=int(c.data.num_frames), resolution=tuple(c.data.resolution),
+                text_length=int(c.text.max_length), num_actions=analytic.config_num_actions(c),
+                num_proprio=analytic.config_num_proprio(c))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,9 +469,12 @@ def test_dreamzero_config_six_nd_is_the_formula_of_its_own_values():
 # ----------------------------------------------------------------------------------------------------
 
 
-def _row(step: int, stage: str, stage_steps: int, step_flops: float, budget: float, mfu: float | None
-         ) -> dict:
-    return {
+def _row(step: int, stage: str, stage_steps: int, step_flops: float, budget: float, mfu: float | None,
+         hardware_step_flops: float | None = None) -> dict:
+    hardware = {} if hardware_step_flops is None else {
+        "hardware_step_flops": hardware_step_flops, "stage_hardware_flops": stage_steps * hardware_step_flops,
+        "hardware_utilization": None if mfu is None else mfu * hardware_step_flops / step_flops}
+    return hardware | {
         "step": step, "stage": stage, "loss": 0.5, "step_flops": step_flops,
         "stage_flops": stage_steps * step_flops, "stage_steps": stage_steps, "stage_samples": 8 * stage_steps,
         "stage_tokens": 160 * stage_steps, "budget_flops": budget,
@@ -406,7 +494,7 @@ def _write_resumed_run(workdir: str) -> None:
     text += "\n" + "".join(json.dumps(r) + "\n" for r in redo)
     stage_end = {"event": "stage_end", "stage": "video_pretrain", "step": 10, "reason": "steps"}
     text += json.dumps(stage_end) + "\n"
-    tune = [_row(s, "action_tune", s - 10, 2e9, 12e9, 0.25) for s in range(12, 17, 2)]
+    tune = [_row(s, "action_tune", s - 10, 2e9, 12e9, 0.25, hardware_step_flops=3e9) for s in range(12, 17, 2)]
     text += "".join(json.dumps(r) + "\n" for r in tune)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, report.METRICS_FILE), "w") as f:
@@ -429,6 +517,9 @@ def test_report_counts_each_step_once_after_a_resume(tmp_path):
     assert pretrain["budget_fraction"] is None and pretrain["mean_mfu"] is None
     assert (tune["steps"], tune["flops"], tune["budget_flops"]) == (6, 12e9, 12e9)
     assert tune["budget_fraction"] == pytest.approx(1.0) and tune["mean_mfu"] == pytest.approx(0.25)
+    # Model FLOPs are spent against the budget; hardware FLOPs and their utilization stand beside them.
+    assert tune["hardware_flops"] == 18e9 and tune["mean_hardware_utilization"] == pytest.approx(0.375)
+    assert pretrain["hardware_flops"] is None and pretrain["mean_hardware_utilization"] is None  # not logged
 
 
 def test_report_completes_a_stage_that_ended_between_log_intervals(tmp_path):
@@ -461,6 +552,7 @@ def test_report_cli_formats_and_plot(tmp_path):
                      f"--plot={plot_path}")
     assert table.returncode == 0, table.stderr
     assert table.stdout.count("video_pretrain") == 2 and "100.0%" in table.stdout and "25.0%" in table.stdout
+    assert "hardware FLOPs" in table.stdout and "18 GFLOPs" in table.stdout and "37.5%" in table.stdout
     with open(plot_path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     as_json = json.loads(_run_cli("wamjax.flops.report", f"--workdir={first}", "--format=json").stdout)
@@ -473,3 +565,47 @@ def test_report_cli_formats_and_plot(tmp_path):
 
 def test_ledger_module_exports():
     assert ledger.FlopLedger is FlopLedger and callable(ledger.steps_for_budget)
+
+
+def test_resume_from_a_dense_ledger_converts_it_and_says_so(tmp_path, caplog):
+    """A checkpoint written before mask-aware counting (its ledger in dense units, no `units`) resumes with its
+    stage FLOPs converted to model FLOPs, said in the log, and the run goes on in model FLOPs only."""
+    import logging
+
+    from train_utils import metrics_rows
+
+    from wamjax.checkpoint import manager as ckpt
+    from wamjax.train.loop import train
+
+    config = _load_config("dreamzero_action_tune", "size=tiny")  # chunk-causal, teacher-forced: masked
+    config.train.steps, config.train.log_every = 2, 1
+    config.checkpoint.async_save, config.checkpoint.every_steps = False, 2
+    workdir = str(tmp_path)
+    train(config, workdir)
+    step = analytic.train_step_flops(config, "action_tune")
+    assert step.train_per_step < step.dense_per_step  # the mask hides pairs: the two units differ
+    path = os.path.join(ckpt.step_dir(workdir, 2), "ledger", "metadata")
+    with open(path) as f:
+        saved = json.load(f)
+    assert saved["units"] == ledger.MODEL_UNITS
+    assert saved["stages"]["action_tune"]["flops"] == pytest.approx(2 * step.train_per_step)
+    # Rewrite it as the old code wrote a periodic checkpoint of a 4-step stage: every pair counted, no units, no
+    # hardware FLOPs, the stage still running.
+    saved.pop("units")
+    record = saved["stages"]["action_tune"]
+    record.pop("units"), record.pop("hardware_flops")
+    record["flops"], record["end_step"] = 2 * step.dense_per_step, None
+    with open(path, "w") as f:
+        json.dump(saved, f)
+
+    config.train.steps = 4
+    with caplog.at_level(logging.WARNING):
+        train(config, workdir)
+    assert any("dense counts" in r.getMessage() for r in caplog.records)
+    assert any("converted to model FLOPs" in r.getMessage() for r in caplog.records)
+    rows = metrics_rows(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["stage_flops"] == pytest.approx(4 * step.train_per_step, rel=1e-12)
+    assert rows[-1]["stage_hardware_flops"] == pytest.approx(4 * step.hardware_per_step, rel=1e-12)
+    final = FlopLedger.from_json(ckpt.read_json_item(ckpt.step_dir(workdir, 4), "ledger"))
+    assert final.dense_stages() == [] and final.stage_steps("action_tune") == 4

@@ -9,11 +9,13 @@ parameters are ShapeDtypeStructs carrying the shardings the loop would give them
 is the loop's own jitted step (`train.setup.jit_train_step` of `train.step.make_train_step`).
 
 Printed per chip: memory (arguments, outputs, temporaries, total against the chip's HBM), XLA's FLOPs
-against the analytic count (`wamjax.flops.analytic`), and a roofline bound on the step time and MFU from
-the chip's peak FLOP/s and HBM bandwidth (`wamjax.flops.peak`). XLA's cost analysis counts a loop body
-once, so for a scanned block stack the step is also compiled with 1 and 2 unrolled layers and the count
-extrapolated (`--xla_flops`). When the config encodes frames with the VAE inside the step (no
-`data.latents_cache`), the step is compiled again on latents and the VAE's share is reported (`--vae_delta`).
+against the analytic hardware count (`wamjax.flops.analytic`: what the TPU kernel computes at its block sizes,
+remat included), and a roofline bound on the step time (from hardware FLOPs) and on MFU (model FLOPs: attention
+over the pairs the mask shows) from the chip's peak FLOP/s and HBM bandwidth (`wamjax.flops.peak`). XLA's cost
+analysis counts a loop body once, so for a scanned block stack the step is also compiled with 1 and 2 unrolled
+layers and the count extrapolated (`--xla_flops`). When the config encodes frames with the VAE inside the step
+(no `data.latents_cache`), the step is compiled again on latents and the VAE's share is reported
+(`--vae_delta`).
 
 Exit codes: 0 fits; 1 does not fit (the shortfall is named); 2 bad input (unknown topology, bad mesh or batch).
 """
@@ -368,8 +370,8 @@ class Report:
     mesh: dict[str, int]
     global_batch: int
     compiled: Compiled
-    analytic_flops: float  # hardware FLOPs of the whole step (all chips): model + remat recompute + frozen
-    model_flops: float  # model FLOPs of the whole step (3 x forward for training; MFU counts these)
+    analytic_flops: float  # hardware FLOPs of the whole step (all chips): what the kernel computes, remat, frozen
+    model_flops: float  # model FLOPs of the whole step (visible attention pairs, 3 x forward; MFU counts these)
     xla_flops: float | None  # XLA's FLOPs of the whole step (all chips), loops counted in full; None: not run
     xla_bytes_accessed: float | None  # per chip, loops counted in full
     vae_in_step: bool
@@ -453,7 +455,7 @@ class Report:
             ]
         if c.host_bytes:
             lines.append(f"  host (offload)  {c.host_bytes / GIB:10.3f}")
-        lines.append(f"FLOPs per step    analytic {self.analytic_flops:.4e} (model {self.model_flops:.4e})")
+        lines.append(f"FLOPs per step    analytic {self.analytic_flops:.4e} hardware (model {self.model_flops:.4e})")
         if self.xla_flops is not None:
             lines.append(f"                  XLA      {self.xla_flops:.4e}  (XLA / analytic = {self.flop_ratio:.4f})")
             if self.opaque_attention:
@@ -499,15 +501,18 @@ def check(config: ml_collections.ConfigDict, topology: str, *, what: str = "trai
                                     f"{config.stages[stage].mode!r}: pass --stage=action_tune")
         log(f"compiling the policy step for {topo.name} ...")
         compiled = compile_policy_step(config, mesh, num_steps)
-        fwd = forward_flops(cfg, mode="joint", num_frames=int(config.data.num_frames),
-                            resolution=tuple(config.data.resolution), text_length=int(config.text.max_length))
-        model = fwd["total"] * num_steps
-        return Report(what, stage, topo, mesh_sizes, 1, compiled, analytic_flops=model, model_flops=model,
+        clip = dict(mode="joint", num_frames=int(config.data.num_frames), resolution=tuple(config.data.resolution),
+                    text_length=int(config.text.max_length))
+        model = forward_flops(cfg, **clip)["total"] * num_steps
+        kernel = resolve_attention(cfg.attention, "tpu", cfg.dtype)
+        hardware = forward_flops(cfg, **clip, kernel=kernel)["total"] * num_steps
+        return Report(what, stage, topo, mesh_sizes, 1, compiled, analytic_flops=hardware, model_flops=model,
                       xla_flops=None, xla_bytes_accessed=None, vae_in_step=True)
 
     log(f"compiling the train step of stage {stage} for {topo.name} ...")
     compiled = compile_train_step(config, stage, mesh)
-    step = train_step_flops(config, stage, pad_to_multiple=mesh_sizes["sequence"])
+    # Hardware FLOPs (the TPU kernel at its block sizes, remat) bound the step time; model FLOPs give the MFU.
+    step = train_step_flops(config, stage, pad_to_multiple=mesh_sizes["sequence"], backend="tpu")
     vae_in_step = not config.data.latents_cache
     analytic = step.hardware_per_step + (step.frozen_per_step if vae_in_step else 0.0)
     xla_total, bytes_accessed = None, None

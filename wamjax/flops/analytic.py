@@ -4,12 +4,21 @@ Convention: a multiply-add is 2 FLOPs and an elementwise op is 1 FLOP per elemen
 counts them, so `wamjax.flops.xla` can check these numbers against the compiled forward. Transcendentals
 (exp, tanh, rsqrt, sin, cos) are not FLOPs in that convention and are not counted here either.
 
+Two counts, as the field names them (MaxText, PaLM's MFU):
+  model FLOPs     what the model needs: self-attention scores over the (query, key) pairs the layout's mask lets
+                  a valid query see (`attention_pairs`), no remat recompute. Budgets, the ledger, metrics.jsonl
+                  and MFU use these.
+  hardware FLOPs  what the configured kernel computes: every pair of the sequence for dense kernels
+                  (dot_product, xla, cudnn), the block pairs it does not skip for blockwise / splash (a partly
+                  masked block counts whole), plus what rematerialization recomputes. Roofline step times and the
+                  "hardware utilization" column use these; XLA's cost analysis checks them.
+For a bidirectional layout without padding both equal the dense count.
+
 Components of the forward pass (FLOPs for the whole batch):
   patch_embedding              latent patches -> tokens
   self_attention_projections   q, k, v, out matmuls of every block (with biases)
-  self_attention_scores        QK^T and AV over the whole sequence as computed, plus softmax/scale/mask;
-                               dense kernels compute masked scores too: chunk-causal layouts cost the same
-  attention_skipped_blocks     scores a block-sparse kernel skips (0: every registered kernel is dense)
+  self_attention_scores        QK^T and AV plus softmax/scale/mask over the pairs counted (visible ones for
+                               model FLOPs, computed ones for a kernel's hardware FLOPs)
   cross_attention_projections  q/out over video+action tokens, k/v over text tokens (and, I2V, over the
                                image tokens), every block
   cross_attention_scores       scores and AV against the text tokens (and the image tokens), plus softmax
@@ -31,9 +40,14 @@ import math
 from typing import Any
 
 import ml_collections
+import numpy as np
 
+from wamjax.flops import attention_pairs
+from wamjax.models.attention import resolve_attention
+from wamjax.models.attention_mask import AttentionMask
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import history_sizes, trains_teacher_forced
+from wamjax.models.dit import history_sizes, make_token_layout, trains_teacher_forced
+from wamjax.parallel import context as context_parallel
 
 # Wan 2.1 VAE compression: causal 4x in time, 8x in space, 16 latent channels.
 VAE_TIME_COMPRESSION = 4
@@ -43,7 +57,6 @@ COMPONENTS = (
     "patch_embedding",
     "self_attention_projections",
     "self_attention_scores",
-    "attention_skipped_blocks",
     "cross_attention_projections",
     "cross_attention_scores",
     "ffn",
@@ -191,11 +204,31 @@ def _modulate(cfg: ModelConfig, seq: int, groups: int) -> float:
     return one_plus + 2.0 * seq * cfg.dim
 
 
-def _attention_scores(cfg: ModelConfig, queries: int, keys: int, masked: bool) -> float:
-    """QK^T and AV matmuls plus the scale, optional mask and softmax over [heads, queries, keys]."""
-    scores = cfg.num_attention_heads * queries * keys
-    matmuls = 2 * (2.0 * queries * keys * cfg.dim)
+def _attention_scores(cfg: ModelConfig, pairs: int, masked: bool) -> float:
+    """QK^T and AV matmuls plus the scale, optional mask and softmax over `pairs` (query, key) pairs, all heads."""
+    scores = cfg.num_attention_heads * pairs
+    matmuls = 2 * (2.0 * pairs * cfg.dim)
     return matmuls + scores * (1 + _SOFTMAX + (1 if masked else 0))
+
+
+def self_attention_pairs(
+    cfg: ModelConfig, tok: TokenCounts, *, pad_to_multiple: int = 1, views: int = 1, kernel: str = "dot_product",
+    block_q: int | None = None, block_kv: int | None = None,
+) -> attention_pairs.AttentionPairs:
+    """The (query, key) pairs of one sample's self-attention (every block runs the same): those its layout's mask
+    shows a valid query, and those `kernel` computes at `block_q` x `block_kv` (default: model.attention_block_*)."""
+    block_q = cfg.attention_block_q if block_q is None else block_q
+    block_kv = cfg.attention_block_kv if block_kv is None else block_kv
+    if cfg.attention_layout == "chunk_causal":
+        layout = make_token_layout(cfg, tok.latent_shape, tok.action, tok.proprio, pad_to_multiple,
+                                   teacher_forcing=tok.teacher_forcing, num_views=views)
+        if layout.length != tok.sequence:
+            raise AssertionError(f"token layout of {layout.length} tokens; token_counts says {tok.sequence}")
+        return attention_pairs.layout_pairs(layout, kernel, block_q, block_kv)
+    # Bidirectional: one chunk, so only padding is masked (as `layout_attention_mask` masks it).
+    s, valid = tok.sequence, np.arange(tok.sequence) < tok.sequence - tok.padding
+    mask = None if tok.padding == 0 else AttentionMask.create(np.zeros(s, np.int32), kv_valid=valid)
+    return attention_pairs.attention_pairs(mask, s, s, kernel, block_q, block_kv, q_valid=valid)
 
 
 def forward_flops(
@@ -212,10 +245,14 @@ def forward_flops(
     teacher_forcing: bool | None = None,
     views: int = 1,
     num_proprio: int = 1,
+    kernel: str | None = None,
 ) -> dict[str, float]:
     """Forward FLOPs of `wam_forward` for `batch` samples per component (module docstring) and "total";
     `image_tokens` CLIP tokens per sample for the image-conditioned backbone; `teacher_forcing` (default: what
-    training runs) counts the clean history copy in the sequence."""
+    training runs) counts the clean history copy in the sequence.
+
+    Model FLOPs by default; with `kernel` (a resolved model.attention, e.g. "splash") the hardware FLOPs of that
+    kernel at the model's block sizes (no remat: see `train_step_flops`)."""
     cfg = model_cfg
     tok = token_counts(
         cfg,
@@ -238,9 +275,12 @@ def forward_flops(
     c = dict.fromkeys(COMPONENTS, 0.0)
     c["patch_embedding"] = _dense(tok.video + tok.history_video, patch * cfg.in_channels, d)
     c["self_attention_projections"] = layers * 4 * _dense(s, d, d)
-    c["self_attention_scores"] = layers * _attention_scores(cfg, s, s, masked)
+    pairs = self_attention_pairs(cfg, tok, pad_to_multiple=pad_to_multiple, views=views,
+                                 kernel=kernel or "dot_product")
+    c["self_attention_scores"] = layers * _attention_scores(cfg, pairs.visible if kernel is None else pairs.computed,
+                                                            masked)
     c["cross_attention_projections"] = layers * (2 * _dense(s, d, d) + 2 * _dense(text, d, d))
-    c["cross_attention_scores"] = layers * _attention_scores(cfg, s, text, masked=False)
+    c["cross_attention_scores"] = layers * _attention_scores(cfg, s * text, masked=False)
     c["ffn"] = layers * (_dense(s, d, cfg.ffn_dim) + _GELU_TANH * s * cfg.ffn_dim + _dense(s, cfg.ffn_dim, d))
     c["modulation"] = (
         _time_embedding(cfg, groups)
@@ -251,7 +291,7 @@ def forward_flops(
     if tok.image:
         image, image_dim = tok.image, cfg.image_dim
         c["cross_attention_projections"] += layers * 2 * _dense(image, d, d)
-        c["cross_attention_scores"] += layers * (_attention_scores(cfg, s, image, masked=False) + s * d)
+        c["cross_attention_scores"] += layers * (_attention_scores(cfg, s * image, masked=False) + s * d)
         c["norms_and_elementwise"] += layers * _RMS_NORM * image * d  # norm_added_k
         c["text_projection"] += (
             _LAYER_NORM_AFFINE * image * (image_dim + d) + _dense(image, image_dim, image_dim)
@@ -388,18 +428,27 @@ def vae_encode_flops(
 class StepFlops:
     """FLOPs of one training step of a stage (whole global batch) and its per-sample parts."""
 
-    forward_per_sample: float
+    forward_per_sample: float  # model FLOPs
     train_per_step: float  # model FLOPs: forward + backward x global batch (`train_multipliers`), no remat recompute
     frozen_per_step: float  # frozen parts run in the step (VAE encoder, text encoder if online)
-    hardware_per_step: float  # train_per_step plus what rematerialization recomputes
+    hardware_per_step: float  # what the kernel computes, forward + backward, plus what rematerialization recomputes
+    dense_per_step: float  # train_per_step with every (query, key) pair counted: the count before masks were read
     batch_size: int
     video_tokens: int
     action_tokens: int
     proprio_tokens: int
     text_tokens: int
-    components: dict[str, float]  # forward FLOPs per sample
+    components: dict[str, float]  # forward model FLOPs per sample
     frozen_components: dict[str, float]  # per step
     image_tokens: int = 0  # CLIP tokens per sample (image-conditioned backbone)
+    attention_kernel: str = "dot_product"  # the resolved model.attention the hardware count is of
+    hardware_components: dict[str, float] | None = None  # forward hardware FLOPs per sample (no remat)
+    attention: attention_pairs.AttentionPairs | None = None  # one sample's self-attention pairs, per block
+
+    @property
+    def hardware_forward_per_sample(self) -> float:
+        """Forward FLOPs per sample as the kernel computes them (no remat recompute)."""
+        return float(sum((self.hardware_components or self.components).values()))
 
     @property
     def train_per_sample(self) -> float:
@@ -493,7 +542,7 @@ _COMPONENT_PARAM = {
 }
 _INPUT_COMPONENTS = ("patch_embedding", "text_projection", "modulation", "action_encoders")
 _BLOCK_WEIGHTS = ("self_attention_projections", "cross_attention_projections", "ffn")
-_WEIGHTLESS = ("self_attention_scores", "cross_attention_scores", "norms_and_elementwise", "attention_skipped_blocks")
+_WEIGHTLESS = ("self_attention_scores", "cross_attention_scores", "norms_and_elementwise")
 
 
 def train_multipliers(trainable: str) -> dict[str, float]:
@@ -519,8 +568,16 @@ def train_multipliers(trainable: str) -> dict[str, float]:
     return out
 
 
-def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_multiple: int = 1) -> StepFlops:
-    """FLOPs of one training step of `stage` for a run config (configs/wam.py's layout)."""
+def step_kernel(cfg: ModelConfig, backend: str | None = None) -> str:
+    """The attention kernel `cfg` runs on `backend` (default: the platform the program is built for)."""
+    return resolve_attention(cfg.attention, backend or context_parallel.target_backend(), cfg.dtype)
+
+
+def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_multiple: int = 1,
+                     backend: str | None = None, kernel: str | None = None) -> StepFlops:
+    """Model and hardware FLOPs of one training step of `stage` for a run config (configs/wam.py's layout); the
+    hardware count is of `kernel`, default the one model.attention resolves to on `backend` (default: the
+    platform the program is built for)."""
     cfg = model_config_from(config)
     mode = stage_mode(config, stage)
     batch = int(config.data.batch_size)
@@ -538,22 +595,33 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
         from wamjax.models import clip
 
         kwargs["image_tokens"] = clip.encoder_config(config).num_tokens * kwargs["views"]  # per view's first frame
+    kernel = step_kernel(cfg, backend) if kernel is None else kernel
     components = forward_flops(cfg, **kwargs)
+    hardware = forward_flops(cfg, **kwargs, kernel=kernel)
+    dense = forward_flops(cfg, **kwargs, kernel="dot_product")
     tok = token_counts(cfg, **kwargs)
+    pairs = self_attention_pairs(cfg, tok, pad_to_multiple=pad_to_multiple, views=kwargs["views"], kernel=kernel)
     forward = components.pop("total")
+    hardware.pop("total")
+    dense.pop("total")
     multipliers = train_multipliers(str(config.stages[stage].trainable))
-    train = sum(multipliers[name] * value for name, value in components.items()) * batch
+    frozen_text_kv = 0.0
     if multipliers["cross_attention_projections"] == 2.0 and multipliers["text_projection"] == 1.0:
         # The text keys/values of a frozen cross-attention have no trained parameter upstream: forward only.
-        train -= float(cfg.num_layers * 2 * _dense(tok.text, cfg.dim, cfg.dim)) * batch
+        frozen_text_kv = float(cfg.num_layers * 2 * _dense(tok.text, cfg.dim, cfg.dim)) * batch
+
+    def train_flops(parts: dict[str, float]) -> float:
+        return sum(multipliers[name] * value for name, value in parts.items()) * batch - frozen_text_kv
+
     # Remat re-runs the block stack's forward during the backward pass ("everything" saves it all).
-    recompute = 0.0 if cfg.remat_policy in _NO_RECOMPUTE_POLICIES else block_forward_flops(components) * batch
+    recompute = 0.0 if cfg.remat_policy in _NO_RECOMPUTE_POLICIES else block_forward_flops(hardware) * batch
     frozen = frozen_flops(config, batch, stage)
     return StepFlops(
         forward_per_sample=forward,
-        train_per_step=train,
+        train_per_step=train_flops(components),
         frozen_per_step=float(sum(frozen.values())),
-        hardware_per_step=train + recompute,
+        hardware_per_step=train_flops(hardware) + recompute,
+        dense_per_step=train_flops(dense),
         batch_size=batch,
         video_tokens=tok.video,
         action_tokens=tok.action,
@@ -562,4 +630,7 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
         image_tokens=tok.image,
         components=components,
         frozen_components=frozen,
+        attention_kernel=kernel,
+        hardware_components=hardware,
+        attention=pairs,
     )

@@ -1,7 +1,13 @@
 """Prints the FLOPs of a config: per sample, per step, in total, and the steps a budget buys.
 
   python -m wamjax.flops.estimate --config=configs/wam.py:size=wan14b,stage=action_tune \
-      [--config.data.batch_size=128] [--steps=N | --samples=N] [--budget_flops=9e21] [--format=json] [--xla]
+      [--config.data.batch_size=128] [--steps=N | --samples=N] [--budget_flops=9e21] [--format=json] [--xla] \
+      [--backend=tpu]
+
+Three counts of a run, labelled: 6*N*D (the published convention), model FLOPs (self-attention over the pairs the
+mask lets a query see: what budgets, the ledger and MFU use) and hardware FLOPs (what model.attention, resolved
+for --backend, computes at its block sizes, plus remat recompute). The dense count (every pair, the ledger's
+unit before masks were read) is printed beside them.
 
 Totals use --steps, else --samples, else the stage's `steps` (or train.steps). The budget is --budget_flops,
 else the stage's `budget_flops`. `stage_steps` is the count a run of the stage takes: its `steps`, cut to what
@@ -45,9 +51,11 @@ def estimate(
     xla: bool = False,
     xla_max_param_bytes: int | None = None,
     pad_to_multiple: int = 1,
+    backend: str = "tpu",
 ) -> dict[str, Any]:
-    """The estimate as one JSON-ready dict (what `--format=json` prints)."""
-    step_flops = analytic.train_step_flops(config, stage, pad_to_multiple=pad_to_multiple)
+    """The estimate as one JSON-ready dict (what `--format=json` prints); hardware FLOPs are of the kernel
+    model.attention runs on `backend`."""
+    step_flops = analytic.train_step_flops(config, stage, pad_to_multiple=pad_to_multiple, backend=backend)
     stage_cfg = config.stages[stage]
     batch = step_flops.batch_size
     if steps is not None and samples is not None:
@@ -60,6 +68,8 @@ def estimate(
     samples = steps * batch if samples is None else samples
     budget = float(stage_cfg.budget_flops) if budget_flops is None else float(budget_flops)
     total = step_flops.train_per_sample * samples
+    per_step_to_total = samples / batch
+    pairs = step_flops.attention
     model_cfg = analytic.model_config_from(config)
     tok = analytic.token_counts(
         model_cfg,
@@ -89,13 +99,24 @@ def estimate(
         "train_flops_per_sample": step_flops.train_per_sample,
         "train_flops_per_step": step_flops.train_per_step,
         "hardware_flops_per_step": step_flops.hardware_per_step,
+        "dense_flops_per_step": step_flops.dense_per_step,
+        "hardware_forward_flops_per_sample": step_flops.hardware_forward_per_sample,
         "remat_policy": model_cfg.remat_policy,
+        "backend": backend,
+        "attention": {
+            "kernel": pairs.kernel, "block_q": pairs.block_q, "block_kv": pairs.block_kv,
+            "visible_pairs": pairs.visible, "computed_pairs": pairs.computed, "dense_pairs": pairs.dense,
+            "visible_fraction": pairs.visible_fraction, "computed_fraction": pairs.computed / pairs.dense,
+            "block_pairs": pairs.block_pairs, "skipped_block_pairs": pairs.skipped_block_pairs,
+        },
         "frozen_components_per_step": step_flops.frozen_components,
         "frozen_flops_per_step": step_flops.frozen_per_step,
         "steps": steps,
         "samples": samples,
         "configured_steps": configured_steps,
         "total_train_flops": total,
+        "total_hardware_flops": step_flops.hardware_per_step * per_step_to_total,
+        "total_dense_flops": step_flops.dense_per_step * per_step_to_total,
         "total_frozen_flops": step_flops.frozen_per_step * samples / batch,
         "budget_flops": budget,
         "steps_for_budget": ledger.steps_for_budget(budget, step_flops.train_per_step)
@@ -112,6 +133,10 @@ def estimate(
         from wamjax.flops import xla as xla_lib
 
         limit = xla_lib.DEFAULT_MAX_PARAM_BYTES if xla_max_param_bytes is None else xla_max_param_bytes
+        # XLA compiles the forward for this host: compare what this host's kernel computes.
+        host_kernel = analytic.step_kernel(model_cfg, "cpu")
+        host_forward = analytic.train_step_flops(config, stage, pad_to_multiple=pad_to_multiple,
+                                                 kernel=host_kernel).hardware_forward_per_sample
         xla_flops = xla_lib.xla_forward_flops(
             model_cfg,
             mode=out["mode"],
@@ -124,7 +149,8 @@ def estimate(
             image_tokens=step_flops.image_tokens,
         )
         out["xla_forward_flops_per_sample"] = xla_flops
-        out["analytic_over_xla"] = step_flops.forward_per_sample / xla_flops
+        out["xla_kernel"] = host_kernel
+        out["analytic_over_xla"] = host_forward / xla_flops
     return out
 
 
@@ -133,9 +159,14 @@ SIX_ND_LABEL = (
     "attention scores, modulation, text tokens and frozen encoders left out"
 )
 FULL_COUNT_LABEL = (
-    "full count: 3 x analytic forward (attention scores over the whole sequence, modulation, heads, "
-    "cross-attention) per sample; frozen VAE encoding apart"
+    "model FLOPs: 3 x analytic forward per sample, self-attention over the (query, key) pairs the mask lets a "
+    "query see (MaxText's convention), modulation, heads, cross-attention; no remat; frozen VAE encoding apart"
 )
+HARDWARE_LABEL = (
+    "hardware FLOPs: what the kernel computes (every pair for dense kernels, the block pairs it does not skip for "
+    "blockwise/splash, partly masked blocks whole) plus remat recompute"
+)
+DENSE_LABEL = "dense: every (query, key) pair counted, masked or not (the ledger's unit before masks were read)"
 
 
 def param_count(config: ml_collections.ConfigDict, tok: analytic.TokenCounts) -> int:
@@ -165,6 +196,8 @@ def six_nd(
         "six_nd_total_flops": 6.0 * params * steps * batch * tokens,
         "six_nd_label": SIX_ND_LABEL,
         "total_train_flops_label": FULL_COUNT_LABEL,
+        "total_hardware_flops_label": HARDWARE_LABEL,
+        "total_dense_flops_label": DENSE_LABEL,
     }
 
 
@@ -177,23 +210,35 @@ def format_text(est: dict[str, Any]) -> str:
         f"tokens per sample: video {est['video_tokens']}, action {est['action_tokens']}, "
         f"proprio {est['proprio_tokens']}, text {est['text_tokens']} "
         f"(self-attention length {est['sequence_length']})",
-        "forward FLOPs per sample by component:",
+        "forward model FLOPs per sample by component:",
     ]
     fwd = est["forward_flops_per_sample"]
     for name, value in sorted(est["components"].items(), key=lambda kv: -kv[1]):
         if value:
             lines.append(f"  {name:<30} {format_flops(value):>14}  {100 * value / fwd:5.1f}%")
+    att = est["attention"]
+    blocks = (f" at blocks {att['block_q']}x{att['block_kv']}: {att['skipped_block_pairs']} of {att['block_pairs']} "
+              "block pairs skipped" if att["block_pairs"] else " (dense kernel: every pair)")
     lines += [
-        f"forward per sample            {format_flops(fwd)}",
+        f"self-attention pairs: {att['visible_fraction']:.4f} of {att['dense_pairs']:,} visible (model); "
+        f"{att['kernel']} (backend {est['backend']}) computes {att['computed_fraction']:.4f}{blocks}",
+        f"forward per sample            {format_flops(fwd)} model, "
+        f"{format_flops(est['hardware_forward_flops_per_sample'])} as {att['kernel']} computes it",
         f"train per sample              {format_flops(est['train_flops_per_sample'])}",
-        f"train per step                {format_flops(est['train_flops_per_step'])}",
-        f"hardware per step (remat={est['remat_policy']}) {format_flops(est['hardware_flops_per_step'])}",
+        f"train per step                {format_flops(est['train_flops_per_step'])} model, "
+        f"{format_flops(est['dense_flops_per_step'])} dense",
+        f"hardware per step ({att['kernel']}, remat={est['remat_policy']}) "
+        f"{format_flops(est['hardware_flops_per_step'])}",
         f"frozen per step               {format_flops(est['frozen_flops_per_step'])} "
         + ", ".join(f"{k} {format_flops(v)}" for k, v in est["frozen_components_per_step"].items()),
         f"total for {est['steps']} steps ({est['samples']} samples): "
         f"{format_flops(est['total_train_flops'])} "
         f"model + {format_flops(est['total_frozen_flops'])} frozen",
         f"  [{est['total_train_flops_label']}]",
+        f"hardware for {est['steps']} steps: {format_flops(est['total_hardware_flops'])}",
+        f"  [{est['total_hardware_flops_label']}]",
+        f"dense for {est['steps']} steps: {format_flops(est['total_dense_flops'])}",
+        f"  [{est['total_dense_flops_label']}]",
         f"6*N*D for {est['steps']} steps: {format_flops(est['six_nd_total_flops'])} "
         f"(N = {est['six_nd_params'] / 1e9:.2f}B params, D = {est['six_nd_tokens_per_sample']} tokens per sample)",
         f"  [{est['six_nd_label']}]",
@@ -212,7 +257,7 @@ def format_text(est: dict[str, Any]) -> str:
     if "xla_forward_flops_per_sample" in est:
         lines.append(
             f"XLA forward per sample        {format_flops(est['xla_forward_flops_per_sample'])} "
-            f"(analytic / XLA = {est['analytic_over_xla']:.4f})"
+            f"(hardware analytic of {est['xla_kernel']} / XLA = {est['analytic_over_xla']:.4f})"
         )
     return "\n".join(lines)
 
@@ -234,6 +279,7 @@ def main(argv: list[str]) -> None:
             xla=flags.FLAGS.xla,
             xla_max_param_bytes=flags.FLAGS.xla_max_param_bytes,
             pad_to_multiple=flags.FLAGS.pad_to_multiple,
+            backend=flags.FLAGS.backend,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -257,6 +303,9 @@ def define_flags() -> None:
         "xla_max_param_bytes", None, "Largest model (bytes of float32 params) --xla compiles; default 1 GiB."
     )
     flags.DEFINE_integer("pad_to_multiple", 1, "Sequence padding multiple (the mesh's sequence axis size).")
+    flags.DEFINE_enum("backend", "tpu", ["tpu", "gpu", "cpu"],
+                      "Platform model.attention is resolved for (auto: splash on TPU, cudnn on GPU), for the "
+                      "hardware count.")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
-"""The FLOP ledger: cumulative model FLOPs, steps, samples, tokens and wall time per stage.
+"""The FLOP ledger: cumulative model FLOPs (and hardware FLOPs beside them), steps, samples, tokens and wall
+time per stage.
 
 It is saved with every checkpoint (`to_json()` -> a JSON-ready dict) and restored with it (`from_json`), so
 totals survive restarts: steps re-run after a resume were not in the restored ledger and are counted once.
+
+Units: every stage record names the count its `flops` are in. `model` (MODEL_UNITS) counts self-attention over
+the (query, key) pairs the mask lets a query see; ledgers written before that count existed hold no units and
+are read as `dense` (DENSE_UNITS: every pair counted, masked or not). A dense stage takes no more steps until
+`to_model_units` converts it, so the two are never summed or budgeted together unnoticed.
 """
 
 from __future__ import annotations
@@ -10,6 +16,10 @@ import dataclasses
 import json
 import math
 from typing import Any
+
+MODEL_UNITS = "model"
+DENSE_UNITS = "dense"
+UNITS = (MODEL_UNITS, DENSE_UNITS)
 
 
 @dataclasses.dataclass
@@ -24,6 +34,8 @@ class StageRecord:
     flops: float = 0.0  # model FLOPs (forward + backward, no remat recompute)
     seconds: float = 0.0  # wall seconds spent in steps
     frozen_flops: float = 0.0  # FLOPs of frozen parts run in the step (VAE encoder), kept apart from model FLOPs
+    hardware_flops: float = 0.0  # what the kernels computed (skipped blocks not, masked scores and remat yes)
+    units: str = MODEL_UNITS  # what `flops` counts (module docstring)
 
 
 class FlopLedger:
@@ -57,21 +69,51 @@ class FlopLedger:
 
     # -- accounting --
     def record(
-        self, stage: str, step_flops: float, samples: int, tokens: int, seconds: float, frozen_flops: float = 0.0
+        self, stage: str, step_flops: float, samples: int, tokens: int, seconds: float, frozen_flops: float = 0.0,
+        hardware_flops: float = 0.0,
     ) -> None:
-        """Adds one completed step of `stage`; opens the stage at step 0 if it was never started."""
+        """Adds one completed step of `stage` (`step_flops` model FLOPs); opens the stage at step 0 if it was
+        never started. A stage still in dense units (an old checkpoint's) is refused: convert it first."""
         if stage not in self.stages:
             self.start_stage(stage, 0)
         rec = self.stages[stage]
+        if rec.units != MODEL_UNITS:
+            raise ValueError(f"ledger stage {stage!r} holds {rec.units} FLOPs (written before mask-aware counting); "
+                             "convert it with to_model_units before adding model FLOPs to it")
         rec.steps += 1
         rec.samples += int(samples)
         rec.tokens += int(tokens)
         rec.flops += float(step_flops)
         rec.seconds += float(seconds)
         rec.frozen_flops += float(frozen_flops)
+        rec.hardware_flops += float(hardware_flops)
+
+    def dense_stages(self) -> list[str]:
+        """Stages whose FLOPs are dense counts (restored from a ledger written before mask-aware counting)."""
+        return [name for name, rec in self.stages.items() if rec.units == DENSE_UNITS]
+
+    def to_model_units(self, stage: str, model_per_step: float, dense_per_step: float,
+                       hardware_per_step: float = 0.0) -> float:
+        """Converts a dense-unit stage to model FLOPs, given one step's model, dense and hardware FLOPs (the
+        stage's config: every step of a stage costs the same); returns the factor its FLOPs were scaled by."""
+        rec = self._record(stage)
+        if rec.units == MODEL_UNITS:
+            return 1.0
+        if dense_per_step <= 0:
+            raise ValueError(f"dense_per_step={dense_per_step}; expected a positive number")
+        steps_worth = rec.flops / dense_per_step
+        rec.flops, rec.hardware_flops = steps_worth * model_per_step, steps_worth * hardware_per_step
+        rec.units = MODEL_UNITS
+        return model_per_step / dense_per_step
 
     def stage_flops(self, stage: str) -> float:
         return self.stages[stage].flops if stage in self.stages else 0.0
+
+    def stage_hardware_flops(self, stage: str) -> float:
+        return self.stages[stage].hardware_flops if stage in self.stages else 0.0
+
+    def stage_units(self, stage: str) -> str:
+        return self.stages[stage].units if stage in self.stages else MODEL_UNITS
 
     def stage_frozen_flops(self, stage: str) -> float:
         return self.stages[stage].frozen_flops if stage in self.stages else 0.0
@@ -89,7 +131,10 @@ class FlopLedger:
         return self.stages[stage].seconds if stage in self.stages else 0.0
 
     def total_flops(self) -> float:
-        """Model FLOPs over all stages."""
+        """Model FLOPs over all stages; an error while some stage holds dense counts."""
+        dense = self.dense_stages()
+        if dense:
+            raise ValueError(f"ledger stages {dense} hold dense FLOP counts; the others model FLOPs: not summed")
         return float(sum(rec.flops for rec in self.stages.values()))
 
     # -- budgets --
@@ -129,13 +174,15 @@ class FlopLedger:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (what the checkpoint's `ledger` item stores)."""
         return {
+            "units": MODEL_UNITS,  # what a new stage counts; each stage names its own
             "current_stage": self.current_stage,
             "stages": {name: dataclasses.asdict(rec) for name, rec in self.stages.items()},
         }
 
     @classmethod
     def from_json(cls, value: dict[str, Any] | str | bytes) -> FlopLedger:
-        """Restores a ledger from `to_json()`'s dict or its JSON text, naming a malformed stage entry."""
+        """Restores a ledger from `to_json()`'s dict or its JSON text, naming a malformed stage entry. A stage
+        without `units` (a ledger written before mask-aware counting) is read as DENSE_UNITS."""
         if isinstance(value, (str, bytes)):
             value = json.loads(value)
         if not isinstance(value, dict):
@@ -146,6 +193,9 @@ class FlopLedger:
             unknown = sorted(set(rec) - known)
             if unknown:
                 raise KeyError(f"ledger stage {name!r} has unknown key(s) {unknown}; known: {sorted(known)}")
+            rec = {"units": DENSE_UNITS, **rec}
+            if rec["units"] not in UNITS:
+                raise ValueError(f"ledger stage {name!r} has units {rec['units']!r}; known: {list(UNITS)}")
             stages[name] = StageRecord(**rec)
         return cls(stages, value.get("current_stage"))
 

@@ -7,6 +7,10 @@ kept. The stage totals (FLOPs, steps, samples, tokens, wall time) are the ledger
 stage's last logged step: the ledger is restored with each checkpoint, so nothing is counted twice. A stage
 that ended between log intervals is completed from its `stage_end` event (which carries the final FLOPs).
 Other event lines, lines without "step", and unparsable lines (a write cut by preemption) are skipped.
+
+FLOPs are model FLOPs (self-attention over the pairs the mask shows a query; what budgets count), MFU is model
+FLOP/s over peak (MaxText's definition); hardware FLOPs and "hardware utilization" (HFU) are what the kernels
+computed, remat included. Logs written before hardware FLOPs were logged show none.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from wamjax.paths import PathLike, as_path
 
 METRICS_FILE = "metrics.jsonl"
 COLUMNS = (
-    "workdir", "stage", "steps", "samples", "tokens", "flops", "budget_flops", "budget_fraction",
-    "wall_time_s", "mean_mfu", "first_step", "last_step",
+    "workdir", "stage", "steps", "samples", "tokens", "flops", "hardware_flops", "budget_flops", "budget_fraction",
+    "wall_time_s", "mean_mfu", "mean_hardware_utilization", "first_step", "last_step",
 )  # fmt: skip
 
 
@@ -104,6 +108,7 @@ def stage_summaries(
         flops = _last(stage_rows, "stage_flops")
         if flops is None and _last(stage_rows, "step_flops") is not None:
             flops = float(_last(stage_rows, "step_flops")) * steps
+        hardware = _last(stage_rows, "stage_hardware_flops")
         samples, tokens = _last(stage_rows, "stage_samples"), _last(stage_rows, "stage_tokens")
         wall = _last(stage_rows, "wall_time_s")
         last_step = int(stage_rows[-1]["step"])
@@ -116,8 +121,10 @@ def stage_summaries(
             if wall is not None:
                 wall += extra * float(_last(stage_rows, "step_time_s", 0.0))
             steps, flops, last_step = steps + extra, float(end["stage_flops"]), int(end["step"])
+            hardware = end.get("stage_hardware_flops", hardware)
         budget = float(_last(stage_rows, "budget_flops", 0.0) or 0.0)
         mfus = [float(r["mfu"]) for r in stage_rows if r.get("mfu") is not None]
+        hfus = [float(r["hardware_utilization"]) for r in stage_rows if r.get("hardware_utilization") is not None]
         out.append({
             "workdir": workdir,
             "stage": stage,
@@ -125,10 +132,12 @@ def stage_summaries(
             "samples": None if samples is None else int(round(samples)),
             "tokens": None if tokens is None else int(round(tokens)),
             "flops": None if flops is None else float(flops),
+            "hardware_flops": None if hardware is None else float(hardware),
             "budget_flops": budget,
             "budget_fraction": float(flops) / budget if budget > 0 and flops is not None else None,
             "wall_time_s": wall,
             "mean_mfu": sum(mfus) / len(mfus) if mfus else None,
+            "mean_hardware_utilization": sum(hfus) / len(hfus) if hfus else None,
             "first_step": int(stage_rows[0]["step"]),
             "last_step": last_step,
         })  # fmt: skip
@@ -169,16 +178,20 @@ def _duration(seconds: Any) -> str:
 def format_table(summaries: list[dict[str, Any]]) -> str:
     """A fixed-width table for people."""
     header = (
-        "workdir", "stage", "steps", "samples", "tokens", "FLOPs", "budget", "used", "wall time", "mean MFU",
+        "workdir", "stage", "steps", "samples", "tokens", "model FLOPs", "hardware FLOPs", "budget", "used",
+        "wall time", "mean MFU", "mean HFU",
     )  # fmt: skip
     lines = []
     for s in summaries:
         lines.append((
             s["workdir"], s["stage"], str(s["steps"]), _human_count(s["samples"]), _human_count(s["tokens"]),
-            format_flops(s["flops"]), format_flops(s["budget_flops"]) if s["budget_flops"] else "none",
+            format_flops(s["flops"]), format_flops(s["hardware_flops"]),
+            format_flops(s["budget_flops"]) if s["budget_flops"] else "none",
             f"{100 * s['budget_fraction']:.1f}%" if s["budget_fraction"] is not None else "-",
             _duration(s["wall_time_s"]),
             f"{100 * s['mean_mfu']:.1f}%" if s["mean_mfu"] is not None else "unknown",
+            f"{100 * s['mean_hardware_utilization']:.1f}%" if s["mean_hardware_utilization"] is not None
+            else "unknown",
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     render = lambda row: "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in

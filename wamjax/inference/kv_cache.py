@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from wamjax.diffusion import flow
 from wamjax.diffusion.sampler import SamplerOptions, step_times
 from wamjax.models.actions import ActionTokens
-from wamjax.models.attention_mask import AttentionMask
+from wamjax.models.attention_mask import cached_chunk_mask
 from wamjax.models.config import ModelConfig
 from wamjax.models.dit import ConditionEmbedder, PatchEmbed, WanBlock, video_rope_angles
 from wamjax.models.wam import OutputHead, embed_video, i2v_condition, unpatchify_video
@@ -216,9 +216,7 @@ def chunk_forward(
     stacked = stacked_block_params(cfg, params)
     visible = cache.length if visible is None else visible
     capacity, s = cache.keys.shape[2], chunk.x.shape[1]
-    # Every cached token is in an earlier chunk than the queries: one chunk id, validity from the fill level.
-    valid = jnp.concatenate([jnp.arange(capacity) < visible, jnp.ones(s, bool)])
-    mask = AttentionMask.create(jnp.zeros(s, jnp.int32), jnp.zeros(capacity + s, jnp.int32), kv_valid=valid)
+    mask = cached_chunk_mask(s, capacity, jnp.asarray(visible))
     block = WanBlock(cfg, None)
 
     def layer(x, inputs):

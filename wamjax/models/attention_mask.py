@@ -140,3 +140,13 @@ class AttentionMask:
         allowed = MASK_RULES[self.rule](self.q_chunk[:, None], self.q_copy[:, None], self.kv_chunk[None],
                                         self.kv_copy[None])
         return np.asarray(allowed) & self.kv_valid[None]
+
+
+def cached_chunk_mask(chunk_tokens: int, capacity: int, visible: ArrayLike | int) -> AttentionMask:
+    """Self-attention of one chunk's `chunk_tokens` queries over a KV cache of `capacity` slots followed by the
+    chunk's own keys: every cached token is in an earlier chunk, so one chunk id serves all, and only the first
+    `visible` slots (a traced fill level, or a number) are valid."""
+    xp = jnp if isinstance(visible, jax.Array) else np
+    valid = xp.concatenate([xp.arange(capacity) < visible, xp.ones(chunk_tokens, bool)])
+    return AttentionMask.create(xp.zeros(chunk_tokens, xp.int32), xp.zeros(capacity + chunk_tokens, xp.int32),
+                                kv_valid=valid)

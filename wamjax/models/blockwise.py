@@ -8,8 +8,11 @@ masked out, padded query rows are dropped). The mask comes from per-token ids (`
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -76,12 +79,45 @@ def _logits(qi, kj, qid, kid, rule, scale):
     return s
 
 
-def _if_visible(rule, skip, qid, kid, compute, skipped, operand):
+# Set by `counting_branches` while a program is traced: the tally its block-pair branches report to.
+_branch_tally: collections.Counter | None = None
+
+
+@contextlib.contextmanager
+def counting_branches() -> Iterator[collections.Counter]:
+    """Counts the block pairs the kernel computes and skips, as they run, for programs traced inside it.
+
+    Each block pair's `lax.cond` reports the branch it takes through a host callback to the yielded counter:
+    keys ("forward" | "backward", "computed" | "skipped"). A debugging aid for checking FLOP counts against
+    the kernel's real decisions; programs traced outside it carry no callbacks.
+    """
+    global _branch_tally
+    previous, _branch_tally = _branch_tally, collections.Counter()
+    try:
+        yield _branch_tally
+    finally:
+        _branch_tally = previous
+
+
+def _tallied(branch, key):
+    tally = _branch_tally
+    if tally is None:
+        return branch
+
+    def run(operand):
+        jax.debug.callback(lambda: tally.update([key]))
+        return branch(operand)
+
+    return run
+
+
+def _if_visible(rule, skip, qid, kid, compute, skipped, operand, phase):
     """`compute(operand)` when any query of the block pair sees any key, else `skipped(operand)`: fully masked
     block pairs (a later chunk's keys, padding) cost no matmuls. Without `skip`, always `compute`."""
     if rule is None or not skip:
-        return compute(operand)
-    return jax.lax.cond(allowed_block(rule, qid, kid).any(), compute, skipped, operand)
+        return _tallied(compute, (phase, "computed"))(operand)
+    return jax.lax.cond(allowed_block(rule, qid, kid).any(), _tallied(compute, (phase, "computed")),
+                        _tallied(skipped, (phase, "skipped")), operand)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -112,7 +148,8 @@ def _forward(q, k, v, q_ids, kv_ids, rule, bq, bk, skip):
 
         def step(carry, kv):
             kj, vj, kid = kv
-            return _if_visible(rule, skip, qid, kid, lambda c: update(c, kj, vj, kid), lambda c: c, carry), None
+            return _if_visible(rule, skip, qid, kid, lambda c: update(c, kj, vj, kid), lambda c: c, carry,
+                               "forward"), None
 
         init = (jnp.full((b, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
                 jnp.zeros((b, h, bq, d), jnp.float32))
@@ -158,7 +195,7 @@ def _flash_bwd(rule, bq, bk, skip, residuals, d_out):
         def step(carry, qs):
             qi, _, _, _, qid = qs
             skipped = lambda c: (c, jnp.zeros(qi.shape, jnp.float32))
-            return _if_visible(rule, skip, qid, kid, lambda c: update(c, *qs), skipped, carry)
+            return _if_visible(rule, skip, qid, kid, lambda c: update(c, *qs), skipped, carry, "backward")
 
         zeros = jnp.zeros(kj.shape, jnp.float32)
         (dk, dv), dq_parts = jax.lax.scan(step, (zeros, zeros), (qb, dob, lse_b, delta_b, qid_b))

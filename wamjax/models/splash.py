@@ -56,7 +56,7 @@ class IdBlockMask(splash_mask.Mask):
         return hash(self._key())
 
 
-def _block(size: int, length: int) -> int:
+def block_size(size: int, length: int) -> int:
     """The block size used for `length` tokens: the configured one, or less for short sequences (splash
     needs key blocks in multiples of 128 lanes, in interpret mode too)."""
     return min(size, -(-length // _TPU_BLOCK) * _TPU_BLOCK)
@@ -85,34 +85,45 @@ def _dividing(axes: tuple, shape: tuple[int, ...], mesh: jax.sharding.AbstractMe
     return tuple(out)
 
 
+def padded_mask(mask: AttentionMask | None, sq: int, sk: int, block_q: int, block_kv: int
+                ) -> tuple[AttentionMask, int, int]:
+    """(the mask padded to whole blocks, query block, key block) that `attention` runs for sq x sk tokens."""
+    bq, bk = block_size(block_q, sq), block_size(block_kv, sk)
+    return _pad_mask(mask, sq, sk, -sq % bq, -sk % bk), bq, bk
+
+
+def make_kernel(mask: AttentionMask, bq: int, bk: int, heads: int, interpret: bool
+                ) -> splash_kernel.SplashAttentionKernel:
+    """The splash kernel of one example's `heads` heads for a `padded_mask`; its mask infos (`fwd_mask_info`,
+    `dkv_mask_info`) say which block pairs it skips."""
+    block_sizes = splash_kernel.BlockSizes(
+        block_q=bq, block_kv=bk, block_kv_compute=bk,
+        block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk,
+    )
+    return splash_kernel.make_splash_mha(
+        mask=splash_mask.MultiHeadMask([IdBlockMask(mask)] * heads), block_sizes=block_sizes,
+        head_shards=1, q_seq_shards=1, interpret=interpret,
+    )
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, block_q: int,
               block_kv: int) -> jax.Array:
     """Splash attention of q [B, Sq, H, D] over k, v [B, Sk, H, D] under a static `mask`."""
     sq, sk = q.shape[1], k.shape[1]
-    bq, bk = _block(block_q, sq), _block(block_kv, sk)
-    pad_q, pad_k = -sq % bq, -sk % bk
-    mask = _pad_mask(mask, sq, sk, pad_q, pad_k)
+    mask, bq, bk = padded_mask(mask, sq, sk, block_q, block_kv)
+    pad_q, pad_k = mask.q_length - sq, mask.kv_length - sk
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
     # Splash takes [H, S, D] per example and does not scale the logits itself.
     to_heads_major = lambda x: jnp.swapaxes(x, 1, 2)
     q = to_heads_major(pad(q * q.shape[-1] ** -0.5, pad_q))
     k, v = to_heads_major(pad(k, pad_k)), to_heads_major(pad(v, pad_k))
-    block_sizes = splash_kernel.BlockSizes(
-        block_q=bq, block_kv=bk, block_kv_compute=bk,
-        block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk,
-    )
     interpret = context_parallel.target_backend() != "tpu"
     heads_axis = "attn_heads" if context_parallel.all_to_all_heads(q.shape[1]) else "heads"
     mesh = jax.sharding.get_abstract_mesh()
     spec = PartitionSpec(*_dividing(nn.logical_to_mesh_axes(("batch", heads_axis, None, None)), q.shape, mesh))
 
     def local(q, k, v):
-        heads = q.shape[1]
-        kernel = splash_kernel.make_splash_mha(
-            mask=splash_mask.MultiHeadMask([IdBlockMask(mask)] * heads), block_sizes=block_sizes,
-            head_shards=1, q_seq_shards=1, interpret=interpret,
-        )
-        return jax.vmap(kernel)(q, k, v)
+        return jax.vmap(make_kernel(mask, bq, bk, q.shape[1], interpret))(q, k, v)
 
     if mesh.empty or all(a is None for a in spec):
         out = local(q, k, v)

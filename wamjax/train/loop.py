@@ -25,7 +25,7 @@ from wamjax.checkpoint.norm_stats import checked_norm_stats, has_norm_stats
 from wamjax.eval.offline import LoopEvaluator
 from wamjax.export import clip_import
 from wamjax.flops.analytic import train_step_flops
-from wamjax.flops.ledger import FlopLedger, stage_step_count
+from wamjax.flops.ledger import MODEL_UNITS, FlopLedger, stage_step_count
 from wamjax.flops.peak import peak_flops_per_device
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
@@ -164,6 +164,11 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> list[StageRes
     if latest is not None:
         resume_ledger = FlopLedger.from_json(ckpt.read_json_item(ckpt.step_dir(workdir, latest), "ledger"))
         logging.info("found checkpoint at step %d (stage %s)", latest, resume_ledger.current_stage)
+        for name in resume_ledger.dense_stages():
+            logging.warning(
+                "ledger stage %s: its stored FLOPs (%.3e) are dense counts (every attention pair, written before "
+                "mask-aware counting); a stage that resumes is converted to model FLOPs, a completed one keeps "
+                "them, marked units=dense", name, resume_ledger.stage_flops(name))
 
     results: list[StageResult] = []
     previous: StageResult | None = None
@@ -231,6 +236,14 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         if saved_ledger.current_stage == stage:
             state, ledger_json, _, norm_stats_saved = ckpt.restore(manager, latest, abstract_state, data_iter)
             ledger = FlopLedger.from_json(ledger_json)
+            if ledger.stage_units(stage) != MODEL_UNITS:
+                dense_flops = ledger.stage_flops(stage)
+                factor = ledger.to_model_units(stage, flops.train_per_step, flops.dense_per_step,
+                                               flops.hardware_per_step)
+                logging.warning("stage %s: the checkpoint's ledger holds dense FLOPs (%.3e, written before "
+                                "mask-aware counting); converted to model FLOPs x %.4f = %.3e (hardware %.3e)",
+                                stage, dense_flops, factor, ledger.stage_flops(stage),
+                                ledger.stage_hardware_flops(stage))
             norm_stats = norm_stats_saved if has_norm_stats(norm_stats_saved) else norm_stats
             writer.truncate_after(latest)
             resumed = True
@@ -283,10 +296,12 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
     peak = peak_flops_per_device(config.flops.device_kind or None)
     tokens_per_step = (flops.video_tokens + flops.action_tokens) * config.data.batch_size
     logging.info(
-        "stage %s: mode=%s steps=%d%s trainable=%s | %.3e model FLOPs/step (fwd %.3e/sample, frozen %.3e/step)%s",
+        "stage %s: mode=%s steps=%d%s trainable=%s | %.3e model FLOPs/step (fwd %.3e/sample, frozen %.3e/step; "
+        "%.3e hardware with %s, self-attention %.4f visible)%s",
         stage, mode, total_steps, f" (what the budget buys of {stage_steps(config, stage)})" if budget_limited else "",
-        stage_cfg.trainable, flops.train_per_step, flops.forward_per_sample,
-        flops.frozen_per_step, f" | budget {budget:.3e} FLOPs" if budget else "",
+        stage_cfg.trainable, flops.train_per_step, flops.forward_per_sample, flops.frozen_per_step,
+        flops.hardware_per_step, flops.attention_kernel, flops.attention.visible_fraction,
+        f" | budget {budget:.3e} model FLOPs" if budget else "",
     )
 
     # --- Loop --------------------------------------------------------------------------------------
@@ -325,7 +340,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         # Host time between dispatches; a fetch's wait for the device lands on its step, so the ledger's
         # per-stage seconds still sum to wall time.
         ledger.record(stage, flops.train_per_step, config.data.batch_size, tokens_per_step, now - last_time,
-                      frozen_flops=flops.frozen_per_step)
+                      frozen_flops=flops.frozen_per_step, hardware_flops=flops.hardware_per_step)
         last_time = now
         if metrics is not None:
             step_time = (now - fetch_time) / steps_since_fetch
@@ -355,7 +370,9 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         ckpt.save(manager, step, state, data_iter, ledger.to_json(), ledger_config, norm_stats, force=True)
     manager.wait_until_finished()
     writer.write_event({"event": "stage_end", "stage": stage, "step": step, "reason": reason,
-                        "stage_flops": ledger.stage_flops(stage)})
+                        "stage_flops": ledger.stage_flops(stage),
+                        "stage_hardware_flops": ledger.stage_hardware_flops(stage),
+                        "flops_units": ledger.stage_units(stage)})
     logging.info("stage %s ended at step %d (%s); stage FLOPs %.3e", stage, step, reason, ledger.stage_flops(stage))
     return StageResult(stage, state, step, reason)
 
@@ -520,9 +537,11 @@ def _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, n
     row["step_time_s"] = step_time
     row["examples_per_s"] = batch / step_time
     row["tokens_per_s"] = tokens / step_time
-    row["step_flops"] = flops.train_per_step
+    row["step_flops"] = flops.train_per_step  # model FLOPs: what budgets and MFU count
+    row["hardware_step_flops"] = flops.hardware_per_step  # what the kernels compute, remat included
     row["frozen_flops_per_step"] = flops.frozen_per_step
     row["stage_flops"] = ledger.stage_flops(stage)
+    row["stage_hardware_flops"] = ledger.stage_hardware_flops(stage)
     row["stage_frozen_flops"] = ledger.stage_frozen_flops(stage)
     row["stage_steps"] = ledger.stage_steps(stage)
     row["stage_samples"] = ledger.stage_samples(stage)
@@ -532,6 +551,8 @@ def _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, n
     row["budget_fraction"] = ledger.stage_flops(stage) / budget if budget else None
     row["flops_per_s"] = flops.train_per_step / step_time
     row["mfu"] = row["flops_per_s"] / (peak * num_devices) if peak else None
+    row["hardware_flops_per_s"] = flops.hardware_per_step / step_time
+    row["hardware_utilization"] = row["hardware_flops_per_s"] / (peak * num_devices) if peak else None
     rate = ledger.stage_flops(stage) / max(ledger.stage_seconds(stage), 1e-9)
     row["eta_budget_s"] = max(budget - ledger.stage_flops(stage), 0.0) / rate if budget else None
     return row

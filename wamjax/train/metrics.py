@@ -137,6 +137,8 @@ def format_progress(row: dict[str, Any], total_steps: int, stage_steps: int) -> 
     losses += f", action {row['loss_action']:.4f})" if "loss_action" in row else ")"
     budget = f" ({100 * row['budget_fraction']:.1f}% of budget)" if row.get("budget_fraction") is not None else ""
     mfu = f" | MFU {100 * row['mfu']:.1f}%" if row.get("mfu") is not None else ""
+    if row.get("hardware_utilization") is not None:
+        mfu += f" (hardware {100 * row['hardware_utilization']:.1f}%)"
     return (
         f"[{row['stage']}] step {row['step']} ({stage_steps}/{total_steps}) | {losses} | "
         f"lr {row['learning_rate']:.2e} | {row['step_time_s']:.3f} s/step, {_eng(row['examples_per_s'])} ex/s, "
