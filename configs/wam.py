@@ -1,7 +1,8 @@
 """World-action model training config.
 
 Usage: --config=configs/wam.py:size=tiny,stage=video_pretrain  then  --config.train.steps=50 ...
-  size:  tiny | small | wan1.3b | wan14b | tiny-i2v | wan14b-i2v (Wan2.1-I2V: first-frame + CLIP conditioning)
+  size:  tiny | small | lab | wan1.3b | wan14b | tiny-i2v | wan14b-i2v (Wan2.1-I2V: first-frame + CLIP
+         conditioning); lab is the CPU model configs/lab.py trains
   stage: video_pretrain | action_tune | all (both stages back to back)
   data:  synthetic | oxe (default: oxe for tiny runs is set by the quickstart through --config.data.source)
 """
@@ -63,6 +64,7 @@ def stage_config(name: str, tiny: bool) -> ml_collections.ConfigDict:
     s.clean_context_frames = 0 if name == "video_pretrain" else 1  # leading latent frames given clean
     s.datasets = ""  # "": take data.datasets
     s.cameras = ""  # "": take data.cameras (e.g. "primary,wrist" for the action stage only)
+    s.latents_cache = ""  # "": take data.latents_cache (e.g. action-free videos for video_pretrain only)
     s.weights = ()
     return s
 
@@ -83,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stage = args.get("stage", "video_pretrain")
     if stage not in (*STAGES, "all"):
         raise ValueError(f"stage={stage!r}; expected one of {(*STAGES, 'all')}")
-    tiny = size in ("tiny", "small", "tiny-i2v")
+    tiny = size in ("tiny", "small", "tiny-i2v", "lab")  # CPU sizes
 
     c = ml_collections.ConfigDict()
     c.size = size

@@ -31,7 +31,7 @@ from data_pipelines import make_oxe_like
 
 DATASET_NAME = "metaworld"
 DATASET_VERSION = "0.1.0"
-WRIST_CAMERA = "gripperPOV"
+WRIST_CAMERA = "gripperPOV"  # = wamjax.eval.metaworld_env.WRIST_CAMERA (not imported: it loads MuJoCo)
 
 
 def _features(resolution: tuple[int, int]) -> tfds.features.FeaturesDict:

@@ -8,7 +8,8 @@ same one the trainer builds). Train from the result with `--config.data.latents_
 
 A cache directory holds `latents-*.array_record` (one record per clip in openpi's msgpack-numpy encoding,
 `wamjax.serving.msgpack_numpy`: the batch contract with `frames` replaced by `latents`, float
-[T', H', W', z_dim], unnormalized like `vae_encode`'s output; `wrist_frames` is dropped) and
+[T', H', W', z_dim] (or [T', V, H', W', z_dim], each camera view encoded alone, for data.view_layout=tokens),
+unnormalized like `vae_encode`'s output; `wrist_frames` is dropped) and
 `latents_cache.json` (format, VAE config, shapes, example count, the data layout the clips were cut with, and
 the normalization stats their actions and states were normalized with). A run training from the cache must
 use the same layout and stats (each difference refused by name); its checkpoints carry the cache's stats.
@@ -81,9 +82,17 @@ def encode_batches(
     import jax
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    from wamjax.models.dit import views_into_batch, views_out_of_batch
     from wamjax.models.vae import frames_to_video, vae_encode
 
-    encode = jax.jit(lambda p, frames: vae_encode(vae_config, p, frames_to_video(frames)))
+    def encode_clips(p, frames):
+        """[B, T, H, W, 3] -> [B, T', h, w, z], or with a views axis [B, T, V, H, W, 3] -> [B, T', V, h, w, z]."""
+        video = frames_to_video(frames)
+        if video.ndim == 6:
+            return views_out_of_batch(vae_encode(vae_config, p, views_into_batch(video)), video.shape[2])
+        return vae_encode(vae_config, p, video)
+
+    encode = jax.jit(encode_clips)
     os.makedirs(out_dir, exist_ok=True)
     shard = os.path.join(out_dir, _SHARD_NAME.format(0))
     tmp = shard + ".tmp"

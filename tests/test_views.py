@@ -177,7 +177,7 @@ def test_i2v_action_tune_config_two_cameras_train_export_serve(tmp_path):
         server.stop()
 
 
-def test_stage_cameras_override_and_tokens_layout_without_a_latents_cache():
+def test_stage_cameras_and_latents_cache_overrides():
     from wamjax.inference import conditioning
     from wamjax.train.inputs import make_stage_dataset, stage_data_config
 
@@ -186,7 +186,8 @@ def test_stage_cameras_override_and_tokens_layout_without_a_latents_cache():
     assert stage_data_config(config, "action_tune").cameras == "primary,wrist"
     assert stage_data_config(config, "video_pretrain").cameras == ""
     assert conditioning.camera_count(config) == 2  # a policy reads the action stage's cameras
-    config.data.view_layout = "tokens"
-    config.data.latents_cache = "unused"
-    with pytest.raises(ValueError, match=r"data.latents_cache with data.view_layout='tokens' \(cameras \['primary'"):
-        make_stage_dataset(config, "action_tune", 0, 1)
+    config.stages.video_pretrain.latents_cache = "videos"
+    assert stage_data_config(config, "video_pretrain").latents_cache == "videos"
+    assert stage_data_config(config, "action_tune").latents_cache == ""
+    with pytest.raises(FileNotFoundError, match=r"videos/latents_cache.json does not exist"):
+        make_stage_dataset(config, "video_pretrain", 0, 1)

@@ -118,6 +118,9 @@ class ReplayAgent:
         pass
 
 
+VISION_ABLATIONS = ("none", "blank")
+
+
 class PolicyAgent:
     """A world-action model checkpoint acting chunk by chunk through `wamjax.inference.Policy`.
 
@@ -128,8 +131,14 @@ class PolicyAgent:
 
     name = "policy"
 
-    def __init__(self, policy: Any, *, rollout: str = "auto", execute: int | None = None):
+    def __init__(self, policy: Any, *, rollout: str = "auto", execute: int | None = None,
+                 vision_ablation: str = "none"):
+        """`vision_ablation="blank"` feeds the policy a black frame in place of every camera (does it look?)."""
+        if vision_ablation not in VISION_ABLATIONS:
+            raise ValueError(f"--vision_ablation={vision_ablation!r}; expected one of {VISION_ABLATIONS}")
         self.policy = policy
+        self.vision_ablation = vision_ablation
+        self.cameras = [metaworld_env.camera_of_role(c) for c in policy.camera_names]
         layout = str(policy.model_config.attention_layout)
         if rollout == "auto":
             rollout = "kv_cache" if layout == "chunk_causal" else "infer"
@@ -145,17 +154,28 @@ class PolicyAgent:
         self.frame_stride = int(policy.run_config.data.frame_stride)
         self.session: Any = None
 
+    def images(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """What the policy sees: `frame` (the primary camera) and the policy's other cameras rendered now."""
+        if len(self.cameras) == 1:
+            images = [frame]
+        else:
+            images = [frame if camera is None else env.render(camera) for camera in self.cameras]
+        if self.vision_ablation == "blank":
+            images = [np.zeros_like(image) for image in images]
+        return images[0] if len(images) == 1 else images
+
     def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None:
         self.instruction = instruction
         self.session = None
         if self.rollout == "kv_cache":
-            self.session = self.policy.start_rollout(frame, env.proprio(), instruction)
+            self.session = self.policy.start_rollout(self.images(env, frame), env.proprio(), instruction)
 
     def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
         if self.session is not None:
             actions = self.session.next_actions()
         else:
-            actions = self.policy.infer(frame, env.proprio(), self.instruction)["actions"][: self.execute]
+            images = self.images(env, frame)
+            actions = self.policy.infer(images, env.proprio(), self.instruction)["actions"][: self.execute]
         # One predicted action spans `frame_stride` environment steps: the clip's frames are that far apart.
         return metaworld_env.env_action(np.repeat(actions, self.frame_stride, axis=0))
 
@@ -525,6 +545,7 @@ def stats_dataset(checkpoint: str, dataset: str | None) -> str | None:
 def load_policy_agent(
     checkpoint: str, *, dataset: str | None = "metaworld", rollout: str = "auto", execute: int | None = None,
     num_steps: int = 4, action_steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0, mode: str = "joint",
+    vision_ablation: str = "none",
 ) -> PolicyAgent:
     """A `PolicyAgent` of a checkpoint, normalized with `dataset`'s stats when the checkpoint has stats."""
     from wamjax.inference.policy import Policy
@@ -534,8 +555,8 @@ def load_policy_agent(
         checkpoint, num_steps=num_steps, action_steps=action_steps, cfg_scale=cfg_scale, dataset=dataset, seed=seed,
         mode=mode,
     )
-    agent = PolicyAgent(policy, rollout=rollout, execute=execute)
-    agent.name = f"wam ({mode}, {agent.rollout})"
+    agent = PolicyAgent(policy, rollout=rollout, execute=execute, vision_ablation=vision_ablation)
+    agent.name = f"wam ({mode}, {agent.rollout}{', blank camera' if vision_ablation == 'blank' else ''})"
     return agent
 
 
@@ -655,7 +676,7 @@ def main(argv: Sequence[str]) -> None:
         agent = load_policy_agent(
             FLAGS.checkpoint, dataset=FLAGS.dataset, rollout=FLAGS.rollout, execute=FLAGS.execute_actions,
             num_steps=FLAGS.num_steps, action_steps=FLAGS.action_steps, cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed,
-            mode=FLAGS.mode,
+            mode=FLAGS.mode, vision_ablation=FLAGS.vision_ablation,
         )
         summary = run(agent)
     else:
@@ -690,6 +711,8 @@ if __name__ == "__main__":
     flags.DEFINE_enum("mode", "joint", ["joint", "imagine_then_act"], "How the checkpoint acts: video and actions "
                       "denoised jointly, or the future video first and the actions inferred from it.")
     flags.DEFINE_integer("num_steps", 4, "Denoising steps.")
+    flags.DEFINE_enum("vision_ablation", "none", list(VISION_ABLATIONS), "blank: the checkpoint sees a black frame "
+                      "in place of every camera (if it uses its cameras, success falls).")
     flags.DEFINE_integer("action_steps", None, "Denoising steps of the actions (default: num_steps).")
     flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1.0 = off).")
     flags.DEFINE_bool("through_server", False, "Serve the checkpoint with `wamjax.serving.serve` on a free local "

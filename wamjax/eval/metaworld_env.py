@@ -80,6 +80,19 @@ class StepResult:
     truncated: bool
 
 
+WRIST_CAMERA = "gripperPOV"  # the gripper camera collect_sim records as observation/wrist_image
+# A policy's camera (a role or an observation key of the `metaworld` dataset) -> the scene camera to render;
+# None is the episode's primary camera (`--camera`).
+_CAMERA_OF_ROLE = {"primary": None, "image": None, "wrist": WRIST_CAMERA, "wrist_image": WRIST_CAMERA}
+
+
+def camera_of_role(camera: str) -> str | None:
+    """The Meta-World scene camera of a policy's camera name (None: the primary camera the episode renders)."""
+    if camera not in _CAMERA_OF_ROLE:
+        raise ValueError(f"camera {camera!r} has no Meta-World camera; known: {sorted(_CAMERA_OF_ROLE)}")
+    return _CAMERA_OF_ROLE[camera]
+
+
 class MetaWorldTask:
     """One Meta-World task: reset to a variant, step 4-D actions, render the camera(s) the right way up."""
 

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from wamjax.export.wan_import import read_safetensors_file, read_safetensors_folder, to_numpy
+from wamjax.models.patch_vae import PatchVAEConfig
 from wamjax.models.vae import (
     WAN21_LATENTS_MEAN,
     WAN21_LATENTS_STD,
@@ -163,7 +164,9 @@ def load_vae(size: str = "wan2.1", weights: str = "", seed: int = 0) -> tuple[VA
 
     Random init is deterministic in `seed`, so a latents cache and the trainer agree on the same VAE.
     """
-    if weights:
-        return import_diffusers_wan_vae(weights)
     vae_config = vae_config_for(size)
+    if weights:
+        if isinstance(vae_config, PatchVAEConfig):
+            raise ValueError(f"vae.weights={weights!r} with vae.size={size!r}: a pixel patch encoder has no weights")
+        return import_diffusers_wan_vae(weights)
     return vae_config, init_vae_params(vae_config, jax.random.key(seed))

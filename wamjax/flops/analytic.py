@@ -106,24 +106,20 @@ class TokenCounts:
         return self.video_groups + self.action + (1 if self.proprio else 0) + history
 
 
-def latent_shape_for(num_frames: int, resolution: tuple[int, int] | list[int]) -> tuple[int, int, int]:
-    """(frames, height, width) of the Wan VAE latents of `num_frames` frames at `resolution` pixels."""
+def latent_shape_for(num_frames: int, resolution: tuple[int, int] | list[int],
+                     spatial_compression: int = VAE_SPACE_COMPRESSION) -> tuple[int, int, int]:
+    """(frames, height, width) of the VAE latents of `num_frames` frames at `resolution` pixels (the Wan VAE's
+    8x spatial compression unless told otherwise, e.g. 4 for `vae.size=pixels4`)."""
     height, width = (int(r) for r in resolution)
     if num_frames < 1 or (num_frames - 1) % VAE_TIME_COMPRESSION:
         raise ValueError(
             f"data.num_frames={num_frames}; expected 1 + {VAE_TIME_COMPRESSION}k frames "
             "(causal VAE time compression)"
         )
-    if height % VAE_SPACE_COMPRESSION or width % VAE_SPACE_COMPRESSION:
-        raise ValueError(
-            f"data.resolution={(height, width)}; expected height and width divisible by "
-            f"{VAE_SPACE_COMPRESSION}"
-        )
-    return (
-        1 + (num_frames - 1) // VAE_TIME_COMPRESSION,
-        height // VAE_SPACE_COMPRESSION,
-        width // VAE_SPACE_COMPRESSION,
-    )
+    sc = int(spatial_compression)
+    if height % sc or width % sc:
+        raise ValueError(f"data.resolution={(height, width)}; expected height and width divisible by {sc}")
+    return 1 + (num_frames - 1) // VAE_TIME_COMPRESSION, height // sc, width // sc
 
 
 def token_counts(
@@ -139,6 +135,7 @@ def token_counts(
     teacher_forcing: bool | None = None,
     views: int = 1,
     num_proprio: int = 1,
+    spatial_compression: int = VAE_SPACE_COMPRESSION,
 ) -> TokenCounts:
     """Tokens per sample: video tokens after patching (of each of `views` camera views, tokens view layout);
     `num_actions` (default T-1) action tokens and `num_proprio` proprio tokens (1, or one per chunk) in joint
@@ -146,7 +143,7 @@ def token_counts(
     (all views of each history frame)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
-    frames, height, width = latent_shape_for(num_frames, resolution)
+    frames, height, width = latent_shape_for(num_frames, resolution, spatial_compression)
     pt, ph, pw = model_cfg.patch_size
     if frames % pt or height % ph or width % pw:
         raise ValueError(
@@ -246,6 +243,7 @@ def forward_flops(
     views: int = 1,
     num_proprio: int = 1,
     kernel: str | None = None,
+    spatial_compression: int = VAE_SPACE_COMPRESSION,
 ) -> dict[str, float]:
     """Forward FLOPs of `wam_forward` for `batch` samples per component (module docstring) and "total";
     `image_tokens` CLIP tokens per sample for the image-conditioned backbone; `teacher_forcing` (default: what
@@ -266,6 +264,7 @@ def forward_flops(
         teacher_forcing=teacher_forcing,
         views=views,
         num_proprio=num_proprio,
+        spatial_compression=spatial_compression,
     )
     d, layers, s, text = cfg.dim, cfg.num_layers, tok.sequence, tok.text
     patch = math.prod(cfg.patch_size)
@@ -382,9 +381,13 @@ def _conv3d(
 def vae_encode_flops(
     vae_config: Any, num_frames: int, resolution: tuple[int, int] | list[int], batch: int = 1
 ) -> float:
-    """Convolution and attention FLOPs of `vae_encode` on `batch` clips (norms and activations excluded)."""
+    """Convolution and attention FLOPs of `vae_encode` on `batch` clips (norms and activations excluded); 0 for
+    the pixel patch encoder (a reshape)."""
+    from wamjax.models.patch_vae import PatchVAEConfig
     from wamjax.models.vae import _encoder_layers  # the encoder's layer list is the single source of truth
 
+    if isinstance(vae_config, PatchVAEConfig):
+        return 0.0
     cfg = vae_config
     shape = (int(num_frames), *(int(r) for r in resolution))
     total, shape = _conv3d(shape, (3, 3, 3), cfg.in_channels, cfg.base_dim)
@@ -568,6 +571,13 @@ def train_multipliers(trainable: str) -> dict[str, float]:
     return out
 
 
+def config_spatial_compression(config: ml_collections.ConfigDict) -> int:
+    """The spatial compression of the run's VAE (`vae.size`: 8 for the Wan VAE, p for `pixels<p>`)."""
+    from wamjax.models.vae import vae_config_for
+
+    return int(vae_config_for(config.vae.size).spatial_compression)
+
+
 def step_kernel(cfg: ModelConfig, backend: str | None = None) -> str:
     """The attention kernel `cfg` runs on `backend` (default: the platform the program is built for)."""
     return resolve_attention(cfg.attention, backend or context_parallel.target_backend(), cfg.dtype)
@@ -590,6 +600,7 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
         num_actions=config_num_actions(config),
         views=_token_views(config, stage),
         num_proprio=config_num_proprio(config),
+        spatial_compression=config_spatial_compression(config),
     )
     if cfg.image_conditioned:
         from wamjax.models import clip

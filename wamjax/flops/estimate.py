@@ -80,6 +80,7 @@ def estimate(
         pad_to_multiple=pad_to_multiple,
         num_actions=analytic.config_num_actions(config),
         num_proprio=analytic.config_num_proprio(config),
+        spatial_compression=analytic.config_spatial_compression(config),
     )
     out: dict[str, Any] = {
         "size": config.get("size", ""),

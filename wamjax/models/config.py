@@ -129,6 +129,12 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": dict(
         num_attention_heads=4, attention_head_dim=32, ffn_dim=256, num_layers=4, text_dim=64, freq_dim=64
     ),
+    # The CPU lab model (configs/lab.py): 2 heads of 64 over 48-channel pixel-patch latents (vae.size=pixels4);
+    # width and depth from the sweep in benchmarks/RESULTS.md.
+    "lab": dict(
+        num_attention_heads=2, attention_head_dim=64, ffn_dim=512, num_layers=4, text_dim=64, freq_dim=64,
+        in_channels=48, out_channels=48,
+    ),
     "wan1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
     "wan14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
     # Wan2.1-I2V-14B-480P: 16 noisy + 4 mask + 16 conditioning-frame latent channels in, CLIP ViT-H/14 tokens.

@@ -27,7 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wamjax.models.patch_vae import PatchVAEConfig, patch_config_for, patch_decode, patch_encode
+
 Params = dict[str, Any]
+AnyVAEConfig = Any  # VAEConfig | PatchVAEConfig
 
 # Wan 2.1 latent statistics (diffusers' AutoencoderKLWan defaults), used to normalize latents for the DiT.
 WAN21_LATENTS_MEAN = (
@@ -107,13 +110,17 @@ class VAEConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def vae_config_for(size: str) -> VAEConfig:
-    """Named VAE configs: `wan2.1` (the published 127M-parameter VAE) and `tiny` (random, for CPU tests)."""
+def vae_config_for(size: str) -> VAEConfig | PatchVAEConfig:
+    """Named VAE configs: `wan2.1` (the published 127M-parameter VAE), `tiny` (random, for CPU tests) and
+    `pixels<p>` (raw p x p pixel patches, no weights: CPU runs whose model must see where things are)."""
     if size in ("wan2.1", "full", "base"):
         return VAEConfig()
     if size == "tiny":
         return VAEConfig(base_dim=16, num_res_blocks=1)
-    raise KeyError(f"unknown VAE size {size!r}; expected one of 'tiny', 'wan2.1'")
+    patches = patch_config_for(size)
+    if patches is not None:
+        return patches
+    raise KeyError(f"unknown VAE size {size!r}; expected one of 'tiny', 'wan2.1', 'pixels<p>' (e.g. pixels4)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,9 +261,16 @@ def flatten_params(params: Params) -> dict[str, Any]:
     return flat
 
 
+def init_vae_params(vae_config: AnyVAEConfig, rng: jax.Array) -> Params:
+    """Fresh random parameters (PyTorch's default conv init: uniform(+-1/sqrt(fan_in)); norm gains one); a pixel
+    patch encoder has none ({})."""
+    if isinstance(vae_config, PatchVAEConfig):
+        return {}
+    return _init_wan_vae_params(vae_config, rng)
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def init_vae_params(vae_config: VAEConfig, rng: jax.Array) -> Params:
-    """Fresh random parameters (PyTorch's default conv init: uniform(+-1/sqrt(fan_in)); norm gains one)."""
+def _init_wan_vae_params(vae_config: VAEConfig, rng: jax.Array) -> Params:
     shapes = vae_param_shapes(vae_config)
     fan_in = {
         name.removesuffix(".kernel"): math.prod(shape[:-1])
@@ -372,7 +386,7 @@ def _mid_block(x: jax.Array, p: Params) -> jax.Array:
     return _residual_block(x, p["resnets"]["1"])
 
 
-def _check_video(vae_config: VAEConfig, video: jax.Array) -> None:
+def _check_video(vae_config: AnyVAEConfig, video: jax.Array) -> None:
     if video.ndim != 5 or video.shape[-1] != vae_config.in_channels:
         raise ValueError(
             f"video has shape {video.shape}; expected [B, T, H, W, {vae_config.in_channels}] (channels-last)"
@@ -404,6 +418,8 @@ def vae_encode(vae_config: VAEConfig, params: Params, video: jax.Array, *, batch
     `batch_chunk` > 0 encodes that many clips at a time (less memory, same result).
     """
     _check_video(vae_config, video)
+    if isinstance(vae_config, PatchVAEConfig):
+        return patch_encode(vae_config, video)
     return _in_batch_chunks(functools.partial(_encode, vae_config, params), video, batch_chunk)
 
 
@@ -432,6 +448,8 @@ def vae_decode(vae_config: VAEConfig, params: Params, latents: jax.Array, *, bat
     """
     if latents.ndim != 5 or latents.shape[-1] != vae_config.z_dim:
         raise ValueError(f"latents have shape {latents.shape}; expected [B, T, H, W, {vae_config.z_dim}]")
+    if isinstance(vae_config, PatchVAEConfig):
+        return patch_decode(vae_config, latents)
     return _in_batch_chunks(functools.partial(_decode, vae_config, params), latents, batch_chunk)
 
 

@@ -22,7 +22,7 @@ __all__ = ["TextEmbedder", "device_batch", "make_stage_dataset", "stage_data_con
 
 
 def stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
-    """config.data with the stage's dataset (and camera) overrides applied."""
+    """config.data with the stage's dataset, camera and latents-cache overrides applied."""
     data = copy.deepcopy(config.data)
     stage_cfg = config.stages[stage]
     with data.unlocked():
@@ -31,6 +31,8 @@ def stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_colle
             data.weights = tuple(stage_cfg.weights)
         if stage_cfg.get("cameras"):
             data.cameras = stage_cfg.cameras
+        if stage_cfg.get("latents_cache"):
+            data.latents_cache = stage_cfg.latents_cache
     return data
 
 
@@ -47,9 +49,6 @@ def make_stage_dataset(
 ) -> tuple[grain.IterDataset, dict]:
     """The stage's per-process batch dataset and the normalization stats it uses."""
     data = stage_data_config(config, stage)
-    if views.views_axis(data) is not None and data.latents_cache:
-        raise ValueError(f"data.latents_cache with data.view_layout='tokens' (cameras {views.camera_names(data)}): "
-                         "a latents cache holds one camera; the step encodes each view from the frames")
     if data.latents_cache:
         from data_pipelines.encode_latents import cache_norm_stats, make_latents_dataset
         from wamjax.models.vae import vae_config_for

@@ -315,6 +315,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
     ledger_config = config.to_dict()
     last_time = fetch_time = time.perf_counter()
     steps_since_fetch = 0
+    data_seconds = 0.0  # host time waiting for the next batch (reading, decoding, placing) since the last fetch
     while True:
         if stage_done >= total_steps:
             reason = "budget" if budget_limited else "steps"
@@ -322,8 +323,10 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
                 logging.info("stage %s: FLOP budget %.3e spent at step %d (one more step would exceed it)",
                              stage, budget, step)
             break
+        data_start = time.perf_counter()
         host_batch = next(data_iter)
         batch = inputs_lib.device_batch(host_batch, text, mesh, rules)
+        data_seconds += time.perf_counter() - data_start
         state, device_metrics = train_step(state, batch, vae_params)
         step += 1
         stage_done += 1
@@ -344,10 +347,12 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         last_time = now
         if metrics is not None:
             step_time = (now - fetch_time) / steps_since_fetch
-            fetch_time, steps_since_fetch = now, 0
+            data_time = data_seconds / steps_since_fetch
+            fetch_time, steps_since_fetch, data_seconds = now, 0, 0.0
             if log_step:
                 row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, mesh.size,
                                    config.data.batch_size, tokens_per_step)
+                row["data_s_per_step"] = data_time  # of step_s: the share spent waiting for input
                 writer.write(row)
                 logging.info(format_progress(row, total_steps, stage_done))
         if evaluator is not None:  # held-out clips, with the EMA params when there are
