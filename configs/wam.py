@@ -65,6 +65,7 @@ def stage_config(name: str, tiny: bool) -> ml_collections.ConfigDict:
     s.datasets = ""  # "": take data.datasets
     s.cameras = ""  # "": take data.cameras (e.g. "primary,wrist" for the action stage only)
     s.latents_cache = ""  # "": take data.latents_cache (e.g. action-free videos for video_pretrain only)
+    s.latents_cache_weights = ()  # with latents_cache: the weights of its comma-separated caches
     s.weights = ()
     return s
 
@@ -101,6 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.batch_size = 8 if tiny else 256
     c.data.synthetic_examples = 4096  # clips in the synthetic source (source=synthetic)
     c.data.latents_cache = ""  # directory from `python -m data_pipelines.encode_latents`; "" = encode online
+    c.data.latents_cache_weights = ()  # mixture weights of several comma-separated caches; empty: equal
     c.data.video_shards = ""  # captioned-video clip shards from `python -m data_pipelines.ingest_video`
     c.data.video_weight = 0.0  # mixture weight of the video shards in the video_pretrain stage
     # Mixture weight of the video shards in joint (action) stages: co-training, the action loss masked per example.

@@ -74,10 +74,13 @@ def encode_batches(
     num_batches: int,
     dtype: Any = np.float32,
     metadata: dict[str, Any] | None = None,
+    action_free: bool = False,
 ) -> int:
     """Encodes `num_batches` contract batches' `frames` and writes the cache to `out_dir`; returns clips written.
 
     `batches` is any iterable of batch-contract dicts (e.g. `data_pipelines.pipeline.make_dataset(...)`).
+    `action_free` drops the actions (zeros, `has_actions` False, the mask all False): videos to pretrain or
+    co-train on, their action loss masked.
     """
     import jax
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -110,6 +113,10 @@ def encode_batches(
             for b in range(latents.shape[0]):
                 example = {k: v[b] for k, v in batch.items() if k not in _SKIPPED_KEYS}
                 example["latents"] = latents[b]
+                if action_free:
+                    example["actions"] = np.zeros_like(example["actions"])
+                    example["action_mask"] = np.zeros_like(example["action_mask"])
+                    example["has_actions"] = np.bool_(False)
                 writer.write(pack_example(example))
                 count += 1
     finally:
@@ -126,6 +133,7 @@ def encode_batches(
         "normalized": False,
         "dtype": np.dtype(dtype).name,
         "shards": [os.path.basename(shard)],
+        "action_free": bool(action_free),
     } | (metadata or {})
     with open(os.path.join(out_dir, META_NAME), "w") as f:
         json.dump(meta, f, indent=1)
@@ -159,11 +167,39 @@ def check_cache_layout(cache_dir: str, meta: dict[str, Any], data_config: Any) -
                          f"({'; '.join(diffs)}): re-encode it with this run's config, or match the run to it")
 
 
-def cache_norm_stats(cache_dir: str, data_config: Any) -> dict[str, Any]:
-    """The normalization stats the cache's actions and states were normalized with ({} for synthetic data).
+def cache_dirs(latents_cache: str | Sequence[str]) -> list[str]:
+    """`data.latents_cache` as a list of cache directories (one, or several comma-separated to mix)."""
+    names = latents_cache.split(",") if isinstance(latents_cache, str) else list(latents_cache)
+    return [n.strip() for n in names if n.strip()]
 
-    With `data.stats_path` set the file's stats must equal the cache's; a difference is refused naming both.
+
+def cache_weights(data_config: Any, count: int) -> list[float]:
+    """`data.latents_cache_weights` (one per cache; empty: equal), checked."""
+    weights = [float(w) for w in (data_config.get("latents_cache_weights", ()) or ())]
+    if not weights:
+        return [1.0] * count
+    if len(weights) != count or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"data.latents_cache_weights={tuple(weights)}: expected {count} non-negative weights "
+                         f"(one per cache of data.latents_cache) summing to more than 0")
+    return weights
+
+
+def cache_norm_stats(latents_cache: str | Sequence[str], data_config: Any) -> dict[str, Any]:
+    """The normalization stats the caches' actions and states were normalized with ({} for synthetic data).
+
+    Mixed caches must share them; with `data.stats_path` set the file's stats must equal the caches'; a
+    difference is refused naming both.
     """
+    dirs = cache_dirs(latents_cache)
+    stats = _one_cache_norm_stats(dirs[0], data_config)
+    for other in dirs[1:]:
+        if _one_cache_norm_stats(other, data_config) != stats:
+            raise ValueError(f"latents caches {dirs[0]} and {other} were normalized with different stats; caches "
+                             "mixed in one stage must share them (encode both with the same data.stats_path)")
+    return stats
+
+
+def _one_cache_norm_stats(cache_dir: str, data_config: Any) -> dict[str, Any]:
     from data_pipelines import stats as stats_lib
 
     meta = read_cache_metadata(cache_dir)
@@ -210,7 +246,7 @@ class LatentsCacheSource:
 
 
 def make_latents_dataset(
-    cache_dir: str,
+    cache_dir: str | Sequence[str],
     batch_size: int,
     *,
     seed: int = 0,
@@ -224,20 +260,30 @@ def make_latents_dataset(
     """Per-process batches (batch contract, `latents` instead of `frames`) of a latents cache, as a Grain
     IterDataset; each process gets `batch_size / process_count` disjoint examples per batch.
 
-    With `data_config` (the run's `config.data`) the cache must have been cut with the same data settings."""
+    With `data_config` (the run's `config.data`) the cache must have been cut with the same data settings.
+    Several caches (a list, or comma-separated) are mixed by `data.latents_cache_weights` (equal without it),
+    each shuffled and repeated on its own; e.g. demonstrations and action-free videos (co-training)."""
     import grain
 
     from data_pipelines.process_split import split_for_process
 
     if batch_size % process_count:
         raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
-    source = LatentsCacheSource(cache_dir, vae_config)
-    if data_config is not None:
-        check_cache_layout(cache_dir, source.metadata, data_config)
-    dataset = grain.MapDataset.source(source)
-    if shuffle:
-        dataset = dataset.shuffle(seed=seed)
-    dataset = dataset.repeat(num_epochs)
+    dirs = cache_dirs(cache_dir)
+    datasets = []
+    for index, directory in enumerate(dirs):
+        source = LatentsCacheSource(directory, vae_config)
+        if data_config is not None:
+            check_cache_layout(directory, source.metadata, data_config)
+        dataset = grain.MapDataset.source(source)
+        if shuffle:
+            dataset = dataset.shuffle(seed=seed + index)
+        datasets.append(dataset.repeat(num_epochs if len(dirs) == 1 else None))
+    if len(datasets) == 1:
+        dataset = datasets[0]
+    else:
+        weights = cache_weights(data_config, len(dirs)) if data_config is not None else [1.0] * len(dirs)
+        dataset = grain.MapDataset.mix(datasets, weights)
     dataset = split_for_process(dataset, process_index, process_count, batch_size // process_count)
     return dataset.to_iter_dataset().batch(batch_size // process_count, drop_remainder=True)
 
@@ -274,6 +320,7 @@ def main(argv: Sequence[str]) -> None:
         FLAGS.out,
         num_batches=FLAGS.num_batches,
         dtype=np.dtype(FLAGS.dtype),
+        action_free=FLAGS.action_free,
         metadata={
             "vae_weights": config.vae.weights,
             "vae_seed": int(config.vae.seed),
@@ -294,5 +341,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", None, "Directory to write the latents cache to.")
     flags.DEFINE_integer("num_batches", 1, "Batches of data.batch_size clips to encode.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Storage dtype of the latents.")
+    flags.DEFINE_bool("action_free", False, "Drop the actions (has_actions False): videos to pretrain or co-train "
+                      "on with the action loss masked.")
     flags.mark_flag_as_required("config")
     app.run(main)

@@ -33,6 +33,7 @@ def stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_colle
             data.cameras = stage_cfg.cameras
         if stage_cfg.get("latents_cache"):
             data.latents_cache = stage_cfg.latents_cache
+            data.latents_cache_weights = tuple(stage_cfg.get("latents_cache_weights", ()) or ())
     return data
 
 
