@@ -3,6 +3,8 @@
   python benchmarks/side_by_side.py                           # 6 layers, 512 wide, ~300 to ~5k tokens
   python benchmarks/side_by_side.py --attention=dot_product   # any kernel of the model.attention registry
   python benchmarks/side_by_side.py --tokens=320,1280 --repeats=2 --profile_tokens=1280
+  python benchmarks/side_by_side.py --heads=2 --head_dim=64 --layers=4 --in_channels=48 --frames=4 \
+      --tokens=256 --text_tokens=8                            # the lab model's shapes (configs/lab.py)
 
 A random diffusers model is built, its weights are imported into wamjax (wamjax.export.wan_import), and both
 run forward + backward (gradients of the mean squared velocity w.r.t. every parameter) on the same latents,
@@ -35,28 +37,28 @@ from absl import app, flags  # noqa: E402
 _ATTENTION = flags.DEFINE_string("attention", "auto", "wamjax kernel (model.attention; auto: blockwise on CPU).")
 _TOKENS = flags.DEFINE_list("tokens", ["320", "1280", "2880", "5120"], "Video token counts (5 latent frames each).")
 _LAYERS = flags.DEFINE_integer("layers", 6, "Transformer blocks.")
-_HEADS = flags.DEFINE_integer("heads", 4, "Attention heads (head dim 128: 512 wide with 4).")
+_HEADS = flags.DEFINE_integer("heads", 4, "Attention heads (512 wide with 4 of --head_dim 128).")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Attention head width (the lab model's: 64).")
+_CHANNELS = flags.DEFINE_integer("in_channels", 16, "Latent channels (Wan VAE 16; the lab's pixel patches 48).")
+_FRAMES = flags.DEFINE_integer("frames", 5, "Latent frames of the token grid (--tokens = frames x n^2).")
 _TEXT = flags.DEFINE_integer("text_tokens", 64, "Text tokens.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats per size (median), after one warm-up.")
 _THREADS_FLAG = flags.DEFINE_integer("threads", 2, "CPU cores and threads for both libraries.")
 _PROFILE = flags.DEFINE_integer("profile_tokens", 0, "Also time one layer's attention alone at this size.")
 
-FRAMES = 5
-HEAD_DIM = 128
-
-
 def _model_dims() -> dict:
-    dim = _HEADS.value * HEAD_DIM
-    return dict(patch_size=(1, 2, 2), num_attention_heads=_HEADS.value, attention_head_dim=HEAD_DIM,
-                in_channels=16, out_channels=16, text_dim=512, freq_dim=256, ffn_dim=4 * dim,
+    dim = _HEADS.value * _HEAD_DIM.value
+    return dict(patch_size=(1, 2, 2), num_attention_heads=_HEADS.value, attention_head_dim=_HEAD_DIM.value,
+                in_channels=_CHANNELS.value, out_channels=_CHANNELS.value, text_dim=512, freq_dim=256, ffn_dim=4 * dim,
                 num_layers=_LAYERS.value, rope_max_seq_len=1024)
 
 
 def _latent_hw(tokens: int) -> tuple[int, int]:
-    per_frame = tokens // FRAMES
+    frames = _FRAMES.value
+    per_frame = tokens // frames
     side = int(round(per_frame ** 0.5))
-    if FRAMES * side * side != tokens:
-        raise ValueError(f"--tokens={tokens}: expected {FRAMES} x n^2 tokens (e.g. 320, 1280, 2880, 5120)")
+    if frames * side * side != tokens:
+        raise ValueError(f"--tokens={tokens}: expected {frames} x n^2 tokens (--frames={frames})")
     return 2 * side, 2 * side
 
 
@@ -90,7 +92,7 @@ def _time_size(reference, cfg, params, tokens: int) -> dict:
 
     h, w = _latent_hw(tokens)
     rng = np.random.default_rng(0)
-    latents = rng.standard_normal((1, FRAMES, h, w, 16)).astype(np.float32)
+    latents = rng.standard_normal((1, _FRAMES.value, h, w, _CHANNELS.value)).astype(np.float32)
     timestep = np.array([500.0], np.float32)
     text = rng.standard_normal((1, _TEXT.value, 512)).astype(np.float32)
 
@@ -116,7 +118,7 @@ def _time_size(reference, cfg, params, tokens: int) -> dict:
     torch_loss = float(torch_step().detach())  # warm-up
     torch_s = _median_seconds(torch_step, _REPEATS.value)
     jax_value = float(grad(params)[0])
-    return dict(tokens=tokens, latent=f"{FRAMES}x{h}x{w}", jax_s=jax_s, torch_s=torch_s, compile_s=compile_s,
+    return dict(tokens=tokens, latent=f"{_FRAMES.value}x{h}x{w}", jax_s=jax_s, torch_s=torch_s, compile_s=compile_s,
                 loss_gap=abs(jax_value - torch_loss) / abs(torch_loss))
 
 
@@ -125,7 +127,7 @@ def _attention_alone(tokens: int) -> tuple[float, float]:
     from wamjax.models.attention import get_attention, resolve_attention
 
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((1, tokens, _HEADS.value, HEAD_DIM)).astype(np.float32) for _ in range(3))
+    q, k, v = (rng.standard_normal((1, tokens, _HEADS.value, _HEAD_DIM.value)).astype(np.float32) for _ in range(3))
     kernel = get_attention(resolve_attention(_ATTENTION.value, jax.default_backend(), "float32"))
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(kernel(q, k, v)), argnums=(0, 1, 2)))
     jax.block_until_ready(grad(q, k, v))
@@ -146,7 +148,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(_THREADS_FLAG.value)
     dims = _model_dims()
     reference, cfg, params = _build(dims)
-    print(f"# {dims['num_layers']} layers, {cfg.dim} wide ({dims['num_attention_heads']} heads x {HEAD_DIM}), "
+    print(f"# {dims['num_layers']} layers, {cfg.dim} wide ({dims['num_attention_heads']} heads x {_HEAD_DIM.value}), "
           f"ffn {dims['ffn_dim']}, {_TEXT.value} text tokens, batch 1, float32; forward + backward of all params")
     print(f"# wamjax {_ATTENTION.value!r} attention, jitted (jax {jax.__version__}); diffusers eager "
           f"(torch {torch.__version__}); {_THREADS_FLAG.value} threads pinned to cores "
