@@ -48,7 +48,8 @@ def action_windows(
     max_episodes: int = 8,
     windows_per_episode: int = 2,
 ) -> list[dict[str, Any]]:
-    """Windows spread over `dataset`'s episodes (the held-out ones when `data.eval_fraction` > 0, else all).
+    """Windows spread over `max_episodes` of `dataset`'s episodes, evenly spaced (of the held-out ones when
+    `data.eval_fraction` > 0, else of all).
 
     Each is {"episode": its index, "frames": [per-camera uint8 [H, W, 3]], "other_frames": the same cameras at
     the same step of the next episode, "proprio": raw [p], "instruction", "truth": the raw [T_a, 7] chunk
@@ -63,7 +64,10 @@ def action_windows(
     fraction = float(data_config.get("eval_fraction", 0.0))
     indices = holdout.split_episodes(dataset, len(source), fraction, evaluation=True) if fraction else np.arange(
         len(source))
-    episodes = [source[int(i)] for i in indices[:max_episodes]]
+    # Spread over the dataset (episodes of several tasks are stored one task after another).
+    indices = np.asarray(indices)[np.unique(np.linspace(0, len(indices) - 1, min(max_episodes, len(indices)))
+                                            .round().astype(int))]
+    episodes = [source[int(i)] for i in indices]
     if len(episodes) < 2:
         raise ValueError(f"{dataset}: {len(episodes)} episode(s) to evaluate; the other_episode input needs >= 2")
     windows = []
