@@ -3,7 +3,7 @@ the policy, the server, evaluation and export; a checkpoint without them is refu
 
 The trained policies must act in the dataset's raw units: their first chunk on the training episodes beats a
 constant mean action by a wide margin (MAE at most `MARGIN` of the mean action's). A checkpoint that lost its
-stats (the bug this guards against) scored 1.7-1.9x the mean action's error on the same measure.
+stats (the bug this guards against) scored 1.7-1.9x the mean action's error on the issue's repro.
 """
 
 import json
