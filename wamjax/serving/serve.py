@@ -12,6 +12,11 @@ server stay up.
 With an API key (`--api_key` or the `WAMJAX_API_KEY` environment variable) a connection must send openpi-client's
 `Authorization: Api-Key <key>` header; without it or with another key the handshake is refused with HTTP 401.
 `GET /healthz` stays open.
+
+Every reply carries openpi's `server_timing` (`infer_ms`, `queue_ms`, and `prev_total_ms` from the second
+request of a connection on) and, from a policy that records one (`last_timing`), `policy_timing`: its per-stage
+breakdown (`text_ms`, `encode_ms`, `prefill_ms`, `denoise_ms` with `denoise_steps_ms` per iteration, `decode_ms`,
+`total_ms`; see `wamjax.inference.timing`).
 """
 
 from __future__ import annotations
@@ -263,7 +268,12 @@ class PolicyServer:
             result = self.policy.infer(job.frames, job.state, job.prompt)
         except (ValueError, TypeError, KeyError) as e:  # input checks of the policy itself
             raise MalformedRequest(str(e)) from None
-        return result, 1000.0 * (time.monotonic() - start)
+        infer_ms = 1000.0 * (time.monotonic() - start)
+        # The policy's own per-stage breakdown (wamjax.inference.timing), carried as openpi's `policy_timing`.
+        stages = getattr(self.policy, "last_timing", None)
+        if stages and "policy_timing" not in result:
+            result = {**result, "policy_timing": dict(stages)}
+        return result, infer_ms
 
     async def _inference_worker(self, queue: asyncio.Queue[_Job]) -> None:
         """Feeds queued requests to the model one at a time, on one thread of its own."""
@@ -393,6 +403,17 @@ class PolicyServer:
             self._loop.call_soon_threadsafe(self._server.close)
 
 
+def parse_step_cache_mask(spec: str | None) -> tuple[bool, ...] | None:
+    """`1,1,0,1` (1 = run the model, 0 = reuse the last velocity) -> a step cache mask; empty/None -> None."""
+    if not spec:
+        return None
+    entries = [p.strip() for p in spec.split(",")]
+    if any(e not in ("0", "1") for e in entries):
+        raise ValueError(f"--step_cache_mask={spec!r}; expected comma-separated 0/1 entries, one per denoising "
+                         "iteration")
+    return tuple(e == "1" for e in entries)
+
+
 def main(argv: list[str]) -> None:
     del argv
     from absl import flags
@@ -405,6 +426,8 @@ def main(argv: list[str]) -> None:
     policy = Policy.from_checkpoint(
         f.checkpoint, num_steps=f.num_steps, action_steps=f.action_steps, cfg_scale=f.cfg_scale,
         cfg_batched=f.cfg_batched, use_ema=f.use_ema, dataset=f.dataset, seed=f.seed, mode=f.mode,
+        video_stop_t=f.video_stop_t, step_cache_mask=parse_step_cache_mask(f.step_cache_mask),
+        step_cache_threshold=f.step_cache_threshold, cfg_parallel=f.cfg_parallel,
     )
     server = PolicyServer(
         policy, schema=dataclasses.replace(ObservationSchema.parse(f.schema),
@@ -428,6 +451,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("action_steps", None, "Denoising steps of the actions (default: num_steps).")
     flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1.0 = off).")
     flags.DEFINE_bool("cfg_batched", True, "Run the guided and null-text passes as one batched forward.")
+    flags.DEFINE_float("video_stop_t", 0.0, "Noise level the video's schedule stops at (DreamZero-Flash: > 0, with "
+                                           "--action_steps=1).")
+    flags.DEFINE_string("step_cache_mask", None, "DiT step caching, fixed: one 0/1 per denoising iteration (0 = "
+                                                 "reuse the last velocity), e.g. 1,1,0,1.")
+    flags.DEFINE_float("step_cache_threshold", None, "DiT step caching, dynamic: skip an iteration when the last "
+                                                     "two velocities' cosine similarity exceeds it (1.0 never skips).")
+    flags.DEFINE_integer("cfg_parallel", 1, "2: the conditional and null-text CFG branches on two devices.")
     flags.DEFINE_bool("use_ema", True, "Serve the EMA params when the checkpoint has them.")
     flags.DEFINE_string("dataset", None, "Which dataset's normalization stats to use (mixtures).")
     flags.DEFINE_integer("seed", 0, "Seed of the sampling noise.")
