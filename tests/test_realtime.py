@@ -282,6 +282,7 @@ def test_policy_action_prefix_and_the_async_agent(checkpoint):
         np.testing.assert_array_equal(chunk[: len(prefix)], prefix)
     assert result.idle_seconds <= result.act_seconds and 0 < result.moving_seconds
     sync, _ = run_episode(PolicyAgent(policy, control_hz=1e-3), StillEnv(), 0, 0, max_steps=40)
-    assert sync.idle_seconds == sync.act_seconds  # a synchronous robot waits through every inference
+    # A synchronous robot waits through every inference (act() also renders the cameras).
+    assert 0 < sync.idle_seconds <= sync.act_seconds and sync.idle_seconds > result.idle_seconds / 2
     with pytest.raises(ValueError, match="control_hz=0"):
         AsyncPolicyAgent(policy, control_hz=0)

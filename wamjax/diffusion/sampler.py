@@ -154,8 +154,9 @@ def tick(options: SamplerOptions, iteration: jax.Array, skipped: jax.Array, afte
     leaf = jax.tree.leaves(after)[0]
     # A single element depends on the whole forward (attention mixes every token): the report waits for it.
     done = jnp.ravel(leaf)[0]
-    jax.debug.callback(lambda i, s, _: STEP_CLOCK.tick(i, s), iteration, skipped, done,
-                       ordered=options.cfg_parallel == 1)
+    # Unordered: an ordered effect would refuse inputs placed on several devices; the data dependency on `done`
+    # already holds the report back until the iteration is computed.
+    jax.debug.callback(lambda i, s, _: STEP_CLOCK.tick(i, s), iteration, skipped, done)
 
 
 class VelocityCache(NamedTuple):

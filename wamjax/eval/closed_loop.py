@@ -169,15 +169,19 @@ class PolicyAgent:
     def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None:
         self.instruction = instruction
         self.session = None
+        self.idle_seconds = 0.0  # inference time: a synchronous robot waits through all of it
         if self.rollout == "kv_cache":
             self.session = self.policy.start_rollout(self.images(env, frame), env.proprio(), instruction)
 
     def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
         if self.session is not None:
+            start = time.perf_counter()
             actions = self.session.next_actions()
         else:
             images = self.images(env, frame)
+            start = time.perf_counter()
             actions = self.policy.infer(images, env.proprio(), self.instruction)["actions"][: self.execute]
+        self.idle_seconds += time.perf_counter() - start
         # One predicted action spans `frame_stride` environment steps: the clip's frames are that far apart.
         return metaworld_env.env_action(np.repeat(actions, self.frame_stride, axis=0))
 
@@ -512,7 +516,7 @@ def run_episode(
         chunks=chunks, actions=num_actions, act_seconds=act_seconds,
     )
     control_hz = getattr(agent, "control_hz", None)
-    if control_hz:  # a synchronous agent keeps the robot waiting through every act()
+    if control_hz:  # an agent that does not count its idle time keeps the robot waiting through every act()
         result.idle_seconds = float(getattr(agent, "idle_seconds", act_seconds))
         result.moving_seconds = steps / float(control_hz)
     return result, np.stack(frames)
