@@ -176,17 +176,22 @@ def test_cfg_parallel_is_refused_unless_it_divides_the_devices_and_splits_cfg():
 def test_server_replies_carry_server_and_policy_timing(checkpoint):
     from test_serving import libero_observation
 
-    from wamjax.serving.client import PolicyClient
+    from wamjax.serving.client import PolicyClient, ServerError
     from wamjax.serving.serve import PolicyServer
 
     server = PolicyServer(Policy.from_checkpoint(checkpoint, num_steps=2), port=0)
     server.start_in_thread()
+    prefix = np.random.default_rng(4).uniform(-1, 1, (2, 7)).astype(np.float32)
     try:
         rng = np.random.default_rng(0)
         with PolicyClient("127.0.0.1", server.port) as client:
-            replies = [client.infer(libero_observation(rng)) for _ in range(3)]
+            replies = [client.infer(libero_observation(rng)) for _ in range(2)]
+            replies.append(client.infer({**libero_observation(rng), "action_prefix": prefix}))
+            with pytest.raises(ServerError, match="action_prefix holds 9 actions; the chunk has 8"):
+                client.infer({**libero_observation(rng), "action_prefix": np.zeros((9, 7), np.float32)})
     finally:
         server.stop()
+    np.testing.assert_array_equal(replies[-1]["actions"][:2], prefix)  # a clean prefix comes back unchanged
     for reply in replies:
         assert reply["server_timing"]["infer_ms"] > 0 and "queue_ms" in reply["server_timing"]
         _check_stages(reply["policy_timing"], iterations=2)
