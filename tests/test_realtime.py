@@ -291,3 +291,10 @@ def test_policy_action_prefix_and_the_async_agent(checkpoint):
     assert 0 < sync.idle_seconds <= sync.act_seconds and sync.idle_seconds > result.idle_seconds / 2
     with pytest.raises(ValueError, match="control_hz=0"):
         AsyncPolicyAgent(policy, control_hz=0)
+
+
+def test_policy_with_cfg_parallel_equals_batched_cfg(checkpoint):
+    frame = np.random.default_rng(5).integers(0, 255, (32, 32, 3), np.uint8)
+    chunks = [Policy.from_checkpoint(checkpoint, num_steps=2, cfg_scale=3.0, cfg_parallel=k).infer(frame, None, "x")
+              for k in (1, 2)]
+    np.testing.assert_allclose(chunks[1]["actions"], chunks[0]["actions"], atol=1e-5)
