@@ -4,7 +4,8 @@ Stages follow one another without gaps, so they add up to `total_ms`: text encod
 the host-side preparation of the frames and state), KV prefill (the cache of a chunk-causal rollout; 0 for a
 full-sequence call), each denoising iteration (reported by the sampler's `STEP_CLOCK` as it finishes on the
 device), and decode (what follows the last iteration: the video decode when asked for, the actions back on the
-host and in raw units).
+host and in raw units; for a KV-cache chunk also the forward that caches the chunk's own keys and values, which
+runs inside the same compiled call).
 """
 
 from __future__ import annotations
