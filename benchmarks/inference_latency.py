@@ -5,7 +5,10 @@
 
 Random weights (latency does not depend on them), the config's clip shape and VAE (`configs/wam.py`), batch 1,
 actions only (the sampler stops once the action chunk is clean). Each row is one few-step setting: video
-steps, action steps, CFG scale and whether CFG is batched with the conditional pass.
+steps, action steps, CFG scale and whether CFG is batched with the conditional pass. A second table breaks each
+row's chunk into the stages every server reply carries as `policy_timing` (medians over the repeats; see
+`wamjax.inference.timing`): text encoding, image/VAE encoding, KV prefill, the denoising iterations (each one's
+median), decode, and the total.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from wamjax import config_files
 from wamjax.diffusion.sampler import SamplerOptions
 from wamjax.inference.policy import Policy
+from wamjax.inference.timing import STAGES
 from wamjax.models.config import model_config_from_run
 from wamjax.models.wam import init_params
 
@@ -63,11 +67,30 @@ def time_policy(policy: Policy, repeats: int) -> tuple[float, float, float]:
     policy.infer(frame, proprio, "pick up the block")
     first = time.perf_counter() - start
     times = []
+    policy.timings = []
     for _ in range(repeats):
         start = time.perf_counter()
         policy.infer(frame, proprio, "pick up the block")  # returns host numpy: includes the device sync
         times.append(time.perf_counter() - start)
+        policy.timings.append(policy.last_timing)
     return first, float(np.median(times)), float(np.percentile(times, 90))
+
+
+def stage_medians(timings: list[dict]) -> dict:
+    """Per-stage medians (ms) of `policy_timing` dicts, and each denoising iteration's median."""
+    out = {k: float(np.median([t[k] for t in timings])) for k in (*STAGES, "total_ms")}
+    out["steps"] = [float(np.median(s)) for s in zip(*(t["denoise_steps_ms"] for t in timings), strict=True)]
+    return out
+
+
+def stage_row(label: str, medians: dict) -> str:
+    steps = " ".join(f"{x:.1f}" for x in medians["steps"])
+    return (f"| {label} | {medians['text_ms']:.2f} | {medians['encode_ms']:.1f} | {medians['prefill_ms']:.1f} | "
+            f"{steps} | {medians['decode_ms']:.2f} | {medians['total_ms']:.1f} |")
+
+
+STAGE_HEADER = ("| setting | text ms | image/VAE encode ms | KV prefill ms | denoising ms per iteration | decode ms "
+                "| total ms |\n|---|---|---|---|---|---|---|")
 
 
 def time_closed_loop(policy: Policy, repeats: int) -> tuple[float, float, float]:
@@ -78,9 +101,12 @@ def time_closed_loop(policy: Policy, repeats: int) -> tuple[float, float, float]
     session = policy.start_rollout(frame, np.zeros(policy.proprio_dim, np.float32), "pick up the block")
     observation = rng.integers(0, 255, (session.frames_per_observation, h, w, 3), np.uint8)
     times = []
-    for _ in range(repeats + 1):
+    policy.timings = []
+    for i in range(repeats + 1):
         start = time.perf_counter()
         session.next_actions()
+        if i:
+            policy.timings.append(session.last_timing)  # with the previous observation's encode and prefill
         session.observe(observation)
         times.append(time.perf_counter() - start)
     return times[0], float(np.median(times[1:])), float(np.percentile(times[1:], 90))
@@ -102,6 +128,7 @@ def main() -> None:
     print(f"backend: {jax.default_backend()}  device: {device.device_kind}  jax {jax.__version__}")
     print("| size | clip | steps (video/action) | CFG | first call s | median ms / chunk | p90 ms / chunk |")
     print("|---|---|---|---|---|---|---|")
+    stage_rows = []
     for size in args.sizes.split(","):
         config = run_config(size, args.dtype, args.attention)
         params = random_params(config, "float32" if args.dtype == "float32" else args.dtype)
@@ -117,6 +144,8 @@ def main() -> None:
                 cfg_label = "off" if cfg_scale == 1.0 else f"{cfg_scale:g} {'batched' if batched else 'sequential'}"
                 print(f"| {size} | {clip} | {num_steps}/{options.resolved_action_steps} | {cfg_label} | "
                       f"{first:.2f} | {1000 * median:.1f} | {1000 * p90:.1f} |", flush=True)
+                stage_rows.append(stage_row(f"{size} {num_steps}/{options.resolved_action_steps} CFG {cfg_label}",
+                                            stage_medians(policy.timings)))
         if not args.closed_loop:
             continue
         # Same sizes with chunk-causal attention: one chunk (1 latent frame + its actions) per call.
@@ -127,6 +156,10 @@ def main() -> None:
             first, median, p90 = time_closed_loop(policy, args.repeats)
             print(f"| {size} chunk-causal, KV cache, per chunk incl. observe | {clip} | {steps}/{steps} | off | "
                   f"{first:.2f} | {1000 * median:.1f} | {1000 * p90:.1f} |", flush=True)
+            stage_rows.append(stage_row(f"{size} chunk-causal KV cache {steps}/{steps}", stage_medians(policy.timings)))
+    print()
+    print(STAGE_HEADER)
+    print("\n".join(stage_rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Usage: --config=configs/lab.py                        (action tuning on Meta-World expert episodes)
        --config=configs/lab.py:stage=video_pretrain   (video only, e.g. on action-free videos)
        --config=configs/lab.py:stage=all              (both, back to back)
+       --config=configs/lab.py:flash=1                (DreamZero-Flash: video t ~ Beta(7,1), actions uniform)
 Then set --config.data.data_dir (a `data_pipelines.collect_sim` dataset), --config.data.stats_path and, to
 train from cached latents, --config.data.latents_cache (or per stage, --config.stages.<stage>.latents_cache).
 `python benchmarks/closed_loop.py` collects, encodes, trains and evaluates it end to end.
@@ -16,6 +17,10 @@ train from cached latents, --config.data.latents_cache (or per stage, --config.s
              1 state token
   model      size=lab: 2 heads of 64 (128 wide), 4 layers, ffn 512 (about 0.9M parameters)
   instruction  the task's template (Meta-World's task string), hashed text embeddings (no text encoder)
+  flash=1    trains with the video's noise biased high (Beta(7,1): t = 1 is noise) and the actions' uniform,
+             drawn independently, so that actions learn to come out of one step while the video is still
+             noisy; `inference` then holds the matching sampler settings (one action step, the video stopping at
+             t = 0.65, below which Beta(7,1) puts only 5% of its draws), read as SamplerOptions(**c.inference)
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ def _base_module():
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     base = _base_module()
     args = base.parse_arg(arg)
-    unknown = sorted(set(args) - {"stage", "size"})
+    unknown = sorted(set(args) - {"stage", "size", "flash"})
     if unknown:
-        raise ValueError(f"unknown config argument(s) {unknown} of configs/lab.py; known: size, stage")
+        raise ValueError(f"unknown config argument(s) {unknown} of configs/lab.py; known: flash, size, stage")
+    if args.get("flash", "0") not in ("0", "1"):
+        raise ValueError(f"flash={args['flash']!r} of configs/lab.py; expected 0 or 1")
     c = base.get_config(f"size={args.get('size', 'lab')},stage={args.get('stage', 'action_tune')},data=oxe")
     c.vae.size = VAE
     c.data.datasets = "metaworld"
@@ -63,4 +70,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 1000
     c.eval.closed_loop_tasks = TASKS
     c.eval.closed_loop_resolution = RESOLUTION
+    if args.get("flash") == "1":
+        apply_flash(c)
+    return c
+
+
+FLASH_VIDEO_BETA = (7.0, 1.0)
+FLASH_VIDEO_STOP_T = 0.65  # Beta(7, 1) draws fall below it 5% of the time (0.65**7)
+
+
+def apply_flash(c: ml_collections.ConfigDict, num_steps: int = 4) -> ml_collections.ConfigDict:
+    """The DreamZero-Flash recipe on a run config: per-modality time sampling for training and `c.inference`,
+    the sampler settings that go with it (`SamplerOptions(**c.inference)`)."""
+    c.diffusion.video_time_sampling = "beta"
+    c.diffusion.beta_a, c.diffusion.beta_b = FLASH_VIDEO_BETA
+    c.diffusion.action_time_sampling = "uniform"
+    c.diffusion.independent_action_time = True
+    c.inference = ml_collections.ConfigDict({
+        "num_steps": num_steps, "action_steps": 1, "video_stop_t": FLASH_VIDEO_STOP_T,
+        "shift": float(c.diffusion.shift),
+    })
     return c

@@ -344,6 +344,10 @@ OPENPI_SCRIPT = textwrap.dedent("""
         assert out["actions"].shape == (horizon, dim), out["actions"].shape
         assert np.all(np.isfinite(out["actions"]))
         timings.append(out["server_timing"]["infer_ms"])
+        stages = out["policy_timing"]  # the policy's per-stage breakdown rides in every reply
+        total = sum(stages[k] for k in ("text_ms", "encode_ms", "prefill_ms", "denoise_ms", "decode_ms"))
+        assert abs(total - stages["total_ms"]) <= 0.05 * stages["total_ms"], stages
+        assert len(stages["denoise_steps_ms"]) == meta["num_steps"], stages
     try:
         policy.infer({"prompt": "no image"})
         raise SystemExit("malformed request was accepted")

@@ -132,8 +132,10 @@ class PolicyAgent:
     name = "policy"
 
     def __init__(self, policy: Any, *, rollout: str = "auto", execute: int | None = None,
-                 vision_ablation: str = "none"):
-        """`vision_ablation="blank"` feeds the policy a black frame in place of every camera (does it look?)."""
+                 vision_ablation: str = "none", control_hz: float | None = None):
+        """`vision_ablation="blank"` feeds the policy a black frame in place of every camera (does it look?);
+        `control_hz` (environment steps per second of a simulated robot) reports the time it idles."""
+        self.control_hz = control_hz
         if vision_ablation not in VISION_ABLATIONS:
             raise ValueError(f"--vision_ablation={vision_ablation!r}; expected one of {VISION_ABLATIONS}")
         self.policy = policy
@@ -167,15 +169,19 @@ class PolicyAgent:
     def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None:
         self.instruction = instruction
         self.session = None
+        self.idle_seconds = 0.0  # inference time: a synchronous robot waits through all of it
         if self.rollout == "kv_cache":
             self.session = self.policy.start_rollout(self.images(env, frame), env.proprio(), instruction)
 
     def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
         if self.session is not None:
+            start = time.perf_counter()
             actions = self.session.next_actions()
         else:
             images = self.images(env, frame)
+            start = time.perf_counter()
             actions = self.policy.infer(images, env.proprio(), self.instruction)["actions"][: self.execute]
+        self.idle_seconds += time.perf_counter() - start
         # One predicted action spans `frame_stride` environment steps: the clip's frames are that far apart.
         return metaworld_env.env_action(np.repeat(actions, self.frame_stride, axis=0))
 
@@ -185,6 +191,66 @@ class PolicyAgent:
         boundaries = frames[self.frame_stride - 1 :: self.frame_stride]
         if len(boundaries) == self.session.frames_per_observation:
             self.session.observe(np.stack(boundaries))
+
+
+class AsyncPolicyAgent(PolicyAgent):
+    """Real-time chunking on a simulated robot that executes one environment step every 1 / `control_hz` s.
+
+    While chunk k executes, chunk k+1 is computed from the newest observation: inference starts when the actions
+    of chunk k left to run would last as long as the last inference took, and those actions are held fixed as
+    chunk k+1's clean prefix (`Policy.infer(action_prefix=...)`), so the robot goes on without a seam. The
+    simulation runs one thing at a time, so each act() returns the actions that run during the inference
+    (the prefix) followed by chunk k+1's own, up to where the next inference starts. `idle_seconds` counts the
+    time the robot waits for actions: the first chunk's inference, and any inference that outlasts its prefix.
+    A synchronous agent idles for every inference.
+    """
+
+    name = "policy (async)"
+
+    def __init__(self, policy: Any, *, control_hz: float, vision_ablation: str = "none"):
+        super().__init__(policy, rollout="infer", vision_ablation=vision_ablation)
+        if control_hz <= 0:
+            raise ValueError(f"--control_hz={control_hz}; expected > 0 (environment steps per second)")
+        self.control_hz = float(control_hz)
+        self.chunk = int(policy.num_actions)
+        if self.chunk < 2:
+            raise ValueError(f"the policy's chunks hold {self.chunk} action; asynchronous execution needs >= 2")
+        self.compiled = False
+
+    def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None:
+        super().reset(env, instruction, frame)
+        if not self.compiled:  # one compiled call per prefix length, before any latency counts
+            dim = self.policy.model_config.action_dim
+            for k in range(self.chunk):
+                self.policy.infer(self.images(env, frame), env.proprio(), instruction,
+                                  action_prefix=np.zeros((k, dim), np.float32) if k else None)
+            self.compiled = True
+        self.pending: np.ndarray | None = None  # the policy actions that run during the next inference
+        self.last_latency_s = 0.0
+        self.idle_seconds = 0.0
+
+    def _delay_actions(self) -> int:
+        """Policy actions that run during an inference as long as the last one (at least 1, leaving at least one
+        of the chunk's own)."""
+        steps = self.last_latency_s * self.control_hz / self.frame_stride
+        return int(min(max(1, np.ceil(steps)), self.chunk - 1))
+
+    def act(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray:
+        images = self.images(env, frame)
+        start = time.perf_counter()
+        prefix = self.pending
+        actions = self.policy.infer(images, env.proprio(), self.instruction, action_prefix=prefix)["actions"]
+        latency = time.perf_counter() - start
+        covered = 0.0 if prefix is None else len(prefix) * self.frame_stride / self.control_hz
+        self.idle_seconds += max(0.0, latency - covered)
+        self.last_latency_s = latency
+        done = 0 if prefix is None else len(prefix)  # the prefix runs during this inference
+        delay = self._delay_actions()
+        end = max(done + 1, self.chunk - delay)
+        self.pending = actions[end:] if end < self.chunk else None
+        if self.pending is not None and len(self.pending) == 0:
+            self.pending = None
+        return metaworld_env.env_action(np.repeat(actions[:end], self.frame_stride, axis=0))
 
 
 # Runs in a Python that has openpi-client (its own venv: it pins numpy<2) and relays length-prefixed
@@ -402,6 +468,12 @@ class EpisodeResult:
     episode_return: float
     seconds: float
     video: str | None = None
+    chunks: int = 0  # action chunks the agent produced
+    actions: int = 0  # actions in them (environment steps they span)
+    act_seconds: float = 0.0  # time spent in the agent's act(): inference, for a policy
+    # A simulated robot stepping at the agent's control_hz: seconds it waited for actions, and moved.
+    idle_seconds: float | None = None
+    moving_seconds: float | None = None
 
 
 def run_episode(
@@ -414,8 +486,13 @@ def run_episode(
     frames = [frame]
     agent.reset(env, metaworld_env.instruction(env.task), frame)
     steps, episode_return, success_step, done = 0, 0.0, None, False
+    chunks, num_actions, act_seconds = 0, 0, 0.0
     while not done:
+        act_start = time.perf_counter()
         chunk = np.asarray(agent.act(env, frame), np.float32)
+        act_seconds += time.perf_counter() - act_start
+        chunks += 1
+        num_actions += len(chunk)
         if chunk.ndim != 2 or chunk.shape[1] != 4 or len(chunk) == 0:
             raise ValueError(f"{agent.name} returned actions of shape {chunk.shape}; expected [k >= 1, 4]")
         seen = []
@@ -436,8 +513,26 @@ def run_episode(
     result = EpisodeResult(
         task=env.task, seed=seed, variant=variant, success=success_step is not None, steps=steps,
         steps_to_success=success_step, episode_return=float(episode_return), seconds=time.perf_counter() - start,
+        chunks=chunks, actions=num_actions, act_seconds=act_seconds,
     )
+    control_hz = getattr(agent, "control_hz", None)
+    if control_hz:  # an agent that does not count its idle time keeps the robot waiting through every act()
+        result.idle_seconds = float(getattr(agent, "idle_seconds", act_seconds))
+        result.moving_seconds = steps / float(control_hz)
     return result, np.stack(frames)
+
+
+def control_frequency(rows: Sequence[EpisodeResult]) -> dict[str, float | None]:
+    """chunks_per_s and actions_per_s: what the agent produced per second spent in its act() (None: no time)."""
+    seconds = sum(r.act_seconds for r in rows)
+    if seconds <= 0:
+        return {"chunks_per_s": None, "actions_per_s": None}
+    out = {"chunks_per_s": sum(r.chunks for r in rows) / seconds,
+           "actions_per_s": sum(r.actions for r in rows) / seconds}
+    if all(r.idle_seconds is not None for r in rows):
+        idle = sum(r.idle_seconds for r in rows)
+        out["idle_fraction"] = idle / max(idle + sum(r.moving_seconds for r in rows), 1e-12)
+    return out
 
 
 def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
@@ -452,6 +547,8 @@ def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
             "mean_steps_to_success": float(np.mean([r.steps_to_success for r in successes])) if successes else None,
             "mean_steps": float(np.mean([r.steps for r in rows])),
             "mean_return": float(np.mean([r.episode_return for r in rows])),
+            # Control frequency: chunks and (environment-step) actions the agent delivers per second it computes.
+            **control_frequency(rows),
         }
 
     tasks = list(dict.fromkeys(r.task for r in results))
@@ -463,15 +560,18 @@ def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
 
 def format_table(summary: dict[str, Any], policy_name: str) -> str:
     """The summary as a fixed-width table, one row per task and an overall row."""
-    header = ("task", "policy", "episodes", "success rate", "steps to success", "mean steps", "mean return")
+    header = ("task", "policy", "episodes", "success rate", "steps to success", "mean steps", "mean return",
+              "chunks/s", "actions/s", "idle")
     rows = []
     for task, entry in [*summary["tasks"].items(), ("overall", summary["overall"])]:
         to_success = entry["mean_steps_to_success"]
+        rate = lambda key: "-" if entry.get(key) is None else f"{entry[key]:.1f}"  # noqa: B023
         rows.append((
             task, policy_name, str(entry["episodes"]),
             f"{entry['successes']}/{entry['episodes']} ({entry['success_rate']:.0%})",
             "-" if to_success is None else f"{to_success:.1f}", f"{entry['mean_steps']:.1f}",
-            f"{entry['mean_return']:.1f}",
+            f"{entry['mean_return']:.1f}", rate("chunks_per_s"), rate("actions_per_s"),
+            "-" if entry.get("idle_fraction") is None else f"{entry['idle_fraction']:.0%}",
         ))
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
@@ -545,18 +645,32 @@ def stats_dataset(checkpoint: str, dataset: str | None) -> str | None:
 def load_policy_agent(
     checkpoint: str, *, dataset: str | None = "metaworld", rollout: str = "auto", execute: int | None = None,
     num_steps: int = 4, action_steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0, mode: str = "joint",
-    vision_ablation: str = "none",
+    vision_ablation: str = "none", realtime: dict[str, Any] | None = None, execution: str = "sync",
+    control_hz: float | None = None,
 ) -> PolicyAgent:
-    """A `PolicyAgent` of a checkpoint, normalized with `dataset`'s stats when the checkpoint has stats."""
+    """A `PolicyAgent` of a checkpoint, normalized with `dataset`'s stats when the checkpoint has stats;
+    `realtime` holds `Policy.from_checkpoint`'s real-time knobs (video_stop_t, step_cache_mask, ...)."""
     from wamjax.inference.policy import Policy
 
     dataset = stats_dataset(checkpoint, dataset)
     policy = Policy.from_checkpoint(
         checkpoint, num_steps=num_steps, action_steps=action_steps, cfg_scale=cfg_scale, dataset=dataset, seed=seed,
-        mode=mode,
+        mode=mode, **(realtime or {}),
     )
-    agent = PolicyAgent(policy, rollout=rollout, execute=execute, vision_ablation=vision_ablation)
-    agent.name = f"wam ({mode}, {agent.rollout}{', blank camera' if vision_ablation == 'blank' else ''})"
+    if execution == "async":
+        if rollout not in ("auto", "infer") or execute is not None:
+            raise ValueError("--execution=async runs full chunks through Policy.infer: drop --rollout=kv_cache and "
+                             "--execute_actions")
+        if control_hz is None:
+            raise ValueError("--execution=async needs --control_hz (the simulated robot's steps per second)")
+        agent = AsyncPolicyAgent(policy, control_hz=control_hz, vision_ablation=vision_ablation)
+    elif execution == "sync":
+        agent = PolicyAgent(policy, rollout=rollout, execute=execute, vision_ablation=vision_ablation,
+                            control_hz=control_hz)
+    else:
+        raise ValueError(f"--execution={execution!r}; expected sync or async")
+    agent.name = (f"wam ({mode}, {agent.rollout}{', async' if execution == 'async' else ''}"
+                  f"{', blank camera' if vision_ablation == 'blank' else ''})")
     return agent
 
 
@@ -675,8 +789,12 @@ def main(argv: Sequence[str]) -> None:
     elif FLAGS.policy == "checkpoint":
         agent = load_policy_agent(
             FLAGS.checkpoint, dataset=FLAGS.dataset, rollout=FLAGS.rollout, execute=FLAGS.execute_actions,
+            execution=FLAGS.execution, control_hz=FLAGS.control_hz,
             num_steps=FLAGS.num_steps, action_steps=FLAGS.action_steps, cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed,
             mode=FLAGS.mode, vision_ablation=FLAGS.vision_ablation,
+            realtime={"video_stop_t": FLAGS.video_stop_t, "step_cache_threshold": FLAGS.step_cache_threshold,
+                      "step_cache_mask": None if not FLAGS.step_cache_mask else
+                      tuple(int(m) for m in FLAGS.step_cache_mask), "cfg_parallel": FLAGS.cfg_parallel},
         )
         summary = run(agent)
     else:
@@ -715,6 +833,16 @@ if __name__ == "__main__":
                       "in place of every camera (if it uses its cameras, success falls).")
     flags.DEFINE_integer("action_steps", None, "Denoising steps of the actions (default: num_steps).")
     flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1.0 = off).")
+    flags.DEFINE_float("video_stop_t", 0.0, "Noise level the video's schedule stops at (DreamZero-Flash: > 0).")
+    flags.DEFINE_list("step_cache_mask", None, "DiT step caching: one 0/1 per denoising iteration (0 = reuse the "
+                                               "last velocity).")
+    flags.DEFINE_float("step_cache_threshold", None, "DiT step caching: skip an iteration when the last two "
+                                                     "velocities' cosine similarity exceeds it.")
+    flags.DEFINE_integer("cfg_parallel", 1, "2: the two CFG branches on two devices.")
+    flags.DEFINE_enum("execution", "sync", ["sync", "async"], "async: real-time chunking (the next chunk is "
+                      "computed while the current one runs, its first actions held as a clean prefix).")
+    flags.DEFINE_float("control_hz", None, "Environment steps per second of the simulated robot: reports how much "
+                                           "of the time it idles waiting for actions (needed by --execution=async).")
     flags.DEFINE_bool("through_server", False, "Serve the checkpoint with `wamjax.serving.serve` on a free local "
                       "port and act through websocket requests (openpi protocol, one request per chunk).")
     flags.DEFINE_string("openpi_python", None, "With --through_server: a Python with openpi-client installed "

@@ -27,7 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from wamjax.diffusion import flow
-from wamjax.diffusion.sampler import SamplerOptions, step_times
+from wamjax.diffusion.sampler import (
+    SamplerOptions,
+    cached_velocity,
+    cfg_sharded,
+    start_velocity_cache,
+    step_times,
+    tick,
+)
 from wamjax.models.actions import ActionTokens
 from wamjax.models.attention_mask import cached_chunk_mask
 from wamjax.models.config import ModelConfig
@@ -261,7 +268,7 @@ class RolloutState(NamedTuple):
 
 
 def _guided_batch(options: SamplerOptions, x: jax.Array) -> jax.Array:
-    return jnp.concatenate([x, x], axis=0) if options.uses_cfg else x
+    return cfg_sharded(options, jnp.concatenate([x, x], axis=0)) if options.uses_cfg else x
 
 
 def _combine(options: SamplerOptions, v: jax.Array, batch: int) -> jax.Array:
@@ -281,7 +288,7 @@ def start_rollout(
     batch = context_latents.shape[0]
     if options.uses_cfg:
         text = jnp.concatenate([text, jnp.zeros_like(text)], axis=0)
-    context = ConditionEmbedder(cfg).apply({"params": params["condition_embedder"]}, text,
+    context = ConditionEmbedder(cfg).apply({"params": params["condition_embedder"]}, cfg_sharded(options, text),
                                             method=ConditionEmbedder.text)
     condition = None
     if image_conditioning is not None:
@@ -294,6 +301,8 @@ def start_rollout(
     prop = None if proprio is None else _guided_batch(options, proprio.astype(jnp.float32))
     tokens = embed_chunk(cfg, geometry, params, lat, jnp.zeros(lat.shape[:2]), 0, proprio=prop)
     cache = empty_cache(cfg, geometry, lat.shape[0])
+    # CFG parallel: each branch's device keeps the keys/values of its half of the batch.
+    cache = cache._replace(keys=cfg_sharded(options, cache.keys, 1), values=cfg_sharded(options, cache.values, 1))
     out = chunk_forward(cfg, params, tokens, context, cache, geometry.latent_hw)
     cache = write_chunk(cache, out.keys, out.values, 0)
     last = jnp.zeros((batch, geometry.actions_per_chunk, cfg.action_dim), jnp.float32)
@@ -356,30 +365,45 @@ def generate_chunk(
         *step_times(options.resolved_action_steps, options.num_iterations, options.shift),
     ))
 
-    def body(carry, times):
-        video, actions = carry
-        t_v, t_v_next, t_a, t_a_next = times
+    def velocity(video, actions, t_v, t_a):
         t_frames = jnp.full(video.shape[:2], flow.to_model_timestep(t_v))
         t_actions = jnp.full(actions.shape[:2], flow.to_model_timestep(t_a))
         out = _chunk_pass(cfg, geometry, options, params, state, index, video, t_frames, actions, t_actions,
                           proprio)
-        video = video + (t_v_next - t_v) * _combine(options, out.video, batch)
-        actions = actions + (t_a_next - t_a) * _combine(options, out.actions, batch)
-        return (video, actions), None
+        return _combine(options, out.video, batch), _combine(options, out.actions, batch)
 
-    init = (video_noise.astype(jnp.float32), action_noise.astype(jnp.float32))
+    def body(carry, times, caching=False):
+        video, actions, cache = carry
+        i, t_v, t_v_next, t_a, t_a_next = times
+        if caching:  # DiT step caching (joint mode): the sampler's rule, over the chunk's velocities
+            (v_video, v_actions), cache, skipped = cached_velocity(
+                options, i, lambda: velocity(video, actions, t_v, t_a), cache)
+        else:
+            (v_video, v_actions), skipped = velocity(video, actions, t_v, t_a), jnp.asarray(False)
+        video = video + (t_v_next - t_v) * v_video
+        actions = actions + (t_a_next - t_a) * v_actions
+        tick(options, i, skipped, (actions, video))
+        return (video, actions, cache), None
+
+    init = (video_noise.astype(jnp.float32), action_noise.astype(jnp.float32), None)
     if mode == "imagine_then_act":  # a held modality has t_next == t, so its Euler step leaves it as it is
         n, m = options.num_steps, options.resolved_action_steps
         tv, tv_next = (jnp.asarray(a) for a in step_times(n, n, options.shift))
         ta, ta_next = (jnp.asarray(a) for a in step_times(m, m, options.shift))
-        video, actions = jax.lax.scan(body, init, (tv, tv_next, jnp.ones(n), jnp.ones(n)))[0]
-        (video, actions), _ = jax.lax.scan(body, (video, actions), (jnp.zeros(m), jnp.zeros(m), ta, ta_next))
+        carry = jax.lax.scan(body, init, (jnp.arange(n), tv, tv_next, jnp.ones(n), jnp.ones(n)))[0]
+        (video, actions, _), _ = jax.lax.scan(body, carry, (n + jnp.arange(m), jnp.zeros(m), jnp.zeros(m), ta,
+                                                            ta_next))
     elif mode == "world_model":
         n = options.num_steps
         tv, tv_next = (jnp.asarray(a) for a in step_times(n, n, options.shift))
-        (video, actions), _ = jax.lax.scan(body, init, (tv, tv_next, jnp.zeros(n), jnp.zeros(n)))
+        (video, actions, _), _ = jax.lax.scan(body, init, (jnp.arange(n), tv, tv_next, jnp.zeros(n), jnp.zeros(n)))
     else:
-        (video, actions), _ = jax.lax.scan(body, init, (tv, tv_next, ta, ta_next))
+        tv, tv_next = (jnp.asarray(a) for a in step_times(
+            options.num_steps, options.num_iterations, options.shift, options.video_stop_t))
+        if options.caches_steps:
+            init = (*init[:2], start_velocity_cache(init[:2]))
+        (video, actions, _), _ = jax.lax.scan(functools.partial(body, caching=options.caches_steps), init,
+                                              (jnp.arange(options.num_iterations), tv, tv_next, ta, ta_next))
     state = _commit(cfg, geometry, options, params, state, index, video, actions)
     return state, video, actions
 

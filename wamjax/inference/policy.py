@@ -22,10 +22,11 @@ from data_pipelines.config import clip_num_actions
 from data_pipelines.normalization import normalize, unnormalize
 from wamjax.checkpoint.norm_stats import checked_norm_stats
 from wamjax.diffusion.modes import check_mode
-from wamjax.diffusion.sampler import SampleOutput, SamplerOptions, sample
+from wamjax.diffusion.sampler import SampleOutput, SamplerOptions, check_action_prefix, sample
 from wamjax.export.load import load_checkpoint, load_norm_stats
 from wamjax.export.wan_vae_import import load_vae
 from wamjax.inference import conditioning
+from wamjax.inference.timing import StageTimer
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
 from wamjax.models.dit import trains_teacher_forced, views_into_batch, views_out_of_batch
@@ -100,17 +101,27 @@ def policy_step(shapes: PolicyShapes, params: Params, vae_params: Params, frames
                 proprio: jax.Array, rng: jax.Array, image_params: Params = None) -> Any:
     """The pure function a policy jits: uint8 context frames -> VAE latents -> sampled video and actions."""
     latents, image_conditioning = _context_latents(shapes, vae_params, frames, image_params)
+    return sample_from_latents(shapes, params, latents, image_conditioning, text, proprio, rng)
+
+
+def sample_from_latents(shapes: PolicyShapes, params: Params, latents: jax.Array,
+                        image_conditioning: tuple[jax.Array, jax.Array] | None, text: jax.Array, proprio: jax.Array,
+                        rng: jax.Array, action_prefix: jax.Array | None = None) -> Any:
+    """The sampling half of `policy_step`: normalized context latents -> sampled video and actions (the first
+    actions held clean at `action_prefix` [B, k, A], joint mode only)."""
     rng_v, rng_a = jax.random.split(rng)
     b = latents.shape[0]
     video_noise = jax.random.normal(rng_v, (b, shapes.future_frames, *latents.shape[2:]), jnp.float32)
     action_noise = jax.random.normal(rng_a, (b, shapes.num_actions, shapes.model.action_dim), jnp.float32)
+    if action_prefix is not None and shapes.mode != "joint":
+        raise ValueError(f"action_prefix is supported in mode 'joint'; this call's mode is {shapes.mode!r}")
     if shapes.mode == "imagine_then_act":
         return imagine_then_act(shapes.model, params, latents, text, proprio, video_noise, action_noise,
                                 shapes.options, image_conditioning=image_conditioning)
     return sample(
         shapes.model, params, latents, text, proprio, video_noise, action_noise,
         options=shapes.options, stop_after_actions=shapes.stop_after_actions,
-        image_conditioning=image_conditioning,
+        image_conditioning=image_conditioning, action_prefix=action_prefix,
     )
 
 
@@ -136,11 +147,17 @@ class Policy:
         self.params = jax.tree.map(jnp.asarray, params)
         if "actions" not in self.params:
             raise KeyError("checkpoint params have no 'actions' subtree: a video-only checkpoint is not a policy")
-        self.options = options or SamplerOptions(shift=float(run_config.diffusion.shift))
+        options = options or SamplerOptions(shift=float(run_config.diffusion.shift))
+        # Every call reports its denoising iterations as they finish (`last_timing`).
+        self.options = dataclasses.replace(options, time_steps=True)
         self.vae_config, vae_params = load_vae(
             run_config.vae.size, run_config.vae.weights, int(run_config.vae.seed)
         )
         self.vae_params = jax.tree.map(jnp.asarray, vae_params)
+        placement = cfg_parallel_placement(self.options.cfg_parallel)
+        if placement is not None:  # both CFG branches' devices hold the weights
+            self.params, self.vae_params = jax.device_put((self.params, self.vae_params), placement)
+        self.last_timing: dict[str, Any] = {}  # policy_timing of the newest infer() (see wamjax.inference.timing)
         self.text_embedder = TextEmbedder(run_config.text, self.model_config.text_dim)
         self.stats = select_dataset_stats(checked_norm_stats(run_config, norm_stats, where=source), dataset)
         self.normalization = str(run_config.data.action_normalization)
@@ -153,7 +170,8 @@ class Policy:
         self._rng = jax.random.key(seed)
         self._text_cache: dict[str, np.ndarray] = {}
         self.num_traces = 0  # how many times the policy step was traced (once per input shape)
-        self._step = jax.jit(self._policy_step, static_argnums=0)
+        self._encode = jax.jit(_context_latents, static_argnums=0)
+        self._sample = jax.jit(self._sample_step, static_argnums=0)
         self.image_encoder_config, self.image_encoder_params = conditioning.load_image_encoder(
             run_config, self.model_config
         )
@@ -174,17 +192,24 @@ class Policy:
         dataset: str | None = None,
         seed: int = 0,
         mode: str = "joint",
+        video_stop_t: float = 0.0,
+        step_cache_mask: tuple[bool, ...] | None = None,
+        step_cache_threshold: float | None = None,
+        cfg_parallel: int = 1,
     ) -> Policy:
         """Loads a checkpoint step directory (or a run's `checkpoints/`, taking its newest step).
 
-        `dataset` picks the normalization stats when the checkpoint was trained on a mixture.
+        `dataset` picks the normalization stats when the checkpoint was trained on a mixture. The real-time
+        knobs (video_stop_t, step_cache_mask, step_cache_threshold, cfg_parallel) are `SamplerOptions`'.
         """
         # The parameters alone (no optimizer state), read straight onto the device the policy runs on.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         run_config, params = load_checkpoint(path, use_ema=use_ema, sharding=device)
         options = SamplerOptions(
             num_steps=num_steps, action_steps=action_steps, cfg_scale=cfg_scale, cfg_batched=cfg_batched,
-            shift=float(run_config.diffusion.shift),
+            shift=float(run_config.diffusion.shift), video_stop_t=video_stop_t,
+            step_cache_mask=None if step_cache_mask is None else tuple(step_cache_mask),
+            step_cache_threshold=step_cache_threshold, cfg_parallel=cfg_parallel,
         )
         return cls(run_config, params, load_norm_stats(path), options=options, dataset=dataset, seed=seed,
                    mode=mode, source=f"checkpoint {path}")
@@ -238,9 +263,23 @@ class Policy:
 
     # --- The jitted step -------------------------------------------------------------------------------
 
-    def _policy_step(self, shapes: PolicyShapes, params, vae_params, frames, text, proprio, rng, image_params=None):
+    def _sample_step(self, shapes: PolicyShapes, params, latents, image_conditioning, text, proprio, rng,
+                     action_prefix=None):
         self.num_traces += 1
-        return policy_step(shapes, params, vae_params, frames, text, proprio, rng, image_params)
+        return sample_from_latents(shapes, params, latents, image_conditioning, text, proprio, rng, action_prefix)
+
+    def prepare_action_prefix(self, action_prefix: np.ndarray) -> np.ndarray:
+        """Raw actions [k, action_dim] already chosen for the chunk's start -> normalized float32, checked."""
+        action_prefix = np.asarray(action_prefix, np.float32)
+        check_action_prefix(action_prefix, self.num_actions, self.model_config.action_dim)
+        if action_prefix.ndim != 2:
+            raise ValueError(f"action_prefix has shape {action_prefix.shape}; expected [k, "
+                             f"{self.model_config.action_dim}]")
+        if not np.all(np.isfinite(action_prefix)):
+            raise ValueError("action_prefix has non-finite values")
+        if self.stats is not None:
+            action_prefix = normalize(action_prefix, self.stats["action"], self.normalization)
+        return action_prefix
 
     def _imagine_step(self, shapes: PolicyShapes, params, vae_params, frames, text, proprio, actions, rng,
                       image_params=None):
@@ -260,8 +299,13 @@ class Policy:
         *,
         return_latents: bool = False,
         mode: str | None = None,
+        action_prefix: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Action chunk for one observation.
+
+        action_prefix: raw actions [k, action_dim] (k <= the chunk) already chosen for the chunk's start, e.g. the
+        ones that execute while it is computed (real-time chunking): they are held clean while the rest of the
+        chunk is denoised around them, and returned as given (joint mode, full-sequence models).
 
         mode (default: the policy's): "joint" denoises video and actions together; "imagine_then_act" first
         generates the future video (actions held at noise), then infers the actions with that video held clean
@@ -278,33 +322,49 @@ class Policy:
         its chunks one after another through the KV cache, each against its own clean predictions before it.
         """
         mode = check_mode(self.mode if mode is None else mode)
+        timer = StageTimer()
+        text = self.embed_instruction(instruction)
+        timer.stage("text_ms")
         prepared = self.prepare_frames(frames)
         context_latents = 1 + (prepared.shape[0] - 1) // self.vae_config.temporal_compression
-        if trains_teacher_forced(self.model_config) and context_latents == 1:
-            return self._infer_chunk_by_chunk(frames, proprio, instruction, mode, return_latents)
+        if trains_teacher_forced(self.model_config) and context_latents == 1 and action_prefix is None:
+            return self._infer_chunk_by_chunk(frames, proprio, instruction, mode, return_latents, timer)
+        if action_prefix is not None:
+            prefix = self.prepare_action_prefix(action_prefix)[None]
+            if mode != "joint" or trains_teacher_forced(self.model_config) and context_latents == 1:
+                raise ValueError("action_prefix is supported for joint-mode, full-sequence inference")
+        else:
+            prefix = None
         frames = prepared
         proprio_norm = self.prepare_proprio(proprio)
-        text = self.embed_instruction(instruction)
         shapes = PolicyShapes(
             self.model_config, self.vae_config, self.options, self.num_latent_frames - context_latents,
             self.num_actions, stop_after_actions=not return_latents and mode == "joint", mode=mode,
             image_encoder=self.image_encoder_config, num_frames=self.num_frames,
         )
         self._rng, rng = jax.random.split(self._rng)
-        out = self._step(shapes, self.params, self.vae_params, frames[None], text[None], proprio_norm[None], rng,
-                         self.image_encoder_params)
+        latents, image_conditioning = self._encode(shapes, self.vae_params, frames[None], self.image_encoder_params)
+        timer.stage("encode_ms", latents)
+        timer.begin_denoising()
+        out = self._sample(shapes, self.params, latents, image_conditioning, text[None], proprio_norm[None], rng,
+                           prefix)
+        timer.end_denoising(out)
         actions = np.asarray(out.actions[0], np.float32)
         if self.stats is not None:
             actions = unnormalize(actions, self.stats["action"], self.normalization)
+        if action_prefix is not None:  # exactly the actions given, not their normalization round trip
+            actions = np.concatenate([np.asarray(action_prefix, np.float32), actions[len(action_prefix):]])
         result = {"actions": actions}
         if return_latents:
             result["latents"] = np.asarray(out.latents[0], np.float32)
+        timer.stage("decode_ms")
+        self.last_timing = timer.timing()
         return result
 
     def _clip_rollout(self, frames: Any, proprio: np.ndarray | None, instruction: str,
-                      mode: str) -> ClosedLoopSession:
+                      mode: str, timer: StageTimer | None = None) -> ClosedLoopSession:
         """A KV-cache session over the trained clip's chunks, checked to hold all of its actions."""
-        session = self.start_rollout(frames, proprio, instruction, mode=mode)
+        session = ClosedLoopSession(self, frames, proprio, instruction, mode=mode, timer=timer)
         g = session.geometry
         if g.actions_per_chunk * g.max_chunks < self.num_actions:
             raise RuntimeError(f"the KV-cache rollout takes {g.actions_per_chunk} actions x {g.max_chunks} chunks; "
@@ -312,19 +372,22 @@ class Policy:
         return session
 
     def _infer_chunk_by_chunk(self, frames: Any, proprio: np.ndarray | None, instruction: str, mode: str,
-                              return_latents: bool) -> dict[str, np.ndarray]:
+                              return_latents: bool, timer: StageTimer | None = None) -> dict[str, np.ndarray]:
         """`infer` for a teacher-forced model: its chunks are denoised one after another, each against the KV
         cache of the clean chunks before it (its own predictions), as in training; not all at once."""
-        session = self._clip_rollout(frames, proprio, instruction, mode)
+        timer = timer or StageTimer()
+        session = self._clip_rollout(frames, proprio, instruction, mode, timer)
         actions, latents = [], [session.context_latents]
         for i in range(session.geometry.max_chunks):
             if i:
                 session.keep_prediction()
-            actions.append(session.next_actions())
+            actions.append(session.next_actions(timer))
             latents.append(session.last_latents)
         result = {"actions": np.concatenate(actions)[: self.num_actions]}
         if return_latents:
             result["latents"] = np.asarray(jnp.concatenate(latents, axis=1)[0], np.float32)
+        timer.stage("decode_ms")
+        self.last_timing = timer.timing()
         return result
 
     def imagine(
@@ -429,9 +492,10 @@ class ClosedLoopSession:
     """
 
     def __init__(self, policy: Policy, frame: np.ndarray, proprio: np.ndarray | None, instruction: str,
-                 *, max_chunks: int | None = None, mode: str = "joint"):
+                 *, max_chunks: int | None = None, mode: str = "joint", timer: StageTimer | None = None):
         from wamjax.inference.kv_cache import ChunkedRollout, ChunkGeometry
 
+        timer = timer or StageTimer()
         self.policy = policy
         cfg = policy.model_config
         frames_per_chunk = max(cfg.chunk_latent_frames, 1)
@@ -445,11 +509,15 @@ class ClosedLoopSession:
                                                 proprio_per_chunk=per_chunk)
         self.rollout = ChunkedRollout(cfg, policy.params, self.geometry, policy.options, mode=check_mode(mode))
         self.text = jnp.asarray(policy.embed_instruction(instruction))[None]
+        timer.stage("text_ms")
         self.frames_per_observation = frames_per_chunk * policy.vae_config.temporal_compression
         self.last_latents: jax.Array | None = None  # the newest chunk's predicted latents
-        self._anchor(policy.prepare_frames(frame)[-1], proprio)
+        # Encoding and prefill since the last chunk (the anchor, an observation) count towards the next one.
+        self._pending = timer
+        self.last_timing: dict[str, Any] = {}  # policy_timing of the newest next_actions()
+        self._anchor(policy.prepare_frames(frame)[-1], proprio, timer)
 
-    def _anchor(self, frame: np.ndarray, proprio: np.ndarray | None) -> None:
+    def _anchor(self, frame: np.ndarray, proprio: np.ndarray | None, timer: StageTimer) -> None:
         self.last_frame, self.raw_proprio = frame, proprio
         normalized = self.policy.prepare_proprio(proprio)
         image_conditioning = None
@@ -462,22 +530,35 @@ class ClosedLoopSession:
                 jnp.asarray(frame)[None], frames,
             )
         self.context_latents = self.policy.encode_frames(frame[None])
+        timer.stage("encode_ms", (self.context_latents, image_conditioning))
         self.rollout.start(self.context_latents, self.text, jnp.asarray(normalized)[None],
                            image_conditioning=image_conditioning)
+        timer.stage("prefill_ms", self.rollout.state)
         self.awaiting_observation = False
 
-    def next_actions(self) -> np.ndarray:
-        """The next chunk's actions [actions_per_chunk, action_dim] in raw units."""
+    def next_actions(self, timer: StageTimer | None = None) -> np.ndarray:
+        """The next chunk's actions [actions_per_chunk, action_dim] in raw units; `last_timing` gets its stages
+        (with the encoding and cache prefill of the observation before it)."""
         if self.awaiting_observation:
             raise RuntimeError("next_actions() twice without observe(): pass the real frames of the last chunk")
+        if timer is None:
+            timer, self._pending = self._pending or StageTimer(), None
+            own_timer = True
+        else:
+            own_timer = False
         if self.rollout.full:
-            self._anchor(self.last_frame, self.raw_proprio)
+            self._anchor(self.last_frame, self.raw_proprio, timer)
         self.policy._rng, rng = jax.random.split(self.policy._rng)
+        timer.begin_denoising()
         self.last_latents, actions = self.rollout.generate(rng)
+        timer.end_denoising(actions)
         self.awaiting_observation = True
         actions = np.asarray(actions[0], np.float32)
         if self.policy.stats is not None:
             actions = unnormalize(actions, self.policy.stats["action"], self.policy.normalization)
+        if own_timer:
+            timer.stage("decode_ms")
+            self.last_timing = timer.timing()
         return actions
 
     def keep_prediction(self) -> None:
@@ -505,15 +586,28 @@ class ClosedLoopSession:
         if views is None:
             frames = resize_frames(frames, self.policy.resolution)
         state = None
+        timer = self._pending = StageTimer()
         if proprio is not None:
             normalized = self.policy.prepare_proprio(proprio)  # checked before the cache changes
             state = jnp.asarray(normalized)[None] if self.geometry.proprio_per_chunk else None
         latents = self.policy.encode_frames(np.concatenate([self.last_frame[None], frames]))
+        timer.stage("encode_ms", latents)
         self.rollout.observe(latents[:, 1:], state)
+        timer.stage("prefill_ms", self.rollout.state)
         self.last_frame = frames[-1]
         if proprio is not None:
             self.raw_proprio = proprio
         self.awaiting_observation = False
+
+
+def cfg_parallel_placement(cfg_parallel: int) -> jax.sharding.NamedSharding | None:
+    """Where a policy with `cfg_parallel` devices per CFG pair keeps its weights (replicated over them), or None
+    for one device."""
+    devices = jax.devices()  # SamplerOptions checked that cfg_parallel divides them
+    if cfg_parallel == 1:
+        return None
+    mesh = jax.sharding.Mesh(np.asarray(devices[:cfg_parallel]), ("cfg",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "options"))

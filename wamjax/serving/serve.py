@@ -12,6 +12,13 @@ server stay up.
 With an API key (`--api_key` or the `WAMJAX_API_KEY` environment variable) a connection must send openpi-client's
 `Authorization: Api-Key <key>` header; without it or with another key the handshake is refused with HTTP 401.
 `GET /healthz` stays open.
+
+Every reply carries openpi's `server_timing` (`infer_ms`, `queue_ms`, and `prev_total_ms` from the second
+request of a connection on) and, from a policy that records one (`last_timing`), `policy_timing`: its per-stage
+breakdown (`text_ms`, `encode_ms`, `prefill_ms`, `denoise_ms` with `denoise_steps_ms` per iteration, `decode_ms`,
+`total_ms`; see `wamjax.inference.timing`). A request may carry `action_prefix`, raw actions [k, action_dim]
+already chosen for the chunk's start (real-time chunking: the ones that run while it is computed); they come
+back unchanged at the front of the chunk, and a prefix longer than the chunk is refused naming the key.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ class ServedPolicy(Protocol):
     resolution: tuple[int, int]  # training resolution (H, W); requests may send any size
     num_frames: int  # frames of a training clip: more than a request's context frames
 
-    def infer(self, frames: np.ndarray, proprio: np.ndarray | None, instruction: str) -> dict[str, np.ndarray]: ...
+    def infer(self, frames: np.ndarray, proprio: np.ndarray | None, instruction: str,
+              **action_prefix: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +76,14 @@ class ObservationSchema:
     wrist_image: str | None = "observation/wrist_image"
     allow_extra_keys: bool = False
     extra_images: tuple[str, ...] = ()  # keys of the third, fourth, ... camera (data.cameras order)
+    # Optional: raw actions [k, action_dim] already chosen for the chunk's start (real-time chunking), held clean.
+    action_prefix: str | None = "action_prefix"
 
     @classmethod
     def parse(cls, spec: str) -> ObservationSchema:
         """`image=KEY,state=KEY,prompt=KEY,wrist_image=KEY|none` (omitted fields keep their defaults)."""
         values: dict[str, Any] = {}
-        fields = {f.name for f in dataclasses.fields(cls)} - {"allow_extra_keys", "extra_images"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"allow_extra_keys", "extra_images", "action_prefix"}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, sep, key = part.partition("=")
             if not sep or name not in fields:
@@ -83,7 +93,8 @@ class ObservationSchema:
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return tuple(k for k in (self.image, self.state, self.prompt, self.wrist_image, *self.extra_images) if k)
+        return tuple(k for k in (self.image, self.state, self.prompt, self.wrist_image, *self.extra_images,
+                                 self.action_prefix) if k)
 
     @property
     def camera_keys(self) -> tuple[str, ...]:
@@ -155,6 +166,22 @@ def decode_observation(
     return frames, state.astype(np.float32), prompt
 
 
+def decode_action_prefix(message: bytes, schema: ObservationSchema) -> np.ndarray | None:
+    """The request's optional clean action prefix (float [k, action_dim]), or MalformedRequest naming the key;
+    call after `decode_observation` accepted the message."""
+    if schema.action_prefix is None:
+        return None
+    observation = unpackb(message)
+    prefix = next((v for k, v in observation.items()
+                   if (k.decode() if isinstance(k, bytes) else k) == schema.action_prefix), None)
+    if prefix is None:
+        return None
+    if not isinstance(prefix, np.ndarray) or prefix.dtype.kind != "f" or prefix.ndim != 2:
+        raise MalformedRequest(f"{schema.action_prefix!r} is {type(prefix).__name__} "
+                               f"{getattr(prefix, 'shape', '')}; expected a float array [k, action_dim]")
+    return prefix.astype(np.float32)
+
+
 def default_max_message_bytes(image_shape: tuple[int, int], context_frames: int, cameras: int = 2) -> int:
     """Largest request frame accepted by default: `cameras` uint8 images of `context_frames` x H x W x 3,
     plus a quarter and 1 MiB for the state, the prompt and msgpack's framing."""
@@ -190,6 +217,7 @@ class _Job:
     prompt: str
     enqueued: float
     done: asyncio.Future
+    action_prefix: np.ndarray | None = None
 
 
 class PolicyServer:
@@ -260,10 +288,16 @@ class PolicyServer:
     def _run_policy(self, job: _Job) -> tuple[dict[str, Any], float]:
         start = time.monotonic()
         try:
-            result = self.policy.infer(job.frames, job.state, job.prompt)
+            prefix = {} if job.action_prefix is None else {"action_prefix": job.action_prefix}
+            result = self.policy.infer(job.frames, job.state, job.prompt, **prefix)
         except (ValueError, TypeError, KeyError) as e:  # input checks of the policy itself
             raise MalformedRequest(str(e)) from None
-        return result, 1000.0 * (time.monotonic() - start)
+        infer_ms = 1000.0 * (time.monotonic() - start)
+        # The policy's own per-stage breakdown (wamjax.inference.timing), carried as openpi's `policy_timing`.
+        stages = getattr(self.policy, "last_timing", None)
+        if stages and "policy_timing" not in result:
+            result = {**result, "policy_timing": dict(stages)}
+        return result, infer_ms
 
     async def _inference_worker(self, queue: asyncio.Queue[_Job]) -> None:
         """Feeds queued requests to the model one at a time, on one thread of its own."""
@@ -288,10 +322,12 @@ class PolicyServer:
         try:
             frames, state, prompt = decode_observation(message, self.schema, self.policy.proprio_dim, self.cameras,
                                                        self.camera_names)
+            action_prefix = decode_action_prefix(message, self.schema)
         except MalformedRequest as e:
             return f"malformed request: {e}"
         assert self._queue is not None
-        job = _Job(frames, state, prompt, time.monotonic(), asyncio.get_running_loop().create_future())
+        job = _Job(frames, state, prompt, time.monotonic(), asyncio.get_running_loop().create_future(),
+                   action_prefix)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -393,6 +429,17 @@ class PolicyServer:
             self._loop.call_soon_threadsafe(self._server.close)
 
 
+def parse_step_cache_mask(spec: str | None) -> tuple[bool, ...] | None:
+    """`1,1,0,1` (1 = run the model, 0 = reuse the last velocity) -> a step cache mask; empty/None -> None."""
+    if not spec:
+        return None
+    entries = [p.strip() for p in spec.split(",")]
+    if any(e not in ("0", "1") for e in entries):
+        raise ValueError(f"--step_cache_mask={spec!r}; expected comma-separated 0/1 entries, one per denoising "
+                         "iteration")
+    return tuple(e == "1" for e in entries)
+
+
 def main(argv: list[str]) -> None:
     del argv
     from absl import flags
@@ -405,6 +452,8 @@ def main(argv: list[str]) -> None:
     policy = Policy.from_checkpoint(
         f.checkpoint, num_steps=f.num_steps, action_steps=f.action_steps, cfg_scale=f.cfg_scale,
         cfg_batched=f.cfg_batched, use_ema=f.use_ema, dataset=f.dataset, seed=f.seed, mode=f.mode,
+        video_stop_t=f.video_stop_t, step_cache_mask=parse_step_cache_mask(f.step_cache_mask),
+        step_cache_threshold=f.step_cache_threshold, cfg_parallel=f.cfg_parallel,
     )
     server = PolicyServer(
         policy, schema=dataclasses.replace(ObservationSchema.parse(f.schema),
@@ -428,6 +477,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("action_steps", None, "Denoising steps of the actions (default: num_steps).")
     flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1.0 = off).")
     flags.DEFINE_bool("cfg_batched", True, "Run the guided and null-text passes as one batched forward.")
+    flags.DEFINE_float("video_stop_t", 0.0, "Noise level the video's schedule stops at (DreamZero-Flash: > 0, with "
+                                           "--action_steps=1).")
+    flags.DEFINE_string("step_cache_mask", None, "DiT step caching, fixed: one 0/1 per denoising iteration (0 = "
+                                                 "reuse the last velocity), e.g. 1,1,0,1.")
+    flags.DEFINE_float("step_cache_threshold", None, "DiT step caching, dynamic: skip an iteration when the last "
+                                                     "two velocities' cosine similarity exceeds it (1.0 never skips).")
+    flags.DEFINE_integer("cfg_parallel", 1, "2: the conditional and null-text CFG branches on two devices.")
     flags.DEFINE_bool("use_ema", True, "Serve the EMA params when the checkpoint has them.")
     flags.DEFINE_string("dataset", None, "Which dataset's normalization stats to use (mixtures).")
     flags.DEFINE_integer("seed", 0, "Seed of the sampling noise.")
