@@ -25,6 +25,7 @@ from wamjax.checkpoint.norm_stats import checked_norm_stats, has_norm_stats
 from wamjax.eval.offline import LoopEvaluator
 from wamjax.export import clip_import
 from wamjax.flops.analytic import train_step_flops
+from wamjax.flops.goodput import GoodputRecorder
 from wamjax.flops.ledger import MODEL_UNITS, FlopLedger, stage_step_count
 from wamjax.flops.peak import peak_flops_per_device
 from wamjax.models import clip
@@ -143,11 +144,19 @@ def _single_view_latent_shape(config: ml_collections.ConfigDict, vae_cfg: Any, c
     return f, lh, lw, c
 
 
-def train(config: ml_collections.ConfigDict, workdir: PathLike) -> list[StageResult]:
-    """Runs the configured stage(s) in `workdir`, resuming from its latest complete checkpoint."""
-    # --- Logging -----------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: PathLike, started: float | None = None) -> list[StageResult]:
+    """Runs the configured stage(s) in `workdir`, resuming from its latest complete checkpoint.
+
+    `started` (a `time.time()`) is when the process began: goodput counts the time before this call as init.
+    """
     workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with GoodputRecorder(workdir, jax.process_index(), jax.process_count(), started) as goodput:
+        return _train(config, workdir, goodput)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Any, goodput: GoodputRecorder) -> list[StageResult]:
+    # --- Logging -----------------------------------------------------------------------------------
     is_lead = jax.process_index() == 0
     writer = MetricsWriter(workdir, enabled=is_lead)
     if is_lead:
@@ -179,16 +188,19 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> list[StageRes
                     logging.info("stage %s already completed in this workdir; skipping", stage)
                     previous = StageResult(stage, None, resume_ledger.stage_end_step[stage], "completed")
                     continue
-                result = run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption)
+                result = run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption,
+                                   goodput)
                 results.append(result)
                 previous = result
     finally:
+        goodput.switch("checkpoint")
         manager.wait_until_finished()
         writer.close()
     return results
 
 
-def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption) -> StageResult:
+def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption,
+              goodput: GoodputRecorder | None = None) -> StageResult:
     """Runs one stage to its end (steps or budget), from its checkpoint, init_from, the previous stage, or fresh."""
     stage_cfg = config.stages[stage]
     cfg = model_config(config)
@@ -197,6 +209,10 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         raise ValueError(f"stages.{stage}.mode={mode!r}; expected 'video' or 'joint'")
     budget = float(stage_cfg.budget_flops)
     flops = train_step_flops(config, stage)
+    goodput = goodput or GoodputRecorder(workdir, jax.process_index(), jax.process_count())
+    goodput.begin_stage(stage, previous.final_step if previous is not None else (manager.latest_step() or 0),
+                        flops.train_per_step)
+    goodput.switch("init")
     # One count for the loop's end, the schedule and `flops.estimate`: the budget may buy fewer than `steps`.
     total_steps = stage_step_count(stage_steps(config, stage), budget, flops.train_per_step)
     budget_limited = total_steps < stage_steps(config, stage)
@@ -234,7 +250,10 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
     if latest is not None:
         saved_ledger = FlopLedger.from_json(ckpt.read_json_item(ckpt.step_dir(workdir, latest), "ledger"))
         if saved_ledger.current_stage == stage:
+            goodput.switch("restore")
             state, ledger_json, _, norm_stats_saved = ckpt.restore(manager, latest, abstract_state, data_iter)
+            goodput.switch("init")
+            goodput.resumed_at(int(state.step))
             ledger = FlopLedger.from_json(ledger_json)
             if ledger.stage_units(stage) != MODEL_UNITS:
                 dense_flops = ledger.stage_flops(stage)
@@ -323,12 +342,15 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
                 logging.info("stage %s: FLOP budget %.3e spent at step %d (one more step would exceed it)",
                              stage, budget, step)
             break
+        goodput.switch("data")
         data_start = time.perf_counter()
         host_batch = next(data_iter)
         batch = inputs_lib.device_batch(host_batch, text, mesh, rules)
         data_seconds += time.perf_counter() - data_start
+        goodput.switch("step")  # the first call's tracing and compilation go to `compile`
         state, device_metrics = train_step(state, batch, vae_params)
         step += 1
+        goodput.step_done(step)
         stage_done += 1
         steps_since_fetch += 1
         guard.add(step, device_metrics)
@@ -355,6 +377,8 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
                 row["data_s_per_step"] = data_time  # of step_s: the share spent waiting for input
                 writer.write(row)
                 logging.info(format_progress(row, total_steps, stage_done))
+        if evaluator is not None or closed_loop is not None:
+            goodput.switch("eval")
         if evaluator is not None:  # held-out clips, with the EMA params when there are
             evaluator.maybe_run(step, state.params if state.ema_params is None else state.ema_params, stage_ends)
         if closed_loop is not None:  # in the simulator, with the same params
@@ -364,16 +388,23 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         if finished:
             ledger.end_stage(stage, step)
         if save_step:
+            goodput.switch("checkpoint")  # the blocking part (an async save's device-to-host copy)
             ckpt.save(manager, step, state, data_iter, ledger.to_json(), ledger_config, norm_stats,
                       force=True)
+        if log_step or save_step:
+            goodput.flush()
         if preempt:
+            goodput.switch("checkpoint")
             manager.wait_until_finished()
+            goodput.flush()
             logging.warning("preemption checkpoint at step %d written; exiting %d", step, PREEMPTED_EXIT_CODE)
             raise Preempted()
+    goodput.switch("checkpoint")
     if stage not in ledger.completed_stages:
         ledger.end_stage(stage, step)
         ckpt.save(manager, step, state, data_iter, ledger.to_json(), ledger_config, norm_stats, force=True)
     manager.wait_until_finished()
+    goodput.flush()
     writer.write_event({"event": "stage_end", "stage": stage, "step": step, "reason": reason,
                         "stage_flops": ledger.stage_flops(stage),
                         "stage_hardware_flops": ledger.stage_hardware_flops(stage),
