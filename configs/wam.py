@@ -159,6 +159,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 5 if tiny else 50
     c.train.microbatches = 1  # gradient accumulation: data.batch_size in this many pieces, one optimizer step
     c.train.param_dtype = "float32"
+    # JAX's persistent compilation cache: "" = WORKDIR/compilation_cache (or JAX_COMPILATION_CACHE_DIR when
+    # set), "off", or a directory (gs:// too). A restart loads its executables instead of compiling them.
+    c.train.compilation_cache_dir = ""
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 25 if tiny else 1000

@@ -48,7 +48,7 @@ def test_lost_progress_is_what_a_start_computed_past_the_next_start_s_restore():
     for g in per_stage.values():
         assert g["productive_seconds"] + sum(g["badput_seconds"].values()) == pytest.approx(g["wall_seconds"])
     run = goodput_lib.run_goodput(per_stage)
-    assert run["goodput"] == pytest.approx((16.0 + 10.0) / (4 * 20.0))  # a segment: 5 x 1 s, 10 s steps, 5 s compile
+    assert run["goodput"] == pytest.approx((16.0 + 10.0) / (4 * 21.0))  # a segment: 6 x 1 s, 10 s steps, 5 s compile
 
 
 def test_recorder_moves_jax_compiles_to_compile_and_covers_the_wall_time(tmp_path):
@@ -64,7 +64,7 @@ def test_recorder_moves_jax_compiles_to_compile_and_covers_the_wall_time(tmp_pat
         time.sleep(0.05)
     (segment,) = goodput_lib.read_goodput(tmp_path)
     seconds = segment["seconds"]
-    assert seconds["compile"] > 0 and seconds["data"] >= 0.05 and seconds["init"] >= 0.2
+    assert seconds["compile"] > 0 and seconds["trace"] > 0 and seconds["data"] >= 0.05 and seconds["init"] >= 0.2
     assert sum(seconds.values()) == pytest.approx(segment["wall_s"], rel=0.02)
     assert segment["wall_s"] == pytest.approx(time.time() - started + 0.2, abs=0.1)
     with pytest.raises(ValueError, match="goodput cause 'nap'"):
@@ -80,14 +80,18 @@ def _goodput_lines(workdir):
 
 
 def test_killed_and_resumed_run_reports_redone_steps_and_compiles_of_each_start(tmp_path):
+    """Also the persistent compilation cache: the run's own (empty at first), so the first start compiles
+    everything and the second loads it."""
     workdir = str(tmp_path / "run")
     overrides = [f"--config.train.steps={STEPS}", "--config.train.log_every=1",
                  f"--config.checkpoint.every_steps={EVERY}", "--config.checkpoint.async_save=False"]
     command = main_command(workdir, ARG, *overrides)
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("JAX_PERSISTENT_CACHE")
+           and k != "JAX_COMPILATION_CACHE_DIR"}  # the default: WORKDIR/compilation_cache, JAX's thresholds
 
     # 1) SIGKILL once step EVERY + 2 is recorded: the checkpoint at EVERY is the newest complete one.
     began = time.time()
-    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 400
     while not any(line["at_step"] >= EVERY + 2 for line in _goodput_lines(workdir)):
@@ -103,7 +107,7 @@ def test_killed_and_resumed_run_reports_redone_steps_and_compiles_of_each_start(
 
     # 2) The same command resumes from the checkpoint and finishes.
     began = time.time()
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     second_wall = time.time() - began
 
@@ -119,6 +123,10 @@ def test_killed_and_resumed_run_reports_redone_steps_and_compiles_of_each_start(
     assert stage["spent_flops"] == pytest.approx(stage["flops"] + stage["redone_flops"], rel=1e-12)
     assert len(stage["compile_seconds"]) == 2 and all(c > 0 for c in stage["compile_seconds"])
     assert run["compile_seconds"] == stage["compile_seconds"]
+    cold, warm = stage["compile_seconds"]
+    assert warm < 0.1 * cold, stage["compile_seconds"]  # XLA compiles came from WORKDIR/compilation_cache
+    assert os.listdir(os.path.join(workdir, "compilation_cache"))
+    assert all(t > 0 for t in stage["trace_seconds"])  # tracing and lowering: every start
     assert stage["badput_seconds"]["restore"] > 0 and stage["badput_seconds"]["lost_progress"] > 0
     total = run["productive_seconds"] + sum(run["badput_seconds"].values())
     assert total == pytest.approx(run["wall_seconds"], rel=0.02)

@@ -26,20 +26,21 @@ from wamjax.paths import PathLike, as_path, is_uri
 
 GOODPUT_DIR = "goodput"
 # Every second of a process's life is one of these; `lost_progress` is moved out of `step` by the report.
-CAUSES = ("init", "restore", "compile", "data", "step", "eval", "checkpoint")
-BADPUT_CAUSES = ("init", "restore", "compile", "data", "eval", "checkpoint", "lost_progress")
-# JAX's spans of lowering and XLA compilation (a persistent-cache hit is reported as a fast backend compile).
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+CAUSES = ("init", "restore", "trace", "compile", "data", "step", "eval", "checkpoint")
+BADPUT_CAUSES = ("init", "restore", "trace", "compile", "data", "eval", "checkpoint", "lost_progress")
+# JAX's spans: tracing to a jaxpr and lowering to StableHLO (`trace`: every start, no cache keeps it), and XLA's
+# compilation (`compile`: what the persistent compilation cache saves; a hit is a fast load).
+_TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 _ACTIVE: list[GoodputRecorder] = []
 _LISTENING = False
 
 
 def _on_span(event: str, start: float, end: float, **kwargs: Any) -> None:
-    if event in _COMPILE_EVENTS:
+    if event in _TRACE_EVENTS or event == _COMPILE_EVENT:
         for recorder in _ACTIVE:
-            recorder._compile_span(start, end)
+            recorder._span(event == _COMPILE_EVENT, start, end)
 
 
 def _listen() -> None:
@@ -51,6 +52,8 @@ def _listen() -> None:
 
 class GoodputRecorder:
     """Wall time of one process by cause, per stage segment, written as cumulative lines.
+
+    Time inside JAX's trace and compile spans goes to `trace` and `compile` whatever the current cause.
 
     `started` (a `time.time()`) is when the process began; the time before the first stage counts as that
     stage's `init`. Use as a context manager (or call `close`) so the last line covers the whole run.
@@ -65,7 +68,7 @@ class GoodputRecorder:
         self._cause = "init"
         self._since = time.time()
         self._segment_start = float(started) if started is not None else self._since
-        self._spans: list[tuple[float, float]] = []
+        self._spans: list[tuple[bool, float, float]] = []  # (XLA compile?, start, end)
         self._stage: str | None = None
         self._seconds = dict.fromkeys(CAUSES, 0.0)
         self._pending_init = self._since - self._segment_start  # before the recorder existed: init
@@ -120,20 +123,22 @@ class GoodputRecorder:
         self._at_step = int(step)
         self._steps += 1
 
-    def _compile_span(self, start: float, end: float) -> None:
-        self._spans.append((start, end))
+    def _span(self, is_compile: bool, start: float, end: float) -> None:
+        self._spans.append((is_compile, start, end))
 
     def _settle(self) -> None:
         now = time.time()
         elapsed = max(now - self._since, 0.0)
-        compile_s = min(_union_length(self._spans, self._since, now), elapsed)
-        self._spans = [(s, e) for s, e in self._spans if e > now]
-        target = self._seconds if self._stage is not None else None
-        if target is None:
+        # Nested spans count once; where a trace span holds a compile, the overlap is compile.
+        compile_s = min(_union_length([(s, e) for c, s, e in self._spans if c], self._since, now), elapsed)
+        jax_s = min(_union_length([(s, e) for _, s, e in self._spans], self._since, now), elapsed)
+        self._spans = [span for span in self._spans if span[2] > now]
+        if self._stage is None:
             self._pending_init += elapsed  # before the first stage: its init (compiles included there)
         else:
-            target["compile"] += compile_s
-            target[self._cause] += elapsed - compile_s
+            self._seconds["compile"] += compile_s
+            self._seconds["trace"] += jax_s - compile_s
+            self._seconds[self._cause] += elapsed - jax_s
         self._since = now
 
     # -- output --
@@ -202,7 +207,7 @@ def _lost(segment: dict[str, Any], next_start_step: int | None) -> int:
 
 def goodput_by_stage(segments: list[dict[str, Any]], process: int | None = 0) -> dict[str, dict[str, Any]]:
     """Per stage (in first-seen order): wall and productive seconds, badput by cause, redone steps and FLOPs,
-    compile seconds per start, and goodput; over one process (None: all processes, summed)."""
+    XLA compile and trace seconds per start, and goodput; over one process (None: all processes, summed)."""
     chosen = [s for s in segments if process is None or int(s["process"]) == process]
     out: dict[str, dict[str, Any]] = {}
     by_key: dict[tuple[int, str], list[dict[str, Any]]] = {}
@@ -212,7 +217,7 @@ def goodput_by_stage(segments: list[dict[str, Any]], process: int | None = 0) ->
         runs.sort(key=lambda r: r["started_at"])
         acc = out.setdefault(stage, {
             "wall_seconds": 0.0, "productive_seconds": 0.0, "badput_seconds": dict.fromkeys(BADPUT_CAUSES, 0.0),
-            "redone_steps": 0, "redone_flops": 0.0, "compile_seconds": [], "starts": 0,
+            "redone_steps": 0, "redone_flops": 0.0, "compile_seconds": [], "trace_seconds": [], "starts": 0,
         })  # fmt: skip
         for i, seg in enumerate(runs):
             following = runs[i + 1]["start_step"] if i + 1 < len(runs) else None
@@ -229,6 +234,7 @@ def goodput_by_stage(segments: list[dict[str, Any]], process: int | None = 0) ->
             acc["redone_steps"] += lost
             acc["redone_flops"] += lost * float(seg["step_flops"])
             acc["compile_seconds"].append(float(seconds.get("compile", 0.0)))
+            acc["trace_seconds"].append(float(seconds.get("trace", 0.0)))
             acc["starts"] += 1
     for acc in out.values():
         acc["goodput"] = acc["productive_seconds"] / acc["wall_seconds"] if acc["wall_seconds"] > 0 else None

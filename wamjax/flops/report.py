@@ -9,9 +9,10 @@ that ended between log intervals is completed from its `stage_end` event (which 
 Other event lines, lines without "step", and unparsable lines (a write cut by preemption) are skipped.
 
 Goodput (when the run wrote WORKDIR/goodput/, see `wamjax.flops.goodput`): per stage, the share of wall time
-spent in productive steps, the badput seconds by cause (init, restore, compile, data, eval, checkpoint and
-lost progress: steps computed again after a restart), the redone steps and their FLOPs, and the compile
-seconds of each start. `flops` are productive FLOPs (what budgets count); `spent_flops` adds the redone ones.
+spent in productive steps, the badput seconds by cause (init, restore, trace, compile, data, eval, checkpoint
+and lost progress: steps computed again after a restart), the redone steps and their FLOPs, and the XLA
+compile (and trace) seconds of each start. `flops` are productive FLOPs (what budgets count); `spent_flops`
+adds the redone ones.
 
 FLOPs are model FLOPs (self-attention over the pairs the mask shows a query; what budgets count), MFU is model
 FLOP/s over peak (MaxText's definition); hardware FLOPs and "hardware utilization" (HFU) are what the kernels
@@ -163,6 +164,7 @@ def add_goodput(summaries: list[dict[str, Any]], segments: list[dict[str, Any]])
         s["redone_steps"] = None if g is None else g["redone_steps"]
         s["redone_flops"] = None if g is None else g["redone_flops"]
         s["compile_seconds"] = None if g is None else g["compile_seconds"]
+        s["trace_seconds"] = None if g is None else g["trace_seconds"]
         s["spent_flops"] = None if g is None or s["flops"] is None else s["flops"] + g["redone_flops"]
 
 
@@ -174,9 +176,10 @@ def run_summary(workdir: str, segments: list[dict[str, Any]]) -> dict[str, Any]:
     lead = goodput_lib.run_goodput(goodput_lib.goodput_by_stage(segments, 0))
     starts = sorted({seg["attempt"] for seg in segments if int(seg["process"]) == 0},
                     key=lambda a: min(s["started_at"] for s in segments if s["attempt"] == a))
-    compile_per_start = [sum(s["seconds"].get("compile", 0.0) for s in segments
-                             if s["attempt"] == a and int(s["process"]) == 0) for a in starts]
-    return {"workdir": workdir, **lead, "compile_seconds": compile_per_start, "processes": per_process}
+    per_start = lambda cause: [sum(s["seconds"].get(cause, 0.0) for s in segments
+                                   if s["attempt"] == a and int(s["process"]) == 0) for a in starts]
+    return {"workdir": workdir, **lead, "compile_seconds": per_start("compile"), "trace_seconds": per_start("trace"),
+            "processes": per_process}
 
 
 def summarize(workdirs: list[str], warn: Any = None) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:

@@ -405,6 +405,7 @@ def main(argv: list[str]) -> None:
     policy = Policy.from_checkpoint(
         f.checkpoint, num_steps=f.num_steps, action_steps=f.action_steps, cfg_scale=f.cfg_scale,
         cfg_batched=f.cfg_batched, use_ema=f.use_ema, dataset=f.dataset, seed=f.seed, mode=f.mode,
+        compilation_cache_dir=f.compilation_cache_dir,
     )
     server = PolicyServer(
         policy, schema=dataclasses.replace(ObservationSchema.parse(f.schema),
@@ -431,6 +432,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("use_ema", True, "Serve the EMA params when the checkpoint has them.")
     flags.DEFINE_string("dataset", None, "Which dataset's normalization stats to use (mixtures).")
     flags.DEFINE_integer("seed", 0, "Seed of the sampling noise.")
+    flags.DEFINE_string("compilation_cache_dir", "", "JAX's persistent compilation cache: a directory (gs:// too), "
+                                                     "'off', or empty for JAX's own or the user's cache directory.")
     flags.DEFINE_enum("mode", "joint", ["joint", "imagine_then_act"],
                       "How the policy acts (reported in the metadata): joint video+action denoising, or "
                       "imagine_then_act (future video first, then actions by inverse dynamics on it).")

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from data_pipelines import views as views_lib
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.norm_stats import checked_norm_stats, has_norm_stats
+from wamjax.compilation_cache import enable_compilation_cache
 from wamjax.eval.offline import LoopEvaluator
 from wamjax.export import clip_import
 from wamjax.flops.analytic import train_step_flops
@@ -158,6 +159,7 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike, started: float |
 def _train(config: ml_collections.ConfigDict, workdir: Any, goodput: GoodputRecorder) -> list[StageResult]:
     # --- Logging -----------------------------------------------------------------------------------
     is_lead = jax.process_index() == 0
+    enable_compilation_cache(config.train.get("compilation_cache_dir", ""), workdir)
     writer = MetricsWriter(workdir, enabled=is_lead)
     if is_lead:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
