@@ -12,7 +12,7 @@ Goodput (when the run wrote WORKDIR/goodput/, see `wamjax.flops.goodput`): per s
 spent in productive steps, the badput seconds by cause (init, restore, trace, compile, data, eval, checkpoint
 and lost progress: steps computed again after a restart), the redone steps and their FLOPs, and the XLA
 compile (and trace) seconds of each start. `flops` are productive FLOPs (what budgets count); `spent_flops`
-adds the redone ones.
+adds the redone ones. `spike_skips` counts the updates `optim.skip_step_on_spike` skipped (None: no guard).
 
 FLOPs are model FLOPs (self-attention over the pairs the mask shows a query; what budgets count), MFU is model
 FLOP/s over peak (MaxText's definition); hardware FLOPs and "hardware utilization" (HFU) are what the kernels
@@ -37,7 +37,7 @@ METRICS_FILE = "metrics.jsonl"
 COLUMNS = (
     "workdir", "stage", "steps", "samples", "tokens", "flops", "hardware_flops", "budget_flops", "budget_fraction",
     "wall_time_s", "mean_mfu", "mean_hardware_utilization", "first_step", "last_step", "goodput",
-    "goodput_wall_s", "redone_steps", "redone_flops", "spent_flops",
+    "goodput_wall_s", "redone_steps", "redone_flops", "spent_flops", "spike_skips",
 )  # fmt: skip
 
 
@@ -131,6 +131,7 @@ def stage_summaries(
             steps, flops, last_step = steps + extra, float(end["stage_flops"]), int(end["step"])
             hardware = end.get("stage_hardware_flops", hardware)
         budget = float(_last(stage_rows, "budget_flops", 0.0) or 0.0)
+        spike_skips = _last(stage_rows, "stage_spike_skips")  # None: the run had no loss-spike guard
         mfus = [float(r["mfu"]) for r in stage_rows if r.get("mfu") is not None]
         hfus = [float(r["hardware_utilization"]) for r in stage_rows if r.get("hardware_utilization") is not None]
         out.append({
@@ -148,6 +149,7 @@ def stage_summaries(
             "mean_hardware_utilization": sum(hfus) / len(hfus) if hfus else None,
             "first_step": int(stage_rows[0]["step"]),
             "last_step": last_step,
+            "spike_skips": None if spike_skips is None else int(spike_skips),
         })  # fmt: skip
     return out
 
@@ -258,24 +260,27 @@ def _share(value: float | None, total: float | None) -> str:
 def format_goodput_table(summaries: list[dict[str, Any]], runs: list[dict[str, Any]]) -> str:
     """Where the wall time went, per stage and run: goodput, badput shares by cause, redone work, compiles."""
     header = ("workdir", "stage", "wall time", "goodput", *goodput_lib.BADPUT_CAUSES, "redone steps",
-              "redone FLOPs", "compile s per start")
+              "redone FLOPs", "compile s per start", "spike skips")
     lines = []
 
-    def line(workdir: str, stage: str, g: dict[str, Any], compiles: list[float]) -> tuple[str, ...]:
+    def line(workdir: str, stage: str, g: dict[str, Any], compiles: list[float], spikes: Any) -> tuple[str, ...]:
         wall = g["wall_seconds"]
         return (workdir, stage, _duration(wall), _share(g["productive_seconds"], wall),
                 *(_share(g["badput_seconds"][c], wall) for c in goodput_lib.BADPUT_CAUSES), str(g["redone_steps"]),
-                format_flops(g["redone_flops"]), ", ".join(f"{c:.1f}" for c in compiles))
+                format_flops(g["redone_flops"]), ", ".join(f"{c:.1f}" for c in compiles),
+                "-" if spikes is None else str(spikes))
 
     for run in runs:
         if not run["processes"]:
             continue
         lead = next(p for p in run["processes"] if p["process"] == 0)
+        spikes = []
         for s in summaries:
             if s["workdir"] == run["workdir"] and s["stage"] in lead["stages"]:
                 g = lead["stages"][s["stage"]]
-                lines.append(line(run["workdir"], s["stage"], g, g["compile_seconds"]))
-        lines.append(line(run["workdir"], "(run)", run, run["compile_seconds"]))
+                lines.append(line(run["workdir"], s["stage"], g, g["compile_seconds"], s["spike_skips"]))
+                spikes += [] if s["spike_skips"] is None else [s["spike_skips"]]
+        lines.append(line(run["workdir"], "(run)", run, run["compile_seconds"], sum(spikes) if spikes else None))
     if not lines:
         return ""
     return _render(header, lines)

@@ -336,6 +336,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
     ledger_config = config.to_dict()
     last_time = fetch_time = time.perf_counter()
     steps_since_fetch = 0
+    spike_skips = 0  # loss-spike skips of the stage seen at the last log step (optim.skip_step_on_spike)
     data_seconds = 0.0  # host time waiting for the next batch (reading, decoding, placing) since the last fetch
     while True:
         if stage_done >= total_steps:
@@ -377,6 +378,11 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
                 row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, mesh.size,
                                    config.data.batch_size, tokens_per_step)
                 row["data_s_per_step"] = data_time  # of step_s: the share spent waiting for input
+                if row.get("stage_spike_skips", 0) > spike_skips:
+                    logging.warning("stage %s: %d update(s) skipped as loss spikes by step %d (%d in the stage; "
+                                    "optim.skip_step_on_spike=%s)", stage, row["stage_spike_skips"] - spike_skips,
+                                    step, row["stage_spike_skips"], config.optim.skip_step_on_spike)
+                    spike_skips = row["stage_spike_skips"]
                 writer.write(row)
                 logging.info(format_progress(row, total_steps, stage_done))
         if evaluator is not None or closed_loop is not None:
@@ -571,7 +577,10 @@ def _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, n
     for key in ("loss", "loss_video", "loss_action", "actions_share", "learning_rate", "grad_norm"):
         if key in metrics:
             row[key] = float(metrics[key])
-    row["update_skipped"] = int(metrics["update_skipped"])
+    row["update_skipped"] = int(metrics["update_skipped"])  # non-finite, or a loss spike
+    if "stage_spike_skips" in metrics:  # optim.skip_step_on_spike
+        row["spike_skipped"] = int(metrics["spike_skipped"])
+        row["stage_spike_skips"] = int(metrics["stage_spike_skips"])
     row["step_time_s"] = step_time
     row["examples_per_s"] = batch / step_time
     row["tokens_per_s"] = tokens / step_time
