@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from wamjax.paths import PathLike, as_path, is_uri
+from wamjax.paths import LineLog, PathLike, as_path, log_parts, read_log_lines
 
 GOODPUT_DIR = "goodput"
 # Every second of a process's life is one of these; `lost_progress` is moved out of `step` by the report.
@@ -63,8 +63,7 @@ class GoodputRecorder:
         self.path = as_path(workdir) / GOODPUT_DIR / f"process_{int(process)}.jsonl"
         self.process, self.processes = int(process), int(processes)
         self.attempt = uuid.uuid4().hex[:12]
-        self._append = not is_uri(self.path)
-        self._lines: list[str] | None = None
+        self._log = LineLog(self.path)
         self._cause = "init"
         self._since = time.time()
         self._segment_start = float(started) if started is not None else self._since
@@ -157,16 +156,7 @@ class GoodputRecorder:
         """Appends the open segment's cumulative line."""
         if self._stage is None:
             return
-        text = json.dumps(self.line()) + "\n"
-        if self._append:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(text)
-            return
-        if self._lines is None:  # an object store cannot append: the object is rewritten
-            self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
-        self._lines.append(text)
-        self.path.write_text("".join(self._lines))
+        self._log.write(json.dumps(self.line()) + "\n")  # rolled on an object store: O(1) per write
 
 
 def _union_length(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
@@ -186,8 +176,8 @@ def read_goodput(workdir: PathLike, warn: Any = None) -> list[dict[str, Any]]:
     if not directory.exists():
         return []
     last: dict[tuple[int, str, str], dict[str, Any]] = {}
-    for path in sorted(directory.glob("process_*.jsonl")):
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+    for path in sorted(p for p in directory.glob("process_*.jsonl") if log_parts(p)):
+        for number, line in enumerate(read_log_lines(path), 1):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:

@@ -31,7 +31,7 @@ from absl import app, flags
 
 from wamjax.flops import goodput as goodput_lib
 from wamjax.flops.ledger import format_flops
-from wamjax.paths import PathLike, as_path
+from wamjax.paths import PathLike, as_path, read_log_lines
 
 METRICS_FILE = "metrics.jsonl"
 COLUMNS = (
@@ -52,33 +52,32 @@ def read_log(path: PathLike, warn: Any = None) -> tuple[list[dict[str, Any]], di
     latest: dict[tuple[str, int], dict[str, Any]] = {}
     max_step: dict[str, int] = {}
     stage_ends: dict[str, dict[str, Any]] = {}
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                if warn is not None:
-                    warn(f"{path}:{number}: skipped an unparsable line ({e.msg}); cut by preemption?")
-                continue
-            if not isinstance(row, dict) or "step" not in row:
-                continue
-            if row.get("event") == "stage_end" and "stage" in row:
-                stage_ends[str(row["stage"])] = row
-            if "event" in row:
-                continue
-            if "stage" not in row:
-                raise KeyError(f"{path}:{number}: a step line has no 'stage'; expected the trainer's schema")
-            stage, step = str(row["stage"]), int(row["step"])
-            if step <= max_step.get(stage, -1):
-                # The run resumed from an earlier checkpoint: what the interrupted attempt logged from this
-                # step on was redone, so only the new lines count.
-                for key in [key for key in latest if key[0] == stage and key[1] >= step]:
-                    del latest[key]
-            max_step[stage] = step
-            latest[(stage, step)] = row
+    for number, line in enumerate(read_log_lines(path), 1):  # every rolled part on an object store
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if warn is not None:
+                warn(f"{path}:{number}: skipped an unparsable line ({e.msg}); cut by preemption?")
+            continue
+        if not isinstance(row, dict) or "step" not in row:
+            continue
+        if row.get("event") == "stage_end" and "stage" in row:
+            stage_ends[str(row["stage"])] = row
+        if "event" in row:
+            continue
+        if "stage" not in row:
+            raise KeyError(f"{path}:{number}: a step line has no 'stage'; expected the trainer's schema")
+        stage, step = str(row["stage"]), int(row["step"])
+        if step <= max_step.get(stage, -1):
+            # The run resumed from an earlier checkpoint: what the interrupted attempt logged from this
+            # step on was redone, so only the new lines count.
+            for key in [key for key in latest if key[0] == stage and key[1] >= step]:
+                del latest[key]
+        max_step[stage] = step
+        latest[(stage, step)] = row
     rows = [latest[key] for key in sorted(latest, key=lambda k: k[1])]
     return rows, stage_ends
 

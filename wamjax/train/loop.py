@@ -336,6 +336,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
     ledger_config = config.to_dict()
     last_time = fetch_time = time.perf_counter()
     steps_since_fetch = 0
+    steps_since_start = 0  # steps this process ran in this stage
     spike_skips = 0  # loss-spike skips of the stage seen at the last log step (optim.skip_step_on_spike)
     data_seconds = 0.0  # host time waiting for the next batch (reading, decoding, placing) since the last fetch
     while True:
@@ -354,6 +355,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         state, device_metrics = train_step(state, batch, vae_params)
         step += 1
         goodput.step_done(step)
+        steps_since_start += 1
         stage_done += 1
         steps_since_fetch += 1
         guard.add(step, device_metrics)
@@ -399,7 +401,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
             goodput.switch("checkpoint")  # the blocking part (an async save's device-to-host copy)
             ckpt.save(manager, step, state, data_iter, ledger.to_json(), ledger_config, norm_stats,
                       force=True)
-        if log_step or save_step:
+        if log_step or save_step or steps_since_start == 1:  # the first step: its compile is on record
             goodput.flush()
         if preempt:
             goodput.switch("checkpoint")

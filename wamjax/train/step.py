@@ -312,6 +312,7 @@ def make_train_step(
     for an image-conditioned model {"vae": ..., "image_encoder": ...}."""
     check_diffusion_config(diffusion)
     m = spec.microbatches
+    tx = optax.with_extra_args_support(tx)  # the update is given the loss (optim.skip_step_on_spike reads it)
 
     def latents_and_batch(batch, frozen_params):
         """Clean latents x0 of a (micro-)batch and the batch with any I2V conditioning added, all frozen."""
