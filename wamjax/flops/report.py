@@ -225,10 +225,11 @@ def _duration(seconds: Any) -> str:
 
 
 def format_table(summaries: list[dict[str, Any]]) -> str:
-    """A fixed-width table for people."""
+    """A fixed-width table for people: `model FLOPs` are the productive ones the budget counts, `spent FLOPs`
+    add the steps a restart computed again, `goodput` is the stage's productive share of its wall time."""
     header = (
         "workdir", "stage", "steps", "samples", "tokens", "model FLOPs", "hardware FLOPs", "budget", "used",
-        "wall time", "mean MFU", "mean HFU",
+        "spent FLOPs", "goodput", "wall time", "mean MFU", "mean HFU",
     )  # fmt: skip
     lines = []
     for s in summaries:
@@ -237,6 +238,8 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
             format_flops(s["flops"]), format_flops(s["hardware_flops"]),
             format_flops(s["budget_flops"]) if s["budget_flops"] else "none",
             f"{100 * s['budget_fraction']:.1f}%" if s["budget_fraction"] is not None else "-",
+            format_flops(s.get("spent_flops")),  # productive plus redone: what the chips computed
+            f"{100 * s['goodput']:.1f}%" if s.get("goodput") is not None else "-",
             _duration(s["wall_time_s"]),
             f"{100 * s['mean_mfu']:.1f}%" if s["mean_mfu"] is not None else "unknown",
             f"{100 * s['mean_hardware_utilization']:.1f}%" if s["mean_hardware_utilization"] is not None
