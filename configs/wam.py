@@ -152,6 +152,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0
     c.optim.ema_decay = 0.0  # 0 = no EMA params
     c.optim.max_consecutive_nonfinite = 5  # stop after this many non-finite steps in a row
+    # Skip the update when the loss exceeds this multiple of its running mean (0 = off), the mean taken over about
+    # spike_window_steps updates; counted as spike_skipped / stage_spike_skips in metrics and the FLOP report.
+    c.optim.skip_step_on_spike = 0.0
+    c.optim.spike_window_steps = 20
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 50 if tiny else 100_000
@@ -159,6 +163,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 5 if tiny else 50
     c.train.microbatches = 1  # gradient accumulation: data.batch_size in this many pieces, one optimizer step
     c.train.param_dtype = "float32"
+    # JAX's persistent compilation cache: "" = WORKDIR/compilation_cache (or JAX_COMPILATION_CACHE_DIR when
+    # set), "off", or a directory (gs:// too). A restart loads its executables instead of compiling them.
+    c.train.compilation_cache_dir = ""
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 25 if tiny else 1000

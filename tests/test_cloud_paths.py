@@ -197,3 +197,61 @@ def test_train_resume_report_export_on_a_gcs_workdir(gcs, tmp_path):
         assert len(set(json.load(f)["weight_map"].values())) > 1  # sharded, every shard renamed in the bucket
     # Nothing went to a local `gs:/...` path, nor to the `/gs/...` path epath keeps gs:// URIs as internally.
     assert not os.listdir(cwd) and not os.path.exists(f"/gs/{BUCKET}")
+
+
+_ROLLED_LOGS = r"""
+import json, struct, sys
+from wamjax.flops import report
+from wamjax.paths import log_parts
+from wamjax.train import metrics
+
+run, lines = sys.argv[1], int(sys.argv[2])
+metrics.ROLL_EVENT_BYTES = 2000
+writer = metrics.MetricsWriter(run, roll_lines=lines)
+written = []  # bytes of the object each write replaced
+for step in range(1, 41):
+    writer.write({"step": step, "stage": "s", "loss": 1.0 / step})
+    written.append(log_parts(writer.path)[-1].stat().length)
+writer.close()
+# A resume from step 20 drops what it redoes, then logs again into the parts it kept.
+writer = metrics.MetricsWriter(run, roll_lines=lines)
+writer.truncate_after(20)
+for step in range(21, 31):
+    writer.write({"step": step, "stage": "s", "loss": 2.0 / step})
+writer.close()
+rows = report.read_metrics(writer.path)
+events = 0
+tb = writer.path.parent / "tensorboard"
+files = sorted(p for p in tb.glob("*") if "tfevents" in p.name)
+parts = [f.read_bytes() for f in files]
+for data in parts:
+    at = 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        at += 12 + length + 4
+        events += 1
+    assert at == len(data)
+print(json.dumps({"written": written, "parts": [p.name for p in log_parts(writer.path)],
+                  "steps": [r["step"] for r in rows], "losses": [r["loss"] for r in rows],
+                  "event_files": len(files), "event_bytes": [len(p) for p in parts], "events": events}))
+"""
+
+
+def test_logs_on_a_bucket_are_rolled_so_a_write_costs_the_same_early_and_late(gcs, tmp_path):
+    """metrics.jsonl and the TensorBoard events on gs:// are written as parts: each write replaces only the
+    newest part, so its cost is bounded by the part size, not the run's length; the report and a resume read
+    every part back exactly."""
+    run, lines = f"gs://{BUCKET}/rolled", 8
+    result = subprocess.run([sys.executable, "-c", _ROLLED_LOGS, run, str(lines)], cwd=tmp_path, env=gcs.env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    one_line = max(got["written"][:lines]) / lines * 1.5  # bytes of a line, with room for longer numbers
+    assert max(got["written"]) <= lines * one_line  # write 40 costs what write 8 did
+    assert got["written"][lines] < got["written"][lines - 1]  # the 9th write opened a new part
+    assert got["parts"] == ["metrics.jsonl"] + [f"metrics.jsonl.{i:06d}" for i in (1, 2, 3)]  # 30 rows of 8
+    assert got["steps"] == list(range(1, 31))
+    assert got["losses"] == [1.0 / s for s in range(1, 21)] + [2.0 / s for s in range(21, 31)]
+    # Two writers' event files, each rolled at 2 kB (a part may pass it by one flush's events).
+    assert got["event_files"] > 2 and max(got["event_bytes"]) < 2000 + 200
+    assert got["events"] == 2 + 2 * (40 + 10)  # a file-version header per writer; step and loss per row

@@ -556,7 +556,9 @@ def test_report_cli_formats_and_plot(tmp_path):
     with open(plot_path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     as_json = json.loads(_run_cli("wamjax.flops.report", f"--workdir={first}", "--format=json").stdout)
-    assert [(s["stage"], s["steps"]) for s in as_json] == [("video_pretrain", 10), ("action_tune", 6)]
+    assert [(s["stage"], s["steps"]) for s in as_json["stages"]] == [("video_pretrain", 10), ("action_tune", 6)]
+    assert as_json["runs"] == [{**as_json["runs"][0], "workdir": first, "processes": [], "goodput": None}]
+    assert all(s["goodput"] is None and s["redone_steps"] is None for s in as_json["stages"])  # not recorded
     as_csv = _run_cli("wamjax.flops.report", f"--workdir={first}", "--format=csv").stdout.splitlines()
     assert as_csv[0].split(",") == list(report.COLUMNS) and len(as_csv) == 3
     missing = _run_cli("wamjax.flops.report", f"--workdir={tmp_path / 'nope'}")

@@ -11,11 +11,14 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from wamjax.logs import quiet_libraries
+
+_STARTED = time.time()  # goodput counts what follows (JAX's import, distributed init) as init
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/wam.py:size=tiny", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
@@ -61,7 +64,7 @@ def main(argv) -> None:
     from wamjax.train.loop import NumericalFault, train
 
     try:
-        train(config, _WORKDIR.value)
+        train(config, _WORKDIR.value, started=_STARTED)
     except NumericalFault as e:
         logging.error("%s", e)
         raise SystemExit(1) from e

@@ -21,6 +21,7 @@ from PIL import Image
 from data_pipelines.config import clip_num_actions
 from data_pipelines.normalization import normalize, unnormalize
 from wamjax.checkpoint.norm_stats import checked_norm_stats
+from wamjax.compilation_cache import enable_compilation_cache
 from wamjax.diffusion.modes import check_mode
 from wamjax.diffusion.sampler import SampleOutput, SamplerOptions, check_action_prefix, sample
 from wamjax.export.load import load_checkpoint, load_norm_stats
@@ -196,12 +197,16 @@ class Policy:
         step_cache_mask: tuple[bool, ...] | None = None,
         step_cache_threshold: float | None = None,
         cfg_parallel: int = 1,
+        compilation_cache_dir: str = "",
     ) -> Policy:
         """Loads a checkpoint step directory (or a run's `checkpoints/`, taking its newest step).
 
         `dataset` picks the normalization stats when the checkpoint was trained on a mixture. The real-time
         knobs (video_stop_t, step_cache_mask, step_cache_threshold, cfg_parallel) are `SamplerOptions`'.
+        `compilation_cache_dir` is JAX's persistent compilation cache (`wamjax.compilation_cache`): "" keeps
+        the one JAX has, else the user's cache directory; "off" for none.
         """
+        enable_compilation_cache(compilation_cache_dir)
         # The parameters alone (no optimizer state), read straight onto the device the policy runs on.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         run_config, params = load_checkpoint(path, use_ema=use_ema, sharding=device)

@@ -454,6 +454,7 @@ def main(argv: list[str]) -> None:
         cfg_batched=f.cfg_batched, use_ema=f.use_ema, dataset=f.dataset, seed=f.seed, mode=f.mode,
         video_stop_t=f.video_stop_t, step_cache_mask=parse_step_cache_mask(f.step_cache_mask),
         step_cache_threshold=f.step_cache_threshold, cfg_parallel=f.cfg_parallel,
+        compilation_cache_dir=f.compilation_cache_dir,
     )
     server = PolicyServer(
         policy, schema=dataclasses.replace(ObservationSchema.parse(f.schema),
@@ -487,6 +488,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("use_ema", True, "Serve the EMA params when the checkpoint has them.")
     flags.DEFINE_string("dataset", None, "Which dataset's normalization stats to use (mixtures).")
     flags.DEFINE_integer("seed", 0, "Seed of the sampling noise.")
+    flags.DEFINE_string("compilation_cache_dir", "", "JAX's persistent compilation cache: a directory (gs:// too), "
+                                                     "'off', or empty for JAX's own or the user's cache directory.")
     flags.DEFINE_enum("mode", "joint", ["joint", "imagine_then_act"],
                       "How the policy acts (reported in the metadata): joint video+action denoising, or "
                       "imagine_then_act (future video first, then actions by inverse dynamics on it).")

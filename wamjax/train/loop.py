@@ -22,9 +22,11 @@ from jax.experimental import multihost_utils
 from data_pipelines import views as views_lib
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.norm_stats import checked_norm_stats, has_norm_stats
+from wamjax.compilation_cache import enable_compilation_cache
 from wamjax.eval.offline import LoopEvaluator
 from wamjax.export import clip_import
 from wamjax.flops.analytic import train_step_flops
+from wamjax.flops.goodput import GoodputRecorder
 from wamjax.flops.ledger import MODEL_UNITS, FlopLedger, stage_step_count
 from wamjax.flops.peak import peak_flops_per_device
 from wamjax.models import clip
@@ -143,12 +145,21 @@ def _single_view_latent_shape(config: ml_collections.ConfigDict, vae_cfg: Any, c
     return f, lh, lw, c
 
 
-def train(config: ml_collections.ConfigDict, workdir: PathLike) -> list[StageResult]:
-    """Runs the configured stage(s) in `workdir`, resuming from its latest complete checkpoint."""
-    # --- Logging -----------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: PathLike, started: float | None = None) -> list[StageResult]:
+    """Runs the configured stage(s) in `workdir`, resuming from its latest complete checkpoint.
+
+    `started` (a `time.time()`) is when the process began: goodput counts the time before this call as init.
+    """
     workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with GoodputRecorder(workdir, jax.process_index(), jax.process_count(), started) as goodput:
+        return _train(config, workdir, goodput)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Any, goodput: GoodputRecorder) -> list[StageResult]:
+    # --- Logging -----------------------------------------------------------------------------------
     is_lead = jax.process_index() == 0
+    enable_compilation_cache(config.train.get("compilation_cache_dir", ""), workdir)
     writer = MetricsWriter(workdir, enabled=is_lead)
     if is_lead:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -179,16 +190,19 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> list[StageRes
                     logging.info("stage %s already completed in this workdir; skipping", stage)
                     previous = StageResult(stage, None, resume_ledger.stage_end_step[stage], "completed")
                     continue
-                result = run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption)
+                result = run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption,
+                                   goodput)
                 results.append(result)
                 previous = result
     finally:
+        goodput.switch("checkpoint")
         manager.wait_until_finished()
         writer.close()
     return results
 
 
-def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption) -> StageResult:
+def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption,
+              goodput: GoodputRecorder | None = None) -> StageResult:
     """Runs one stage to its end (steps or budget), from its checkpoint, init_from, the previous stage, or fresh."""
     stage_cfg = config.stages[stage]
     cfg = model_config(config)
@@ -197,6 +211,10 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         raise ValueError(f"stages.{stage}.mode={mode!r}; expected 'video' or 'joint'")
     budget = float(stage_cfg.budget_flops)
     flops = train_step_flops(config, stage)
+    goodput = goodput or GoodputRecorder(workdir, jax.process_index(), jax.process_count())
+    goodput.begin_stage(stage, previous.final_step if previous is not None else (manager.latest_step() or 0),
+                        flops.train_per_step)
+    goodput.switch("init")
     # One count for the loop's end, the schedule and `flops.estimate`: the budget may buy fewer than `steps`.
     total_steps = stage_step_count(stage_steps(config, stage), budget, flops.train_per_step)
     budget_limited = total_steps < stage_steps(config, stage)
@@ -234,7 +252,10 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
     if latest is not None:
         saved_ledger = FlopLedger.from_json(ckpt.read_json_item(ckpt.step_dir(workdir, latest), "ledger"))
         if saved_ledger.current_stage == stage:
+            goodput.switch("restore")
             state, ledger_json, _, norm_stats_saved = ckpt.restore(manager, latest, abstract_state, data_iter)
+            goodput.switch("init")
+            goodput.resumed_at(int(state.step))
             ledger = FlopLedger.from_json(ledger_json)
             if ledger.stage_units(stage) != MODEL_UNITS:
                 dense_flops = ledger.stage_flops(stage)
@@ -315,6 +336,8 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
     ledger_config = config.to_dict()
     last_time = fetch_time = time.perf_counter()
     steps_since_fetch = 0
+    steps_since_start = 0  # steps this process ran in this stage
+    spike_skips = 0  # loss-spike skips of the stage seen at the last log step (optim.skip_step_on_spike)
     data_seconds = 0.0  # host time waiting for the next batch (reading, decoding, placing) since the last fetch
     while True:
         if stage_done >= total_steps:
@@ -323,12 +346,16 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
                 logging.info("stage %s: FLOP budget %.3e spent at step %d (one more step would exceed it)",
                              stage, budget, step)
             break
+        goodput.switch("data")
         data_start = time.perf_counter()
         host_batch = next(data_iter)
         batch = inputs_lib.device_batch(host_batch, text, mesh, rules)
         data_seconds += time.perf_counter() - data_start
+        goodput.switch("step")  # the first call's tracing and compilation go to `compile`
         state, device_metrics = train_step(state, batch, vae_params)
         step += 1
+        goodput.step_done(step)
+        steps_since_start += 1
         stage_done += 1
         steps_since_fetch += 1
         guard.add(step, device_metrics)
@@ -353,8 +380,15 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
                 row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, mesh.size,
                                    config.data.batch_size, tokens_per_step)
                 row["data_s_per_step"] = data_time  # of step_s: the share spent waiting for input
+                if row.get("stage_spike_skips", 0) > spike_skips:
+                    logging.warning("stage %s: %d update(s) skipped as loss spikes by step %d (%d in the stage; "
+                                    "optim.skip_step_on_spike=%s)", stage, row["stage_spike_skips"] - spike_skips,
+                                    step, row["stage_spike_skips"], config.optim.skip_step_on_spike)
+                    spike_skips = row["stage_spike_skips"]
                 writer.write(row)
                 logging.info(format_progress(row, total_steps, stage_done))
+        if evaluator is not None or closed_loop is not None:
+            goodput.switch("eval")
         if evaluator is not None:  # held-out clips, with the EMA params when there are
             evaluator.maybe_run(step, state.params if state.ema_params is None else state.ema_params, stage_ends)
         if closed_loop is not None:  # in the simulator, with the same params
@@ -364,16 +398,23 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         if finished:
             ledger.end_stage(stage, step)
         if save_step:
+            goodput.switch("checkpoint")  # the blocking part (an async save's device-to-host copy)
             ckpt.save(manager, step, state, data_iter, ledger.to_json(), ledger_config, norm_stats,
                       force=True)
+        if log_step or save_step or steps_since_start == 1:  # the first step: its compile is on record
+            goodput.flush()
         if preempt:
+            goodput.switch("checkpoint")
             manager.wait_until_finished()
+            goodput.flush()
             logging.warning("preemption checkpoint at step %d written; exiting %d", step, PREEMPTED_EXIT_CODE)
             raise Preempted()
+    goodput.switch("checkpoint")
     if stage not in ledger.completed_stages:
         ledger.end_stage(stage, step)
         ckpt.save(manager, step, state, data_iter, ledger.to_json(), ledger_config, norm_stats, force=True)
     manager.wait_until_finished()
+    goodput.flush()
     writer.write_event({"event": "stage_end", "stage": stage, "step": step, "reason": reason,
                         "stage_flops": ledger.stage_flops(stage),
                         "stage_hardware_flops": ledger.stage_hardware_flops(stage),
@@ -538,7 +579,10 @@ def _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, n
     for key in ("loss", "loss_video", "loss_action", "actions_share", "learning_rate", "grad_norm"):
         if key in metrics:
             row[key] = float(metrics[key])
-    row["update_skipped"] = int(metrics["update_skipped"])
+    row["update_skipped"] = int(metrics["update_skipped"])  # non-finite, or a loss spike
+    if "stage_spike_skips" in metrics:  # optim.skip_step_on_spike
+        row["spike_skipped"] = int(metrics["spike_skipped"])
+        row["stage_spike_skips"] = int(metrics["stage_spike_skips"])
     row["step_time_s"] = step_time
     row["examples_per_s"] = batch / step_time
     row["tokens_per_s"] = tokens / step_time

@@ -8,21 +8,30 @@ import json
 import math
 from typing import Any
 
-from wamjax.paths import PathLike, as_path, is_uri
+from wamjax.paths import LineLog, PathLike, as_path, is_uri, read_log_lines
+
+ROLL_EVENT_BYTES = 1 << 20  # a TensorBoard event file on an object store is rolled at this size
 
 
 class _EpathRecordWriter:
-    """A TensorBoard event file at a URI: the events so far are rewritten whole on each flush."""
+    """A TensorBoard event file at a URI, rolled: each flush rewrites only the newest part (`<file>`, then
+    `<file>.000001`, ...; TensorBoard reads every file with `tfevents` in its name, in name order), and a part
+    of `roll_bytes` is left as it is, so a flush costs at most that much whatever the run's length."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, roll_bytes: int = ROLL_EVENT_BYTES):
         self.path = as_path(path)
+        self.roll_bytes = int(roll_bytes)
+        self.part = 0
         self.buffer = io.BytesIO()
 
     def write(self, data: bytes) -> None:
         self.buffer.write(data)
 
     def flush(self) -> None:
-        self.path.write_bytes(self.buffer.getvalue())
+        name = self.path if self.part == 0 else self.path.parent / f"{self.path.name}.{self.part:06d}"
+        name.write_bytes(self.buffer.getvalue())
+        if self.buffer.tell() >= self.roll_bytes:
+            self.part, self.buffer = self.part + 1, io.BytesIO()
 
     def close(self) -> None:
         self.flush()
@@ -30,7 +39,7 @@ class _EpathRecordWriter:
 
 class _EpathRecordWriterFactory:
     def open(self, path: str) -> _EpathRecordWriter:
-        return _EpathRecordWriter(path)
+        return _EpathRecordWriter(path, ROLL_EVENT_BYTES)
 
     def directory_check(self, path: str) -> None:
         as_path(path).mkdir(parents=True, exist_ok=True)
@@ -49,28 +58,20 @@ def _tensorboard_writer(logdir: str) -> Any:
 class MetricsWriter:
     """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and scalars to TensorBoard.
 
-    The workdir may be local or any etils.epath URI. Object stores cannot append, so there the file is
-    rewritten whole on each write (the rows are kept in memory).
+    The workdir may be local or any etils.epath URI. Object stores cannot append, so there both logs are
+    rolled (`wamjax.paths.LineLog`, `_EpathRecordWriter`): a write costs the same at step 10 and step 10^6.
     """
 
-    def __init__(self, workdir: PathLike, enabled: bool = True):
+    def __init__(self, workdir: PathLike, enabled: bool = True, roll_lines: int | None = None):
         self.enabled = enabled
         self.path = as_path(workdir) / "metrics.jsonl"
-        self._append = not is_uri(self.path)
-        self._lines: list[str] | None = None  # the file's lines, for stores that cannot append
+        self._log = LineLog(self.path, *(() if roll_lines is None else (roll_lines,)))
         self._tb = None
         if enabled:
             self._tb = _tensorboard_writer(str(as_path(workdir) / "tensorboard"))
 
     def _write_line(self, line: str) -> None:
-        if self._append:
-            with self.path.open("a") as f:
-                f.write(line)
-            return
-        if self._lines is None:
-            self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
-        self._lines.append(line)
-        self.path.write_text("".join(self._lines))
+        self._log.write(line)
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -101,23 +102,21 @@ class MetricsWriter:
 
     def truncate_after(self, step: int) -> None:
         """Drops rows logged after `step` (a resume from that step re-logs them), keeping the file consistent."""
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
+            return
+        lines = read_log_lines(self.path)
+        if not lines:
             return
         kept = []
-        for line in self.path.read_text().splitlines(keepends=True):
+        for line in lines:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill mid-write
             if row.get("step", 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-        if self._append:
-            tmp = self.path.parent / (self.path.name + ".tmp")
-            tmp.write_text("".join(kept))
-            tmp.replace(self.path)
-        else:  # an object is replaced whole by a write
-            self.path.write_text("".join(kept))
-        self._lines = kept
+        if kept != lines:
+            self._log.rewrite(kept)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -59,6 +60,66 @@ def trainable_labels(params: Any, trainable: str) -> Any:
     )
 
 
+class SpikeGuardState(NamedTuple):
+    """Running mean of the loss over the updates taken, and what the guard skipped."""
+
+    mean: jax.Array  # bias-corrected on read: mean / (1 - decay ** taken)
+    taken: jax.Array  # updates whose loss entered the mean
+    in_a_row: jax.Array  # consecutive skipped updates
+    skipped: jax.Array  # updates skipped so far (this stage)
+    last_skipped: jax.Array  # whether the latest update was skipped
+    inner: optax.OptState
+
+
+def skip_on_spike(inner: optax.GradientTransformation, factor: float, window: int
+                  ) -> optax.GradientTransformationExtraArgs:
+    """`inner`, except that an update whose `loss` (an extra argument) exceeds `factor` x the running mean of the
+    losses of the updates taken is skipped: zero updates, `inner`'s state kept.
+
+    The mean is an exponential average over about `window` updates; the guard acts once `window` updates
+    entered it. After `window` skips in a row the loss is taken as the new level (the update applies and the
+    mean restarts from it), so a lasting shift in the loss cannot stop training.
+    """
+    if factor <= 1.0:
+        raise ValueError(f"optim.skip_step_on_spike={factor}; expected 0 (off) or a multiple > 1 of the mean loss")
+    if window < 1:
+        raise ValueError(f"optim.spike_window_steps={window}; expected >= 1")
+    decay = 1.0 - 1.0 / window
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        zero = jnp.zeros([], jnp.int32)
+        return SpikeGuardState(jnp.zeros([], jnp.float32), zero, zero, zero, jnp.zeros([], jnp.bool_),
+                               inner.init(params))
+
+    def update(updates, state, params=None, *, loss, **extra_args):
+        loss = jnp.asarray(loss, jnp.float32)
+        mean = state.mean / jnp.maximum(1.0 - decay ** state.taken.astype(jnp.float32), 1e-12)
+        reset = state.in_a_row >= window
+        skip = (state.taken >= window) & (loss > factor * mean) & jnp.logical_not(reset) & jnp.isfinite(loss)
+        new_updates, new_inner = inner.update(updates, state.inner, params, **extra_args)
+        new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+        new_inner = jax.tree.map(lambda n, o: jnp.where(skip, o, n), new_inner, state.inner)
+        restart = jnp.where(reset, 0.0, state.mean)
+        taken = jnp.where(reset, 0, state.taken)
+        new_mean = jnp.where(skip, state.mean, decay * restart + (1.0 - decay) * loss)
+        new_taken = jnp.where(skip, state.taken, taken + 1)
+        return new_updates, SpikeGuardState(
+            new_mean, new_taken, jnp.where(skip, state.in_a_row + 1, 0), state.skipped + skip.astype(jnp.int32),
+            skip, new_inner)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def spike_skipped(opt_state: optax.OptState) -> tuple[jax.Array, jax.Array] | None:
+    """(whether the latest update was skipped as a loss spike, skips so far) of the guard's state, or None when
+    the optimizer has no guard."""
+    for state in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, SpikeGuardState)):
+        if isinstance(state, SpikeGuardState):
+            return state.last_skipped, state.skipped
+    return None
+
+
 def make_optimizer(
     optim: ml_collections.ConfigDict, *, learning_rate: float, warmup_steps: int, total_steps: int, trainable: str
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -73,6 +134,9 @@ def make_optimizer(
         tx = optax.multi_transform(
             {"train": adamw, "freeze": optax.set_to_zero()}, lambda p: trainable_labels(p, trainable)
         )
+    spike = float(optim.get("skip_step_on_spike", 0.0))
+    if spike:
+        tx = skip_on_spike(tx, spike, int(optim.get("spike_window_steps", 20)))
     # The host loop stops the run after `max_consecutive_nonfinite`; optax only has to skip the bad updates.
     tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
     return tx, schedule

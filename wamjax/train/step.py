@@ -26,7 +26,7 @@ from wamjax.models.dit import (
     views_out_of_batch,
 )
 from wamjax.models.wam import first_frame_video, i2v_model_input, wam_forward
-from wamjax.train.optimizer import trainable_labels
+from wamjax.train.optimizer import spike_skipped, trainable_labels
 
 Params = Any
 
@@ -312,6 +312,7 @@ def make_train_step(
     for an image-conditioned model {"vae": ..., "image_encoder": ...}."""
     check_diffusion_config(diffusion)
     m = spec.microbatches
+    tx = optax.with_extra_args_support(tx)  # the update is given the loss (optim.skip_step_on_spike reads it)
 
     def latents_and_batch(batch, frozen_params):
         """Clean latents x0 of a (micro-)batch and the batch with any I2V conditioning added, all frozen."""
@@ -371,9 +372,12 @@ def make_train_step(
         grads = jax.tree.unflatten(
             treedef, [next(it) if t else jnp.zeros_like(leaf) for leaf, t in zip(leaves, is_train, strict=True)]
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=metrics["loss"])
         params = optax.apply_updates(state.params, updates)
         finite = opt_state.last_finite
+        spike = spike_skipped(opt_state)
+        if spike is not None:  # optim.skip_step_on_spike: the update was zero, and so is the EMA's
+            finite = finite & jnp.logical_not(spike[0])
         ema = state.ema_params
         if ema is not None:
             new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
@@ -383,6 +387,9 @@ def make_train_step(
         metrics["learning_rate"] = schedule(state.step - stage_start_step)
         metrics["update_skipped"] = jnp.logical_not(finite).astype(jnp.int32)
         metrics["nonfinite_in_a_row"] = nonfinite_count(opt_state)
+        if spike is not None:
+            metrics["spike_skipped"] = spike[0].astype(jnp.int32)
+            metrics["stage_spike_skips"] = spike[1]
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, rng=rng)
         return new_state, metrics
 
