@@ -15,7 +15,8 @@ train from cached latents, --config.data.latents_cache (or per stage, --config.s
   tokens     DiT patch 2x2 -> 64 tokens per view and latent frame; 5 frames at stride 2 (8 environment steps)
              -> 2 latent frames x 2 views x 64 = 256 video tokens, 4 action tokens (each held for 2 steps),
              1 state token
-  model      size=lab: 2 heads of 64 (128 wide), 4 layers, ffn 512 (about 0.9M parameters)
+  model      size=lab: 2 heads of 64 (128 wide), 4 layers, ffn 512 (about 0.9M parameters): in the sweep of
+             benchmarks/RESULTS.md the cheapest shape whose actions depend on its cameras
   instruction  the task's template (Meta-World's task string), hashed text embeddings (no text encoder)
   flash=1    trains with the video's noise biased high (Beta(7,1): t = 1 is noise) and the actions' uniform,
              drawn independently, so that actions learn to come out of one step while the video is still
