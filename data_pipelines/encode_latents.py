@@ -300,27 +300,17 @@ def _config_batches(data: Any) -> tuple[Iterator[dict[str, np.ndarray]], dict[st
     return iter(pipeline.make_dataset(data, stats=stats)), stats
 
 
-def main(argv: Sequence[str]) -> None:
-    del argv
-    from absl import flags
-
+def encode_run_cache(config: Any, out_dir: str, *, num_batches: int, dtype: Any = np.float32,
+                     action_free: bool = False) -> int:
+    """The latents cache of a run config: its data stream encoded with its VAE, with the layout and stats
+    recorded (what the CLI writes); returns clips written."""
     from wamjax.export.wan_vae_import import load_vae
 
-    FLAGS = flags.FLAGS
-    config = FLAGS.config
-    if not FLAGS.out:
-        raise ValueError("--out is required: the directory to write the latents cache to")
     vae_config, params = load_vae(config.vae.size, config.vae.weights, config.vae.seed)
     data = config.data
     batches, stats = _config_batches(data)
-    count = encode_batches(
-        batches,
-        vae_config,
-        params,
-        FLAGS.out,
-        num_batches=FLAGS.num_batches,
-        dtype=np.dtype(FLAGS.dtype),
-        action_free=FLAGS.action_free,
+    return encode_batches(
+        batches, vae_config, params, out_dir, num_batches=num_batches, dtype=dtype, action_free=action_free,
         metadata={
             "vae_weights": config.vae.weights,
             "vae_seed": int(config.vae.seed),
@@ -329,6 +319,17 @@ def main(argv: Sequence[str]) -> None:
             "stats_path": str(data.get("stats_path", "")),
         },
     )
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if not FLAGS.out:
+        raise ValueError("--out is required: the directory to write the latents cache to")
+    count = encode_run_cache(FLAGS.config, FLAGS.out, num_batches=FLAGS.num_batches, dtype=np.dtype(FLAGS.dtype),
+                             action_free=FLAGS.action_free)
     print(f"Wrote latents of {count} clips to {FLAGS.out}")
 
 

@@ -136,15 +136,14 @@ def test_the_vision_ablation_offline_and_in_the_closed_loop(lab_run, tmp_path):
 def test_action_free_videos_mix_with_demonstrations_and_mask_the_action_loss(lab_run, tmp_path):
     """Co-training's data: an action-free cache mixed into the action stage by weight; its examples carry no
     actions, and the step counts only the demonstrations' actions."""
-    from data_pipelines.encode_latents import _config_batches, data_layout, encode_batches
+    from data_pipelines.encode_latents import encode_run_cache
     from wamjax.train.inputs import make_stage_dataset
 
     _, data_dir, stats_path, cache, _ = lab_run
     config = lab_config(data_dir, stats_path)
     videos = str(tmp_path / "videos")
-    batches, stats = _config_batches(config.data)
-    encode_batches(batches, vae_lib.vae_config_for("pixels4"), {}, videos, num_batches=2, action_free=True,
-                   metadata={"data": data_layout(config.data), "norm_stats": stats, "stats_path": stats_path})
+    encode_run_cache(config, videos, num_batches=2, action_free=True)
+    stats = stats_lib.load_stats(stats_path)
     config.stages.action_tune.latents_cache = f"{cache},{videos}"
     config.stages.action_tune.latents_cache_weights = (1.0, 3.0)
     dataset, got_stats = make_stage_dataset(config, "action_tune", 0, 1)

@@ -17,7 +17,7 @@ from train_utils import get_config, openpi_client_python
 
 from data_pipelines import stats as stats_lib
 from data_pipelines.collect_sim import collect_metaworld
-from data_pipelines.encode_latents import META_NAME, encode_batches
+from data_pipelines.encode_latents import META_NAME, encode_batches, encode_run_cache
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.norm_stats import (
     MissingNormStatsError,
@@ -51,25 +51,13 @@ def run_config(data_dir: str, stats_path: str, steps: int):
     return config
 
 
-def encode_cache(config, out: str) -> None:
-    """The latents cache `python -m data_pipelines.encode_latents` writes for `config` (its main, in-process)."""
-    from data_pipelines.encode_latents import _config_batches, data_layout
-    from wamjax.export.wan_vae_import import load_vae
-
-    vae_config, params = load_vae(config.vae.size, config.vae.weights, config.vae.seed)
-    batches, stats = _config_batches(config.data)
-    encode_batches(batches, vae_config, params, out, num_batches=16,
-                   metadata={"data": data_layout(config.data), "norm_stats": stats,
-                             "stats_path": config.data.stats_path})
-
-
 @pytest.fixture(scope="module")
 def cache_run(data):
     from wamjax.train.loop import train
 
     root, data_dir, stats_path = data
     config = run_config(data_dir, stats_path, 300)
-    encode_cache(config, str(root / "latents"))
+    encode_run_cache(config, str(root / "latents"), num_batches=16)
     config.data.latents_cache = str(root / "latents")
     workdir = str(root / "cache_run")
     train(config, workdir)
