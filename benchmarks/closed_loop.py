@@ -61,7 +61,7 @@ def lab_overrides(data_dir: str, stats_path: str, extra: Sequence[str] = ()) -> 
 def collect(data_dir: str, tasks: Sequence[str], episodes: int, timings: dict, *, seed: int = 0) -> str:
     """Expert episodes of `tasks` under `data_dir` (reused when there) and their stats file."""
     if not os.path.exists(os.path.join(data_dir, "metaworld")):
-        timings["collect"] = run(["-m", "data_pipelines.collect_sim", f"--tasks={','.join(tasks)}",
+        timings["collect"] = run(["-m", "wamjax.jobs.collect_sim", f"--tasks={','.join(tasks)}",
                                   f"--episodes={episodes}", "--resolution=64,64", f"--seed={seed}",
                                   f"--out={data_dir}"], "collect")
     stats_path = os.path.join(data_dir, "stats.json")
@@ -74,7 +74,7 @@ def collect(data_dir: str, tasks: Sequence[str], episodes: int, timings: dict, *
 def encode(cache: str, overrides: list[str], num_batches: int, timings: dict, label: str = "encode") -> None:
     """The lab latents cache (reused when there)."""
     if not os.path.exists(os.path.join(cache, "latents_cache.json")):
-        timings[label] = run(["-m", "data_pipelines.encode_latents", *overrides, f"--out={cache}",
+        timings[label] = run(["-m", "wamjax.jobs.encode_latents", *overrides, f"--out={cache}",
                               f"--num_batches={num_batches}"], label)
 
 

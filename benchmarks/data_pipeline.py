@@ -5,7 +5,7 @@
 Generates OXE-format data (bridge at its published 480x640, fractal at 256x320) in a temp folder,
 then prints clips/s and MB/s of decoded frames for each worker count at the tiny (32x32) and a
 480x640 output resolution, the share of a tiny jitted training step spent waiting in `next()`, and
-what opening a dataset costs with its per-shard readability check (`data_pipelines.shards`).
+what opening a dataset costs with its per-shard readability check (`data_pipelines.sources.shards`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import optax
 from absl import app, flags
 
 from data_pipelines import config as config_lib
-from data_pipelines import make_oxe_like, pipeline, shards
-from data_pipelines import stats as stats_lib
-from data_pipelines.rlds_source import EpisodeSource
+from data_pipelines import make_oxe_like, pipeline
+from data_pipelines.sources import shards
+from data_pipelines.sources.rlds import EpisodeSource
+from data_pipelines.standardize import stats as stats_lib
 
 FLAGS = flags.FLAGS
 DATASETS = ["bridge", "fractal20220817_data"]

@@ -2,7 +2,7 @@
 
     python benchmarks/lab_latents.py --data_dir=DIR [--frames=600] [--vaes=tiny,pixels4]
 
-On frames of a `data_pipelines.collect_sim` dataset (the primary camera at its recorded resolution), for each
+On frames of a `wamjax.jobs.collect_sim` dataset (the primary camera at its recorded resolution), for each
 VAE: parameters, encoder FLOPs and wall time per lab clip (5 frames, 2 views), the reconstruction PSNR of the
 decoded first frame, and how linearly the latents of one frame give the scene's positions: ridge-regression R^2
 on held-out frames (every fifth episode) of the end effector, the task object and the goal, read from the
@@ -27,7 +27,7 @@ def load_frames(data_dir: str, max_frames: int) -> tuple[np.ndarray, np.ndarray,
     """(uint8 frames [N, H, W, 3], full states [N, 39], episode index [N]) every 4th step of every episode."""
     import tensorflow_datasets as tfds
 
-    from data_pipelines.rlds_source import find_dataset_dir
+    from data_pipelines.sources.rlds import find_dataset_dir
 
     source = tfds.builder_from_directory(find_dataset_dir(data_dir, "metaworld")).as_data_source()["train"]
     frames, states, episodes = [], [], []

@@ -98,8 +98,8 @@ def stalled_client_latency(port: int, requests: int) -> tuple[float, float]:
     import websockets.frames
     import websockets.sync.client
 
+    from wamjax.msgpack_numpy import packb
     from wamjax.serving.client import PolicyClient
-    from wamjax.serving.msgpack_numpy import packb
 
     observation = libero_observation(np.random.default_rng(0))
 

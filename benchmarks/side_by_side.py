@@ -6,7 +6,7 @@
   python benchmarks/side_by_side.py --heads=2 --head_dim=64 --layers=4 --in_channels=48 --frames=4 \
       --tokens=256 --text_tokens=8                            # the lab model's shapes (configs/lab.py)
 
-A random diffusers model is built, its weights are imported into wamjax (wamjax.export.wan_import), and both
+A random diffusers model is built, its weights are imported into wamjax (wamjax.checkpoint.wan_import), and both
 run forward + backward (gradients of the mean squared velocity w.r.t. every parameter) on the same latents,
 timesteps and text embeddings: torch eager, wamjax jitted (compile excluded, reported apart). Both are pinned
 to the same CPU cores and thread count. `--profile_tokens` also times one layer's self-attention kernel alone
@@ -74,7 +74,7 @@ def _median_seconds(fn, repeats: int) -> float:
 def _build(dims: dict):
     from diffusers import WanTransformer3DModel
 
-    from wamjax.export.wan_import import import_diffusers_wan
+    from wamjax.checkpoint.wan_import import import_diffusers_wan
     from wamjax.models.config import ModelConfig
 
     torch.manual_seed(0)

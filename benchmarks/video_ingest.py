@@ -31,7 +31,8 @@ import av
 import numpy as np
 from absl import app, flags
 
-from data_pipelines import ingest_video, video_source
+from data_pipelines.sources import video as video_source
+from wamjax.jobs import ingest_video
 
 if TYPE_CHECKING:
     import grain
@@ -95,7 +96,7 @@ def _define_flags() -> None:
 
 
 def _import_ingest(_: int) -> None:
-    import data_pipelines.ingest_shards  # noqa: F401  (what a spawned ingest worker imports)
+    import wamjax.jobs.ingest_shards  # noqa: F401  (what a spawned ingest worker imports)
 
 
 def worker_startup_s(workers: int) -> float:

@@ -4,7 +4,7 @@ Usage: --config=configs/lab.py                        (action tuning on Meta-Wor
        --config=configs/lab.py:stage=video_pretrain   (video only, e.g. on action-free videos)
        --config=configs/lab.py:stage=all              (both, back to back)
        --config=configs/lab.py:flash=1                (DreamZero-Flash: video t ~ Beta(7,1), actions uniform)
-Then set --config.data.data_dir (a `data_pipelines.collect_sim` dataset), --config.data.stats_path and, to
+Then set --config.data.data_dir (a `wamjax.jobs.collect_sim` dataset), --config.data.stats_path and, to
 train from cached latents, --config.data.latents_cache (or per stage, --config.stages.<stage>.latents_cache).
 `python benchmarks/closed_loop.py` collects, encodes, trains and evaluates it end to end.
 

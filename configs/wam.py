@@ -72,7 +72,7 @@ def stage_config(name: str, tiny: bool) -> ml_collections.ConfigDict:
 
 def latents_cache_dir(config: ml_collections.ConfigDict) -> str:
     """The default latents cache of a full-size run: one per VAE and clip shape (relative to the working
-    directory; build it once with `python -m data_pipelines.encode_latents`)."""
+    directory; build it once with `python -m wamjax.jobs.encode_latents`)."""
     h, w = config.data.resolution
     return f"latents/{config.vae.size}_{config.data.num_frames}x{h}x{w}"
 
@@ -101,9 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.resolution = (32, 32) if tiny else (480, 832)
     c.data.batch_size = 8 if tiny else 256
     c.data.synthetic_examples = 4096  # clips in the synthetic source (source=synthetic)
-    c.data.latents_cache = ""  # directory from `python -m data_pipelines.encode_latents`; "" = encode online
+    c.data.latents_cache = ""  # directory from `python -m wamjax.jobs.encode_latents`; "" = encode online
     c.data.latents_cache_weights = ()  # mixture weights of several comma-separated caches; empty: equal
-    c.data.video_shards = ""  # captioned-video clip shards from `python -m data_pipelines.ingest_video`
+    c.data.video_shards = ""  # captioned-video clip shards from `python -m wamjax.jobs.ingest_video`
     c.data.video_weight = 0.0  # mixture weight of the video shards in the video_pretrain stage
     # Mixture weight of the video shards in joint (action) stages: co-training, the action loss masked per example.
     c.data.action_stage_video_weight = 0.0
@@ -114,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vae.seed = 1234
 
     c.text = ml_collections.ConfigDict()
-    c.text.cache = ""  # embedding cache from `python -m data_pipelines.text_cache`; "" = synthetic hashed embeddings
+    c.text.cache = ""  # embedding cache from `python -m wamjax.jobs.text_cache`; "" = synthetic hashed embeddings
     c.text.max_length = 8 if tiny else 512
 
     # CLIP image encoder of the image-conditioned (I2V) sizes, run frozen in the step on each clip's first frame.

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from data_pipelines import registry
-from data_pipelines import stats as stats_lib
-from data_pipelines.rlds_source import BadRecordError
-from data_pipelines.shards import BadShardError
+from data_pipelines.sources.rlds import BadRecordError
+from data_pipelines.sources.shards import BadShardError
+from data_pipelines.standardize import registry
+from data_pipelines.standardize import stats as stats_lib
 
 FLAGS = flags.FLAGS
 

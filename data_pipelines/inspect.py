@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from data_pipelines import registry
-from data_pipelines.rlds_source import BadRecordError, EpisodeSource, count_bad_record, find_dataset_dir
-from data_pipelines.shards import BadShardError
+from data_pipelines.sources.rlds import BadRecordError, EpisodeSource, count_bad_record, find_dataset_dir
+from data_pipelines.sources.shards import BadShardError
+from data_pipelines.standardize import registry
 
 FLAGS = flags.FLAGS
 

@@ -11,10 +11,11 @@ import numpy as np
 from absl import flags, logging
 
 from data_pipelines import config as config_lib
-from data_pipelines import holdout, mixture, registry, views, windowing
-from data_pipelines import stats as stats_lib
-from data_pipelines.process_split import split_for_process
-from data_pipelines.rlds_source import BadRecordError, EpisodeSource, count_bad_record
+from data_pipelines.clips import holdout, mixture, views, windowing
+from data_pipelines.clips.process_split import split_for_process
+from data_pipelines.sources.rlds import BadRecordError, EpisodeSource, count_bad_record
+from data_pipelines.standardize import registry
+from data_pipelines.standardize import stats as stats_lib
 
 
 class ClipLoader:

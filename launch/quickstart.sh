@@ -20,10 +20,10 @@ echo "== 2/8 normalization statistics"
   --out="$RUN/oxe/norm_stats.json"
 echo "== 3/8 captioned videos -> clip shards"
 [ -f "$RUN/videos/captions.jsonl" ] || $PY -m data_pipelines.make_videos --out="$RUN/videos" --num_videos=8
-$PY -m data_pipelines.ingest_video --videos="$RUN/videos/*.mp4,$RUN/videos/*.mkv" --captions="$RUN/videos/captions.jsonl" \
+$PY -m wamjax.jobs.ingest_video --videos="$RUN/videos/*.mp4,$RUN/videos/*.mkv" --captions="$RUN/videos/captions.jsonl" \
   --out="$RUN/video_shards" --num_frames=9 --fps=8 --resolution=32,32 --num_shards=2 --workers=1
 echo "== 4/8 instruction and caption embeddings (a random tiny UMT5 encoder: no weights download here)"
-[ -f "$RUN/text_cache.safetensors" ] || $PY -m data_pipelines.text_cache --encoder=tiny:32 --max_length=8 \
+[ -f "$RUN/text_cache.safetensors" ] || $PY -m wamjax.jobs.text_cache --encoder=tiny:32 --max_length=8 \
   --datasets=$DATASETS --data_dir="$RUN/oxe" --video_shards="$RUN/video_shards" --out="$RUN/text_cache.safetensors"
 
 echo "== 5/8 train: video_pretrain (OXE as video + captioned clips), then action_tune (OXE with actions, two cameras"

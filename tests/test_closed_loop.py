@@ -14,12 +14,12 @@ import pytest
 import tensorflow_datasets as tfds
 from train_utils import REPO, get_config, subprocess_env
 
-from data_pipelines import registry
-from data_pipelines import stats as stats_lib
-from data_pipelines.collect_sim import collect_metaworld
 from data_pipelines.pipeline import make_dataset
-from data_pipelines.rlds_source import EpisodeSource
-from wamjax.eval import metaworld_env
+from data_pipelines.sources.rlds import EpisodeSource
+from data_pipelines.standardize import registry
+from data_pipelines.standardize import stats as stats_lib
+from wamjax.jobs.collect_sim import collect_metaworld
+from wamjax.sim import metaworld_env
 
 TASK = "reach-v3"
 

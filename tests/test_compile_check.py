@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from train_utils import REPO, get_config, subprocess_env
 
-from data_pipelines.synthetic import make_synthetic_dataset
+from data_pipelines.sources.synthetic import make_synthetic_dataset
 from wamjax import compile_check
 from wamjax.models.config import model_config_from_run
 from wamjax.models.wam import WorldActionModel, example_inputs

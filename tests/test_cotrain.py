@@ -61,7 +61,7 @@ def test_video_shards_mix_into_the_stage_their_weight_names():
 
 
 def test_action_horizon_sizes_the_clip_and_must_match_the_model():
-    from data_pipelines.synthetic import make_synthetic_dataset
+    from data_pipelines.sources.synthetic import make_synthetic_dataset
     from wamjax.train.inputs import clip_num_actions
 
     config = get_config("size=tiny,stage=action_tune")

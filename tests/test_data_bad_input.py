@@ -14,9 +14,10 @@ from PIL import Image
 from tensorflow_datasets.proto import tf_example_pb2
 
 from data_pipelines import config as config_lib
-from data_pipelines import make_oxe_like, pipeline, rlds_source
-from data_pipelines import stats as stats_lib
-from data_pipelines.rlds_source import BadRecordError, EpisodeSource
+from data_pipelines import make_oxe_like, pipeline
+from data_pipelines.sources import rlds as rlds_source
+from data_pipelines.sources.rlds import BadRecordError, EpisodeSource
+from data_pipelines.standardize import stats as stats_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD_INDEX = 2

@@ -11,12 +11,14 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_pipelines import make_oxe_like, registry, windowing
-from data_pipelines import stats as stats_lib
+from data_pipelines import make_oxe_like
+from data_pipelines.clips import windowing
 from data_pipelines.convert import convert
-from data_pipelines.rlds_source import EpisodeSource
-from data_pipelines.synthetic import SyntheticClip
-from data_pipelines.video_source import ClipToExample
+from data_pipelines.sources.rlds import EpisodeSource
+from data_pipelines.sources.synthetic import SyntheticClip
+from data_pipelines.sources.video import ClipToExample
+from data_pipelines.standardize import registry
+from data_pipelines.standardize import stats as stats_lib
 
 DATASETS = ["fractal20220817_data", "bridge", "taco_play", "droid"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +32,7 @@ def oxe_dir(tmp_path_factory):
 
 
 def test_every_registered_dataset_has_a_maker():
-    # metaworld's episodes come from the simulator's scripted experts (data_pipelines.collect_sim).
+    # metaworld's episodes come from the simulator's scripted experts (wamjax.jobs.collect_sim).
     assert sorted([*make_oxe_like.MAKERS, "metaworld"]) == registry.known_datasets()
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import config as config_lib
-from data_pipelines import make_oxe_like, mixture, pipeline, views
-from data_pipelines import stats as stats_lib
+from data_pipelines import make_oxe_like, pipeline
+from data_pipelines.clips import mixture, views
+from data_pipelines.standardize import stats as stats_lib
 
 DATASETS = ["fractal20220817_data", "bridge", "taco_play", "droid"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

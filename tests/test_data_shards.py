@@ -13,10 +13,12 @@ from PIL import Image
 from train_utils import get_config
 
 from data_pipelines import config as config_lib
-from data_pipelines import make_oxe_like, pipeline, shards, video_source
-from data_pipelines import stats as stats_lib
-from data_pipelines.rlds_source import EpisodeSource
-from data_pipelines.shards import BadShardError
+from data_pipelines import make_oxe_like, pipeline
+from data_pipelines.sources import shards
+from data_pipelines.sources import video as video_source
+from data_pipelines.sources.rlds import EpisodeSource
+from data_pipelines.sources.shards import BadShardError
+from data_pipelines.standardize import stats as stats_lib
 from wamjax.train import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

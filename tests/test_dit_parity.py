@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from wamjax.export.wan_import import WeightImportError, import_diffusers_wan
+from wamjax.checkpoint.wan_import import WeightImportError, import_diffusers_wan
 from wamjax.models import wam
 from wamjax.models.config import PUBLISHED_PARAM_COUNTS, SIZES, ModelConfig
 
@@ -188,7 +188,7 @@ def test_i2v_conditioning_matches_the_diffusers_pipeline():
     """`first_frame_video` -> our VAE -> `i2v_condition` gives WanImageToVideoPipeline.prepare_latents' 20 channels."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
 
-    from wamjax.export.wan_vae_import import convert_diffusers_vae_state, infer_vae_config
+    from wamjax.checkpoint.wan_vae_import import convert_diffusers_vae_state, infer_vae_config
     from wamjax.models import vae as vae_lib
 
     torch.manual_seed(0)

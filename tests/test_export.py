@@ -19,14 +19,14 @@ from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from data_pipelines.stats import normalize
+from data_pipelines.standardize.stats import normalize
 from wamjax import config_files
 from wamjax.checkpoint import manager as ckpt
+from wamjax.checkpoint.wan_import import WeightImportError, expected_torch_shape, import_diffusers_wan
+from wamjax.checkpoint.wan_names import name_map
 from wamjax.export import to_torch
 from wamjax.export.torch_wam import WorldActionModel as TorchWam
 from wamjax.export.torch_wam import unnormalize as torch_unnormalize
-from wamjax.export.wan_import import WeightImportError, expected_torch_shape, import_diffusers_wan
-from wamjax.export.wan_names import name_map
 from wamjax.models import wam
 from wamjax.models.config import ModelConfig, model_config_from_run
 
@@ -524,7 +524,7 @@ def _bytes_read() -> int:
 def test_export_and_policy_read_the_parameters_only(checkpoint, tmp_path):
     """load_checkpoint, the exporter and Policy.from_checkpoint read one copy of the weights from disk, not the
     Adam moments or the other copy: a full state restore reads about four times as much."""
-    from wamjax.export.load import load_checkpoint
+    from wamjax.checkpoint.load import load_checkpoint
     from wamjax.inference import Policy
 
     full = ckpt.restore_state_tree(checkpoint)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from wamjax.export import clip_import
-from wamjax.export.wan_import import WeightImportError
+from wamjax.checkpoint import clip_import
+from wamjax.checkpoint.wan_import import WeightImportError
 from wamjax.models import clip
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from train_utils import get_config
 
-from data_pipelines.stats import normalize
+from data_pipelines.standardize.stats import normalize
 from wamjax.diffusion import flow
 from wamjax.diffusion.sampler import SamplerOptions, sample, step_times
 from wamjax.inference import kv_cache as kv
@@ -214,7 +214,7 @@ def test_policy_from_checkpoint_jits_once_per_shape(checkpoint):
 
 
 def test_policy_unnormalizes_with_checkpoint_stats_and_checks_inputs(checkpoint):
-    from wamjax.export.load import load_checkpoint
+    from wamjax.checkpoint.load import load_checkpoint
 
     run_config, params = load_checkpoint(checkpoint)
     proprio_stats = {k: v + [0.0] for k, v in STATS.items() if k != "mask"} | {"mask": [True] * 7 + [False]}

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from absl import flags
 
-from data_pipelines import ingest_plan, ingest_video, video_source
-from data_pipelines.shards import BadShardError
+from data_pipelines.sources import video as video_source
+from data_pipelines.sources.shards import BadShardError
+from wamjax.jobs import ingest_plan, ingest_video
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 32, 48
@@ -244,7 +245,7 @@ def test_killed_ingest_resumes_to_identical_shards(tmp_path):
     assert reference["clips"] == 4 + 500 + 4
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "data_pipelines.ingest_video", f"--videos={videos}/*.mp4",
+    command = [sys.executable, "-m", "wamjax.jobs.ingest_video", f"--videos={videos}/*.mp4",
                f"--captions={captions}", f"--out={killed}", "--num_frames=5", "--fps=0",
                "--resolution=24,24", "--num_shards=3", "--workers=1"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -315,7 +316,7 @@ def test_truncated_shard_is_named_and_rewritten_on_rerun(good_videos, tmp_path):
     before = shard_bytes(out)
     path = os.path.join(out, video_source.shard_name(0, 2))
     os.truncate(path, os.path.getsize(path) // 2)
-    with pytest.raises(BadShardError, match="re-run data_pipelines.ingest_video") as info:
+    with pytest.raises(BadShardError, match="re-run wamjax.jobs.ingest_video") as info:
         video_source.VideoClipSource(out)
     assert path in str(info.value)
     assert run() == report  # The resumed run sees the truncated shard as unfinished and writes it again.

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from train_utils import REPO, subprocess_env
 
-from data_pipelines import stats as stats_lib
-from data_pipelines.collect_sim import collect_metaworld
-from data_pipelines.encode_latents import LatentsCacheSource
+from data_pipelines.standardize import stats as stats_lib
 from wamjax import config_files
 from wamjax.flops.analytic import train_step_flops, vae_encode_flops
+from wamjax.jobs.collect_sim import collect_metaworld
+from wamjax.jobs.encode_latents import LatentsCacheSource
 from wamjax.models import vae as vae_lib
 
 TASKS = ["reach-v3", "push-v3"]
@@ -71,7 +71,7 @@ def lab_run(tmp_path_factory):
     stats_path = str(root / "stats.json")
     stats_lib.save_stats(stats_lib.compute_stats(data_dir, ["metaworld"]), stats_path)
     cache = str(root / "latents")
-    subprocess.run([sys.executable, "-m", "data_pipelines.encode_latents", f"--config={REPO}/configs/lab.py",
+    subprocess.run([sys.executable, "-m", "wamjax.jobs.encode_latents", f"--config={REPO}/configs/lab.py",
                     f"--config.data.data_dir={data_dir}", f"--config.data.stats_path={stats_path}",
                     f"--out={cache}", "--num_batches=2"],
                    cwd=REPO, env=subprocess_env(1), check=True, capture_output=True, text=True, timeout=600)
@@ -136,7 +136,7 @@ def test_the_vision_ablation_offline_and_in_the_closed_loop(lab_run, tmp_path):
 def test_action_free_videos_mix_with_demonstrations_and_mask_the_action_loss(lab_run, tmp_path):
     """Co-training's data: an action-free cache mixed into the action stage by weight; its examples carry no
     actions, and the step counts only the demonstrations' actions."""
-    from data_pipelines.encode_latents import encode_run_cache
+    from wamjax.jobs.encode_latents import encode_run_cache
     from wamjax.train.inputs import make_stage_dataset
 
     _, data_dir, stats_path, cache, _ = lab_run

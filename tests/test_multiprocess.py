@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from wamjax.export.load import load_checkpoint
+from wamjax.checkpoint.load import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5

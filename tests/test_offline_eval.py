@@ -13,8 +13,9 @@ import pytest
 from train_utils import REPO, get_config, subprocess_env
 
 from data_pipelines import config as data_config_lib
-from data_pipelines import holdout, make_oxe_like, pipeline
-from data_pipelines import stats as stats_lib
+from data_pipelines import make_oxe_like, pipeline
+from data_pipelines.clips import holdout
+from data_pipelines.standardize import stats as stats_lib
 from wamjax.eval.offline import psnr, ssim
 from wamjax.flops.report import read_log
 from wamjax.train.loop import train

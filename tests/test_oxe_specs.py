@@ -27,8 +27,9 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.features.feature import dtype_to_str
 
-from data_pipelines import make_oxe_like, registry
-from data_pipelines.rlds_source import EpisodeSource
+from data_pipelines import make_oxe_like
+from data_pipelines.sources.rlds import EpisodeSource
+from data_pipelines.standardize import registry
 
 PUBLISHED = {
     "fractal20220817_data": """

@@ -20,7 +20,7 @@ import pytest
 from train_utils import REPO, metrics_rows, subprocess_env
 
 from wamjax.checkpoint import manager as ckpt
-from wamjax.export.load import load_checkpoint
+from wamjax.checkpoint.load import load_checkpoint
 from wamjax.train.loop import PREEMPTED_EXIT_CODE
 
 VIDEO_STEPS, ACTION_STEPS = 1, 6

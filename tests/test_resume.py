@@ -14,7 +14,7 @@ import pytest
 from train_utils import REPO, get_config, main_command, metrics_rows, subprocess_env
 
 from wamjax.checkpoint import manager as ckpt
-from wamjax.export.load import load_checkpoint
+from wamjax.checkpoint.load import load_checkpoint
 from wamjax.flops.analytic import train_step_flops
 from wamjax.train.loop import PREEMPTED_EXIT_CODE
 
@@ -25,11 +25,11 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def oxe_dir(tmp_path_factory):
     from data_pipelines.make_oxe_like import make_datasets
-    from data_pipelines.stats import compute_stats, save_stats
+    from data_pipelines.standardize.stats import compute_stats, save_stats
 
     root = str(tmp_path_factory.mktemp("oxe"))
-    from data_pipelines.ingest_video import ingest
     from data_pipelines.make_videos import make_videos
+    from wamjax.jobs.ingest_video import ingest
 
     make_datasets(root, DATASETS.split(","), episodes=6, seed=3, image_size=(48, 64))
     save_stats(compute_stats(root, DATASETS.split(",")), os.path.join(root, "stats.json"))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from data_pipelines import make_oxe_like
-from data_pipelines.rlds_source import EpisodeSource
-from data_pipelines.text_cache import build_text_cache, load_encoder, make_tiny_umt5
+from data_pipelines.sources.rlds import EpisodeSource
+from wamjax.jobs.text_cache import build_text_cache, load_encoder, make_tiny_umt5
 from wamjax.models.text import TextEmbeddingCache
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +93,7 @@ def test_cli_collects_oxe_and_file_instructions(tiny_encoder_dir, tmp_path):
     out = str(tmp_path / "cache.safetensors")
     subprocess.run(
         [
-            sys.executable, "-m", "data_pipelines.text_cache", f"--encoder={tiny_encoder_dir}",
+            sys.executable, "-m", "wamjax.jobs.text_cache", f"--encoder={tiny_encoder_dir}",
             "--datasets=bridge", f"--data_dir={data_dir}", f"--instructions_file={extra}",
             f"--out={out}", "--max_length=24",
         ],

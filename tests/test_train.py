@@ -12,7 +12,7 @@ import pytest
 from train_utils import REPO, get_config, metrics_rows, run_main, subprocess_env
 
 from wamjax.checkpoint import manager as ckpt
-from wamjax.export.load import load_checkpoint
+from wamjax.checkpoint.load import load_checkpoint
 from wamjax.flops.analytic import train_step_flops
 from wamjax.train import loop as loop_lib
 from wamjax.train.loop import NumericalFault, train

@@ -12,12 +12,12 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.numpy import save_file
 
-from data_pipelines.encode_latents import LatentsCacheSource, encode_batches, make_latents_dataset
-from wamjax.export.wan_vae_import import (
+from wamjax.checkpoint.wan_vae_import import (
     export_diffusers_vae_state,
     import_diffusers_wan_vae,
     infer_vae_config,
 )
+from wamjax.jobs.encode_latents import LatentsCacheSource, encode_batches, make_latents_dataset
 from wamjax.models.vae import (
     VAEConfig,
     denormalize_latents,
@@ -221,7 +221,7 @@ def test_encode_latents_cli_uses_the_runs_vae(tmp_path):
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run(
         [
-            sys.executable, "-m", "data_pipelines.encode_latents", "--config=configs/wam.py:size=tiny",
+            sys.executable, "-m", "wamjax.jobs.encode_latents", "--config=configs/wam.py:size=tiny",
             "--config.data.batch_size=2", f"--out={out}", "--num_batches=1",
         ],
         cwd=repo_root, check=True, capture_output=True, text=True,

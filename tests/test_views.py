@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from train_utils import get_config
 
-from data_pipelines import views
+from data_pipelines.clips import views
 from wamjax.diffusion.sampler import SamplerOptions, sample
 from wamjax.inference import kv_cache as kv
 from wamjax.inference.policy import Policy
@@ -131,7 +131,7 @@ def test_i2v_action_tune_config_two_cameras_train_export_serve(tmp_path):
     from train_utils import REPO
 
     from data_pipelines import make_oxe_like
-    from data_pipelines import stats as stats_lib
+    from data_pipelines.standardize import stats as stats_lib
     from wamjax import config_files
     from wamjax.export import to_torch
     from wamjax.serving.client import PolicyClient, ServerError

@@ -9,7 +9,7 @@ import optax
 import pytest
 from train_utils import get_config
 
-from wamjax.export import clip_import
+from wamjax.checkpoint import clip_import
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import SIZES, ModelConfig, model_config_from_run

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines import holdout, views, windowing
-from data_pipelines.rlds_source import Episode, EpisodeSource
-from data_pipelines.stats import unnormalize
+from data_pipelines.clips import holdout, views, windowing
+from data_pipelines.sources.rlds import Episode, EpisodeSource
+from data_pipelines.standardize.stats import unnormalize
 
 ABLATIONS = ("camera", "blank", "other_episode")
 ROWS = (*ABLATIONS, "mean_action")

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 from absl import app, flags
 
-from wamjax.eval import metaworld_env
+from wamjax.sim import metaworld_env
 
 DEFAULT_EVAL_SEED = 1000  # collection uses seed 0: evaluation variants differ
 
@@ -321,7 +321,7 @@ def policy_server(checkpoint: str, *, dataset: str | None, num_steps: int, openp
     import urllib.request
 
     from wamjax.checkpoint import manager as ckpt
-    from wamjax.export.load import resolve_step_dir
+    from wamjax.checkpoint.load import resolve_step_dir
     from wamjax.serving.client import PolicyClient
 
     frame_stride = int(ckpt.read_json_item(resolve_step_dir(checkpoint), "config")["data"]["frame_stride"])
@@ -629,8 +629,8 @@ def evaluate(
 def stats_dataset(checkpoint: str, dataset: str | None) -> str | None:
     """`dataset` when the checkpoint has its normalization stats, None when its run's data was synthetic
     (a checkpoint of real data without stats is refused)."""
+    from wamjax.checkpoint.load import load_model_run_config, load_norm_stats
     from wamjax.checkpoint.norm_stats import checked_norm_stats
-    from wamjax.export.load import load_model_run_config, load_norm_stats
 
     stats = checked_norm_stats(load_model_run_config(checkpoint), load_norm_stats(checkpoint),
                                where=f"checkpoint {checkpoint}")

@@ -27,12 +27,12 @@ import numpy as np
 from absl import logging
 
 from data_pipelines import config as data_config_lib
-from data_pipelines.process_split import split_for_process
-from data_pipelines.stats import unnormalize
+from data_pipelines.clips.process_split import split_for_process
+from data_pipelines.standardize.stats import unnormalize
+from wamjax.checkpoint.wan_vae_import import load_vae
 from wamjax.diffusion import flow
 from wamjax.diffusion.modes import MODES, check_mode
 from wamjax.diffusion.sampler import SamplerOptions, sample
-from wamjax.export.wan_vae_import import load_vae
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
 from wamjax.models.wam import wam_forward
@@ -189,7 +189,7 @@ def eval_batches(config: ml_collections.ConfigDict, data: ml_collections.ConfigD
     """(dataset name, per-process batch) for `num_batches` held-out batches per dataset, in a fixed order."""
     per_process = data.batch_size // process_count
     if data.source == "synthetic":
-        from data_pipelines.synthetic import SyntheticClip
+        from data_pipelines.sources.synthetic import SyntheticClip
 
         clip = SyntheticClip(data.num_frames, tuple(data.resolution), data.proprio_dim, data.seed,
                              proprio_chunk_frames=int(data.get("proprio_chunk_frames", 0)))
@@ -385,8 +385,8 @@ def evaluate_checkpoint(path: str, *, data_dir: str = "", modes: str = ",".join(
     `out/offline_eval.json` and frame-grid PNGs (out default: the run's WORKDIR/eval). Returns the row."""
     import json
 
+    from wamjax.checkpoint.load import load_checkpoint, load_norm_stats, resolve_step_dir
     from wamjax.checkpoint.norm_stats import checked_norm_stats
-    from wamjax.export.load import load_checkpoint, load_norm_stats, resolve_step_dir
     from wamjax.models.config import model_config_from_run
     from wamjax.train.inputs import TextEmbedder
 
@@ -431,8 +431,8 @@ def vision_ablation(path: str, *, data_dir: str = "", max_episodes: int = 8, win
     `out/vision_ablation.json` (out default: the run's WORKDIR/eval) and returns the rows."""
     import json
 
+    from wamjax.checkpoint.load import load_model_run_config, resolve_step_dir
     from wamjax.eval.action_error import format_action_error, policy_action_error
-    from wamjax.export.load import load_model_run_config, resolve_step_dir
     from wamjax.inference.conditioning import policy_data_config
     from wamjax.inference.policy import Policy
 

@@ -24,8 +24,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from wamjax.export.wan_import import WeightImportError, state_dict_to_params, to_numpy
-from wamjax.export.wan_names import name_map, ours_to_torch, torch_to_ours
+from wamjax.checkpoint.wan_import import WeightImportError, state_dict_to_params, to_numpy
+from wamjax.checkpoint.wan_names import name_map, ours_to_torch, torch_to_ours
 from wamjax.models.config import ModelConfig, model_config_from_run
 from wamjax.paths import PathLike, as_path, is_uri
 
@@ -362,8 +362,8 @@ def export_checkpoint(
     import ml_collections
 
     from wamjax.checkpoint import manager as ckpt
+    from wamjax.checkpoint.load import resolve_step_dir
     from wamjax.checkpoint.norm_stats import checked_norm_stats
-    from wamjax.export.load import resolve_step_dir
 
     step_dir = resolve_step_dir(checkpoint)
     run_config = ml_collections.ConfigDict(ckpt.read_json_item(step_dir, "config"))
@@ -390,7 +390,7 @@ def export_checkpoint(
 
 def camera_config(run_config: Any) -> dict[str, Any]:
     """How the policy's frames are made from its cameras: their names (in order), the layout and the frame size."""
-    from data_pipelines import views
+    from data_pipelines.clips import views
     from wamjax.inference.conditioning import policy_data_config
 
     data = policy_data_config(run_config)

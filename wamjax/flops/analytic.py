@@ -494,7 +494,7 @@ def stage_mode(config: ml_collections.ConfigDict, stage: str) -> str:
 
 def _token_views(config: ml_collections.ConfigDict, stage: str | None) -> int:
     """Camera views a clip of `stage` (default: `data`) carries as separate token groups (tokens layout), else 1."""
-    from data_pipelines import views as views_lib
+    from data_pipelines.clips import views as views_lib
 
     data = config.data
     if stage is not None and stage in config.get("stages", {}):

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from data_pipelines import views
-from wamjax.export import clip_import
+from data_pipelines.clips import views
+from wamjax.checkpoint import clip_import
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig

@@ -19,13 +19,13 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.config import clip_num_actions
-from data_pipelines.normalization import normalize, unnormalize
+from data_pipelines.standardize.normalization import normalize, unnormalize
+from wamjax.checkpoint.load import load_checkpoint, load_norm_stats
 from wamjax.checkpoint.norm_stats import checked_norm_stats
+from wamjax.checkpoint.wan_vae_import import load_vae
 from wamjax.compilation_cache import enable_compilation_cache
 from wamjax.diffusion.modes import check_mode
 from wamjax.diffusion.sampler import SampleOutput, SamplerOptions, check_action_prefix, sample
-from wamjax.export.load import load_checkpoint, load_norm_stats
-from wamjax.export.wan_vae_import import load_vae
 from wamjax.inference import conditioning
 from wamjax.inference.timing import StageTimer
 from wamjax.models import vae as vae_lib

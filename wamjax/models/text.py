@@ -1,4 +1,4 @@
-"""Text conditioning from a precomputed instruction-embedding cache (written by `data_pipelines.text_cache`).
+"""Text conditioning from a precomputed instruction-embedding cache (written by `wamjax.jobs.text_cache`).
 
 The cache file is safetensors:
   * `embeddings` [total_tokens, text_dim]: every instruction's real-token encoder outputs, packed back to back;
@@ -49,7 +49,7 @@ class TextEmbeddingCache:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"text cache {path} does not exist; build it with `python -m data_pipelines.text_cache`"
+                f"text cache {path} does not exist; build it with `python -m wamjax.jobs.text_cache`"
             )
         with safe_open(path, framework="numpy") as f:
             meta = f.metadata() or {}
@@ -116,7 +116,7 @@ class TextEmbeddingCache:
         except KeyError:
             raise KeyError(
                 f"instruction {text!r} is not in text cache {self.path} ({len(self)} instructions); rebuild "
-                "the cache over the datasets you train on with `python -m data_pipelines.text_cache`"
+                "the cache over the datasets you train on with `python -m wamjax.jobs.text_cache`"
             ) from None
 
 

@@ -3,7 +3,7 @@
 Protocol (as openpi's `WebsocketPolicyServer` / `openpi_client.WebsocketClientPolicy`): on connect the server
 sends one binary msgpack frame with its metadata; each request is a binary msgpack frame holding the
 observation dict; each reply is a binary msgpack frame `{"actions": array, "server_timing": {...}}`, or a
-text frame with an error message. Arrays travel in openpi's msgpack-numpy encoding (`wamjax.serving.msgpack_numpy`).
+text frame with an error message. Arrays travel in openpi's msgpack-numpy encoding (`wamjax.msgpack_numpy`).
 
 Needs only numpy, msgpack and websockets (no JAX), so robots and notebooks can use it as is.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import websockets.sync.client
 
-from wamjax.serving.msgpack_numpy import packb, unpackb
+from wamjax.msgpack_numpy import packb, unpackb
 
 
 class ServerError(RuntimeError):

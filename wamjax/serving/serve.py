@@ -40,7 +40,7 @@ import websockets.frames
 import websockets.http11
 from absl import logging
 
-from wamjax.serving.msgpack_numpy import packb, unpackb
+from wamjax.msgpack_numpy import packb, unpackb
 
 API_KEY_ENV = "WAMJAX_API_KEY"
 

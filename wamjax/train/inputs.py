@@ -12,9 +12,9 @@ import numpy as np
 from absl import logging
 
 from data_pipelines import pipeline as oxe_pipeline
-from data_pipelines import views
+from data_pipelines.clips import views
 from data_pipelines.config import clip_num_actions, clip_num_states  # noqa: F401  (re-exported)
-from data_pipelines.synthetic import make_synthetic_dataset
+from data_pipelines.sources.synthetic import make_synthetic_dataset
 from wamjax.models.text import TextEmbedder
 from wamjax.parallel.mesh import batch_sharding
 
@@ -51,7 +51,7 @@ def make_stage_dataset(
     """The stage's per-process batch dataset and the normalization stats it uses."""
     data = stage_data_config(config, stage)
     if data.latents_cache:
-        from data_pipelines.encode_latents import cache_norm_stats, make_latents_dataset
+        from wamjax.jobs.encode_latents import cache_norm_stats, make_latents_dataset
         from wamjax.models.vae import vae_config_for
 
         logging.info("data: precomputed VAE latents from %s (data.latents_cache)", data.latents_cache)
@@ -73,7 +73,7 @@ def make_stage_dataset(
         if views.views_axis(data) is not None:
             raise ValueError(f"data.video_shards with data.view_layout='tokens' (cameras {views.camera_names(data)}) "
                              f"in stage {stage!r}: captioned videos have one camera; set its mixture weight to 0")
-        from data_pipelines.video_source import make_video_dataset
+        from data_pipelines.sources.video import make_video_dataset
 
         logging.info("data: captioned-video shards %s mixed in with weight %s", data.video_shards, video_weight)
         extra.append((

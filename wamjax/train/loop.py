@@ -19,12 +19,12 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from data_pipelines import views as views_lib
+from data_pipelines.clips import views as views_lib
+from wamjax.checkpoint import clip_import
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.norm_stats import checked_norm_stats, has_norm_stats
 from wamjax.compilation_cache import enable_compilation_cache
 from wamjax.eval.offline import LoopEvaluator
-from wamjax.export import clip_import
 from wamjax.flops.analytic import train_step_flops
 from wamjax.flops.goodput import GoodputRecorder
 from wamjax.flops.ledger import MODEL_UNITS, FlopLedger, stage_step_count
@@ -464,7 +464,7 @@ class _NonfiniteGuard:
 
 def _vae_params(config: ml_collections.ConfigDict, vae_cfg: Any) -> Any:
     if config.vae.weights:
-        from wamjax.export.wan_vae_import import import_diffusers_wan_vae
+        from wamjax.checkpoint.wan_vae_import import import_diffusers_wan_vae
 
         _, params = import_diffusers_wan_vae(config.vae.weights)
         return params
@@ -483,7 +483,7 @@ def _initialize_from(config, stage, state, shardings, previous, cfg, workdir) ->
     if source:
         source_path = as_path(source)
         if (source_path / "config.json").exists() and not (source_path / "state").exists():
-            from wamjax.export.wan_import import import_diffusers_wan
+            from wamjax.checkpoint.wan_import import import_diffusers_wan
 
             _, loaded = import_diffusers_wan(source, dataclasses.replace(cfg))
             logging.info("stage %s: backbone from diffusers Wan weights %s", stage, source)

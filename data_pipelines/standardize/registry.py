@@ -67,7 +67,7 @@ def get_spec(name: str) -> DatasetSpec:
     except KeyError:
         raise KeyError(
             f"No standardization registered for dataset {name!r}; known datasets: {known_datasets()}. "
-            "Add one with data_pipelines.registry.register_dataset."
+            "Add one with data_pipelines.standardize.registry.register_dataset."
         ) from None
 
 
@@ -152,7 +152,7 @@ register_dataset(
 )
 
 
-# --- Meta-World (simulator episodes from `python -m data_pipelines.collect_sim`) -----------------------------
+# --- Meta-World (simulator episodes from `python -m wamjax.jobs.collect_sim`) -----------------------------
 # Its 4-D action is an end-effector delta xyz plus a gripper command in [-1, 1] (+1 closes), with no rotation.
 # The standard action keeps xyz, holds rotation at 0 (left unnormalized: it never varies) and maps the
 # gripper to openness in [0, 1]; `metaworld_action_from_standard` is the exact inverse on those dimensions.

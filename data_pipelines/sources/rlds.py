@@ -22,7 +22,8 @@ from absl import logging
 from PIL import Image
 from tensorflow_datasets.proto import tf_example_pb2
 
-from data_pipelines import registry, shards
+from data_pipelines.sources import shards
+from data_pipelines.standardize import registry
 
 _BAD_RECORDS: Counter[str] = Counter()
 _BAD_RECORDS_LOCK = threading.Lock()
@@ -142,7 +143,7 @@ class EpisodeSource:
     Picklable (Grain workers rebuild the readers lazily), `len()` is the number of episodes, and
     `source[i]` returns an `Episode` or raises `BadRecordError`.
 
-    Every shard is opened once here (`data_pipelines.shards`): an unreadable one (truncated, half-copied)
+    Every shard is opened once here (`data_pipelines.sources.shards`): an unreadable one (truncated, half-copied)
     raises `BadShardError` naming the dataset and file, or with `skip_bad_shards` is left out with its
     episodes (listed in `bad_shards`, counted by `shards.bad_shard_counts`).
     """

@@ -1,9 +1,9 @@
 """Collects scripted-expert episodes in a simulator and writes them as one TFDS/RLDS dataset.
 
-    python -m data_pipelines.collect_sim --env=metaworld --tasks=reach-v3,push-v3 --episodes=20 --out=DIR \
+    python -m wamjax.jobs.collect_sim --env=metaworld --tasks=reach-v3,push-v3 --episodes=20 --out=DIR \
         [--resolution=128,128] [--seed=0]
 
-Writes `DIR/metaworld/<version>/` (ArrayRecord, what `data_pipelines.rlds_source` reads) in OXE conventions:
+Writes `DIR/metaworld/<version>/` (ArrayRecord, what `data_pipelines.sources.rlds` reads) in OXE conventions:
 per step the primary camera (`observation/image`, the right way up) and the gripper camera
 (`observation/wrist_image`) as JPEG, `observation/state` (end-effector xyz + gripper opening, Meta-World's
 `obs[0:4]`), `observation/full_state` (all 39 values), the 4-D `action` the environment executed (end-effector
@@ -31,7 +31,7 @@ from data_pipelines import make_oxe_like
 
 DATASET_NAME = "metaworld"
 DATASET_VERSION = "0.1.0"
-WRIST_CAMERA = "gripperPOV"  # = wamjax.eval.metaworld_env.WRIST_CAMERA (not imported: it loads MuJoCo)
+WRIST_CAMERA = "gripperPOV"  # = wamjax.sim.metaworld_env.WRIST_CAMERA (not imported: it loads MuJoCo)
 
 
 def _features(resolution: tuple[int, int]) -> tfds.features.FeaturesDict:
@@ -71,7 +71,7 @@ _ENVS: dict[tuple[Any, ...], Any] = {}  # the simulating process's environments,
 
 
 def _simulate(job: tuple[str, int, int, tuple[int, int], str, int]) -> dict[str, Any]:
-    from wamjax.eval import metaworld_env
+    from wamjax.sim import metaworld_env
 
     task, seed, variant, resolution, camera, max_steps = job
     key = (task, resolution, camera)
@@ -85,7 +85,7 @@ def _simulate(job: tuple[str, int, int, tuple[int, int], str, int]) -> dict[str,
 
 def expert_episode(env: Any, seed: int, variant: int, max_steps: int) -> dict[str, Any]:
     """Runs the scripted expert on one variant of `env` (a MetaWorldTask); returns the RLDS episode."""
-    from wamjax.eval import metaworld_env
+    from wamjax.sim import metaworld_env
 
     obs = env.reset(seed, variant)
     expert = env.expert()
@@ -132,7 +132,7 @@ def collect_metaworld(
     max_steps: int = 500,
 ) -> str:
     """Writes `episodes` expert episodes of each task to `out_dir/metaworld/<version>/`; returns that dir."""
-    from wamjax.eval import metaworld_env
+    from wamjax.sim import metaworld_env
 
     metaworld_env.check_tasks(list(tasks))
     if episodes < 1:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from data_pipelines import registry
+from data_pipelines.standardize import registry
 
 VIEW_LAYOUTS = ("tile", "tokens")
 

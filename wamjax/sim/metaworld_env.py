@@ -26,7 +26,7 @@ import metaworld  # noqa: E402
 import mujoco  # noqa: E402
 from metaworld.policies import ENV_POLICY_MAP  # noqa: E402
 
-from data_pipelines.registry import metaworld_action_from_standard  # noqa: E402
+from data_pipelines.standardize.registry import metaworld_action_from_standard  # noqa: E402
 
 VARIANTS_PER_SEED = 50  # MT1 draws this many task variants per seed
 MAX_EPISODE_STEPS = 500  # Meta-World's own cap (max_path_length)
@@ -109,7 +109,7 @@ class MetaWorldTask:
             # Seen with Mesa 22 llvmpipe and tensorflow-cpu 2.21: the two LLVM copies crash the process.
             raise RuntimeError(
                 "TensorFlow is loaded in this process, and MuJoCo's CPU renderer (Mesa llvmpipe) crashes beside "
-                "it: render in a process that never imports TensorFlow (data_pipelines.collect_sim simulates "
+                "it: render in a process that never imports TensorFlow (wamjax.jobs.collect_sim simulates "
                 "in a spawned one)"
             )
         self.task = task

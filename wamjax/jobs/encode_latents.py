@@ -1,13 +1,13 @@
 """Offline job: encode a run's clips once with its frozen VAE and store latents to train from.
 
-    python -m data_pipelines.encode_latents --config=configs/wam.py:size=tiny --out=DIR --num_batches=N
+    python -m wamjax.jobs.encode_latents --config=configs/wam.py:size=tiny --out=DIR --num_batches=N
 
 Batches come from the run's data config (`data.source` synthetic or oxe, through data_pipelines.pipeline)
 and the VAE from its `vae` block (`vae.weights`, else a random `vae.size` VAE seeded with `vae.seed`, the
 same one the trainer builds). Train from the result with `--config.data.latents_cache=DIR`.
 
 A cache directory holds `latents-*.array_record` (one record per clip in openpi's msgpack-numpy encoding,
-`wamjax.serving.msgpack_numpy`: the batch contract with `frames` replaced by `latents`, float
+`wamjax.msgpack_numpy`: the batch contract with `frames` replaced by `latents`, float
 [T', H', W', z_dim] (or [T', V, H', W', z_dim], each camera view encoded alone, for data.view_layout=tokens),
 unnormalized like `vae_encode`'s output; `wrist_frames` is dropped) and
 `latents_cache.json` (format, VAE config, shapes, example count, the data layout the clips were cut with, and
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from wamjax.serving import msgpack_numpy
+from wamjax import msgpack_numpy
 
 # v2: records in openpi's msgpack-numpy encoding; v3: the data layout and normalization stats are recorded
 CACHE_FORMAT = "wamjax.latents_cache.v3"
@@ -146,13 +146,13 @@ def read_cache_metadata(cache_dir: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} does not exist: {cache_dir} is not a latents cache; build one with "
-            "`python -m data_pipelines.encode_latents`"
+            "`python -m wamjax.jobs.encode_latents`"
         )
     with open(path) as f:
         meta = json.load(f)
     if meta.get("format") != CACHE_FORMAT:
         raise ValueError(f"{path} has format {meta.get('format')!r}; expected {CACHE_FORMAT!r} "
-                         "(re-encode it with `python -m data_pipelines.encode_latents`)")
+                         "(re-encode it with `python -m wamjax.jobs.encode_latents`)")
     return meta
 
 
@@ -200,7 +200,7 @@ def cache_norm_stats(latents_cache: str | Sequence[str], data_config: Any) -> di
 
 
 def _one_cache_norm_stats(cache_dir: str, data_config: Any) -> dict[str, Any]:
-    from data_pipelines import stats as stats_lib
+    from data_pipelines.standardize import stats as stats_lib
 
     meta = read_cache_metadata(cache_dir)
     stats = meta.get("norm_stats") or {}
@@ -265,7 +265,7 @@ def make_latents_dataset(
     each shuffled and repeated on its own; e.g. demonstrations and action-free videos (co-training)."""
     import grain
 
-    from data_pipelines.process_split import split_for_process
+    from data_pipelines.clips.process_split import split_for_process
 
     if batch_size % process_count:
         raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
@@ -291,7 +291,7 @@ def make_latents_dataset(
 def _config_batches(data: Any) -> tuple[Iterator[dict[str, np.ndarray]], dict[str, Any]]:
     """The data config's batch stream and the normalization stats it is normalized with ({} for synthetic)."""
     if data.get("source", "oxe") == "synthetic":
-        from data_pipelines.synthetic import make_synthetic_dataset
+        from data_pipelines.sources.synthetic import make_synthetic_dataset
 
         return iter(make_synthetic_dataset(data, process_index=0, process_count=1)), {}
     from data_pipelines import pipeline
@@ -304,7 +304,7 @@ def encode_run_cache(config: Any, out_dir: str, *, num_batches: int, dtype: Any 
                      action_free: bool = False) -> int:
     """The latents cache of a run config: its data stream encoded with its VAE, with the layout and stats
     recorded (what the CLI writes); returns clips written."""
-    from wamjax.export.wan_vae_import import load_vae
+    from wamjax.checkpoint.wan_vae_import import load_vae
 
     vae_config, params = load_vae(config.vae.size, config.vae.weights, config.vae.seed)
     data = config.data

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from wamjax.export.wan_import import WeightImportError, read_safetensors_folder, to_numpy
+from wamjax.checkpoint.wan_import import WeightImportError, read_safetensors_folder, to_numpy
 from wamjax.models import clip
 
 Params = Any

@@ -15,9 +15,10 @@ import av
 from absl import logging
 from array_record.python import array_record_module
 
-from data_pipelines import shards, video_source
-from data_pipelines.ingest_decode import ClipOptions, SkipVideo, video_clips
-from data_pipelines.ingest_plan import VideoFile
+from data_pipelines.sources import shards
+from data_pipelines.sources import video as video_source
+from wamjax.jobs.ingest_decode import ClipOptions, SkipVideo, video_clips
+from wamjax.jobs.ingest_plan import VideoFile
 
 TMP_SUFFIX = ".tmp"
 

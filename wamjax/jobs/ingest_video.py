@@ -1,6 +1,6 @@
 """Ingest captioned video files into ArrayRecord clip shards for video pretraining: the job and its CLI.
 
-    python -m data_pipelines.ingest_video --videos='raw/**/*.mp4' --captions=raw/captions.jsonl \
+    python -m wamjax.jobs.ingest_video --videos='raw/**/*.mp4' --captions=raw/captions.jsonl \
         --out=shards/ --num_frames=9 --fps=8 --resolution=256,256 --num_shards=64 --workers=8
 
 The job plans the files (`ingest_plan`: captions, shard assignment), writes the shards not yet complete
@@ -26,11 +26,11 @@ from typing import Any
 import av
 from absl import app, flags, logging
 
-from data_pipelines import video_source
-from data_pipelines.ingest_decode import IMAGE_FORMATS, ClipOptions
-from data_pipelines.ingest_plan import assign_shards, plan_videos
-from data_pipelines.ingest_report import REPORT_NAME, Progress, make_report
-from data_pipelines.ingest_shards import (
+from data_pipelines.sources import video as video_source
+from wamjax.jobs.ingest_decode import IMAGE_FORMATS, ClipOptions
+from wamjax.jobs.ingest_plan import assign_shards, plan_videos
+from wamjax.jobs.ingest_report import REPORT_NAME, Progress, make_report
+from wamjax.jobs.ingest_shards import (
     TMP_SUFFIX,
     init_worker,
     shard_complete,

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from wamjax.export.wan_names import name_map, torch_to_ours
+from wamjax.checkpoint.wan_names import name_map, torch_to_ours
 from wamjax.models.config import ModelConfig
 
 _DIFFUSERS_FIELDS = {

@@ -1,4 +1,4 @@
-"""Grain source over captioned-video clip shards written by `data_pipelines.ingest_video`.
+"""Grain source over captioned-video clip shards written by `wamjax.jobs.ingest_video`.
 
 A shard is an ArrayRecord file named `video-SSSSS-of-NNNNN.array_record`; each record is one clip, a
 msgpack map (see `pack_clip_record`) of encoded frames, caption, source file, start time and fps.
@@ -22,7 +22,7 @@ import numpy as np
 from array_record.python import array_record_data_source
 from PIL import Image
 
-from data_pipelines import shards as shards_lib
+from data_pipelines.sources import shards as shards_lib
 
 if TYPE_CHECKING:
     import grain
@@ -118,7 +118,7 @@ def find_shards(shards: str | Sequence[str], *, require_complete: bool = True) -
     if not paths:
         raise FileNotFoundError(
             f"no video shards match {where}; expected files named "
-            f"{SHARD_PREFIX}-SSSSS-of-NNNNN{SHARD_SUFFIX} written by data_pipelines.ingest_video"
+            f"{SHARD_PREFIX}-SSSSS-of-NNNNN{SHARD_SUFFIX} written by wamjax.jobs.ingest_video"
         )
     missing_paths = [p for p in paths if not os.path.isfile(p)]
     if missing_paths:
@@ -141,7 +141,7 @@ def _check_complete(paths: Sequence[str]) -> None:
         if missing:
             raise FileNotFoundError(
                 f"video shards in {directory or '.'} are incomplete: shard indices {missing[:10]} of "
-                f"{count} are missing (ingest unfinished?); re-run data_pipelines.ingest_video to "
+                f"{count} are missing (ingest unfinished?); re-run wamjax.jobs.ingest_video to "
                 "finish them, or pass require_complete=False"
             )
 
@@ -162,7 +162,7 @@ class VideoClipSource:
             DATASET_NAME,
             paths,
             skip_bad=skip_bad_shards,
-            remedy="re-copy the file or re-run data_pipelines.ingest_video on its directory to rewrite it",
+            remedy="re-copy the file or re-run wamjax.jobs.ingest_video on its directory to rewrite it",
         )
         self._paths = [paths[i] for i, _ in good]
         # array_record's own source, not grain's wrapper: ingest workers import this module for the

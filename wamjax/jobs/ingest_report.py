@@ -11,8 +11,8 @@ from typing import Any
 
 from absl import logging
 
-from data_pipelines.ingest_decode import ClipOptions
-from data_pipelines.ingest_shards import summary_name
+from wamjax.jobs.ingest_decode import ClipOptions
+from wamjax.jobs.ingest_shards import summary_name
 
 REPORT_NAME = "ingest_report.json"
 

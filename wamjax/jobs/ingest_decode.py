@@ -19,8 +19,8 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 from PIL import Image
 
-from data_pipelines import video_source
-from data_pipelines.ingest_plan import VideoFile
+from data_pipelines.sources import video as video_source
+from wamjax.jobs.ingest_plan import VideoFile
 
 IMAGE_FORMATS = ("jpeg", "png")
 

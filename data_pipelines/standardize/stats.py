@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from data_pipelines import registry
-from data_pipelines.normalization import normalize, unnormalize
-from data_pipelines.rlds_source import BadRecordError, EpisodeSource, count_bad_record
+from data_pipelines.sources.rlds import BadRecordError, EpisodeSource, count_bad_record
+from data_pipelines.standardize import registry
+from data_pipelines.standardize.normalization import normalize, unnormalize
 from wamjax.paths import as_path
 
 FORMAT_VERSION = 1

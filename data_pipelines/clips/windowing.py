@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines import stats as stats_lib
 from data_pipelines.config import check_num_frames, num_clip_actions, state_frames  # noqa: F401  (re-exported)
-from data_pipelines.rlds_source import Episode
+from data_pipelines.sources.rlds import Episode
+from data_pipelines.standardize import stats as stats_lib
 
 
 def clip_start(length: int, num_frames: int, frame_stride: int, slot: int, clips_per_episode: int, u: float) -> int:

@@ -10,8 +10,8 @@ import grain
 import ml_collections
 import numpy as np
 
+from data_pipelines.clips.process_split import split_for_process
 from data_pipelines.config import num_clip_actions, state_frames
-from data_pipelines.process_split import split_for_process
 
 INSTRUCTIONS = ("synthetic: move the block right", "synthetic: move the block left", "synthetic: lift the block")
 

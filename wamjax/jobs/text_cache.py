@@ -1,6 +1,6 @@
 """Offline job: embed every unique language instruction of a data mix with a UMT5 encoder, into one cache file.
 
-    python -m data_pipelines.text_cache --encoder=PATH_OR_CONFIG --datasets=bridge,taco_play \
+    python -m wamjax.jobs.text_cache --encoder=PATH_OR_CONFIG --datasets=bridge,taco_play \
         --data_dir=DIR --out=text_cache.safetensors [--instructions_file=FILE] [--max_length=512]
 
 `--encoder` is a folder holding a transformers UMT5 encoder and its tokenizer (e.g. Wan's `text_encoder` +
@@ -209,7 +209,7 @@ def collect_instructions(
     (one per line) and video-clip shards (their captions)."""
     found: set[str] = set()
     if datasets:
-        from data_pipelines.rlds_source import EpisodeSource
+        from data_pipelines.sources.rlds import EpisodeSource
 
         for name in datasets:
             source = EpisodeSource(data_dir, name, split)
@@ -221,7 +221,7 @@ def collect_instructions(
         with open(instructions_file, encoding="utf-8") as f:
             found.update(line.rstrip("\n") for line in f)
     if video_shards:
-        from data_pipelines.video_source import VideoClipSource
+        from data_pipelines.sources.video import VideoClipSource
 
         clips = VideoClipSource(video_shards)
         found.update(clips[i]["caption"] for i in range(len(clips)))
@@ -264,7 +264,7 @@ if __name__ == "__main__":
     # Flags are defined only when run as a script so that importing several CLI modules does not clash.
     flags.DEFINE_string("encoder", None, "UMT5 encoder folder, a UMT5 config.json (random weights), or tiny[:D].")
     flags.DEFINE_string("tokenizer", None, "Tokenizer folder; default: the encoder's folder.")
-    flags.DEFINE_list("datasets", [], "OXE dataset names (data_pipelines.registry) to collect instructions from.")
+    flags.DEFINE_list("datasets", [], "OXE dataset names (the data registry) to collect instructions from.")
     flags.DEFINE_string("data_dir", "", "Directory holding the TFDS datasets.")
     flags.DEFINE_string("split", "train", "Dataset split.")
     flags.DEFINE_string("instructions_file", None, "Text file with one instruction per line.")

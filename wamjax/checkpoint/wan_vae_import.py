@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from wamjax.export.wan_import import read_safetensors_file, read_safetensors_folder, to_numpy
+from wamjax.checkpoint.wan_import import read_safetensors_file, read_safetensors_folder, to_numpy
 from wamjax.models.patch_vae import PatchVAEConfig
 from wamjax.models.vae import (
     WAN21_LATENTS_MEAN,

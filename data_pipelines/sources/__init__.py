@@ -1,0 +1,1 @@
+"""Where examples come from: RLDS/TFDS episodes, captioned-video shards, synthetic clips."""

@@ -1,0 +1,1 @@
+"""Making datasets alike: the per-dataset registry (cameras, actions, proprio) and normalization statistics."""

@@ -1,0 +1,1 @@
+"""Simulators the policies act in (Meta-World)."""
