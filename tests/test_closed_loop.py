@@ -92,6 +92,7 @@ def test_closed_loop_in_the_training_loop_and_the_cli(dataset_dir, tmp_path):
     import tensorflow  # noqa: F401  (as in a trainer reading TFDS data: the simulator must live elsewhere)
 
     from wamjax.eval.closed_loop import ExpertAgent, LoopClosedLoop, ReplayAgent, SpawnedTask, evaluate
+    from wamjax.eval.hooks import loop_hooks
     from wamjax.train.loop import train
 
     # The spawned simulator is the same environment: the expert succeeds through it.
@@ -111,7 +112,7 @@ def test_closed_loop_in_the_training_loop_and_the_cli(dataset_dir, tmp_path):
     ev.closed_loop_every_steps, ev.closed_loop_tasks, ev.closed_loop_episodes = 2, TASK, 1
     ev.closed_loop_max_steps, ev.closed_loop_resolution, ev.closed_loop_num_steps = 6, (32, 32), 1
     workdir = str(tmp_path / "run")
-    train(config, workdir)
+    train(config, workdir, hooks=loop_hooks())
     with open(f"{workdir}/metrics.jsonl") as f:
         rows = [json.loads(line) for line in f if '"closed_loop"' in line]
     assert [r["step"] for r in rows] == [2]

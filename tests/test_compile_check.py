@@ -20,10 +20,10 @@ from train_utils import REPO, get_config, subprocess_env
 from data_pipelines.sources.synthetic import make_synthetic_dataset
 from wamjax import compile_check
 from wamjax.models.config import model_config_from_run
+from wamjax.models.text import TextEmbedder
 from wamjax.models.wam import WorldActionModel, example_inputs
 from wamjax.parallel.mesh import MESH_AXES, logical_rules, make_mesh
-from wamjax.parallel.placement import per_device_bytes
-from wamjax.train.inputs import TextEmbedder, device_batch
+from wamjax.parallel.placement import device_batch, per_device_bytes
 from wamjax.train.optimizer import make_optimizer
 from wamjax.train.setup import boxed_init_fn, state_layout
 

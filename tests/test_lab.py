@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from train_utils import REPO, subprocess_env
 
+from data_pipelines.sources.latents import LatentsCacheSource
 from data_pipelines.standardize import stats as stats_lib
 from wamjax import config_files
 from wamjax.flops.analytic import train_step_flops, vae_encode_flops
 from wamjax.jobs.collect_sim import collect_metaworld
-from wamjax.jobs.encode_latents import LatentsCacheSource
 from wamjax.models import vae as vae_lib
 
 TASKS = ["reach-v3", "push-v3"]

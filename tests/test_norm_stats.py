@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from train_utils import get_config, openpi_client_python
 
+from data_pipelines.sources.latents import META_NAME
 from data_pipelines.standardize import stats as stats_lib
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.load import resolve_step_dir
@@ -25,7 +26,7 @@ from wamjax.checkpoint.norm_stats import (
 )
 from wamjax.eval import action_error
 from wamjax.jobs.collect_sim import collect_metaworld
-from wamjax.jobs.encode_latents import META_NAME, encode_batches, encode_run_cache
+from wamjax.jobs.encode_latents import encode_batches, encode_run_cache
 
 TASK = "reach-v3"
 EPISODES = 4
@@ -201,8 +202,9 @@ def test_an_rlds_run_carries_its_stats_and_acts_in_raw_units(data):
 
 def test_a_run_on_real_data_without_stats_does_not_start(data, tmp_path):
     """A cache of real data written without its stats (a library caller leaving them out) cannot train."""
+    from data_pipelines.sources.latents import data_layout
     from wamjax.checkpoint.wan_vae_import import load_vae
-    from wamjax.jobs.encode_latents import _config_batches, data_layout
+    from wamjax.jobs.encode_latents import _config_batches
     from wamjax.train.loop import train
 
     root, data_dir, stats_path = data

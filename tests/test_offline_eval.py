@@ -16,6 +16,7 @@ from data_pipelines import config as data_config_lib
 from data_pipelines import make_oxe_like, pipeline
 from data_pipelines.clips import holdout
 from data_pipelines.standardize import stats as stats_lib
+from wamjax.eval.hooks import loop_hooks
 from wamjax.eval.offline import psnr, ssim
 from wamjax.flops.report import read_log
 from wamjax.train.loop import train
@@ -80,7 +81,7 @@ def test_tiny_training_run_writes_eval_rows_and_the_cli_prints_a_table(tmp_path)
     config.eval.num_batches = 1
     config.eval.num_steps = 1
     config.eval.modes = "joint,world_model"
-    train(config, workdir)
+    train(config, workdir, hooks=loop_hooks())
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     evals = [r for r in rows if r.get("kind") == "eval"]

@@ -19,8 +19,8 @@ import websockets.sync.client
 from test_inference import tiny_checkpoint
 from train_utils import REPO, openpi_client_python, subprocess_env
 
+from data_pipelines.sources.latents import pack_example, unpack_example
 from wamjax.inference.policy import Policy
-from wamjax.jobs.encode_latents import pack_example, unpack_example
 from wamjax.msgpack_numpy import packb, unpackb
 from wamjax.serving.client import PolicyClient, ServerError
 from wamjax.serving.serve import ObservationSchema, PolicyServer, default_max_message_bytes

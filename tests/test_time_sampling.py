@@ -8,18 +8,12 @@ from train_utils import get_config
 
 from wamjax.diffusion import flow
 from wamjax.diffusion.sampler import SamplerOptions, sample
+from wamjax.diffusion.time_sampling import check_diffusion_config, sample_chunk_times
 from wamjax.models.config import model_config_from_run
 from wamjax.models.vae import vae_config_for
 from wamjax.models.wam import init_params
 from wamjax.train.optimizer import make_optimizer
-from wamjax.train.step import (
-    StepSpec,
-    TrainState,
-    check_diffusion_config,
-    example_rngs,
-    make_train_step,
-    sample_chunk_times,
-)
+from wamjax.train.step import StepSpec, TrainState, example_rngs, make_train_step
 
 N = 100_000
 

@@ -12,12 +12,13 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.numpy import save_file
 
+from data_pipelines.sources.latents import LatentsCacheSource, make_latents_dataset
 from wamjax.checkpoint.wan_vae_import import (
     export_diffusers_vae_state,
     import_diffusers_wan_vae,
     infer_vae_config,
 )
-from wamjax.jobs.encode_latents import LatentsCacheSource, encode_batches, make_latents_dataset
+from wamjax.jobs.encode_latents import encode_batches
 from wamjax.models.vae import (
     VAEConfig,
     denormalize_latents,

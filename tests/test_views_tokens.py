@@ -14,8 +14,9 @@ from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import SIZES, ModelConfig, model_config_from_run
 from wamjax.models.dit import make_token_layout
+from wamjax.models.encoders import encode_first_frames, encode_views
 from wamjax.models.wam import i2v_model_input, init_params, wam_forward
-from wamjax.train.step import StepSpec, TrainState, encode_first_frames, encode_views, make_train_step
+from wamjax.train.step import StepSpec, TrainState, make_train_step
 
 H = W = 4  # latent height and width of one view (32 px with the tiny VAE)
 VIEWS = 3

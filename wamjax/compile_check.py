@@ -236,7 +236,7 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: Any,
                    latents: bool) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch the loop feeds the step (`train.inputs.device_batch` of the batch contract), abstract:
+    """The global batch the loop feeds the step (`parallel.placement.device_batch` of the batch contract), abstract:
     `latents` (a latents cache) or uint8 `frames`, sharded along the batch axis."""
     cfg = model_config_from_run(config)
     b, t = int(config.data.batch_size), int(config.data.num_frames)

@@ -61,10 +61,11 @@ def main(argv) -> None:
     config = _CONFIG.value
     maybe_initialize_distributed(config.distributed)
 
+    from wamjax.eval.hooks import loop_hooks  # after jax.distributed is initialized, as the loop
     from wamjax.train.loop import NumericalFault, train
 
     try:
-        train(config, _WORKDIR.value, started=_STARTED)
+        train(config, _WORKDIR.value, started=_STARTED, hooks=loop_hooks())
     except NumericalFault as e:
         logging.error("%s", e)
         raise SystemExit(1) from e

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from wamjax.sim import metaworld_env
 
@@ -723,7 +723,7 @@ class LoopClosedLoop:
                              "python -m wamjax.eval.closed_loop instead)")
         return cls(config, stage, *args)
 
-    def maybe_run(self, step: int, params: Any, stage_ends: bool, log: Any = print) -> dict[str, Any] | None:
+    def maybe_run(self, step: int, params: Any, stage_ends: bool, log: Any = logging.info) -> dict[str, Any] | None:
         """Evaluates when `step` is due (or the stage ends); returns the row written, if any."""
         if not (step % self.every == 0 or stage_ends):
             return None

@@ -36,6 +36,7 @@ from wamjax.diffusion.sampler import SamplerOptions, sample
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
 from wamjax.models.wam import wam_forward
+from wamjax.parallel.placement import device_batch
 from wamjax.paths import PathLike, as_path
 
 Params = Any
@@ -353,8 +354,6 @@ class LoopEvaluator:
         """Evaluates when `step` is due (or the stage ends); returns the row written, if any."""
         if not (step % self.every == 0 or stage_ends) or self.vae_params is None:
             return None
-        from wamjax.train.inputs import device_batch
-
         batches = eval_batches(self.config, self.data, self.norm_stats, self.num_batches,
                                jax.process_index(), jax.process_count())
         row, grids = evaluate(self.spec, params, self.vae_params, batches,

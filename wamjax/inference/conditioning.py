@@ -40,7 +40,7 @@ def i2v_conditioning(
     """uint8 first frames [B, H, W, 3] -> (normalized VAE latents of the frame followed by `num_frames - 1` zero
     frames [B, F, h, w, z], CLIP tokens [B, tokens, image_dim]): the trainer's conditioning of a clip. Several
     views [B, V, H, W, 3] give [B, F, V, h, w, z] and [B, V * tokens, image_dim], as the trainer's."""
-    from wamjax.train.step import encode_first_frames, encode_views
+    from wamjax.models.encoders import encode_first_frames, encode_views
 
     video = vae_lib.frames_to_video(first_frames)[:, None]
     video = jnp.concatenate([video, jnp.zeros((video.shape[0], num_frames - 1, *video.shape[2:]), video.dtype)], 1)

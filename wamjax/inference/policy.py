@@ -31,8 +31,8 @@ from wamjax.inference.timing import StageTimer
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
 from wamjax.models.dit import trains_teacher_forced, views_into_batch, views_out_of_batch
+from wamjax.models.encoders import encode_views
 from wamjax.models.text import TextEmbedder
-from wamjax.train.step import encode_views
 
 Params = Any
 

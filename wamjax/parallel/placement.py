@@ -1,4 +1,5 @@
-"""Start-up check that parameters are placed as the sharding rules say, with per-device byte counts."""
+"""Putting arrays on the mesh: global batches from each process's host batch, and a start-up check that parameters
+are placed as the sharding rules say, with per-device byte counts."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
+
+from wamjax.parallel.mesh import batch_sharding
 
 # Tensors at least this large must be sharded when the rules shard one of their axes over a mesh axis > 1.
 LARGE_TENSOR_BYTES = 1 << 20
@@ -48,3 +52,16 @@ def check_placement(params: Any, shardings: Any, mesh: Mesh, log: Callable[[str]
     local = per_device_bytes(params)
     log(f"parameters: {total / 2**20:.1f} MiB in all, {local / 2**20:.1f} MiB per device on mesh {dict(mesh.shape)}")
     return local
+
+
+def device_batch(
+    host_batch: dict[str, np.ndarray], text: Callable[[np.ndarray], np.ndarray], mesh: Mesh, rules: Any
+) -> dict[str, jax.Array]:
+    """This process's numpy batch -> global jax.Arrays sharded along the batch axis; the `instruction` strings
+    become `text_embeddings` through `text` (e.g. a `wamjax.models.text.TextEmbedder`)."""
+    arrays = {k: v for k, v in host_batch.items() if v.dtype.kind not in "US"}
+    arrays["text_embeddings"] = text(host_batch["instruction"])
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), np.asarray(v))
+        for k, v in arrays.items()
+    }

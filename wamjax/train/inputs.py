@@ -1,24 +1,21 @@
-"""Host-side input: the configured data source per stage, instruction embeddings, and global device batches."""
+"""Host-side input: the configured data source per stage and its instruction embeddings."""
 
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import grain
-import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
 from data_pipelines import pipeline as oxe_pipeline
 from data_pipelines.clips import views
 from data_pipelines.config import clip_num_actions, clip_num_states  # noqa: F401  (re-exported)
+from data_pipelines.sources.latents import cache_norm_stats, make_latents_dataset
 from data_pipelines.sources.synthetic import make_synthetic_dataset
 from wamjax.models.text import TextEmbedder
-from wamjax.parallel.mesh import batch_sharding
 
-__all__ = ["TextEmbedder", "device_batch", "make_stage_dataset", "stage_data_config"]
+__all__ = ["TextEmbedder", "make_stage_dataset", "stage_data_config"]
 
 
 def stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
@@ -51,7 +48,6 @@ def make_stage_dataset(
     """The stage's per-process batch dataset and the normalization stats it uses."""
     data = stage_data_config(config, stage)
     if data.latents_cache:
-        from wamjax.jobs.encode_latents import cache_norm_stats, make_latents_dataset
         from wamjax.models.vae import vae_config_for
 
         logging.info("data: precomputed VAE latents from %s (data.latents_cache)", data.latents_cache)
@@ -90,15 +86,3 @@ def make_stage_dataset(
         data, process_index=process_index, process_count=process_count, stats=stats, extra_sources=extra
     )
     return dataset, stats
-
-
-def device_batch(
-    host_batch: dict[str, np.ndarray], text: TextEmbedder, mesh: jax.sharding.Mesh, rules: Any
-) -> dict[str, jax.Array]:
-    """This process's numpy batch -> global jax.Arrays sharded along the batch axis; strings become embeddings."""
-    arrays = {k: v for k, v in host_batch.items() if v.dtype.kind not in "US"}
-    arrays["text_embeddings"] = text(host_batch["instruction"])
-    return {
-        k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), np.asarray(v))
-        for k, v in arrays.items()
-    }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +25,6 @@ from wamjax.checkpoint import clip_import
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.norm_stats import checked_norm_stats, has_norm_stats
 from wamjax.compilation_cache import enable_compilation_cache
-from wamjax.eval.offline import LoopEvaluator
 from wamjax.flops.analytic import train_step_flops
 from wamjax.flops.goodput import GoodputRecorder
 from wamjax.flops.ledger import MODEL_UNITS, FlopLedger, stage_step_count
@@ -34,9 +34,10 @@ from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
 from wamjax.models.wam import I2V_MASK_CHANNELS, WorldActionModel, example_inputs
 from wamjax.parallel.mesh import batch_sharding, logical_rules, make_mesh, replicated
-from wamjax.parallel.placement import check_placement
+from wamjax.parallel.placement import check_placement, device_batch
 from wamjax.paths import PathLike, as_path
 from wamjax.train import inputs as inputs_lib
+from wamjax.train.hooks import HookFactory, StageContext, check_hooks
 from wamjax.train.metrics import MetricsWriter, format_progress
 from wamjax.train.optimizer import make_optimizer
 from wamjax.train.setup import boxed_init_fn, jit_train_step, sharded_init
@@ -145,18 +146,24 @@ def _single_view_latent_shape(config: ml_collections.ConfigDict, vae_cfg: Any, c
     return f, lh, lw, c
 
 
-def train(config: ml_collections.ConfigDict, workdir: PathLike, started: float | None = None) -> list[StageResult]:
+def train(config: ml_collections.ConfigDict, workdir: PathLike, started: float | None = None,
+          hooks: Sequence[HookFactory] | None = None) -> list[StageResult]:
     """Runs the configured stage(s) in `workdir`, resuming from its latest complete checkpoint.
+
+    `hooks` build what runs beside the step in each stage (`wamjax.eval.hooks.loop_hooks()` for the
+    evaluations `config.eval` schedules); a config that schedules evaluation without hooks is refused.
 
     `started` (a `time.time()`) is when the process began: goodput counts the time before this call as init.
     """
+    check_hooks(config, hooks)
     workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with GoodputRecorder(workdir, jax.process_index(), jax.process_count(), started) as goodput:
-        return _train(config, workdir, goodput)
+        return _train(config, workdir, goodput, tuple(hooks or ()))
 
 
-def _train(config: ml_collections.ConfigDict, workdir: Any, goodput: GoodputRecorder) -> list[StageResult]:
+def _train(config: ml_collections.ConfigDict, workdir: Any, goodput: GoodputRecorder,
+           hooks: Sequence[HookFactory]) -> list[StageResult]:
     # --- Logging -----------------------------------------------------------------------------------
     is_lead = jax.process_index() == 0
     enable_compilation_cache(config.train.get("compilation_cache_dir", ""), workdir)
@@ -191,7 +198,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, goodput: GoodputReco
                     previous = StageResult(stage, None, resume_ledger.stage_end_step[stage], "completed")
                     continue
                 result = run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption,
-                                   goodput)
+                                   goodput, hooks=hooks)
                 results.append(result)
                 previous = result
     finally:
@@ -202,7 +209,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, goodput: GoodputReco
 
 
 def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption,
-              goodput: GoodputRecorder | None = None) -> StageResult:
+              goodput: GoodputRecorder | None = None, hooks: Sequence[HookFactory] = ()) -> StageResult:
     """Runs one stage to its end (steps or budget), from its checkpoint, init_from, the previous stage, or fresh."""
     stage_cfg = config.stages[stage]
     cfg = model_config(config)
@@ -306,13 +313,11 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
     if stage_views is not None and int(config.get("eval", {}).get("every_steps", 0)) > 0:
         raise ValueError(f"eval.every_steps={config.eval.every_steps} with data.view_layout='tokens' in stage "
                          f"{stage!r}: the offline evaluation reads one camera; set eval.every_steps=0")
-    evaluator = LoopEvaluator.maybe(config, stage, cfg, vae_cfg, mode, stage_cfg.clean_context_frames, text, mesh,
-                                    rules, vae_params, norm_stats, writer, workdir)
-    closed_loop = None
-    if config.get("eval") is not None and int(config.eval.get("closed_loop_every_steps", 0)) > 0:
-        from wamjax.eval.closed_loop import LoopClosedLoop  # imports the simulator: only when asked for
-
-        closed_loop = LoopClosedLoop.maybe(config, stage, mode, norm_stats, writer, str(workdir))
+    context = StageContext(config=config, stage=stage, model=cfg, vae=vae_cfg, mode=mode,
+                           clean_context_frames=int(stage_cfg.clean_context_frames), text=text, mesh=mesh,
+                           rules=rules, vae_params=vae_params, norm_stats=norm_stats, writer=writer,
+                           workdir=str(workdir))
+    stage_hooks = [hook for hook in (factory(context) for factory in hooks) if hook is not None]
 
     peak = peak_flops_per_device(config.flops.device_kind or None)
     tokens_per_step = (flops.video_tokens + flops.action_tokens) * config.data.batch_size
@@ -349,7 +354,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         goodput.switch("data")
         data_start = time.perf_counter()
         host_batch = next(data_iter)
-        batch = inputs_lib.device_batch(host_batch, text, mesh, rules)
+        batch = device_batch(host_batch, text, mesh, rules)
         data_seconds += time.perf_counter() - data_start
         goodput.switch("step")  # the first call's tracing and compilation go to `compile`
         state, device_metrics = train_step(state, batch, vae_params)
@@ -387,13 +392,10 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
                     spike_skips = row["stage_spike_skips"]
                 writer.write(row)
                 logging.info(format_progress(row, total_steps, stage_done))
-        if evaluator is not None or closed_loop is not None:
+        if stage_hooks:  # evaluations, with the EMA params when there are
             goodput.switch("eval")
-        if evaluator is not None:  # held-out clips, with the EMA params when there are
-            evaluator.maybe_run(step, state.params if state.ema_params is None else state.ema_params, stage_ends)
-        if closed_loop is not None:  # in the simulator, with the same params
-            closed_loop.maybe_run(step, state.params if state.ema_params is None else state.ema_params, stage_ends,
-                                  log=logging.info)
+        for hook in stage_hooks:
+            hook.maybe_run(step, state.params if state.ema_params is None else state.ema_params, stage_ends)
 
         if finished:
             ledger.end_stage(stage, step)

@@ -15,6 +15,7 @@ import optax
 
 from wamjax.diffusion import flow
 from wamjax.diffusion.modes import draw_clean_modalities
+from wamjax.diffusion.time_sampling import check_diffusion_config, sample_chunk_times
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
@@ -22,10 +23,9 @@ from wamjax.models.dit import (
     action_latent_frame,
     latent_frame_chunk,
     trains_teacher_forced,
-    views_into_batch,
-    views_out_of_batch,
 )
-from wamjax.models.wam import first_frame_video, i2v_model_input, wam_forward
+from wamjax.models.encoders import frames_to_latents, i2v_latents_and_conditioning
+from wamjax.models.wam import i2v_model_input, wam_forward
 from wamjax.train.optimizer import spike_skipped, trainable_labels
 
 Params = Any
@@ -59,83 +59,6 @@ class StepSpec:
 def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
     """Consecutive non-finite updates so far (from optax.apply_if_finite's state)."""
     return opt_state.notfinite_count
-
-
-def encode_views(vae_config: Any, vae_params: Params, video: jax.Array) -> jax.Array:
-    """VAE latents of video [B, T, H, W, 3] -> [B, F, h, w, z], or of several camera views [B, T, V, H, W, 3] ->
-    [B, F, V, h, w, z]: each view encoded on its own, all views in one VAE batch."""
-    if video.ndim == 5:
-        return vae_lib.vae_encode(vae_config, vae_params, video)
-    views = video.shape[2]
-    return views_out_of_batch(vae_lib.vae_encode(vae_config, vae_params, views_into_batch(video)), views)
-
-
-def frames_to_latents(vae_config: Any, vae_params: Params, frames: jax.Array) -> jax.Array:
-    """uint8 frames [B, T, H, W, 3] (or [B, T, V, H, W, 3]) -> normalized VAE latents [B, 1+(T-1)/4, H/8, W/8, z]
-    (or [B, F, V, h, w, z]), no gradients."""
-    latents = encode_views(vae_config, vae_params, vae_lib.frames_to_video(frames))
-    return jax.lax.stop_gradient(vae_lib.normalize_latents(vae_config, latents))
-
-
-def encode_first_frames(image_encoder: clip.CLIPVisionConfig, params: Params, first_frames: jax.Array) -> jax.Array:
-    """CLIP tokens of first frames [B, H, W, 3] -> [B, N, image_dim]; several views [B, V, H, W, 3] are encoded
-    one by one and their tokens concatenated, view by view -> [B, V * N, image_dim]."""
-    if first_frames.ndim == 4:
-        return clip.encode_frames(image_encoder, params, first_frames)
-    b, v = first_frames.shape[:2]
-    tokens = clip.encode_frames(image_encoder, params, first_frames.reshape(b * v, *first_frames.shape[2:]))
-    return tokens.reshape(b, v * tokens.shape[1], tokens.shape[2])
-
-
-def i2v_latents_and_conditioning(
-    spec: StepSpec, vae_params: Params, image_encoder_params: Params, frames: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Wan2.1-I2V inputs of uint8 clips [B, T, H, W, 3], frozen: the clips' normalized latents, and as
-    conditioning the normalized latents of the first frame followed by zero frames and the first frame's CLIP
-    tokens. Clips and conditioning videos go through the VAE as one batch (one encoder in the compiled step).
-    Several views [B, T, V, H, W, 3] are each conditioned on their own first frame; their CLIP tokens are
-    concatenated view by view."""
-    video = vae_lib.frames_to_video(frames)
-    both = encode_views(spec.vae, vae_params, jnp.concatenate([video, first_frame_video(video)], axis=0))
-    both = jax.lax.stop_gradient(vae_lib.normalize_latents(spec.vae, both))
-    x0, condition = jnp.split(both, 2, axis=0)
-    image = encode_first_frames(spec.image_encoder, image_encoder_params, frames[:, 0])
-    return x0, {"condition_latents": condition, "image_embeddings": image}
-
-
-def time_sampling(diffusion: ml_collections.ConfigDict, modality: str) -> tuple[str, str]:
-    """(distribution, config key) of `modality`'s ("video" | "action") training times.
-
-    `diffusion.<modality>_time_sampling` when set, else the shared `diffusion.time_sampling`.
-    """
-    key = f"{modality}_time_sampling"
-    own = str(diffusion.get(key, "") or "")
-    if own:
-        return own, f"diffusion.{key}"
-    return str(diffusion.time_sampling), "diffusion.time_sampling"
-
-
-def check_diffusion_config(diffusion: ml_collections.ConfigDict) -> None:
-    """Raises naming the key on an unknown time distribution or bad Beta parameters."""
-    for modality in ("video", "action"):
-        flow.check_time_sampling(*time_sampling(diffusion, modality))
-    for key in ("beta_a", "beta_b"):
-        if float(diffusion.get(key, 1.0)) <= 0:
-            raise ValueError(f"diffusion.{key}={diffusion.get(key)}; expected > 0")
-
-
-def sample_chunk_times(
-    example_rngs: jax.Array, chunk_ids: np.ndarray, diffusion: ml_collections.ConfigDict, modality: str = "video"
-) -> jax.Array:
-    """One flow time per (example, attention chunk), spread to the items of each chunk -> [B, len(chunk_ids)],
-    drawn from `modality`'s distribution with one key per example."""
-    num_chunks = int(chunk_ids.max()) + 1 if len(chunk_ids) else 1
-    sampling, key = time_sampling(diffusion, modality)
-    t = jax.vmap(lambda r: flow.sample_time(
-        r, (num_chunks,), sampling, diffusion.shift, diffusion.logit_mean, diffusion.logit_std,
-        float(diffusion.get("beta_a", 3.0)), float(diffusion.get("beta_b", 1.0)), key=key,
-    ))(example_rngs)
-    return t[:, chunk_ids]
 
 
 def example_has_actions(batch: dict[str, jax.Array]) -> jax.Array:
@@ -318,7 +241,7 @@ def make_train_step(
         """Clean latents x0 of a (micro-)batch and the batch with any I2V conditioning added, all frozen."""
         if spec.model.image_conditioned:
             x0, conditioning = i2v_latents_and_conditioning(
-                spec, frozen_params["vae"], frozen_params["image_encoder"], batch["frames"]
+                spec.vae, spec.image_encoder, frozen_params["vae"], frozen_params["image_encoder"], batch["frames"]
             )
             return x0, {**batch, **conditioning}
         if "latents" in batch:  # a latents cache stores them unnormalized
