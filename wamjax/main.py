@@ -61,8 +61,8 @@ def main(argv) -> None:
     config = _CONFIG.value
     maybe_initialize_distributed(config.distributed)
 
-    from wamjax.eval.hooks import loop_hooks  # after jax.distributed is initialized, as the loop
-    from wamjax.train.loop import NumericalFault, train
+    from wamjax.eval.hooks import loop_hooks  # the training stack: once jax.distributed is initialized
+    from wamjax.train.loop import NumericalFault, train  # the same
 
     try:
         train(config, _WORKDIR.value, started=_STARTED, hooks=loop_hooks())

@@ -71,7 +71,7 @@ _ENVS: dict[tuple[Any, ...], Any] = {}  # the simulating process's environments,
 
 
 def _simulate(job: tuple[str, int, int, tuple[int, int], str, int]) -> dict[str, Any]:
-    from wamjax.sim import metaworld_env
+    from wamjax.sim import metaworld_env  # MuJoCo and Meta-World: loaded where episodes are simulated
 
     task, seed, variant, resolution, camera, max_steps = job
     key = (task, resolution, camera)
@@ -85,7 +85,7 @@ def _simulate(job: tuple[str, int, int, tuple[int, int], str, int]) -> dict[str,
 
 def expert_episode(env: Any, seed: int, variant: int, max_steps: int) -> dict[str, Any]:
     """Runs the scripted expert on one variant of `env` (a MetaWorldTask); returns the RLDS episode."""
-    from wamjax.sim import metaworld_env
+    from wamjax.sim import metaworld_env  # MuJoCo and Meta-World: loaded where episodes are simulated
 
     obs = env.reset(seed, variant)
     expert = env.expert()
@@ -132,7 +132,7 @@ def collect_metaworld(
     max_steps: int = 500,
 ) -> str:
     """Writes `episodes` expert episodes of each task to `out_dir/metaworld/<version>/`; returns that dir."""
-    from wamjax.sim import metaworld_env
+    from wamjax.sim import metaworld_env  # MuJoCo and Meta-World: loaded where episodes are simulated
 
     metaworld_env.check_tasks(list(tasks))
     if episodes < 1:

@@ -23,8 +23,11 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 
+from data_pipelines import pipeline
 from data_pipelines.sources.latents import (
     CACHE_FORMAT,
     META_NAME,
@@ -33,6 +36,10 @@ from data_pipelines.sources.latents import (
     data_layout,
     pack_example,
 )
+from data_pipelines.sources.synthetic import make_synthetic_dataset
+from wamjax.checkpoint.wan_vae_import import load_vae
+from wamjax.models.dit import views_into_batch, views_out_of_batch
+from wamjax.models.vae import frames_to_video, vae_encode
 
 
 def encode_batches(
@@ -52,12 +59,6 @@ def encode_batches(
     `action_free` drops the actions (zeros, `has_actions` False, the mask all False): videos to pretrain or
     co-train on, their action loss masked.
     """
-    import jax
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from wamjax.models.dit import views_into_batch, views_out_of_batch
-    from wamjax.models.vae import frames_to_video, vae_encode
-
     def encode_clips(p, frames):
         """[B, T, H, W, 3] -> [B, T', h, w, z], or with a views axis [B, T, V, H, W, 3] -> [B, T', V, h, w, z]."""
         video = frames_to_video(frames)
@@ -113,11 +114,7 @@ def encode_batches(
 def _config_batches(data: Any) -> tuple[Iterator[dict[str, np.ndarray]], dict[str, Any]]:
     """The data config's batch stream and the normalization stats it is normalized with ({} for synthetic)."""
     if data.get("source", "oxe") == "synthetic":
-        from data_pipelines.sources.synthetic import make_synthetic_dataset
-
         return iter(make_synthetic_dataset(data, process_index=0, process_count=1)), {}
-    from data_pipelines import pipeline
-
     stats = pipeline.resolve_stats(data)
     return iter(pipeline.make_dataset(data, stats=stats)), stats
 
@@ -126,8 +123,6 @@ def encode_run_cache(config: Any, out_dir: str, *, num_batches: int, dtype: Any 
                      action_free: bool = False) -> int:
     """The latents cache of a run config: its data stream encoded with its VAE, with the layout and stats
     recorded (what the CLI writes); returns clips written."""
-    from wamjax.checkpoint.wan_vae_import import load_vae
-
     vae_config, params = load_vae(config.vae.size, config.vae.weights, config.vae.seed)
     data = config.data
     batches, stats = _config_batches(data)

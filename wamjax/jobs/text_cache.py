@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines.sources.video import VideoClipSource
 from wamjax.models.text import CACHE_FORMAT, NULL_INSTRUCTION
 
 WAN_TEXT_LENGTH = 512  # Wan 2.1's text context length (UMT5-XXL tokens)
@@ -209,7 +210,7 @@ def collect_instructions(
     (one per line) and video-clip shards (their captions)."""
     found: set[str] = set()
     if datasets:
-        from data_pipelines.sources.rlds import EpisodeSource
+        from data_pipelines.sources.rlds import EpisodeSource  # TFDS and TensorFlow: only for OXE datasets
 
         for name in datasets:
             source = EpisodeSource(data_dir, name, split)
@@ -221,8 +222,6 @@ def collect_instructions(
         with open(instructions_file, encoding="utf-8") as f:
             found.update(line.rstrip("\n") for line in f)
     if video_shards:
-        from data_pipelines.sources.video import VideoClipSource
-
         clips = VideoClipSource(video_shards)
         found.update(clips[i]["caption"] for i in range(len(clips)))
     return sorted(found)
