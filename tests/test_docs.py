@@ -5,8 +5,8 @@
   `--config=` file that exists and loads with its argument, and `--config.` keys that file's config has;
 - every repository path, dotted module name and `python` import the pages name exists;
 - every relative link resolves, anchors included;
-- the map of the tree in README.md names paths that exist, and docs/architecture.md's layering names every
-  part of the package once.
+- the maps of the tree in README.md and docs/architecture.md name paths that exist, and the layering in
+  docs/architecture.md names every part of the package once.
 
 A flag in a command's trailing comment (`# --format=json`) is checked as one of the same module's; a
 `--config.` override in a comment describes a later command and is not.
@@ -462,16 +462,18 @@ def tree_map_paths(body: str) -> list[str]:
     return paths
 
 
-def test_readme_tree_map_names_real_paths():
-    readme = read("README.md")
-    section = re.search(r"^## Map of the tree\n(.*?)(?=^## |\Z)", readme, re.S | re.M)
-    assert section, "README.md has no '## Map of the tree' section"
-    block = FENCE.search(section.group(1))
-    assert block, "the map of the tree is a fenced block"
-    paths = tree_map_paths(block.group(2))
-    assert len(paths) > 20, paths
-    missing = [p for p in paths if not os.path.exists(os.path.join(REPO, p))]
-    assert not missing, f"README.md's map of the tree names paths that do not exist: {missing}"
+def test_tree_maps_name_real_paths():
+    errors = []
+    for page, heading in (("README.md", "Map of the tree"), (os.path.join("docs", "architecture.md"), "Layout")):
+        section = re.search(rf"^## {heading}\n(.*?)(?=^## |\Z)", read(page), re.S | re.M)
+        block = FENCE.search(section.group(1)) if section else None
+        assert block, f"{page} has no '## {heading}' section with the map of the tree in a fenced block"
+        paths = tree_map_paths(block.group(2))
+        assert len(paths) > 20, paths
+        missing = [p for p in paths if not os.path.exists(os.path.join(REPO, p))]
+        if missing:
+            errors.append(f"{page}'s map of the tree names paths that do not exist: {missing}")
+    assert not errors, "\n".join(errors)
 
 
 def layering() -> list[list[str]]:
