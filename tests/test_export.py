@@ -154,6 +154,32 @@ def m_path() -> str:
 
 # --- Parity with the JAX model -----------------------------------------------------------------------------
 
+# ModelConfig fields that change how the model runs, not what it computes, or only how it trains: the
+# PyTorch reference has no counterpart for them. A new ModelConfig field must land here or in WamConfig.
+EXECUTION_FIELDS = {"history", "attention", "attention_block_q", "attention_block_kv", "scan_layers",
+                    "remat_policy", "dtype"}
+
+
+def test_torch_reference_config_keeps_step_with_model_config():
+    """Every architecture field of ModelConfig is a WamConfig field with the same default, and nothing else is."""
+    import dataclasses
+
+    from wamjax.export.torch_wam import WamConfig
+
+    jax_fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    torch_fields = {f.name: f.default for f in dataclasses.fields(WamConfig)}
+    assert EXECUTION_FIELDS <= set(jax_fields), EXECUTION_FIELDS - set(jax_fields)
+    architecture = {k: v for k, v in jax_fields.items() if k not in EXECUTION_FIELDS}
+    assert set(torch_fields) == set(architecture), (
+        f"only in ModelConfig: {sorted(set(architecture) - set(torch_fields))}; "
+        f"only in WamConfig: {sorted(set(torch_fields) - set(architecture))}")
+    assert {k: torch_fields[k] for k in architecture} == architecture
+    # A run's model config round-trips into the reference's.
+    cfg = model_config_from_run(config_files.get_config("configs/wam.py:size=tiny"))
+    assert WamConfig.from_dict(dataclasses.asdict(cfg)) == WamConfig(
+        **{k: getattr(cfg, k) for k in torch_fields})
+
+
 def test_name_maps_cover_the_model_params():
     cfg = ModelConfig.from_dict(TINY)
     fresh = jax.eval_shape(lambda: wam.init_params(cfg, jax.random.key(0), LATENT_SHAPE, 7, NUM_ACTIONS))
