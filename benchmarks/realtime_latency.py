@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from wamjax.eval.closed_loop import stats_dataset
+from wamjax.eval.agents import stats_dataset
 from wamjax.inference.policy import Policy
 
 # (label, Policy.from_checkpoint knobs)

@@ -91,8 +91,11 @@ def test_expert_episodes_read_back_through_registry_stats_and_pipeline(dataset_d
 def test_closed_loop_in_the_training_loop_and_the_cli(dataset_dir, tmp_path):
     import tensorflow  # noqa: F401  (as in a trainer reading TFDS data: the simulator must live elsewhere)
 
-    from wamjax.eval.closed_loop import ExpertAgent, LoopClosedLoop, ReplayAgent, SpawnedTask, evaluate
+    from wamjax.eval.agents import ExpertAgent, ReplayAgent
+    from wamjax.eval.closed_loop_hook import LoopClosedLoop
     from wamjax.eval.hooks import loop_hooks
+    from wamjax.eval.rollout import evaluate
+    from wamjax.eval.sim_process import SpawnedTask
     from wamjax.train.loop import train
 
     # The spawned simulator is the same environment: the expert succeeds through it.

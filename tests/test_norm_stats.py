@@ -100,7 +100,7 @@ def test_a_latents_cache_run_carries_its_stats_and_acts_in_raw_units(data, cache
     broken = tmp_path / "broken" / step_dir.name
     shutil.copytree(step_dir, broken)
     (broken / "norm_stats" / "metadata").write_text("{}")
-    from wamjax.eval.closed_loop import stats_dataset
+    from wamjax.eval.agents import stats_dataset
     from wamjax.eval.offline import evaluate_checkpoint
     from wamjax.export.to_torch import export_checkpoint
     from wamjax.inference.policy import Policy

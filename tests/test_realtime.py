@@ -233,7 +233,8 @@ def test_clean_action_prefix_is_returned_unchanged_and_conditions_the_rest(joint
 
 
 def test_policy_action_prefix_and_the_async_agent(checkpoint):
-    from wamjax.eval.closed_loop import AsyncPolicyAgent, PolicyAgent, run_episode
+    from wamjax.eval.agents import AsyncPolicyAgent, PolicyAgent
+    from wamjax.eval.rollout import run_episode
     from wamjax.sim import metaworld_env
 
     policy = Policy.from_checkpoint(checkpoint, num_steps=2)

@@ -19,7 +19,7 @@ def closed_loop_hook(ctx: StageContext) -> LoopHook | None:
     ev = ctx.config.get("eval")
     if ev is None or int(ev.get("closed_loop_every_steps", 0)) <= 0:
         return None
-    from wamjax.eval.closed_loop import LoopClosedLoop  # imports the simulator (MuJoCo): only when asked for
+    from wamjax.eval.closed_loop_hook import LoopClosedLoop  # imports the simulator (MuJoCo): only when asked for
 
     return LoopClosedLoop.maybe(ctx.config, ctx.stage, ctx.mode, ctx.norm_stats, ctx.writer, ctx.workdir)
 
