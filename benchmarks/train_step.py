@@ -54,6 +54,7 @@ def main(argv) -> None:
     from wamjax.models.config import model_config_from_run
     from wamjax.models.wam import WorldActionModel, example_inputs
     from wamjax.parallel.mesh import batch_sharding, logical_rules, make_mesh
+    from wamjax.stages import stage_spec
     from wamjax.train.optimizer import make_optimizer
     from wamjax.train.setup import boxed_init_fn, jit_train_step, sharded_init
     from wamjax.train.step import StepSpec, make_train_step
@@ -72,7 +73,7 @@ def main(argv) -> None:
                                   trainable="all")
     model = WorldActionModel(cfg, pad_to_multiple=mesh.shape["sequence"])
     example = example_inputs(cfg, latent, config.text.max_length, num_actions)
-    flops = train_step_flops(config, stage)
+    flops = train_step_flops(stage_spec(config, stage))
     peak = peak_flops_per_device()
     b = config.data.batch_size
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ import ml_collections
 from data_pipelines.config import get_data_config
 from wamjax.eval.offline import eval_config
 from wamjax.models.config import SIZES, ModelConfig
-from wamjax.train.stages import STAGES
+from wamjax.stages import STAGES
 
 # The attention kernel of the full-size models: splash on TPU, cuDNN flash on GPU, blockwise elsewhere; none of
 # them materializes [S, S] logits (`python -m wamjax.compile_check` shows what that buys at the published shapes).

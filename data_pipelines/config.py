@@ -112,21 +112,3 @@ def clip_num_states(data: ml_collections.ConfigDict) -> int | None:
     (proprio [C, proprio_dim], `state_frames`)."""
     chunk_frames = int(data.get("proprio_chunk_frames", 0))
     return None if chunk_frames == 0 else len(state_frames(int(data.num_frames), chunk_frames))
-
-
-def clip_num_actions(config: ml_collections.ConfigDict) -> int:
-    """Action tokens per clip of a run config, checked against the model's actions per latent frame.
-
-    With data.action_horizon > 0 every dataset step's action is kept, so a latent frame (4 clip frames)
-    holds 4 * frame_stride of them: model.action_frames_per_latent has to say so.
-    """
-    data = config.data
-    horizon, stride = int(data.get("action_horizon", 0)), int(data.frame_stride)
-    count = num_clip_actions(int(data.num_frames), stride, horizon)
-    if horizon > 0 and int(config.model.action_frames_per_latent) != 4 * stride:
-        raise ValueError(
-            f"model.action_frames_per_latent={config.model.action_frames_per_latent} but data.action_horizon="
-            f"{horizon} keeps every step's action at data.frame_stride={stride}: a latent frame (4 frames) "
-            f"holds {4 * stride} actions; set model.action_frames_per_latent={4 * stride}"
-        )
-    return count

@@ -34,13 +34,13 @@ LAYOUTS = [
 
 def _case(overrides, mode, frames, resolution, pad, proprio, views):
     cfg = dataclasses.replace(ModelConfig.from_dict(SIZES["tiny"]), **{"history": "teacher_forcing", **overrides})
-    kwargs = dict(mode=mode, num_frames=frames, resolution=resolution, text_length=8, pad_to_multiple=pad,
-                  num_proprio=max(proprio, 1), views=views)
-    tok = analytic.token_counts(cfg, **kwargs)
+    shape = analytic.SequenceShape(mode=mode, num_frames=frames, resolution=resolution, text_length=8,
+                                   pad_to_multiple=pad, num_proprio=max(proprio, 1), views=views)
+    tok = analytic.token_counts(cfg, shape)
     # The layout the model builds for the same clip, straight from `make_token_layout`.
     layout = make_token_layout(cfg, tok.latent_shape, tok.action, tok.proprio, pad,
                                teacher_forcing=tok.teacher_forcing, num_views=views)
-    return cfg, kwargs, layout
+    return cfg, shape, layout
 
 
 def _reference(layout) -> np.ndarray:
@@ -55,11 +55,11 @@ def _reference(layout) -> np.ndarray:
 def test_model_attention_flops_are_the_dense_count_times_the_visible_fraction(
     name, overrides, mode, frames, resolution, pad, proprio, views
 ):
-    cfg, kwargs, layout = _case(overrides, mode, frames, resolution, pad, proprio, views)
+    cfg, shape, layout = _case(overrides, mode, frames, resolution, pad, proprio, views)
     reference = _reference(layout)
     fraction = reference.sum() / reference.size
-    model = analytic.forward_flops(cfg, **kwargs)
-    dense = analytic.forward_flops(cfg, **kwargs, kernel="dot_product")
+    model = analytic.forward_flops(cfg, shape)
+    dense = analytic.forward_flops(cfg, shape, kernel="dot_product")
     assert model["self_attention_scores"] == pytest.approx(fraction * dense["self_attention_scores"], rel=1e-12)
     pairs = attention_pairs.layout_pairs(layout, "dot_product")
     assert pairs.visible == reference.sum() and pairs.computed == pairs.dense == layout.length**2

@@ -25,6 +25,7 @@ from train_utils import get_config, main_command, subprocess_env
 from wamjax.checkpoint import manager as ckpt
 from wamjax.export import to_torch
 from wamjax.flops.analytic import train_step_flops
+from wamjax.stages import stage_spec
 from wamjax.train.loop import PREEMPTED_EXIT_CODE
 
 BUCKET = "wamjax-runs"
@@ -171,7 +172,7 @@ def test_train_resume_report_export_on_a_gcs_workdir(gcs, tmp_path):
     rows = json.loads(report.stdout)
     rows = rows["stages"] if isinstance(rows, dict) else rows
     (row,) = rows
-    per_step = train_step_flops(get_config(ARG), "video_pretrain").train_per_step
+    per_step = train_step_flops(stage_spec(get_config(ARG), "video_pretrain")).train_per_step
     assert row["stage"] == "video_pretrain" and row["steps"] == STEPS
     assert row["flops"] == pytest.approx(STEPS * per_step, rel=1e-9)
     assert gcs.fs.cat_file(gcs.key(f"{RUN}/flops.png"))[:8] == b"\x89PNG\r\n\x1a\n"

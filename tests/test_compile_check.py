@@ -24,6 +24,7 @@ from wamjax.models.text import TextEmbedder
 from wamjax.models.wam import WorldActionModel, example_inputs
 from wamjax.parallel.mesh import MESH_AXES, logical_rules, make_mesh
 from wamjax.parallel.placement import device_batch, per_device_bytes
+from wamjax.stages import stage_spec
 from wamjax.train.optimizer import make_optimizer
 from wamjax.train.setup import boxed_init_fn, state_layout
 
@@ -31,7 +32,7 @@ from wamjax.train.setup import boxed_init_fn, state_layout
 def _init_boxed(config):
     cfg = model_config_from_run(config)
     tx, _ = make_optimizer(config.optim, learning_rate=1e-3, warmup_steps=1, total_steps=10, trainable="all")
-    example = jax.eval_shape(lambda: example_inputs(cfg, compile_check.latent_shape(config), 8, 0))
+    example = jax.eval_shape(lambda: example_inputs(cfg, stage_spec(config, "video_pretrain").latent_shape, 8, 0))
     return boxed_init_fn(WorldActionModel(cfg), example, tx, use_ema=False)
 
 
@@ -65,7 +66,7 @@ def test_abstract_batch_is_the_batch_the_loop_feeds():
         config.data.proprio_chunk_frames = chunk_frames
         host = next(iter(make_synthetic_dataset(config.data)))
         real = device_batch(host, TextEmbedder(config.text, model_config_from_run(config).text_dim), mesh, rules)
-        abstract = compile_check.abstract_batch(config, mesh, rules, latents=False)
+        abstract = compile_check.abstract_batch(stage_spec(config, "action_tune"), mesh, rules, latents=False)
         assert sorted(abstract) == sorted(real)
         for key, value in real.items():
             assert (abstract[key].shape, abstract[key].dtype) == (value.shape, value.dtype), key
@@ -86,6 +87,51 @@ def test_bad_topology_and_batch_are_named():
     config.data.batch_size, config.train.microbatches = 8, 4  # micro-batches of 2 over 4 chips
     with pytest.raises(compile_check.CompileCheckError, match=r"train.microbatches=4 = 2 examples.*4 devices"):
         compile_check.check(config, "v5p:2x2x1", xla_flops=False)
+
+
+def _compiled_on_cpu(config, stage):
+    """The loop's step of `stage` compiled on this host's (simulated) devices, with its abstract arguments."""
+    mesh = make_mesh(config.mesh)
+    step, state, batch, frozen = compile_check.abstract_train_step(config, stage, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(logical_rules(config.mesh.rules))):
+        compiled = step.lower(state, batch, frozen).compile()
+    return compiled, state, batch, frozen
+
+
+def test_image_conditioned_step_compiles_with_its_image_encoder():
+    config = get_config("size=tiny-i2v,stage=action_tune")
+    config.data.batch_size = 8
+    compiled, state, batch, frozen = _compiled_on_cpu(config, "action_tune")
+    assert set(frozen) == {"vae", "image_encoder"}  # the CLIP tower runs frozen in the step, as in the loop
+    assert state.params["patch_embedding"]["kernel"].shape[-2] == 36  # noisy + mask + conditioning channels
+    assert compiled.cost_analysis()
+
+
+def test_tokens_view_step_compiles_with_a_views_axis():
+    config = get_config("size=tiny,stage=action_tune")
+    config.data.cameras, config.data.view_layout = "primary,wrist", "tokens"
+    compiled, state, batch, _ = _compiled_on_cpu(config, "action_tune")
+    t, (h, w) = config.data.num_frames, config.data.resolution
+    assert batch["frames"].shape == (config.data.batch_size, t, 2, h, w, 3)
+    assert state.params["view_embedding"].shape[0] == 2
+    assert compiled.cost_analysis()
+
+
+def test_action_horizon_sets_the_compiled_actions_per_clip():
+    config = get_config("size=tiny,stage=action_tune")
+    config.data.frame_stride, config.data.action_horizon = 2, 8  # every dataset step's action: 2 per frame
+    config.model.action_frames_per_latent = 8
+    spec = stage_spec(config, "action_tune")
+    assert spec.clip.actions == 16 != config.data.num_frames - 1
+    _, _, batch, _ = _compiled_on_cpu(config, "action_tune")
+    assert batch["actions"].shape == (config.data.batch_size, 16, 7)
+    assert batch["action_mask"].shape == (config.data.batch_size, 16)
+    # The policy's call samples the clip's 16 actions too (it sampled num_frames - 1 = 8).
+    mesh = make_mesh(config.mesh)
+    step, *args = compile_check.abstract_policy_step(config, mesh, num_steps=1)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(logical_rules(config.mesh.rules))):
+        out = jax.eval_shape(step, *args)
+    assert out.actions.shape == (1, 16, 7)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ from train_utils import get_config
 
 from wamjax.models.config import model_config_from_run
 from wamjax.models.wam import init_params
-from wamjax.train.inputs import stage_video_weight
+from wamjax.stages import stage_spec
 from wamjax.train.step import StepSpec, compute_loss, example_rngs
 
 
@@ -56,20 +56,19 @@ def test_action_loss_is_masked_exactly_for_video_only_examples():
 def test_video_shards_mix_into_the_stage_their_weight_names():
     config = get_config("size=tiny,stage=all")
     config.data.video_weight, config.data.action_stage_video_weight = 0.3, 0.2
-    assert stage_video_weight(config, "video_pretrain") == 0.3
-    assert stage_video_weight(config, "action_tune") == 0.2
+    assert stage_spec(config, "video_pretrain").video_weight == 0.3
+    assert stage_spec(config, "action_tune").video_weight == 0.2
 
 
 def test_action_horizon_sizes_the_clip_and_must_match_the_model():
     from data_pipelines.sources.synthetic import make_synthetic_dataset
-    from wamjax.train.inputs import clip_num_actions
 
     config = get_config("size=tiny,stage=action_tune")
     config.data.frame_stride, config.data.action_horizon = 2, 8  # 4 frames per chunk, 8 steps' actions
     with pytest.raises(ValueError, match="model.action_frames_per_latent=4 .* set model.action_frames_per_latent=8"):
-        clip_num_actions(config)
+        stage_spec(config, "action_tune")
     config.model.action_frames_per_latent = 8
-    assert clip_num_actions(config) == 16
+    assert stage_spec(config, "action_tune").clip.actions == 16
     config.data.batch_size = 2
     batch = next(iter(make_synthetic_dataset(config.data)))
     assert batch["actions"].shape == (2, 16, 7) and batch["action_mask"].all() and batch["has_actions"].all()

@@ -18,6 +18,9 @@ from wamjax.flops import analytic, ledger, peak, report, xla
 from wamjax.flops.ledger import FlopLedger, format_flops, stage_step_count, steps_for_budget
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import PUBLISHED_PARAM_COUNTS, SIZES, ModelConfig
+from wamjax.stages import stage_spec
+
+S = analytic.SequenceShape
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,16 +63,16 @@ def test_analytic_forward_matches_xla_within_3_percent(
 ):
     layout, _, history = layout.partition("/")
     cfg = _model(size, attention_layout=layout, history=history or "teacher_forcing")
-    kwargs = dict(mode=mode, num_frames=frames, resolution=resolution, text_length=text, batch=batch,
-                  pad_to_multiple=pad)
+    shape = analytic.SequenceShape(mode=mode, num_frames=frames, resolution=resolution, text_length=text,
+                                   pad_to_multiple=pad)
     # XLA counts what the compiled dot_product kernel computes: the hardware count of that kernel.
-    counted = analytic.forward_flops(cfg, **kwargs, kernel="dot_product")
-    model = analytic.forward_flops(cfg, **kwargs)
-    tok = analytic.token_counts(cfg, **{k: v for k, v in kwargs.items() if k != "batch"})  # per sample
+    counted = analytic.forward_flops(cfg, shape, batch=batch, kernel="dot_product")
+    model = analytic.forward_flops(cfg, shape, batch=batch)
+    tok = analytic.token_counts(cfg, shape)  # per sample
     # 13 frames are 4 latent frames: chunks 1 and 2 have a clean copy (frames and their 8 actions).
     if layout == "chunk_causal" and not history and frames == 13:
         assert (tok.history_video, tok.history_action) == (2 * tok.video // 4, 8 * (mode == "joint"))
-    compiled = xla.xla_forward_flops(cfg, **kwargs)
+    compiled = xla.xla_forward_flops(cfg, shape, batch=batch)
     assert counted["total"] == pytest.approx(compiled, rel=0.03), (counted, compiled)
     assert counted["total"] == pytest.approx(sum(v for k, v in counted.items() if k != "total"))
     if layout == "bidirectional" and pad == 1:
@@ -82,27 +85,27 @@ def test_analytic_forward_matches_xla_within_3_percent(
 
 def test_analytic_i2v_forward_matches_xla_within_3_percent():
     cfg = ModelConfig.from_dict(SIZES["tiny-i2v"])
-    kwargs = dict(mode="joint", num_frames=9, resolution=(32, 32), text_length=8, batch=2, image_tokens=17)
-    counted = analytic.forward_flops(cfg, **kwargs, kernel="dot_product")
-    assert counted["total"] == pytest.approx(xla.xla_forward_flops(cfg, **kwargs), rel=0.03)
-    assert counted == analytic.forward_flops(cfg, **kwargs)  # bidirectional, unpadded: model = hardware
+    shape = analytic.SequenceShape(mode="joint", num_frames=9, resolution=(32, 32), text_length=8, image_tokens=17)
+    counted = analytic.forward_flops(cfg, shape, batch=2, kernel="dot_product")
+    assert counted["total"] == pytest.approx(xla.xla_forward_flops(cfg, shape, batch=2), rel=0.03)
+    assert counted == analytic.forward_flops(cfg, shape, batch=2)  # bidirectional, unpadded: model = hardware
     without_image = analytic.forward_flops(dataclasses.replace(cfg, image_dim=None, added_kv_proj_dim=None),
-                                           **kwargs)
+                                           shape, batch=2)
     assert counted["cross_attention_scores"] > without_image["cross_attention_scores"]
 
 
 def test_xla_layer_extrapolation_equals_unrolled_compile():
     cfg = _model("small", scan_layers=False)  # 4 layers, compiled unrolled in one piece
-    tok = analytic.token_counts(cfg, mode="joint", num_frames=5, resolution=(32, 32), text_length=8)
+    tok = analytic.token_counts(cfg, S(mode="joint", num_frames=5, resolution=(32, 32), text_length=8))
     whole = xla.compiled_forward_flops(cfg, (*tok.latent_shape, cfg.in_channels), 8, tok.action, batch=1)
-    extrapolated = xla.xla_forward_flops(cfg, mode="joint", num_frames=5, resolution=(32, 32), text_length=8)
+    extrapolated = xla.xla_forward_flops(cfg, S(mode="joint", num_frames=5, resolution=(32, 32), text_length=8))
     assert extrapolated == pytest.approx(whole, rel=1e-6)
 
 
 def test_xla_refuses_models_over_the_parameter_limit():
     cfg = _model("small")
     with pytest.raises(ValueError, match="--xla refused.*GiB"):
-        xla.xla_forward_flops(cfg, mode="video", num_frames=5, resolution=(32, 32), text_length=8,
+        xla.xla_forward_flops(cfg, S(mode="video", num_frames=5, resolution=(32, 32), text_length=8),
                               max_param_bytes=1024)
 
 
@@ -122,30 +125,30 @@ def test_vae_encoder_flops_match_xla():
 
 def test_token_counts_follow_the_documented_layout():
     cfg = _model("wan14b")
-    tok = analytic.token_counts(cfg, mode="joint", num_frames=33, resolution=(480, 832), text_length=512)
+    tok = analytic.token_counts(cfg, S(mode="joint", num_frames=33, resolution=(480, 832), text_length=512))
     assert tok.latent_shape == (9, 60, 104)
     assert (tok.video, tok.action, tok.proprio, tok.text) == (9 * 30 * 52, 32, 1, 512)
     assert tok.sequence == 9 * 30 * 52 + 33
-    per_chunk = analytic.token_counts(cfg, mode="joint", num_frames=33, resolution=(480, 832), text_length=512,
-                                      num_proprio=5)
+    per_chunk = analytic.token_counts(cfg, S(mode="joint", num_frames=33, resolution=(480, 832), text_length=512,
+                                             num_proprio=5))
     assert per_chunk.proprio == 5 and per_chunk.sequence == tok.sequence + 4
-    flops = {n: analytic.forward_flops(cfg, mode="joint", num_frames=9, resolution=(32, 32), text_length=8,
-                                       num_proprio=n)["action_encoders"] for n in (1, 3)}
+    flops = {n: analytic.forward_flops(cfg, S(mode="joint", num_frames=9, resolution=(32, 32), text_length=8,
+                                              num_proprio=n))["action_encoders"] for n in (1, 3)}
     assert flops[3] > flops[1]
-    video = analytic.token_counts(cfg, mode="video", num_frames=33, resolution=(480, 832), text_length=512)
+    video = analytic.token_counts(cfg, S(mode="video", num_frames=33, resolution=(480, 832), text_length=512))
     assert (video.action, video.proprio) == (0, 0)
-    padded = analytic.token_counts(cfg, mode="joint", num_frames=9, resolution=(32, 32), text_length=8,
-                                   pad_to_multiple=8)
+    padded = analytic.token_counts(cfg, S(mode="joint", num_frames=9, resolution=(32, 32), text_length=8,
+                                          pad_to_multiple=8))
     assert padded.sequence % 8 == 0 and padded.padding == (-(12 + 8 + 1)) % 8
     with pytest.raises(ValueError, match="num_frames=8"):
-        analytic.token_counts(cfg, mode="video", num_frames=8, resolution=(32, 32), text_length=8)
+        analytic.token_counts(cfg, S(mode="video", num_frames=8, resolution=(32, 32), text_length=8))
     with pytest.raises(ValueError, match="mode='idm'"):
-        analytic.token_counts(cfg, mode="idm", num_frames=9, resolution=(32, 32), text_length=8)
+        analytic.token_counts(cfg, S(mode="idm", num_frames=9, resolution=(32, 32), text_length=8))
 
 
 def test_matmul_components_match_hand_counts_and_scale_with_batch():
     cfg = _model("wan14b")
-    one = analytic.forward_flops(cfg, mode="video", num_frames=81, resolution=(480, 832), text_length=512)
+    one = analytic.forward_flops(cfg, S(mode="video", num_frames=81, resolution=(480, 832), text_length=512))
     s, d, layers = 32760, 5120, 40
     assert one["self_attention_projections"] == layers * 4 * (2 * s * d * d + s * d)
     assert one["ffn"] == pytest.approx(layers * (4 * s * d * 13824 + s * 13824 + s * d + 8 * s * 13824))
@@ -153,27 +156,26 @@ def test_matmul_components_match_hand_counts_and_scale_with_batch():
     assert one["self_attention_scores"] == layers * (4 * s * s * d + 5 * 40 * s * s)
     assert one["patch_embedding"] == 2 * s * 64 * d + s * d
     assert one["action_encoders"] == one["action_decoder"] == 0
-    four = analytic.forward_flops(cfg, mode="video", num_frames=81, resolution=(480, 832), text_length=512,
-                                  batch=4)
+    four = analytic.forward_flops(cfg, S(mode="video", num_frames=81, resolution=(480, 832), text_length=512), batch=4)
     assert four["total"] == pytest.approx(4 * one["total"])
 
 
 def test_chunk_causal_dense_kernel_computes_every_score_and_the_model_counts_the_visible_ones():
     kwargs = dict(mode="joint", num_frames=33, resolution=(96, 96), text_length=16)
-    bi = analytic.forward_flops(_model("small"), **kwargs)
+    bi = analytic.forward_flops(_model("small"), S(**kwargs))
     causal_cfg = _model("small", attention_layout="chunk_causal", history="diffusion_forcing")
-    dense = analytic.forward_flops(causal_cfg, **kwargs, kernel="dot_product")
+    dense = analytic.forward_flops(causal_cfg, S(**kwargs), kernel="dot_product")
     # A dense kernel computes every score and adds one select per score for the mask; nothing is halved.
-    s = analytic.token_counts(_model("small"), **kwargs).sequence
+    s = analytic.token_counts(_model("small"), S(**kwargs)).sequence
     assert dense["self_attention_scores"] - bi["self_attention_scores"] == 4 * 4 * s * s
     # The model counts the pairs the mask shows: chunk-causal, a little over half.
-    model = analytic.forward_flops(causal_cfg, **kwargs)
+    model = analytic.forward_flops(causal_cfg, S(**kwargs))
     assert 0.5 < model["self_attention_scores"] / dense["self_attention_scores"] < 0.7
 
 
 def test_train_step_flops_is_three_forwards_plus_frozen_and_remat():
     config = _load_config("wam", "size=tiny,stage=action_tune")
-    step = analytic.train_step_flops(config, "action_tune")
+    step = analytic.train_step_flops(stage_spec(config, "action_tune"))
     batch = config.data.batch_size
     assert step.train_per_step == pytest.approx(3 * step.forward_per_sample * batch)
     assert step.hardware_per_step == step.train_per_step == step.dense_per_step  # dot_product, no remat, no mask
@@ -184,16 +186,16 @@ def test_train_step_flops_is_three_forwards_plus_frozen_and_remat():
 
     config.model.remat_policy = "full"
     config.data.latents_cache = "/cache"
-    remat = analytic.train_step_flops(config, "action_tune")
+    remat = analytic.train_step_flops(stage_spec(config, "action_tune"))
     recompute = analytic.block_forward_flops(remat.components) * batch
     assert remat.hardware_per_step == pytest.approx(remat.train_per_step + recompute)
     assert remat.train_per_step == step.train_per_step  # model FLOPs exclude recompute
     assert remat.frozen_per_step == 0.0
 
-    video = analytic.train_step_flops(config, "video_pretrain")
+    video = analytic.train_step_flops(stage_spec(config, "video_pretrain"))
     assert video.action_tokens == 0 and video.forward_per_sample < step.forward_per_sample
     with pytest.raises(KeyError, match="'finetune'"):
-        analytic.train_step_flops(config, "finetune")
+        analytic.train_step_flops(stage_spec(config, "finetune"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,7 +321,7 @@ def test_budget_math():
 
 
 def test_budget_stop_spends_exactly_the_steps_a_budget_buys():
-    step = analytic.train_step_flops(_load_config("wam", "size=tiny,stage=action_tune"), "action_tune")
+    step = analytic.train_step_flops(stage_spec(_load_config("wam", "size=tiny,stage=action_tune"), "action_tune"))
     budget = 10.5 * step.train_per_step
     book = FlopLedger()
     book.start_stage("action_tune", 0)
@@ -432,7 +434,7 @@ def test_dreamzero_model_attention_is_the_visible_fraction_of_the_dense_count():
 
     c = _load_config("dreamzero_action_tune", "")
     est = estimate(c, "action_tune")  # hardware on TPU: splash at model.attention_block_q x _kv
-    cfg = analytic.model_config_from(c)
+    cfg = stage_spec(c, "action_tune").model
     layout = make_token_layout(cfg, tuple(est["latent_shape"]), est["action_tokens"], est["proprio_tokens"],
                                teacher_forcing=True)
     reference = attention_mask(layout)  # the dense [S, S] oracle, 13,373^2 booleans
@@ -441,7 +443,7 @@ def test_dreamzero_model_attention_is_the_visible_fraction_of_the_dense_count():
     assert fraction == pytest.approx(0.351, abs=1e-3)
     att = est["attention"]
     assert att["visible_pairs"] == int(reference.sum()) and att["dense_pairs"] == layout.length**2
-    dense = analytic.forward_flops(cfg, **_dreamzero_clip(c), kernel="dot_product")
+    dense = analytic.forward_flops(cfg, S(**_dreamzero_clip(c)), kernel="dot_product")
     model = est["components"]
     assert model["self_attention_scores"] / dense["self_attention_scores"] == pytest.approx(fraction, abs=1e-9)
     # What the ledger charged before: every pair; the difference is the masked scores, 3x in training.
@@ -459,9 +461,9 @@ def test_dreamzero_model_attention_is_the_visible_fraction_of_the_dense_count():
 
 
 def _dreamzero_clip(c) -> dict:
-    return dict(mode="joint", num_frames=int(c.data.num_frames), resolution=tuple(c.data.resolution),
-                text_length=int(c.text.max_length), num_actions=analytic.config_num_actions(c),
-                num_proprio=analytic.config_num_proprio(c))
+    spec = stage_spec(c, "action_tune")
+    return dict(mode="joint", num_frames=spec.clip.num_frames, resolution=spec.clip.resolution,
+                text_length=spec.text_length, num_actions=spec.clip.actions, num_proprio=spec.clip.states or 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -584,7 +586,7 @@ def test_resume_from_a_dense_ledger_converts_it_and_says_so(tmp_path, caplog):
     config.checkpoint.async_save, config.checkpoint.every_steps = False, 2
     workdir = str(tmp_path)
     train(config, workdir)
-    step = analytic.train_step_flops(config, "action_tune")
+    step = analytic.train_step_flops(stage_spec(config, "action_tune"))
     assert step.train_per_step < step.dense_per_step  # the mask hides pairs: the two units differ
     path = os.path.join(ckpt.step_dir(workdir, 2), "ledger", "metadata")
     with open(path) as f:

@@ -17,6 +17,7 @@ from train_utils import REPO, get_config, main_command, subprocess_env
 from wamjax.checkpoint import manager as ckpt
 from wamjax.flops import goodput as goodput_lib
 from wamjax.flops.analytic import train_step_flops
+from wamjax.stages import stage_spec
 
 ARG = "size=tiny,stage=video_pretrain"
 STEPS, EVERY = 8, 3
@@ -116,7 +117,7 @@ def test_killed_and_resumed_run_reports_redone_steps_and_compiles_of_each_start(
                          cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, check=True)
     report = json.loads(out.stdout)
     (stage,), (run,) = report["stages"], report["runs"]
-    step_flops = train_step_flops(get_config(ARG), "video_pretrain").train_per_step
+    step_flops = train_step_flops(stage_spec(get_config(ARG), "video_pretrain")).train_per_step
     assert stage["steps"] == STEPS and stage["flops"] == pytest.approx(STEPS * step_flops, rel=1e-9)
     assert stage["redone_steps"] == killed_at - restored == run["redone_steps"]
     assert stage["redone_flops"] == pytest.approx((killed_at - restored) * step_flops, rel=1e-9)

@@ -21,6 +21,7 @@ from wamjax import config_files
 from wamjax.flops.analytic import train_step_flops, vae_encode_flops
 from wamjax.jobs.collect_sim import collect_metaworld
 from wamjax.models import vae as vae_lib
+from wamjax.stages import stage_spec
 
 TASKS = ["reach-v3", "push-v3"]
 
@@ -52,7 +53,7 @@ def test_pixel_patches_keep_every_pixel_of_the_kept_frames():
 
 def test_lab_config_sees_the_scene_in_tokens_and_costs_no_encoder_flops():
     config = config_files.get_config(f"{REPO}/configs/lab.py")
-    flops = train_step_flops(config, "action_tune")
+    flops = train_step_flops(stage_spec(config, "action_tune"))
     # 2 latent frames x 2 camera views x (64 / 4 / 2)^2 tokens: 64 tokens per view and latent frame.
     assert flops.video_tokens == 2 * 2 * 64 and flops.action_tokens == 4
     assert flops.frozen_per_step == 0.0
@@ -96,17 +97,18 @@ def test_a_two_camera_cache_trains_the_lab_model_with_no_frozen_encoder(lab_run)
 
 
 def test_a_cache_for_other_cameras_is_refused_naming_both(lab_run):
+    from wamjax.stages import stage_spec
     from wamjax.train.inputs import make_stage_dataset
 
     _, data_dir, stats_path, cache, _ = lab_run
     config = lab_config(data_dir, stats_path)
     config.data.latents_cache, config.data.cameras = cache, "primary"
     with pytest.raises(ValueError, match=r"data.cameras: cache 'primary,wrist', run 'primary'"):
-        make_stage_dataset(config, "action_tune", 0, 1)
+        make_stage_dataset(stage_spec(config, "action_tune"), 0, 1)
     config.data.cameras, config.vae.size = "primary,wrist", "pixels8"
     expected = r"encoded with VAE config .*'patch': 4.*this run's VAE config is .*'patch': 8"
     with pytest.raises(ValueError, match=expected):
-        make_stage_dataset(config, "action_tune", 0, 1)
+        make_stage_dataset(stage_spec(config, "action_tune"), 0, 1)
 
 
 def test_the_vision_ablation_offline_and_in_the_closed_loop(lab_run, tmp_path):
@@ -137,6 +139,7 @@ def test_action_free_videos_mix_with_demonstrations_and_mask_the_action_loss(lab
     """Co-training's data: an action-free cache mixed into the action stage by weight; its examples carry no
     actions, and the step counts only the demonstrations' actions."""
     from wamjax.jobs.encode_latents import encode_run_cache
+    from wamjax.stages import stage_spec
     from wamjax.train.inputs import make_stage_dataset
 
     _, data_dir, stats_path, cache, _ = lab_run
@@ -146,10 +149,10 @@ def test_action_free_videos_mix_with_demonstrations_and_mask_the_action_loss(lab
     stats = stats_lib.load_stats(stats_path)
     config.stages.action_tune.latents_cache = f"{cache},{videos}"
     config.stages.action_tune.latents_cache_weights = (1.0, 3.0)
-    dataset, got_stats = make_stage_dataset(config, "action_tune", 0, 1)
+    dataset, got_stats = make_stage_dataset(stage_spec(config, "action_tune"), 0, 1)
     assert got_stats == stats
     has = np.concatenate([batch["has_actions"] for _, batch in zip(range(8), iter(dataset), strict=False)])
     assert 0.1 < has.mean() < 0.45  # about a quarter of the examples are demonstrations
     config.stages.action_tune.latents_cache_weights = (1.0,)
     with pytest.raises(ValueError, match=r"data.latents_cache_weights=\(1.0,\): expected 2 non-negative"):
-        make_stage_dataset(config, "action_tune", 0, 1)
+        make_stage_dataset(stage_spec(config, "action_tune"), 0, 1)

@@ -66,11 +66,11 @@ def cache_run(data):
 
 
 def policy_error(checkpoint: str) -> dict:
-    from wamjax.inference.conditioning import policy_data_config
     from wamjax.inference.policy import Policy
+    from wamjax.stages import policy_spec
 
     policy = Policy.from_checkpoint(checkpoint, num_steps=4, dataset="metaworld")
-    return action_error.policy_action_error(policy, policy_data_config(policy.run_config), "metaworld",
+    return action_error.policy_action_error(policy, policy_spec(policy.run_config).data, "metaworld",
                                             max_episodes=EPISODES, windows_per_episode=4, ablations=("camera",))
 
 
@@ -159,13 +159,13 @@ CLIENT_SCRIPT = textwrap.dedent("""
 
 
 def test_the_server_acts_in_raw_units_through_the_real_openpi_client(cache_run, tmp_path):
-    from wamjax.inference.conditioning import policy_data_config
     from wamjax.inference.policy import Policy
     from wamjax.serving.serve import PolicyServer
+    from wamjax.stages import policy_spec
 
     python = openpi_client_python()
     policy = Policy.from_checkpoint(cache_run, num_steps=4, dataset="metaworld")
-    data = policy_data_config(policy.run_config)
+    data = policy_spec(policy.run_config).data
     windows = action_error.action_windows(data, "metaworld", policy.stats, max_episodes=EPISODES,
                                                            windows_per_episode=4)
     path = str(tmp_path / "windows.npz")

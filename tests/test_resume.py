@@ -16,6 +16,7 @@ from train_utils import REPO, get_config, main_command, metrics_rows, subprocess
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.load import load_checkpoint
 from wamjax.flops.analytic import train_step_flops
+from wamjax.stages import stage_spec
 from wamjax.train.loop import PREEMPTED_EXIT_CODE
 
 DATASETS = "bridge,taco_play"
@@ -43,7 +44,7 @@ def oxe_dir(tmp_path_factory):
 
 def _video_budget() -> float:
     config = get_config("size=tiny,stage=video_pretrain")
-    return 6.5 * train_step_flops(config, "video_pretrain").train_per_step  # buys 6 of the 8 steps
+    return 6.5 * train_step_flops(stage_spec(config, "video_pretrain")).train_per_step  # buys 6 of the 8 steps
 
 
 def _overrides(oxe_dir):

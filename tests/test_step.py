@@ -14,6 +14,7 @@ from wamjax.models import vae as vae_lib
 from wamjax.models.config import model_config_from_run
 from wamjax.models.wam import WorldActionModel, example_inputs
 from wamjax.parallel.mesh import batch_sharding, logical_rules, make_mesh
+from wamjax.stages import stage_spec
 from wamjax.train.optimizer import make_optimizer
 from wamjax.train.setup import boxed_init_fn, jit_train_step, sharded_init
 from wamjax.train.step import StepSpec, check_microbatches, make_train_step
@@ -114,9 +115,9 @@ def test_frozen_parameters_get_no_weight_gradient_matmuls():
     config.model.update(WIDE)
     config.data.batch_size = BATCH
     config.stages.action_tune.trainable = "actions"
-    analytic_actions = train_step_flops(config, "action_tune").train_per_step
+    analytic_actions = train_step_flops(stage_spec(config, "action_tune")).train_per_step
     config.stages.action_tune.trainable = "all"
-    analytic_full = train_step_flops(config, "action_tune").train_per_step
+    analytic_full = train_step_flops(stage_spec(config, "action_tune")).train_per_step
     # The analytic count drops by what XLA's drops (XLA's totals also hold the loss, noise, optimizer and the
     # elementwise work that the backward pass recomputes; 11% apart at this width).
     assert analytic_full - analytic_actions == pytest.approx(full - actions, rel=0.15)

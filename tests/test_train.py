@@ -14,6 +14,7 @@ from train_utils import REPO, get_config, metrics_rows, run_main, subprocess_env
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.load import load_checkpoint
 from wamjax.flops.analytic import train_step_flops
+from wamjax.stages import stage_spec
 from wamjax.train import loop as loop_lib
 from wamjax.train.loop import NumericalFault, train
 from wamjax.train.optimizer import learning_rate_schedule
@@ -141,7 +142,7 @@ def test_i2v_action_tune_trains_and_checkpoints(tmp_path):
     rows = metrics_rows(workdir)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss_video"]) and np.isfinite(r["loss_action"]) for r in rows)
-    frozen = frozen_flops(config)
+    frozen = frozen_flops(stage_spec(config, config.stage))
     assert frozen["image_encoder"] > 0 and frozen["vae_condition_encoder"] == frozen["vae_encoder"] > 0
     assert rows[-1]["frozen_flops_per_step"] == sum(frozen.values())
     run_config, params = load_checkpoint(os.path.join(workdir, "checkpoints", "2"))
@@ -180,7 +181,7 @@ def test_loop_reads_the_device_on_log_and_checkpoint_steps_only(tmp_path, monkey
 def test_budget_cut_stage_runs_the_estimated_steps_on_a_schedule_built_for_them(tmp_path):
     config = _tiny("size=tiny,stage=video_pretrain", 20, **{"optim.warmup_steps": 1})
     config.train.log_every = 1
-    step_flops = train_step_flops(config, "video_pretrain").train_per_step
+    step_flops = train_step_flops(stage_spec(config, "video_pretrain")).train_per_step
     config.stages.video_pretrain.budget_flops = 7 * step_flops  # an exact multiple buys all 7 steps
     est = subprocess.run(
         [sys.executable, "-m", "wamjax.flops.estimate",

@@ -178,16 +178,16 @@ def test_i2v_action_tune_config_two_cameras_train_export_serve(tmp_path):
 
 
 def test_stage_cameras_and_latents_cache_overrides():
-    from wamjax.inference import conditioning
-    from wamjax.train.inputs import make_stage_dataset, stage_data_config
+    from wamjax.stages import policy_spec, stage_data_config, stage_spec
+    from wamjax.train.inputs import make_stage_dataset
 
     config = get_config("size=tiny,stage=all")
     config.stages.action_tune.cameras = "primary,wrist"
     assert stage_data_config(config, "action_tune").cameras == "primary,wrist"
     assert stage_data_config(config, "video_pretrain").cameras == ""
-    assert conditioning.camera_count(config) == 2  # a policy reads the action stage's cameras
+    assert policy_spec(config).clip.num_cameras == 2  # a policy reads the action stage's cameras
     config.stages.video_pretrain.latents_cache = "videos"
     assert stage_data_config(config, "video_pretrain").latents_cache == "videos"
     assert stage_data_config(config, "action_tune").latents_cache == ""
     with pytest.raises(FileNotFoundError, match=r"videos/latents_cache.json does not exist"):
-        make_stage_dataset(config, "video_pretrain", 0, 1)
+        make_stage_dataset(stage_spec(config, "video_pretrain"), 0, 1)

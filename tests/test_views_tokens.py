@@ -265,14 +265,15 @@ def test_export_carries_the_view_embedding_to_the_torch_reference(tmp_path):
 
 
 def test_flops_count_every_view():
-    from wamjax.flops.analytic import token_counts, train_step_flops
+    from wamjax.flops.analytic import SequenceShape, token_counts, train_step_flops
+    from wamjax.stages import stage_spec
 
     config = get_config("size=tiny,stage=action_tune")
-    single = train_step_flops(config, "action_tune")
+    single = train_step_flops(stage_spec(config, "action_tune"))
     config.stages.action_tune.cameras = "primary,wrist,exterior_image_2_left"
-    tiled = train_step_flops(config, "action_tune")
+    tiled = train_step_flops(stage_spec(config, "action_tune"))
     config.data.view_layout = "tokens"
-    tokens = train_step_flops(config, "action_tune")
+    tokens = train_step_flops(stage_spec(config, "action_tune"))
     assert tiled.video_tokens == single.video_tokens and tiled.frozen_per_step == single.frozen_per_step
     assert tokens.video_tokens == VIEWS * single.video_tokens
     assert tokens.frozen_components["vae_encoder"] == VIEWS * single.frozen_components["vae_encoder"]
@@ -280,7 +281,7 @@ def test_flops_count_every_view():
     # Teacher-forced, the clean history copy counts every view of each history frame too.
     cfg = ModelConfig.from_dict({**SIZES["tiny"], "attention_layout": "chunk_causal"})
     kwargs = dict(mode="joint", num_frames=9, resolution=(32, 32), text_length=TEXT_LEN)
-    one, three = (token_counts(cfg, **kwargs, views=v) for v in (1, VIEWS))
+    one, three = (token_counts(cfg, SequenceShape(**kwargs, views=v)) for v in (1, VIEWS))
     assert three.teacher_forcing and three.history_video == VIEWS * one.history_video > 0
     assert three.history_action == one.history_action
     assert three.sequence - one.sequence == (VIEWS - 1) * (one.video + one.history_video)

@@ -22,6 +22,7 @@ Exit codes: 0 fits; 1 does not fit (the shortfall is named); 2 bad input (unknow
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -39,18 +40,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from data_pipelines.config import clip_num_actions, clip_num_states
+from wamjax import stages as stages_lib
 from wamjax.flops import peak as peak_lib
-from wamjax.flops.analytic import forward_flops, train_step_flops
+from wamjax.flops.analytic import SequenceShape, forward_flops, train_step_flops
+from wamjax.flops.ledger import stage_step_count
+from wamjax.models import clip as clip_lib
 from wamjax.models import vae as vae_lib
 from wamjax.models.attention import resolve_attention
-from wamjax.models.config import model_config_from_run
 from wamjax.models.wam import WorldActionModel, example_inputs
 from wamjax.parallel.mesh import MESH_AXES, batch_sharding, logical_rules, make_mesh, replicated
-from wamjax.train.optimizer import make_optimizer
-from wamjax.train.setup import boxed_init_fn, jit_train_step, state_layout, unbox_plain
-from wamjax.train.stages import STAGES
-from wamjax.train.step import StepSpec, check_microbatches, make_train_step
+from wamjax.stages import PolicySpec, StageSpec, policy_spec, stage_spec
+from wamjax.train.setup import jit_train_step, state_layout, unbox_plain
+from wamjax.train.stage_step import build_stage_step, frozen_params
 
 # Generations libtpu describes, with the chip configuration each is compiled for (v4 and v5p: one device per
 # chip, both TensorCores, as they run in practice).
@@ -219,116 +220,120 @@ def _compile(jitted: Any, *args: Any) -> Compiled:
 
 def resolve_stage(config: ml_collections.ConfigDict, stage: str | None) -> str:
     """The stage to compile: `stage`, else the config's (the first one when it runs `all`)."""
-    name = stage or str(config.stage)
-    if name == "all":
-        name = STAGES[0]
-    if name not in config.stages:
-        raise CompileCheckError(f"--stage={name!r} is not in config.stages; known: {sorted(config.stages.keys())}")
-    return name
+    try:
+        return stages_lib.resolve_stage(config, stage)
+    except KeyError as e:
+        raise CompileCheckError(f"--stage: {e.args[0]}") from None
 
 
-def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
-    """(frames, height, width, channels) of one clip's VAE latents."""
-    h, w = config.data.resolution
-    vae_cfg = vae_lib.vae_config_for(config.vae.size)
-    return tuple(vae_lib.latent_shape(vae_cfg, (1, int(config.data.num_frames), int(h), int(w), 3))[1:])
-
-
-def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: Any,
+def abstract_batch(spec: StageSpec, mesh: jax.sharding.Mesh, rules: Any,
                    latents: bool) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the loop feeds the step (`parallel.placement.device_batch` of the batch contract), abstract:
-    `latents` (a latents cache) or uint8 `frames`, sharded along the batch axis."""
-    cfg = model_config_from_run(config)
-    b, t = int(config.data.batch_size), int(config.data.num_frames)
-    h, w = (int(x) for x in config.data.resolution)
+    `latents` (a latents cache) or uint8 `frames` (with a views axis for the tokens layout), sharded along the batch
+    axis."""
+    cfg, clip = spec.model, spec.clip
+    b, t = clip.batch_size, clip.num_frames
+    h, w = clip.resolution
     batch_ways = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     if b % batch_ways:
         raise CompileCheckError(
             f"data.batch_size={b} (global) is not divisible by the mesh's batch axes data x fsdp = {batch_ways} "
             f"(mesh {dict(mesh.shape)}); use a multiple of {batch_ways} or move devices to mesh.tensor/sequence"
         )
-    num_actions = clip_num_actions(config)
+    views = () if spec.views is None else (spec.views,)
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {
         "frame_mask": ((b, t), jnp.bool_),
-        "actions": ((b, num_actions, cfg.action_dim), jnp.float32),
-        "action_mask": ((b, num_actions), jnp.bool_),
+        "actions": ((b, clip.actions, cfg.action_dim), jnp.float32),
+        "action_mask": ((b, clip.actions), jnp.bool_),
         "has_actions": ((b,), jnp.bool_),
-        "proprio": ((b, *((clip_num_states(config.data),) if clip_num_states(config.data) else ()),
-                     int(config.data.proprio_dim)), jnp.float32),
+        "proprio": ((b, *(() if clip.states is None else (clip.states,)), clip.proprio_dim), jnp.float32),
         "dataset_index": ((b,), jnp.int32),
-        "text_embeddings": ((b, int(config.text.max_length), cfg.text_dim), jnp.float32),
+        "text_embeddings": ((b, spec.text_length, cfg.text_dim), jnp.float32),
     }
     if latents:
-        shapes["latents"] = ((b, *latent_shape(config)), jnp.float32)
+        f, lh, lw, z = spec.vae_latent_shape
+        shapes["latents"] = ((b, f, *views, lh, lw, z), jnp.float32)
     else:
-        shapes["frames"] = ((b, t, h, w, 3), jnp.uint8)
+        shapes["frames"] = ((b, t, *views, h, w, 3), jnp.uint8)
     return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, rules, len(s))) for k, (s, d) in
             shapes.items()}
 
 
-def _abstract_vae_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
-    vae_cfg = vae_lib.vae_config_for(config.vae.size)
-    shapes = jax.eval_shape(lambda: vae_lib.init_vae_params(vae_cfg, jax.random.PRNGKey(0)))
+def _abstract_vae_params(spec: StageSpec | PolicySpec, mesh: jax.sharding.Mesh) -> Any:
+    shapes = jax.eval_shape(lambda: vae_lib.init_vae_params(spec.vae, jax.random.PRNGKey(0)))
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)), shapes)
+
+
+def _abstract_image_encoder_params(spec: StageSpec, mesh: jax.sharding.Mesh) -> Any:
+    return {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=replicated(mesh))
+            for k, shape in clip_lib.param_shapes(spec.image_encoder).items()}
 
 
 def compile_train_step(config: ml_collections.ConfigDict, stage: str, mesh: jax.sharding.Mesh, *,
                        latents: bool | None = None) -> Compiled:
     """Compiles the loop's train step of `stage` on `mesh` for abstract arguments; `latents` overrides whether
     the batch carries cached latents (default: as the config says)."""
-    stage_cfg = config.stages[stage]
-    cfg = model_config_from_run(config)
+    step, *args = abstract_train_step(config, stage, mesh, latents=latents)
+    with _mesh_context(config, mesh):
+        return _compile(step, *args)
+
+
+def _mesh_context(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> contextlib.ExitStack:
+    """The mesh and logical-axis rules a step is traced under (its activation constraints name logical axes)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(list(logical_rules(config.mesh.rules))))
+    return stack
+
+
+def abstract_train_step(config: ml_collections.ConfigDict, stage: str, mesh: jax.sharding.Mesh, *,
+                        latents: bool | None = None) -> tuple[Any, ...]:
+    """(jitted step, abstract state, abstract batch, abstract frozen parameters): the loop's step of `stage` as
+    `train.stage_step.build_stage_step` builds it, with the schedule over the steps the stage's budget buys."""
+    try:
+        spec = stage_spec(config, stage)
+    except (KeyError, ValueError) as e:
+        raise CompileCheckError(str(e.args[0]) if e.args else str(e)) from e
     rules = logical_rules(config.mesh.rules)
-    use_latents = bool(config.data.latents_cache) if latents is None else latents
-    total_steps = int(stage_cfg.steps) if int(stage_cfg.steps) > 0 else int(config.train.steps)
-    lr = stage_cfg.learning_rate if stage_cfg.learning_rate > 0 else config.optim.learning_rate
-    warmup = stage_cfg.warmup_steps if stage_cfg.warmup_steps >= 0 else config.optim.warmup_steps
-    tx, schedule = make_optimizer(config.optim, learning_rate=lr, warmup_steps=warmup, total_steps=total_steps,
-                                  trainable=stage_cfg.trainable)
-    pad = mesh.shape["sequence"]
-    num_actions = int(config.data.num_frames) - 1 if stage_cfg.mode == "joint" else 0
-    example = jax.eval_shape(lambda: example_inputs(cfg, latent_shape(config), int(config.text.max_length),
-                                                    num_actions))
-    vae_cfg = vae_lib.vae_config_for(config.vae.size)
-    microbatches = int(config.train.microbatches)
-    batch_size = int(config.data.batch_size)
-    if microbatches != 1:  # the whole batch's own sharding is checked with the batch
+    use_latents = spec.uses_latents_cache if latents is None else latents
+    total_steps = stage_step_count(spec.steps, spec.budget_flops, train_step_flops(spec).train_per_step)
+    with _mesh_context(config, mesh):
+        batch = abstract_batch(spec, mesh, rules, use_latents)
         try:
-            check_microbatches(microbatches, batch_size,
-                               batch_size // batch_sharding(mesh, rules, 1).shard_shape((batch_size,))[0])
+            built = build_stage_step(spec, mesh, rules, total_steps=total_steps)
         except ValueError as e:
             raise CompileCheckError(str(e)) from e
-    # The step as the loop builds it: gradient accumulation over micro-batches, frozen parameters' gradients.
-    spec = StepSpec(model=cfg, mode=stage_cfg.mode, clean_context_frames=int(stage_cfg.clean_context_frames),
-                    vae=vae_cfg, pad_to_multiple=pad, microbatches=microbatches, trainable=stage_cfg.trainable)
-    step_fn = make_train_step(spec, config.diffusion, tx, schedule, config.optim.ema_decay)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-        init_boxed = boxed_init_fn(WorldActionModel(cfg, pad_to_multiple=pad), example, tx,
-                                   config.optim.ema_decay > 0)
-        abstract_state, shardings = state_layout(init_boxed, mesh, rules)
-        batch = abstract_batch(config, mesh, rules, use_latents)
-        vae_params = None if use_latents else _abstract_vae_params(config, mesh)
-        train_step = jit_train_step(step_fn, shardings)
-        return _compile(train_step, abstract_state, batch, vae_params)
+        abstract_state, shardings = state_layout(built.init_boxed, mesh, rules)
+        vae_params = None if use_latents else _abstract_vae_params(spec, mesh)
+        image_params = None if spec.image_encoder is None else _abstract_image_encoder_params(spec, mesh)
+        train_step = jit_train_step(built.step_fn, shardings)
+        return train_step, abstract_state, batch, frozen_params(vae_params, image_params)
 
 
 def compile_policy_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_steps: int) -> Compiled:
     """Compiles the policy's jitted call (`inference.policy.policy_step`: VAE encode of the context frame, then
     `num_steps` denoising steps of video and actions) for one observation, parameters laid out by the rules."""
+    step, *args = abstract_policy_step(config, mesh, num_steps)
+    with _mesh_context(config, mesh):
+        return _compile(step, *args)
+
+
+def abstract_policy_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_steps: int
+                         ) -> tuple[Any, ...]:
+    """(jitted policy call, its abstract arguments) for one observation (see `compile_policy_step`)."""
     from wamjax.diffusion.sampler import SamplerOptions
     from wamjax.inference.policy import PolicyShapes, policy_step
 
-    cfg = model_config_from_run(config)
+    spec = policy_spec(config)
+    cfg = spec.model
     rules = logical_rules(config.mesh.rules)
-    vae_cfg = vae_lib.vae_config_for(config.vae.size)
-    f = latent_shape(config)[0]
-    num_actions = int(config.data.num_frames) - 1
-    shapes = PolicyShapes(cfg, vae_cfg, SamplerOptions(num_steps=num_steps, shift=float(config.diffusion.shift)),
+    f, lh, lw, z = vae_lib.latent_shape(spec.vae, (1, spec.clip.num_frames, *spec.clip.resolution, 3))[1:]
+    num_actions = spec.clip.actions
+    shapes = PolicyShapes(cfg, spec.vae, SamplerOptions(num_steps=num_steps, shift=spec.shift),
                           future_frames=f - 1, num_actions=num_actions, stop_after_actions=True)
-    example = jax.eval_shape(lambda: example_inputs(cfg, latent_shape(config), int(config.text.max_length),
-                                                    num_actions))
-    h, w = (int(x) for x in config.data.resolution)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    example = jax.eval_shape(lambda: example_inputs(cfg, (f, lh, lw, z), spec.text_length, num_actions))
+    h, w = spec.clip.resolution
+    with _mesh_context(config, mesh):
         boxed = jax.eval_shape(lambda: WorldActionModel(cfg).init(
             jax.random.PRNGKey(0), *[jnp.zeros(e.shape, e.dtype) for e in example])["params"])
         param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, list(rules))
@@ -337,14 +342,13 @@ def compile_policy_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
         rep = replicated(mesh)
         args = (
             params,
-            _abstract_vae_params(config, mesh),
+            _abstract_vae_params(spec, mesh),
             jax.ShapeDtypeStruct((1, 1, h, w, 3), jnp.uint8, sharding=rep),
-            jax.ShapeDtypeStruct((1, int(config.text.max_length), cfg.text_dim), jnp.float32, sharding=rep),
-            jax.ShapeDtypeStruct((1, int(config.data.proprio_dim)), jnp.float32, sharding=rep),
+            jax.ShapeDtypeStruct((1, spec.text_length, cfg.text_dim), jnp.float32, sharding=rep),
+            jax.ShapeDtypeStruct((1, spec.clip.proprio_dim), jnp.float32, sharding=rep),
             jax.eval_shape(lambda: jax.random.key(0)),
         )
-        step = jax.jit(lambda *a: policy_step(shapes, *a))
-        return _compile(step, *args)
+        return jax.jit(lambda *a: policy_step(shapes, *a)), *args
 
 
 def _unrolled(config: ml_collections.ConfigDict, layers: int) -> ml_collections.ConfigDict:
@@ -494,26 +498,30 @@ def check(config: ml_collections.ConfigDict, topology: str, *, what: str = "trai
         raise CompileCheckError(f"mesh.* on {topo.name} ({topo.chips} chips): {e}") from e
     mesh_sizes = {a: int(mesh.shape[a]) for a in MESH_AXES}
     stage = resolve_stage(config, stage)
-    cfg = model_config_from_run(config)
+    try:
+        spec = stage_spec(config, stage)
+    except ValueError as e:
+        raise CompileCheckError(str(e)) from e
+    cfg = spec.model
     if what == "inference":
-        if config.stages[stage].mode != "joint":
+        if not spec.joint:
             raise CompileCheckError(f"--what=inference needs a joint (action) stage; stage {stage} is "
-                                    f"{config.stages[stage].mode!r}: pass --stage=action_tune")
+                                    f"{spec.mode!r}: pass --stage=action_tune")
         log(f"compiling the policy step for {topo.name} ...")
         compiled = compile_policy_step(config, mesh, num_steps)
-        clip = dict(mode="joint", num_frames=int(config.data.num_frames), resolution=tuple(config.data.resolution),
-                    text_length=int(config.text.max_length))
-        model = forward_flops(cfg, **clip)["total"] * num_steps
+        clip = SequenceShape(mode="joint", num_frames=spec.clip.num_frames, resolution=spec.clip.resolution,
+                             text_length=spec.text_length, num_actions=spec.clip.actions)
+        model = forward_flops(cfg, clip)["total"] * num_steps
         kernel = resolve_attention(cfg.attention, "tpu", cfg.dtype)
-        hardware = forward_flops(cfg, **clip, kernel=kernel)["total"] * num_steps
+        hardware = forward_flops(cfg, clip, kernel=kernel)["total"] * num_steps
         return Report(what, stage, topo, mesh_sizes, 1, compiled, analytic_flops=hardware, model_flops=model,
                       xla_flops=None, xla_bytes_accessed=None, vae_in_step=True)
 
     log(f"compiling the train step of stage {stage} for {topo.name} ...")
     compiled = compile_train_step(config, stage, mesh)
     # Hardware FLOPs (the TPU kernel at its block sizes, remat) bound the step time; model FLOPs give the MFU.
-    step = train_step_flops(config, stage, pad_to_multiple=mesh_sizes["sequence"], backend="tpu")
-    vae_in_step = not config.data.latents_cache
+    step = train_step_flops(spec, pad_to_multiple=mesh_sizes["sequence"], backend="tpu")
+    vae_in_step = not spec.uses_latents_cache
     analytic = step.hardware_per_step + (step.frozen_per_step if vae_in_step else 0.0)
     xla_total, bytes_accessed = None, None
     if xla_flops:
@@ -527,18 +535,18 @@ def check(config: ml_collections.ConfigDict, topology: str, *, what: str = "trai
         elif not compiled.out_of_memory:
             per_chip, bytes_accessed = compiled.flops, compiled.bytes_accessed
             xla_total = per_chip * topo.chips
-    microbatches = int(config.train.microbatches)
-    if xla_total is not None and microbatches > 1:
+    if xla_total is not None and spec.microbatches > 1:
         # The micro-batches are a scan whose body XLA counts once (the optimizer update outside it is then
         # counted `microbatches` times too: a small excess).
-        xla_total *= microbatches
-        bytes_accessed = None if bytes_accessed is None else bytes_accessed * microbatches
+        xla_total *= spec.microbatches
+        bytes_accessed = None if bytes_accessed is None else bytes_accessed * spec.microbatches
     delta = None
-    if vae_in_step and vae_delta:
+    # An image-conditioned step encodes its conditioning from the frames: it has no latents-only variant.
+    if vae_in_step and vae_delta and spec.image_encoder is None:
         log("compiling the same step on cached latents, for the VAE's share ...")
         delta = compile_train_step(config, stage, mesh, latents=True)
     kernel = resolve_attention(cfg.attention, "tpu", cfg.dtype)
-    return Report(what, stage, topo, mesh_sizes, int(config.data.batch_size), compiled, analytic_flops=analytic,
+    return Report(what, stage, topo, mesh_sizes, spec.clip.batch_size, compiled, analytic_flops=analytic,
                   model_flops=step.train_per_step, xla_flops=xla_total, xla_bytes_accessed=bytes_accessed,
                   vae_in_step=vae_in_step, vae_delta=delta, opaque_attention=kernel == "splash")
 

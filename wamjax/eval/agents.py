@@ -118,7 +118,7 @@ class PolicyAgent:
         if execute is not None and execute < 1:
             raise ValueError(f"--execute_actions must be >= 1, got {execute}")
         self.rollout, self.execute = rollout, execute
-        self.frame_stride = int(policy.run_config.data.frame_stride)
+        self.frame_stride = int(policy.spec.data.frame_stride)
         self.session: Any = None
 
     def images(self, env: metaworld_env.MetaWorldTask, frame: np.ndarray) -> np.ndarray | list[np.ndarray]:

@@ -9,9 +9,8 @@ from wamjax.train.hooks import HookFactory, LoopHook, StageContext
 
 def offline_hook(ctx: StageContext) -> LoopHook | None:
     """Held-out clip metrics every `eval.every_steps` steps and at the stage's end (None when off)."""
-    return LoopEvaluator.maybe(ctx.config, ctx.stage, ctx.model, ctx.vae, ctx.mode, ctx.clean_context_frames,
-                               ctx.text, ctx.mesh, ctx.rules, ctx.vae_params, ctx.norm_stats, ctx.writer,
-                               ctx.workdir)
+    return LoopEvaluator.maybe(ctx.config, ctx.spec, ctx.text, ctx.mesh, ctx.rules, ctx.vae_params,
+                               ctx.norm_stats, ctx.writer, ctx.workdir)
 
 
 def closed_loop_hook(ctx: StageContext) -> LoopHook | None:

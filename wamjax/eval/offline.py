@@ -14,6 +14,7 @@ true) to TensorBoard and WORKDIR/eval/*.png.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from wamjax.models.config import ModelConfig
 from wamjax.models.wam import wam_forward
 from wamjax.parallel.placement import device_batch
 from wamjax.paths import PathLike, as_path
+from wamjax.stages import StageSpec, policy_spec
 
 Params = Any
 T_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)  # flow times of the deterministic eval loss
@@ -321,34 +323,31 @@ def write_grids(out_dir: PathLike, step: int, grids: dict[str, np.ndarray]) -> l
 class LoopEvaluator:
     """Offline evaluation from the training loop: every `eval.every_steps` steps and at a stage's end."""
 
-    def __init__(self, config: ml_collections.ConfigDict, stage: str, spec_model: ModelConfig, vae_config: Any,
-                 stage_mode: str, clean_context_frames: int, text: Any, mesh: jax.sharding.Mesh, rules: Any,
-                 vae_params: Params, norm_stats: dict[str, Any], writer: Any, workdir: str):
-        from wamjax.train.inputs import stage_data_config
-
+    def __init__(self, config: ml_collections.ConfigDict, stage: StageSpec, text: Any, mesh: jax.sharding.Mesh,
+                 rules: Any, vae_params: Params, norm_stats: dict[str, Any], writer: Any, workdir: str):
         ev = config.eval
         self.every = int(ev.every_steps)
         self.num_batches = int(ev.num_batches)
         if self.num_batches < 1:
             raise ValueError(f"eval.num_batches={self.num_batches}; expected >= 1")
-        self.config, self.stage, self.data = config, stage, stage_data_config(config, stage)
-        self.spec = EvalSpec(model=spec_model, vae=vae_config, stage_mode=stage_mode,
-                             clean_context_frames=int(clean_context_frames), modes=parse_modes(ev.modes),
+        self.config, self.stage, self.data = config, stage.name, stage.data
+        self.spec = EvalSpec(model=stage.model, vae=stage.vae, stage_mode=stage.mode,
+                             clean_context_frames=stage.clean_context_frames, modes=parse_modes(ev.modes),
                              options=SamplerOptions(num_steps=int(ev.num_steps),
-                                                    shift=float(config.diffusion.shift)))
+                                                    shift=float(stage.diffusion.shift)))
         self.text, self.mesh, self.rules = text, mesh, rules
         self.vae_params, self.norm_stats, self.writer, self.workdir = vae_params, norm_stats, writer, workdir
 
     @classmethod
-    def maybe(cls, config: ml_collections.ConfigDict, *args: Any) -> LoopEvaluator | None:
+    def maybe(cls, config: ml_collections.ConfigDict, stage: StageSpec, *args: Any) -> LoopEvaluator | None:
         """An evaluator when `eval.every_steps` > 0 (and the batches carry frames), else None."""
         ev = config.get("eval")
         if ev is None or int(ev.every_steps) <= 0:
             return None
-        if config.data.latents_cache:
+        if stage.uses_latents_cache:
             logging.warning("eval.every_steps is set but data.latents_cache carries no frames; no offline eval")
             return None
-        return cls(config, *args)
+        return cls(config, stage, *args)
 
     def maybe_run(self, step: int, params: Params, stage_ends: bool) -> dict[str, Any] | None:
         """Evaluates when `step` is due (or the stage ends); returns the row written, if any."""
@@ -386,14 +385,13 @@ def evaluate_checkpoint(path: str, *, data_dir: str = "", modes: str = ",".join(
 
     from wamjax.checkpoint.load import load_checkpoint, load_norm_stats, resolve_step_dir
     from wamjax.checkpoint.norm_stats import checked_norm_stats
-    from wamjax.models.config import model_config_from_run
-    from wamjax.train.inputs import TextEmbedder
+    from wamjax.models.text import TextEmbedder
 
     step_path = resolve_step_dir(path)
     step_dir = str(step_path)
     run_config, params = load_checkpoint(step_dir, use_ema=use_ema)
     stats = checked_norm_stats(run_config, load_norm_stats(step_dir), where=f"checkpoint {step_dir}")
-    cfg = model_config_from_run(run_config)
+    cfg = policy_spec(run_config).model
     data = run_config.data
     with data.unlocked():
         if data_dir:
@@ -432,15 +430,14 @@ def vision_ablation(path: str, *, data_dir: str = "", max_episodes: int = 8, win
 
     from wamjax.checkpoint.load import load_model_run_config, resolve_step_dir
     from wamjax.eval.action_error import format_action_error, policy_action_error
-    from wamjax.inference.conditioning import policy_data_config
     from wamjax.inference.policy import Policy
 
     step_path = resolve_step_dir(path)
     rows = []
     policy = None
-    for name in data_config_lib.dataset_names(policy_data_config(load_model_run_config(step_path))):
+    for name in data_config_lib.dataset_names(policy_spec(load_model_run_config(step_path)).data):
         policy = Policy.from_checkpoint(str(step_path), num_steps=num_steps, use_ema=use_ema, dataset=name)
-        data = policy_data_config(policy.run_config)
+        data = copy.deepcopy(policy.spec.data)
         with data.unlocked():
             if data_dir:
                 data.data_dir = data_dir

@@ -26,8 +26,9 @@ import numpy as np
 
 from wamjax.checkpoint.wan_import import WeightImportError, state_dict_to_params, to_numpy
 from wamjax.checkpoint.wan_names import name_map, ours_to_torch, torch_to_ours
-from wamjax.models.config import ModelConfig, model_config_from_run
+from wamjax.models.config import ModelConfig
 from wamjax.paths import PathLike, as_path, is_uri
+from wamjax.stages import policy_spec
 
 WAM_WEIGHTS_NAME = "wam.safetensors"
 WAM_CONFIG_NAME = "wam_config.json"
@@ -371,7 +372,7 @@ def export_checkpoint(
     norm_stats = checked_norm_stats(run_config, ckpt.read_json_item(step_dir, "norm_stats"),
                                     where=f"checkpoint {step_dir}")
     params, has_ema = ckpt.restore_params(step_dir, use_ema=use_ema)
-    cfg = model_config_from_run(run_config)
+    cfg = policy_spec(run_config).model
     out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = write_diffusers_transformer(out_dir / TRANSFORMER_DIR, cfg, params, dtype, max_shard_bytes)
@@ -390,12 +391,8 @@ def export_checkpoint(
 
 def camera_config(run_config: Any) -> dict[str, Any]:
     """How the policy's frames are made from its cameras: their names (in order), the layout and the frame size."""
-    from data_pipelines.clips import views
-    from wamjax.inference.conditioning import policy_data_config
-
-    data = policy_data_config(run_config)
-    return {"cameras": views.camera_names(data) or ["primary"], "view_layout": views.view_layout(data),
-            "resolution": [int(r) for r in data.resolution]}
+    clip = policy_spec(run_config).clip
+    return {"cameras": list(clip.cameras), "view_layout": clip.view_layout, "resolution": list(clip.resolution)}
 
 
 def main(argv: list[str]) -> None:

@@ -39,7 +39,6 @@ import dataclasses
 import math
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 from wamjax.flops import attention_pairs
@@ -48,6 +47,7 @@ from wamjax.models.attention_mask import AttentionMask
 from wamjax.models.config import ModelConfig
 from wamjax.models.dit import history_sizes, make_token_layout, trains_teacher_forced
 from wamjax.parallel import context as context_parallel
+from wamjax.stages import StageSpec, is_trainable
 
 # Wan 2.1 VAE compression: causal 4x in time, 8x in space, 16 latent channels.
 VAE_TIME_COMPRESSION = 4
@@ -122,25 +122,48 @@ def latent_shape_for(num_frames: int, resolution: tuple[int, int] | list[int],
     return 1 + (num_frames - 1) // VAE_TIME_COMPRESSION, height // sc, width // sc
 
 
-def token_counts(
-    model_cfg: ModelConfig,
-    *,
-    mode: str,
-    num_frames: int,
-    resolution: tuple[int, int] | list[int],
-    text_length: int,
-    pad_to_multiple: int = 1,
-    image_tokens: int = 0,
-    num_actions: int | None = None,
-    teacher_forcing: bool | None = None,
-    views: int = 1,
-    num_proprio: int = 1,
-    spatial_compression: int = VAE_SPACE_COMPRESSION,
-) -> TokenCounts:
-    """Tokens per sample: video tokens after patching (of each of `views` camera views, tokens view layout);
-    `num_actions` (default T-1) action tokens and `num_proprio` proprio tokens (1, or one per chunk) in joint
-    mode; with `teacher_forcing` (default: what training runs, `trains_teacher_forced`) the clean history copy
-    (all views of each history frame)."""
+@dataclasses.dataclass(frozen=True)
+class SequenceShape:
+    """What one sample's joint sequence is made of, for every FLOP count (analytic and XLA's): the clip whose
+    latent grid the video tokens come from, its camera views (tokens layout), actions, proprio tokens, the
+    teacher-forced history, text and image tokens, and the padding to the mesh's sequence axis."""
+
+    mode: str  # "video" | "joint"
+    num_frames: int
+    resolution: tuple[int, int]
+    text_length: int
+    num_actions: int | None = None  # actions per sample in joint mode; None: one per frame transition (T - 1)
+    num_proprio: int = 1  # proprio tokens in joint mode: one, or one per chunk
+    views: int = 1  # camera views as separate token groups (tokens view layout)
+    teacher_forcing: bool | None = None  # the clean history copy; None: what training runs (`trains_teacher_forced`)
+    image_tokens: int = 0  # CLIP tokens per sample (image-conditioned backbone)
+    pad_to_multiple: int = 1
+    spatial_compression: int = VAE_SPACE_COMPRESSION
+
+    @classmethod
+    def of_stage(cls, spec: StageSpec, *, pad_to_multiple: int = 1) -> SequenceShape:
+        """The sequence a training step of `spec`'s stage runs."""
+        views = spec.views or 1
+        return cls(
+            mode=spec.mode, num_frames=spec.clip.num_frames, resolution=spec.clip.resolution,
+            text_length=spec.text_length, num_actions=spec.clip.actions, num_proprio=spec.clip.states or 1,
+            views=views,
+            image_tokens=0 if spec.image_encoder is None else spec.image_encoder.num_tokens * views,
+            pad_to_multiple=pad_to_multiple, spatial_compression=int(spec.vae.spatial_compression),
+        )
+
+    def replace(self, **changes: Any) -> SequenceShape:
+        return dataclasses.replace(self, **changes)
+
+
+def token_counts(model_cfg: ModelConfig, shape: SequenceShape) -> TokenCounts:
+    """Tokens per sample of `shape`: video tokens after patching (of each view); the actions (default T-1) and
+    proprio tokens in joint mode; with teacher forcing (default: what training runs) the clean history copy (all
+    views of each history frame)."""
+    mode, num_frames, resolution = shape.mode, shape.num_frames, shape.resolution
+    num_actions, num_proprio, views = shape.num_actions, shape.num_proprio, shape.views
+    teacher_forcing, pad_to_multiple = shape.teacher_forcing, shape.pad_to_multiple
+    spatial_compression, text_length, image_tokens = shape.spatial_compression, shape.text_length, shape.image_tokens
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     frames, height, width = latent_shape_for(num_frames, resolution, spatial_compression)
@@ -209,11 +232,13 @@ def _attention_scores(cfg: ModelConfig, pairs: int, masked: bool) -> float:
 
 
 def self_attention_pairs(
-    cfg: ModelConfig, tok: TokenCounts, *, pad_to_multiple: int = 1, views: int = 1, kernel: str = "dot_product",
-    block_q: int | None = None, block_kv: int | None = None,
+    cfg: ModelConfig, shape: SequenceShape, *, kernel: str = "dot_product", block_q: int | None = None,
+    block_kv: int | None = None,
 ) -> attention_pairs.AttentionPairs:
     """The (query, key) pairs of one sample's self-attention (every block runs the same): those its layout's mask
     shows a valid query, and those `kernel` computes at `block_q` x `block_kv` (default: model.attention_block_*)."""
+    tok = token_counts(cfg, shape)
+    pad_to_multiple, views = shape.pad_to_multiple, shape.views
     block_q = cfg.attention_block_q if block_q is None else block_q
     block_kv = cfg.attention_block_kv if block_kv is None else block_kv
     if cfg.attention_layout == "chunk_causal":
@@ -228,44 +253,14 @@ def self_attention_pairs(
     return attention_pairs.attention_pairs(mask, s, s, kernel, block_q, block_kv, q_valid=valid)
 
 
-def forward_flops(
-    model_cfg: ModelConfig,
-    *,
-    mode: str,
-    num_frames: int,
-    resolution: tuple[int, int] | list[int],
-    text_length: int,
-    batch: int = 1,
-    pad_to_multiple: int = 1,
-    image_tokens: int = 0,
-    num_actions: int | None = None,
-    teacher_forcing: bool | None = None,
-    views: int = 1,
-    num_proprio: int = 1,
-    kernel: str | None = None,
-    spatial_compression: int = VAE_SPACE_COMPRESSION,
-) -> dict[str, float]:
-    """Forward FLOPs of `wam_forward` for `batch` samples per component (module docstring) and "total";
-    `image_tokens` CLIP tokens per sample for the image-conditioned backbone; `teacher_forcing` (default: what
-    training runs) counts the clean history copy in the sequence.
+def forward_flops(model_cfg: ModelConfig, shape: SequenceShape, *, batch: int = 1, kernel: str | None = None
+                  ) -> dict[str, float]:
+    """Forward FLOPs of `wam_forward` on `batch` samples of `shape`, per component (module docstring) and "total".
 
     Model FLOPs by default; with `kernel` (a resolved model.attention, e.g. "splash") the hardware FLOPs of that
     kernel at the model's block sizes (no remat: see `train_step_flops`)."""
     cfg = model_cfg
-    tok = token_counts(
-        cfg,
-        mode=mode,
-        num_frames=num_frames,
-        resolution=resolution,
-        text_length=text_length,
-        pad_to_multiple=pad_to_multiple,
-        image_tokens=image_tokens,
-        num_actions=num_actions,
-        teacher_forcing=teacher_forcing,
-        views=views,
-        num_proprio=num_proprio,
-        spatial_compression=spatial_compression,
-    )
+    tok = token_counts(cfg, shape)
     d, layers, s, text = cfg.dim, cfg.num_layers, tok.sequence, tok.text
     patch = math.prod(cfg.patch_size)
     groups = tok.groups
@@ -274,8 +269,7 @@ def forward_flops(
     c = dict.fromkeys(COMPONENTS, 0.0)
     c["patch_embedding"] = _dense(tok.video + tok.history_video, patch * cfg.in_channels, d)
     c["self_attention_projections"] = layers * 4 * _dense(s, d, d)
-    pairs = self_attention_pairs(cfg, tok, pad_to_multiple=pad_to_multiple, views=views,
-                                 kernel=kernel or "dot_product")
+    pairs = self_attention_pairs(cfg, shape, kernel=kernel or "dot_product")
     c["self_attention_scores"] = layers * _attention_scores(cfg, pairs.visible if kernel is None else pairs.computed,
                                                             masked)
     c["cross_attention_projections"] = layers * (2 * _dense(s, d, d) + 2 * _dense(text, d, d))
@@ -463,68 +457,22 @@ class StepFlops:
         return self.video_tokens + self.action_tokens
 
 
-def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of a run config's `model` block."""
-    return ModelConfig.from_dict(config.model.to_dict())
-
-
-def config_num_actions(config: ml_collections.ConfigDict) -> int:
-    """Action tokens per joint-mode sample of a run config (data.num_frames, frame_stride, action_horizon)."""
-    from data_pipelines.config import num_clip_actions
-
-    data = config.data
-    return num_clip_actions(
-        int(data.num_frames), int(data.get("frame_stride", 1)), int(data.get("action_horizon", 0))
-    )
-
-
-def config_num_proprio(config: ml_collections.ConfigDict) -> int:
-    """Proprio tokens per joint-mode sample of a run config: one, or one per chunk (data.proprio_chunk_frames)."""
-    from data_pipelines.config import clip_num_states
-
-    return clip_num_states(config.data) or 1
-
-
-def stage_mode(config: ml_collections.ConfigDict, stage: str) -> str:
-    """The mode of a named stage, naming the known stages on a miss."""
-    if stage not in config.stages:
-        raise KeyError(f"stage {stage!r} is not in config.stages; known: {sorted(config.stages.keys())}")
-    return str(config.stages[stage].mode)
-
-
-def _token_views(config: ml_collections.ConfigDict, stage: str | None) -> int:
-    """Camera views a clip of `stage` (default: `data`) carries as separate token groups (tokens layout), else 1."""
-    from data_pipelines.clips import views as views_lib
-
-    data = config.data
-    if stage is not None and stage in config.get("stages", {}):
-        from wamjax.train.inputs import stage_data_config
-
-        data = stage_data_config(config, stage)
-    return views_lib.views_axis(data) or 1
-
-
-def frozen_flops(config: ml_collections.ConfigDict, batch: int | None = None, stage: str | None = None
-                 ) -> dict[str, float]:
-    """FLOPs of the frozen parts of one step: VAE encode unless latents are cached; text encoder; for the
-    image-conditioned backbone the VAE encode of the conditioning video and the CLIP image encoder. With the
-    tokens view layout every camera view is encoded (`stage` picks its camera overrides)."""
-    from wamjax.models.vae import vae_config_for
-
-    batch = int(config.data.batch_size) if batch is None else batch
-    batch *= _token_views(config, stage)
+def frozen_flops(spec: StageSpec, batch: int | None = None) -> dict[str, float]:
+    """FLOPs of the frozen parts of one step of a stage: VAE encode unless latents are cached; text encoder; for
+    the image-conditioned backbone the VAE encode of the conditioning video and the CLIP image encoder. With the
+    tokens view layout every camera view is encoded. `batch` defaults to the stage's global batch."""
+    batch = spec.clip.batch_size if batch is None else batch
+    batch *= spec.views or 1
     vae = 0.0
-    if not config.data.get("latents_cache", ""):
-        vae = vae_encode_flops(
-            vae_config_for(config.vae.size), config.data.num_frames, config.data.resolution, batch
-        )
+    if not spec.uses_latents_cache:
+        vae = vae_encode_flops(spec.vae, spec.clip.num_frames, spec.clip.resolution, batch)
     # Text embeddings come from a cache or are synthesized; no text encoder runs in the step.
     out = {"vae_encoder": vae, "text_encoder": 0.0}
-    if model_config_from(config).image_conditioned:
+    if spec.image_encoder is not None:
         from wamjax.models import clip
 
         out["vae_condition_encoder"] = vae  # the first frame followed by zero frames, encoded like the clip
-        out["image_encoder"] = clip.encode_flops(clip.encoder_config(config), batch)
+        out["image_encoder"] = clip.encode_flops(spec.image_encoder, batch)
     return out
 
 
@@ -556,8 +504,6 @@ def train_multipliers(trainable: str) -> dict[str, float]:
     parameter lies upstream of it, so activation gradients pass through it, and 1x (forward only) where none
     does. Weightless parts (attention scores, norms) cost 3x wherever gradients pass through them.
     """
-    from wamjax.train.optimizer import is_trainable
-
     trained = {name: is_trainable(param, trainable) for name, param in _COMPONENT_PARAM.items()}
     into_blocks = any(trained[name] for name in _INPUT_COMPONENTS) or any(trained[n] for n in _BLOCK_WEIGHTS)
     flows = dict.fromkeys(_INPUT_COMPONENTS, False)
@@ -571,51 +517,28 @@ def train_multipliers(trainable: str) -> dict[str, float]:
     return out
 
 
-def config_spatial_compression(config: ml_collections.ConfigDict) -> int:
-    """The spatial compression of the run's VAE (`vae.size`: 8 for the Wan VAE, p for `pixels<p>`)."""
-    from wamjax.models.vae import vae_config_for
-
-    return int(vae_config_for(config.vae.size).spatial_compression)
-
-
 def step_kernel(cfg: ModelConfig, backend: str | None = None) -> str:
     """The attention kernel `cfg` runs on `backend` (default: the platform the program is built for)."""
     return resolve_attention(cfg.attention, backend or context_parallel.target_backend(), cfg.dtype)
 
 
-def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_multiple: int = 1,
-                     backend: str | None = None, kernel: str | None = None) -> StepFlops:
-    """Model and hardware FLOPs of one training step of `stage` for a run config (configs/wam.py's layout); the
-    hardware count is of `kernel`, default the one model.attention resolves to on `backend` (default: the
-    platform the program is built for)."""
-    cfg = model_config_from(config)
-    mode = stage_mode(config, stage)
-    batch = int(config.data.batch_size)
-    kwargs = dict(
-        mode=mode,
-        num_frames=int(config.data.num_frames),
-        resolution=tuple(config.data.resolution),
-        text_length=int(config.text.max_length),
-        pad_to_multiple=pad_to_multiple,
-        num_actions=config_num_actions(config),
-        views=_token_views(config, stage),
-        num_proprio=config_num_proprio(config),
-        spatial_compression=config_spatial_compression(config),
-    )
-    if cfg.image_conditioned:
-        from wamjax.models import clip
-
-        kwargs["image_tokens"] = clip.encoder_config(config).num_tokens * kwargs["views"]  # per view's first frame
+def train_step_flops(spec: StageSpec, *, pad_to_multiple: int = 1, backend: str | None = None,
+                     kernel: str | None = None) -> StepFlops:
+    """Model and hardware FLOPs of one training step of a stage; the hardware count is of `kernel`, default the
+    one model.attention resolves to on `backend` (default: the platform the program is built for)."""
+    cfg = spec.model
+    batch = spec.clip.batch_size
+    shape = SequenceShape.of_stage(spec, pad_to_multiple=pad_to_multiple)
     kernel = step_kernel(cfg, backend) if kernel is None else kernel
-    components = forward_flops(cfg, **kwargs)
-    hardware = forward_flops(cfg, **kwargs, kernel=kernel)
-    dense = forward_flops(cfg, **kwargs, kernel="dot_product")
-    tok = token_counts(cfg, **kwargs)
-    pairs = self_attention_pairs(cfg, tok, pad_to_multiple=pad_to_multiple, views=kwargs["views"], kernel=kernel)
+    components = forward_flops(cfg, shape)
+    hardware = forward_flops(cfg, shape, kernel=kernel)
+    dense = forward_flops(cfg, shape, kernel="dot_product")
+    tok = token_counts(cfg, shape)
+    pairs = self_attention_pairs(cfg, shape, kernel=kernel)
     forward = components.pop("total")
     hardware.pop("total")
     dense.pop("total")
-    multipliers = train_multipliers(str(config.stages[stage].trainable))
+    multipliers = train_multipliers(spec.trainable)
     frozen_text_kv = 0.0
     if multipliers["cross_attention_projections"] == 2.0 and multipliers["text_projection"] == 1.0:
         # The text keys/values of a frozen cross-attention have no trained parameter upstream: forward only.
@@ -626,7 +549,7 @@ def train_step_flops(config: ml_collections.ConfigDict, stage: str, *, pad_to_mu
 
     # Remat re-runs the block stack's forward during the backward pass ("everything" saves it all).
     recompute = 0.0 if cfg.remat_policy in _NO_RECOMPUTE_POLICIES else block_forward_flops(hardware) * batch
-    frozen = frozen_flops(config, batch, stage)
+    frozen = frozen_flops(spec, batch)
     return StepFlops(
         forward_per_sample=forward,
         train_per_step=train_flops(components),

@@ -28,11 +28,13 @@ from ml_collections import config_flags
 
 from wamjax.flops import analytic, ledger
 from wamjax.flops.ledger import format_flops
+from wamjax.models.config import ModelConfig
+from wamjax.stages import stage_spec
 
 
 def resolve_stage(config: ml_collections.ConfigDict, stage: str) -> str:
     """The stage to estimate: `stage`, else the config's own; 'all' has to be narrowed to one stage."""
-    name = stage or str(config.get("stage", ""))
+    name = stage or str(config.stage)
     if name not in config.stages:
         raise ValueError(
             f"stage {name!r} is not one stage of config.stages {sorted(config.stages.keys())}; "
@@ -55,39 +57,30 @@ def estimate(
 ) -> dict[str, Any]:
     """The estimate as one JSON-ready dict (what `--format=json` prints); hardware FLOPs are of the kernel
     model.attention runs on `backend`."""
-    step_flops = analytic.train_step_flops(config, stage, pad_to_multiple=pad_to_multiple, backend=backend)
-    stage_cfg = config.stages[stage]
+    spec = stage_spec(config, stage)
+    step_flops = analytic.train_step_flops(spec, pad_to_multiple=pad_to_multiple, backend=backend)
     batch = step_flops.batch_size
     if steps is not None and samples is not None:
         raise ValueError("give --steps or --samples, not both")
-    configured_steps = int(stage_cfg.steps) if int(stage_cfg.steps) > 0 else int(config.train.steps)
+    configured_steps = spec.steps
     if samples is not None:
         steps = math.ceil(samples / batch)
     elif steps is None:
         steps = configured_steps
     samples = steps * batch if samples is None else samples
-    budget = float(stage_cfg.budget_flops) if budget_flops is None else float(budget_flops)
+    budget = spec.budget_flops if budget_flops is None else float(budget_flops)
     total = step_flops.train_per_sample * samples
     per_step_to_total = samples / batch
     pairs = step_flops.attention
-    model_cfg = analytic.model_config_from(config)
-    tok = analytic.token_counts(
-        model_cfg,
-        mode=analytic.stage_mode(config, stage),
-        num_frames=int(config.data.num_frames),
-        resolution=tuple(config.data.resolution),
-        text_length=int(config.text.max_length),
-        pad_to_multiple=pad_to_multiple,
-        num_actions=analytic.config_num_actions(config),
-        num_proprio=analytic.config_num_proprio(config),
-        spatial_compression=analytic.config_spatial_compression(config),
-    )
+    model_cfg = spec.model
+    shape = analytic.SequenceShape.of_stage(spec, pad_to_multiple=pad_to_multiple)
+    tok = analytic.token_counts(model_cfg, shape)
     out: dict[str, Any] = {
         "size": config.get("size", ""),
         "stage": stage,
-        "mode": analytic.stage_mode(config, stage),
-        "num_frames": int(config.data.num_frames),
-        "resolution": [int(r) for r in config.data.resolution],
+        "mode": spec.mode,
+        "num_frames": spec.clip.num_frames,
+        "resolution": list(spec.clip.resolution),
         "batch_size": batch,
         "latent_shape": list(tok.latent_shape),
         "video_tokens": step_flops.video_tokens,
@@ -129,26 +122,16 @@ def estimate(
         "budget_limited": budget > 0
         and ledger.stage_step_count(configured_steps, budget, step_flops.train_per_step) < configured_steps,
     }
-    out.update(six_nd(config, tok, steps, batch))
+    out.update(six_nd(model_cfg, tok, steps, batch))
     if xla:
         from wamjax.flops import xla as xla_lib
 
         limit = xla_lib.DEFAULT_MAX_PARAM_BYTES if xla_max_param_bytes is None else xla_max_param_bytes
         # XLA compiles the forward for this host: compare what this host's kernel computes.
         host_kernel = analytic.step_kernel(model_cfg, "cpu")
-        host_forward = analytic.train_step_flops(config, stage, pad_to_multiple=pad_to_multiple,
+        host_forward = analytic.train_step_flops(spec, pad_to_multiple=pad_to_multiple,
                                                  kernel=host_kernel).hardware_forward_per_sample
-        xla_flops = xla_lib.xla_forward_flops(
-            model_cfg,
-            mode=out["mode"],
-            num_frames=out["num_frames"],
-            resolution=out["resolution"],
-            text_length=out["text_tokens"],
-            batch=1,
-            pad_to_multiple=pad_to_multiple,
-            max_param_bytes=limit,
-            image_tokens=step_flops.image_tokens,
-        )
+        xla_flops = xla_lib.xla_forward_flops(model_cfg, shape, batch=1, max_param_bytes=limit)
         out["xla_forward_flops_per_sample"] = xla_flops
         out["xla_kernel"] = host_kernel
         out["analytic_over_xla"] = host_forward / xla_flops
@@ -170,13 +153,12 @@ HARDWARE_LABEL = (
 DENSE_LABEL = "dense: every (query, key) pair counted, masked or not (the ledger's unit before masks were read)"
 
 
-def param_count(config: ml_collections.ConfigDict, tok: analytic.TokenCounts) -> int:
+def param_count(model_cfg: ModelConfig, tok: analytic.TokenCounts) -> int:
     """Parameters of the model a stage trains (backbone plus action modules in joint mode), counted abstractly."""
     import jax
 
     from wamjax.models.wam import init_params
 
-    model_cfg = analytic.model_config_from(config)
     f, h, w = tok.latent_shape
     latent_shape = (f, h, w, model_cfg.in_channels)
     shapes = jax.eval_shape(
@@ -185,11 +167,9 @@ def param_count(config: ml_collections.ConfigDict, tok: analytic.TokenCounts) ->
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
 
 
-def six_nd(
-    config: ml_collections.ConfigDict, tok: analytic.TokenCounts, steps: int, batch: int
-) -> dict[str, Any]:
+def six_nd(model_cfg: ModelConfig, tok: analytic.TokenCounts, steps: int, batch: int) -> dict[str, Any]:
     """The 6*N*D figure of a run (what published totals such as DreamZero's ~9 ZFLOPs use), labelled."""
-    params = param_count(config, tok)
+    params = param_count(model_cfg, tok)
     tokens = tok.video + tok.action + tok.proprio
     return {
         "six_nd_params": params,

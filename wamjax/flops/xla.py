@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wamjax.flops.analytic import token_counts
+from wamjax.flops.analytic import SequenceShape, token_counts
 from wamjax.models.config import ModelConfig
 
 # Sizes above this many bytes of float32 parameters are refused: compiling them on a host CPU takes long.
@@ -33,43 +33,49 @@ def _cost_flops(compiled: Any) -> float:
 
 def _abstract_inputs(
     cfg: ModelConfig, latent_shape: tuple[int, ...], text_length: int, num_actions: int, batch: int,
-    image_tokens: int = 0,
+    image_tokens: int = 0, num_proprio: int = 1,
 ) -> tuple[Any, ...]:
     from wamjax.models.wam import example_inputs
 
-    inputs = jax.eval_shape(
+    inputs = list(jax.eval_shape(
         lambda: example_inputs(cfg, latent_shape, text_length, num_actions, True, batch, image_tokens or None)
-    )
+    ))
+    if num_proprio > 1 and num_actions:  # one state per chunk: proprio [B, C, P]
+        inputs[4] = jax.ShapeDtypeStruct((batch, num_proprio, cfg.proprio_dim), jnp.float32)
     return tuple(inputs)
 
 
 def compiled_forward_flops(
     cfg: ModelConfig,
-    latent_shape: tuple[int, int, int, int],
+    latent_shape: tuple[int, ...],
     text_length: int,
     num_actions: int,
     batch: int,
     pad_to_multiple: int = 1,
     image_tokens: int = 0,
+    *,
+    num_proprio: int = 1,
+    teacher_forcing: bool | None = None,
 ) -> float:
-    """XLA's FLOP count of one compiled `wam_forward` call exactly as `cfg` describes it (no unrolling); a
-    teacher-forced model (`trains_teacher_forced`) is compiled with its clean history, as training runs it."""
+    """XLA's FLOP count of one compiled `wam_forward` call exactly as `cfg` describes it (no unrolling), on
+    latents [B, F, (V,) H, W, C]; with `teacher_forcing` (default: what training runs, `trains_teacher_forced`)
+    it is compiled with its clean history, as training runs it."""
     from wamjax.models.dit import trains_teacher_forced
     from wamjax.models.wam import init_params, wam_forward
 
     params = jax.eval_shape(
         lambda: init_params(cfg, jax.random.key(0), latent_shape, text_length, num_actions, with_proprio=True)
     )
-    inputs = _abstract_inputs(cfg, latent_shape, text_length, num_actions, batch, image_tokens)
+    inputs = _abstract_inputs(cfg, latent_shape, text_length, num_actions, batch, image_tokens, num_proprio)
     history = {}
-    if trains_teacher_forced(cfg):
+    if trains_teacher_forced(cfg) if teacher_forcing is None else teacher_forcing:
         history = {"history_latents": inputs[0], "history_actions": inputs[3] if num_actions else None}
     fn = jax.jit(lambda p, *args, **kw: wam_forward(cfg, p, *args, pad_to_multiple=pad_to_multiple, **kw))
     return _cost_flops(fn.lower(params, *inputs, **history).compile())
 
 
 def param_bytes(
-    cfg: ModelConfig, latent_shape: tuple[int, int, int, int], text_length: int, num_actions: int
+    cfg: ModelConfig, latent_shape: tuple[int, ...], text_length: int, num_actions: int
 ) -> int:
     """Bytes of the model's float32 parameters, counted abstractly."""
     from wamjax.models.wam import init_params
@@ -84,31 +90,22 @@ def param_bytes(
 
 def xla_forward_flops(
     model_cfg: ModelConfig,
+    shape: SequenceShape,
     *,
-    mode: str,
-    num_frames: int,
-    resolution: tuple[int, int] | list[int],
-    text_length: int,
     batch: int = 1,
-    pad_to_multiple: int = 1,
     max_param_bytes: int | None = DEFAULT_MAX_PARAM_BYTES,
-    image_tokens: int = 0,
 ) -> float:
-    """XLA's forward FLOPs for `batch` samples, same arguments as `analytic.forward_flops`.
+    """XLA's forward FLOPs for `batch` samples of `shape`: what `analytic.forward_flops` counts (actions, proprio
+    tokens, camera views, the teacher-forced history, image tokens, padding).
 
     Raises ValueError when the model's parameters exceed `max_param_bytes` (None: no limit).
     """
-    tok = token_counts(
-        model_cfg,
-        mode=mode,
-        num_frames=num_frames,
-        resolution=resolution,
-        text_length=text_length,
-        pad_to_multiple=pad_to_multiple,
-    )
-    latent_shape = (*tok.latent_shape, model_cfg.in_channels)
+    tok = token_counts(model_cfg, shape)
+    f, h, w = tok.latent_shape
+    views = () if shape.views == 1 else (int(shape.views),)
+    latent_shape = (f, *views, h, w, model_cfg.in_channels)
     if max_param_bytes is not None:
-        size = param_bytes(model_cfg, latent_shape, text_length, tok.action)
+        size = param_bytes(model_cfg, latent_shape, shape.text_length, tok.action)
         if size > max_param_bytes:
             raise ValueError(
                 f"--xla refused: the model has {size / 2**30:.2f} GiB of float32 parameters, over the limit "
@@ -119,8 +116,9 @@ def xla_forward_flops(
 
     def cost(layers: int) -> float:
         cfg = dataclasses.replace(model_cfg, num_layers=layers, scan_layers=False, remat_policy="none")
-        return compiled_forward_flops(cfg, latent_shape, text_length, tok.action, batch, pad_to_multiple,
-                                      image_tokens)
+        return compiled_forward_flops(cfg, latent_shape, shape.text_length, tok.action, batch, shape.pad_to_multiple,
+                                      shape.image_tokens, num_proprio=max(tok.proprio, 1),
+                                      teacher_forcing=tok.teacher_forcing)
 
     one = cost(1)
     if model_cfg.num_layers == 1:

@@ -16,20 +16,20 @@ from data_pipelines.clips import views
 from wamjax.checkpoint import clip_import
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
-from wamjax.models.config import ModelConfig
 from wamjax.models.wam import first_frame_video
+from wamjax.stages import PolicySpec
 
 Params = Any
 
 
 def load_image_encoder(
-    run_config: ml_collections.ConfigDict, model: ModelConfig
+    run_config: ml_collections.ConfigDict, spec: PolicySpec
 ) -> tuple[clip.CLIPVisionConfig | None, Params | None]:
-    """The frozen CLIP tower the run trained with (`image.*`), or (None, None) for a text-to-video model."""
-    if not model.image_conditioned:
+    """The frozen CLIP tower the run trained with (its weights from `image.*` of the run config), or (None, None)
+    for a text-to-video model."""
+    if spec.image_encoder is None:
         return None, None
-    cfg = clip.encoder_config(run_config)
-    return cfg, jax.tree.map(jnp.asarray, clip_import.encoder_params(run_config, cfg))
+    return spec.image_encoder, jax.tree.map(jnp.asarray, clip_import.encoder_params(run_config, spec.image_encoder))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 5))
@@ -49,33 +49,8 @@ def i2v_conditioning(
     return condition, encode_first_frames(image_config, image_params, first_frames)
 
 
-def policy_data_config(run_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The data config a policy's action stage trained on (its `stages.action_tune` overrides applied)."""
-    if "action_tune" not in run_config.get("stages", {}):
-        return run_config.data
-    from wamjax.train.inputs import stage_data_config
-
-    return stage_data_config(run_config, "action_tune")
-
-
-def camera_count(run_config: ml_collections.ConfigDict) -> int:
-    """How many cameras the run's action stage read (`data.cameras`; 1 when unset)."""
-    return views.num_views(policy_data_config(run_config))
-
-
-def camera_names(run_config: ml_collections.ConfigDict) -> list[str]:
-    """The cameras of the run's action stage, in the order a policy takes them (["primary"] when unset)."""
-    return views.camera_names(policy_data_config(run_config)) or ["primary"]
-
-
-def views_axis(run_config: ml_collections.ConfigDict) -> int | None:
-    """Views per frame the model reads as separate token groups (tokens view layout), or None."""
-    return views.views_axis(policy_data_config(run_config))
-
-
 def combine_cameras(
-    images: np.ndarray | Sequence[np.ndarray], run_config: ml_collections.ConfigDict,
-    resize: Any,
+    images: np.ndarray | Sequence[np.ndarray], spec: PolicySpec, resize: Any,
 ) -> np.ndarray:
     """The cameras of one observation as the model's frames [T, H, W, 3] (or [H, W, 3]) at `data.resolution`;
     for the tokens view layout, [T, V, H, W, 3] (or [V, H, W, 3]), each view resized to `data.resolution`.
@@ -86,7 +61,7 @@ def combine_cameras(
     each to the whole resolution and stacked along a views axis (`tokens`).
     `resize(frames [T, H, W, 3], (h, w))` is the resize the policy uses.
     """
-    data = policy_data_config(run_config)
+    data = spec.data
     expected = views.num_views(data)
     names = views.camera_names(data) or ["primary"]
     if isinstance(images, (list, tuple)):

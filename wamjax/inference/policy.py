@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from data_pipelines.config import clip_num_actions
 from data_pipelines.standardize.normalization import normalize, unnormalize
 from wamjax.checkpoint.load import load_checkpoint, load_norm_stats
 from wamjax.checkpoint.norm_stats import checked_norm_stats
@@ -29,10 +28,11 @@ from wamjax.diffusion.sampler import SampleOutput, SamplerOptions, check_action_
 from wamjax.inference import conditioning
 from wamjax.inference.timing import StageTimer
 from wamjax.models import vae as vae_lib
-from wamjax.models.config import ModelConfig, model_config_from_run
+from wamjax.models.config import ModelConfig
 from wamjax.models.dit import trains_teacher_forced, views_into_batch, views_out_of_batch
 from wamjax.models.encoders import encode_views
 from wamjax.models.text import TextEmbedder
+from wamjax.stages import policy_spec
 
 Params = Any
 
@@ -143,12 +143,13 @@ class Policy:
     ):
         """`source` names where params and stats came from (a checkpoint path) in errors."""
         self.run_config = run_config
+        self.spec = policy_spec(run_config)
         self.mode = check_mode(mode)  # how infer() acts unless told otherwise
-        self.model_config = model_config_from_run(run_config)
+        self.model_config = self.spec.model
         self.params = jax.tree.map(jnp.asarray, params)
         if "actions" not in self.params:
             raise KeyError("checkpoint params have no 'actions' subtree: a video-only checkpoint is not a policy")
-        options = options or SamplerOptions(shift=float(run_config.diffusion.shift))
+        options = options or SamplerOptions(shift=self.spec.shift)
         # Every call reports its denoising iterations as they finish (`last_timing`).
         self.options = dataclasses.replace(options, time_steps=True)
         self.vae_config, vae_params = load_vae(
@@ -161,12 +162,12 @@ class Policy:
         self.last_timing: dict[str, Any] = {}  # policy_timing of the newest infer() (see wamjax.inference.timing)
         self.text_embedder = TextEmbedder(run_config.text, self.model_config.text_dim)
         self.stats = select_dataset_stats(checked_norm_stats(run_config, norm_stats, where=source), dataset)
-        self.normalization = str(run_config.data.action_normalization)
-        self.resolution = tuple(int(x) for x in run_config.data.resolution)
-        self.num_frames = int(run_config.data.num_frames)  # the clip length the model was trained on
+        self.normalization = str(self.spec.data.action_normalization)
+        self.resolution = self.spec.clip.resolution
+        self.num_frames = self.spec.clip.num_frames  # the clip length the model was trained on
         tc = self.vae_config.temporal_compression
         self.num_latent_frames = 1 + (self.num_frames - 1) // tc
-        self.num_actions = clip_num_actions(run_config)  # per-step actions with data.action_horizon > 0
+        self.num_actions = self.spec.clip.actions  # per-step actions with data.action_horizon > 0
         self.proprio_dim = self.model_config.proprio_dim
         self._rng = jax.random.key(seed)
         self._text_cache: dict[str, np.ndarray] = {}
@@ -174,11 +175,11 @@ class Policy:
         self._encode = jax.jit(_context_latents, static_argnums=0)
         self._sample = jax.jit(self._sample_step, static_argnums=0)
         self.image_encoder_config, self.image_encoder_params = conditioning.load_image_encoder(
-            run_config, self.model_config
+            run_config, self.spec
         )
-        self.num_cameras = conditioning.camera_count(run_config)
-        self.camera_names = conditioning.camera_names(run_config)
-        self.views = conditioning.views_axis(run_config)  # tokens view layout: views per frame, else None
+        self.num_cameras = self.spec.clip.num_cameras
+        self.camera_names = list(self.spec.clip.cameras)
+        self.views = self.spec.views  # tokens view layout: views per frame, else None
 
     @classmethod
     def from_checkpoint(
@@ -212,7 +213,7 @@ class Policy:
         run_config, params = load_checkpoint(path, use_ema=use_ema, sharding=device)
         options = SamplerOptions(
             num_steps=num_steps, action_steps=action_steps, cfg_scale=cfg_scale, cfg_batched=cfg_batched,
-            shift=float(run_config.diffusion.shift), video_stop_t=video_stop_t,
+            shift=policy_spec(run_config).shift, video_stop_t=video_stop_t,
             step_cache_mask=None if step_cache_mask is None else tuple(step_cache_mask),
             step_cache_threshold=step_cache_threshold, cfg_parallel=cfg_parallel,
         )
@@ -224,7 +225,7 @@ class Policy:
     def prepare_frames(self, frames: np.ndarray) -> np.ndarray:
         """uint8 [T, H, W, 3] or [H, W, 3] -> [T, h, w, 3] at the training resolution, checked. A policy trained
         on several cameras takes them as a list (or a views axis, see `conditioning.combine_cameras`)."""
-        frames = conditioning.combine_cameras(frames, self.run_config, resize_frames)
+        frames = conditioning.combine_cameras(frames, self.spec, resize_frames)
         view_axes = 0 if self.views is None else 1  # tokens layout: [T, V, H, W, 3], already resized
         if frames.ndim == 3 + view_axes:
             frames = frames[None]
@@ -509,7 +510,7 @@ class ClosedLoopSession:
         sc = policy.vae_config.spatial_compression
         latent_hw = (policy.resolution[0] // sc, policy.resolution[1] // sc)
         # A model trained with one state per chunk (data.proprio_chunk_frames) reads each chunk's own state.
-        per_chunk = int(policy.run_config.data.get("proprio_chunk_frames", 0)) > 0
+        per_chunk = policy.spec.clip.states is not None
         self.geometry = ChunkGeometry.for_model(cfg, latent_hw, max_chunks, views=policy.views,
                                                 proprio_per_chunk=per_chunk)
         self.rollout = ChunkedRollout(cfg, policy.params, self.geometry, policy.options, mode=check_mode(mode))
@@ -578,7 +579,7 @@ class ClosedLoopSession:
         such array per camera, in a list, for a policy trained on several) and the raw state at the last of them:
         the next chunk's state token for a model trained with one state per chunk (without it the newest state
         given is reused), else kept for the next re-anchoring."""
-        frames = conditioning.combine_cameras(frames, self.policy.run_config, resize_frames)
+        frames = conditioning.combine_cameras(frames, self.policy.spec, resize_frames)
         views = self.policy.views
         if frames.ndim != (4 if views is None else 5) or frames.shape[0] != self.frames_per_observation:
             view_axis = "" if views is None else f"{views}, "

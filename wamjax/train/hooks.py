@@ -14,20 +14,18 @@ import jax
 import ml_collections
 
 from wamjax.models.config import ModelConfig
+from wamjax.stages import StageSpec
 
 Params = Any
 
 
 @dataclasses.dataclass(frozen=True)
 class StageContext:
-    """What a hook may use of the running stage: its config, model, frozen encoders, mesh, stats and writer."""
+    """What a hook may use of the running stage: its spec, the run config, frozen encoders, mesh, stats and
+    writer."""
 
-    config: ml_collections.ConfigDict
-    stage: str
-    model: ModelConfig
-    vae: Any
-    mode: str
-    clean_context_frames: int
+    config: ml_collections.ConfigDict  # the whole run config (evaluation schedules: `eval.*`)
+    spec: StageSpec
     text: Any
     mesh: jax.sharding.Mesh
     rules: Any
@@ -35,6 +33,26 @@ class StageContext:
     norm_stats: dict[str, Any]
     writer: Any
     workdir: str
+
+    @property
+    def stage(self) -> str:
+        return self.spec.name
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.spec.model
+
+    @property
+    def vae(self) -> Any:
+        return self.spec.vae
+
+    @property
+    def mode(self) -> str:
+        return self.spec.mode
+
+    @property
+    def clean_context_frames(self) -> int:
+        return self.spec.clean_context_frames
 
 
 class LoopHook(Protocol):

@@ -20,29 +20,26 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from data_pipelines.clips import views as views_lib
 from wamjax.checkpoint import clip_import
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.norm_stats import checked_norm_stats, has_norm_stats
 from wamjax.compilation_cache import enable_compilation_cache
-from wamjax.flops.analytic import train_step_flops
+from wamjax.flops.analytic import StepFlops, train_step_flops
 from wamjax.flops.goodput import GoodputRecorder
 from wamjax.flops.ledger import MODEL_UNITS, FlopLedger, stage_step_count
 from wamjax.flops.peak import peak_flops_per_device
-from wamjax.models import clip
 from wamjax.models import vae as vae_lib
-from wamjax.models.config import ModelConfig, model_config_from_run
-from wamjax.models.wam import I2V_MASK_CHANNELS, WorldActionModel, example_inputs
-from wamjax.parallel.mesh import batch_sharding, logical_rules, make_mesh, replicated
+from wamjax.parallel.mesh import logical_rules, make_mesh, replicated
 from wamjax.parallel.placement import check_placement, device_batch
 from wamjax.paths import PathLike, as_path
+from wamjax.stages import StageSpec, stage_list, stage_spec
 from wamjax.train import inputs as inputs_lib
 from wamjax.train.hooks import HookFactory, StageContext, check_hooks
 from wamjax.train.metrics import MetricsWriter, format_progress
-from wamjax.train.optimizer import make_optimizer
-from wamjax.train.setup import boxed_init_fn, jit_train_step, sharded_init
-from wamjax.train.stages import STAGES
-from wamjax.train.step import StepSpec, TrainState, check_microbatches, make_train_step
+from wamjax.train.setup import jit_train_step, sharded_init
+from wamjax.train.stage_step import build_stage_step
+from wamjax.train.stage_step import frozen_params as stage_frozen_params
+from wamjax.train.step import TrainState
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved and stopped on SIGTERM; resubmit the same command.
 
@@ -107,45 +104,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def stage_list(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    return STAGES if config.stage == "all" else (config.stage,)
-
-
-def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
-    steps = int(config.stages[stage].steps)
-    return steps if steps > 0 else int(config.train.steps)
-
-
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    return model_config_from_run(config)
-
-
-def _latent_shape(
-    config: ml_collections.ConfigDict, vae_cfg: Any, cfg: ModelConfig, views: int | None = None
-) -> tuple[int, ...]:
-    """(F, H, W, C) of the model's latents, or (F, V, H, W, C) with a views axis (tokens view layout)."""
-    f, lh, lw, c = _single_view_latent_shape(config, vae_cfg, cfg)
-    return (f, lh, lw, c) if views is None else (f, views, lh, lw, c)
-
-
-def _single_view_latent_shape(config: ml_collections.ConfigDict, vae_cfg: Any, cfg: ModelConfig
-                              ) -> tuple[int, int, int, int]:
-    h, w = config.data.resolution
-    f, lh, lw, c = vae_lib.latent_shape(vae_cfg, (1, config.data.num_frames, h, w, 3))[1:]
-    if cfg.image_conditioned:
-        # The transformer reads noisy latents, 4 first-frame mask channels and the conditioning latents.
-        if cfg.in_channels != 2 * c + I2V_MASK_CHANNELS or cfg.out_channels != c:
-            raise ValueError(f"model.in_channels={cfg.in_channels}, model.out_channels={cfg.out_channels}: an image-"
-                             f"conditioned model on a VAE with z_dim {c} needs {2 * c + I2V_MASK_CHANNELS} and {c}")
-        if config.data.latents_cache:
-            raise ValueError("data.latents_cache is not supported for image-conditioned models (model.image_dim): "
-                             "the step encodes the first frame and its CLIP tokens from the clip's frames")
-        return f, lh, lw, cfg.in_channels
-    if c != cfg.in_channels:
-        raise ValueError(f"VAE z_dim {c} != model.in_channels {cfg.in_channels}")
-    return f, lh, lw, c
-
-
 def train(config: ml_collections.ConfigDict, workdir: PathLike, started: float | None = None,
           hooks: Sequence[HookFactory] | None = None) -> list[StageResult]:
     """Runs the configured stage(s) in `workdir`, resuming from its latest complete checkpoint.
@@ -197,8 +155,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, goodput: GoodputReco
                     logging.info("stage %s already completed in this workdir; skipping", stage)
                     previous = StageResult(stage, None, resume_ledger.stage_end_step[stage], "completed")
                     continue
-                result = run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption,
-                                   goodput, hooks=hooks)
+                result = run_stage(stage_spec(config, stage), config=config, workdir=workdir, mesh=mesh,
+                                   rules=rules, manager=manager, writer=writer, previous=previous,
+                                   preemption=preemption, goodput=goodput, hooks=hooks)
                 results.append(result)
                 previous = result
     finally:
@@ -208,131 +167,153 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, goodput: GoodputReco
     return results
 
 
-def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, preemption,
+@dataclasses.dataclass(frozen=True)
+class _StageRun:
+    """What the steps of a running stage read besides the state: its step, input, frozen parts and bookkeeping."""
+
+    spec: StageSpec
+    config: ml_collections.ConfigDict  # saved whole with every checkpoint
+    train_step: Any
+    data_iter: Any
+    text: Any
+    frozen_params: Any
+    mesh: jax.sharding.Mesh
+    rules: Any
+    manager: Any
+    writer: MetricsWriter
+    goodput: GoodputRecorder
+    preemption: _Preemption
+    hooks: Sequence[Any]
+    norm_stats: dict
+    flops: StepFlops
+    total_steps: int
+    budget_limited: bool
+
+
+def run_stage(spec: StageSpec, *, config: ml_collections.ConfigDict, workdir: Any, mesh: jax.sharding.Mesh,
+              rules: Any, manager: Any, writer: MetricsWriter, previous: StageResult | None, preemption: _Preemption,
               goodput: GoodputRecorder | None = None, hooks: Sequence[HookFactory] = ()) -> StageResult:
-    """Runs one stage to its end (steps or budget), from its checkpoint, init_from, the previous stage, or fresh."""
-    stage_cfg = config.stages[stage]
-    cfg = model_config(config)
-    mode = stage_cfg.mode
-    if mode not in ("video", "joint"):
-        raise ValueError(f"stages.{stage}.mode={mode!r}; expected 'video' or 'joint'")
-    budget = float(stage_cfg.budget_flops)
-    flops = train_step_flops(config, stage)
+    """Runs one stage to its end (steps or budget), from its checkpoint, init_from, the previous stage, or fresh.
+
+    `config` is the whole run config, stored with every checkpoint; the stage's settings come from `spec`.
+    """
+    stage = spec.name
+    flops = train_step_flops(spec)
     goodput = goodput or GoodputRecorder(workdir, jax.process_index(), jax.process_count())
     goodput.begin_stage(stage, previous.final_step if previous is not None else (manager.latest_step() or 0),
                         flops.train_per_step)
     goodput.switch("init")
     # One count for the loop's end, the schedule and `flops.estimate`: the budget may buy fewer than `steps`.
-    total_steps = stage_step_count(stage_steps(config, stage), budget, flops.train_per_step)
-    budget_limited = total_steps < stage_steps(config, stage)
+    total_steps = stage_step_count(spec.steps, spec.budget_flops, flops.train_per_step)
 
     # --- Input -------------------------------------------------------------------------------------
-    dataset, norm_stats = inputs_lib.make_stage_dataset(config, stage, jax.process_index(), jax.process_count())
+    dataset, norm_stats = inputs_lib.make_stage_dataset(spec, jax.process_index(), jax.process_count())
     # Every checkpoint of a run on real data carries the stats it trained with; refuse to start without them.
     norm_stats = checked_norm_stats(config, norm_stats, where=f"stage {stage!r}'s data")
     data_iter = iter(dataset)
-    text = inputs_lib.TextEmbedder(config.text, cfg.text_dim)
+    text = inputs_lib.TextEmbedder(config.text, spec.model.text_dim)
 
-    # --- Model and optimizer -----------------------------------------------------------------------
-    vae_cfg = vae_lib.vae_config_for(config.vae.size)
-    stage_views = views_lib.views_axis(inputs_lib.stage_data_config(config, stage))
-    latent_shape = _latent_shape(config, vae_cfg, cfg, stage_views)
-    num_actions = inputs_lib.clip_num_actions(config) if mode == "joint" else 0
-    lr = stage_cfg.learning_rate if stage_cfg.learning_rate > 0 else config.optim.learning_rate
-    warmup = stage_cfg.warmup_steps if stage_cfg.warmup_steps >= 0 else config.optim.warmup_steps
-    tx, schedule = make_optimizer(
-        config.optim, learning_rate=lr, warmup_steps=warmup, total_steps=total_steps, trainable=stage_cfg.trainable
-    )
-    pad = mesh.shape["sequence"]
-    model = WorldActionModel(cfg, pad_to_multiple=pad)
-    example = example_inputs(cfg, latent_shape, config.text.max_length, num_actions)
-    use_ema = config.optim.ema_decay > 0
-
-    # --- Sharding ----------------------------------------------------------------------------------
-    layout = sharded_init(boxed_init_fn(model, example, tx, use_ema), mesh, rules, seed=config.train.seed)
-    state_shardings, abstract_state = layout.shardings, layout.abstract_state
-
-    # --- Restore or initialize ---------------------------------------------------------------------
+    # --- Model, optimizer and sharding -------------------------------------------------------------
     latest = manager.latest_step()
-    ledger = FlopLedger()
-    resumed = False
+    saved_ledger = None
     if latest is not None:
         saved_ledger = FlopLedger.from_json(ckpt.read_json_item(ckpt.step_dir(workdir, latest), "ledger"))
-        if saved_ledger.current_stage == stage:
-            goodput.switch("restore")
-            state, ledger_json, _, norm_stats_saved = ckpt.restore(manager, latest, abstract_state, data_iter)
-            goodput.switch("init")
-            goodput.resumed_at(int(state.step))
-            ledger = FlopLedger.from_json(ledger_json)
-            if ledger.stage_units(stage) != MODEL_UNITS:
-                dense_flops = ledger.stage_flops(stage)
-                factor = ledger.to_model_units(stage, flops.train_per_step, flops.dense_per_step,
-                                               flops.hardware_per_step)
-                logging.warning("stage %s: the checkpoint's ledger holds dense FLOPs (%.3e, written before "
-                                "mask-aware counting); converted to model FLOPs x %.4f = %.3e (hardware %.3e)",
-                                stage, dense_flops, factor, ledger.stage_flops(stage),
-                                ledger.stage_hardware_flops(stage))
-            norm_stats = norm_stats_saved if has_norm_stats(norm_stats_saved) else norm_stats
-            writer.truncate_after(latest)
-            resumed = True
-            logging.info("stage %s: resumed from step %d", stage, latest)
-        else:
-            ledger = saved_ledger
-    if not resumed:
-        state = layout.init(jax.random.PRNGKey(config.train.seed))
-        start_global = previous.final_step if previous is not None else (latest or 0)
+    resuming = saved_ledger is not None and saved_ledger.current_stage == stage
+    start_global = previous.final_step if previous is not None else (latest or 0)
+    # A resumed stage's schedule and spike counters start where the stage began, not where this attempt does.
+    stage_start = saved_ledger.stage_start_step[stage] if resuming else int(start_global)
+    built = build_stage_step(spec, mesh, rules, total_steps=total_steps, stage_start_step=stage_start)
+    layout = sharded_init(built.init_boxed, mesh, rules, seed=spec.seed)
+
+    # --- Restore or initialize ---------------------------------------------------------------------
+    if resuming:
+        state, ledger, norm_stats = _resume(spec, manager, latest, layout, data_iter, norm_stats, flops, goodput)
+        writer.truncate_after(latest)
+    else:
+        state = layout.init(jax.random.PRNGKey(spec.seed))
         state = state.replace(step=jnp.asarray(start_global, jnp.int32))
-        state = _initialize_from(config, stage, state, state_shardings, previous, cfg, workdir)
+        state = _initialize_from(spec, state, layout.shardings, previous, workdir)
+        ledger = saved_ledger or FlopLedger()
         ledger.start_stage(stage, int(start_global))
         writer.truncate_after(int(start_global))  # rows of an earlier attempt at this stage are redone
-    check_placement(state.params, state_shardings.params, mesh, log=logging.info)
+    check_placement(state.params, layout.shardings.params, mesh, log=logging.info)
+    frozen = _frozen_params(config, spec, mesh)
 
-    vae_params = None
-    if not config.data.latents_cache:
-        vae_params = jax.device_put(_vae_params(config, vae_cfg), replicated(mesh))
-    image_encoder = None
-    if cfg.image_conditioned:
-        image_encoder = clip.encoder_config(config)
-        logging.info("image encoder: %s CLIP vision tower (%d tokens per first frame), frozen in the step",
-                     config.image.encoder or "RANDOM (image.encoder is empty; CPU smoke runs only)",
-                     image_encoder.num_tokens)
-        image_params = jax.device_put(clip_import.encoder_params(config, image_encoder), replicated(mesh))
-        vae_params = {"vae": vae_params, "image_encoder": image_params}
-
-    # --- Update step -------------------------------------------------------------------------------
-    microbatches = int(config.train.microbatches)
-    batch_size = int(config.data.batch_size)
-    check_microbatches(microbatches, batch_size,
-                       batch_size // batch_sharding(mesh, rules, 1).shard_shape((batch_size,))[0])
-    spec = StepSpec(model=cfg, mode=mode, clean_context_frames=int(stage_cfg.clean_context_frames),
-                    vae=vae_cfg, pad_to_multiple=pad, image_encoder=image_encoder, microbatches=microbatches,
-                    trainable=stage_cfg.trainable)
-    stage_start = ledger.stage_start_step[stage]
-    step_fn = make_train_step(spec, config.diffusion, tx, schedule, config.optim.ema_decay, stage_start)
-    train_step = jit_train_step(step_fn, state_shardings)
-    if stage_views is not None and int(config.get("eval", {}).get("every_steps", 0)) > 0:
+    # --- Update step and hooks ---------------------------------------------------------------------
+    train_step = jit_train_step(built.step_fn, layout.shardings)
+    if spec.views is not None and int(config.get("eval", {}).get("every_steps", 0)) > 0:
         raise ValueError(f"eval.every_steps={config.eval.every_steps} with data.view_layout='tokens' in stage "
                          f"{stage!r}: the offline evaluation reads one camera; set eval.every_steps=0")
-    context = StageContext(config=config, stage=stage, model=cfg, vae=vae_cfg, mode=mode,
-                           clean_context_frames=int(stage_cfg.clean_context_frames), text=text, mesh=mesh,
-                           rules=rules, vae_params=vae_params, norm_stats=norm_stats, writer=writer,
-                           workdir=str(workdir))
+    context = StageContext(config=config, spec=spec, text=text, mesh=mesh, rules=rules, vae_params=frozen,
+                           norm_stats=norm_stats, writer=writer, workdir=str(workdir))
     stage_hooks = [hook for hook in (factory(context) for factory in hooks) if hook is not None]
+    run = _StageRun(spec=spec, config=config, train_step=train_step, data_iter=data_iter, text=text,
+                    frozen_params=frozen, mesh=mesh, rules=rules, manager=manager, writer=writer, goodput=goodput,
+                    preemption=preemption, hooks=stage_hooks, norm_stats=norm_stats, flops=flops,
+                    total_steps=total_steps, budget_limited=total_steps < spec.steps)
+    _log_stage_start(run)
+    return _run_steps(run, state, ledger)
 
-    peak = peak_flops_per_device(config.flops.device_kind or None)
-    tokens_per_step = (flops.video_tokens + flops.action_tokens) * config.data.batch_size
+
+def _resume(spec: StageSpec, manager: Any, latest: int, layout: Any, data_iter: Any, norm_stats: dict,
+            flops: StepFlops, goodput: GoodputRecorder) -> tuple[TrainState, FlopLedger, dict]:
+    """The stage's state, ledger and stats from its latest checkpoint (the data iterator restored in place)."""
+    stage = spec.name
+    goodput.switch("restore")
+    state, ledger_json, _, norm_stats_saved = ckpt.restore(manager, latest, layout.abstract_state, data_iter)
+    goodput.switch("init")
+    goodput.resumed_at(int(state.step))
+    ledger = FlopLedger.from_json(ledger_json)
+    if ledger.stage_units(stage) != MODEL_UNITS:
+        dense_flops = ledger.stage_flops(stage)
+        factor = ledger.to_model_units(stage, flops.train_per_step, flops.dense_per_step, flops.hardware_per_step)
+        logging.warning("stage %s: the checkpoint's ledger holds dense FLOPs (%.3e, written before "
+                        "mask-aware counting); converted to model FLOPs x %.4f = %.3e (hardware %.3e)",
+                        stage, dense_flops, factor, ledger.stage_flops(stage), ledger.stage_hardware_flops(stage))
+    norm_stats = norm_stats_saved if has_norm_stats(norm_stats_saved) else norm_stats
+    logging.info("stage %s: resumed from step %d", stage, latest)
+    return state, ledger, norm_stats
+
+
+def _frozen_params(config: ml_collections.ConfigDict, spec: StageSpec, mesh: jax.sharding.Mesh) -> Any:
+    """The frozen encoders' parameters the step reads, replicated: the VAE's (None on cached latents) and, for an
+    image-conditioned model, the CLIP tower's."""
+    vae_params = None
+    if not spec.uses_latents_cache:
+        vae_params = jax.device_put(_vae_params(config, spec.vae), replicated(mesh))
+    if spec.image_encoder is None:
+        return vae_params
+    logging.info("image encoder: %s CLIP vision tower (%d tokens per first frame), frozen in the step",
+                 config.image.encoder or "RANDOM (image.encoder is empty; CPU smoke runs only)",
+                 spec.image_encoder.num_tokens)
+    image_params = jax.device_put(clip_import.encoder_params(config, spec.image_encoder), replicated(mesh))
+    return stage_frozen_params(vae_params, image_params)
+
+
+def _log_stage_start(run: _StageRun) -> None:
+    spec, flops = run.spec, run.flops
     logging.info(
         "stage %s: mode=%s steps=%d%s trainable=%s | %.3e model FLOPs/step (fwd %.3e/sample, frozen %.3e/step; "
         "%.3e hardware with %s, self-attention %.4f visible)%s",
-        stage, mode, total_steps, f" (what the budget buys of {stage_steps(config, stage)})" if budget_limited else "",
-        stage_cfg.trainable, flops.train_per_step, flops.forward_per_sample, flops.frozen_per_step,
+        spec.name, spec.mode, run.total_steps,
+        f" (what the budget buys of {spec.steps})" if run.budget_limited else "",
+        spec.trainable, flops.train_per_step, flops.forward_per_sample, flops.frozen_per_step,
         flops.hardware_per_step, flops.attention_kernel, flops.attention.visible_fraction,
-        f" | budget {budget:.3e} model FLOPs" if budget else "",
+        f" | budget {spec.budget_flops:.3e} model FLOPs" if spec.budget_flops else "",
     )
 
-    # --- Loop --------------------------------------------------------------------------------------
-    # Metrics stay on device between fetches so that dispatch runs ahead of the device; the host blocks only
-    # on log, checkpoint, stage-end and preemption steps (see `_NonfiniteGuard` for what that costs).
+
+def _run_steps(run: _StageRun, state: TrainState, ledger: FlopLedger) -> StageResult:
+    """Steps the stage to its end (steps, budget), saving on schedule; raises Preempted after a SIGTERM's save.
+
+    Metrics stay on device between fetches so that dispatch runs ahead of the device; the host blocks only on
+    log, checkpoint, stage-end and preemption steps (see `_NonfiniteGuard` for what that costs).
+    """
+    spec, config, flops, goodput, writer = run.spec, run.config, run.flops, run.goodput, run.writer
+    stage, total_steps, budget = spec.name, run.total_steps, spec.budget_flops
+    batch_size = spec.clip.batch_size
+    peak = peak_flops_per_device(config.flops.device_kind or None)
+    tokens_per_step = (flops.video_tokens + flops.action_tokens) * batch_size
     step = int(state.step)
     stage_done = ledger.stage_steps(stage)
     reason = "steps"
@@ -346,18 +327,18 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
     data_seconds = 0.0  # host time waiting for the next batch (reading, decoding, placing) since the last fetch
     while True:
         if stage_done >= total_steps:
-            reason = "budget" if budget_limited else "steps"
-            if budget_limited:
+            reason = "budget" if run.budget_limited else "steps"
+            if run.budget_limited:
                 logging.info("stage %s: FLOP budget %.3e spent at step %d (one more step would exceed it)",
                              stage, budget, step)
             break
         goodput.switch("data")
         data_start = time.perf_counter()
-        host_batch = next(data_iter)
-        batch = device_batch(host_batch, text, mesh, rules)
+        host_batch = next(run.data_iter)
+        batch = device_batch(host_batch, run.text, run.mesh, run.rules)
         data_seconds += time.perf_counter() - data_start
         goodput.switch("step")  # the first call's tracing and compilation go to `compile`
-        state, device_metrics = train_step(state, batch, vae_params)
+        state, device_metrics = run.train_step(state, batch, run.frozen_params)
         step += 1
         goodput.step_done(step)
         steps_since_start += 1
@@ -365,7 +346,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         steps_since_fetch += 1
         guard.add(step, device_metrics)
         stage_ends = stage_done >= total_steps
-        preempt = preemption.reached(step)  # every step on every process: they agree on the step to stop at
+        preempt = run.preemption.reached(step)  # every step on every process: they agree on the step to stop at
         log_step = step % config.train.log_every == 0 or stage_ends or preempt
         finished = stage_ends
         save_step = step % every == 0 or preempt or finished
@@ -374,7 +355,7 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
         now = time.perf_counter()
         # Host time between dispatches; a fetch's wait for the device lands on its step, so the ledger's
         # per-stage seconds still sum to wall time.
-        ledger.record(stage, flops.train_per_step, config.data.batch_size, tokens_per_step, now - last_time,
+        ledger.record(stage, flops.train_per_step, batch_size, tokens_per_step, now - last_time,
                       frozen_flops=flops.frozen_per_step, hardware_flops=flops.hardware_per_step)
         last_time = now
         if metrics is not None:
@@ -382,8 +363,8 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
             data_time = data_seconds / steps_since_fetch
             fetch_time, steps_since_fetch, data_seconds = now, 0, 0.0
             if log_step:
-                row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, mesh.size,
-                                   config.data.batch_size, tokens_per_step)
+                row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, run.mesh.size,
+                                   batch_size, tokens_per_step)
                 row["data_s_per_step"] = data_time  # of step_s: the share spent waiting for input
                 if row.get("stage_spike_skips", 0) > spike_skips:
                     logging.warning("stage %s: %d update(s) skipped as loss spikes by step %d (%d in the stage; "
@@ -392,30 +373,31 @@ def run_stage(config, stage, workdir, mesh, rules, manager, writer, previous, pr
                     spike_skips = row["stage_spike_skips"]
                 writer.write(row)
                 logging.info(format_progress(row, total_steps, stage_done))
-        if stage_hooks:  # evaluations, with the EMA params when there are
+        if run.hooks:  # evaluations, with the EMA params when there are
             goodput.switch("eval")
-        for hook in stage_hooks:
+        for hook in run.hooks:
             hook.maybe_run(step, state.params if state.ema_params is None else state.ema_params, stage_ends)
 
         if finished:
             ledger.end_stage(stage, step)
         if save_step:
             goodput.switch("checkpoint")  # the blocking part (an async save's device-to-host copy)
-            ckpt.save(manager, step, state, data_iter, ledger.to_json(), ledger_config, norm_stats,
+            ckpt.save(run.manager, step, state, run.data_iter, ledger.to_json(), ledger_config, run.norm_stats,
                       force=True)
         if log_step or save_step or steps_since_start == 1:  # the first step: its compile is on record
             goodput.flush()
         if preempt:
             goodput.switch("checkpoint")
-            manager.wait_until_finished()
+            run.manager.wait_until_finished()
             goodput.flush()
             logging.warning("preemption checkpoint at step %d written; exiting %d", step, PREEMPTED_EXIT_CODE)
             raise Preempted()
     goodput.switch("checkpoint")
     if stage not in ledger.completed_stages:
         ledger.end_stage(stage, step)
-        ckpt.save(manager, step, state, data_iter, ledger.to_json(), ledger_config, norm_stats, force=True)
-    manager.wait_until_finished()
+        ckpt.save(run.manager, step, state, run.data_iter, ledger.to_json(), ledger_config, run.norm_stats,
+                  force=True)
+    run.manager.wait_until_finished()
     goodput.flush()
     writer.write_event({"event": "stage_end", "stage": stage, "step": step, "reason": reason,
                         "stage_flops": ledger.stage_flops(stage),
@@ -474,12 +456,13 @@ def _vae_params(config: ml_collections.ConfigDict, vae_cfg: Any) -> Any:
     return vae_lib.init_vae_params(vae_cfg, jax.random.PRNGKey(config.vae.seed))
 
 
-def _initialize_from(config, stage, state, shardings, previous, cfg, workdir) -> TrainState:
+def _initialize_from(spec: StageSpec, state: TrainState, shardings: TrainState, previous: StageResult | None,
+                     workdir: Any) -> TrainState:
     """Fills the backbone (or everything that matches) from init_from or the previous stage; logs the source.
 
     A checkpoint source is read parameters-only, each leaf straight onto its shards of the target mesh.
     """
-    source = config.stages[stage].init_from
+    stage, source = spec.name, spec.init_from
     target = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                           state.params, shardings.params)
     if source:
@@ -487,7 +470,7 @@ def _initialize_from(config, stage, state, shardings, previous, cfg, workdir) ->
         if (source_path / "config.json").exists() and not (source_path / "state").exists():
             from wamjax.checkpoint.wan_import import import_diffusers_wan
 
-            _, loaded = import_diffusers_wan(source, dataclasses.replace(cfg))
+            _, loaded = import_diffusers_wan(source, dataclasses.replace(spec.model))
             logging.info("stage %s: backbone from diffusers Wan weights %s", stage, source)
             params = merge_params(state.params, loaded, shardings.params)
         else:

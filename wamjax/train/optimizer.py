@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-TRAINABLE_CHOICES = ("all", "actions", "actions+blocks")
+from wamjax.stages import TRAINABLE_CHOICES, is_trainable  # noqa: F401  (re-exported)
 
 
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, min_ratio: float) -> optax.Schedule:
@@ -35,19 +34,6 @@ def path_name(path: tuple) -> str:
         elif isinstance(key, jax.tree_util.GetAttrKey) and key.name != "value":
             parts.append(key.name)
     return "/".join(parts)
-
-
-def is_trainable(name: str, trainable: str) -> bool:
-    """Whether the parameter called `name` trains under the stage's `trainable` setting."""
-    if trainable == "all":
-        return True
-    if trainable == "actions":
-        return name.startswith("actions/")
-    if trainable == "actions+blocks":
-        return name.startswith("actions/") or name.startswith("blocks/")
-    if trainable.startswith("regex:"):
-        return re.search(trainable[len("regex:") :], name) is not None
-    raise ValueError(f"stages.<stage>.trainable={trainable!r}; expected one of {TRAINABLE_CHOICES} or 'regex:...'")
 
 
 def trainable_labels(params: Any, trainable: str) -> Any:
