@@ -94,8 +94,8 @@ def module_file(name: str) -> str | None:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return None
-    if (spec is None or not spec.origin or not os.path.isfile(spec.origin)
-            or not os.path.abspath(spec.origin).startswith(REPO + os.sep)):
+    if (spec is None or not spec.origin or not os.path.isfile(spec.origin) or not spec.origin.endswith(".py")
+            or not os.path.abspath(spec.origin).startswith(REPO + os.sep) or "site-packages" in spec.origin):
         return None
     return spec.origin
 

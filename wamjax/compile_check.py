@@ -41,9 +41,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from wamjax import stages as stages_lib
+from wamjax.diffusion.sampler import SamplerOptions
 from wamjax.flops import peak as peak_lib
 from wamjax.flops.analytic import SequenceShape, forward_flops, train_step_flops
 from wamjax.flops.ledger import stage_step_count
+from wamjax.inference.policy import PolicyShapes, policy_step
 from wamjax.models import clip as clip_lib
 from wamjax.models import vae as vae_lib
 from wamjax.models.attention import resolve_attention
@@ -321,9 +323,6 @@ def compile_policy_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
 def abstract_policy_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_steps: int
                          ) -> tuple[Any, ...]:
     """(jitted policy call, its abstract arguments) for one observation (see `compile_policy_step`)."""
-    from wamjax.diffusion.sampler import SamplerOptions
-    from wamjax.inference.policy import PolicyShapes, policy_step
-
     spec = policy_spec(config)
     cfg = spec.model
     rules = logical_rules(config.mesh.rules)

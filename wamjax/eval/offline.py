@@ -28,14 +28,21 @@ import numpy as np
 from absl import logging
 
 from data_pipelines import config as data_config_lib
+from data_pipelines import pipeline
 from data_pipelines.clips.process_split import split_for_process
+from data_pipelines.sources.synthetic import SyntheticClip
 from data_pipelines.standardize.stats import unnormalize
+from wamjax.checkpoint.load import load_checkpoint, load_model_run_config, load_norm_stats, resolve_step_dir
+from wamjax.checkpoint.norm_stats import checked_norm_stats
 from wamjax.checkpoint.wan_vae_import import load_vae
 from wamjax.diffusion import flow
 from wamjax.diffusion.modes import MODES, check_mode
 from wamjax.diffusion.sampler import SamplerOptions, sample
+from wamjax.eval.action_error import format_action_error, policy_action_error
+from wamjax.inference.policy import Policy, imagine_then_act
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
+from wamjax.models.text import TextEmbedder
 from wamjax.models.wam import wam_forward
 from wamjax.parallel.placement import device_batch
 from wamjax.paths import PathLike, as_path
@@ -123,8 +130,6 @@ class EvalSpec:
 
 def _eval_batch(spec: EvalSpec, params: Params, vae_params: Params, batch: dict[str, jax.Array]):
     """Per-example metrics of one batch, and the decoded predicted clips [B, T, H, W, 3] in [-1, 1] per mode."""
-    from wamjax.inference.policy import imagine_then_act
-
     cfg = spec.model
     video = vae_lib.frames_to_video(batch["frames"])
     x0 = vae_lib.normalize_latents(spec.vae, vae_lib.vae_encode(spec.vae, vae_params, video))
@@ -192,7 +197,6 @@ def eval_batches(config: ml_collections.ConfigDict, data: ml_collections.ConfigD
     """(dataset name, per-process batch) for `num_batches` held-out batches per dataset, in a fixed order."""
     per_process = data.batch_size // process_count
     if data.source == "synthetic":
-        from data_pipelines.sources.synthetic import SyntheticClip
 
         clip = SyntheticClip(data.num_frames, tuple(data.resolution), data.proprio_dim, data.seed,
                              proprio_chunk_frames=int(data.get("proprio_chunk_frames", 0)))
@@ -200,7 +204,6 @@ def eval_batches(config: ml_collections.ConfigDict, data: ml_collections.ConfigD
         start = int(data.synthetic_examples)
         sources = [("synthetic", grain.MapDataset.range(start, start + num_batches * data.batch_size).map(clip))]
     else:
-        from data_pipelines import pipeline
 
         names = data_config_lib.dataset_names(data)
         if not float(data.get("eval_fraction", 0.0)):
@@ -383,10 +386,6 @@ def evaluate_checkpoint(path: str, *, data_dir: str = "", modes: str = ",".join(
     `out/offline_eval.json` and frame-grid PNGs (out default: the run's WORKDIR/eval). Returns the row."""
     import json
 
-    from wamjax.checkpoint.load import load_checkpoint, load_norm_stats, resolve_step_dir
-    from wamjax.checkpoint.norm_stats import checked_norm_stats
-    from wamjax.models.text import TextEmbedder
-
     step_path = resolve_step_dir(path)
     step_dir = str(step_path)
     run_config, params = load_checkpoint(step_dir, use_ema=use_ema)
@@ -427,10 +426,6 @@ def vision_ablation(path: str, *, data_dir: str = "", max_episodes: int = 8, win
     its cameras, a blank frame and another episode's frames, beside a constant mean action. Writes
     `out/vision_ablation.json` (out default: the run's WORKDIR/eval) and returns the rows."""
     import json
-
-    from wamjax.checkpoint.load import load_model_run_config, resolve_step_dir
-    from wamjax.eval.action_error import format_action_error, policy_action_error
-    from wamjax.inference.policy import Policy
 
     step_path = resolve_step_dir(path)
     rows = []

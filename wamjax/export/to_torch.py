@@ -24,8 +24,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from wamjax.checkpoint import manager as ckpt
+from wamjax.checkpoint.load import resolve_step_dir
+from wamjax.checkpoint.norm_stats import checked_norm_stats
 from wamjax.checkpoint.wan_import import WeightImportError, state_dict_to_params, to_numpy
 from wamjax.checkpoint.wan_names import name_map, ours_to_torch, torch_to_ours
+from wamjax.logs import quiet_libraries
 from wamjax.models.config import ModelConfig
 from wamjax.paths import PathLike, as_path, is_uri
 from wamjax.stages import policy_spec
@@ -362,10 +366,6 @@ def export_checkpoint(
     """
     import ml_collections
 
-    from wamjax.checkpoint import manager as ckpt
-    from wamjax.checkpoint.load import resolve_step_dir
-    from wamjax.checkpoint.norm_stats import checked_norm_stats
-
     step_dir = resolve_step_dir(checkpoint)
     run_config = ml_collections.ConfigDict(ckpt.read_json_item(step_dir, "config"))
     # Refused before anything is written: an export of real data without its stats would act unnormalized.
@@ -397,8 +397,6 @@ def camera_config(run_config: Any) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     from absl import app, flags
-
-    from wamjax.logs import quiet_libraries
 
     quiet_libraries()
     if len(argv) > 1:

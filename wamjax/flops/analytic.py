@@ -42,10 +42,12 @@ from typing import Any
 import numpy as np
 
 from wamjax.flops import attention_pairs
+from wamjax.models import clip
 from wamjax.models.attention import resolve_attention
 from wamjax.models.attention_mask import AttentionMask
 from wamjax.models.config import ModelConfig
 from wamjax.models.dit import history_sizes, make_token_layout, trains_teacher_forced
+from wamjax.models.patch_vae import PatchVAEConfig
 from wamjax.parallel import context as context_parallel
 from wamjax.stages import StageSpec, is_trainable
 
@@ -377,7 +379,6 @@ def vae_encode_flops(
 ) -> float:
     """Convolution and attention FLOPs of `vae_encode` on `batch` clips (norms and activations excluded); 0 for
     the pixel patch encoder (a reshape)."""
-    from wamjax.models.patch_vae import PatchVAEConfig
     from wamjax.models.vae import _encoder_layers  # the encoder's layer list is the single source of truth
 
     if isinstance(vae_config, PatchVAEConfig):
@@ -469,7 +470,6 @@ def frozen_flops(spec: StageSpec, batch: int | None = None) -> dict[str, float]:
     # Text embeddings come from a cache or are synthesized; no text encoder runs in the step.
     out = {"vae_encoder": vae, "text_encoder": 0.0}
     if spec.image_encoder is not None:
-        from wamjax.models import clip
 
         out["vae_condition_encoder"] = vae  # the first frame followed by zero frames, encoded like the clip
         out["image_encoder"] = clip.encode_flops(spec.image_encoder, batch)

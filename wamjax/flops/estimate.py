@@ -27,8 +27,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from wamjax.flops import analytic, ledger
+from wamjax.flops import xla as xla_lib
 from wamjax.flops.ledger import format_flops
 from wamjax.models.config import ModelConfig
+from wamjax.models.wam import init_params
 from wamjax.stages import stage_spec
 
 
@@ -124,7 +126,6 @@ def estimate(
     }
     out.update(six_nd(model_cfg, tok, steps, batch))
     if xla:
-        from wamjax.flops import xla as xla_lib
 
         limit = xla_lib.DEFAULT_MAX_PARAM_BYTES if xla_max_param_bytes is None else xla_max_param_bytes
         # XLA compiles the forward for this host: compare what this host's kernel computes.
@@ -156,8 +157,6 @@ DENSE_LABEL = "dense: every (query, key) pair counted, masked or not (the ledger
 def param_count(model_cfg: ModelConfig, tok: analytic.TokenCounts) -> int:
     """Parameters of the model a stage trains (backbone plus action modules in joint mode), counted abstractly."""
     import jax
-
-    from wamjax.models.wam import init_params
 
     f, h, w = tok.latent_shape
     latent_shape = (f, h, w, model_cfg.in_channels)

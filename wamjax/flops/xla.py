@@ -17,6 +17,8 @@ import jax.numpy as jnp
 
 from wamjax.flops.analytic import SequenceShape, token_counts
 from wamjax.models.config import ModelConfig
+from wamjax.models.dit import trains_teacher_forced
+from wamjax.models.wam import example_inputs, init_params, wam_forward
 
 # Sizes above this many bytes of float32 parameters are refused: compiling them on a host CPU takes long.
 DEFAULT_MAX_PARAM_BYTES = 1 << 30
@@ -35,7 +37,6 @@ def _abstract_inputs(
     cfg: ModelConfig, latent_shape: tuple[int, ...], text_length: int, num_actions: int, batch: int,
     image_tokens: int = 0, num_proprio: int = 1,
 ) -> tuple[Any, ...]:
-    from wamjax.models.wam import example_inputs
 
     inputs = list(jax.eval_shape(
         lambda: example_inputs(cfg, latent_shape, text_length, num_actions, True, batch, image_tokens or None)
@@ -60,9 +61,6 @@ def compiled_forward_flops(
     """XLA's FLOP count of one compiled `wam_forward` call exactly as `cfg` describes it (no unrolling), on
     latents [B, F, (V,) H, W, C]; with `teacher_forcing` (default: what training runs, `trains_teacher_forced`)
     it is compiled with its clean history, as training runs it."""
-    from wamjax.models.dit import trains_teacher_forced
-    from wamjax.models.wam import init_params, wam_forward
-
     params = jax.eval_shape(
         lambda: init_params(cfg, jax.random.key(0), latent_shape, text_length, num_actions, with_proprio=True)
     )
@@ -78,8 +76,6 @@ def param_bytes(
     cfg: ModelConfig, latent_shape: tuple[int, ...], text_length: int, num_actions: int
 ) -> int:
     """Bytes of the model's float32 parameters, counted abstractly."""
-    from wamjax.models.wam import init_params
-
     params = jax.eval_shape(
         lambda: init_params(cfg, jax.random.key(0), latent_shape, text_length, num_actions, with_proprio=True)
     )

@@ -16,6 +16,7 @@ from data_pipelines.clips import views
 from wamjax.checkpoint import clip_import
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
+from wamjax.models.encoders import encode_first_frames, encode_views
 from wamjax.models.wam import first_frame_video
 from wamjax.stages import PolicySpec
 
@@ -40,8 +41,6 @@ def i2v_conditioning(
     """uint8 first frames [B, H, W, 3] -> (normalized VAE latents of the frame followed by `num_frames - 1` zero
     frames [B, F, h, w, z], CLIP tokens [B, tokens, image_dim]): the trainer's conditioning of a clip. Several
     views [B, V, H, W, 3] give [B, F, V, h, w, z] and [B, V * tokens, image_dim], as the trainer's."""
-    from wamjax.models.encoders import encode_first_frames, encode_views
-
     video = vae_lib.frames_to_video(first_frames)[:, None]
     video = jnp.concatenate([video, jnp.zeros((video.shape[0], num_frames - 1, *video.shape[2:]), video.dtype)], 1)
     latents = encode_views(vae_config, vae_params, first_frame_video(video))

@@ -26,6 +26,7 @@ from wamjax.compilation_cache import enable_compilation_cache
 from wamjax.diffusion.modes import check_mode
 from wamjax.diffusion.sampler import SampleOutput, SamplerOptions, check_action_prefix, sample
 from wamjax.inference import conditioning
+from wamjax.inference.kv_cache import ChunkedRollout, ChunkGeometry
 from wamjax.inference.timing import StageTimer
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
@@ -499,7 +500,6 @@ class ClosedLoopSession:
 
     def __init__(self, policy: Policy, frame: np.ndarray, proprio: np.ndarray | None, instruction: str,
                  *, max_chunks: int | None = None, mode: str = "joint", timer: StageTimer | None = None):
-        from wamjax.inference.kv_cache import ChunkedRollout, ChunkGeometry
 
         timer = timer or StageTimer()
         self.policy = policy

@@ -444,7 +444,7 @@ def main(argv: list[str]) -> None:
     del argv
     from absl import flags
 
-    from wamjax.inference.policy import Policy
+    from wamjax.inference.policy import Policy  # JAX and the model: once the flags are parsed (a fast --help)
 
     f = flags.FLAGS
     if f.image_shape and len(f.image_shape) != 2:

@@ -9,6 +9,7 @@ from data_pipelines import pipeline as oxe_pipeline
 from data_pipelines.clips import views
 from data_pipelines.sources.latents import cache_norm_stats, make_latents_dataset
 from data_pipelines.sources.synthetic import make_synthetic_dataset
+from data_pipelines.sources.video import make_video_dataset
 from wamjax.models.text import TextEmbedder
 from wamjax.stages import StageSpec
 
@@ -40,7 +41,6 @@ def make_stage_dataset(
         if views.views_axis(data) is not None:
             raise ValueError(f"data.video_shards with data.view_layout='tokens' (cameras {views.camera_names(data)}) "
                              f"in stage {stage!r}: captioned videos have one camera; set its mixture weight to 0")
-        from data_pipelines.sources.video import make_video_dataset
 
         logging.info("data: captioned-video shards %s mixed in with weight %s", data.video_shards, video_weight)
         extra.append((

@@ -23,6 +23,8 @@ from jax.experimental import multihost_utils
 from wamjax.checkpoint import clip_import
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.norm_stats import checked_norm_stats, has_norm_stats
+from wamjax.checkpoint.wan_import import import_diffusers_wan
+from wamjax.checkpoint.wan_vae_import import import_diffusers_wan_vae
 from wamjax.compilation_cache import enable_compilation_cache
 from wamjax.flops.analytic import StepFlops, train_step_flops
 from wamjax.flops.goodput import GoodputRecorder
@@ -448,7 +450,6 @@ class _NonfiniteGuard:
 
 def _vae_params(config: ml_collections.ConfigDict, vae_cfg: Any) -> Any:
     if config.vae.weights:
-        from wamjax.checkpoint.wan_vae_import import import_diffusers_wan_vae
 
         _, params = import_diffusers_wan_vae(config.vae.weights)
         return params
@@ -468,7 +469,6 @@ def _initialize_from(spec: StageSpec, state: TrainState, shardings: TrainState, 
     if source:
         source_path = as_path(source)
         if (source_path / "config.json").exists() and not (source_path / "state").exists():
-            from wamjax.checkpoint.wan_import import import_diffusers_wan
 
             _, loaded = import_diffusers_wan(source, dataclasses.replace(spec.model))
             logging.info("stage %s: backbone from diffusers Wan weights %s", stage, source)
