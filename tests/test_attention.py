@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mask_oracle import attention_mask
 
 from wamjax.models import attention as attention_lib
 from wamjax.models import wam
 from wamjax.models.attention_mask import PADDING_CHUNK, AttentionMask
 from wamjax.models.config import SIZES, ModelConfig
-from wamjax.models.dit import attention_mask, layout_attention_mask, make_token_layout
+from wamjax.models.token_layout import layout_attention_mask, make_token_layout
 
 HEADS, HEAD_DIM = 2, 8
 

@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mask_oracle import attention_mask
 
 from wamjax.flops import analytic, attention_pairs
 from wamjax.models import blockwise, splash
 from wamjax.models.attention_mask import cached_chunk_mask
 from wamjax.models.config import SIZES, ModelConfig
-from wamjax.models.dit import attention_mask, layout_attention_mask, make_token_layout
+from wamjax.models.token_layout import layout_attention_mask, make_token_layout
 
 # (name, model overrides, mode, frames, resolution, pad_to_multiple, proprio tokens, views)
 LAYOUTS = [

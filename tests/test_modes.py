@@ -14,7 +14,7 @@ from wamjax.diffusion.sampler import SamplerOptions, sample, step_times
 from wamjax.inference import kv_cache as kv
 from wamjax.inference.policy import Policy, imagine_then_act
 from wamjax.models.config import SIZES, ModelConfig
-from wamjax.models.dit import action_latent_frame, latent_frame_chunk
+from wamjax.models.token_layout import action_latent_frame, latent_frame_chunk
 from wamjax.serving.serve import PolicyServer
 from wamjax.train.step import StepSpec, compute_loss, example_rngs, sample_chunk_times
 

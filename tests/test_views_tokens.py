@@ -13,7 +13,7 @@ from wamjax.checkpoint import clip_import
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import SIZES, ModelConfig, model_config_from_run
-from wamjax.models.dit import make_token_layout
+from wamjax.models.token_layout import make_token_layout
 from wamjax.models.wam import i2v_model_input, init_params, wam_forward
 from wamjax.train.step import StepSpec, TrainState, encode_first_frames, encode_views, make_train_step
 

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mask_oracle import attention_mask
 
 from wamjax.models import wam
 from wamjax.models.config import SIZES, ModelConfig
-from wamjax.models.dit import attention_mask, make_token_layout
+from wamjax.models.token_layout import make_token_layout
 
 CFG = ModelConfig.from_dict({**SIZES["tiny"], "in_channels": 4, "out_channels": 4})
 LATENT = (3, 4, 4, 4)  # F, H, W, C: 1 context latent frame + 2 future ones

@@ -46,7 +46,7 @@ from wamjax.flops import attention_pairs
 from wamjax.models.attention import resolve_attention
 from wamjax.models.attention_mask import AttentionMask
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import history_sizes, make_token_layout, trains_teacher_forced
+from wamjax.models.token_layout import history_sizes, make_token_layout, trains_teacher_forced
 from wamjax.parallel import context as context_parallel
 
 # Wan 2.1 VAE compression: causal 4x in time, 8x in space, 16 latent channels.

@@ -20,7 +20,7 @@ import numpy as np
 
 from wamjax.models import blockwise, splash
 from wamjax.models.attention_mask import MASK_RULES, AttentionMask, cached_chunk_mask
-from wamjax.models.dit import TokenLayout, layout_attention_mask
+from wamjax.models.token_layout import TokenLayout, layout_attention_mask
 
 DENSE_KERNELS = ("dot_product", "xla", "cudnn")  # every (query, key) pair of the sequence, masked or not
 BLOCK_KERNELS = ("blockwise", "splash")  # skip (query block, key block) pairs with nothing visible

@@ -54,7 +54,7 @@ def compiled_forward_flops(
 ) -> float:
     """XLA's FLOP count of one compiled `wam_forward` call exactly as `cfg` describes it (no unrolling); a
     teacher-forced model (`trains_teacher_forced`) is compiled with its clean history, as training runs it."""
-    from wamjax.models.dit import trains_teacher_forced
+    from wamjax.models.token_layout import trains_teacher_forced
     from wamjax.models.wam import init_params, wam_forward
 
     params = jax.eval_shape(

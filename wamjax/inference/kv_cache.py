@@ -38,7 +38,8 @@ from wamjax.diffusion.sampler import (
 from wamjax.models.actions import ActionTokens
 from wamjax.models.attention_mask import cached_chunk_mask
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import ConditionEmbedder, PatchEmbed, WanBlock, video_rope_angles
+from wamjax.models.dit import ConditionEmbedder, PatchEmbed, WanBlock
+from wamjax.models.token_layout import video_rope_angles
 from wamjax.models.wam import OutputHead, embed_video, i2v_condition, unpatchify_video
 
 Params = Any

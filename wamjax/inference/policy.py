@@ -30,8 +30,8 @@ from wamjax.inference import conditioning
 from wamjax.inference.timing import StageTimer
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig, model_config_from_run
-from wamjax.models.dit import trains_teacher_forced, views_into_batch, views_out_of_batch
 from wamjax.models.text import TextEmbedder
+from wamjax.models.token_layout import trains_teacher_forced, views_into_batch, views_out_of_batch
 from wamjax.train.step import encode_views
 
 Params = Any

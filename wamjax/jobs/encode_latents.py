@@ -85,7 +85,7 @@ def encode_batches(
     import jax
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from wamjax.models.dit import views_into_batch, views_out_of_batch
+    from wamjax.models.token_layout import views_into_batch, views_out_of_batch
     from wamjax.models.vae import frames_to_video, vae_encode
 
     def encode_clips(p, frames):

@@ -6,7 +6,7 @@ on Wan's 0..1000 scale: t_video is [B] or per latent frame [B, F]; t_action is [
 
 Several camera views (`data.view_layout=tokens`) come as latents [B, F, V, H, W, C]: each view is patchified
 on its own, gets its row of the learned `view_embedding` [V, dim] added, and the views of a latent frame sit
-next to each other in the sequence (see `wamjax.models.dit`); the velocity comes back as [B, F, V, H, W, C].
+next to each other in the sequence (see `wamjax.models.token_layout`); the velocity comes back as [B, F, V, H, W, C].
 """
 
 from __future__ import annotations
@@ -20,19 +20,15 @@ import jax.numpy as jnp
 
 from wamjax.models.actions import ActionTokens
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import (
-    BlockStack,
-    ConditionEmbedder,
-    PatchEmbed,
+from wamjax.models.dit import BlockStack, ConditionEmbedder, PatchEmbed, modulate_per_group, unpatchify
+from wamjax.models.layers import Dense, constrain, modulated_layer_norm
+from wamjax.models.token_layout import (
     make_token_layout,
-    modulate_per_group,
-    unpatchify,
     view_tokens_by_frame,
     view_tokens_by_view,
     views_into_batch,
     views_out_of_batch,
 )
-from wamjax.models.layers import Dense, constrain, modulated_layer_norm
 
 Params = Any
 CLIP_IMAGE_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token (Wan2.1-I2V)

@@ -18,7 +18,7 @@ from wamjax.diffusion.modes import draw_clean_modalities
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import (
+from wamjax.models.token_layout import (
     action_latent_frame,
     latent_frame_chunk,
     trains_teacher_forced,
