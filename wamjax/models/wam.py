@@ -285,21 +285,6 @@ def example_inputs(
     return (latents, t, text, actions, t, proprio) + (() if image is None else (image,))
 
 
-def param_logical_axes(
-    cfg: ModelConfig,
-    latent_shape: tuple[int, int, int, int],
-    text_length: int,
-    num_action_tokens: int = 0,
-) -> Params:
-    """The logical axis names of every parameter (a pytree of PartitionSpecs of logical names)."""
-    abstract = jax.eval_shape(
-        lambda: WorldActionModel(cfg).init(
-            jax.random.key(0), *example_inputs(cfg, latent_shape, text_length, num_action_tokens)
-        )
-    )
-    return nn.get_partition_spec(abstract)["params"]
-
-
 def wam_forward(
     cfg: ModelConfig,
     params: Params,
@@ -366,11 +351,6 @@ def first_frame_video(frames: jax.Array) -> jax.Array:
     zero is mid-grey, as in diffusers' pipeline, which zeroes the preprocessed video)."""
     keep = (jnp.arange(frames.shape[1]) == 0).reshape(1, -1, *([1] * (frames.ndim - 2)))
     return jnp.where(keep, frames, jnp.zeros((), frames.dtype))
-
-
-def backbone_params(params: Params) -> Params:
-    """The video-backbone subtree (everything except the action modules and the view embedding)."""
-    return {k: v for k, v in params.items() if k not in ("actions", "view_embedding")}
 
 
 def count_params(tree: Params) -> int:
