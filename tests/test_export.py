@@ -63,7 +63,13 @@ def _random_params(cfg: ModelConfig, seed: int = 0):
 
 
 # One compilation per (config, input structure); eager Flax would re-trace the scanned blocks every call.
-_jax_forward = jax.jit(wam.wam_forward, static_argnums=(0,))
+_jitted_wam_forward = jax.jit(wam.wam_forward, static_argnums=(0,))
+
+
+def _jax_forward(cfg, params, latents, t, text, actions=None, t_action=None, proprio=None, image_embeddings=None):
+    """`wam_forward` with the torch reference's argument order, so one argument tuple drives both."""
+    return _jitted_wam_forward(cfg, params, latents, t, text, actions=actions, t_action=t_action, proprio=proprio,
+                               image_embeddings=image_embeddings)
 
 
 def _inputs(cfg: ModelConfig, latent_shape=LATENT_SHAPE, num_actions=NUM_ACTIONS, text_length=7, seed=0):

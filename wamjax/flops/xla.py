@@ -34,13 +34,12 @@ def _cost_flops(compiled: Any) -> float:
 def _abstract_inputs(
     cfg: ModelConfig, latent_shape: tuple[int, ...], text_length: int, num_actions: int, batch: int,
     image_tokens: int = 0,
-) -> tuple[Any, ...]:
+) -> dict[str, Any]:
     from wamjax.models.wam import example_inputs
 
-    inputs = jax.eval_shape(
+    return jax.eval_shape(
         lambda: example_inputs(cfg, latent_shape, text_length, num_actions, True, batch, image_tokens or None)
     )
-    return tuple(inputs)
 
 
 def compiled_forward_flops(
@@ -63,9 +62,9 @@ def compiled_forward_flops(
     inputs = _abstract_inputs(cfg, latent_shape, text_length, num_actions, batch, image_tokens)
     history = {}
     if trains_teacher_forced(cfg):
-        history = {"history_latents": inputs[0], "history_actions": inputs[3] if num_actions else None}
-    fn = jax.jit(lambda p, *args, **kw: wam_forward(cfg, p, *args, pad_to_multiple=pad_to_multiple, **kw))
-    return _cost_flops(fn.lower(params, *inputs, **history).compile())
+        history = {"history_latents": inputs["latents"], "history_actions": inputs.get("actions")}
+    fn = jax.jit(lambda p, **kw: wam_forward(cfg, p, pad_to_multiple=pad_to_multiple, **kw))
+    return _cost_flops(fn.lower(params, **inputs, **history).compile())
 
 
 def param_bytes(

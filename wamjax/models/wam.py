@@ -66,6 +66,7 @@ class WorldActionModel(nn.Module):
         latents: jax.Array,
         t_video: jax.Array,
         text_embeddings: jax.Array,
+        *,
         actions: jax.Array | None = None,
         t_action: jax.Array | None = None,
         proprio: jax.Array | None = None,
@@ -255,8 +256,8 @@ def init_params(
 
     latent_shape is (F, H, W, C); with num_action_tokens=0 the tree is the video backbone only.
     """
-    variables = WorldActionModel(cfg).init(rng, *example_inputs(cfg, latent_shape, text_length,
-                                                                 num_action_tokens, with_proprio))
+    variables = WorldActionModel(cfg).init(rng, **example_inputs(cfg, latent_shape, text_length,
+                                                                  num_action_tokens, with_proprio))
     return nn.meta.unbox(variables["params"])
 
 
@@ -268,21 +269,24 @@ def example_inputs(
     with_proprio: bool = True,
     batch: int = 1,
     num_image_tokens: int | None = None,
-) -> tuple[jax.Array, ...]:
-    """Zero inputs of the right shapes for init / abstract evaluation (image tokens: CLIP ViT-H/14's count
-    unless given)."""
-    latents = jnp.zeros((batch, *latent_shape), jnp.float32)
+) -> dict[str, jax.Array]:
+    """Zero inputs of the right shapes for init / abstract evaluation, keyed by `wam_forward`'s argument names;
+    absent inputs are left out (image tokens: CLIP ViT-H/14's count unless given)."""
     t = jnp.zeros((batch,), jnp.float32)
-    text = jnp.zeros((batch, text_length, cfg.text_dim), jnp.float32)
-    image = None
+    inputs = {
+        "latents": jnp.zeros((batch, *latent_shape), jnp.float32),
+        "t_video": t,
+        "text_embeddings": jnp.zeros((batch, text_length, cfg.text_dim), jnp.float32),
+    }
+    if num_action_tokens:
+        inputs["actions"] = jnp.zeros((batch, num_action_tokens, cfg.action_dim), jnp.float32)
+        inputs["t_action"] = t
+        if with_proprio:
+            inputs["proprio"] = jnp.zeros((batch, cfg.proprio_dim), jnp.float32)
     if cfg.image_conditioned:
         tokens = num_image_tokens or cfg.pos_embed_seq_len or CLIP_IMAGE_TOKENS
-        image = jnp.zeros((batch, tokens, cfg.image_dim), jnp.float32)
-    if not num_action_tokens:
-        return (latents, t, text) if image is None else (latents, t, text, None, None, None, image)
-    actions = jnp.zeros((batch, num_action_tokens, cfg.action_dim), jnp.float32)
-    proprio = jnp.zeros((batch, cfg.proprio_dim), jnp.float32) if with_proprio else None
-    return (latents, t, text, actions, t, proprio) + (() if image is None else (image,))
+        inputs["image_embeddings"] = jnp.zeros((batch, tokens, cfg.image_dim), jnp.float32)
+    return inputs
 
 
 def wam_forward(
@@ -291,6 +295,7 @@ def wam_forward(
     latents: jax.Array,
     t_video: jax.Array,
     text_embeddings: jax.Array,
+    *,
     actions: jax.Array | None = None,
     t_action: jax.Array | None = None,
     proprio: jax.Array | None = None,
@@ -305,8 +310,8 @@ def wam_forward(
     history_latents / history_actions (the clean inputs) make the sequence teacher-forced
     (`WorldActionModel.__call__`)."""
     return WorldActionModel(cfg, pad_to_multiple).apply(
-        {"params": params}, latents, t_video, text_embeddings, actions, t_action, proprio, image_embeddings,
-        history_latents, history_actions,
+        {"params": params}, latents, t_video, text_embeddings, actions=actions, t_action=t_action, proprio=proprio,
+        image_embeddings=image_embeddings, history_latents=history_latents, history_actions=history_actions,
     )
 
 
@@ -316,6 +321,7 @@ def dit_forward(
     latents: jax.Array,
     timestep: jax.Array,
     text_embeddings: jax.Array,
+    *,
     image_embeddings: jax.Array | None = None,
 ) -> jax.Array:
     """Video-only forward: velocity for channels-last latents [B, F, H, W, in_channels] (JAX convention;

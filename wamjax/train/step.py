@@ -259,8 +259,8 @@ def compute_loss(
         image = batch["image_embeddings"]
     out = wam_forward(
         cfg, params, xt, flow.to_model_timestep(t_video), text,
-        noisy_actions, None if t_action is None else flow.to_model_timestep(t_action), proprio, image,
-        pad_to_multiple=spec.pad_to_multiple, history_latents=history_latents,
+        actions=noisy_actions, t_action=None if t_action is None else flow.to_model_timestep(t_action),
+        proprio=proprio, image_embeddings=image, pad_to_multiple=spec.pad_to_multiple, history_latents=history_latents,
         history_actions=actions if history_latents is not None else None,
     )
     # Per latent frame, over every view and position: [B, F].
