@@ -136,7 +136,7 @@ def test_splash_skips_the_block_pairs_counted_as_skipped(
 def test_kv_cached_chunk_pairs_follow_the_fill_level():
     chunk, capacity, block = 40, 96, 16
     for visible in (0, 30, 96):
-        mask = cached_chunk_mask(chunk, capacity, jnp.asarray(visible))  # what `kv_cache.chunk_forward` builds
+        mask = cached_chunk_mask(chunk, capacity, jnp.asarray(visible))  # what `cached_chunk.chunk_forward` builds
         reference = int(np.asarray(mask.dense()).sum())
         for kernel in ("dot_product", "splash"):
             pairs = attention_pairs.cached_chunk_pairs(chunk, capacity, visible, kernel, block, block)

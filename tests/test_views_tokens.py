@@ -140,6 +140,7 @@ def test_cached_rollout_on_three_views_equals_full_teacher_forced_forward():
     them as the rollout observed them); each view is conditioned on its own first frame."""
     from wamjax.diffusion.sampler import SamplerOptions
     from wamjax.inference import kv_cache as kv
+    from wamjax.inference.cached_chunk import write_chunk
 
     num_chunks = 2  # the context chunk cached, then chunk 1 and chunk 2 (which reads chunk 1's clean views)
     cfg = ModelConfig.from_dict({**SIZES["tiny-i2v"], "attention_layout": "chunk_causal"})
@@ -173,7 +174,7 @@ def test_cached_rollout_on_three_views_equals_full_teacher_forced_forward():
     # Chunk 1 observed: its clean views and executed actions cached at t=0 (what observe_chunk writes).
     seen = run(state, 1, clean, jnp.zeros_like(t_video), clean_actions, jnp.zeros_like(t_action))
     offset = kv._chunk_offsets(cfg, geometry, 1)[0]
-    state = state._replace(cache=kv.write_chunk(state.cache, seen.keys, seen.values, offset))
+    state = state._replace(cache=write_chunk(state.cache, seen.keys, seen.values, offset))
     outs[2] = run(state, 2, noisy, t_video, noisy_actions, t_action)
     for k, out in outs.items():
         assert out.video.shape == (4, 1, VIEWS, H, W, 16)
