@@ -27,11 +27,11 @@ def compile_seconds(cfg: ModelConfig) -> float:
     params = jax.eval_shape(lambda: wam.init_params(cfg, jax.random.key(0), latent, text_len, actions))
     inputs = wam.example_inputs(cfg, latent, text_len, actions, batch=2)
 
-    def loss(p, *x):
-        out = wam.wam_forward(cfg, p, *x)
+    def loss(p, x):
+        out = wam.wam_forward(cfg, p, **x)
         return jnp.mean(out.video**2) + jnp.mean(out.actions**2)
 
-    lowered = jax.jit(jax.grad(loss)).lower(params, *inputs)
+    lowered = jax.jit(jax.grad(loss)).lower(params, inputs)
     t0 = time.perf_counter()
     lowered.compile()
     return time.perf_counter() - t0

@@ -50,46 +50,36 @@ def main(argv) -> None:
 
     from wamjax.flops.analytic import train_step_flops
     from wamjax.flops.peak import peak_flops_per_device
-    from wamjax.models import vae as vae_lib
-    from wamjax.models.config import model_config_from_run
-    from wamjax.models.wam import WorldActionModel, example_inputs
     from wamjax.parallel.mesh import batch_sharding, logical_rules, make_mesh
     from wamjax.stages import stage_spec
-    from wamjax.train.optimizer import make_optimizer
-    from wamjax.train.setup import boxed_init_fn, jit_train_step, sharded_init
-    from wamjax.train.step import StepSpec, make_train_step
+    from wamjax.train.setup import jit_train_step, sharded_init
+    from wamjax.train.stage_step import build_stage_step
 
     config = _config()
     stage = _STAGE.value
-    cfg = model_config_from_run(config)
-    mode = config.stages[stage].mode
-    vae_cfg = vae_lib.vae_config_for(config.vae.size)
-    h, w = config.data.resolution
-    latent = vae_lib.latent_shape(vae_cfg, (1, config.data.num_frames, h, w, 3))[1:]
-    num_actions = config.data.num_frames - 1 if mode == "joint" else 0
+    spec = stage_spec(config, stage)  # the step the training loop builds for this stage, latents in the batch
+    cfg = spec.model
+    h, w = spec.clip.resolution
+    latent = spec.latent_shape
+    num_actions = spec.action_tokens
     mesh = make_mesh(config.mesh)
     rules = logical_rules(config.mesh.rules)
-    tx, schedule = make_optimizer(config.optim, learning_rate=1e-4, warmup_steps=10, total_steps=1000,
-                                  trainable="all")
-    model = WorldActionModel(cfg, pad_to_multiple=mesh.shape["sequence"])
-    example = example_inputs(cfg, latent, config.text.max_length, num_actions)
-    flops = train_step_flops(stage_spec(config, stage))
+    flops = train_step_flops(spec)
     peak = peak_flops_per_device()
-    b = config.data.batch_size
+    b = spec.clip.batch_size
     rng = np.random.default_rng(0)
     host = {
         "latents": rng.standard_normal((b, *latent)).astype(np.float32),
-        "text_embeddings": rng.standard_normal((b, config.text.max_length, cfg.text_dim)).astype(np.float32),
+        "text_embeddings": rng.standard_normal((b, spec.text_length, cfg.text_dim)).astype(np.float32),
         "actions": rng.uniform(-1, 1, (b, max(num_actions, 1), cfg.action_dim)).astype(np.float32),
         "action_mask": np.ones((b, max(num_actions, 1)), bool),
         "proprio": rng.standard_normal((b, cfg.proprio_dim)).astype(np.float32),
     }
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-        init = sharded_init(boxed_init_fn(model, example, tx, False), mesh, rules)
+        built = build_stage_step(spec, mesh, rules, total_steps=1000)
+        init = sharded_init(built.init_boxed, mesh, rules)
         state = init.init(jax.random.PRNGKey(0))
-        spec = StepSpec(model=cfg, mode=mode, clean_context_frames=int(config.stages[stage].clean_context_frames),
-                        vae=vae_cfg, pad_to_multiple=mesh.shape["sequence"])
-        step = jit_train_step(make_train_step(spec, config.diffusion, tx, schedule, 0.0), init.shardings)
+        step = jit_train_step(built.step_fn, init.shardings)
         batch = {k: jax.device_put(v, batch_sharding(mesh, rules, v.ndim)) for k, v in host.items()}
         t0 = time.perf_counter()
         state, metrics = step(state, batch, None)

@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mask_oracle import attention_mask
 
 from wamjax.models import attention as attention_lib
 from wamjax.models import wam
 from wamjax.models.attention_mask import PADDING_CHUNK, AttentionMask
 from wamjax.models.config import SIZES, ModelConfig
-from wamjax.models.dit import attention_mask, layout_attention_mask, make_token_layout
+from wamjax.models.token_layout import layout_attention_mask, make_token_layout
 
 HEADS, HEAD_DIM = 2, 8
 
@@ -151,16 +152,16 @@ def test_model_forward_with_blockwise_equals_dot_product_and_holds_no_square_arr
     params = wam.init_params(base, jax.random.key(0), latent_shape, 5, num_actions)
     inputs = wam.example_inputs(base, latent_shape, 5, num_actions, batch=2)
     rng = np.random.default_rng(0)
-    inputs = tuple(None if x is None else jnp.asarray(rng.normal(size=x.shape), x.dtype) for x in inputs)
+    inputs = {k: jnp.asarray(rng.normal(size=x.shape), x.dtype) for k, x in inputs.items()}
     # Teacher-forced (the clean copy of chunk 1 joins the sequence): the teacher_forcing rule, block by block.
-    history = {"history_latents": inputs[0] + 1.0, "history_actions": inputs[3] - 1.0}
+    history = {"history_latents": inputs["latents"] + 1.0, "history_actions": inputs["actions"] - 1.0}
     outputs, texts = {}, {}
     for kernel in ("dot_product", "blockwise"):
         cfg = dataclasses.replace(base, attention=kernel, attention_block_q=16, attention_block_kv=16)
-        lowered = jax.jit(lambda p, *x, cfg=cfg, **h: wam.wam_forward(cfg, p, *x, pad_to_multiple=16, **h)).lower(
-            params, *inputs, **history)
+        lowered = jax.jit(lambda p, *, cfg=cfg, **x: wam.wam_forward(cfg, p, pad_to_multiple=16, **x)).lower(
+            params, **inputs, **history)
         texts[kernel] = lowered.as_text()
-        outputs[kernel] = lowered.compile()(params, *inputs, **history)
+        outputs[kernel] = lowered.compile()(params, **inputs, **history)
     for want, have in zip(outputs["dot_product"], outputs["blockwise"], strict=True):
         np.testing.assert_allclose(np.asarray(have), np.asarray(want), atol=1e-5)
     s = 3 * 2 * 2 + num_actions + 1 + 2 * 2 + num_actions // 2

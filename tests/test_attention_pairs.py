@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mask_oracle import attention_mask
 
 from wamjax.flops import analytic, attention_pairs
 from wamjax.models import blockwise, splash
 from wamjax.models.attention_mask import cached_chunk_mask
 from wamjax.models.config import SIZES, ModelConfig
-from wamjax.models.dit import attention_mask, layout_attention_mask, make_token_layout
+from wamjax.models.token_layout import layout_attention_mask, make_token_layout
 
 # (name, model overrides, mode, frames, resolution, pad_to_multiple, proprio tokens, views)
 LAYOUTS = [
@@ -135,7 +136,7 @@ def test_splash_skips_the_block_pairs_counted_as_skipped(
 def test_kv_cached_chunk_pairs_follow_the_fill_level():
     chunk, capacity, block = 40, 96, 16
     for visible in (0, 30, 96):
-        mask = cached_chunk_mask(chunk, capacity, jnp.asarray(visible))  # what `kv_cache.chunk_forward` builds
+        mask = cached_chunk_mask(chunk, capacity, jnp.asarray(visible))  # what `cached_chunk.chunk_forward` builds
         reference = int(np.asarray(mask.dense()).sum())
         for kernel in ("dot_product", "splash"):
             pairs = attention_pairs.cached_chunk_pairs(chunk, capacity, visible, kernel, block, block)

@@ -20,9 +20,9 @@ import urllib.request
 import jax
 import numpy as np
 import pytest
+from checkpoint_utils import restore_state_tree
 from train_utils import get_config, main_command, subprocess_env
 
-from wamjax.checkpoint import manager as ckpt
 from wamjax.export import to_torch
 from wamjax.flops.analytic import train_step_flops
 from wamjax.stages import stage_spec
@@ -191,7 +191,7 @@ def test_train_resume_report_export_on_a_gcs_workdir(gcs, tmp_path):
     gcs.fs.get(gcs.key(EXPORT), str(tmp_path / "export"), recursive=True)
     gcs.fs.get(gcs.key(f"{RUN}/checkpoints/{STEPS}"), str(tmp_path / "step"), recursive=True)
     _, exported = to_torch.import_wam(str(tmp_path / "export"))
-    saved = ckpt.restore_state_tree(str(tmp_path / "step"))["params"]
+    saved = restore_state_tree(str(tmp_path / "step"))["params"]
     assert all(np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(saved), jax.tree.leaves(exported), strict=True))
     with open(tmp_path / "export" / "transformer" / to_torch.DIFFUSERS_INDEX_NAME) as f:

@@ -129,12 +129,13 @@ def test_i2v_matches_diffusers_non_square(pos_embed_seq_len):
             encoder_hidden_states_image=torch.from_numpy(torch_image), return_dict=False,
         )[0].permute(0, 2, 3, 4, 1).numpy()
     forward = jax.jit(wam.dit_forward, static_argnums=0)
-    out = np.asarray(forward(cfg, jax.tree.map(jnp.asarray, params), latents, timestep, text, image))
+    out = np.asarray(forward(cfg, jax.tree.map(jnp.asarray, params), latents, timestep, text, image_embeddings=image))
     assert out.shape == ref.shape == (2, 3, 4, 6, 4)
     assert np.abs(out - ref).max() < 1e-4
     # The image tokens matter: other images give another velocity.
     other_image = rng.standard_normal(image.shape).astype(np.float32)
-    other = np.asarray(forward(cfg, jax.tree.map(jnp.asarray, params), latents, timestep, text, other_image))
+    other = np.asarray(forward(cfg, jax.tree.map(jnp.asarray, params), latents, timestep, text,
+                               image_embeddings=other_image))
     assert np.abs(other - out).max() > 1e-3
 
 
@@ -179,7 +180,7 @@ def test_i2v_fresh_init_has_the_imported_tree_and_checks_inputs():
     with pytest.raises(ValueError, match="needs image_embeddings"):
         wam.dit_forward(cfg, imported, latents, jnp.zeros(1), text)
     with pytest.raises(ValueError, match="latents have 4 channels.*in_channels=12"):
-        wam.dit_forward(cfg, imported, latents[..., :4], jnp.zeros(1), text, jnp.zeros((1, 5, 8)))
+        wam.dit_forward(cfg, imported, latents[..., :4], jnp.zeros(1), text, image_embeddings=jnp.zeros((1, 5, 8)))
     with pytest.raises(ValueError, match="added_kv_proj_dim"):
         ModelConfig.from_dict({**TINY, "image_dim": 8})
 

@@ -15,7 +15,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from checkpoint_utils import restore_state_tree
 from diffusers import WanTransformer3DModel
+from param_trees import backbone_params
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -61,7 +63,13 @@ def _random_params(cfg: ModelConfig, seed: int = 0):
 
 
 # One compilation per (config, input structure); eager Flax would re-trace the scanned blocks every call.
-_jax_forward = jax.jit(wam.wam_forward, static_argnums=(0,))
+_jitted_wam_forward = jax.jit(wam.wam_forward, static_argnums=(0,))
+
+
+def _jax_forward(cfg, params, latents, t, text, actions=None, t_action=None, proprio=None, image_embeddings=None):
+    """`wam_forward` with the torch reference's argument order, so one argument tuple drives both."""
+    return _jitted_wam_forward(cfg, params, latents, t, text, actions=actions, t_action=t_action, proprio=proprio,
+                               image_embeddings=image_embeddings)
 
 
 def _inputs(cfg: ModelConfig, latent_shape=LATENT_SHAPE, num_actions=NUM_ACTIONS, text_length=7, seed=0):
@@ -292,7 +300,7 @@ def test_i2v_round_trip_gives_identical_params(exported_i2v):
     assert cfg2 == cfg
     _, backbone = import_diffusers_wan(os.path.join(out, "transformer"))
     for back in (params2, backbone):
-        want = params if back is params2 else wam.backbone_params(params)
+        want = params if back is params2 else backbone_params(params)
         assert jax.tree.structure(back) == jax.tree.structure(want)
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(back), strict=True))
 
@@ -325,8 +333,8 @@ def test_round_trip_gives_identical_params(exported):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     # The diffusers folder (sharded) gives back the backbone exactly.
     _, backbone = import_diffusers_wan(os.path.join(out, "transformer"), cfg)
-    assert jax.tree.structure(backbone) == jax.tree.structure(wam.backbone_params(params))
-    for a, b in zip(jax.tree.leaves(wam.backbone_params(params)), jax.tree.leaves(backbone), strict=True):
+    assert jax.tree.structure(backbone) == jax.tree.structure(backbone_params(params))
+    for a, b in zip(jax.tree.leaves(backbone_params(params)), jax.tree.leaves(backbone), strict=True):
         assert np.array_equal(a, b)
 
 
@@ -431,7 +439,7 @@ def test_bfloat16_export(tmp_path):
 
 def test_video_only_params_export_and_load(tmp_path):
     cfg = ModelConfig.from_dict(TINY)
-    backbone = wam.backbone_params(_random_params(cfg))
+    backbone = backbone_params(_random_params(cfg))
     out = str(tmp_path / "video")
     to_torch.write_wam(out, cfg, backbone)
     _, back = to_torch.import_wam(out)
@@ -507,7 +515,7 @@ def test_export_checkpoint_cli_ema_and_parity(checkpoint, tmp_path):
         wam_config = json.load(f)
     assert wam_config["step"] == 2 and wam_config["ema"] is True and wam_config["dtype"] == "float32"
 
-    state = ckpt.restore_state_tree(checkpoint)
+    state = restore_state_tree(checkpoint)
     ema, raw = (jax.tree.map(np.asarray, state[k]) for k in ("ema_params", "params"))
     cfg, exported = to_torch.import_wam(out)
     assert cfg == model_config_from_run(ml_collections.ConfigDict(ckpt.read_json_item(checkpoint, "config")))
@@ -553,7 +561,7 @@ def test_export_and_policy_read_the_parameters_only(checkpoint, tmp_path):
     from wamjax.checkpoint.load import load_checkpoint
     from wamjax.inference import Policy
 
-    full = ckpt.restore_state_tree(checkpoint)
+    full = restore_state_tree(checkpoint)
     params_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(full["params"]))
     opt_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(full["opt_state"]))
     assert opt_bytes >= 2 * params_bytes  # Adam's two moments
@@ -565,7 +573,7 @@ def test_export_and_policy_read_the_parameters_only(checkpoint, tmp_path):
 
     # Every restore reads the tree's metadata (sizes with the number of leaves, not their bytes) first.
     metadata_read, _ = read_by(lambda: ckpt.saved_state_tree(checkpoint))
-    full_read, _ = read_by(lambda: ckpt.restore_state_tree(checkpoint))
+    full_read, _ = read_by(lambda: restore_state_tree(checkpoint))
     assert full_read - metadata_read > 3 * params_bytes  # params, EMA copy and two moments
     limit = metadata_read + 1.5 * params_bytes  # one copy (plus OCDBT nodes), so neither moments nor the other copy
     read, (_, params) = read_by(lambda: load_checkpoint(checkpoint))

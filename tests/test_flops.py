@@ -428,9 +428,10 @@ def test_dreamzero_config_six_nd_is_the_formula_of_its_own_values():
 def test_dreamzero_model_attention_is_the_visible_fraction_of_the_dense_count():
     """The teacher-forced layout shows 35.1% of its (query, key) pairs; the model count charges that share."""
     import numpy as np
+    from mask_oracle import attention_mask
 
     from wamjax.flops.estimate import estimate
-    from wamjax.models.dit import attention_mask, make_token_layout
+    from wamjax.models.token_layout import make_token_layout
 
     c = _load_config("dreamzero_action_tune", "")
     est = estimate(c, "action_tune")  # hardware on TPU: splash at model.attention_block_q x _kv

@@ -80,8 +80,8 @@ def test_cfg_batched_equals_sequential_and_scale_one_is_conditional(joint_model)
 
     # One step of the plain sampler is x1 - v(x1, t=1) by hand.
     one = sample(*args, options=SamplerOptions(num_steps=1))
-    v = jitted_forward(cfg, params, latents,
-                    jnp.array([[0.0, 1000.0, 1000.0]] * 2), text, actions, jnp.full((2,), 1000.0), proprio)
+    v = jitted_forward(cfg, params, latents, jnp.array([[0.0, 1000.0, 1000.0]] * 2), text, actions=actions,
+                       t_action=jnp.full((2,), 1000.0), proprio=proprio)
     np.testing.assert_allclose(one.actions, actions - v.actions, atol=1e-5)
     np.testing.assert_allclose(one.latents[:, 1:], latents[:, 1:] - v.video[:, 1:], atol=1e-5)
     np.testing.assert_array_equal(one.latents[:, :1], latents[:, :1])  # context stays clean
@@ -130,7 +130,7 @@ def test_cached_chunk_forward_equals_full_sequence_forward(chunk_frames, num_chu
     # Earlier chunks clean, the newest one noisy, per frame / per action token.
     t_video = jnp.zeros((2, frames)).at[:, last_frames].set(637.0)
     t_action = jnp.zeros((2, num_actions)).at[:, last_actions].set(421.0)
-    full = jitted_forward(cfg, params, latents, t_video, text, actions, t_action, proprio)
+    full = jitted_forward(cfg, params, latents, t_video, text, actions=actions, t_action=t_action, proprio=proprio)
 
     geometry = kv.ChunkGeometry.for_model(cfg, (H, W), num_chunks)
     options = SamplerOptions()

@@ -15,7 +15,7 @@ from wamjax.diffusion.time_sampling import sample_chunk_times
 from wamjax.inference import kv_cache as kv
 from wamjax.inference.policy import Policy, imagine_then_act
 from wamjax.models.config import SIZES, ModelConfig
-from wamjax.models.dit import action_latent_frame, latent_frame_chunk
+from wamjax.models.token_layout import action_latent_frame, latent_frame_chunk
 from wamjax.serving.serve import PolicyServer
 from wamjax.train.step import StepSpec, compute_loss, example_rngs
 
@@ -64,8 +64,8 @@ def test_clean_modality_draw_holds_it_at_t0_and_drops_its_loss(joint_model):
     t_video, t_action, _, action_noise = _noised_by_hand(cfg, d, x0, batch["actions"])
     # Every example's video enters clean (t_video = 0); the actions are noised as in a joint example.
     out = jitted_forward(cfg, params, x0, jnp.zeros((B, F)), batch["text_embeddings"],
-                         flow.add_noise(batch["actions"], action_noise, t_action),
-                         flow.to_model_timestep(t_action), batch["proprio"])
+                         actions=flow.add_noise(batch["actions"], action_noise, t_action),
+                         t_action=flow.to_model_timestep(t_action), proprio=batch["proprio"])
     expected = jnp.mean(jnp.square(out.actions - (action_noise - batch["actions"])))
     np.testing.assert_allclose(metrics["loss_action"], expected, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
@@ -75,7 +75,8 @@ def test_clean_modality_draw_holds_it_at_t0_and_drops_its_loss(joint_model):
     assert float(metrics["loss_action"]) == 0.0
     t_video, _, noise, _ = _noised_by_hand(cfg, d, x0, batch["actions"])
     out = jitted_forward(cfg, params, flow.add_noise(x0, noise, t_video), flow.to_model_timestep(t_video),
-                         batch["text_embeddings"], batch["actions"], jnp.zeros((B, T_A)), batch["proprio"])
+                         batch["text_embeddings"], actions=batch["actions"], t_action=jnp.zeros((B, T_A)),
+                         proprio=batch["proprio"])
     expected = jnp.mean(jnp.square(out.video - (noise - x0))[:, 1:])
     np.testing.assert_allclose(metrics["loss_video"], expected, rtol=1e-5)
 
@@ -107,7 +108,7 @@ def _euler_by_hand(cfg, params, latents, text, proprio, actions, times, hold):
     for t, t_next in zip(*times, strict=True):
         t_frames = jnp.zeros((1, F)) if hold == "video" else jnp.array([[0.0] + [t * 1000.0] * (F - 1)])
         t_acts = jnp.zeros((1,)) if hold == "actions" else jnp.full((1,), t * 1000.0)
-        out = jitted_forward(cfg, params, video, t_frames, text, acts, t_acts, proprio)
+        out = jitted_forward(cfg, params, video, t_frames, text, actions=acts, t_action=t_acts, proprio=proprio)
         if hold == "video":
             acts = acts + (t_next - t) * out.actions
         else:

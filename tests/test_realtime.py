@@ -76,8 +76,8 @@ def test_video_stops_at_its_noise_level_while_actions_finish(joint_model):
     args, (latents, actions, proprio, text) = _args(joint_model)
     cfg, params = joint_model
     out = sample(*args, options=SamplerOptions(num_steps=1, action_steps=1, video_stop_t=0.6))
-    v = jitted_forward(cfg, params, latents, jnp.array([[0.0, 1000.0, 1000.0]]), text, actions,
-                       jnp.full((1,), 1000.0), proprio)
+    v = jitted_forward(cfg, params, latents, jnp.array([[0.0, 1000.0, 1000.0]]), text, actions=actions,
+                       t_action=jnp.full((1,), 1000.0), proprio=proprio)
     np.testing.assert_allclose(out.actions, actions - v.actions, atol=1e-5)  # one step, all the way to t=0
     np.testing.assert_allclose(out.latents[:, 1:], latents[:, 1:] - 0.4 * v.video[:, 1:], atol=1e-5)
     with pytest.raises(ValueError, match="video_stop_t=1.0"):

@@ -217,16 +217,17 @@ def test_action_and_proprio_tokens_shard_along_sequence_with_padding():
     model = WorldActionModel(cfg, pad_to_multiple=mesh.shape["sequence"])
     host = _host_batch("joint", cfg)
     t = np.full((BATCH,), 500.0, np.float32)
-    inputs = (host["latents"], t, host["text_embeddings"], host["actions"], t, host["proprio"])
+    inputs = dict(latents=host["latents"], t_video=t, text_embeddings=host["text_embeddings"],
+                  actions=host["actions"], t_action=t, proprio=host["proprio"])
 
-    def forward(params, *inputs):
-        _, state = model.apply({"params": params}, *inputs, capture_intermediates=True, mutable=["intermediates"])
+    def forward(params, inputs):
+        _, state = model.apply({"params": params}, **inputs, capture_intermediates=True, mutable=["intermediates"])
         return state["intermediates"]["blocks"]["__call__"][0]
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
         params = jax.device_put(_initial_state("joint").params, init.shardings.params)
-        inputs = [jax.device_put(x, batch_sharding(mesh, rules, x.ndim)) for x in inputs]
-        tokens = jax.jit(forward, compiler_options=FAST_COMPILE)(params, *inputs)
+        inputs = {k: jax.device_put(x, batch_sharding(mesh, rules, x.ndim)) for k, x in inputs.items()}
+        tokens = jax.jit(forward, compiler_options=FAST_COMPILE)(params, inputs)
     assert tokens.shape == (BATCH, 22, cfg.dim)
     # batch over data x fsdp = 2, tokens over sequence = 2; embed whole (fsdp is taken by the batch).
     assert tokens.sharding.shard_shape(tokens.shape) == (BATCH // 2, 11, cfg.dim)

@@ -91,8 +91,9 @@ def test_cached_rollout_equals_full_teacher_forced_forward():
     def guided(x, y, i, history_latents=history_latents, proprio=proprio):
         t_video = jnp.zeros((2, FRAMES)).at[:, 1:].set(tv[i] * 1000)
         t_action = jnp.full((2, ACTIONS), ta[i] * 1000)
-        cond, null = (forward(cfg, params, x, t_video, words, y, t_action, proprio, history_latents=history_latents,
-                              history_actions=history_actions) for words in (text, jnp.zeros_like(text)))
+        cond, null = (forward(cfg, params, x, t_video, words, actions=y, t_action=t_action, proprio=proprio,
+                              history_latents=history_latents, history_actions=history_actions)
+                      for words in (text, jnp.zeros_like(text)))
         s = options.cfg_scale
         return null.video + s * (cond.video - null.video), null.actions + s * (cond.actions - null.actions)
 

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from checkpoint_utils import restore_state_tree
 from train_utils import REPO, get_config, metrics_rows, run_main, subprocess_env
 
 from wamjax.checkpoint import manager as ckpt
@@ -76,7 +77,7 @@ def test_checkpoint_restores_onto_other_meshes(two_stage_run):
     workdir, _ = two_stage_run
     step_dir = os.path.join(ckpt.checkpoint_dir(workdir), "60")
     _, reference = load_checkpoint(step_dir, use_ema=False)
-    saved = ckpt.restore_state_tree(step_dir)
+    saved = restore_state_tree(step_dir)
     for shape, devices in (((2, 2, 2, 1), jax.devices()), ((1, 1, 1, 1), jax.devices()[:1])):
         mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor", "sequence"), devices=devices,
                              axis_types=(jax.sharding.AxisType.Auto,) * 4)
@@ -87,7 +88,7 @@ def test_checkpoint_restores_onto_other_meshes(two_stage_run):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
         abstract = jax.tree.map(target, saved)
-        restored = ckpt.restore_state_tree(step_dir, abstract)
+        restored = restore_state_tree(step_dir, abstract)
         for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(reference), strict=True):
             np.testing.assert_array_equal(np.asarray(a), b)
         leaf = restored["params"]["blocks"]["layers"]["block"]["attn1"]["to_q"]["kernel"]
@@ -125,7 +126,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     skipped = [r for r in rows if r["update_skipped"]]
     assert len(skipped) == 2
     latest = ckpt.make_manager(str(tmp_path), config.checkpoint).latest_step()
-    state = ckpt.restore_state_tree(os.path.join(ckpt.checkpoint_dir(str(tmp_path)), str(latest)))
+    state = restore_state_tree(os.path.join(ckpt.checkpoint_dir(str(tmp_path)), str(latest)))
     # Skipped updates left the parameters exactly as the last applied update made them.
     _, params = load_checkpoint(os.path.join(ckpt.checkpoint_dir(str(tmp_path)), str(latest - 1)), use_ema=False)
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params), strict=True):

@@ -53,8 +53,8 @@ def test_i2v_cached_chunk_forward_equals_full_sequence_forward():
     a = num_actions // num_chunks
     t_video = jnp.zeros((2, frames)).at[:, -1].set(637.0)
     t_action = jnp.zeros((2, num_actions)).at[:, -a:].set(421.0)
-    full = jitted_forward(cfg, params, i2v_model_input(latents, condition), t_video, text, actions, t_action,
-                          proprio, image)
+    full = jitted_forward(cfg, params, i2v_model_input(latents, condition), t_video, text, actions=actions,
+                          t_action=t_action, proprio=proprio, image_embeddings=image)
 
     geometry = kv.ChunkGeometry.for_model(cfg, (H, W), num_chunks)
     options = SamplerOptions(cfg_scale=2.0)  # the doubled (guided) batch carries the conditioning too
@@ -73,8 +73,8 @@ def test_i2v_cached_chunk_forward_equals_full_sequence_forward():
     out = sample(cfg, params, latents[:, :1], text, proprio, noise_v, noise_a, options=one,
                  image_conditioning=(condition, image))
     t_v = jnp.zeros((2, frames)).at[:, 1:].set(1000.0)
-    ref = jitted_forward(cfg, params, i2v_model_input(latents, condition), t_v, text, noise_a,
-                         jnp.full((2,), 1000.0), proprio, image)
+    ref = jitted_forward(cfg, params, i2v_model_input(latents, condition), t_v, text, actions=noise_a,
+                         t_action=jnp.full((2,), 1000.0), proprio=proprio, image_embeddings=image)
     np.testing.assert_allclose(out.actions, noise_a - ref.actions, atol=1e-4)
     np.testing.assert_allclose(out.latents[:, 1:], noise_v - ref.video[:, 1:], atol=1e-4)
 

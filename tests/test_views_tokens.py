@@ -13,8 +13,8 @@ from wamjax.checkpoint import clip_import
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import SIZES, ModelConfig, model_config_from_run
-from wamjax.models.dit import make_token_layout
 from wamjax.models.encoders import encode_first_frames, encode_views
+from wamjax.models.token_layout import make_token_layout
 from wamjax.models.wam import i2v_model_input, init_params, wam_forward
 from wamjax.train.step import StepSpec, TrainState, make_train_step
 
@@ -65,19 +65,20 @@ def test_views_are_separate_token_groups_with_their_own_embedding():
     text = jnp.asarray(r.standard_normal((2, TEXT_LEN, 32)), jnp.float32)
     actions, proprio = jnp.asarray(r.standard_normal((2, 4, 7)), jnp.float32), jnp.zeros((2, 8))
     t = jnp.full((2,), 500.0)
-    out = jitted_forward(cfg, params, latents, t, text, actions, t, proprio)
+    joint = dict(actions=actions, t_action=t, proprio=proprio)
+    out = jitted_forward(cfg, params, latents, t, text, **joint)
     assert out.video.shape == latents.shape
     # Swapping two views swaps their velocities while the view embedding is zero (views are symmetric) ...
     swap = jnp.asarray([1, 0, 2])
-    swapped = jitted_forward(cfg, params, latents[:, :, swap], t, text, actions, t, proprio)
+    swapped = jitted_forward(cfg, params, latents[:, :, swap], t, text, **joint)
     np.testing.assert_allclose(swapped.video, out.video[:, :, swap], atol=1e-5)
     # ... and no longer once each view has its own embedding.
     emb = _with_view_embedding(params)
-    a = jitted_forward(cfg, emb, latents, t, text, actions, t, proprio)
-    b = jitted_forward(cfg, emb, latents[:, :, swap], t, text, actions, t, proprio)
+    a = jitted_forward(cfg, emb, latents, t, text, **joint)
+    b = jitted_forward(cfg, emb, latents[:, :, swap], t, text, **joint)
     assert not np.allclose(b.video, a.video[:, :, swap], atol=1e-3)
     with pytest.raises(flax.errors.ScopeParamShapeError, match=r"view_embedding.*\(2, 48\).*\(3, 48\)"):
-        wam_forward(cfg, params, latents[:, :, :2], t, text, actions, t, proprio)
+        wam_forward(cfg, params, latents[:, :, :2], t, text, **joint)
 
 
 def test_each_view_goes_through_the_vae_on_its_own():
@@ -140,6 +141,7 @@ def test_cached_rollout_on_three_views_equals_full_teacher_forced_forward():
     them as the rollout observed them); each view is conditioned on its own first frame."""
     from wamjax.diffusion.sampler import SamplerOptions
     from wamjax.inference import kv_cache as kv
+    from wamjax.inference.cached_chunk import write_chunk
 
     num_chunks = 2  # the context chunk cached, then chunk 1 and chunk 2 (which reads chunk 1's clean views)
     cfg = ModelConfig.from_dict({**SIZES["tiny-i2v"], "attention_layout": "chunk_causal"})
@@ -156,9 +158,9 @@ def test_cached_rollout_on_three_views_equals_full_teacher_forced_forward():
     a = num_actions // num_chunks
     t_video = jnp.asarray([[0.0, 637.0, 250.0]] * 2)
     t_action = jnp.concatenate([jnp.full((2, a), 421.0), jnp.full((2, a), 120.0)], axis=1)
-    full = jitted_forward(cfg, params, i2v_model_input(noisy, condition), t_video, text, noisy_actions, t_action,
-                          proprio, image, history_latents=i2v_model_input(clean, condition),
-                          history_actions=clean_actions)
+    full = jitted_forward(cfg, params, i2v_model_input(noisy, condition), t_video, text, actions=noisy_actions,
+                          t_action=t_action, proprio=proprio, image_embeddings=image,
+                          history_latents=i2v_model_input(clean, condition), history_actions=clean_actions)
 
     geometry = kv.ChunkGeometry.for_model(cfg, (H, W), num_chunks, views=VIEWS)
     options = SamplerOptions(cfg_scale=2.0)
@@ -173,7 +175,7 @@ def test_cached_rollout_on_three_views_equals_full_teacher_forced_forward():
     # Chunk 1 observed: its clean views and executed actions cached at t=0 (what observe_chunk writes).
     seen = run(state, 1, clean, jnp.zeros_like(t_video), clean_actions, jnp.zeros_like(t_action))
     offset = kv._chunk_offsets(cfg, geometry, 1)[0]
-    state = state._replace(cache=kv.write_chunk(state.cache, seen.keys, seen.values, offset))
+    state = state._replace(cache=write_chunk(state.cache, seen.keys, seen.values, offset))
     outs[2] = run(state, 2, noisy, t_video, noisy_actions, t_action)
     for k, out in outs.items():
         assert out.video.shape == (4, 1, VIEWS, H, W, 16)
@@ -253,7 +255,7 @@ def test_export_carries_the_view_embedding_to_the_torch_reference(tmp_path):
     text = r.standard_normal((2, TEXT_LEN, 32)).astype(np.float32)
     actions, proprio = r.standard_normal((2, 4, 7)).astype(np.float32), np.zeros((2, 8), np.float32)
     t = np.full((2,), 500.0, np.float32)
-    ref = jitted_forward(cfg, params, latents, t, text, actions, t, proprio)
+    ref = jitted_forward(cfg, params, latents, t, text, actions=actions, t_action=t, proprio=proprio)
     with torch.no_grad():
         video, act = model(torch.from_numpy(latents).permute(0, 5, 1, 2, 3, 4), torch.from_numpy(t),
                            torch.from_numpy(text), torch.from_numpy(actions), torch.from_numpy(t),

@@ -6,10 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mask_oracle import attention_mask
+from param_trees import backbone_params
 
 from wamjax.models import wam
 from wamjax.models.config import SIZES, ModelConfig
-from wamjax.models.dit import attention_mask, make_token_layout
+from wamjax.models.token_layout import make_token_layout
 
 CFG = ModelConfig.from_dict({**SIZES["tiny"], "in_channels": 4, "out_channels": 4})
 LATENT = (3, 4, 4, 4)  # F, H, W, C: 1 context latent frame + 2 future ones
@@ -42,7 +44,7 @@ def test_joint_output_shapes_and_backbone_subtree():
     # Video mode on the joint tree ignores the action modules entirely.
     x = _inputs()
     v1 = wam.dit_forward(CFG, params, x["latents"], x["t_video"], x["text_embeddings"])
-    v2 = wam.dit_forward(CFG, wam.backbone_params(params), x["latents"], x["t_video"], x["text_embeddings"])
+    v2 = wam.dit_forward(CFG, backbone_params(params), x["latents"], x["t_video"], x["text_embeddings"])
     np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2))
 
 

@@ -334,7 +334,7 @@ def abstract_policy_step(config: ml_collections.ConfigDict, mesh: jax.sharding.M
     h, w = spec.clip.resolution
     with _mesh_context(config, mesh):
         boxed = jax.eval_shape(lambda: WorldActionModel(cfg).init(
-            jax.random.PRNGKey(0), *[jnp.zeros(e.shape, e.dtype) for e in example])["params"])
+            jax.random.PRNGKey(0), **{k: jnp.zeros(e.shape, e.dtype) for k, e in example.items()})["params"])
         param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, list(rules))
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               unbox_plain(boxed), param_shardings)

@@ -121,17 +121,6 @@ def saved_state_tree(step_path: PathLike) -> Any:
     return metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
 
 
-def restore_state_tree(step_path: PathLike, abstract_state: Any = None) -> Any:
-    """Restores the whole `state` item (optimizer included) onto `abstract_state`'s shardings, or as host numpy
-    arrays. For the parameters alone use `restore_params`."""
-    path = _state_path(step_path)
-    if abstract_state is None:
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_state_tree(step_path),
-                                    is_leaf=_is_array_metadata)
-        return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    return ocp.StandardCheckpointer().restore(path, abstract_state)
-
-
 def restore_params(
     step_path: PathLike, target: Any = None, *, use_ema: bool = False, sharding: jax.sharding.Sharding | None = None
 ) -> tuple[Any, bool]:

@@ -360,8 +360,8 @@ def sample(
             if condition is not None:
                 lat = i2v_model_input(lat, condition)
             out = wam_forward(
-                cfg, params, lat, flow.to_model_timestep(tf), text_batch, act,
-                None if tact is None else flow.to_model_timestep(tact), prop, image,
+                cfg, params, lat, flow.to_model_timestep(tf), text_batch, actions=act,
+                t_action=None if tact is None else flow.to_model_timestep(tact), proprio=prop, image_embeddings=image,
             )
             return out.video, out.actions
 

@@ -151,8 +151,8 @@ def _eval_batch(spec: EvalSpec, params: Params, vae_params: Params, batch: dict[
         t_video = jnp.where(context[None], 0.0, jnp.full((b, f), t))
         t_action = None if actions is None else jnp.full(actions.shape[:2], t)
         pred = wam_forward(cfg, params, flow.add_noise(x0, noise, t_video), flow.to_model_timestep(t_video), text,
-                           None if actions is None else flow.add_noise(actions, action_noise, t_action),
-                           None if t_action is None else flow.to_model_timestep(t_action), proprio)
+                           actions=None if actions is None else flow.add_noise(actions, action_noise, t_action),
+                           t_action=None if t_action is None else flow.to_model_timestep(t_action), proprio=proprio)
         err = jnp.mean(jnp.square(pred.video - flow.velocity_target(x0, noise)), axis=(2, 3, 4))
         losses_v.append(jnp.sum(err * ~context, 1) / jnp.maximum((~context).sum(), 1))
         if actions is not None:

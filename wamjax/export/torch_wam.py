@@ -407,6 +407,73 @@ class WorldActionModel(nn.Module):
         target = dtype or next(iter(state.values())).dtype
         return model.to(device=device, dtype=target).eval()
 
+    def embed_context(self, text: torch.Tensor, image: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(projected text [B, L, D], embedded image tokens [B, N, D] or None), as the JAX model's
+        `embed_context`."""
+        dtype = self.proj_out.weight.dtype
+        embedder = self.condition_embedder
+        image_context = None if image is None else embedder.image_embedder(image.to(dtype))
+        return embedder.text_embedder(text.to(dtype)), image_context
+
+    def embed_tokens(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | float,
+        actions: torch.Tensor | None = None,
+        t_action: torch.Tensor | float | None = None,
+        proprio: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens [B, S, D] of [video | actions | proprio], per-group timestep embedding [B, G, D], per-group
+        modulation [B, G, 6, D]), as the JAX model's `embed_tokens`: one group per latent frame, one per action
+        token, one for the proprio tokens (embedded whenever given)."""
+        cfg = self.cfg
+        views = None if self.view_embedding is None else self.view_embedding.shape[0]
+        b, c, frames = latents.shape[:3]
+        height, width = latents.shape[-2:]
+        pt, ph, pw = cfg.patch_size
+        grid = (frames // pt, height // ph, width // pw)
+        dtype, device = self.proj_out.weight.dtype, latents.device
+        if views is None:
+            video_tokens = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2)
+        else:  # each view patchified alone, its embedding row added, tokens ordered (frame, view, h, w)
+            per_view = latents.permute(0, 3, 1, 2, 4, 5).reshape(b * views, c, frames, height, width)
+            v_tokens = self.patch_embedding(per_view.to(dtype)).flatten(2).transpose(1, 2)
+            v_tokens = v_tokens.reshape(b, views, grid[0], -1, v_tokens.shape[-1])
+            v_tokens = v_tokens + self.view_embedding.to(dtype)[None, :, None, None]
+            video_tokens = v_tokens.transpose(1, 2).reshape(b, -1, v_tokens.shape[-1])
+        t_frames = _per_group(timestep, b, frames, "timestep", device)[:, ::pt][:, : grid[0]]
+        embedder = self.condition_embedder
+        temb, modulation = _time(embedder.time_embedder, embedder.time_proj, cfg.freq_dim, t_frames)
+        tokens, tembs, modulations = [video_tokens], [temb], [modulation]
+        am = self.actions
+        if actions is not None:
+            if t_action is None:
+                raise ValueError("actions were given without t_action")
+            num_actions = actions.shape[1]
+            if num_actions > cfg.max_action_tokens or actions.shape[-1] != cfg.action_dim:
+                raise ValueError(f"actions have shape {tuple(actions.shape)}; expected [B, <= "
+                                 f"{cfg.max_action_tokens}, {cfg.action_dim}]")
+            a = _mlp_f32(am.action_encoder, actions) + am.position_embedding.float()[None, :num_actions]
+            a = a + am.type_embedding.float()[ACTION_TYPE]
+            tokens.append(a.to(dtype))
+            a_temb, a_mod = _time(am.time_embedder, am.time_proj, cfg.freq_dim,
+                                  _per_group(t_action, b, num_actions, "t_action", device))
+            tembs.append(a_temb)
+            modulations.append(a_mod)
+        if proprio is not None:
+            num_proprio = 1 if proprio.ndim == 2 else proprio.shape[1]
+            if proprio.shape not in ((b, cfg.proprio_dim), (b, num_proprio, cfg.proprio_dim)):
+                raise ValueError(f"proprio has shape {tuple(proprio.shape)}; expected ({b}, {cfg.proprio_dim}) "
+                                 f"or ({b}, chunks, {cfg.proprio_dim})")
+            p = _mlp_f32(am.proprio_encoder, proprio.reshape(b, num_proprio, cfg.proprio_dim))
+            tokens.append((p + am.type_embedding.float()[PROPRIO_TYPE]).to(dtype))
+            # Proprio is an observation, never noised: it reads the clean-timestep modulation.
+            p_temb, p_mod = _time(am.time_embedder, am.time_proj, cfg.freq_dim, torch.zeros(b, 1, device=device))
+            tembs.append(p_temb)
+            modulations.append(p_mod)
+        return torch.cat(tokens, dim=1), torch.cat(tembs, dim=1), torch.cat(modulations, dim=1)
+
     def forward(
         self,
         latents: torch.Tensor,
@@ -443,51 +510,13 @@ class WorldActionModel(nn.Module):
         num_actions = 0 if actions is None else actions.shape[1]
         num_proprio = 0 if (actions is None or proprio is None) else (1 if proprio.ndim == 2 else proprio.shape[1])
 
-        if views is None:
-            video_tokens = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2)
-        else:  # each view patchified alone, its embedding row added, tokens ordered (frame, view, h, w)
-            per_view = latents.permute(0, 3, 1, 2, 4, 5).reshape(b * views, c, frames, height, width)
-            v_tokens = self.patch_embedding(per_view.to(dtype)).flatten(2).transpose(1, 2)
-            v_tokens = v_tokens.reshape(b, views, grid[0], -1, v_tokens.shape[-1])
-            v_tokens = v_tokens + self.view_embedding.to(dtype)[None, :, None, None]
-            video_tokens = v_tokens.transpose(1, 2).reshape(b, -1, v_tokens.shape[-1])
-        t_frames = _per_group(timestep, b, frames, "timestep", device)[:, ::pt][:, : grid[0]]
-        embedder = self.condition_embedder
-        temb, modulation = _time(embedder.time_embedder, embedder.time_proj, cfg.freq_dim, t_frames)
-        context = embedder.text_embedder(text.to(dtype))
-        image_context = None if image is None else embedder.image_embedder(image.to(dtype))
-        tokens, tembs, modulations = [video_tokens], [temb], [modulation]
-        if actions is not None:
-            if t_action is None:
-                raise ValueError("actions were given without t_action")
-            am = self.actions
-            if num_actions > cfg.max_action_tokens or actions.shape[-1] != cfg.action_dim:
-                raise ValueError(f"actions have shape {tuple(actions.shape)}; expected [B, <= "
-                                 f"{cfg.max_action_tokens}, {cfg.action_dim}]")
-            a = _mlp_f32(am.action_encoder, actions) + am.position_embedding.float()[None, :num_actions]
-            a = a + am.type_embedding.float()[ACTION_TYPE]
-            tokens.append(a.to(dtype))
-            a_temb, a_mod = _time(am.time_embedder, am.time_proj, cfg.freq_dim,
-                                  _per_group(t_action, b, num_actions, "t_action", device))
-            tembs.append(a_temb)
-            modulations.append(a_mod)
-            if num_proprio:
-                if proprio.shape not in ((b, cfg.proprio_dim), (b, num_proprio, cfg.proprio_dim)):
-                    raise ValueError(f"proprio has shape {tuple(proprio.shape)}; expected ({b}, {cfg.proprio_dim}) "
-                                     f"or ({b}, chunks, {cfg.proprio_dim})")
-                p = _mlp_f32(am.proprio_encoder, proprio.reshape(b, num_proprio, cfg.proprio_dim))
-                tokens.append((p + am.type_embedding.float()[PROPRIO_TYPE]).to(dtype))
-                # Proprio is an observation, never noised: it reads the clean-timestep modulation.
-                p_temb, p_mod = _time(am.time_embedder, am.time_proj, cfg.freq_dim,
-                                      torch.zeros(b, 1, device=device))
-                tembs.append(p_temb)
-                modulations.append(p_mod)
-
-        x = torch.cat(tokens, dim=1)
+        x, group_temb, group_modulation = self.embed_tokens(latents, timestep, actions, t_action,
+                                                            proprio if num_proprio else None)
+        context, image_context = self.embed_context(text, image)
         groups, chunks = token_layout(cfg, grid, num_actions, num_proprio, views or 1)
         groups, chunks = groups.to(device), chunks.to(device)
-        token_modulation = torch.cat(modulations, dim=1)[:, groups]  # [B, S, 6, D]
-        token_temb = torch.cat(tembs, dim=1)[:, groups]  # [B, S, D]
+        token_modulation = group_modulation[:, groups]  # [B, S, 6, D]
+        token_temb = group_temb[:, groups]  # [B, S, D]
         angles = rope_angles(cfg, grid, num_actions + num_proprio, views or 1).to(device)
         rope = (torch.cos(angles).float(), torch.sin(angles).float())
         mask = None

@@ -46,8 +46,8 @@ from wamjax.models import clip
 from wamjax.models.attention import resolve_attention
 from wamjax.models.attention_mask import AttentionMask
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import history_sizes, make_token_layout, trains_teacher_forced
 from wamjax.models.patch_vae import PatchVAEConfig
+from wamjax.models.token_layout import history_sizes, make_token_layout, trains_teacher_forced
 from wamjax.parallel import context as context_parallel
 from wamjax.stages import StageSpec, is_trainable
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from wamjax.models import blockwise, splash
 from wamjax.models.attention_mask import MASK_RULES, AttentionMask, cached_chunk_mask
-from wamjax.models.dit import TokenLayout, layout_attention_mask
+from wamjax.models.token_layout import TokenLayout, layout_attention_mask
 
 DENSE_KERNELS = ("dot_product", "xla", "cudnn")  # every (query, key) pair of the sequence, masked or not
 BLOCK_KERNELS = ("blockwise", "splash")  # skip (query block, key block) pairs with nothing visible
@@ -152,7 +152,7 @@ def layout_pairs(layout: TokenLayout, kernel: str, block_q: int = 512, block_kv:
 def cached_chunk_pairs(chunk_tokens: int, capacity: int, visible: int, kernel: str, block_q: int = 512,
                        block_kv: int = 512) -> AttentionPairs:
     """The pairs of one chunk's self-attention over a KV cache of `capacity` slots with `visible` of them
-    attended (`kv_cache.chunk_forward`): the chunk sees the visible cache and itself. The cache's fill level is
+    attended (`cached_chunk.chunk_forward`): the chunk sees the visible cache and itself. The cache's fill level is
     traced, so `splash` runs `blockwise` there, deciding its skips on the device."""
     kernel = "blockwise" if kernel == "splash" else kernel
     mask = cached_chunk_mask(chunk_tokens, capacity, int(visible))

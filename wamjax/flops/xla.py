@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from wamjax.flops.analytic import SequenceShape, token_counts
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import trains_teacher_forced
+from wamjax.models.token_layout import trains_teacher_forced
 from wamjax.models.wam import example_inputs, init_params, wam_forward
 
 # Sizes above this many bytes of float32 parameters are refused: compiling them on a host CPU takes long.
@@ -36,14 +36,13 @@ def _cost_flops(compiled: Any) -> float:
 def _abstract_inputs(
     cfg: ModelConfig, latent_shape: tuple[int, ...], text_length: int, num_actions: int, batch: int,
     image_tokens: int = 0, num_proprio: int = 1,
-) -> tuple[Any, ...]:
-
-    inputs = list(jax.eval_shape(
+) -> dict[str, Any]:
+    inputs = dict(jax.eval_shape(
         lambda: example_inputs(cfg, latent_shape, text_length, num_actions, True, batch, image_tokens or None)
     ))
     if num_proprio > 1 and num_actions:  # one state per chunk: proprio [B, C, P]
-        inputs[4] = jax.ShapeDtypeStruct((batch, num_proprio, cfg.proprio_dim), jnp.float32)
-    return tuple(inputs)
+        inputs["proprio"] = jax.ShapeDtypeStruct((batch, num_proprio, cfg.proprio_dim), jnp.float32)
+    return inputs
 
 
 def compiled_forward_flops(
@@ -67,9 +66,9 @@ def compiled_forward_flops(
     inputs = _abstract_inputs(cfg, latent_shape, text_length, num_actions, batch, image_tokens, num_proprio)
     history = {}
     if trains_teacher_forced(cfg) if teacher_forcing is None else teacher_forcing:
-        history = {"history_latents": inputs[0], "history_actions": inputs[3] if num_actions else None}
-    fn = jax.jit(lambda p, *args, **kw: wam_forward(cfg, p, *args, pad_to_multiple=pad_to_multiple, **kw))
-    return _cost_flops(fn.lower(params, *inputs, **history).compile())
+        history = {"history_latents": inputs["latents"], "history_actions": inputs.get("actions")}
+    fn = jax.jit(lambda p, **kw: wam_forward(cfg, p, pad_to_multiple=pad_to_multiple, **kw))
+    return _cost_flops(fn.lower(params, **inputs, **history).compile())
 
 
 def param_bytes(

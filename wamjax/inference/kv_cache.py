@@ -11,10 +11,11 @@ of a chunk arrives it replaces the predicted frames in the cache, so closed-loop
 history.
 
 This is what a teacher-forced model (model.history="teacher_forcing") saw in training: the noisy chunk attends
-to the clean keys/values of the earlier chunks and to itself. This module keeps only the cache bookkeeping:
-the embedding, blocks and heads are the model's own Flax modules (`WanBlock` with a KV cache, `OutputHead`,
-`ActionTokens`) applied to the sub-trees of the params, a `lax.scan` over the stacked layers
-(tests/test_inference.py checks the rollout against the full teacher-forced forward).
+to the clean keys/values of the earlier chunks and to itself. This module keeps only the rollout's bookkeeping
+(geometry, cache offsets, the denoising loop of a chunk); the context is the model's own
+`WorldActionModel.embed_context`, and each chunk runs through the model's own modules in
+`wamjax.inference.cached_chunk` (tests/test_inference.py checks the rollout against the full teacher-forced
+forward).
 """
 
 from __future__ import annotations
@@ -35,11 +36,9 @@ from wamjax.diffusion.sampler import (
     step_times,
     tick,
 )
-from wamjax.models.actions import ActionTokens
-from wamjax.models.attention_mask import cached_chunk_mask
+from wamjax.inference.cached_chunk import KVCache, chunk_forward, embed_chunk, write_chunk
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import ConditionEmbedder, PatchEmbed, WanBlock, video_rope_angles
-from wamjax.models.wam import OutputHead, embed_video, i2v_condition, unpatchify_video
+from wamjax.models.wam import WorldActionModel, i2v_condition
 
 Params = Any
 
@@ -104,152 +103,11 @@ class ChunkGeometry:
         return 1 + self.max_chunks * self.frames_per_chunk
 
 
-class KVCache(NamedTuple):
-    """Per-layer keys (rotated) and values of the cached chunks; positions >= length are unused."""
-
-    keys: jax.Array  # [L, B, capacity, heads, head_dim]
-    values: jax.Array  # [L, B, capacity, heads, head_dim]
-    length: jax.Array  # int32 []: tokens written
-
-
 def empty_cache(cfg: ModelConfig, geometry: ChunkGeometry, batch: int) -> KVCache:
     """A zeroed cache for `batch` sequences."""
     shape = (cfg.num_layers, batch, geometry.capacity(cfg), cfg.num_attention_heads, cfg.attention_head_dim)
     zeros = jnp.zeros(shape, cfg.compute_dtype)
     return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
-
-
-def stacked_block_params(cfg: ModelConfig, params: Params) -> Params:
-    """Block params with a leading layer axis, whether the model was built scanned or unrolled."""
-    blocks = params["blocks"]
-    if "layers" in blocks:
-        return blocks["layers"]["block"]
-    layers = [blocks[f"layers_{i}"]["block"] for i in range(cfg.num_layers)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-
-
-# --- Chunk embedding -----------------------------------------------------------------------------------
-
-
-class ChunkTokens(NamedTuple):
-    """One chunk's inputs to the blocks: tokens, per-token modulation and temb, rotary cos/sin."""
-
-    x: jax.Array  # [B, S, D]
-    modulation: jax.Array  # [B, S, 6, D]
-    temb: jax.Array  # [B, S, D]
-    cos: jax.Array  # [S, head_dim // 2]
-    sin: jax.Array
-    num_video: int
-    num_actions: int
-    views: int | None = None
-
-
-def embed_chunk(
-    cfg: ModelConfig,
-    geometry: ChunkGeometry,
-    params: Params,
-    latents: jax.Array,
-    t_frames: jax.Array,
-    frame_offset: jax.Array,
-    actions: jax.Array | None = None,
-    t_actions: jax.Array | None = None,
-    action_offset: jax.Array | int = 0,
-    proprio: jax.Array | None = None,
-) -> ChunkTokens:
-    """Tokens of one chunk: latents [B, n, H, W, C] (or [B, n, V, H, W, C]) at frames frame_offset.., t_frames
-    [B, n] (0..1000 scale), optional actions [B, na, A] at action positions action_offset.. with t_actions
-    [B, na], optional proprio.
-
-    The model's own modules embed them (patch embedding and view embedding, timestep embedders, action and
-    proprio encoders), with the rotary angles `make_token_layout` gives the same frames (views share them).
-    """
-    batch, n = latents.shape[:2]
-    views = latents.shape[2] if latents.ndim == 6 else None
-    gh, gw = latents.shape[-3] // cfg.patch_size[1], latents.shape[-2] // cfg.patch_size[2]
-    per_frame = gh * gw * (views or 1)
-    cond = ConditionEmbedder(cfg)
-    patch_embed = functools.partial(PatchEmbed(cfg).apply, {"params": params["patch_embedding"]})
-    video = embed_video(cfg, patch_embed, latents, params.get("view_embedding"))
-    temb, mod = cond.apply({"params": params["condition_embedder"]}, t_frames, method=ConditionEmbedder.time)
-    tokens, mods, tembs = [video], [jnp.repeat(mod, per_frame, axis=1)], [jnp.repeat(temb, per_frame, axis=1)]
-    table = jnp.asarray(video_rope_angles(cfg, (geometry.max_frames, gh, gw), views or 1))
-    angles = jax.lax.dynamic_slice_in_dim(table, frame_offset * per_frame, n * per_frame, axis=0)
-    num_unrotated = 0
-
-    action_module, action_params = ActionTokens(cfg), {"params": params["actions"]}
-    num_actions = 0
-    if actions is not None:
-        num_actions = actions.shape[1]
-        tokens.append(action_module.apply(action_params, actions, action_offset, method=ActionTokens.encode_actions))
-        a_temb, a_mod = action_module.apply(action_params, t_actions, method=ActionTokens.time)
-        tembs.append(a_temb)
-        mods.append(a_mod)
-        num_unrotated += num_actions
-    if proprio is not None:
-        tokens.append(action_module.apply(action_params, proprio, method=ActionTokens.encode_proprio))
-        # Proprio is an observation, never noised: it reads the clean-timestep modulation.
-        p_temb, p_mod = action_module.apply(action_params, jnp.zeros((batch, 1), jnp.float32), method=ActionTokens.time)
-        tembs.append(p_temb)
-        mods.append(p_mod)
-        num_unrotated += 1
-    angles = jnp.concatenate([angles, jnp.zeros((num_unrotated, angles.shape[-1]), angles.dtype)], axis=0)
-    return ChunkTokens(
-        jnp.concatenate(tokens, axis=1), jnp.concatenate(mods, axis=1), jnp.concatenate(tembs, axis=1),
-        jnp.cos(angles), jnp.sin(angles), n * per_frame, num_actions, views,
-    )
-
-
-# --- The model's blocks over a chunk, reading the cache ---------------------------------------------------
-
-
-class ChunkOutput(NamedTuple):
-    """Velocities of one chunk and its per-layer keys/values [L, B, S, heads, head_dim]."""
-
-    video: jax.Array  # [B, n, H, W, C]
-    actions: jax.Array | None  # [B, na, A]
-    keys: jax.Array
-    values: jax.Array
-
-
-def chunk_forward(
-    cfg: ModelConfig, params: Params, chunk: ChunkTokens, context: jax.Array, cache: KVCache,
-    latent_hw: tuple[int, int], visible: jax.Array | None = None,
-) -> ChunkOutput:
-    """The model over one chunk attending to the cache; `context` is the projected text [B, L, D].
-
-    Only the first `visible` cached tokens are attended to (default: all written ones): a chunk that is
-    recomputed in place must not see its own stale entries or anything after it.
-    """
-    stacked = stacked_block_params(cfg, params)
-    visible = cache.length if visible is None else visible
-    capacity, s = cache.keys.shape[2], chunk.x.shape[1]
-    mask = cached_chunk_mask(s, capacity, jnp.asarray(visible))
-    block = WanBlock(cfg, None)
-
-    def layer(x, inputs):
-        p, cache_k, cache_v = inputs
-        x, (k, v) = block.apply({"params": p}, x, context, chunk.modulation, (chunk.cos, chunk.sin),
-                                kv_cache=(cache_k, cache_v), mask=mask)
-        return x, (k.astype(cache_k.dtype), v.astype(cache_v.dtype))
-
-    x, (keys, values) = jax.lax.scan(layer, chunk.x, (stacked, cache.keys, cache.values))
-    nv, na = chunk.num_video, chunk.num_actions
-    h, video = OutputHead(cfg).apply({"params": params}, x, chunk.temb, nv)
-    ph, pw = cfg.patch_size[1:]
-    grid = (nv // ((latent_hw[0] // ph) * (latent_hw[1] // pw) * (chunk.views or 1)), latent_hw[0] // ph,
-            latent_hw[1] // pw)
-    video = unpatchify_video(cfg, video, grid, chunk.views)
-    actions = None
-    if na:
-        actions = ActionTokens(cfg).apply({"params": params["actions"]}, h[:, nv : nv + na], method=ActionTokens.decode)
-    return ChunkOutput(video, actions, keys, values)
-
-
-def write_chunk(cache: KVCache, keys: jax.Array, values: jax.Array, offset: jax.Array) -> KVCache:
-    """Writes a chunk's keys/values at token `offset`; the cache length becomes max(length, offset + S)."""
-    k = jax.lax.dynamic_update_slice_in_dim(cache.keys, keys, offset, axis=2)
-    v = jax.lax.dynamic_update_slice_in_dim(cache.values, values, offset, axis=2)
-    return KVCache(k, v, jnp.maximum(cache.length, offset + keys.shape[2]).astype(jnp.int32))
 
 
 # --- Rollout state and the three jitted operations -------------------------------------------------------
@@ -288,18 +146,15 @@ def start_rollout(
     batch = context_latents.shape[0]
     if options.uses_cfg:
         text = jnp.concatenate([text, jnp.zeros_like(text)], axis=0)
-    context = ConditionEmbedder(cfg).apply({"params": params["condition_embedder"]}, cfg_sharded(options, text),
-                                            method=ConditionEmbedder.text)
-    condition = None
+    condition = image = None
     if image_conditioning is not None:
         condition_latents, image = (_guided_batch(options, x) for x in image_conditioning)
         condition = i2v_condition(condition_latents.astype(jnp.float32))
-        image = ConditionEmbedder(cfg).apply({"params": params["condition_embedder"]}, image,
-                                             method=ConditionEmbedder.image)
-        context = (context, image)
+    context = WorldActionModel(cfg).apply({"params": params}, cfg_sharded(options, text), image,
+                                          method=WorldActionModel.embed_context)
     lat = _with_condition(_guided_batch(options, context_latents.astype(jnp.float32)), condition, 0)
     prop = None if proprio is None else _guided_batch(options, proprio.astype(jnp.float32))
-    tokens = embed_chunk(cfg, geometry, params, lat, jnp.zeros(lat.shape[:2]), 0, proprio=prop)
+    tokens = embed_chunk(cfg, geometry.max_frames, params, lat, jnp.zeros(lat.shape[:2]), 0, proprio=prop)
     cache = empty_cache(cfg, geometry, lat.shape[0])
     # CFG parallel: each branch's device keeps the keys/values of its half of the batch.
     cache = cache._replace(keys=cfg_sharded(options, cache.keys, 1), values=cfg_sharded(options, cache.values, 1))
@@ -330,7 +185,7 @@ def _chunk_pass(cfg, geometry, options, params, state, index, latents, t_frames,
     offset, frame0, action0 = _chunk_offsets(cfg, geometry, index)
     prop = None if proprio is None else _guided_batch(options, proprio.astype(jnp.float32))
     tokens = embed_chunk(
-        cfg, geometry, params, _with_condition(_guided_batch(options, latents), state.condition, frame0),
+        cfg, geometry.max_frames, params, _with_condition(_guided_batch(options, latents), state.condition, frame0),
         _guided_batch(options, t_frames), frame0,
         _guided_batch(options, actions), _guided_batch(options, t_actions), action0, proprio=prop,
     )

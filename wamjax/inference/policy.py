@@ -30,9 +30,9 @@ from wamjax.inference.kv_cache import ChunkedRollout, ChunkGeometry
 from wamjax.inference.timing import StageTimer
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import trains_teacher_forced, views_into_batch, views_out_of_batch
 from wamjax.models.encoders import encode_views
 from wamjax.models.text import TextEmbedder
+from wamjax.models.token_layout import trains_teacher_forced, views_into_batch, views_out_of_batch
 from wamjax.stages import policy_spec
 
 Params = Any

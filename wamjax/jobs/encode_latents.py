@@ -38,7 +38,7 @@ from data_pipelines.sources.latents import (
 )
 from data_pipelines.sources.synthetic import make_synthetic_dataset
 from wamjax.checkpoint.wan_vae_import import load_vae
-from wamjax.models.dit import views_into_batch, views_out_of_batch
+from wamjax.models.token_layout import views_into_batch, views_out_of_batch
 from wamjax.models.vae import frames_to_video, vae_encode
 
 

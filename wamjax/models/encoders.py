@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
-from wamjax.models.dit import views_into_batch, views_out_of_batch
+from wamjax.models.token_layout import views_into_batch, views_out_of_batch
 from wamjax.models.wam import first_frame_video
 
 Params = Any

@@ -6,7 +6,7 @@ on Wan's 0..1000 scale: t_video is [B] or per latent frame [B, F]; t_action is [
 
 Several camera views (`data.view_layout=tokens`) come as latents [B, F, V, H, W, C]: each view is patchified
 on its own, gets its row of the learned `view_embedding` [V, dim] added, and the views of a latent frame sit
-next to each other in the sequence (see `wamjax.models.dit`); the velocity comes back as [B, F, V, H, W, C].
+next to each other in the sequence (see `wamjax.models.token_layout`); the velocity comes back as [B, F, V, H, W, C].
 """
 
 from __future__ import annotations
@@ -20,19 +20,16 @@ import jax.numpy as jnp
 
 from wamjax.models.actions import ActionTokens
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import (
-    BlockStack,
-    ConditionEmbedder,
-    PatchEmbed,
+from wamjax.models.dit import BlockStack, ConditionEmbedder, PatchEmbed, modulate_per_group, unpatchify
+from wamjax.models.layers import Dense, constrain, modulated_layer_norm
+from wamjax.models.token_layout import (
+    history_sizes,
     make_token_layout,
-    modulate_per_group,
-    unpatchify,
     view_tokens_by_frame,
     view_tokens_by_view,
     views_into_batch,
     views_out_of_batch,
 )
-from wamjax.models.layers import Dense, constrain, modulated_layer_norm
 
 Params = Any
 CLIP_IMAGE_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token (Wan2.1-I2V)
@@ -58,11 +55,115 @@ def _per_group(t: jax.Array, batch: int, count: int, name: str) -> jax.Array:
     return t
 
 
+class TokenSequence(NamedTuple):
+    """The joint sequence the blocks read, before padding: tokens [B, S, D] and, per modulation group (in the
+    order of `TokenLayout.token_group`), the timestep embedding [B, G, D] and its 6-way modulation [B, G, 6, D]."""
+
+    tokens: jax.Array
+    group_temb: jax.Array
+    group_modulation: jax.Array
+
+
+class ViewEmbedding(nn.Module):
+    """The learned row per camera view [V, dim] added to that view's tokens (the tokens view layout)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, views: int) -> jax.Array:
+        # Zeros: a pretrained single-view backbone starts out unchanged; the rows part as the views differ.
+        return self.param("view_embedding", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                          (None, "embed")), (views, self.cfg.dim))
+
+
 class WorldActionModel(nn.Module):
-    """Joint video + action denoiser on a Wan-2.1-compatible transformer."""
+    """Joint video + action denoiser on a Wan-2.1-compatible transformer.
+
+    `embed_tokens` assembles the token sequence and `embed_context` the text (and image) context; `__call__`
+    runs the blocks and heads over them. The KV-cached rollout calls the same two methods on one chunk.
+    """
 
     cfg: ModelConfig
     pad_to_multiple: int = 1
+
+    def setup(self):
+        cfg = self.cfg
+        self.condition_embedder = ConditionEmbedder(cfg)
+        self.patch_embedding = PatchEmbed(cfg)
+        self.actions = ActionTokens(cfg)  # its parameters exist only once actions were embedded
+        self.view_embedder = ViewEmbedding(cfg)
+        nn.share_scope(self, self.view_embedder)  # the parameter is `view_embedding` at the top level
+
+    def embed_context(self, text_embeddings: jax.Array, image_embeddings: jax.Array | None = None) -> Any:
+        """The projected text [B, L, D], or (text, image tokens [B, N, D]) for the image-conditioned backbone."""
+        context = self.condition_embedder.text(text_embeddings)
+        if image_embeddings is None:
+            return context
+        return context, self.condition_embedder.image(image_embeddings)
+
+    def embed_tokens(
+        self,
+        latents: jax.Array,
+        t_video: jax.Array,
+        *,
+        actions: jax.Array | None = None,
+        t_action: jax.Array | None = None,
+        proprio: jax.Array | None = None,
+        history_latents: jax.Array | None = None,
+        history_actions: jax.Array | None = None,
+        action_offset: jax.Array | int = 0,
+    ) -> TokenSequence:
+        """The sequence [video | actions | proprio | clean history video | clean history actions] with its
+        per-group timestep embeddings. Actions sit at action positions `action_offset`.. (a cached chunk's);
+        proprio [B, P] or [B, C, P] is embedded whenever given; `history_latents` (the clean input, shaped like
+        `latents`) adds the teacher-forced clean copy of the chunks before the last, with `history_actions`."""
+        cfg = self.cfg
+        batch = latents.shape[0]
+        pt = cfg.patch_size[0]
+        gf = latents.shape[1] // pt
+        view_embedding = self.view_embedder(latents.shape[2]) if latents.ndim == 6 else None
+        video_tokens = embed_video(cfg, self.patch_embedding, latents, view_embedding)
+        t_frames = _per_group(t_video, batch, latents.shape[1], "t_video")[:, ::pt][:, :gf]
+        temb, modulation = self.condition_embedder.time(t_frames)
+        tokens, tembs, modulations = [video_tokens], [temb], [modulation]
+
+        def clean_group(time: Callable[[jax.Array], tuple[jax.Array, jax.Array]]) -> None:
+            temb, modulation = time(jnp.zeros((batch, 1), jnp.float32))
+            tembs.append(temb)
+            modulations.append(modulation)
+
+        num_actions = 0
+        if actions is not None:
+            if t_action is None:
+                raise ValueError("actions were given without t_action")
+            num_actions = actions.shape[1]
+            tokens.append(self.actions.encode_actions(actions, action_offset))
+            a_temb, a_mod = self.actions.time(_per_group(t_action, batch, num_actions, "t_action"))
+            tembs.append(a_temb)
+            modulations.append(a_mod)
+        if proprio is not None:
+            tokens.append(self.actions.encode_proprio(proprio))
+            clean_group(self.actions.time)  # proprio is an observation, never noised
+        if history_latents is not None:
+            # The clean history copy: same frames (all their views, with the same view embedding), rope positions
+            # and action positions as the noisy chunks it repeats, read at t=0 (one modulation group per modality).
+            if history_latents.shape != latents.shape:
+                raise ValueError(f"history_latents have shape {history_latents.shape}; expected the latents' "
+                                 f"{latents.shape}")
+            history_frames, history_action_tokens = history_sizes(cfg, gf, num_actions)
+            if history_frames:  # none when there is one chunk after the context
+                clean_frames = history_latents[:, pt : pt * (1 + history_frames)]
+                tokens.append(embed_video(cfg, self.patch_embedding, clean_frames, view_embedding))
+            clean_group(self.condition_embedder.time)
+            if history_action_tokens:
+                if history_actions is None or history_actions.shape != actions.shape:
+                    got = None if history_actions is None else history_actions.shape
+                    raise ValueError(f"history_actions must be the clean actions, shaped like the actions "
+                                     f"{actions.shape}; got {got}")
+                tokens.append(self.actions.encode_actions(history_actions[:, :history_action_tokens]))
+                clean_group(self.actions.time)
+        return TokenSequence(jnp.concatenate(tokens, axis=1), jnp.concatenate(tembs, axis=1),
+                             jnp.concatenate(modulations, axis=1))
 
     @nn.compact
     def __call__(
@@ -70,6 +171,7 @@ class WorldActionModel(nn.Module):
         latents: jax.Array,
         t_video: jax.Array,
         text_embeddings: jax.Array,
+        *,
         actions: jax.Array | None = None,
         t_action: jax.Array | None = None,
         proprio: jax.Array | None = None,
@@ -93,86 +195,32 @@ class WorldActionModel(nn.Module):
             if proprio.ndim not in (2, 3):
                 raise ValueError(f"proprio has shape {proprio.shape}; expected [B, P] or [B, chunks, P]")
             num_proprio = 1 if proprio.ndim == 2 else proprio.shape[1]
-        teacher_forcing = history_latents is not None
         views = latents.shape[2] if latents.ndim == 6 else None
         spatial = (latents.shape[1], *latents.shape[-3:-1])
         layout = make_token_layout(cfg, spatial, num_actions, num_proprio, self.pad_to_multiple,
-                                   teacher_forcing=teacher_forcing, num_views=views or 1)
-        gf = layout.grid[0]
+                                   teacher_forcing=history_latents is not None, num_views=views or 1)
 
-        cond = ConditionEmbedder(cfg, name="condition_embedder")
-        view_embedding = None
-        if views is not None:
-            # Zeros: a pretrained single-view backbone starts out unchanged; the rows part as the views differ.
-            view_embedding = self.param(
-                "view_embedding", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "embed")),
-                (views, cfg.dim),
-            )
-        patch_embedding = PatchEmbed(cfg, name="patch_embedding")
-        video_tokens = embed_video(cfg, patch_embedding, latents, view_embedding)
-        t_frames = _per_group(t_video, batch, latents.shape[1], "t_video")[:, :: cfg.patch_size[0]][:, :gf]
-        temb, modulation = cond.time(t_frames)
-        context = cond.text(text_embeddings)
-        if image_embeddings is not None:
-            context = (context, cond.image(image_embeddings))
-        tokens, tembs, modulations = [video_tokens], [temb], [modulation]
-
-        action_module = None
-        if actions is not None:
-            if t_action is None:
-                raise ValueError("actions were given without t_action")
-            action_module = ActionTokens(cfg, name="actions")
-            tokens.append(action_module.encode_actions(actions))
-            a_temb, a_mod = action_module.time(_per_group(t_action, batch, num_actions, "t_action"))
-            tembs.append(a_temb)
-            modulations.append(a_mod)
-            if num_proprio:
-                tokens.append(action_module.encode_proprio(proprio))
-                # Proprio is an observation, never noised: it reads the clean-timestep modulation.
-                p_temb, p_mod = action_module.time(jnp.zeros((batch, 1), jnp.float32))
-                tembs.append(p_temb)
-                modulations.append(p_mod)
-        if teacher_forcing:
-            # The clean history copy: same frames (all their views, with the same view embedding), rope positions
-            # and action positions as the noisy chunks it repeats, read at t=0 (one modulation group per modality).
-            if history_latents.shape != latents.shape:
-                raise ValueError(f"history_latents have shape {history_latents.shape}; expected the latents' "
-                                 f"{latents.shape}")
-            if layout.history_frames:  # none when there is one chunk after the context
-                pt = cfg.patch_size[0]
-                clean_frames = history_latents[:, pt : pt * (1 + layout.history_frames)]
-                tokens.append(embed_video(cfg, patch_embedding, clean_frames, view_embedding))
-            h_temb, h_mod = cond.time(jnp.zeros((batch, 1), jnp.float32))
-            tembs.append(h_temb)
-            modulations.append(h_mod)
-            if layout.num_history_action_tokens:
-                if history_actions is None or history_actions.shape != actions.shape:
-                    got = None if history_actions is None else history_actions.shape
-                    raise ValueError(f"history_actions must be the clean actions, shaped like the actions "
-                                     f"{actions.shape}; got {got}")
-                tokens.append(action_module.encode_actions(history_actions[:, : layout.num_history_action_tokens]))
-                ha_temb, ha_mod = action_module.time(jnp.zeros((batch, 1), jnp.float32))
-                tembs.append(ha_temb)
-                modulations.append(ha_mod)
+        sequence = self.embed_tokens(latents, t_video, actions=actions, t_action=t_action,
+                                     proprio=proprio if num_proprio else None, history_latents=history_latents,
+                                     history_actions=history_actions)
+        context = self.embed_context(text_embeddings, image_embeddings)
+        x = sequence.tokens
         if layout.num_padding_tokens:
-            tokens.append(jnp.zeros((batch, layout.num_padding_tokens, cfg.dim), video_tokens.dtype))
-
-        x = constrain(jnp.concatenate(tokens, axis=1), ("batch", "length", "embed"))
-        group_modulation = jnp.concatenate(modulations, axis=1)
-        group_temb = jnp.concatenate(tembs, axis=1)
+            x = jnp.concatenate([x, jnp.zeros((batch, layout.num_padding_tokens, cfg.dim), x.dtype)], axis=1)
+        x = constrain(x, ("batch", "length", "embed"))
         cos = jnp.asarray(jnp.cos(layout.rope_angles), jnp.float32)
         sin = jnp.asarray(jnp.sin(layout.rope_angles), jnp.float32)
 
-        x = BlockStack(cfg, layout, name="blocks")(x, context, group_modulation, (cos, sin))
+        x = BlockStack(cfg, layout, name="blocks")(x, context, sequence.group_modulation, (cos, sin))
 
         head = OutputHead(cfg)
         nn.share_scope(self, head)  # Wan's parameter names: scale_shift_table, proj_out at the top level
-        h, video = head(x, group_temb, layout.num_video_tokens, layout.token_group, layout.num_groups)
+        h, video = head(x, sequence.group_temb, layout.num_video_tokens, layout.token_group, layout.num_groups)
         video = unpatchify_video(cfg, video, layout.grid, views)
         nv = layout.num_video_tokens
         action_velocity = None
-        if action_module is not None:
-            action_velocity = action_module.decode(h[:, nv : nv + num_actions])
+        if actions is not None:
+            action_velocity = self.actions.decode(h[:, nv : nv + num_actions])
         return WamOutput(video, action_velocity)
 
 
@@ -259,8 +307,8 @@ def init_params(
 
     latent_shape is (F, H, W, C); with num_action_tokens=0 the tree is the video backbone only.
     """
-    variables = WorldActionModel(cfg).init(rng, *example_inputs(cfg, latent_shape, text_length,
-                                                                 num_action_tokens, with_proprio))
+    variables = WorldActionModel(cfg).init(rng, **example_inputs(cfg, latent_shape, text_length,
+                                                                  num_action_tokens, with_proprio))
     return nn.meta.unbox(variables["params"])
 
 
@@ -272,36 +320,24 @@ def example_inputs(
     with_proprio: bool = True,
     batch: int = 1,
     num_image_tokens: int | None = None,
-) -> tuple[jax.Array, ...]:
-    """Zero inputs of the right shapes for init / abstract evaluation (image tokens: CLIP ViT-H/14's count
-    unless given)."""
-    latents = jnp.zeros((batch, *latent_shape), jnp.float32)
+) -> dict[str, jax.Array]:
+    """Zero inputs of the right shapes for init / abstract evaluation, keyed by `wam_forward`'s argument names;
+    absent inputs are left out (image tokens: CLIP ViT-H/14's count unless given)."""
     t = jnp.zeros((batch,), jnp.float32)
-    text = jnp.zeros((batch, text_length, cfg.text_dim), jnp.float32)
-    image = None
+    inputs = {
+        "latents": jnp.zeros((batch, *latent_shape), jnp.float32),
+        "t_video": t,
+        "text_embeddings": jnp.zeros((batch, text_length, cfg.text_dim), jnp.float32),
+    }
+    if num_action_tokens:
+        inputs["actions"] = jnp.zeros((batch, num_action_tokens, cfg.action_dim), jnp.float32)
+        inputs["t_action"] = t
+        if with_proprio:
+            inputs["proprio"] = jnp.zeros((batch, cfg.proprio_dim), jnp.float32)
     if cfg.image_conditioned:
         tokens = num_image_tokens or cfg.pos_embed_seq_len or CLIP_IMAGE_TOKENS
-        image = jnp.zeros((batch, tokens, cfg.image_dim), jnp.float32)
-    if not num_action_tokens:
-        return (latents, t, text) if image is None else (latents, t, text, None, None, None, image)
-    actions = jnp.zeros((batch, num_action_tokens, cfg.action_dim), jnp.float32)
-    proprio = jnp.zeros((batch, cfg.proprio_dim), jnp.float32) if with_proprio else None
-    return (latents, t, text, actions, t, proprio) + (() if image is None else (image,))
-
-
-def param_logical_axes(
-    cfg: ModelConfig,
-    latent_shape: tuple[int, int, int, int],
-    text_length: int,
-    num_action_tokens: int = 0,
-) -> Params:
-    """The logical axis names of every parameter (a pytree of PartitionSpecs of logical names)."""
-    abstract = jax.eval_shape(
-        lambda: WorldActionModel(cfg).init(
-            jax.random.key(0), *example_inputs(cfg, latent_shape, text_length, num_action_tokens)
-        )
-    )
-    return nn.get_partition_spec(abstract)["params"]
+        inputs["image_embeddings"] = jnp.zeros((batch, tokens, cfg.image_dim), jnp.float32)
+    return inputs
 
 
 def wam_forward(
@@ -310,6 +346,7 @@ def wam_forward(
     latents: jax.Array,
     t_video: jax.Array,
     text_embeddings: jax.Array,
+    *,
     actions: jax.Array | None = None,
     t_action: jax.Array | None = None,
     proprio: jax.Array | None = None,
@@ -324,8 +361,8 @@ def wam_forward(
     history_latents / history_actions (the clean inputs) make the sequence teacher-forced
     (`WorldActionModel.__call__`)."""
     return WorldActionModel(cfg, pad_to_multiple).apply(
-        {"params": params}, latents, t_video, text_embeddings, actions, t_action, proprio, image_embeddings,
-        history_latents, history_actions,
+        {"params": params}, latents, t_video, text_embeddings, actions=actions, t_action=t_action, proprio=proprio,
+        image_embeddings=image_embeddings, history_latents=history_latents, history_actions=history_actions,
     )
 
 
@@ -335,6 +372,7 @@ def dit_forward(
     latents: jax.Array,
     timestep: jax.Array,
     text_embeddings: jax.Array,
+    *,
     image_embeddings: jax.Array | None = None,
 ) -> jax.Array:
     """Video-only forward: velocity for channels-last latents [B, F, H, W, in_channels] (JAX convention;
@@ -370,11 +408,6 @@ def first_frame_video(frames: jax.Array) -> jax.Array:
     zero is mid-grey, as in diffusers' pipeline, which zeroes the preprocessed video)."""
     keep = (jnp.arange(frames.shape[1]) == 0).reshape(1, -1, *([1] * (frames.ndim - 2)))
     return jnp.where(keep, frames, jnp.zeros((), frames.dtype))
-
-
-def backbone_params(params: Params) -> Params:
-    """The video-backbone subtree (everything except the action modules and the view embedding)."""
-    return {k: v for k, v in params.items() if k not in ("actions", "view_embedding")}
 
 
 def count_params(tree: Params) -> int:

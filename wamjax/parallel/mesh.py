@@ -93,11 +93,6 @@ def logical_rules(rules_config: Any = None) -> tuple[tuple[str, Any], ...]:
     return tuple((str(k), tuple(v) if isinstance(v, list) else v) for k, v in rules_config)
 
 
-def logical_sharding(logical_specs: Any, mesh: Mesh, rules: Sequence) -> Any:
-    """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
-
-
 def batch_sharding(mesh: Mesh, rules: Sequence, ndim: int) -> NamedSharding:
     """Sharding of a host batch array: leading batch axis over the batch rule's mesh axes."""
     spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), list(rules))

@@ -11,7 +11,7 @@ process cannot run anything on (`wamjax.compile_check`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -32,19 +32,19 @@ class ShardedInit:
 
 
 def boxed_init_fn(
-    model: nn.Module, example: Sequence[jax.Array | jax.ShapeDtypeStruct | None], tx: optax.GradientTransformation,
+    model: nn.Module, example: Mapping[str, jax.Array | jax.ShapeDtypeStruct | None], tx: optax.GradientTransformation,
     use_ema: bool,
 ) -> Callable[[jax.Array], TrainState]:
     """rng -> TrainState whose params (and optimizer moments) still carry their logical-axis boxes.
 
-    `example` gives the model inputs' shapes and dtypes only (arrays or ShapeDtypeStructs; None for an absent
-    optional input): initialization never reads their values.
+    `example` gives the model inputs' shapes and dtypes by argument name only (arrays or ShapeDtypeStructs; None
+    for an absent optional input, as `example_inputs` gives them): initialization never reads their values.
     """
-    shapes = [None if e is None else jax.ShapeDtypeStruct(e.shape, e.dtype) for e in example]
+    shapes = {k: None if e is None else jax.ShapeDtypeStruct(e.shape, e.dtype) for k, e in example.items()}
 
     def init_boxed(rng: jax.Array) -> TrainState:
-        inputs = [None if s is None else jnp.zeros(s.shape, s.dtype) for s in shapes]
-        params = model.init(rng, *inputs)["params"]
+        inputs = {k: None if s is None else jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+        params = model.init(rng, **inputs)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           ema_params=params if use_ema else None, rng=rng)
 

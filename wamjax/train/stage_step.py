@@ -25,7 +25,7 @@ class StageStep:
     """A stage's model, optimizer and pure step, with the initializer of its train state."""
 
     model: WorldActionModel
-    example: tuple[jax.ShapeDtypeStruct | None, ...]  # the model inputs' shapes (init reads no values)
+    example: dict[str, jax.ShapeDtypeStruct]  # the model inputs' shapes by argument name (init reads no values)
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     step_spec: StepSpec
@@ -50,8 +50,8 @@ def build_stage_step(spec: StageSpec, mesh: jax.sharding.Mesh, rules: Any, *, to
                          vae=spec.vae, pad_to_multiple=pad, image_encoder=spec.image_encoder,
                          microbatches=spec.microbatches, trainable=opt.trainable)
     step_fn = make_train_step(step_spec, spec.diffusion, tx, schedule, opt.ema_decay, stage_start_step)
-    init_boxed = boxed_init_fn(model, tuple(example), tx, opt.ema_decay > 0)
-    return StageStep(model=model, example=tuple(example), tx=tx, schedule=schedule, step_spec=step_spec,
+    init_boxed = boxed_init_fn(model, example, tx, opt.ema_decay > 0)
+    return StageStep(model=model, example=dict(example), tx=tx, schedule=schedule, step_spec=step_spec,
                      step_fn=step_fn, init_boxed=init_boxed)
 
 

@@ -19,12 +19,12 @@ from wamjax.diffusion.time_sampling import check_diffusion_config, sample_chunk_
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
-from wamjax.models.dit import (
+from wamjax.models.encoders import frames_to_latents, i2v_latents_and_conditioning
+from wamjax.models.token_layout import (
     action_latent_frame,
     latent_frame_chunk,
     trains_teacher_forced,
 )
-from wamjax.models.encoders import frames_to_latents, i2v_latents_and_conditioning
 from wamjax.models.wam import i2v_model_input, wam_forward
 from wamjax.train.optimizer import spike_skipped, trainable_labels
 
@@ -182,8 +182,8 @@ def compute_loss(
         image = batch["image_embeddings"]
     out = wam_forward(
         cfg, params, xt, flow.to_model_timestep(t_video), text,
-        noisy_actions, None if t_action is None else flow.to_model_timestep(t_action), proprio, image,
-        pad_to_multiple=spec.pad_to_multiple, history_latents=history_latents,
+        actions=noisy_actions, t_action=None if t_action is None else flow.to_model_timestep(t_action),
+        proprio=proprio, image_embeddings=image, pad_to_multiple=spec.pad_to_multiple, history_latents=history_latents,
         history_actions=actions if history_latents is not None else None,
     )
     # Per latent frame, over every view and position: [B, F].
