@@ -109,3 +109,16 @@ def test_tiny_training_run_writes_eval_rows_and_the_cli_prints_a_table(tmp_path)
     assert len(glob.glob(os.path.join(out, "step_2_synthetic_imagine_then_act_*.png"))) == 1
     with open(os.path.join(out, "offline_eval.json")) as f:
         assert json.load(f)["overall/num_examples"] == 2
+
+
+def test_the_loop_refuses_a_scheduled_evaluation_without_hooks(tmp_path):
+    """The loop imports no evaluation: a config that schedules one, trained without hooks, is refused by name
+    before anything is written."""
+    config = get_config("size=tiny,stage=video_pretrain")
+    config.eval.every_steps = 2
+    with pytest.raises(ValueError, match=r"eval\.every_steps=2.*hooks=wamjax\.eval\.hooks\.loop_hooks\(\)"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    config.eval.every_steps, config.eval.closed_loop_every_steps = 0, 3
+    with pytest.raises(ValueError, match=r"eval\.closed_loop_every_steps=3"):
+        train(config, tmp_path / "run")
