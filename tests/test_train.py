@@ -14,7 +14,7 @@ from train_utils import REPO, get_config, metrics_rows, run_main, subprocess_env
 
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.load import load_checkpoint
-from wamjax.flops.analytic import train_step_flops
+from wamjax.flops.stage import train_step_flops
 from wamjax.stages import stage_spec
 from wamjax.train import loop as loop_lib
 from wamjax.train.loop import NumericalFault, train
@@ -135,7 +135,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
 
 def test_i2v_action_tune_trains_and_checkpoints(tmp_path):
     """Wan2.1-I2V conditioning in the step: first-frame latents + mask channels, CLIP tokens from a frozen tower."""
-    from wamjax.flops.analytic import frozen_flops
+    from wamjax.flops.stage import frozen_flops
 
     config = _tiny("size=tiny-i2v,stage=action_tune", 2, **{"train.log_every": 1, "checkpoint.every_steps": 2})
     workdir = str(tmp_path / "i2v")

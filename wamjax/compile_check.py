@@ -43,8 +43,9 @@ import ml_collections
 from wamjax import stages as stages_lib
 from wamjax.diffusion.sampler import SamplerOptions
 from wamjax.flops import peak as peak_lib
-from wamjax.flops.analytic import SequenceShape, forward_flops, train_step_flops
+from wamjax.flops.analytic import SequenceShape, forward_flops
 from wamjax.flops.ledger import stage_step_count
+from wamjax.flops.stage import train_step_flops
 from wamjax.inference.policy import PolicyShapes, policy_step
 from wamjax.models import clip as clip_lib
 from wamjax.models import vae as vae_lib

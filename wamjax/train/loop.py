@@ -26,10 +26,10 @@ from wamjax.checkpoint.norm_stats import checked_norm_stats, has_norm_stats
 from wamjax.checkpoint.wan_import import import_diffusers_wan
 from wamjax.checkpoint.wan_vae_import import import_diffusers_wan_vae
 from wamjax.compilation_cache import enable_compilation_cache
-from wamjax.flops.analytic import StepFlops, train_step_flops
 from wamjax.flops.goodput import GoodputRecorder
 from wamjax.flops.ledger import MODEL_UNITS, FlopLedger, stage_step_count
 from wamjax.flops.peak import peak_flops_per_device
+from wamjax.flops.stage import StepFlops, train_step_flops
 from wamjax.models import vae as vae_lib
 from wamjax.parallel.mesh import logical_rules, make_mesh, replicated
 from wamjax.parallel.placement import check_placement, device_batch
