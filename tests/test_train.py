@@ -16,8 +16,9 @@ from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.load import load_checkpoint
 from wamjax.flops.stage import train_step_flops
 from wamjax.stages import stage_spec
-from wamjax.train import loop as loop_lib
-from wamjax.train.loop import NumericalFault, train
+from wamjax.train import guards as guards_lib
+from wamjax.train.guards import NumericalFault
+from wamjax.train.loop import train
 from wamjax.train.optimizer import learning_rate_schedule
 
 
@@ -159,7 +160,7 @@ def test_loop_reads_the_device_on_log_and_checkpoint_steps_only(tmp_path, monkey
     loop_fetches = []
 
     def counting_device_get(tree):
-        if sys._getframe(1).f_code.co_filename == loop_lib.__file__:
+        if sys._getframe(1).f_code.co_filename == guards_lib.__file__:
             loop_fetches.append(tree)
         return real_device_get(tree)
 
