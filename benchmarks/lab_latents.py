@@ -68,7 +68,7 @@ def ridge_r2(x: np.ndarray, y: np.ndarray, train: np.ndarray) -> float:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    from wamjax.flops.analytic import vae_encode_flops
+    from wamjax.flops.encoders import vae_encode_flops
     from wamjax.models import vae as vae_lib
 
     frames, states, episodes = load_frames(FLAGS.data_dir, FLAGS.frames)

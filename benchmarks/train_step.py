@@ -48,8 +48,8 @@ def main(argv) -> None:
     del argv
     import flax.linen as nn
 
-    from wamjax.flops.analytic import train_step_flops
     from wamjax.flops.peak import peak_flops_per_device
+    from wamjax.flops.stage import train_step_flops
     from wamjax.parallel.mesh import batch_sharding, logical_rules, make_mesh
     from wamjax.stages import stage_spec
     from wamjax.train.setup import jit_train_step, sharded_init

@@ -24,9 +24,9 @@ from checkpoint_utils import restore_state_tree
 from train_utils import get_config, main_command, subprocess_env
 
 from wamjax.export import to_torch
-from wamjax.flops.analytic import train_step_flops
+from wamjax.flops.stage import train_step_flops
 from wamjax.stages import stage_spec
-from wamjax.train.loop import PREEMPTED_EXIT_CODE
+from wamjax.train.preemption import PREEMPTED_EXIT_CODE
 
 BUCKET = "wamjax-runs"
 RUN = f"gs://{BUCKET}/tiny/run"

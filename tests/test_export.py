@@ -593,7 +593,7 @@ def test_torch_wam_sampling_modes_match_jax(exported):
     """torch_wam.sample runs the three ways to act with the JAX sampler's numbers."""
     from wamjax.diffusion.sampler import SamplerOptions, sample
     from wamjax.export.torch_wam import sample as torch_sample
-    from wamjax.inference.policy import imagine_then_act
+    from wamjax.inference.policy_step import imagine_then_act
 
     cfg, params, out = exported
     model = TorchWam.from_pretrained(out)

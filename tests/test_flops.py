@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from wamjax import config_files
-from wamjax.flops import analytic, ledger, peak, report, xla
+from wamjax.flops import analytic, encoders, ledger, peak, report, stage, xla
 from wamjax.flops.ledger import FlopLedger, format_flops, stage_step_count, steps_for_budget
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import PUBLISHED_PARAM_COUNTS, SIZES, ModelConfig
@@ -115,7 +115,7 @@ def test_vae_encoder_flops_match_xla():
     video = jax.ShapeDtypeStruct((1, 9, 32, 48, 3), jnp.float32)
     compiled = vae_lib.vae_encode.lower(vae_cfg, params, video).compile().cost_analysis()["flops"]
     # Norms and activations are left out of the analytic VAE count: a few percent at this size.
-    assert analytic.vae_encode_flops(vae_cfg, 9, (32, 48)) == pytest.approx(compiled, rel=0.03)
+    assert encoders.vae_encode_flops(vae_cfg, 9, (32, 48)) == pytest.approx(compiled, rel=0.03)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_chunk_causal_dense_kernel_computes_every_score_and_the_model_counts_the
 
 def test_train_step_flops_is_three_forwards_plus_frozen_and_remat():
     config = _load_config("wam", "size=tiny,stage=action_tune")
-    step = analytic.train_step_flops(stage_spec(config, "action_tune"))
+    step = stage.train_step_flops(stage_spec(config, "action_tune"))
     batch = config.data.batch_size
     assert step.train_per_step == pytest.approx(3 * step.forward_per_sample * batch)
     assert step.hardware_per_step == step.train_per_step == step.dense_per_step  # dot_product, no remat, no mask
@@ -186,16 +186,16 @@ def test_train_step_flops_is_three_forwards_plus_frozen_and_remat():
 
     config.model.remat_policy = "full"
     config.data.latents_cache = "/cache"
-    remat = analytic.train_step_flops(stage_spec(config, "action_tune"))
+    remat = stage.train_step_flops(stage_spec(config, "action_tune"))
     recompute = analytic.block_forward_flops(remat.components) * batch
     assert remat.hardware_per_step == pytest.approx(remat.train_per_step + recompute)
     assert remat.train_per_step == step.train_per_step  # model FLOPs exclude recompute
     assert remat.frozen_per_step == 0.0
 
-    video = analytic.train_step_flops(stage_spec(config, "video_pretrain"))
+    video = stage.train_step_flops(stage_spec(config, "video_pretrain"))
     assert video.action_tokens == 0 and video.forward_per_sample < step.forward_per_sample
     with pytest.raises(KeyError, match="'finetune'"):
-        analytic.train_step_flops(stage_spec(config, "finetune"))
+        stage.train_step_flops(stage_spec(config, "finetune"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ def test_budget_math():
 
 
 def test_budget_stop_spends_exactly_the_steps_a_budget_buys():
-    step = analytic.train_step_flops(stage_spec(_load_config("wam", "size=tiny,stage=action_tune"), "action_tune"))
+    step = stage.train_step_flops(stage_spec(_load_config("wam", "size=tiny,stage=action_tune"), "action_tune"))
     budget = 10.5 * step.train_per_step
     book = FlopLedger()
     book.start_stage("action_tune", 0)
@@ -587,7 +587,7 @@ def test_resume_from_a_dense_ledger_converts_it_and_says_so(tmp_path, caplog):
     config.checkpoint.async_save, config.checkpoint.every_steps = False, 2
     workdir = str(tmp_path)
     train(config, workdir)
-    step = analytic.train_step_flops(stage_spec(config, "action_tune"))
+    step = stage.train_step_flops(stage_spec(config, "action_tune"))
     assert step.train_per_step < step.dense_per_step  # the mask hides pairs: the two units differ
     path = os.path.join(ckpt.step_dir(workdir, 2), "ledger", "metadata")
     with open(path) as f:

@@ -16,7 +16,7 @@ from train_utils import REPO, get_config, main_command, subprocess_env
 
 from wamjax.checkpoint import manager as ckpt
 from wamjax.flops import goodput as goodput_lib
-from wamjax.flops.analytic import train_step_flops
+from wamjax.flops.stage import train_step_flops
 from wamjax.stages import stage_spec
 
 ARG = "size=tiny,stage=video_pretrain"

@@ -18,7 +18,8 @@ from train_utils import REPO, subprocess_env
 from data_pipelines.sources.latents import LatentsCacheSource
 from data_pipelines.standardize import stats as stats_lib
 from wamjax import config_files
-from wamjax.flops.analytic import train_step_flops, vae_encode_flops
+from wamjax.flops.encoders import vae_encode_flops
+from wamjax.flops.stage import train_step_flops
 from wamjax.jobs.collect_sim import collect_metaworld
 from wamjax.models import vae as vae_lib
 from wamjax.stages import stage_spec

@@ -13,7 +13,8 @@ from wamjax.diffusion.modes import clean_probs
 from wamjax.diffusion.sampler import SamplerOptions, sample, step_times
 from wamjax.diffusion.time_sampling import sample_chunk_times
 from wamjax.inference import kv_cache as kv
-from wamjax.inference.policy import Policy, imagine_then_act
+from wamjax.inference.policy import Policy
+from wamjax.inference.policy_step import imagine_then_act
 from wamjax.models.config import SIZES, ModelConfig
 from wamjax.models.token_layout import action_latent_frame, latent_frame_chunk
 from wamjax.serving.serve import PolicyServer

@@ -21,7 +21,7 @@ from train_utils import REPO, metrics_rows, subprocess_env
 
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.load import load_checkpoint
-from wamjax.train.loop import PREEMPTED_EXIT_CODE
+from wamjax.train.preemption import PREEMPTED_EXIT_CODE
 
 VIDEO_STEPS, ACTION_STEPS = 1, 6
 FINAL_STEP = VIDEO_STEPS + ACTION_STEPS

@@ -15,9 +15,9 @@ from train_utils import REPO, get_config, main_command, metrics_rows, subprocess
 
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.load import load_checkpoint
-from wamjax.flops.analytic import train_step_flops
+from wamjax.flops.stage import train_step_flops
 from wamjax.stages import stage_spec
-from wamjax.train.loop import PREEMPTED_EXIT_CODE
+from wamjax.train.preemption import PREEMPTED_EXIT_CODE
 
 DATASETS = "bridge,taco_play"
 STEPS = 8

@@ -7,7 +7,7 @@ import pytest
 from train_utils import get_config
 
 from wamjax import stages
-from wamjax.flops.analytic import train_step_flops
+from wamjax.flops.stage import train_step_flops
 from wamjax.models.config import model_config_from_run
 
 

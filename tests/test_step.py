@@ -9,7 +9,7 @@ import optax
 import pytest
 from train_utils import get_config
 
-from wamjax.flops.analytic import train_step_flops
+from wamjax.flops.stage import train_step_flops
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import model_config_from_run
 from wamjax.models.wam import WorldActionModel, example_inputs

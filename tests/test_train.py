@@ -14,10 +14,11 @@ from train_utils import REPO, get_config, metrics_rows, run_main, subprocess_env
 
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.load import load_checkpoint
-from wamjax.flops.analytic import train_step_flops
+from wamjax.flops.stage import train_step_flops
 from wamjax.stages import stage_spec
-from wamjax.train import loop as loop_lib
-from wamjax.train.loop import NumericalFault, train
+from wamjax.train import guards as guards_lib
+from wamjax.train.guards import NumericalFault
+from wamjax.train.loop import train
 from wamjax.train.optimizer import learning_rate_schedule
 
 
@@ -135,7 +136,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
 
 def test_i2v_action_tune_trains_and_checkpoints(tmp_path):
     """Wan2.1-I2V conditioning in the step: first-frame latents + mask channels, CLIP tokens from a frozen tower."""
-    from wamjax.flops.analytic import frozen_flops
+    from wamjax.flops.stage import frozen_flops
 
     config = _tiny("size=tiny-i2v,stage=action_tune", 2, **{"train.log_every": 1, "checkpoint.every_steps": 2})
     workdir = str(tmp_path / "i2v")
@@ -159,7 +160,7 @@ def test_loop_reads_the_device_on_log_and_checkpoint_steps_only(tmp_path, monkey
     loop_fetches = []
 
     def counting_device_get(tree):
-        if sys._getframe(1).f_code.co_filename == loop_lib.__file__:
+        if sys._getframe(1).f_code.co_filename == guards_lib.__file__:
             loop_fetches.append(tree)
         return real_device_get(tree)
 

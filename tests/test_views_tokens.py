@@ -267,7 +267,8 @@ def test_export_carries_the_view_embedding_to_the_torch_reference(tmp_path):
 
 
 def test_flops_count_every_view():
-    from wamjax.flops.analytic import SequenceShape, token_counts, train_step_flops
+    from wamjax.flops.analytic import SequenceShape, token_counts
+    from wamjax.flops.stage import train_step_flops
     from wamjax.stages import stage_spec
 
     config = get_config("size=tiny,stage=action_tune")

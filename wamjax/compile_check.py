@@ -43,9 +43,10 @@ import ml_collections
 from wamjax import stages as stages_lib
 from wamjax.diffusion.sampler import SamplerOptions
 from wamjax.flops import peak as peak_lib
-from wamjax.flops.analytic import SequenceShape, forward_flops, train_step_flops
+from wamjax.flops.analytic import SequenceShape, forward_flops
 from wamjax.flops.ledger import stage_step_count
-from wamjax.inference.policy import PolicyShapes, policy_step
+from wamjax.flops.stage import train_step_flops
+from wamjax.inference.policy_step import PolicyShapes, policy_step
 from wamjax.models import clip as clip_lib
 from wamjax.models import vae as vae_lib
 from wamjax.models.attention import resolve_attention
@@ -313,7 +314,7 @@ def abstract_train_step(config: ml_collections.ConfigDict, stage: str, mesh: jax
 
 
 def compile_policy_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_steps: int) -> Compiled:
-    """Compiles the policy's jitted call (`inference.policy.policy_step`: VAE encode of the context frame, then
+    """Compiles the policy's jitted call (`inference.policy_step.policy_step`: VAE encode of the context frame, then
     `num_steps` denoising steps of video and actions) for one observation, parameters laid out by the rules."""
     step, *args = abstract_policy_step(config, mesh, num_steps)
     with _mesh_context(config, mesh):

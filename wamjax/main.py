@@ -62,7 +62,8 @@ def main(argv) -> None:
     maybe_initialize_distributed(config.distributed)
 
     from wamjax.eval.hooks import loop_hooks  # the training stack: once jax.distributed is initialized
-    from wamjax.train.loop import NumericalFault, train  # the same
+    from wamjax.train.guards import NumericalFault  # the same
+    from wamjax.train.loop import train  # the same
 
     try:
         train(config, _WORKDIR.value, started=_STARTED, hooks=loop_hooks())

@@ -39,7 +39,8 @@ from wamjax.diffusion import flow
 from wamjax.diffusion.modes import MODES, check_mode
 from wamjax.diffusion.sampler import SamplerOptions, sample
 from wamjax.eval.action_error import format_action_error, policy_action_error
-from wamjax.inference.policy import Policy, imagine_then_act
+from wamjax.inference.policy import Policy
+from wamjax.inference.policy_step import imagine_then_act
 from wamjax.models import vae as vae_lib
 from wamjax.models.config import ModelConfig
 from wamjax.models.text import TextEmbedder

@@ -29,6 +29,7 @@ from ml_collections import config_flags
 from wamjax.flops import analytic, ledger
 from wamjax.flops import xla as xla_lib
 from wamjax.flops.ledger import format_flops
+from wamjax.flops.stage import step_kernel, train_step_flops
 from wamjax.models.config import ModelConfig
 from wamjax.models.wam import init_params
 from wamjax.stages import stage_spec
@@ -60,7 +61,7 @@ def estimate(
     """The estimate as one JSON-ready dict (what `--format=json` prints); hardware FLOPs are of the kernel
     model.attention runs on `backend`."""
     spec = stage_spec(config, stage)
-    step_flops = analytic.train_step_flops(spec, pad_to_multiple=pad_to_multiple, backend=backend)
+    step_flops = train_step_flops(spec, pad_to_multiple=pad_to_multiple, backend=backend)
     batch = step_flops.batch_size
     if steps is not None and samples is not None:
         raise ValueError("give --steps or --samples, not both")
@@ -129,8 +130,8 @@ def estimate(
 
         limit = xla_lib.DEFAULT_MAX_PARAM_BYTES if xla_max_param_bytes is None else xla_max_param_bytes
         # XLA compiles the forward for this host: compare what this host's kernel computes.
-        host_kernel = analytic.step_kernel(model_cfg, "cpu")
-        host_forward = analytic.train_step_flops(spec, pad_to_multiple=pad_to_multiple,
+        host_kernel = step_kernel(model_cfg, "cpu")
+        host_forward = train_step_flops(spec, pad_to_multiple=pad_to_multiple,
                                                  kernel=host_kernel).hardware_forward_per_sample
         xla_flops = xla_lib.xla_forward_flops(model_cfg, shape, batch=1, max_param_bytes=limit)
         out["xla_forward_flops_per_sample"] = xla_flops

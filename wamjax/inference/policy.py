@@ -2,7 +2,8 @@
 
 Everything the trainer used to turn raw inputs into model inputs comes from the checkpoint: the VAE (its
 config, or the same random tiny VAE seeded by `vae.seed`), the instruction embedder (`text.*`), the
-normalization statistics and method. One jitted function per input shape covers VAE encode + sampling.
+normalization statistics and method. One jitted function per input shape covers VAE encode + sampling
+(`wamjax.inference.policy_step`).
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from wamjax.checkpoint.norm_stats import checked_norm_stats
 from wamjax.checkpoint.wan_vae_import import load_vae
 from wamjax.compilation_cache import enable_compilation_cache
 from wamjax.diffusion.modes import check_mode
-from wamjax.diffusion.sampler import SampleOutput, SamplerOptions, check_action_prefix, sample
+from wamjax.diffusion.sampler import SamplerOptions, check_action_prefix, sample
 from wamjax.inference import conditioning
 from wamjax.inference.kv_cache import ChunkedRollout, ChunkGeometry
+from wamjax.inference.policy_step import PolicyShapes, decode_latents, encode_context, sample_from_latents
 from wamjax.inference.timing import StageTimer
 from wamjax.models import vae as vae_lib
-from wamjax.models.config import ModelConfig
 from wamjax.models.encoders import encode_views
 from wamjax.models.text import TextEmbedder
-from wamjax.models.token_layout import trains_teacher_forced, views_into_batch, views_out_of_batch
+from wamjax.models.token_layout import trains_teacher_forced
 from wamjax.stages import policy_spec
 
 Params = Any
@@ -60,71 +61,6 @@ def resize_frames(frames: np.ndarray, resolution: tuple[int, int]) -> np.ndarray
     if frames.shape[1:3] == (h, w):
         return frames
     return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames])
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicyShapes:
-    """Static facts one compiled policy step depends on."""
-
-    model: ModelConfig
-    vae: Any
-    options: SamplerOptions
-    future_frames: int
-    num_actions: int
-    stop_after_actions: bool
-    mode: str = "joint"  # a wamjax.diffusion.modes.MODES entry
-    image_encoder: Any = None  # CLIPVisionConfig of an image-conditioned (I2V) model
-    num_frames: int = 0  # pixel frames of a training clip (the I2V conditioning video's length)
-
-
-def _context_latents(shapes: PolicyShapes, vae_params: Params, frames: jax.Array, image_params: Params):
-    """Normalized VAE latents of uint8 context frames, and an I2V model's (condition latents, CLIP tokens)."""
-    image_conditioning = None
-    if shapes.image_encoder is not None:
-        image_conditioning = conditioning.i2v_conditioning(
-            shapes.vae, vae_params, shapes.image_encoder, image_params, frames[:, 0], shapes.num_frames
-        )
-    video = vae_lib.frames_to_video(frames)
-    latents = vae_lib.normalize_latents(shapes.vae, encode_views(shapes.vae, vae_params, video))
-    return latents, image_conditioning
-
-
-def decode_latents(vae_config: Any, vae_params: Params, latents: jax.Array) -> jax.Array:
-    """Normalized latents [B, F, H', W', C] (or [B, F, V, H', W', C], each view decoded on its own) -> frames in
-    [-1, 1]."""
-    denormalized = vae_lib.denormalize_latents(vae_config, latents)
-    if denormalized.ndim == 6:  # [B, T, V, H, W, 3]
-        views = denormalized.shape[2]
-        return views_out_of_batch(vae_lib.vae_decode(vae_config, vae_params, views_into_batch(denormalized)), views)
-    return vae_lib.vae_decode(vae_config, vae_params, denormalized)
-
-
-def policy_step(shapes: PolicyShapes, params: Params, vae_params: Params, frames: jax.Array, text: jax.Array,
-                proprio: jax.Array, rng: jax.Array, image_params: Params = None) -> Any:
-    """The pure function a policy jits: uint8 context frames -> VAE latents -> sampled video and actions."""
-    latents, image_conditioning = _context_latents(shapes, vae_params, frames, image_params)
-    return sample_from_latents(shapes, params, latents, image_conditioning, text, proprio, rng)
-
-
-def sample_from_latents(shapes: PolicyShapes, params: Params, latents: jax.Array,
-                        image_conditioning: tuple[jax.Array, jax.Array] | None, text: jax.Array, proprio: jax.Array,
-                        rng: jax.Array, action_prefix: jax.Array | None = None) -> Any:
-    """The sampling half of `policy_step`: normalized context latents -> sampled video and actions (the first
-    actions held clean at `action_prefix` [B, k, A], joint mode only)."""
-    rng_v, rng_a = jax.random.split(rng)
-    b = latents.shape[0]
-    video_noise = jax.random.normal(rng_v, (b, shapes.future_frames, *latents.shape[2:]), jnp.float32)
-    action_noise = jax.random.normal(rng_a, (b, shapes.num_actions, shapes.model.action_dim), jnp.float32)
-    if action_prefix is not None and shapes.mode != "joint":
-        raise ValueError(f"action_prefix is supported in mode 'joint'; this call's mode is {shapes.mode!r}")
-    if shapes.mode == "imagine_then_act":
-        return imagine_then_act(shapes.model, params, latents, text, proprio, video_noise, action_noise,
-                                shapes.options, image_conditioning=image_conditioning)
-    return sample(
-        shapes.model, params, latents, text, proprio, video_noise, action_noise,
-        options=shapes.options, stop_after_actions=shapes.stop_after_actions,
-        image_conditioning=image_conditioning, action_prefix=action_prefix,
-    )
 
 
 class Policy:
@@ -173,7 +109,7 @@ class Policy:
         self._rng = jax.random.key(seed)
         self._text_cache: dict[str, np.ndarray] = {}
         self.num_traces = 0  # how many times the policy step was traced (once per input shape)
-        self._encode = jax.jit(_context_latents, static_argnums=0)
+        self._encode = jax.jit(encode_context, static_argnums=0)
         self._sample = jax.jit(self._sample_step, static_argnums=0)
         self.image_encoder_config, self.image_encoder_params = conditioning.load_image_encoder(
             run_config, self.spec
@@ -291,7 +227,7 @@ class Policy:
     def _imagine_step(self, shapes: PolicyShapes, params, vae_params, frames, text, proprio, actions, rng,
                       image_params=None):
         self.num_traces += 1
-        latents, image_conditioning = _context_latents(shapes, vae_params, frames, image_params)
+        latents, image_conditioning = encode_context(shapes, vae_params, frames, image_params)
         video_noise = jax.random.normal(rng, (latents.shape[0], shapes.future_frames, *latents.shape[2:]),
                                         jnp.float32)
         out = sample(shapes.model, params, latents, text, proprio, video_noise, None, options=shapes.options,
@@ -614,20 +550,3 @@ def cfg_parallel_placement(cfg_parallel: int) -> jax.sharding.NamedSharding | No
         return None
     mesh = jax.sharding.Mesh(np.asarray(devices[:cfg_parallel]), ("cfg",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "options"))
-def imagine_then_act(
-    cfg: ModelConfig, params: Params, context_latents: jax.Array, text: jax.Array, proprio: jax.Array | None,
-    video_noise: jax.Array, action_noise: jax.Array, options: SamplerOptions,
-    image_conditioning: tuple[jax.Array, jax.Array] | None = None,
-) -> SampleOutput:
-    """Inverse dynamics on imagined video: the future video is generated with the actions held at noise, then
-    the actions are denoised from the same noise with that video held clean. Returns both."""
-    video = sample(cfg, params, context_latents, text, proprio, video_noise, action_noise, options=options,
-                   freeze_actions=True, image_conditioning=image_conditioning).latents
-    num_context = context_latents.shape[1]
-    actions = sample(cfg, params, context_latents, text, proprio, None, action_noise, options=options,
-                     clean_future=video[:, num_context:], image_conditioning=image_conditioning).actions
-    return SampleOutput(video, actions)
-

@@ -7,7 +7,6 @@ update step, loop), and the stage end (budget, steps, preemption or numerical fa
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -16,45 +15,32 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from wamjax.checkpoint import clip_import
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.norm_stats import checked_norm_stats, has_norm_stats
-from wamjax.checkpoint.wan_import import import_diffusers_wan
 from wamjax.checkpoint.wan_vae_import import import_diffusers_wan_vae
 from wamjax.compilation_cache import enable_compilation_cache
-from wamjax.flops.analytic import StepFlops, train_step_flops
 from wamjax.flops.goodput import GoodputRecorder
 from wamjax.flops.ledger import MODEL_UNITS, FlopLedger, stage_step_count
 from wamjax.flops.peak import peak_flops_per_device
+from wamjax.flops.stage import StepFlops, train_step_flops
 from wamjax.models import vae as vae_lib
 from wamjax.parallel.mesh import logical_rules, make_mesh, replicated
 from wamjax.parallel.placement import check_placement, device_batch
 from wamjax.paths import PathLike, as_path
 from wamjax.stages import StageSpec, stage_list, stage_spec
 from wamjax.train import inputs as inputs_lib
+from wamjax.train.guards import NonfiniteGuard
 from wamjax.train.hooks import HookFactory, StageContext, check_hooks
-from wamjax.train.metrics import MetricsWriter, format_progress
+from wamjax.train.init_from import initialize_from
+from wamjax.train.metrics import MetricsWriter, format_progress, metrics_row
+from wamjax.train.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from wamjax.train.setup import jit_train_step, sharded_init
 from wamjax.train.stage_step import build_stage_step
 from wamjax.train.stage_step import frozen_params as stage_frozen_params
 from wamjax.train.step import TrainState
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved and stopped on SIGTERM; resubmit the same command.
-
-
-class NumericalFault(RuntimeError):
-    """Too many non-finite steps in a row."""
-
-
-class Preempted(SystemExit):
-    """Raised after the preemption checkpoint is written."""
-
-    def __init__(self):
-        super().__init__(PREEMPTED_EXIT_CODE)
 
 
 @dataclasses.dataclass
@@ -63,47 +49,6 @@ class StageResult:
     state: TrainState
     final_step: int
     reason: str
-
-
-class _Preemption:
-    """Decides, identically on every process, the step at which a SIGTERM'd job saves and stops.
-
-    Multi-process runs (jax.distributed with its preemption service, the default) leave SIGTERM to JAX's own
-    notifier: the coordination service tells every process, agrees on a step (the furthest any process
-    has reached, plus one) and `reached_preemption_sync_point` turns true at that step everywhere. Until a
-    notice arrives the per-step check is local, so no step waits on another host. A single process polls its
-    own SIGTERM flag; several processes without the service agree by a max over their flags every step.
-    """
-
-    def __init__(self):
-        self.raised = False
-        self._previous = None
-        self._service = jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
-
-    def __enter__(self):
-        if self._service:
-            return self  # a Python handler would replace JAX's SIGTERM notifier
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: finishing this step, saving, then exiting with %d", PREEMPTED_EXIT_CODE)
-        self.raised = True
-
-    def reached(self, step: int) -> bool:
-        """Whether to save and stop after `step`; every process must ask at every step."""
-        if self._service:
-            return bool(multihost_utils.reached_preemption_sync_point(step))
-        if jax.process_count() > 1:
-            return bool(np.max(multihost_utils.process_allgather(np.int32(self.raised))))
-        return self.raised
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(config: ml_collections.ConfigDict, workdir: PathLike, started: float | None = None,
@@ -151,7 +96,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, goodput: GoodputReco
     results: list[StageResult] = []
     previous: StageResult | None = None
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)), _Preemption() as preemption:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)), Preemption() as preemption:
             for stage in stage_list(config):
                 if resume_ledger is not None and stage in resume_ledger.completed_stages:
                     logging.info("stage %s already completed in this workdir; skipping", stage)
@@ -184,7 +129,7 @@ class _StageRun:
     manager: Any
     writer: MetricsWriter
     goodput: GoodputRecorder
-    preemption: _Preemption
+    preemption: Preemption
     hooks: Sequence[Any]
     norm_stats: dict
     flops: StepFlops
@@ -193,7 +138,7 @@ class _StageRun:
 
 
 def run_stage(spec: StageSpec, *, config: ml_collections.ConfigDict, workdir: Any, mesh: jax.sharding.Mesh,
-              rules: Any, manager: Any, writer: MetricsWriter, previous: StageResult | None, preemption: _Preemption,
+              rules: Any, manager: Any, writer: MetricsWriter, previous: StageResult | None, preemption: Preemption,
               goodput: GoodputRecorder | None = None, hooks: Sequence[HookFactory] = ()) -> StageResult:
     """Runs one stage to its end (steps or budget), from its checkpoint, init_from, the previous stage, or fresh.
 
@@ -234,7 +179,7 @@ def run_stage(spec: StageSpec, *, config: ml_collections.ConfigDict, workdir: An
     else:
         state = layout.init(jax.random.PRNGKey(spec.seed))
         state = state.replace(step=jnp.asarray(start_global, jnp.int32))
-        state = _initialize_from(spec, state, layout.shardings, previous, workdir)
+        state = initialize_from(spec, state, layout.shardings, previous, workdir)
         ledger = saved_ledger or FlopLedger()
         ledger.start_stage(stage, int(start_global))
         writer.truncate_after(int(start_global))  # rows of an earlier attempt at this stage are redone
@@ -309,7 +254,7 @@ def _run_steps(run: _StageRun, state: TrainState, ledger: FlopLedger) -> StageRe
     """Steps the stage to its end (steps, budget), saving on schedule; raises Preempted after a SIGTERM's save.
 
     Metrics stay on device between fetches so that dispatch runs ahead of the device; the host blocks only on
-    log, checkpoint, stage-end and preemption steps (see `_NonfiniteGuard` for what that costs).
+    log, checkpoint, stage-end and preemption steps (see `NonfiniteGuard` for what that costs).
     """
     spec, config, flops, goodput, writer = run.spec, run.config, run.flops, run.goodput, run.writer
     stage, total_steps, budget = spec.name, run.total_steps, spec.budget_flops
@@ -319,7 +264,7 @@ def _run_steps(run: _StageRun, state: TrainState, ledger: FlopLedger) -> StageRe
     step = int(state.step)
     stage_done = ledger.stage_steps(stage)
     reason = "steps"
-    guard = _NonfiniteGuard(int(config.optim.max_consecutive_nonfinite))
+    guard = NonfiniteGuard(int(config.optim.max_consecutive_nonfinite))
     every = max(1, int(config.checkpoint.every_steps))
     ledger_config = config.to_dict()
     last_time = fetch_time = time.perf_counter()
@@ -365,7 +310,7 @@ def _run_steps(run: _StageRun, state: TrainState, ledger: FlopLedger) -> StageRe
             data_time = data_seconds / steps_since_fetch
             fetch_time, steps_since_fetch, data_seconds = now, 0, 0.0
             if log_step:
-                row = _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, run.mesh.size,
+                row = metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, run.mesh.size,
                                    batch_size, tokens_per_step)
                 row["data_s_per_step"] = data_time  # of step_s: the share spent waiting for input
                 if row.get("stage_spike_skips", 0) > spike_skips:
@@ -409,44 +354,6 @@ def _run_steps(run: _StageRun, state: TrainState, ledger: FlopLedger) -> StageRe
     return StageResult(stage, state, step, reason)
 
 
-class _NonfiniteGuard:
-    """Skips, counts and stops on non-finite steps without reading the device every step.
-
-    optax.apply_if_finite already skips a non-finite update and counts them in a row on the device; the host
-    only has to stop the run once the count passes `max_consecutive_nonfinite`. Each step's count stays on the
-    device until the next fetch, where all of them come over in one transfer and are checked in step order, so
-    the fault names the exact step and a checkpoint is never written past it. The trade-off: the run notices a
-    fault only at the next log or checkpoint step, so up to `train.log_every - 1` more steps run (and are
-    skipped, as their updates are non-finite too) before it stops.
-    """
-
-    def __init__(self, max_in_a_row: int):
-        self.max_in_a_row = max_in_a_row
-        self._pending: list[tuple[int, jax.Array]] = []
-        self._last: dict[str, jax.Array] | None = None
-
-    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
-        self._pending.append((step, metrics["nonfinite_in_a_row"]))
-        self._last = metrics
-
-    def fetch(self) -> dict[str, Any]:
-        """The newest step's metrics on the host, after checking every step since the last fetch."""
-        steps = [s for s, _ in self._pending]
-        last, counts = jax.device_get((self._last, [c for _, c in self._pending]))
-        self._pending = []
-        for step, count in zip(steps, counts, strict=True):
-            count = int(count)
-            if count > 0:
-                logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, %d max)",
-                                step, count, self.max_in_a_row)
-            if count > self.max_in_a_row:
-                raise NumericalFault(
-                    f"step {step}: {count} non-finite steps in a row "
-                    f"(optim.max_consecutive_nonfinite={self.max_in_a_row}); stopping with the last good "
-                    "checkpoint kept"
-                )
-        return last
-
 
 def _vae_params(config: ml_collections.ConfigDict, vae_cfg: Any) -> Any:
     if config.vae.weights:
@@ -455,138 +362,3 @@ def _vae_params(config: ml_collections.ConfigDict, vae_cfg: Any) -> Any:
         return params
     logging.info("vae: RANDOM frozen %s VAE (vae.weights is empty); fine for CPU smoke runs only", config.vae.size)
     return vae_lib.init_vae_params(vae_cfg, jax.random.PRNGKey(config.vae.seed))
-
-
-def _initialize_from(spec: StageSpec, state: TrainState, shardings: TrainState, previous: StageResult | None,
-                     workdir: Any) -> TrainState:
-    """Fills the backbone (or everything that matches) from init_from or the previous stage; logs the source.
-
-    A checkpoint source is read parameters-only, each leaf straight onto its shards of the target mesh.
-    """
-    stage, source = spec.name, spec.init_from
-    target = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                          state.params, shardings.params)
-    if source:
-        source_path = as_path(source)
-        if (source_path / "config.json").exists() and not (source_path / "state").exists():
-
-            _, loaded = import_diffusers_wan(source, dataclasses.replace(spec.model))
-            logging.info("stage %s: backbone from diffusers Wan weights %s", stage, source)
-            params = merge_params(state.params, loaded, shardings.params)
-        else:
-            params = restore_matching_params(source_path, state.params, target)
-            logging.info("stage %s: parameters from checkpoint %s", stage, source)
-    elif previous is not None and previous.state is not None:
-        params = merge_params(state.params, previous.state.params, shardings.params)
-        logging.info("stage %s: parameters from the previous stage %s", stage, previous.name)
-    elif previous is not None:  # the previous stage finished in an earlier attempt of this job
-        step_dir = ckpt.step_dir(workdir, previous.final_step)
-        params = restore_matching_params(step_dir, state.params, target)
-        logging.info("stage %s: parameters from the previous stage %s (checkpoint %s)", stage, previous.name, step_dir)
-    else:
-        logging.info("stage %s: fresh initialization (no init_from)", stage)
-        return state
-    ema = state.ema_params
-    if ema is not None:
-        ema = params
-    return state.replace(params=params, ema_params=ema)
-
-
-def restore_matching_params(step_dir: PathLike, params: Any, target: Any) -> Any:
-    """`params` with every leaf the checkpoint also has (same path) restored from it onto `target`'s shardings.
-
-    Only those parameters are read (no optimizer state); each process reads just its own shards.
-    """
-    saved = {jax.tree_util.keystr(p): m for p, m in
-             jax.tree_util.tree_flatten_with_path(ckpt.saved_state_tree(step_dir)["params"])[0]}
-    wanted = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-        key = jax.tree_util.keystr(path)
-        if key in saved:
-            if tuple(saved[key].shape) != tuple(leaf.shape):
-                raise ValueError(f"init_from {step_dir}: {key} has shape {tuple(saved[key].shape)}; "
-                                 f"the model needs {tuple(leaf.shape)}")
-            wanted[key] = leaf
-    subset = _nested_subset(target, wanted)
-    restored, _ = ckpt.restore_params(step_dir, subset)
-    return merge_params(params, restored, None)
-
-
-def _nested_subset(tree: Any, wanted: dict[str, Any], prefix: tuple = ()) -> Any:
-    """The nested-dict part of `tree` whose leaf paths are keys of `wanted` (empty dicts dropped)."""
-    out = {}
-    for name, value in tree.items():
-        path = (*prefix, jax.tree_util.DictKey(name))
-        if isinstance(value, dict):
-            sub = _nested_subset(value, wanted, path)
-            if sub:
-                out[name] = sub
-        elif jax.tree_util.keystr(path) in wanted:
-            out[name] = value
-    return out
-
-
-def merge_params(target: Any, source: Any, shardings: Any) -> Any:
-    """Target tree with every leaf that `source` also has (same path and shape) taken from `source`.
-
-    Host arrays are placed onto `shardings` (each process puts its own shards; valid on a multi-host mesh);
-    with `shardings=None` the source leaves are already global arrays on the right shardings.
-    """
-    flat_source = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
-    taken, fresh = [], []
-
-    def pick(path, leaf, sharding=None):
-        key = jax.tree_util.keystr(path)
-        if key in flat_source:
-            value = flat_source[key]
-            if tuple(value.shape) != tuple(leaf.shape):
-                raise ValueError(f"init_from: {key} has shape {tuple(value.shape)}; the model needs {leaf.shape}")
-            taken.append(key)
-            if isinstance(value, jax.Array):
-                value = value.astype(leaf.dtype)
-                return value if sharding is None else jax.device_put(value, sharding)
-            host = np.asarray(value, leaf.dtype)
-            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-        fresh.append(key)
-        return leaf
-
-    if shardings is None:
-        merged = jax.tree_util.tree_map_with_path(pick, target)
-    else:
-        merged = jax.tree_util.tree_map_with_path(pick, target, shardings)
-    logging.info("init_from: %d tensors restored, %d freshly initialized%s", len(taken), len(fresh),
-                 f" ({', '.join(sorted({k.split(']')[0] + ']' for k in fresh}))})" if fresh else "")
-    return merged
-
-
-def _metrics_row(stage, step, metrics, step_time, flops, ledger, budget, peak, num_devices, batch, tokens) -> dict:
-    row: dict[str, Any] = {"step": step, "stage": stage}
-    for key in ("loss", "loss_video", "loss_action", "actions_share", "learning_rate", "grad_norm"):
-        if key in metrics:
-            row[key] = float(metrics[key])
-    row["update_skipped"] = int(metrics["update_skipped"])  # non-finite, or a loss spike
-    if "stage_spike_skips" in metrics:  # optim.skip_step_on_spike
-        row["spike_skipped"] = int(metrics["spike_skipped"])
-        row["stage_spike_skips"] = int(metrics["stage_spike_skips"])
-    row["step_time_s"] = step_time
-    row["examples_per_s"] = batch / step_time
-    row["tokens_per_s"] = tokens / step_time
-    row["step_flops"] = flops.train_per_step  # model FLOPs: what budgets and MFU count
-    row["hardware_step_flops"] = flops.hardware_per_step  # what the kernels compute, remat included
-    row["frozen_flops_per_step"] = flops.frozen_per_step
-    row["stage_flops"] = ledger.stage_flops(stage)
-    row["stage_hardware_flops"] = ledger.stage_hardware_flops(stage)
-    row["stage_frozen_flops"] = ledger.stage_frozen_flops(stage)
-    row["stage_steps"] = ledger.stage_steps(stage)
-    row["stage_samples"] = ledger.stage_samples(stage)
-    row["stage_tokens"] = ledger.stage_tokens(stage)
-    row["wall_time_s"] = ledger.stage_seconds(stage)
-    row["budget_flops"] = budget
-    row["budget_fraction"] = ledger.stage_flops(stage) / budget if budget else None
-    row["flops_per_s"] = flops.train_per_step / step_time
-    row["mfu"] = row["flops_per_s"] / (peak * num_devices) if peak else None
-    row["hardware_flops_per_s"] = flops.hardware_per_step / step_time
-    row["hardware_utilization"] = row["hardware_flops_per_s"] / (peak * num_devices) if peak else None
-    rate = ledger.stage_flops(stage) / max(ledger.stage_seconds(stage), 1e-9)
-    row["eta_budget_s"] = max(budget - ledger.stage_flops(stage), 0.0) / rate if budget else None
-    return row

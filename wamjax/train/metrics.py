@@ -1,4 +1,5 @@
-"""Metrics sinks: metrics.jsonl and TensorBoard on process 0, and the progress line of the absl log."""
+"""Metrics: the row of a log step, its sinks (metrics.jsonl and TensorBoard on process 0), and the progress line
+of the absl log."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import datetime
 import io
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wamjax.paths import LineLog, PathLike, as_path, is_uri, read_log_lines
+
+if TYPE_CHECKING:
+    from wamjax.flops.ledger import FlopLedger
+    from wamjax.flops.stage import StepFlops
 
 ROLL_EVENT_BYTES = 1 << 20  # a TensorBoard event file on an object store is rolled at this size
 
@@ -144,3 +149,39 @@ def format_progress(row: dict[str, Any], total_steps: int, stage_steps: int) -> 
         f"{_eng(row['tokens_per_s'])} tok/s{mfu} | stage FLOPs {_eng(row['stage_flops'])}{budget} | "
         f"ETA {datetime.timedelta(seconds=int(eta))}"
     )
+
+
+def metrics_row(stage: str, step: int, metrics: dict[str, Any], step_time: float, flops: StepFlops, ledger: FlopLedger,
+                budget: float, peak: float | None, num_devices: int, batch: int, tokens: int) -> dict[str, Any]:
+    """The metrics.jsonl row of a log step: losses, step time and throughput, the step's and the stage's FLOPs,
+    the budget spent and MFU against `peak` FLOP/s per device."""
+    row: dict[str, Any] = {"step": step, "stage": stage}
+    for key in ("loss", "loss_video", "loss_action", "actions_share", "learning_rate", "grad_norm"):
+        if key in metrics:
+            row[key] = float(metrics[key])
+    row["update_skipped"] = int(metrics["update_skipped"])  # non-finite, or a loss spike
+    if "stage_spike_skips" in metrics:  # optim.skip_step_on_spike
+        row["spike_skipped"] = int(metrics["spike_skipped"])
+        row["stage_spike_skips"] = int(metrics["stage_spike_skips"])
+    row["step_time_s"] = step_time
+    row["examples_per_s"] = batch / step_time
+    row["tokens_per_s"] = tokens / step_time
+    row["step_flops"] = flops.train_per_step  # model FLOPs: what budgets and MFU count
+    row["hardware_step_flops"] = flops.hardware_per_step  # what the kernels compute, remat included
+    row["frozen_flops_per_step"] = flops.frozen_per_step
+    row["stage_flops"] = ledger.stage_flops(stage)
+    row["stage_hardware_flops"] = ledger.stage_hardware_flops(stage)
+    row["stage_frozen_flops"] = ledger.stage_frozen_flops(stage)
+    row["stage_steps"] = ledger.stage_steps(stage)
+    row["stage_samples"] = ledger.stage_samples(stage)
+    row["stage_tokens"] = ledger.stage_tokens(stage)
+    row["wall_time_s"] = ledger.stage_seconds(stage)
+    row["budget_flops"] = budget
+    row["budget_fraction"] = ledger.stage_flops(stage) / budget if budget else None
+    row["flops_per_s"] = flops.train_per_step / step_time
+    row["mfu"] = row["flops_per_s"] / (peak * num_devices) if peak else None
+    row["hardware_flops_per_s"] = flops.hardware_per_step / step_time
+    row["hardware_utilization"] = row["hardware_flops_per_s"] / (peak * num_devices) if peak else None
+    rate = ledger.stage_flops(stage) / max(ledger.stage_seconds(stage), 1e-9)
+    row["eta_budget_s"] = max(budget - ledger.stage_flops(stage), 0.0) / rate if budget else None
+    return row
