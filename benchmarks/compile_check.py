@@ -32,7 +32,7 @@ GIB = 2**30
 def run_row(size: str, clip: str, topology: str, kernel: str, remat: str, batch_per_chip: int, xla_flops: bool,
             timeout: int, extra: list[str]) -> dict:
     """One compile_check run as a subprocess (its own memory, its own timeout); its JSON report or the error."""
-    from wamjax.compile_check import TOPOLOGY_ALIASES, canonical_topology
+    from wamjax.compile_steps import TOPOLOGY_ALIASES, canonical_topology
 
     frames, height, width = (int(x) for x in clip.split("x"))
     dims = canonical_topology(TOPOLOGY_ALIASES.get(topology, topology))[2]

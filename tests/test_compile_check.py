@@ -18,7 +18,7 @@ import pytest
 from train_utils import REPO, get_config, subprocess_env
 
 from data_pipelines.sources.synthetic import make_synthetic_dataset
-from wamjax import compile_check
+from wamjax import compile_check, compile_steps
 from wamjax.models.config import model_config_from_run
 from wamjax.models.text import TextEmbedder
 from wamjax.models.wam import WorldActionModel, example_inputs
@@ -42,7 +42,7 @@ def test_state_layout_on_an_abstract_mesh_and_a_topology_mesh_allocates_nothing(
     init_boxed = _init_boxed(config)
     abstract_mesh = jax.sharding.AbstractMesh((1, 4, 1, 1), MESH_AXES,
                                               axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-    topology_mesh = make_mesh(config.mesh, compile_check.get_topology("v5p:2x2x1").devices)
+    topology_mesh = make_mesh(config.mesh, compile_steps.get_topology("v5p:2x2x1").devices)
     per_device = []
     for mesh in (abstract_mesh, topology_mesh):
         # Under the topology mesh an eager op would fail (no TPU here): the layout must be abstract throughout.
@@ -66,7 +66,7 @@ def test_abstract_batch_is_the_batch_the_loop_feeds():
         config.data.proprio_chunk_frames = chunk_frames
         host = next(iter(make_synthetic_dataset(config.data)))
         real = device_batch(host, TextEmbedder(config.text, model_config_from_run(config).text_dim), mesh, rules)
-        abstract = compile_check.abstract_batch(stage_spec(config, "action_tune"), mesh, rules, latents=False)
+        abstract = compile_steps.abstract_batch(stage_spec(config, "action_tune"), mesh, rules, latents=False)
         assert sorted(abstract) == sorted(real)
         for key, value in real.items():
             assert (abstract[key].shape, abstract[key].dtype) == (value.shape, value.dtype), key
@@ -75,24 +75,24 @@ def test_abstract_batch_is_the_batch_the_loop_feeds():
 
 
 def test_bad_topology_and_batch_are_named():
-    with pytest.raises(compile_check.CompileCheckError, match="v9x:2x2"):
-        compile_check.canonical_topology("v9x:2x2")
-    with pytest.raises(compile_check.CompileCheckError, match="3-D"):
-        compile_check.canonical_topology("v5p:2x2")
-    assert compile_check.canonical_topology("v5p-128") == ("v5p:4x4x4", "v5p", (4, 4, 4))
+    with pytest.raises(compile_steps.CompileCheckError, match="v9x:2x2"):
+        compile_steps.canonical_topology("v9x:2x2")
+    with pytest.raises(compile_steps.CompileCheckError, match="3-D"):
+        compile_steps.canonical_topology("v5p:2x2")
+    assert compile_steps.canonical_topology("v5p-128") == ("v5p:4x4x4", "v5p", (4, 4, 4))
     config = get_config("size=tiny,stage=video_pretrain")
     config.data.batch_size = 6
-    with pytest.raises(compile_check.CompileCheckError, match=r"data.batch_size=6.*data x fsdp = 4"):
+    with pytest.raises(compile_steps.CompileCheckError, match=r"data.batch_size=6.*data x fsdp = 4"):
         compile_check.check(config, "v5p:2x2x1")
     config.data.batch_size, config.train.microbatches = 8, 4  # micro-batches of 2 over 4 chips
-    with pytest.raises(compile_check.CompileCheckError, match=r"train.microbatches=4 = 2 examples.*4 devices"):
+    with pytest.raises(compile_steps.CompileCheckError, match=r"train.microbatches=4 = 2 examples.*4 devices"):
         compile_check.check(config, "v5p:2x2x1", xla_flops=False)
 
 
 def _compiled_on_cpu(config, stage):
     """The loop's step of `stage` compiled on this host's (simulated) devices, with its abstract arguments."""
     mesh = make_mesh(config.mesh)
-    step, state, batch, frozen = compile_check.abstract_train_step(config, stage, mesh)
+    step, state, batch, frozen = compile_steps.abstract_train_step(config, stage, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(logical_rules(config.mesh.rules))):
         compiled = step.lower(state, batch, frozen).compile()
     return compiled, state, batch, frozen
@@ -128,7 +128,7 @@ def test_action_horizon_sets_the_compiled_actions_per_clip():
     assert batch["action_mask"].shape == (config.data.batch_size, 16)
     # The policy's call samples the clip's 16 actions too (it sampled num_frames - 1 = 8).
     mesh = make_mesh(config.mesh)
-    step, *args = compile_check.abstract_policy_step(config, mesh, num_steps=1)
+    step, *args = compile_steps.abstract_policy_step(config, mesh, num_steps=1)
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(logical_rules(config.mesh.rules))):
         out = jax.eval_shape(step, *args)
     assert out.actions.shape == (1, 16, 7)
