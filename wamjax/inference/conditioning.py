@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from data_pipelines.clips import views
 from wamjax.checkpoint import clip_import
@@ -93,3 +94,11 @@ def combine_cameras(
     resized = np.stack([resize(i if i.ndim == 4 else i[None], cell) for i in per_camera], axis=1)
     combined = views.tile_views(resized) if layout == "tile" else resized
     return combined if per_camera[0].ndim == 4 else combined[0]
+
+
+def resize_frames(frames: np.ndarray, resolution: tuple[int, int]) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> [T, h, w, 3] with the bilinear PIL resize the data pipeline uses."""
+    h, w = resolution
+    if frames.shape[1:3] == (h, w):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames])

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from data_pipelines.standardize.normalization import normalize, unnormalize
 from wamjax.checkpoint.load import load_checkpoint, load_norm_stats
@@ -27,8 +26,8 @@ from wamjax.compilation_cache import enable_compilation_cache
 from wamjax.diffusion.modes import check_mode
 from wamjax.diffusion.sampler import SamplerOptions, check_action_prefix, sample
 from wamjax.inference import conditioning
-from wamjax.inference.kv_cache import ChunkedRollout, ChunkGeometry
 from wamjax.inference.policy_step import PolicyShapes, decode_latents, encode_context, sample_from_latents
+from wamjax.inference.session import ClosedLoopSession
 from wamjax.inference.timing import StageTimer
 from wamjax.models import vae as vae_lib
 from wamjax.models.encoders import encode_views
@@ -53,14 +52,6 @@ def select_dataset_stats(norm_stats: Mapping[str, Any], dataset: str | None) -> 
     if dataset not in datasets:
         raise KeyError(f"dataset={dataset!r} has no normalization stats; known: {sorted(datasets)}")
     return datasets[dataset]
-
-
-def resize_frames(frames: np.ndarray, resolution: tuple[int, int]) -> np.ndarray:
-    """uint8 [T, H, W, 3] -> [T, h, w, 3] with the bilinear PIL resize the data pipeline uses."""
-    h, w = resolution
-    if frames.shape[1:3] == (h, w):
-        return frames
-    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames])
 
 
 class Policy:
@@ -162,7 +153,7 @@ class Policy:
     def prepare_frames(self, frames: np.ndarray) -> np.ndarray:
         """uint8 [T, H, W, 3] or [H, W, 3] -> [T, h, w, 3] at the training resolution, checked. A policy trained
         on several cameras takes them as a list (or a views axis, see `conditioning.combine_cameras`)."""
-        frames = conditioning.combine_cameras(frames, self.spec, resize_frames)
+        frames = conditioning.combine_cameras(frames, self.spec, conditioning.resize_frames)
         view_axes = 0 if self.views is None else 1  # tokens layout: [T, V, H, W, 3], already resized
         if frames.ndim == 3 + view_axes:
             frames = frames[None]
@@ -179,7 +170,7 @@ class Policy:
                 f"{t} context frames; expected 1 + {tc}k frames encoding to fewer than the "
                 f"{self.num_latent_frames} latent frames of a training clip ({self.num_frames} frames)"
             )
-        return frames if view_axes else resize_frames(frames, self.resolution)
+        return frames if view_axes else conditioning.resize_frames(frames, self.resolution)
 
     def prepare_proprio(self, proprio: np.ndarray | None) -> np.ndarray:
         """Raw proprio [P <= proprio_dim] -> normalized, zero-padded [proprio_dim] float32."""
@@ -423,123 +414,6 @@ class Policy:
             "camera_names": list(self.camera_names),
             "view_layout": "tokens" if self.views is not None else "tile",
         }
-
-
-class ClosedLoopSession:
-    """DreamZero-style closed loop: `next_actions()` denoises only the next chunk against the KV cache of past
-    chunks; `observe(frames)` replaces that chunk's predicted frames in the cache with the real ones.
-
-    The history is never re-encoded. When the cache holds `max_chunks` chunks (default: the trained clip's
-    horizon), the next call starts a fresh cache from the newest real frame and proprio. Observed frames are
-    VAE-encoded with the previous real frame as causal context, an approximation of encoding the whole clip.
-    """
-
-    def __init__(self, policy: Policy, frame: np.ndarray, proprio: np.ndarray | None, instruction: str,
-                 *, max_chunks: int | None = None, mode: str = "joint", timer: StageTimer | None = None):
-
-        timer = timer or StageTimer()
-        self.policy = policy
-        cfg = policy.model_config
-        frames_per_chunk = max(cfg.chunk_latent_frames, 1)
-        if max_chunks is None:
-            max_chunks = (policy.num_latent_frames - 1) // frames_per_chunk
-        sc = policy.vae_config.spatial_compression
-        latent_hw = (policy.resolution[0] // sc, policy.resolution[1] // sc)
-        # A model trained with one state per chunk (data.proprio_chunk_frames) reads each chunk's own state.
-        per_chunk = policy.spec.clip.states is not None
-        self.geometry = ChunkGeometry.for_model(cfg, latent_hw, max_chunks, views=policy.views,
-                                                proprio_per_chunk=per_chunk)
-        self.rollout = ChunkedRollout(cfg, policy.params, self.geometry, policy.options, mode=check_mode(mode))
-        self.text = jnp.asarray(policy.embed_instruction(instruction))[None]
-        timer.stage("text_ms")
-        self.frames_per_observation = frames_per_chunk * policy.vae_config.temporal_compression
-        self.last_latents: jax.Array | None = None  # the newest chunk's predicted latents
-        # Encoding and prefill since the last chunk (the anchor, an observation) count towards the next one.
-        self._pending = timer
-        self.last_timing: dict[str, Any] = {}  # policy_timing of the newest next_actions()
-        self._anchor(policy.prepare_frames(frame)[-1], proprio, timer)
-
-    def _anchor(self, frame: np.ndarray, proprio: np.ndarray | None, timer: StageTimer) -> None:
-        self.last_frame, self.raw_proprio = frame, proprio
-        normalized = self.policy.prepare_proprio(proprio)
-        image_conditioning = None
-        policy = self.policy
-        if policy.image_encoder_config is not None:
-            # The anchor frame conditions the whole cache window, as a clip's first frame does in training.
-            frames = (self.geometry.max_frames - 1) * policy.vae_config.temporal_compression + 1
-            image_conditioning = conditioning.i2v_conditioning(
-                policy.vae_config, policy.vae_params, policy.image_encoder_config, policy.image_encoder_params,
-                jnp.asarray(frame)[None], frames,
-            )
-        self.context_latents = self.policy.encode_frames(frame[None])
-        timer.stage("encode_ms", (self.context_latents, image_conditioning))
-        self.rollout.start(self.context_latents, self.text, jnp.asarray(normalized)[None],
-                           image_conditioning=image_conditioning)
-        timer.stage("prefill_ms", self.rollout.state)
-        self.awaiting_observation = False
-
-    def next_actions(self, timer: StageTimer | None = None) -> np.ndarray:
-        """The next chunk's actions [actions_per_chunk, action_dim] in raw units; `last_timing` gets its stages
-        (with the encoding and cache prefill of the observation before it)."""
-        if self.awaiting_observation:
-            raise RuntimeError("next_actions() twice without observe(): pass the real frames of the last chunk")
-        if timer is None:
-            timer, self._pending = self._pending or StageTimer(), None
-            own_timer = True
-        else:
-            own_timer = False
-        if self.rollout.full:
-            self._anchor(self.last_frame, self.raw_proprio, timer)
-        self.policy._rng, rng = jax.random.split(self.policy._rng)
-        timer.begin_denoising()
-        self.last_latents, actions = self.rollout.generate(rng)
-        timer.end_denoising(actions)
-        self.awaiting_observation = True
-        actions = np.asarray(actions[0], np.float32)
-        if self.policy.stats is not None:
-            actions = unnormalize(actions, self.policy.stats["action"], self.policy.normalization)
-        if own_timer:
-            timer.stage("decode_ms")
-            self.last_timing = timer.timing()
-        return actions
-
-    def keep_prediction(self) -> None:
-        """Goes on from the last chunk's predicted frames (already in the cache) as if they had been observed:
-        open-loop imagination, without a camera."""
-        if not self.awaiting_observation:
-            raise RuntimeError("keep_prediction() without a generated chunk: call next_actions() first")
-        self.awaiting_observation = False
-
-    def observe(self, frames: np.ndarray, proprio: np.ndarray | None = None) -> None:
-        """The real frames uint8 [4 * chunk_latent_frames, H, W, 3] recorded while the last chunk executed (one
-        such array per camera, in a list, for a policy trained on several) and the raw state at the last of them:
-        the next chunk's state token for a model trained with one state per chunk (without it the newest state
-        given is reused), else kept for the next re-anchoring."""
-        frames = conditioning.combine_cameras(frames, self.policy.spec, resize_frames)
-        views = self.policy.views
-        if frames.ndim != (4 if views is None else 5) or frames.shape[0] != self.frames_per_observation:
-            view_axis = "" if views is None else f"{views}, "
-            raise ValueError(f"observed frames have shape {frames.shape}; expected "
-                             f"[{self.frames_per_observation}, {view_axis}H, W, 3]")
-        if frames.dtype != np.uint8:
-            raise TypeError(f"observed frames have dtype {frames.dtype}; expected uint8")
-        if not self.awaiting_observation:
-            raise RuntimeError("observe() without a generated chunk: call next_actions() first")
-        if views is None:
-            frames = resize_frames(frames, self.policy.resolution)
-        state = None
-        timer = self._pending = StageTimer()
-        if proprio is not None:
-            normalized = self.policy.prepare_proprio(proprio)  # checked before the cache changes
-            state = jnp.asarray(normalized)[None] if self.geometry.proprio_per_chunk else None
-        latents = self.policy.encode_frames(np.concatenate([self.last_frame[None], frames]))
-        timer.stage("encode_ms", latents)
-        self.rollout.observe(latents[:, 1:], state)
-        timer.stage("prefill_ms", self.rollout.state)
-        self.last_frame = frames[-1]
-        if proprio is not None:
-            self.raw_proprio = proprio
-        self.awaiting_observation = False
 
 
 def cfg_parallel_placement(cfg_parallel: int) -> jax.sharding.NamedSharding | None:
