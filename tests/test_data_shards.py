@@ -19,6 +19,7 @@ from data_pipelines.sources import video as video_source
 from data_pipelines.sources.rlds import EpisodeSource
 from data_pipelines.sources.shards import BadShardError
 from data_pipelines.standardize import stats as stats_lib
+from wamjax.stages import stage_spec
 from wamjax.train import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,10 +160,10 @@ def test_training_input_skips_bad_oxe_and_video_shards(datasets, tmp_path):
         video_shards=str(tmp_path), video_weight=1.0,
     )  # fmt: skip
     with pytest.raises(BadShardError, match="dataset 'bridge'"):
-        inputs.make_stage_dataset(config, "video_pretrain", 0, 1)
+        inputs.make_stage_dataset(stage_spec(config, "video_pretrain"), 0, 1)
     config.data.skip_bad_records = True
     before = shards.bad_shard_counts()
-    dataset, stats = inputs.make_stage_dataset(config, "video_pretrain", 0, 1)
+    dataset, stats = inputs.make_stage_dataset(stage_spec(config, "video_pretrain"), 0, 1)
     assert stats["datasets"]["bridge"]["num_episodes"] == 4
     iterator = iter(dataset)
     batches = [next(iterator) for _ in range(4)]

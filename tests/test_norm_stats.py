@@ -118,6 +118,7 @@ def test_a_latents_cache_run_carries_its_stats_and_acts_in_raw_units(data, cache
 
 
 def test_a_latents_cache_refuses_other_stats_or_layout_naming_both(data, cache_run, tmp_path):
+    from wamjax.stages import stage_spec
     from wamjax.train.inputs import make_stage_dataset
 
     root, data_dir, stats_path = data
@@ -129,17 +130,17 @@ def test_a_latents_cache_refuses_other_stats_or_layout_naming_both(data, cache_r
     stats_lib.save_stats(other, other_path)
     config.data.stats_path = other_path
     with pytest.raises(ValueError, match=rf"normalized with the stats of {stats_path}.*{other_path} holds different"):
-        make_stage_dataset(config, "action_tune", 0, 1)
+        make_stage_dataset(stage_spec(config, "action_tune"), 0, 1)
     config.data.stats_path = ""  # the cache's own stats are taken
-    _, stats = make_stage_dataset(config, "action_tune", 0, 1)
+    _, stats = make_stage_dataset(stage_spec(config, "action_tune"), 0, 1)
     assert stats == stats_lib.load_stats(stats_path)
     config.data.resolution = (64, 64)
     with pytest.raises(ValueError, match=r"data.resolution: cache \[32, 32\], run \[64, 64\]"):
-        make_stage_dataset(config, "action_tune", 0, 1)
+        make_stage_dataset(stage_spec(config, "action_tune"), 0, 1)
     config.data.resolution = (32, 32)
     config.data.source = "synthetic"
     with pytest.raises(ValueError, match=r"data.source: cache 'oxe', run 'synthetic'"):
-        make_stage_dataset(config, "action_tune", 0, 1)
+        make_stage_dataset(stage_spec(config, "action_tune"), 0, 1)
     meta = json.loads((root / "latents" / META_NAME).read_text())
     assert meta["stats_path"] == stats_path and meta["data"]["datasets"] == ["metaworld"]
 
