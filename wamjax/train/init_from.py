@@ -4,7 +4,7 @@ or fresh; checkpoint parameters read parameters-only onto the target shardings."
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -16,8 +16,16 @@ from wamjax.paths import PathLike, as_path
 from wamjax.stages import StageSpec
 from wamjax.train.step import TrainState
 
-if TYPE_CHECKING:
-    from wamjax.train.loop import StageResult
+
+@dataclasses.dataclass
+class StageResult:
+    """A finished stage: its name, final train state (None when it finished in an earlier attempt), last global
+    step and why it ended."""
+
+    name: str
+    state: TrainState | None
+    final_step: int
+    reason: str
 
 
 def initialize_from(spec: StageSpec, state: TrainState, shardings: TrainState, previous: StageResult | None,

@@ -34,21 +34,13 @@ from wamjax.stages import StageSpec, stage_list, stage_spec
 from wamjax.train import inputs as inputs_lib
 from wamjax.train.guards import NonfiniteGuard
 from wamjax.train.hooks import HookFactory, StageContext, check_hooks
-from wamjax.train.init_from import initialize_from
+from wamjax.train.init_from import StageResult, initialize_from
 from wamjax.train.metrics import MetricsWriter, format_progress, metrics_row
 from wamjax.train.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from wamjax.train.setup import jit_train_step, sharded_init
 from wamjax.train.stage_step import build_stage_step
 from wamjax.train.stage_step import frozen_params as stage_frozen_params
 from wamjax.train.step import TrainState
-
-
-@dataclasses.dataclass
-class StageResult:
-    name: str
-    state: TrainState
-    final_step: int
-    reason: str
 
 
 def train(config: ml_collections.ConfigDict, workdir: PathLike, started: float | None = None,
