@@ -23,7 +23,8 @@ from data_pipelines.sources.latents import pack_example, unpack_example
 from wamjax.inference.policy import Policy
 from wamjax.msgpack_numpy import packb, unpackb
 from wamjax.serving.client import PolicyClient, ServerError
-from wamjax.serving.serve import ObservationSchema, PolicyServer, default_max_message_bytes
+from wamjax.serving.observations import ObservationSchema, default_max_message_bytes
+from wamjax.serving.serve import PolicyServer
 
 
 def libero_observation(rng: np.random.Generator, wrist: bool = True) -> dict:

@@ -190,7 +190,8 @@ def test_policy_and_server_with_three_cameras():
     from wamjax.diffusion.sampler import SamplerOptions
     from wamjax.inference.policy import Policy
     from wamjax.serving.client import PolicyClient, ServerError
-    from wamjax.serving.serve import ObservationSchema, PolicyServer
+    from wamjax.serving.observations import ObservationSchema
+    from wamjax.serving.serve import PolicyServer
 
     config = get_config("size=tiny,stage=action_tune")
     config.data.cameras = "primary,wrist,exterior_image_2_left"
