@@ -16,8 +16,8 @@ from data_pipelines import config as data_config_lib
 from data_pipelines import make_oxe_like, pipeline
 from data_pipelines.clips import holdout
 from data_pipelines.standardize import stats as stats_lib
+from wamjax.eval.clip_metrics import psnr, ssim
 from wamjax.eval.hooks import loop_hooks
-from wamjax.eval.offline import psnr, ssim
 from wamjax.flops.report import read_log
 from wamjax.train.loop import train
 
