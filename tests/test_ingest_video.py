@@ -250,14 +250,15 @@ def test_killed_ingest_resumes_to_identical_shards(tmp_path):
                "--resolution=24,24", "--num_shards=3", "--workers=1"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first_shard = killed / video_source.shard_name(0, 3)
+    writing_second = killed / f".{video_source.shard_name(1, 3)}.tmp"
     deadline = time.monotonic() + 60
-    while not first_shard.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not writing_second.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     _, stderr = process.communicate()
     assert first_shard.exists(), stderr.decode()[-2000:]
     assert not (killed / video_source.shard_name(1, 3)).exists(), "ingest finished before it was killed"
-    assert (killed / f".{video_source.shard_name(1, 3)}.tmp").exists()  # Killed while writing shard 1.
+    assert writing_second.exists()  # Killed while writing shard 1.
 
     # Readers refuse the unfinished set, and never see the half-written shard.
     with pytest.raises(FileNotFoundError, match=r"incomplete: shard indices \[1, 2\]"):

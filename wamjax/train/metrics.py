@@ -7,6 +7,8 @@ import datetime
 import io
 import json
 import math
+import secrets
+import struct
 from typing import TYPE_CHECKING, Any
 
 from wamjax.paths import LineLog, PathLike, as_path, is_uri, read_log_lines
@@ -21,22 +23,34 @@ ROLL_EVENT_BYTES = 1 << 20  # a TensorBoard event file on an object store is rol
 class _EpathRecordWriter:
     """A TensorBoard event file at a URI, rolled: each flush rewrites only the newest part (`<file>`, then
     `<file>.000001`, ...; TensorBoard reads every file with `tfevents` in its name, in name order), and a part
-    of `roll_bytes` is left as it is, so a flush costs at most that much whatever the run's length."""
+    that has reached `roll_bytes` is written once more and left as it is, so a flush costs at most that much
+    (plus one event) whatever the run's length.
+
+    Parts are cut between records only, when a record begins (tensorboardX writes one as length, its CRC, the
+    data and its CRC), so the cut does not depend on when the writer's thread has caught up with a flush."""
 
     def __init__(self, path: str, roll_bytes: int = ROLL_EVENT_BYTES):
         self.path = as_path(path)
         self.roll_bytes = int(roll_bytes)
         self.part = 0
         self.buffer = io.BytesIO()
+        self._record_left = 0  # bytes of the record being written still to come
 
     def write(self, data: bytes) -> None:
+        if self._record_left == 0:  # a record's 8-byte length: the record is 8 + 4 + length + 4 bytes
+            if self.buffer.tell() >= self.roll_bytes:
+                self._write_part()
+                self.part, self.buffer = self.part + 1, io.BytesIO()
+            self._record_left = 8 + 4 + struct.unpack("Q", data[:8])[0] + 4
         self.buffer.write(data)
+        self._record_left -= len(data)
 
-    def flush(self) -> None:
+    def _write_part(self) -> None:
         name = self.path if self.part == 0 else self.path.parent / f"{self.path.name}.{self.part:06d}"
         name.write_bytes(self.buffer.getvalue())
-        if self.buffer.tell() >= self.roll_bytes:
-            self.part, self.buffer = self.part + 1, io.BytesIO()
+
+    def flush(self) -> None:
+        self._write_part()
 
     def close(self) -> None:
         self.flush()
@@ -57,6 +71,9 @@ def _tensorboard_writer(logdir: str) -> Any:
         # tensorboardX's own gs:// and s3:// writers need google-cloud-storage or boto3 and know no other
         # scheme; epath already reaches every store the checkpoints go to.
         record_writer.register_writer_factory(logdir.split(":", 1)[0], _EpathRecordWriterFactory())
+        # An event file is named by the second it was opened in; on an object store a second writer of that
+        # second (a resume, a restart) would replace the first one's file instead of appending to it.
+        return SummaryWriter(logdir, filename_suffix=f".{secrets.token_hex(4)}")
     return SummaryWriter(logdir)
 
 
