@@ -18,7 +18,11 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from data_pipelines.sources.rlds import BadRecordError, EpisodeSource, count_bad_record, find_dataset_dir
+from data_pipelines.sources import episodes as episodes_lib
+from data_pipelines.sources import lerobot
+from data_pipelines.sources.episodes import EpisodeReader, open_episodes
+from data_pipelines.sources.lerobot import LeRobotEpisode
+from data_pipelines.sources.rlds import BadRecordError, count_bad_record, find_dataset_dir
 from data_pipelines.sources.shards import BadShardError
 from data_pipelines.standardize import registry
 
@@ -32,7 +36,7 @@ def inspect_dataset(
     decode_frames: bool = True,
     *,
     skip_bad_records: bool = False,
-    source: EpisodeSource | None = None,
+    source: EpisodeReader | None = None,
 ) -> dict[str, Any]:
     """Summary of one dataset: episodes, steps, unique instructions, per-dimension action range.
 
@@ -42,14 +46,22 @@ def inspect_dataset(
     middle of an episode). `source` reuses an already opened source of the dataset.
     """
     if source is None:
-        source = EpisodeSource(data_dir, name, split, skip_bad_shards=skip_bad_records)
+        cameras = _all_cameras(data_dir, name)
+        source = open_episodes(data_dir, name, split, skip_bad_shards=skip_bad_records, cameras=cameras)
     steps, instructions, bad_records = 0, set(), 0
     low = np.full(registry.ACTION_DIM, np.inf, np.float32)
     high = np.full(registry.ACTION_DIM, -np.inf, np.float32)
     for index in range(len(source)):
         try:
             episode = source[index]
-            if decode_frames:
+            if decode_frames and isinstance(episode, LeRobotEpisode):
+                try:
+                    for camera in source.cameras:
+                        for i in range(len(episode)):
+                            episode.decode_camera(camera, i, None)
+                finally:
+                    episode.close()
+            elif decode_frames:
                 for i in range(len(episode)):
                     episode.decode_frame(i, None)
                     if episode.wrist_images is not None:
@@ -76,9 +88,17 @@ def inspect_dataset(
     }
 
 
+def _all_cameras(data_dir: str, name: str) -> tuple[str, ...]:
+    """Every camera of a LeRobot dataset (all are checked); () for RLDS (primary and wrist)."""
+    return tuple(episodes_lib.dataset_spec(data_dir, name).camera_keys()) if lerobot.is_lerobot(name) else ()
+
+
 def available_datasets(data_dir: str) -> list[str]:
-    """Registered datasets that have a TFDS folder under `data_dir`."""
-    names = []
+    """Registered datasets that have a TFDS folder under `data_dir`, and LeRobot datasets in its folders."""
+    names = [
+        lerobot.PREFIX + entry
+        for entry in sorted(os.listdir(data_dir)) if os.path.exists(os.path.join(data_dir, entry, "meta", "info.json"))
+    ] if os.path.isdir(data_dir) else []
     for name in registry.known_datasets():
         try:
             find_dataset_dir(data_dir, name)
@@ -121,7 +141,9 @@ def main(argv: Sequence[str]) -> None:
     sources = {}
     for name in names:
         try:
-            sources[name] = EpisodeSource(data_dir, name, FLAGS.split, skip_bad_shards=skip)
+            sources[name] = open_episodes(
+                data_dir, name, FLAGS.split, skip_bad_shards=skip, cameras=_all_cameras(data_dir, name)
+            )
         except BadShardError as e:
             print(f"ERROR: {e} (or pass --skip_bad_records)", file=sys.stderr, flush=True)
     if len(sources) < len(names):

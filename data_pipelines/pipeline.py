@@ -13,8 +13,8 @@ from absl import flags, logging
 from data_pipelines import config as config_lib
 from data_pipelines.clips import holdout, mixture, views, windowing
 from data_pipelines.clips.process_split import split_for_process
-from data_pipelines.sources.rlds import BadRecordError, EpisodeSource, count_bad_record
-from data_pipelines.standardize import registry
+from data_pipelines.sources import episodes as episode_sources
+from data_pipelines.sources.rlds import BadRecordError, count_bad_record
 from data_pipelines.standardize import stats as stats_lib
 
 
@@ -27,7 +27,7 @@ class ClipLoader:
 
     def __init__(
         self,
-        source: EpisodeSource,
+        source: episode_sources.EpisodeReader,
         dataset_index: int,
         dataset_stats: dict[str, Any],
         config: ml_collections.ConfigDict,
@@ -46,7 +46,7 @@ class ClipLoader:
         self.wrist_camera = bool(config.wrist_camera)
         self.skip_bad_records = bool(config.skip_bad_records)
         self.seed = int(config.seed)
-        self.cameras = views.dataset_cameras(source.name, views.camera_names(config))
+        self.cameras = views.dataset_cameras(source.name, views.camera_names(config), config.data_dir)
         self.view_layout = views.view_layout(config)
         self.view_resolution = views.view_resolution(self.resolution, len(self.cameras), self.view_layout)
 
@@ -129,8 +129,8 @@ def clip_source(
     """An infinite, shuffled-per-epoch MapDataset of clips of dataset `name` (before mixing), without the
     episodes held out by `data.eval_fraction`; with `evaluation`, one unshuffled pass over those alone."""
     windowing.num_clip_actions(config.num_frames, config.frame_stride, config.get("action_horizon", 0))
-    cameras = views.dataset_cameras(name, views.camera_names(config))  # a missing camera fails before any I/O
-    source = EpisodeSource(
+    cameras = views.dataset_cameras(name, views.camera_names(config), config.data_dir)  # fails before reading
+    source = episode_sources.open_episodes(
         config.data_dir, name, config.split, skip_bad_shards=config.skip_bad_records, cameras=cameras
     )
     if len(source) == 0:
@@ -170,8 +170,8 @@ def make_dataset(
         raise ValueError(f"process_index={process_index} outside [0, {process_count})")
     names = config_lib.dataset_names(config)
     for name in names:
-        registry.get_spec(name)  # fail before any I/O, naming the known datasets
-        views.dataset_cameras(name, views.camera_names(config))  # and naming a camera a dataset lacks
+        episode_sources.dataset_spec(config.data_dir, name)  # fail before reading episodes, naming the known datasets
+        views.dataset_cameras(name, views.camera_names(config), config.data_dir)  # and a camera a dataset lacks
     stats = stats if stats is not None else resolve_stats(config)
     missing = [n for n in names if n not in stats["datasets"]]
     if missing:

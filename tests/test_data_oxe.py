@@ -65,7 +65,7 @@ def test_standardization(oxe_dir, name):
     assert 20 <= len(episode) <= 40
     assert episode.actions.shape == (len(episode), 7) and episode.actions.dtype == np.float32
     assert set(np.unique(episode.actions[:, 6])) <= {0.0, 1.0}
-    assert episode.instruction in make_oxe_like._TASKS
+    assert episode.instruction in make_oxe_like.TASKS
     # The standardized xyz action moves the proprio xyz: same direction on every dataset.
     motion = np.diff(episode.proprio[:, :3], axis=0)
     for axis in range(2):

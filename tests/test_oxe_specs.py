@@ -212,7 +212,7 @@ def test_registry_standardizes_the_full_spec(published_shape_dir, name):
     source = EpisodeSource(published_shape_dir, name)
     episode = source[0]
     assert episode.actions.shape == (3, registry.ACTION_DIM) and np.all(np.isfinite(episode.actions))
-    assert episode.proprio.ndim == 2 and episode.instruction in make_oxe_like._TASKS
+    assert episode.proprio.ndim == 2 and episode.instruction in make_oxe_like.TASKS
     height, width = make_oxe_like.MAKERS[name].image_shapes[registry.get_spec(name).primary_camera]
     assert episode.decode_frame(0, None).shape == (height, width, 3)
 

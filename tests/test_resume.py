@@ -1,5 +1,5 @@
 """Preemption and exact resume: SIGTERM saves and exits 75, SIGKILL loses nothing, both stages, on a mixture of
-OXE datasets (and captioned-video shards in the video stage)."""
+OXE datasets and a LeRobot dataset (and captioned-video shards in the video stage)."""
 
 import json
 import os
@@ -19,7 +19,7 @@ from wamjax.flops.stage import train_step_flops
 from wamjax.stages import stage_spec
 from wamjax.train.preemption import PREEMPTED_EXIT_CODE
 
-DATASETS = "bridge,taco_play"
+DATASETS = "bridge,taco_play,lerobot:lerobot_sim"
 STEPS = 8
 
 
@@ -29,10 +29,12 @@ def oxe_dir(tmp_path_factory):
     from data_pipelines.standardize.stats import compute_stats, save_stats
 
     root = str(tmp_path_factory.mktemp("oxe"))
+    from data_pipelines.make_lerobot import synthetic_episodes, write_dataset
     from data_pipelines.make_videos import make_videos
     from wamjax.jobs.ingest_video import ingest
 
-    make_datasets(root, DATASETS.split(","), episodes=6, seed=3, image_size=(48, 64))
+    make_datasets(root, ["bridge", "taco_play"], episodes=6, seed=3, image_size=(48, 64))
+    write_dataset(os.path.join(root, "lerobot_sim"), synthetic_episodes(6, seed=3), episodes_per_file=4)
     save_stats(compute_stats(root, DATASETS.split(",")), os.path.join(root, "stats.json"))
     captions = make_videos(os.path.join(root, "videos"), num_videos=4, num_frames=24)
     videos = [os.path.join(root, "videos", "*.mp4"), os.path.join(root, "videos", "*.mkv")]
@@ -51,7 +53,7 @@ def _overrides(oxe_dir):
     return [
         "--config.data.source=oxe", f"--config.data.data_dir={oxe_dir}",
         f"--config.data.stats_path={oxe_dir}/stats.json", f"--config.data.datasets={DATASETS}",
-        "--config.data.weights=(3.0,1.0)", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
+        "--config.data.weights=(3.0,1.0,1.0)", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
         "--config.checkpoint.every_steps=3", "--config.checkpoint.async_save=True",
         f"--config.stages.video_pretrain.budget_flops={_video_budget()}",
         f"--config.data.video_shards={oxe_dir}/video_shards", "--config.data.video_weight=1.0",

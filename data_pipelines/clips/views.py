@@ -14,8 +14,6 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from data_pipelines.standardize import registry
-
 VIEW_LAYOUTS = ("tile", "tokens")
 
 
@@ -53,10 +51,12 @@ def views_axis(data_config: ml_collections.ConfigDict) -> int | None:
     return num_views(data_config)
 
 
-def dataset_cameras(name: str, cameras: Sequence[str]) -> tuple[str, ...]:
-    """Observation keys of `cameras` (keys or roles) in dataset `name`; a missing one is named with the dataset
-    and the cameras it has."""
-    spec = registry.get_spec(name)
+def dataset_cameras(name: str, cameras: Sequence[str], data_dir: str = "") -> tuple[str, ...]:
+    """Observation keys of `cameras` (keys or roles) in dataset `name` (a LeRobot one under `data_dir`); a missing
+    one is named with the dataset and the cameras it has."""
+    from data_pipelines.sources import episodes  # the readers (TFDS, PyAV): the policy imports this module without
+
+    spec = episodes.dataset_spec(data_dir, name)
     return tuple(spec.camera_key(name, c) for c in cameras)
 
 

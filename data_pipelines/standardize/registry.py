@@ -71,6 +71,11 @@ def get_spec(name: str) -> DatasetSpec:
         ) from None
 
 
+def registered(name: str) -> DatasetSpec | None:
+    """The spec registered under `name`, or None."""
+    return _REGISTRY.get(name)
+
+
 def known_datasets() -> list[str]:
     """Names of all registered datasets, sorted."""
     return sorted(_REGISTRY)

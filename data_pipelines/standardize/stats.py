@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from data_pipelines.sources.rlds import BadRecordError, EpisodeSource, count_bad_record
+from data_pipelines.sources.episodes import EpisodeReader, open_episodes
+from data_pipelines.sources.rlds import BadRecordError, count_bad_record
 from data_pipelines.standardize import registry
 from data_pipelines.standardize.normalization import normalize, unnormalize
 from wamjax.paths import as_path
@@ -46,7 +47,7 @@ def _summary(values: np.ndarray, mask: Sequence[bool]) -> dict[str, list[Any]]:
 
 
 def dataset_stats(
-    source: EpisodeSource,
+    source: EpisodeReader,
     proprio_dim: int = 8,
     skip_bad_records: bool = False,
     max_episodes: int | None = None,
@@ -94,7 +95,7 @@ def compute_stats(
     """Statistics of each dataset in `datasets` under `data_dir`, in the JSON layout of this module."""
     out: dict[str, Any] = {"format_version": FORMAT_VERSION, "proprio_dim": proprio_dim, "datasets": {}}
     for name in datasets:
-        source = EpisodeSource(data_dir, name, split, skip_bad_shards=skip_bad_records)
+        source = open_episodes(data_dir, name, split, skip_bad_shards=skip_bad_records)
         out["datasets"][name] = dataset_stats(source, proprio_dim, skip_bad_records, max_episodes)
         logging.info("Statistics of %s: %d episodes", name, out["datasets"][name]["num_episodes"])
     return out

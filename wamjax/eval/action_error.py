@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.clips import holdout, views, windowing
-from data_pipelines.sources.rlds import Episode, EpisodeSource
+from data_pipelines.sources.episodes import open_episodes
+from data_pipelines.sources.rlds import Episode
 from data_pipelines.standardize.stats import unnormalize
 
 ABLATIONS = ("camera", "blank", "other_episode")
@@ -59,8 +60,8 @@ def action_windows(
     num_frames, stride = int(data_config.num_frames), int(data_config.frame_stride)
     horizon = int(data_config.get("action_horizon", 0))
     normalization = str(data_config.action_normalization)
-    cameras = views.dataset_cameras(dataset, views.camera_names(data_config))
-    source = EpisodeSource(data_config.data_dir, dataset, data_config.split, cameras=cameras)
+    cameras = views.dataset_cameras(dataset, views.camera_names(data_config), data_config.data_dir)
+    source = open_episodes(data_config.data_dir, dataset, data_config.split, cameras=cameras)
     fraction = float(data_config.get("eval_fraction", 0.0))
     indices = holdout.split_episodes(dataset, len(source), fraction, evaluation=True) if fraction else np.arange(
         len(source))

@@ -210,10 +210,10 @@ def collect_instructions(
     (one per line) and video-clip shards (their captions)."""
     found: set[str] = set()
     if datasets:
-        from data_pipelines.sources.rlds import EpisodeSource  # TFDS and TensorFlow: only for OXE datasets
+        from data_pipelines.sources.episodes import open_episodes  # TFDS and TensorFlow: only for robot datasets
 
         for name in datasets:
-            source = EpisodeSource(data_dir, name, split)
+            source = open_episodes(data_dir, name, split)
             before = len(found)
             for index in range(len(source)):
                 found.add(source[index].instruction)
