@@ -26,7 +26,12 @@ def get_data_config() -> ml_collections.ConfigDict:
     # `proprio` is then [1 + (num_frames - 1) / proprio_chunk_frames, proprio_dim], chunk 0's the state at frame 0
     # and chunk k's the state at the last frame of chunk k - 1. 0: one state per clip, [proprio_dim], at frame 0.
     config.proprio_chunk_frames = 0
-    config.action_normalization = "bounds"  # "bounds": q01/q99 -> [-1, 1], clipped; "normal": mean/std
+    # "bounds" (alias "quantile", openpi's pi0.5 choice): q01/q99 -> [-1, 1], clipped; "normal": mean/std.
+    config.action_normalization = "bounds"
+    # Drop clip windows where the robot stands still: "NAME=THRESHOLD,..." per dataset or "*=THRESHOLD" for all; a
+    # window is idle when every movement dimension of every raw action is below the threshold and the gripper
+    # command does not change. "" keeps every window.
+    config.idle_filter = ""
     config.batch_size = 8  # GLOBAL batch; each process gets batch_size / process_count
     config.seed = 0
     config.shuffle = True

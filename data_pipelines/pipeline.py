@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import zlib
+from collections import Counter
 from typing import Any
 
 import grain
@@ -43,6 +45,7 @@ class ClipLoader:
         self.proprio_dim = int(config.proprio_dim)
         self.proprio_chunk_frames = int(config.get("proprio_chunk_frames", 0))
         self.action_normalization = str(config.action_normalization)
+        self.idle_threshold = idle_threshold(config, source.name)
         self.wrist_camera = bool(config.wrist_camera)
         self.skip_bad_records = bool(config.skip_bad_records)
         self.seed = int(config.seed)
@@ -58,6 +61,11 @@ class ClipLoader:
             start = windowing.clip_start(
                 len(episode), self.num_frames, self.frame_stride, clip_slot, self.clips_per_episode, u
             )
+            if self.idle_threshold > 0 and windowing.is_idle(
+                episode, start, (self.num_frames - 1) * self.frame_stride, self.idle_threshold
+            ):
+                count_idle_window(self.source.name)
+                return None  # Grain drops None elements when iterating
             return windowing.make_clip(
                 episode,
                 start,
@@ -87,6 +95,42 @@ class ClipLoader:
             return views.tile_views(frames) if self.view_layout == "tile" else frames
 
         return decode
+
+
+_IDLE: Counter[str] = Counter()
+_IDLE_LOCK = threading.Lock()
+
+
+def idle_threshold(config: ml_collections.ConfigDict, name: str) -> float:
+    """Dataset `name`'s threshold in `data.idle_filter` ("NAME=T,..." or "*=T" for every dataset; 0: keep all)."""
+    spec = str(config.get("idle_filter", "") or "")
+    thresholds = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.rpartition("=")
+        try:
+            thresholds[key] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or thresholds[key] < 0:
+            raise ValueError(f"data.idle_filter={spec!r}: {part!r} is not NAME=THRESHOLD (or *=THRESHOLD), "
+                             f"THRESHOLD >= 0")
+    return thresholds.get(name, thresholds.get("*", 0.0))
+
+
+def count_idle_window(name: str) -> int:
+    """Counts a window dropped as idle; logs at 1, 2, 4, 8, ... per dataset; returns this process's count."""
+    with _IDLE_LOCK:
+        _IDLE[name] += 1
+        count = _IDLE[name]
+    if count & (count - 1) == 0:
+        logging.info("data: %d idle window(s) of %s dropped so far (data.idle_filter)", count, name)
+    return count
+
+
+def idle_window_counts() -> dict[str, int]:
+    """Idle windows dropped so far in this process, per dataset (Grain workers count their own)."""
+    with _IDLE_LOCK:
+        return dict(_IDLE)
 
 
 def resolve_stats(config: ml_collections.ConfigDict) -> dict[str, Any]:

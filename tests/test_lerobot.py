@@ -17,6 +17,7 @@ from train_utils import REPO, subprocess_env
 from data_pipelines import config as data_config_lib
 from data_pipelines import inspect as inspect_lib
 from data_pipelines import make_lerobot, make_oxe_like, pipeline
+from data_pipelines.clips import windowing
 from data_pipelines.sources import lerobot
 from data_pipelines.sources.rlds import BadRecordError
 from data_pipelines.sources.shards import BadShardError
@@ -267,3 +268,45 @@ def test_bad_metadata_names_the_key_the_dataset_and_the_codec(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"No LeRobot dataset at .*nowhere"):
         lerobot.LeRobotSource(str(tmp_path), "lerobot:nowhere")
+
+
+def test_idle_filter_drops_windows_where_the_robot_stands_still(tmp_path):
+    episodes = make_lerobot.synthetic_episodes(3, seed=2, image_size=(24, 32), min_steps=24, max_steps=24)
+    for episode in episodes:  # the robot stands still for the first half of every episode
+        episode["action"][:12, :6] = 0.0
+        episode["action"][:12, 6] = 1.0
+    make_lerobot.write_dataset(str(tmp_path / "idle"), episodes)
+    names = ["lerobot:idle"]
+    stats = stats_lib.compute_stats(str(tmp_path), names)
+    config = _data_config(str(tmp_path), datasets="lerobot:idle", idle_filter="lerobot:idle=1e-6",
+                          clips_per_episode=4)
+    source = lerobot.LeRobotSource(str(tmp_path), "lerobot:idle")
+    loader = pipeline.ClipLoader(source, 0, stats["datasets"]["lerobot:idle"], config)
+    kept = [loader(0, slot) for slot in range(3 * 4)]
+    # Dropped exactly when the window's 4 actions all lie in the still half.
+    u = np.random.default_rng([config.seed, 0, 0]).random()
+    starts = [windowing.clip_start(24, 5, 1, slot % 4, 4, u) for slot in range(12)]
+    assert [k is None for k in kept] == [start + 4 <= 12 for start in starts]
+    assert 3 <= sum(k is None for k in kept) < 12
+    assert pipeline.idle_window_counts()["lerobot:idle"] >= 3
+    assert all(k["actions"].shape == (4, 7) for k in kept if k is not None)
+    config.idle_filter = ""
+    assert all(pipeline.ClipLoader(source, 0, stats["datasets"]["lerobot:idle"], config)(0, s) is not None
+               for s in range(12))
+    config.idle_filter = "lerobot:idle"
+    with pytest.raises(ValueError, match=r"data.idle_filter='lerobot:idle': 'lerobot:idle' is not NAME=THRESHOLD"):
+        pipeline.ClipLoader(source, 0, stats["datasets"]["lerobot:idle"], config)
+    assert pipeline.idle_threshold(_data_config("", idle_filter="*=0.5,bridge=0.1"), "bridge") == 0.1
+    assert pipeline.idle_threshold(_data_config("", idle_filter="*=0.5,bridge=0.1"), "lerobot:x") == 0.5
+
+
+def test_quantile_normalization_is_openpis_q01_q99(mixture_dir):
+    stats = stats_lib.load_stats(os.path.join(mixture_dir, "stats.json"))["datasets"]["lerobot:fixture"]["action"]
+    actions = content.episode(0)["action"]
+    quantile = stats_lib.normalize(actions, stats, "quantile")
+    np.testing.assert_array_equal(quantile, stats_lib.normalize(actions, stats, "bounds"))
+    low, high = np.asarray(stats["q01"]), np.asarray(stats["q99"])
+    want = np.clip(2 * (actions - low) / (high - low) - 1, -1, 1)
+    np.testing.assert_allclose(quantile[:, :6], want[:, :6], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats_lib.unnormalize(quantile, stats, "quantile")[:, :6],
+                               np.clip(actions, low, high)[:, :6], rtol=1e-4, atol=1e-5)

@@ -23,6 +23,16 @@ def clip_start(length: int, num_frames: int, frame_stride: int, slot: int, clips
     return min(int((slot + u) * num_starts / clips_per_episode), num_starts - 1)
 
 
+def is_idle(episode: Episode, start: int, steps: int, threshold: float) -> bool:
+    """Whether the robot stands still over the window's `steps` transitions from `start`: every movement dimension
+    (the normalized ones of the 7-D action, not the gripper) of every action below `threshold` in absolute value,
+    and the gripper command unchanged."""
+    window = np.asarray(episode.actions[start : start + max(steps, 1)], np.float32)
+    if not len(window):
+        return False
+    return bool(np.all(np.abs(window[:, :6]) < threshold) and np.all(window[:, 6] == window[0, 6]))
+
+
 def per_step_actions(episode: Episode, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """`count` consecutive dataset-step actions from `start` and their mask (False past the episode's last
     transition: action j takes step start + j to start + j + 1, which has to exist)."""

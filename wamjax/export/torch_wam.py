@@ -566,7 +566,7 @@ def unnormalize(values: torch.Tensor, group_stats: dict[str, Any], method: str) 
     as_tensor = lambda key: torch.as_tensor(group_stats[key], dtype=torch.float32, device=values.device)
     mask = torch.as_tensor(group_stats["mask"], dtype=torch.bool, device=values.device)
     x = values.float()
-    if method == "bounds":
+    if method in ("bounds", "quantile"):
         low, high = as_tensor("q01"), as_tensor("q99")
         restored = (x + 1.0) / 2.0 * torch.clamp(high - low, min=1e-8) + low
     elif method == "normal":
