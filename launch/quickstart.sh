@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, on CPU in a few minutes: a tiny two-stage world-action-model run over locally generated
-# OXE-format data and captioned videos, then the FLOP budget report and a PyTorch export.
+# OXE-format data, a LeRobot v3.0 dataset and captioned videos, then the FLOP budget report and a PyTorch export.
 # RUN_DIR (default runs/quickstart) holds everything it writes; re-running resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,13 +8,15 @@ bash launch/setup_venv.sh export
 PY=.venv/bin/python
 RUN=${RUN_DIR:-runs/quickstart}
 STEPS=${STEPS:-50}
-DATASETS=fractal20220817_data,bridge,taco_play,droid
+DATASETS=fractal20220817_data,bridge,taco_play,droid,lerobot:lerobot_sim
 export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
 mkdir -p "$RUN"
 
-echo "== 1/8 OXE-format robot episodes (4 datasets, published feature specs)"
-[ -f "$RUN/oxe/.done" ] || { $PY -m data_pipelines.make_oxe_like --out="$RUN/oxe" --datasets=$DATASETS --episodes=16 \
-  && touch "$RUN/oxe/.done"; }
+echo "== 1/8 robot episodes: 4 OXE-format datasets (published feature specs) and a LeRobot v3.0 dataset (H.264)"
+[ -f "$RUN/oxe/.done" ] || { $PY -m data_pipelines.make_oxe_like --out="$RUN/oxe" \
+  --datasets=fractal20220817_data,bridge,taco_play,droid --episodes=16 && touch "$RUN/oxe/.done"; }
+[ -f "$RUN/oxe/lerobot_sim/meta/info.json" ] || $PY -m data_pipelines.make_lerobot --out="$RUN/oxe/lerobot_sim" \
+  --episodes=16
 echo "== 2/8 normalization statistics"
 [ -f "$RUN/oxe/norm_stats.json" ] || $PY -m data_pipelines.compute_stats --data_dir="$RUN/oxe" --datasets=$DATASETS \
   --out="$RUN/oxe/norm_stats.json"
@@ -26,16 +28,17 @@ echo "== 4/8 instruction and caption embeddings (a random tiny UMT5 encoder: no 
 [ -f "$RUN/text_cache.safetensors" ] || $PY -m wamjax.jobs.text_cache --encoder=tiny:32 --max_length=8 \
   --datasets=$DATASETS --data_dir="$RUN/oxe" --video_shards="$RUN/video_shards" --out="$RUN/text_cache.safetensors"
 
-echo "== 5/8 train: video_pretrain (OXE as video + captioned clips), then action_tune (OXE with actions, two cameras"
-echo "   tiled into one frame: the primary and wrist cameras of taco_play and droid)"
+echo "== 5/8 train: video_pretrain (robot episodes as video + captioned clips), then action_tune (with actions, two"
+echo "   cameras tiled into one frame: the primary and wrist cameras of taco_play, droid and the LeRobot dataset)"
 set +e
 $PY -m wamjax.main --config=configs/wam.py:size=tiny,stage=all --workdir="$RUN/train" \
   --config.data.source=oxe --config.data.data_dir="$RUN/oxe" --config.data.stats_path="$RUN/oxe/norm_stats.json" \
+  --config.data.datasets=$DATASETS \
   --config.data.video_shards="$RUN/video_shards" --config.data.video_weight=0.5 \
   --config.text.cache="$RUN/text_cache.safetensors" --config.train.steps="$STEPS" \
   --config.data.eval_fraction=0.2 \
   --config.stages.video_pretrain.budget_flops=2e9 --config.stages.action_tune.budget_flops=4e9 \
-  --config.stages.action_tune.datasets=taco_play,droid --config.stages.action_tune.cameras=primary,wrist \
+  --config.stages.action_tune.datasets=taco_play,droid,lerobot:lerobot_sim --config.stages.action_tune.cameras=primary,wrist \
   --alsologtostderr 2>&1 | grep --line-buffered -E "\] (\[|stage|mesh|data|text|vae|init_from|param)|Error|error"
 rc=${PIPESTATUS[0]}
 set -e
