@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -268,14 +269,16 @@ def _jitted_eval():
 
 
 def write_grids(out_dir: PathLike, step: int, grids: dict[str, np.ndarray]) -> list[str]:
-    """PNG files `out_dir/step_<step>_<name>.png` (local or an etils.epath URI); returns their paths."""
+    """PNG files `out_dir/step_<step>_<name>.png` (local or an etils.epath URI; characters of a dataset name
+    such as `lerobot:/data/x` that do not belong in a file name become `_`); returns their paths."""
     from PIL import Image
 
     out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, grid in sorted(grids.items()):
-        path = out_dir / f"step_{step}_{name}.png"
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+        path = out_dir / f"step_{step}_{safe}.png"
         with path.open("wb") as f:
             Image.fromarray(grid).save(f, format="PNG")
         paths.append(str(path))
