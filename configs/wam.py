@@ -96,6 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages = ml_collections.ConfigDict({name: stage_config(name, tiny) for name in STAGES})
 
     c.data = get_data_config()
+    # One width for every clip's actions and the model's: each dataset's embodiment is padded to model.action_dim.
+    c.data.action_dim = c.model.get_ref("action_dim")
     c.data.source = args.get("data", "synthetic" if tiny else "oxe")  # synthetic | oxe
     c.data.num_frames = 9 if tiny else 33
     c.data.resolution = (32, 32) if tiny else (480, 832)

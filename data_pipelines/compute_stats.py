@@ -32,6 +32,7 @@ def main(argv: Sequence[str]) -> None:
             split=FLAGS.split,
             skip_bad_records=FLAGS.skip_bad_records,
             max_episodes=FLAGS.max_episodes,
+            relative_horizon=FLAGS.relative_horizon,
         )
     except (BadShardError, BadRecordError) as e:
         print(f"ERROR: {e} (or pass --skip_bad_records)", file=sys.stderr)
@@ -51,4 +52,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("split", "train", "TFDS split to read.")
     flags.DEFINE_bool("skip_bad_records", False, "Skip and count unreadable shards and episodes instead of failing.")
     flags.DEFINE_integer("max_episodes", None, "Read at most this many episodes per dataset.")
+    flags.DEFINE_integer("relative_horizon", 16, "Steps per chunk over which relative actions (an embodiment's "
+                         "relative_to_state dimensions) are counted, relative to each chunk's start state.")
     app.run(main)

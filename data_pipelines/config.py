@@ -22,6 +22,9 @@ def get_data_config() -> ml_collections.ConfigDict:
     config.clips_per_episode = 4  # clip windows drawn per episode per epoch, spread over the episode
     config.resolution = (32, 32)  # (H, W)
     config.proprio_dim = 8
+    # Width of every clip's action vector: each dataset's embodiment (its own action layout) is zero-padded to it
+    # and `action_dim_mask` marks its dimensions. The run config ties it to model.action_dim.
+    config.action_dim = 7
     # Clip frames per chunk of a chunk-causal model (4 * model.chunk_latent_frames) for one state per chunk:
     # `proprio` is then [1 + (num_frames - 1) / proprio_chunk_frames, proprio_dim], chunk 0's the state at frame 0
     # and chunk k's the state at the last frame of chunk k - 1. 0: one state per clip, [proprio_dim], at frame 0.

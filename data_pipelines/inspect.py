@@ -49,8 +49,9 @@ def inspect_dataset(
         cameras = _all_cameras(data_dir, name)
         source = open_episodes(data_dir, name, split, skip_bad_shards=skip_bad_records, cameras=cameras)
     steps, instructions, bad_records = 0, set(), 0
-    low = np.full(registry.ACTION_DIM, np.inf, np.float32)
-    high = np.full(registry.ACTION_DIM, -np.inf, np.float32)
+    dim = source.spec.layout().action_dim
+    low = np.full(dim, np.inf, np.float32)
+    high = np.full(dim, -np.inf, np.float32)
     for index in range(len(source)):
         try:
             episode = source[index]
@@ -78,6 +79,7 @@ def inspect_dataset(
         high = np.maximum(high, episode.actions.max(0))
     return {
         "dataset": name,
+        "embodiment": source.spec.embodiment,
         "episodes": len(source) - bad_records,
         "steps": steps,
         "unique_instructions": len(instructions),
@@ -115,7 +117,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
     text = (
         f"{summary['dataset']}: {summary['episodes']} episodes, {summary['steps']} steps, "
-        f"{summary['unique_instructions']} unique instructions\n  action ranges (xyz, rpy, gripper): {ranges}"
+        f"{summary['unique_instructions']} unique instructions\n  action ranges ({summary['embodiment']}): {ranges}"
     )
     if summary["bad_shards"] or summary["bad_records"]:
         text += (

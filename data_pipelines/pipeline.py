@@ -46,6 +46,7 @@ class ClipLoader:
         self.proprio_chunk_frames = int(config.get("proprio_chunk_frames", 0))
         self.action_normalization = str(config.action_normalization)
         self.idle_threshold = idle_threshold(config, source.name)
+        self.action_dim = int(config.get("action_dim", 7))
         self.wrist_camera = bool(config.wrist_camera)
         self.skip_bad_records = bool(config.skip_bad_records)
         self.seed = int(config.seed)
@@ -62,7 +63,8 @@ class ClipLoader:
                 len(episode), self.num_frames, self.frame_stride, clip_slot, self.clips_per_episode, u
             )
             if self.idle_threshold > 0 and windowing.is_idle(
-                episode, start, (self.num_frames - 1) * self.frame_stride, self.idle_threshold
+                episode, start, (self.num_frames - 1) * self.frame_stride, self.idle_threshold,
+                self.source.spec.layout(),
             ):
                 count_idle_window(self.source.name)
                 return None  # Grain drops None elements when iterating
@@ -79,6 +81,8 @@ class ClipLoader:
                 wrist_camera=self.wrist_camera,
                 action_horizon=self.action_horizon,
                 proprio_chunk_frames=self.proprio_chunk_frames,
+                action_dim=self.action_dim,
+                embodiment=self.source.spec.layout(),
                 frame_decoder=self._frame_decoder(episode) if self.cameras else None,
             )
         except BadRecordError as e:

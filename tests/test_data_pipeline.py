@@ -203,6 +203,7 @@ def test_extra_sources_join_the_mixture(oxe):
         "frame_mask": np.ones(5, bool),
         "actions": np.zeros((4, 7), np.float32),
         "action_mask": np.zeros(4, bool),
+        "action_dim_mask": np.ones(7, bool),
         "has_actions": np.bool_(False),
         "proprio": np.zeros(8, np.float32),
         "instruction": np.str_("a captioned video"),

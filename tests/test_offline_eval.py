@@ -15,6 +15,7 @@ from train_utils import REPO, get_config, subprocess_env
 from data_pipelines import config as data_config_lib
 from data_pipelines import make_oxe_like, pipeline
 from data_pipelines.clips import holdout
+from data_pipelines.sources.episodes import open_episodes
 from data_pipelines.standardize import stats as stats_lib
 from wamjax.eval.clip_metrics import psnr, ssim
 from wamjax.eval.hooks import loop_hooks
@@ -52,7 +53,7 @@ def test_held_out_episodes_are_disjoint_deterministic_and_never_trained_on(tmp_p
     training = pipeline.clip_source(data, "bridge", 0, stats)
     train_frames = {first_frame(training[i]) for i in range(3 * (10 - len(held)))}
     # Clip starts vary per epoch, so compare episodes by their frames at every start: none is shared.
-    source = pipeline.EpisodeSource(out, "bridge")
+    source = open_episodes(out, "bridge")
     frames_of = {e: {source[e].decode_frame(i, (16, 16)).tobytes() for i in range(len(source[e]))}
                  for e in range(10)}
     train_episodes = {e for e, fs in frames_of.items() if fs & train_frames}

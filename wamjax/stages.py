@@ -210,6 +210,9 @@ def actions_per_clip(data: ml_collections.ConfigDict, model: ModelConfig) -> int
 
 def clip_spec(data: ml_collections.ConfigDict, model: ModelConfig) -> ClipSpec:
     """What a clip of `data` holds for `model`."""
+    if int(data.get("action_dim", model.action_dim)) != model.action_dim:
+        raise ValueError(f"data.action_dim={data.action_dim} but model.action_dim={model.action_dim}: clips are padded "
+                         f"to the model's action width; set model.action_dim (data.action_dim follows it)")
     return ClipSpec(
         data=data,
         num_frames=int(data.num_frames),

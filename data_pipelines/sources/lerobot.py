@@ -545,12 +545,13 @@ class LeRobotSource:
         numeric = {k: v for k, v in columns.items() if isinstance(v, np.ndarray)}
         steps = [{**{k: v[i] for k, v in numeric.items()}, "task": task} for i in range(length)]
         actions = np.stack([np.asarray(spec.action(s), np.float32).reshape(-1) for s in steps])
-        if actions.shape[1] != registry.ACTION_DIM:
+        dim = spec.layout().action_dim
+        if actions.shape[1] != dim:
             raise BadRecordError(
                 self.name, file, entry.episode_index,
-                f"actions have shape {actions.shape}, expected [L, {registry.ACTION_DIM}] (the EEF delta, rpy, "
-                f"gripper contract); register a layout for this dataset that maps its "
-                f"{self.info['features'].get(ACTION_KEY, {}).get('names')} to it",
+                f"actions have shape {actions.shape}, expected [L, {dim}] (embodiment {spec.embodiment!r}); "
+                f"register a layout for this dataset whose embodiment matches its "
+                f"{self.info['features'].get(ACTION_KEY, {}).get('names')}",
             )
         bad = np.argwhere(~np.isfinite(actions))
         if len(bad):

@@ -258,9 +258,11 @@ class EpisodeSource:
                 if camera not in step["observation"]:
                     raise BadRecordError(self.name, filename, record_index, f"step {i}: missing observation/{camera}")
         actions = np.stack([spec.action(s) for s in steps]).astype(np.float32)
-        if actions.shape[1] != registry.ACTION_DIM:
+        dim = spec.layout().action_dim
+        if actions.shape[1] != dim:
             raise BadRecordError(
-                self.name, filename, record_index, f"actions have shape {actions.shape}, expected [L, 7]"
+                self.name, filename, record_index,
+                f"actions have shape {actions.shape}, expected [L, {dim}] (embodiment {spec.embodiment!r})",
             )
         bad = np.argwhere(~np.isfinite(actions))
         if len(bad):

@@ -69,6 +69,7 @@ class SyntheticClip:
             "frame_mask": np.ones(t, bool),
             "actions": actions,
             "action_mask": np.ones(len(actions), bool),
+            "action_dim_mask": np.ones(actions.shape[-1], bool),
             "has_actions": np.bool_(True),
             "proprio": proprio,
             "instruction": np.str_(INSTRUCTIONS[task]),

@@ -3,8 +3,8 @@
 A shard is an ArrayRecord file named `video-SSSSS-of-NNNNN.array_record`; each record is one clip, a
 msgpack map (see `pack_clip_record`) of encoded frames, caption, source file, start time and fps.
 `make_video_dataset` turns the shards into per-example dicts in the data contract shared by every
-source: `frames`, `frame_mask`, `actions`, `action_mask`, `has_actions`, `proprio`, `instruction`,
-`dataset_index`. Video-only clips carry zero actions and proprio with all-False action masks and
+source: `frames`, `frame_mask`, `actions`, `action_mask`, `action_dim_mask`, `has_actions`, `proprio`,
+`instruction`, `dataset_index`. Video-only clips carry zero actions and proprio with all-False action masks and
 `has_actions` False.
 """
 
@@ -279,6 +279,7 @@ class ClipToExample:
             "frame_mask": frame_mask,
             "actions": np.zeros((self.num_actions, self.action_dim), dtype=np.float32),
             "action_mask": np.zeros((self.num_actions,), dtype=bool),
+            "action_dim_mask": np.ones((self.action_dim,), dtype=bool),
             "has_actions": np.bool_(False),
             "proprio": np.zeros((*(() if self.num_states is None else (self.num_states,)), self.proprio_dim),
                                 dtype=np.float32),

@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines.standardize import embodiments
+
 Step = Mapping[str, Any]
 ACTION_DIM = 7
 # The gripper dimension keeps its raw [0, 1] value: normalizing a binary signal only blurs it.
-DEFAULT_ACTION_MASK = (True, True, True, True, True, True, False)
+DEFAULT_ACTION_MASK = embodiments.EEF7.action_mask()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +30,18 @@ class DatasetSpec:
     proprio: Callable[[Step], np.ndarray]  # one step -> float [p], p <= data.proprio_dim
     instruction: Callable[[Step], bytes | str]
     wrist_camera: str | None = None
-    action_mask: tuple[bool, ...] = DEFAULT_ACTION_MASK  # True: dimension is normalized
+    action_mask: tuple[bool, ...] | None = None  # True: dimension is normalized; None: the embodiment's
+    embodiment: str = "eef7"  # the action layout (data_pipelines.standardize.embodiments)
     proprio_mask: tuple[bool, ...] | None = None  # None: every proprio dimension is normalized
     cameras: tuple[str, ...] = ()  # every camera (observation key) of the dataset; () = primary and wrist
+
+    def layout(self) -> embodiments.Embodiment:
+        """The dataset's action layout."""
+        return embodiments.get_embodiment(self.embodiment)
+
+    def normalized_action_dims(self) -> tuple[bool, ...]:
+        """Per action dimension, whether it is normalized: `action_mask`, else all but the embodiment's grippers."""
+        return tuple(self.action_mask) if self.action_mask is not None else self.layout().action_mask()
 
     def camera_keys(self) -> tuple[str, ...]:
         """Every camera of the dataset, as observation keys."""
@@ -55,8 +66,10 @@ def register_dataset(name: str, spec: DatasetSpec, *, overwrite: bool = False) -
     """Adds the standardization of dataset `name` (its TFDS name) to the registry."""
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"Dataset {name!r} is already registered; pass overwrite=True to replace it")
-    if len(spec.action_mask) != ACTION_DIM:
-        raise ValueError(f"{name}: action_mask has {len(spec.action_mask)} entries, expected {ACTION_DIM}")
+    dim = spec.layout().action_dim
+    if len(spec.normalized_action_dims()) != dim:
+        raise ValueError(f"{name}: action_mask has {len(spec.action_mask)} entries, its embodiment "
+                         f"{spec.embodiment!r} has {dim} action dimensions")
     _REGISTRY[name] = spec
 
 

@@ -17,7 +17,6 @@ from absl import logging
 
 from data_pipelines.sources.episodes import EpisodeReader, open_episodes
 from data_pipelines.sources.rlds import BadRecordError, count_bad_record
-from data_pipelines.standardize import registry
 from data_pipelines.standardize.normalization import normalize, unnormalize
 from wamjax.paths import as_path
 
@@ -51,10 +50,13 @@ def dataset_stats(
     proprio_dim: int = 8,
     skip_bad_records: bool = False,
     max_episodes: int | None = None,
+    relative_horizon: int = 16,
 ) -> dict[str, Any]:
-    """Statistics of one dataset over (up to `max_episodes` of) its episodes."""
+    """Statistics of one dataset over (up to `max_episodes` of) its episodes, in its embodiment's action layout
+    (relative dimensions over every chunk of `relative_horizon` steps, relative to the chunk's start state)."""
+    layout = source.spec.layout()
     actions, proprios = [], []
-    native_dim = 0
+    native_dim = transitions = 0
     count = len(source) if max_episodes is None else min(len(source), max_episodes)
     for index in range(count):
         try:
@@ -64,8 +66,9 @@ def dataset_stats(
                 raise
             count_bad_record(e)
             continue
-        actions.append(episode.actions)
+        actions.append(layout.statistics_samples(episode.actions, episode.proprio, relative_horizon))
         native_dim = episode.proprio.shape[-1]
+        transitions += len(episode)
         proprios.append(_pad(episode.proprio, proprio_dim, source.name))
     if not actions:
         raise ValueError(f"Dataset {source.name!r}: no readable episodes to compute statistics from")
@@ -75,10 +78,11 @@ def dataset_stats(
     proprio_mask = [m and i < native_dim for i, m in enumerate(proprio_mask)]
     all_actions = np.concatenate(actions)
     return {
-        "action": _summary(all_actions, spec.action_mask),
+        "action": _summary(all_actions, spec.normalized_action_dims()),
+        "embodiment": layout.name,
         "proprio": _summary(np.concatenate(proprios), proprio_mask),
         "num_episodes": len(actions),
-        "num_transitions": int(len(all_actions)),
+        "num_transitions": int(transitions),
         "skipped_shards": [os.path.basename(e.filename) for e in source.bad_shards],
     }
 
@@ -91,12 +95,13 @@ def compute_stats(
     split: str = "train",
     skip_bad_records: bool = False,
     max_episodes: int | None = None,
+    relative_horizon: int = 16,
 ) -> dict[str, Any]:
     """Statistics of each dataset in `datasets` under `data_dir`, in the JSON layout of this module."""
     out: dict[str, Any] = {"format_version": FORMAT_VERSION, "proprio_dim": proprio_dim, "datasets": {}}
     for name in datasets:
         source = open_episodes(data_dir, name, split, skip_bad_shards=skip_bad_records)
-        out["datasets"][name] = dataset_stats(source, proprio_dim, skip_bad_records, max_episodes)
+        out["datasets"][name] = dataset_stats(source, proprio_dim, skip_bad_records, max_episodes, relative_horizon)
         logging.info("Statistics of %s: %d episodes", name, out["datasets"][name]["num_episodes"])
     return out
 
@@ -114,7 +119,7 @@ def load_stats(path: str) -> dict[str, Any]:
     if stats.get("format_version") != FORMAT_VERSION or "datasets" not in stats:
         raise ValueError(f"{path}: not a normalization stats file of format_version {FORMAT_VERSION}")
     for name, entry in stats["datasets"].items():
-        for group, dim in (("action", registry.ACTION_DIM), ("proprio", stats["proprio_dim"])):
+        for group, dim in (("action", len(entry["action"]["mask"])), ("proprio", stats["proprio_dim"])):
             for key in (*_STAT_KEYS, "mask"):
                 if len(entry[group][key]) != dim:
                     raise ValueError(

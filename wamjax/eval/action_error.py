@@ -53,15 +53,16 @@ def action_windows(
     `data.eval_fraction` > 0, else of all).
 
     Each is {"episode": its index, "frames": [per-camera uint8 [H, W, 3]], "other_frames": the same cameras at
-    the same step of the next episode, "proprio": raw [p], "instruction", "truth": the raw [T_a, 7] chunk
-    aligned as training aligns it, "mask": [T_a] bool (recorded actions)}. `stats` is the dataset's entry of
-    the run's normalization stats.
+    the same step of the next episode, "proprio": raw [p], "instruction", "truth": the raw [T_a, A] chunk (A: the
+    dataset embodiment's own dimensions) aligned as training aligns it, "mask": [T_a] bool (recorded actions)}.
+    `stats` is the dataset's entry of the run's normalization stats.
     """
     num_frames, stride = int(data_config.num_frames), int(data_config.frame_stride)
     horizon = int(data_config.get("action_horizon", 0))
     normalization = str(data_config.action_normalization)
     cameras = views.dataset_cameras(dataset, views.camera_names(data_config), data_config.data_dir)
     source = open_episodes(data_config.data_dir, dataset, data_config.split, cameras=cameras)
+    layout = source.spec.layout()
     fraction = float(data_config.get("eval_fraction", 0.0))
     indices = holdout.split_episodes(dataset, len(source), fraction, evaluation=True) if fraction else np.arange(
         len(source))
@@ -81,6 +82,7 @@ def action_windows(
                 dataset_stats=stats, proprio_dim=len(stats["proprio"]["mean"]), action_normalization=normalization,
                 dataset_index=0, wrist_camera=False, action_horizon=horizon,
                 frame_decoder=lambda step: np.zeros((1, 1, 3), np.uint8),
+                action_dim=len(stats["action"]["mask"]), embodiment=layout,
             )
             if not clip["action_mask"].any():
                 continue
@@ -90,7 +92,8 @@ def action_windows(
                 "other_frames": _camera_frames(other, cameras, min(start, len(other) - 1)),
                 "proprio": np.asarray(episode.proprio[start], np.float32),
                 "instruction": episode.instruction,
-                "truth": unnormalize(clip["actions"], stats["action"], normalization),
+                "truth": layout.to_absolute(unnormalize(clip["actions"], stats["action"], normalization),
+                                            episode.proprio[start]),
                 "mask": clip["action_mask"],
             })
     if not windows:

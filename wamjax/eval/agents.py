@@ -185,7 +185,7 @@ class AsyncPolicyAgent(PolicyAgent):
     def reset(self, env: metaworld_env.MetaWorldTask, instruction: str, frame: np.ndarray) -> None:
         super().reset(env, instruction, frame)
         if not self.compiled:  # one compiled call per prefix length, before any latency counts
-            dim = self.policy.model_config.action_dim
+            dim = self.policy.robot_action_dim
             for k in range(self.chunk):
                 self.policy.infer(self.images(env, frame), env.proprio(), instruction,
                                   action_prefix=np.zeros((k, dim), np.float32) if k else None)

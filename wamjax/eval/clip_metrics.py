@@ -21,6 +21,7 @@ from data_pipelines import config as data_config_lib
 from data_pipelines import pipeline
 from data_pipelines.clips.process_split import split_for_process
 from data_pipelines.sources.synthetic import SyntheticClip
+from data_pipelines.standardize import embodiments
 from data_pipelines.standardize.stats import unnormalize
 from wamjax.diffusion import flow
 from wamjax.diffusion.modes import MODES, check_mode
@@ -190,8 +191,15 @@ def _dataset_stats(stats: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 def action_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray, group_stats: dict[str, Any] | None,
                    method: str) -> dict[str, np.ndarray]:
-    """Per-example, per-dimension squared/absolute errors [B, A] (masked mean over time) in normalized and
-    dataset units, and gripper agreement [B] (sign of the last dimension)."""
+    """Per-example, per-dimension squared/absolute errors [B, A] (masked mean over time; the dataset's own
+    dimensions of its embodiment) in normalized and dataset units, and gripper agreement [B] (sign of the
+    embodiment's last gripper dimension)."""
+    gripper = pred.shape[-1] - 1
+    if group_stats is not None:  # the dataset's own dimensions of the padded model actions
+        layout = embodiments.get_embodiment(group_stats.get("embodiment", "eef7"))
+        own = len(group_stats["action"]["mask"])
+        pred, true = pred[..., :own], true[..., :own]
+        gripper = layout.gripper_dims[-1] if layout.gripper_dims else None
     m = mask.astype(np.float32)[..., None]
     denom = np.maximum(m.sum(1), 1.0)
     out = {"action_mse": (np.square(pred - true) * m).sum(1) / denom,
@@ -201,8 +209,9 @@ def action_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray, group_s
         raw_t = unnormalize(true, group_stats["action"], method)
         out["action_mse_raw"] = (np.square(raw_p - raw_t) * m).sum(1) / denom
         out["action_l1_raw"] = (np.abs(raw_p - raw_t) * m).sum(1) / denom
-    agree = ((pred[..., -1] > 0) == (true[..., -1] > 0)).astype(np.float32)
-    out["gripper_accuracy"] = (agree * m[..., 0]).sum(1) / denom[:, 0]
+    if gripper is not None:
+        agree = ((pred[..., gripper] > 0) == (true[..., gripper] > 0)).astype(np.float32)
+        out["gripper_accuracy"] = (agree * m[..., 0]).sum(1) / denom[:, 0]
     return out
 
 

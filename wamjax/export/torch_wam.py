@@ -558,7 +558,8 @@ def load_norm_stats(path: str) -> dict[str, Any]:
 def unnormalize(values: torch.Tensor, group_stats: dict[str, Any], method: str) -> torch.Tensor:
     """Maps normalized values [..., D] back to dataset units on the masked dimensions (the inverse of
     data_pipelines.standardize.stats.normalize: "bounds" maps [-1, 1] to [q01, q99], "normal" scales by std and
-    adds mean)."""
+    adds mean). A model padded to a wider `action_dim` than the dataset's embodiment: slice its actions to the
+    stats' width first."""
     dim = values.shape[-1]
     for key in ("mask", "q01", "q99", "mean", "std"):
         if key in group_stats and len(group_stats[key]) != dim:

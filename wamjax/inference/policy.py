@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from data_pipelines.standardize import embodiments
 from data_pipelines.standardize.normalization import normalize, unnormalize
 from wamjax.checkpoint.load import load_checkpoint, load_norm_stats
 from wamjax.checkpoint.norm_stats import checked_norm_stats
@@ -91,6 +92,13 @@ class Policy:
         self.text_embedder = TextEmbedder(run_config.text, self.model_config.text_dim)
         self.stats = select_dataset_stats(checked_norm_stats(run_config, norm_stats, where=source), dataset)
         self.normalization = str(self.spec.data.action_normalization)
+        # The robot's own action layout: the dataset's embodiment, padded into model.action_dim in training.
+        self.embodiment = embodiments.get_embodiment((self.stats or {}).get("embodiment", "eef7"))
+        self.robot_action_dim = (len(self.stats["action"]["mask"]) if self.stats is not None
+                                 else self.model_config.action_dim)
+        if self.robot_action_dim > self.model_config.action_dim:
+            raise ValueError(f"{source}: the dataset's actions have {self.robot_action_dim} dimensions, more than "
+                             f"model.action_dim={self.model_config.action_dim}")
         self.resolution = self.spec.clip.resolution
         self.num_frames = self.spec.clip.num_frames  # the clip length the model was trained on
         tc = self.vae_config.temporal_compression
@@ -202,18 +210,43 @@ class Policy:
         self.num_traces += 1
         return sample_from_latents(shapes, params, latents, image_conditioning, text, proprio, rng, action_prefix)
 
-    def prepare_action_prefix(self, action_prefix: np.ndarray) -> np.ndarray:
-        """Raw actions [k, action_dim] already chosen for the chunk's start -> normalized float32, checked."""
+    def _reference_state(self, proprio: np.ndarray | None) -> np.ndarray | None:
+        """The raw state relative actions are measured from (the observation's proprio), checked."""
+        if not self.embodiment.relative_to_state:
+            return None
+        if proprio is None:
+            raise ValueError(f"this policy's embodiment {self.embodiment.name!r} acts relative to the current state: "
+                             f"send the observation's proprio")
+        return np.asarray(proprio, np.float32)
+
+    def actions_to_model(self, actions: np.ndarray, proprio: np.ndarray | None) -> np.ndarray:
+        """The robot's raw actions [k, robot_action_dim] -> the model's normalized, padded [k, action_dim]."""
+        actions = np.asarray(actions, np.float32)
+        state = self._reference_state(proprio)
+        if state is not None:
+            actions = self.embodiment.to_relative(actions, state)
+        if self.stats is not None:
+            actions = normalize(actions, self.stats["action"], self.normalization)
+        return embodiments.pad_actions(actions, self.model_config.action_dim, "the policy's input")
+
+    def actions_from_model(self, actions: np.ndarray, proprio: np.ndarray | None) -> np.ndarray:
+        """The model's normalized [T, action_dim] -> the robot's raw [T, robot_action_dim] (its own dimensions,
+        unnormalized, made absolute where its embodiment acts relative to the state)."""
+        actions = np.asarray(actions, np.float32)[..., : self.robot_action_dim]
+        if self.stats is not None:
+            actions = unnormalize(actions, self.stats["action"], self.normalization)
+        state = self._reference_state(proprio)
+        return actions if state is None else self.embodiment.to_absolute(actions, state)
+
+    def prepare_action_prefix(self, action_prefix: np.ndarray, proprio: np.ndarray | None = None) -> np.ndarray:
+        """Raw actions [k, robot_action_dim] already chosen for the chunk's start -> the model's, checked."""
         action_prefix = np.asarray(action_prefix, np.float32)
-        check_action_prefix(action_prefix, self.num_actions, self.model_config.action_dim)
+        check_action_prefix(action_prefix, self.num_actions, self.robot_action_dim)
         if action_prefix.ndim != 2:
-            raise ValueError(f"action_prefix has shape {action_prefix.shape}; expected [k, "
-                             f"{self.model_config.action_dim}]")
+            raise ValueError(f"action_prefix has shape {action_prefix.shape}; expected [k, {self.robot_action_dim}]")
         if not np.all(np.isfinite(action_prefix)):
             raise ValueError("action_prefix has non-finite values")
-        if self.stats is not None:
-            action_prefix = normalize(action_prefix, self.stats["action"], self.normalization)
-        return action_prefix
+        return self.actions_to_model(action_prefix, proprio)
 
     def _imagine_step(self, shapes: PolicyShapes, params, vae_params, frames, text, proprio, actions, rng,
                       image_params=None):
@@ -264,7 +297,7 @@ class Policy:
         if trains_teacher_forced(self.model_config) and context_latents == 1 and action_prefix is None:
             return self._infer_chunk_by_chunk(frames, proprio, instruction, mode, return_latents, timer)
         if action_prefix is not None:
-            prefix = self.prepare_action_prefix(action_prefix)[None]
+            prefix = self.prepare_action_prefix(action_prefix, proprio)[None]
             if mode != "joint" or trains_teacher_forced(self.model_config) and context_latents == 1:
                 raise ValueError("action_prefix is supported for joint-mode, full-sequence inference")
         else:
@@ -283,9 +316,7 @@ class Policy:
         out = self._sample(shapes, self.params, latents, image_conditioning, text[None], proprio_norm[None], rng,
                            prefix)
         timer.end_denoising(out)
-        actions = np.asarray(out.actions[0], np.float32)
-        if self.stats is not None:
-            actions = unnormalize(actions, self.stats["action"], self.normalization)
+        actions = self.actions_from_model(np.asarray(out.actions[0], np.float32), proprio)
         if action_prefix is not None:  # exactly the actions given, not their normalization round trip
             actions = np.concatenate([np.asarray(action_prefix, np.float32), actions[len(action_prefix):]])
         result = {"actions": actions}
@@ -335,13 +366,13 @@ class Policy:
         given one context frame predicts chunk by chunk through the KV cache, as `infer` does.
         """
         actions = np.asarray(actions, np.float32)
-        expected = (self.num_actions, self.model_config.action_dim)
+        expected = (self.num_actions, self.robot_action_dim)
         if actions.shape != expected:
-            raise ValueError(f"actions have shape {actions.shape}; expected {expected} (action_horizon, action_dim)")
+            raise ValueError(f"actions have shape {actions.shape}; expected {expected} (action_horizon, the robot's "
+                             f"action_dim)")
         if not np.all(np.isfinite(actions)):
             raise ValueError("actions have non-finite values")
-        if self.stats is not None:
-            actions = normalize(actions, self.stats["action"], self.normalization)
+        actions = self.actions_to_model(actions, proprio)
         prepared = self.prepare_frames(frames)
         context_latents = 1 + (prepared.shape[0] - 1) // self.vae_config.temporal_compression
         if trains_teacher_forced(self.model_config) and context_latents == 1:
@@ -401,7 +432,9 @@ class Policy:
         """What a client needs to know about this policy (sent by the server on connect)."""
         return {
             "action_horizon": self.num_actions,
-            "action_dim": self.model_config.action_dim,
+            "action_dim": self.robot_action_dim,  # the robot's own; the model's is model_action_dim
+            "model_action_dim": self.model_config.action_dim,
+            "embodiment": self.embodiment.name,
             "proprio_dim": self.proprio_dim,
             "resolution": list(self.resolution),
             "context_frames": 1,

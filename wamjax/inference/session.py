@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines.standardize.normalization import unnormalize
 from wamjax.diffusion.modes import check_mode
 from wamjax.inference import conditioning
 from wamjax.inference.kv_cache import ChunkedRollout, ChunkGeometry
@@ -89,9 +88,7 @@ class ClosedLoopSession:
         self.last_latents, actions = self.rollout.generate(rng)
         timer.end_denoising(actions)
         self.awaiting_observation = True
-        actions = np.asarray(actions[0], np.float32)
-        if self.policy.stats is not None:
-            actions = unnormalize(actions, self.policy.stats["action"], self.policy.normalization)
+        actions = self.policy.actions_from_model(np.asarray(actions[0], np.float32), self.raw_proprio)
         if own_timer:
             timer.stage("decode_ms")
             self.last_timing = timer.timing()

@@ -46,7 +46,8 @@ def make_stage_dataset(
         extra.append((
             make_video_dataset(
                 data.video_shards, num_frames=data.num_frames, resolution=tuple(data.resolution),
-                proprio_dim=data.proprio_dim, dataset_index=len(oxe_pipeline.config_lib.dataset_names(data)),
+                proprio_dim=data.proprio_dim, action_dim=int(data.get("action_dim", 7)),
+                dataset_index=len(oxe_pipeline.config_lib.dataset_names(data)),
                 seed=data.seed, num_epochs=None, skip_bad_shards=data.skip_bad_records,
                 num_actions=spec.clip.actions,
                 num_states=spec.clip.states,

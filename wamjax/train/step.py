@@ -193,7 +193,12 @@ def compute_loss(
     loss = diffusion.video_loss_weight * loss_video
     if spec.mode == "joint":
         metrics["actions_share"] = jnp.sum(example_has_actions(batch)) / normalizers["examples"]
-        action_err = jnp.mean(jnp.square(out.actions - flow.velocity_target(actions, action_noise)), axis=-1)
+        action_sq = jnp.square(out.actions - flow.velocity_target(actions, action_noise))
+        if "action_dim_mask" in batch:  # an embodiment padded into model.action_dim: only its own dimensions
+            dims = batch["action_dim_mask"].astype(action_sq.dtype)[:, None, :]
+            action_err = jnp.sum(action_sq * dims, axis=-1) / jnp.maximum(jnp.sum(dims, axis=-1), 1.0)
+        else:
+            action_err = jnp.mean(action_sq, axis=-1)
         loss_action = jnp.sum(action_err * weights["action"]) / normalizers["action"]
         metrics["loss_action"] = loss_action
         loss = loss + diffusion.action_loss_weight * loss_action
