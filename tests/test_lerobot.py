@@ -310,3 +310,20 @@ def test_quantile_normalization_is_openpis_q01_q99(mixture_dir):
     np.testing.assert_allclose(quantile[:, :6], want[:, :6], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats_lib.unnormalize(quantile, stats, "quantile")[:, :6],
                                np.clip(actions, low, high)[:, :6], rtol=1e-4, atol=1e-5)
+
+
+def test_a_latents_cache_of_a_lerobot_mixture_keeps_its_clips(mixture_dir, tmp_path):
+    from train_utils import get_config
+
+    from data_pipelines.sources.latents import LatentsCacheSource
+    from wamjax.jobs.encode_latents import encode_run_cache
+
+    config = get_config("size=tiny,stage=action_tune,data=oxe")
+    config.data.update(data_dir=mixture_dir, datasets="taco_play,lerobot:fixture",
+                       stats_path=os.path.join(mixture_dir, "stats.json"), num_frames=5, batch_size=4)
+    written = encode_run_cache(config, str(tmp_path / "latents"), num_batches=2)
+    assert written == 8
+    cache = LatentsCacheSource(str(tmp_path / "latents"))
+    examples = [cache[i] for i in range(len(cache))]
+    assert {int(e["dataset_index"]) for e in examples} <= {0, 1} and len(examples) == 8
+    assert all(e["action_dim_mask"].all() and e["actions"].shape == (4, 7) for e in examples)
