@@ -124,8 +124,8 @@ def test_the_loss_counts_only_an_embodiments_own_dimensions():
     assert float(every) == pytest.approx(float(full), rel=1e-6)
 
 
-def test_a_run_over_both_robots_acts_in_each_robots_own_space(data_dir, tmp_path):
-    from wamjax.inference.policy import Policy
+@pytest.fixture(scope="module")
+def two_robot_run(data_dir, tmp_path_factory):
     from wamjax.train.loop import train
 
     config = get_config("size=tiny,stage=action_tune,data=oxe")
@@ -134,10 +134,17 @@ def test_a_run_over_both_robots_acts_in_each_robots_own_space(data_dir, tmp_path
                        stats_path=str(data_dir / "stats.json"), num_frames=5)
     config.train.steps, config.train.log_every, config.checkpoint.every_steps = 3, 1, 3
     config.checkpoint.async_save = False
-    train(config, str(tmp_path / "run"))
+    workdir = tmp_path_factory.mktemp("two_robots")
+    train(config, str(workdir))
+    return str(workdir / "checkpoints")
+
+
+def test_a_run_over_both_robots_acts_in_each_robots_own_space(two_robot_run):
+    from wamjax.inference.policy import Policy
+
     frame = np.zeros((32, 32, 3), np.uint8)
     state = np.ones(14, np.float32)
-    bimanual = Policy.from_checkpoint(str(tmp_path / "run" / "checkpoints"), num_steps=2, dataset="lerobot:bimanual")
+    bimanual = Policy.from_checkpoint(two_robot_run, num_steps=2, dataset="lerobot:bimanual")
     chunk = bimanual.infer(frame, state, "pick up the red cube")["actions"]
     assert chunk.shape == (4, 14) and np.all(np.isfinite(chunk))
     assert bimanual.metadata["embodiment"] == "bimanual_joints14_relative"
@@ -150,6 +157,34 @@ def test_a_run_over_both_robots_acts_in_each_robots_own_space(data_dir, tmp_path
                                atol=1e-4)
     with pytest.raises(ValueError, match="acts relative to the current state: send the observation's proprio"):
         bimanual.infer(frame, None, "pick up the red cube")
-    eef = Policy.from_checkpoint(str(tmp_path / "run" / "checkpoints"), num_steps=2, dataset="lerobot:fixture")
+    eef = Policy.from_checkpoint(two_robot_run, num_steps=2, dataset="lerobot:fixture")
     chunk = eef.infer(frame, state[:8], "open the drawer")["actions"]
     assert chunk.shape == (4, 7) and eef.metadata["embodiment"] == "eef7" and eef.metadata["action_dim"] == 7
+    assert bimanual.for_dataset("lerobot:fixture").metadata["action_dim"] == 7
+    with pytest.raises(KeyError, match="dataset='lerobot:nope' has no normalization stats"):
+        bimanual.for_dataset("lerobot:nope")
+
+
+def test_one_server_acts_for_each_robot_its_request_names(two_robot_run):
+    from wamjax.inference.policy import Policy
+    from wamjax.serving.client import PolicyClient, ServerError
+    from wamjax.serving.serve import PolicyServer
+
+    policy = Policy.from_checkpoint(two_robot_run, num_steps=1, dataset="lerobot:bimanual")
+    server = PolicyServer(policy, port=0)
+    server.start_in_thread()
+    try:
+        client = PolicyClient(f"ws://127.0.0.1:{server.port}")
+        meta = client.metadata
+        assert meta["datasets"] == {"lerobot:bimanual": {"embodiment": "bimanual_joints14_relative", "action_dim": 14},
+                                    "lerobot:fixture": {"embodiment": "eef7", "action_dim": 7}}
+        observation = {"observation/image": np.zeros((32, 32, 3), np.uint8), "prompt": "open the drawer",
+                       "observation/state": np.ones(14, np.float32)}
+        assert client.infer(observation)["actions"].shape == (4, 14)  # the server's --dataset
+        reply = client.infer({**observation, "dataset": "lerobot:fixture", "observation/state": np.ones(8, np.float32)})
+        assert reply["actions"].shape == (4, 7)
+        with pytest.raises(ServerError, match="dataset='lerobot:other' has no normalization stats"):
+            client.infer({**observation, "dataset": "lerobot:other"})
+        client.close()
+    finally:
+        server.stop()

@@ -8,6 +8,7 @@ normalization statistics and method. One jitted function per input shape covers 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections.abc import Mapping
@@ -90,7 +91,10 @@ class Policy:
             self.params, self.vae_params = jax.device_put((self.params, self.vae_params), placement)
         self.last_timing: dict[str, Any] = {}  # policy_timing of the newest infer() (see wamjax.inference.timing)
         self.text_embedder = TextEmbedder(run_config.text, self.model_config.text_dim)
-        self.stats = select_dataset_stats(checked_norm_stats(run_config, norm_stats, where=source), dataset)
+        self.all_stats = checked_norm_stats(run_config, norm_stats, where=source)
+        self.dataset = dataset
+        self.stats = select_dataset_stats(self.all_stats, dataset)
+        self._for_dataset: dict[str, Policy] = {}
         self.normalization = str(self.spec.data.action_normalization)
         # The robot's own action layout: the dataset's embodiment, padded into model.action_dim in training.
         self.embodiment = embodiments.get_embodiment((self.stats or {}).get("embodiment", "eef7"))
@@ -209,6 +213,20 @@ class Policy:
                      action_prefix=None):
         self.num_traces += 1
         return sample_from_latents(shapes, params, latents, image_conditioning, text, proprio, rng, action_prefix)
+
+    def for_dataset(self, dataset: str) -> Policy:
+        """This policy acting for another dataset of its run (its embodiment, stats and action space); the weights
+        and compiled steps are shared."""
+        if dataset == self.dataset:
+            return self
+        if dataset not in self._for_dataset:
+            view = copy.copy(self)
+            view.dataset, view.stats = dataset, select_dataset_stats(self.all_stats, dataset)
+            view.embodiment = embodiments.get_embodiment(view.stats.get("embodiment", "eef7"))
+            view.robot_action_dim = len(view.stats["action"]["mask"])
+            view.__dict__.pop("metadata", None)  # its own metadata, computed on first use
+            self._for_dataset[dataset] = view
+        return self._for_dataset[dataset]
 
     def _reference_state(self, proprio: np.ndarray | None) -> np.ndarray | None:
         """The raw state relative actions are measured from (the observation's proprio), checked."""
@@ -435,6 +453,12 @@ class Policy:
             "action_dim": self.robot_action_dim,  # the robot's own; the model's is model_action_dim
             "model_action_dim": self.model_config.action_dim,
             "embodiment": self.embodiment.name,
+            "dataset": self.dataset,
+            # Every robot of the run: a request's `dataset` key picks one (its embodiment and raw action space).
+            "datasets": {
+                name: {"embodiment": entry.get("embodiment", "eef7"), "action_dim": len(entry["action"]["mask"])}
+                for name, entry in (self.all_stats or {}).get("datasets", {}).items()
+            },
             "proprio_dim": self.proprio_dim,
             "resolution": list(self.resolution),
             "context_frames": 1,

@@ -31,12 +31,15 @@ class ObservationSchema:
     extra_images: tuple[str, ...] = ()  # keys of the third, fourth, ... camera (data.cameras order)
     # Optional: raw actions [k, action_dim] already chosen for the chunk's start (real-time chunking), held clean.
     action_prefix: str | None = "action_prefix"
+    # Optional: the dataset (of a run over several robots) whose embodiment and stats to act in; default --dataset.
+    dataset: str | None = "dataset"
 
     @classmethod
     def parse(cls, spec: str) -> ObservationSchema:
         """`image=KEY,state=KEY,prompt=KEY,wrist_image=KEY|none` (omitted fields keep their defaults)."""
         values: dict[str, Any] = {}
-        fields = {f.name for f in dataclasses.fields(cls)} - {"allow_extra_keys", "extra_images", "action_prefix"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"allow_extra_keys", "extra_images", "action_prefix",
+                                                             "dataset"}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, sep, key = part.partition("=")
             if not sep or name not in fields:
@@ -47,7 +50,7 @@ class ObservationSchema:
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(k for k in (self.image, self.state, self.prompt, self.wrist_image, *self.extra_images,
-                                 self.action_prefix) if k)
+                                 self.action_prefix, self.dataset) if k)
 
     @property
     def camera_keys(self) -> tuple[str, ...]:
@@ -133,6 +136,19 @@ def decode_action_prefix(message: bytes, schema: ObservationSchema) -> np.ndarra
         raise MalformedRequest(f"{schema.action_prefix!r} is {type(prefix).__name__} "
                                f"{getattr(prefix, 'shape', '')}; expected a float array [k, action_dim]")
     return prefix.astype(np.float32)
+
+
+def decode_dataset(message: bytes, schema: ObservationSchema) -> str | None:
+    """The request's optional dataset name (str), or MalformedRequest naming the key; call after
+    `decode_observation` accepted the message."""
+    if schema.dataset is None:
+        return None
+    observation = unpackb(message)
+    name = next((v for k, v in observation.items() if (k.decode() if isinstance(k, bytes) else k) == schema.dataset),
+                None)
+    if name is not None and not isinstance(name, str):
+        raise MalformedRequest(f"{schema.dataset!r} is {type(name).__name__}; expected the dataset's name (str)")
+    return name
 
 
 def default_max_message_bytes(image_shape: tuple[int, int], context_frames: int, cameras: int = 2) -> int:

@@ -46,6 +46,7 @@ from wamjax.serving.observations import (
     MalformedRequest,
     ObservationSchema,
     decode_action_prefix,
+    decode_dataset,
     decode_observation,
     default_max_message_bytes,
 )
@@ -93,6 +94,7 @@ class _Job:
     enqueued: float
     done: asyncio.Future
     action_prefix: np.ndarray | None = None
+    dataset: str | None = None
 
 
 class PolicyServer:
@@ -164,12 +166,13 @@ class PolicyServer:
         start = time.monotonic()
         try:
             prefix = {} if job.action_prefix is None else {"action_prefix": job.action_prefix}
-            result = self.policy.infer(job.frames, job.state, job.prompt, **prefix)
+            policy = self.policy if job.dataset is None else self.policy.for_dataset(job.dataset)
+            result = policy.infer(job.frames, job.state, job.prompt, **prefix)
         except (ValueError, TypeError, KeyError) as e:  # input checks of the policy itself
             raise MalformedRequest(str(e)) from None
         infer_ms = 1000.0 * (time.monotonic() - start)
         # The policy's own per-stage breakdown (wamjax.inference.timing), carried as openpi's `policy_timing`.
-        stages = getattr(self.policy, "last_timing", None)
+        stages = getattr(policy, "last_timing", None)
         if stages and "policy_timing" not in result:
             result = {**result, "policy_timing": dict(stages)}
         return result, infer_ms
@@ -198,11 +201,12 @@ class PolicyServer:
             frames, state, prompt = decode_observation(message, self.schema, self.policy.proprio_dim, self.cameras,
                                                        self.camera_names)
             action_prefix = decode_action_prefix(message, self.schema)
+            dataset = decode_dataset(message, self.schema)
         except MalformedRequest as e:
             return f"malformed request: {e}"
         assert self._queue is not None
         job = _Job(frames, state, prompt, time.monotonic(), asyncio.get_running_loop().create_future(),
-                   action_prefix)
+                   action_prefix, dataset)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
