@@ -172,3 +172,33 @@ def test_bad_tasks_and_a_renderer_beside_tensorflow_are_named():
     with pytest.raises(RuntimeError, match="TensorFlow is loaded in this process"):
         metaworld_env.MetaWorldTask(TASK)
 
+
+
+def test_lerobot_format_episodes_train_and_act_in_the_closed_loop(dataset_dir, tmp_path):
+    from data_pipelines.sources.lerobot import LeRobotSource
+    from wamjax.train.loop import train
+
+    out = str(tmp_path / "data")
+    root = collect_metaworld(out, [TASK], 2, resolution=(32, 32), data_format="lerobot")
+    assert root.endswith("metaworld_lerobot")
+    lerobot, rlds = LeRobotSource(out, "lerobot:metaworld_lerobot"), EpisodeSource(dataset_dir, "metaworld")
+    assert len(lerobot) == len(rlds) == 2
+    for index in range(2):  # the same expert episodes, standardized the same way from either format
+        np.testing.assert_array_equal(lerobot[index].actions, rlds[index].actions)
+        np.testing.assert_array_equal(lerobot[index].proprio, rlds[index].proprio)
+        assert lerobot[index].instruction == rlds[index].instruction
+        frame = lerobot[index].decode_frame(3, (32, 32))
+        assert np.abs(frame.astype(int) - rlds[index].decode_frame(3, (32, 32))).mean() < 8  # H.264 vs JPEG
+    stats_lib.save_stats(stats_lib.compute_stats(out, ["lerobot:metaworld_lerobot"]), f"{out}/stats.json")
+
+    config = get_config("size=tiny,stage=action_tune,data=oxe")
+    config.train.steps, config.checkpoint.async_save, config.data.batch_size = 2, False, 8
+    config.data.data_dir, config.data.datasets = out, "lerobot:metaworld_lerobot"
+    config.data.stats_path = f"{out}/stats.json"
+    workdir = str(tmp_path / "run")
+    train(config, workdir)
+    run = closed_loop(f"--checkpoint={workdir}/checkpoints", "--dataset=lerobot:metaworld_lerobot", "--episodes=1",
+                      "--max_steps=6", "--num_steps=1", f"--out={tmp_path / 'eval'}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["tasks"][TASK]["episodes"] == 1 and summary["tasks"][TASK]["mean_return"] > 0

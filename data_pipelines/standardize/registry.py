@@ -90,8 +90,8 @@ def registered(name: str) -> DatasetSpec | None:
 
 
 def known_datasets() -> list[str]:
-    """Names of all registered datasets, sorted."""
-    return sorted(_REGISTRY)
+    """Names of the registered TFDS/RLDS datasets, sorted (LeRobot layouts, `lerobot:...`, are not datasets)."""
+    return sorted(n for n in _REGISTRY if not n.startswith("lerobot:"))
 
 
 def _f32(*parts: Any) -> np.ndarray:
@@ -202,6 +202,21 @@ register_dataset(
         action=lambda s: metaworld_action_to_standard(s["action"]),
         proprio=lambda s: _f32(s["observation"]["state"]),
         instruction=lambda s: s["language_instruction"],
+        action_mask=(True, True, True, False, False, False, False),
+        proprio_mask=(True, True, True, False),
+    ),
+)
+
+# The same episodes written as a LeRobot dataset (`collect_sim --format=lerobot`): the same mapping, by feature name.
+register_dataset(
+    "lerobot:robot_type=metaworld",
+    DatasetSpec(
+        primary_camera="observation.images.image",
+        wrist_camera="observation.images.wrist_image",
+        cameras=("observation.images.image", "observation.images.wrist_image"),
+        action=lambda s: metaworld_action_to_standard(s["action"]),
+        proprio=lambda s: _f32(s["observation.state"]),
+        instruction=lambda s: s["task"],
         action_mask=(True, True, True, False, False, False, False),
         proprio_mask=(True, True, True, False),
     ),

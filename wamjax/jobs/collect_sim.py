@@ -27,10 +27,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
-from data_pipelines import make_oxe_like
+from data_pipelines import make_lerobot, make_oxe_like
 
 DATASET_NAME = "metaworld"
 DATASET_VERSION = "0.1.0"
+LEROBOT_NAME = "metaworld_lerobot"
+LEROBOT_CAMERAS = ("observation.images.image", "observation.images.wrist_image")
+METAWORLD_FPS = 80  # Meta-World's control rate (its published LeRobot datasets use it too)
 WRIST_CAMERA = "gripperPOV"  # = wamjax.sim.metaworld_env.WRIST_CAMERA (not imported: it loads MuJoCo)
 
 
@@ -130,8 +133,11 @@ def collect_metaworld(
     resolution: tuple[int, int] = (128, 128),
     camera: str = "corner",
     max_steps: int = 500,
+    data_format: str = "rlds",
 ) -> str:
-    """Writes `episodes` expert episodes of each task to `out_dir/metaworld/<version>/`; returns that dir."""
+    """Writes `episodes` expert episodes of each task to `out_dir/metaworld/<version>/` (RLDS), or with
+    `data_format="lerobot"` as the LeRobot v3.0 dataset `out_dir/metaworld_lerobot/` (read as
+    `lerobot:metaworld_lerobot`); returns that dir."""
     from wamjax.sim import metaworld_env  # MuJoCo and Meta-World: loaded where episodes are simulated
 
     metaworld_env.check_tasks(list(tasks))
@@ -140,6 +146,8 @@ def collect_metaworld(
     if not 1 <= max_steps <= metaworld_env.MAX_EPISODE_STEPS:
         raise ValueError(f"--max_steps must be in [1, {metaworld_env.MAX_EPISODE_STEPS}], got {max_steps}")
     resolution = (int(resolution[0]), int(resolution[1]))
+    if data_format not in ("rlds", "lerobot"):
+        raise ValueError(f"--format={data_format!r}; expected 'rlds' or 'lerobot'")
     tfds.disable_progress_bar()
 
     def generate() -> Iterator[tuple[str, dict[str, Any]]]:
@@ -156,6 +164,8 @@ def collect_metaworld(
         for task in tasks:
             print(f"{task}: {successes[task]}/{episodes} expert episodes succeeded", flush=True)
 
+    if data_format == "lerobot":
+        return _write_lerobot(out_dir, generate(), tasks, episodes)
     features = _features(resolution)
 
     builder = make_oxe_like.generated_builder(
@@ -170,6 +180,28 @@ def collect_metaworld(
     )
     logging.info("Wrote %d episodes per task of %s to %s", episodes, list(tasks), builder.data_dir)
     return builder.data_dir
+
+
+def _write_lerobot(out_dir: str, episodes_iter: Iterator[tuple[str, dict[str, Any]]], tasks: Sequence[str],
+                   episodes: int) -> str:
+    """The simulated episodes as a LeRobot dataset (robot_type metaworld: its 4-D action as recorded)."""
+    root = os.path.join(out_dir, LEROBOT_NAME)
+    if os.path.exists(root):
+        raise FileExistsError(f"{root} already exists; remove it or choose another --out")
+    converted = []
+    for _, episode in episodes_iter:
+        steps = episode["steps"]
+        converted.append({
+            "images": {LEROBOT_CAMERAS[0]: np.stack([s["observation"]["image"] for s in steps]),
+                       LEROBOT_CAMERAS[1]: np.stack([s["observation"]["wrist_image"] for s in steps])},
+            "state": np.stack([s["observation"]["state"] for s in steps]).astype(np.float32),
+            "action": np.stack([s["action"] for s in steps]).astype(np.float32),
+            "task": str(steps[0]["language_instruction"]),
+        })
+    make_lerobot.write_dataset(root, converted, fps=METAWORLD_FPS, robot_type="metaworld", codec="h264",
+                               action_names=("delta_x", "delta_y", "delta_z", "gripper"))
+    logging.info("Wrote %d episodes per task of %s to %s", episodes, list(tasks), root)
+    return root
 
 
 FLAGS = flags.FLAGS
@@ -190,6 +222,7 @@ def main(argv: Sequence[str]) -> None:
         resolution=tuple(int(v) for v in FLAGS.resolution),
         camera=FLAGS.camera,
         max_steps=FLAGS.max_steps,
+        data_format=FLAGS.format,
     )
     print(f"Wrote {FLAGS.episodes} episodes of each of {', '.join(FLAGS.tasks)} to {path}")
 
@@ -204,4 +237,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("camera", "corner", "Primary camera (corner, corner2, corner3, corner4, topview, ...).")
     flags.DEFINE_integer("seed", 0, "MT1 seed whose task variants the episodes run on.")
     flags.DEFINE_integer("max_steps", 500, "Steps before an unsuccessful episode is cut.")
+    flags.DEFINE_enum("format", "rlds", ["rlds", "lerobot"], "Dataset format: TFDS/RLDS or a LeRobot v3.0 folder.")
     app.run(main)
