@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from data_pipelines.clips import windowing
 from data_pipelines.sources import episodes as episodes_lib
 from data_pipelines.sources import lerobot
 from data_pipelines.sources.episodes import EpisodeReader, open_episodes
@@ -37,18 +38,21 @@ def inspect_dataset(
     *,
     skip_bad_records: bool = False,
     source: EpisodeReader | None = None,
+    idle_threshold: float = 0.0,
 ) -> dict[str, Any]:
     """Summary of one dataset: episodes, steps, unique instructions, per-dimension action range.
 
     Raises `BadShardError` on an unreadable shard and `BadRecordError` on the first bad record, unless
     `skip_bad_records`: then both are counted (`bad_shards`, `bad_records`) and left out. With
     `decode_frames`, every primary and wrist frame is decoded too (slower; catches corrupt images in the
-    middle of an episode). `source` reuses an already opened source of the dataset.
+    middle of an episode). `source` reuses an already opened source of the dataset. With `idle_threshold` > 0
+    the transitions where the robot stands still (`data.idle_filter`'s test on one step) are counted.
     """
     if source is None:
         cameras = _all_cameras(data_dir, name)
         source = open_episodes(data_dir, name, split, skip_bad_shards=skip_bad_records, cameras=cameras)
-    steps, instructions, bad_records = 0, set(), 0
+    steps, instructions, bad_records, idle = 0, set(), 0, 0
+    layout = source.spec.layout()
     dim = source.spec.layout().action_dim
     low = np.full(dim, np.inf, np.float32)
     high = np.full(dim, -np.inf, np.float32)
@@ -74,6 +78,8 @@ def inspect_dataset(
             bad_records += 1
             continue
         steps += len(episode)
+        if idle_threshold > 0:
+            idle += sum(windowing.is_idle(episode, t, 1, idle_threshold, layout) for t in range(len(episode)))
         instructions.add(episode.instruction)
         low = np.minimum(low, episode.actions.min(0))
         high = np.maximum(high, episode.actions.max(0))
@@ -87,6 +93,8 @@ def inspect_dataset(
         "action_max": high.tolist(),
         "bad_shards": [{"file": e.filename, "reason": e.reason} for e in source.bad_shards],
         "bad_records": bad_records,
+        "idle_steps": idle if idle_threshold > 0 else None,
+        "idle_threshold": idle_threshold,
     }
 
 
@@ -119,6 +127,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['dataset']}: {summary['episodes']} episodes, {summary['steps']} steps, "
         f"{summary['unique_instructions']} unique instructions\n  action ranges ({summary['embodiment']}): {ranges}"
     )
+    if summary.get("idle_steps") is not None:
+        text += (f"\n  idle steps (every movement below {summary['idle_threshold']:g}, grippers unchanged): "
+                 f"{summary['idle_steps']} of {summary['steps']}")
     if summary["bad_shards"] or summary["bad_records"]:
         text += (
             f"\n  skipped {len(summary['bad_shards'])} unreadable shards and {summary['bad_records']} bad records"
@@ -153,7 +164,8 @@ def main(argv: Sequence[str]) -> None:
     for name in names:
         try:
             summary = inspect_dataset(
-                data_dir, name, FLAGS.split, FLAGS.decode_frames, skip_bad_records=skip, source=sources[name]
+                data_dir, name, FLAGS.split, FLAGS.decode_frames, skip_bad_records=skip, source=sources[name],
+                idle_threshold=FLAGS.idle_threshold,
             )
         except BadRecordError as e:
             print(f"ERROR: {e}", file=sys.stderr)
@@ -168,4 +180,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("split", "train", "TFDS split to read.")
     flags.DEFINE_bool("decode_frames", True, "Decode every frame too, not only the image headers.")
     flags.DEFINE_bool("skip_bad_records", False, "Count unreadable shards and bad records instead of failing.")
+    flags.DEFINE_float("idle_threshold", 0.0, "Count the steps where the robot stands still (data.idle_filter's "
+                       "threshold); 0 skips the count.")
     app.run(main)

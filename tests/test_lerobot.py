@@ -296,6 +296,10 @@ def test_idle_filter_drops_windows_where_the_robot_stands_still(tmp_path):
     config.idle_filter = "lerobot:idle"
     with pytest.raises(ValueError, match=r"data.idle_filter='lerobot:idle': 'lerobot:idle' is not NAME=THRESHOLD"):
         pipeline.ClipLoader(source, 0, stats["datasets"]["lerobot:idle"], config)
+    summary = inspect_lib.inspect_dataset(str(tmp_path), "lerobot:idle", decode_frames=False, idle_threshold=1e-6)
+    assert summary["idle_steps"] == 3 * 12  # the still half of every episode, step by step
+    text = inspect_lib.format_summary(summary)
+    assert "idle steps (every movement below 1e-06, grippers unchanged): 36 of 72" in text
     assert pipeline.idle_threshold(_data_config("", idle_filter="*=0.5,bridge=0.1"), "bridge") == 0.1
     assert pipeline.idle_threshold(_data_config("", idle_filter="*=0.5,bridge=0.1"), "lerobot:x") == 0.5
 
