@@ -99,6 +99,18 @@ def test_v21_and_v30_layouts_read_the_same_episodes(written):
                 assert min(_psnr(a, b) for a, b in zip(frames, episode["images"][camera], strict=True)) > 25
 
 
+def test_hevc_videos_read_back_too(tmp_path):
+    episodes = make_lerobot.synthetic_episodes(2, seed=4, image_size=(48, 64), min_steps=10, max_steps=12)
+    make_lerobot.write_dataset(str(tmp_path / "hevc"), episodes, codec="hevc")
+    info = lerobot.read_info(str(tmp_path / "hevc"))
+    assert info["features"][make_lerobot.CAMERAS[0]]["info"]["video.codec"] == "hevc"
+    for index, episode in enumerate(episodes):
+        got = lerobot.read_episode(str(tmp_path / "hevc"), index)
+        np.testing.assert_array_equal(got["action"], episode["action"])
+        frames, want = got["images"][make_lerobot.CAMERAS[0]], episode["images"][make_lerobot.CAMERAS[0]]
+        assert min(_psnr(a, b) for a, b in zip(frames, want, strict=True)) > 25
+
+
 def test_source_standardizes_and_decodes_at_the_clip_size(written):
     root, episodes = written
     source = lerobot.LeRobotSource(str(root), "lerobot:v3.0")
@@ -164,6 +176,15 @@ def test_lerobot_and_rlds_in_one_mixture_resume_exactly(mixture_dir):
         got = next(again)
         for key in want:
             np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+
+
+def test_grain_workers_decode_lerobot_clips_as_the_main_process_does(mixture_dir):
+    config = _data_config(mixture_dir, datasets="lerobot:fixture", cameras="primary,wrist")
+    inline = next(pipeline.make_iterator(config))
+    config.worker_count = 1
+    worker = next(pipeline.make_iterator(config))
+    for key in ("frames", "actions", "proprio", "dataset_index"):
+        np.testing.assert_array_equal(worker[key], inline[key], err_msg=key)
 
 
 def test_clip_frames_are_the_episode_frames_at_their_steps(mixture_dir):
