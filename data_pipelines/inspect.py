@@ -69,7 +69,7 @@ def inspect_dataset(
             elif decode_frames:
                 for i in range(len(episode)):
                     episode.decode_frame(i, None)
-                    if episode.wrist_images is not None:
+                    if episode.has_wrist:
                         episode.decode_frame(i, None, wrist=True)
         except BadRecordError as e:
             if not skip_bad_records:

@@ -136,7 +136,7 @@ def make_clip(
         "dataset_index": np.int32(dataset_index),
     }
     if wrist_camera:
-        if episode.wrist_images is None:
+        if not episode.has_wrist:
             raise ValueError(f"data.wrist_camera=True but dataset {episode.dataset!r} has no wrist camera in its spec")
         example["wrist_frames"] = np.stack([episode.decode_frame(int(s), resolution, wrist=True) for s in frame_steps])
     return example

@@ -347,11 +347,6 @@ class LeRobotEpisode:
         """Whether the dataset's layout names a wrist camera."""
         return self.wrist_camera is not None
 
-    @property
-    def wrist_images(self) -> str | None:
-        """Non-None when a wrist camera is read (the RLDS episode's field of the same name holds its frames)."""
-        return self.wrist_camera
-
     def decode_frame(self, index: int, size: tuple[int, int] | None, wrist: bool = False) -> np.ndarray:
         """Frame `index` of the primary (or wrist) camera, uint8 [H, W, 3], scaled to `size`."""
         camera = self.wrist_camera if wrist else self.primary_camera

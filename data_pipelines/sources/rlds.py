@@ -73,6 +73,11 @@ class Episode:
     def __len__(self) -> int:
         return len(self.primary_images)
 
+    @property
+    def has_wrist(self) -> bool:
+        """Whether the dataset's spec names a wrist camera."""
+        return self.wrist_images is not None
+
     def decode_frame(self, index: int, size: tuple[int, int] | None, wrist: bool = False) -> np.ndarray:
         """Decodes frame `index` of the primary (or wrist) camera to uint8 [H, W, 3], resized to `size`."""
         images, shape = (
