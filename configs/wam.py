@@ -58,7 +58,9 @@ def stage_config(name: str, tiny: bool) -> ml_collections.ConfigDict:
     s.steps = -1  # -1: take train.steps
     s.budget_flops = 0.0  # model FLOPs this stage may spend; 0 = no budget
     s.init_from = ""  # checkpoint step dir of an earlier stage, or a diffusers Wan folder; "" = previous stage/fresh
-    s.trainable = "all"  # "all" | "actions" | "actions+blocks" (action modules plus the transformer blocks)
+    # "all" | "actions" | "actions+blocks" (action modules plus the transformer blocks) | "lora" (lora.* adapters and
+    # the action modules) | "regex:..."
+    s.trainable = "all"
     s.learning_rate = -1.0  # -1: take optim.learning_rate
     s.warmup_steps = -1  # -1: take optim.warmup_steps
     s.clean_context_frames = 0 if name == "video_pretrain" else 1  # leading latent frames given clean
@@ -94,6 +96,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = model_config(size)
 
     c.stages = ml_collections.ConfigDict({name: stage_config(name, tiny) for name in STAGES})
+    # LoRA adapters on the backbone (DreamZero's post-training): rank 0 = none. A stage with trainable=lora trains
+    # only them and the action/proprio modules; the base stays frozen (no weight gradients, no optimizer state).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 0.0  # 0: the rank (scale 1)
+    c.lora.targets = "q,k,v,o,ffn"  # any of q, k, v, o (self-attention), cross (text cross-attention), ffn
 
     c.data = get_data_config()
     # One width for every clip's actions and the model's: each dataset's embodiment is padded to model.action_dim.

@@ -23,7 +23,7 @@ from wamjax.models.wam import I2V_MASK_CHANNELS
 
 STAGES = ("video_pretrain", "action_tune")  # the order a `stage=all` run executes them in
 MODES = ("video", "joint")
-TRAINABLE_CHOICES = ("all", "actions", "actions+blocks")
+TRAINABLE_CHOICES = ("all", "actions", "actions+blocks", "lora")
 
 
 def is_trainable(name: str, trainable: str) -> bool:
@@ -34,6 +34,8 @@ def is_trainable(name: str, trainable: str) -> bool:
         return name.startswith("actions/")
     if trainable == "actions+blocks":
         return name.startswith("actions/") or name.startswith("blocks/")
+    if trainable == "lora":  # the adapters, and the action and proprio modules trained in full
+        return name.startswith("actions/") or name.rsplit("/", 1)[-1] in ("lora_a", "lora_b")
     if trainable.startswith("regex:"):
         return re.search(trainable[len("regex:") :], name) is not None
     raise ValueError(f"stages.<stage>.trainable={trainable!r}; expected one of {TRAINABLE_CHOICES} or 'regex:...'")
@@ -242,6 +244,8 @@ def stage_spec(config: ml_collections.ConfigDict, stage: str) -> StageSpec:
         raise ValueError(f"stages.{stage}.trainable={trainable!r}; expected one of {TRAINABLE_CHOICES} or "
                          "'regex:...'") from None
     model = model_config_from_run(config)
+    if trainable == "lora" and model.lora_rank <= 0:
+        raise ValueError(f"stages.{stage}.trainable=lora but lora.rank={model.lora_rank}: set lora.rank >= 1")
     data = stage_data_config(config, stage)
     clip = clip_spec(data, model)
     vae = vae_lib.vae_config_for(config.vae.size)

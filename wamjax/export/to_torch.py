@@ -1,20 +1,22 @@
 """Export of a training checkpoint to PyTorch formats: a diffusers Wan transformer and the whole WAM.
 
   python -m wamjax.export.to_torch --checkpoint=WORKDIR/checkpoints/STEP --out=OUT \
-      [--dtype=float32|bfloat16] [--use_ema=true] [--max_shard_size=10GB]
+      [--dtype=float32|bfloat16] [--use_ema=true] [--max_shard_size=10GB] [--lora=merge|adapters]
 
 writes
   OUT/transformer/{config.json, diffusion_pytorch_model.safetensors}   the video backbone, loadable by
       diffusers.WanTransformer3DModel.from_pretrained (sharded with an index json above --max_shard_size);
   OUT/wam.safetensors + OUT/wam_config.json   the whole model (backbone + action/proprio modules), loadable by
       wamjax.export.torch_wam.WorldActionModel.from_pretrained(OUT) and by `import_wam(OUT)`;
-  OUT/norm_stats.json   the checkpoint's action/proprio normalization statistics.
+  OUT/norm_stats.json   the checkpoint's action/proprio normalization statistics;
+  OUT/lora/pytorch_lora_weights.safetensors   with --lora=adapters, a LoRA checkpoint's adapters (PEFT layout).
 
 Tensors are written with safetensors' numpy API (bfloat16 through ml_dtypes), so exporting needs no torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -29,6 +31,7 @@ from wamjax.checkpoint.load import resolve_step_dir
 from wamjax.checkpoint.norm_stats import checked_norm_stats
 from wamjax.checkpoint.wan_import import WeightImportError, state_dict_to_params, to_numpy
 from wamjax.checkpoint.wan_names import name_map, ours_to_torch, torch_to_ours
+from wamjax.export import lora as lora_lib
 from wamjax.logs import quiet_libraries
 from wamjax.models.config import ModelConfig
 from wamjax.paths import PathLike, as_path, is_uri
@@ -358,12 +361,17 @@ def export_checkpoint(
     dtype: str = "float32",
     use_ema: bool = True,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    lora: str = "merge",
 ) -> dict[str, Any]:
     """Exports a checkpoint step (or a run's `checkpoints/` folder: its newest step) to `out_dir`.
 
-    Returns a summary: the step directory, whether EMA weights were exported, the files written.
-    Only the exported weights are read from the checkpoint (no optimizer state).
+    A checkpoint with LoRA adapters: `lora="merge"` writes merged full weights; `lora="adapters"` writes the
+    frozen base to `out_dir/transformer/` and the adapters to `out_dir/lora/` (`wamjax.export.lora`). The whole-WAM
+    file holds the merged weights either way. Returns a summary: the step directory, whether EMA weights were
+    exported, the files written. Only the exported weights are read from the checkpoint (no optimizer state).
     """
+    if lora not in lora_lib.MODES:
+        raise ValueError(f"--lora={lora!r}; expected one of {list(lora_lib.MODES)}")
     import ml_collections
 
     step_dir = resolve_step_dir(checkpoint)
@@ -375,7 +383,18 @@ def export_checkpoint(
     cfg = policy_spec(run_config).model
     out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    adapter_files: list[str] = []
+    if lora_lib.has_lora(params):
+        merged = lora_lib.merge_lora(cfg, params)
+        if lora == "adapters":
+            adapter_files.append(lora_lib.write_adapters(out_dir, cfg, params))
+            params = lora_lib.strip_lora(params)
+        else:
+            params = merged
+    else:
+        merged = params
     shards = write_diffusers_transformer(out_dir / TRANSFORMER_DIR, cfg, params, dtype, max_shard_bytes)
+    params, cfg = merged, dataclasses.replace(cfg, lora_rank=0)  # the whole WAM as merged, adapter-free weights
     run = run_config.to_dict()
     extra = {
         "step": int(step_dir.name) if step_dir.name.isdigit() else None,
@@ -386,7 +405,7 @@ def export_checkpoint(
     wam_path = write_wam(out_dir, cfg, params, dtype, extra)
     stats_path = out_dir / NORM_STATS_NAME
     stats_path.write_text(json.dumps(norm_stats, indent=1))
-    return {"step_dir": str(step_dir), "ema": has_ema, "files": [*shards, wam_path, str(stats_path)]}
+    return {"step_dir": str(step_dir), "ema": has_ema, "files": [*shards, *adapter_files, wam_path, str(stats_path)]}
 
 
 def camera_config(run_config: Any) -> dict[str, Any]:
@@ -405,7 +424,7 @@ def main(argv: list[str]) -> None:
     if not f.checkpoint or not f.out:
         raise app.UsageError("--checkpoint and --out are required")
     try:
-        summary = export_checkpoint(f.checkpoint, f.out, f.dtype, f.use_ema, parse_size(f.max_shard_size))
+        summary = export_checkpoint(f.checkpoint, f.out, f.dtype, f.use_ema, parse_size(f.max_shard_size), f.lora)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -421,6 +440,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("dtype", "float32", sorted(_DTYPES), "Dtype of the exported weights.")
     flags.DEFINE_bool("use_ema", True, "Export the EMA weights when the checkpoint has them.")
     flags.DEFINE_string("max_shard_size", "10GB", "Shard the diffusers weights above this size (e.g. 500MB).")
+    flags.DEFINE_enum("lora", "merge", ["merge", "adapters"], "A checkpoint with LoRA adapters: merged full weights, "
+                      "or the base in transformer/ and the adapters in lora/pytorch_lora_weights.safetensors.")
 
 
 if __name__ == "__main__":

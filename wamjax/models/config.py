@@ -8,6 +8,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+LORA_TARGETS = ("q", "k", "v", "o", "cross", "ffn")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -51,8 +53,32 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     dtype: str = "float32"
+    # LoRA adapters (run config `lora.*`): rank 0 = none; alpha 0 = the rank (scale 1); targets of q, k, v, o (self-
+    # attention projections), cross (the text cross-attention's q, k, v, o), ffn (both FFN projections).
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: str = "q,k,v,o,ffn"
+
+    def lora_target_set(self) -> tuple[str, ...]:
+        """The layers `lora_targets` names."""
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    def lora_rank_for(self, target: str) -> int:
+        """The adapter rank of layer kind `target` (one of LORA_TARGETS): `lora_rank`, or 0 when not targeted."""
+        return self.lora_rank if self.lora_rank and target in self.lora_target_set() else 0
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / rank (1 when alpha is 0)."""
+        return (self.lora_alpha or self.lora_rank) / max(self.lora_rank, 1)
 
     def __post_init__(self):
+        if self.lora_rank < 0:
+            raise ValueError(f"lora.rank={self.lora_rank}; expected >= 1 (or 0 for no adapters)")
+        unknown = sorted(set(self.lora_target_set()) - set(LORA_TARGETS))
+        if unknown or (self.lora_rank and not self.lora_target_set()):
+            raise ValueError(f"lora.targets={self.lora_targets!r}: {unknown or 'none'} name no layer; expected any "
+                             f"of {list(LORA_TARGETS)}")
         if self.history not in ("teacher_forcing", "diffusion_forcing"):
             raise ValueError(f"model.history={self.history!r}; expected 'teacher_forcing' or 'diffusion_forcing'")
         if (self.image_dim is None) != (self.added_kv_proj_dim is None):
@@ -161,4 +187,8 @@ def model_config_from_run(run_config: Mapping[str, Any]) -> ModelConfig:
     data = run_config.get("data") if hasattr(run_config, "get") else None
     if data is not None and "proprio_dim" in data:
         values["proprio_dim"] = int(data["proprio_dim"])
+    lora = run_config.get("lora") if hasattr(run_config, "get") else None
+    if lora:  # the run's LoRA adapters are part of its model
+        values.update(lora_rank=int(lora.get("rank", 0)), lora_alpha=float(lora.get("alpha", 0.0)),
+                      lora_targets=str(lora.get("targets", "q,k,v,o,ffn")))
     return ModelConfig.from_dict(values)

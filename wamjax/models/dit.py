@@ -9,6 +9,8 @@ each group has its own timestep, so video and actions can sit at independent noi
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -82,10 +84,14 @@ class WanAttention(nn.Module):
         cfg = self.cfg
         dim, heads = cfg.dim, cfg.num_attention_heads
         kv_in = x if context is None else context
-        dense = lambda name, axes: Dense(dim, axes, dtype=cfg.compute_dtype, name=name)
-        q = dense("to_q", ("embed", "heads"))(x)
-        k = dense("to_k", ("embed", "heads"))(kv_in)
-        v = dense("to_v", ("embed", "heads"))(kv_in)
+        def lora(target: str) -> dict[str, Any]:
+            rank = cfg.lora_rank_for("cross" if self.cross else target)
+            return {"lora_rank": rank, "lora_scale": cfg.lora_scale} if rank else {}
+
+        dense = lambda name, axes, target: Dense(dim, axes, dtype=cfg.compute_dtype, name=name, **lora(target))
+        q = dense("to_q", ("embed", "heads"), "q")(x)
+        k = dense("to_k", ("embed", "heads"), "k")(kv_in)
+        v = dense("to_v", ("embed", "heads"), "v")(kv_in)
         q = RMSNorm(cfg.eps, name="norm_q")(q)
         k = RMSNorm(cfg.eps, name="norm_k")(k)
         split = lambda t: t.reshape(*t.shape[:2], heads, cfg.attention_head_dim)
@@ -112,7 +118,7 @@ class WanAttention(nn.Module):
             out = out + self._image_attention(q, image_context)
         out = out.reshape(*out.shape[:2], dim)
         out = constrain(out, ("batch", "length", "heads"))
-        out = Dense(dim, ("heads", "embed"), dtype=cfg.compute_dtype, name="to_out")(out)
+        out = dense("to_out", ("heads", "embed"), "o")(out)
         return out if kv_cache is None else (out, own_kv)
 
     def _image_attention(self, q: jax.Array, image_context: jax.Array) -> jax.Array:
@@ -144,11 +150,14 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        h = Dense(cfg.ffn_dim, ("embed", "mlp"), dtype=cfg.compute_dtype, name="proj_in")(x)
+        rank = cfg.lora_rank_for("ffn")
+        lora = {"lora_rank": rank, "lora_scale": cfg.lora_scale} if rank else {}
+        h = Dense(cfg.ffn_dim, ("embed", "mlp"), dtype=cfg.compute_dtype, name="proj_in", **lora)(x)
         h = constrain(h, ("batch", "length", "mlp"))
         # The GELU is recomputed in the backward pass from its input, so only one [S, ffn_dim] activation
         # is kept per block instead of the GELU's input and output.
-        return nn.remat(_ActivatedDense)(cfg.dim, ("mlp", "embed"), dtype=cfg.compute_dtype, name="proj_out")(h)
+        return nn.remat(_ActivatedDense)(cfg.dim, ("mlp", "embed"), dtype=cfg.compute_dtype, name="proj_out",
+                                         **lora)(h)
 
 
 class WanBlock(nn.Module):

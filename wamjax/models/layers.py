@@ -25,13 +25,17 @@ def recomputed(fn):
 
 
 class Dense(nn.Module):
-    """A linear layer whose kernel and bias carry logical axis names (torch Linear semantics)."""
+    """A linear layer whose kernel and bias carry logical axis names (torch Linear semantics); with `lora_rank` > 0
+    a low-rank adapter beside the kernel: y = x K + lora_scale * (x A) B, A [in, r] random, B [r, out] zero, so an
+    untrained adapter changes nothing (PEFT's initialization)."""
 
     features: int
     kernel_axes: LogicalAxes = (None, None)
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -43,6 +47,21 @@ class Dense(nn.Module):
             self.param_dtype,
         )
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=self.dtype)
+        if self.lora_rank > 0:
+            a = self.param(
+                "lora_a",
+                nn.with_logical_partitioning(nn.initializers.he_uniform(), (self.kernel_axes[0], None)),
+                (fan_in, self.lora_rank),
+                self.param_dtype,
+            )
+            b = self.param(
+                "lora_b",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, self.kernel_axes[-1])),
+                (self.lora_rank, self.features),
+                self.param_dtype,
+            )
+            low = jnp.dot(x.astype(self.dtype), a.astype(self.dtype), preferred_element_type=self.dtype)
+            y = y + self.lora_scale * jnp.dot(low, b.astype(self.dtype), preferred_element_type=self.dtype)
         if self.use_bias:
             bias = self.param(
                 "bias",

@@ -1,0 +1,143 @@
+"""LoRA post-training: a stage with trainable=lora trains only the adapters and the action modules (the base stays
+bit-identical), and its export loads into diffusers as a PEFT adapter equal to the merged weights and to wamjax."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from train_utils import get_config
+
+from wamjax.checkpoint import manager as ckpt
+from wamjax.checkpoint.load import load_checkpoint
+from wamjax.export import lora as lora_lib
+from wamjax.export import to_torch
+from wamjax.models import wam
+from wamjax.models.config import ModelConfig, model_config_from_run
+from wamjax.stages import stage_spec
+
+RANK = 4
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _run(workdir, stage: str, steps: int, **lora):
+    from wamjax.train.loop import train
+
+    config = get_config(f"size=tiny,stage={stage}")
+    config.train.steps, config.train.log_every, config.checkpoint.every_steps = steps, 1, steps
+    config.checkpoint.async_save = False
+    for key, value in lora.items():
+        setattr(config.lora, key, value)
+    return config, train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A base from video pretraining, then LoRA action tuning initialized from it."""
+    root = tmp_path_factory.mktemp("lora")
+    config, train = _run(root, "video_pretrain", 2)
+    train(config, str(root / "base"))
+    base_step = ckpt.step_dir(str(root / "base"), 2)
+    config, train = _run(root, "action_tune", 3, rank=RANK)
+    config.stages.action_tune.trainable = "lora"
+    config.stages.action_tune.init_from = str(base_step)
+    train(config, str(root / "lora"))
+    return root, str(base_step), str(ckpt.step_dir(str(root / "lora"), 3))
+
+
+def test_a_lora_stage_trains_only_adapters_and_action_modules(runs):
+    _, base_step, lora_step = runs
+    _, base = load_checkpoint(base_step, use_ema=False)
+    _, tuned = load_checkpoint(lora_step, use_ema=False)
+    base, tuned = _flat(base), _flat(tuned)
+    adapters = [k for k in tuned if k.endswith(("lora_a", "lora_b"))]
+    assert len(adapters) == 2 * 6  # q, k, v, o and both FFN projections, stacked over the layers
+    for key, value in base.items():  # the frozen base: bit-identical after training
+        np.testing.assert_array_equal(tuned[key], value, err_msg=key)
+    assert all(np.abs(tuned[k]).max() > 0 for k in adapters if k.endswith("lora_b"))  # B starts at zero: trained
+    assert any(k.startswith("actions/") for k in tuned)
+    # No optimizer moments for the frozen base: the optimizer state is a small fraction of the parameters.
+    tree = ckpt.saved_state_tree(lora_step)
+    size = lambda t: sum(int(np.prod(m.shape)) for m in jax.tree.leaves(t))
+    trainable = sum(v.size for k, v in tuned.items() if k.startswith("actions/") or k in adapters)
+    assert size(tree["opt_state"]) <= 2 * trainable + 64 < size(tree["params"])
+
+
+@pytest.fixture(scope="module")
+def exports(runs):
+    root, _, lora_step = runs
+    out = {}
+    for mode in ("adapters", "merge"):
+        out[mode] = str(root / f"export_{mode}")
+        summary = to_torch.export_checkpoint(lora_step, out[mode], lora=mode)
+        assert any(f.endswith(lora_lib.LORA_WEIGHTS_NAME) for f in summary["files"]) == (mode == "adapters")
+    return out
+
+
+def test_diffusers_loads_the_adapter_and_it_equals_the_merged_weights_and_wamjax(runs, exports):
+    _, _, lora_step = runs
+    run_config, params = load_checkpoint(lora_step, use_ema=True)
+    cfg = model_config_from_run(run_config)
+    assert cfg.lora_rank == RANK
+    base = WanTransformer3DModel.from_pretrained(os.path.join(exports["adapters"], "transformer")).eval()
+    adapter_file = os.path.join(exports["adapters"], "lora", lora_lib.LORA_WEIGHTS_NAME)
+    from safetensors.torch import load_file
+
+    adapter = load_file(adapter_file)
+    # diffusers 0.42 looks for a pickled .bin in a folder unless told the file is safetensors.
+    base.load_lora_adapter(os.path.join(exports["adapters"], "lora"), use_safetensors=True, adapter_name="robot",
+                           prefix="transformer")
+    # Every adapter tensor landed on a module: none missing, none unexpected.
+    loaded = {k for k in base.state_dict() if ".lora_" in k}
+    want = {k.removeprefix("transformer.").replace(".lora_A.weight", ".lora_A.robot.weight")
+            .replace(".lora_B.weight", ".lora_B.robot.weight") for k in adapter}
+    assert loaded == want, sorted(loaded ^ want)[:4]
+    merged = WanTransformer3DModel.from_pretrained(os.path.join(exports["merge"], "transformer")).eval()
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((1, 3, 4, 4, 16)).astype(np.float32)
+    t = np.array([300.0], np.float32)
+    text = rng.standard_normal((1, 8, cfg.text_dim)).astype(np.float32)
+    torch_in = (torch.from_numpy(latents).permute(0, 4, 1, 2, 3), torch.from_numpy(t), torch.from_numpy(text))
+    with torch.no_grad():
+        a = base(*torch_in, return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()
+        b = merged(*torch_in, return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()
+    ours = np.asarray(jax.jit(wam.wam_forward, static_argnums=0)(cfg, params, latents, t, text).video)
+    assert np.abs(a - b).max() < 1e-4 and np.abs(a - ours).max() < 1e-4
+    # The adapters matter: the base alone differs.
+    base.disable_lora()
+    with torch.no_grad():
+        alone = base(*torch_in, return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()
+    assert np.abs(alone - a).max() > 1e-5
+    # The adapter file is a small fraction of the full weights.
+    full = sum(os.path.getsize(os.path.join(exports["merge"], "transformer", f))
+               for f in os.listdir(os.path.join(exports["merge"], "transformer")) if f.endswith(".safetensors"))
+    assert os.path.getsize(adapter_file) < 0.5 * full
+    with open(os.path.join(exports["merge"], "wam_config.json")) as f:
+        assert json.load(f)["model"]["lora_rank"] == 0  # the whole-WAM file holds merged weights
+
+
+def test_bad_lora_settings_are_named():
+    config = get_config("size=tiny,stage=action_tune")
+    config.stages.action_tune.trainable = "lora"
+    with pytest.raises(ValueError, match=r"stages.action_tune.trainable=lora but lora.rank=0"):
+        stage_spec(config, "action_tune")
+    with pytest.raises(ValueError, match=r"lora.rank=-1; expected >= 1"):
+        ModelConfig(lora_rank=-1)
+    with pytest.raises(ValueError, match=r"lora.targets='q,attn_x': \['attn_x'\] name no layer"):
+        ModelConfig(lora_rank=4, lora_targets="q,attn_x")
+
+
+def test_adapters_onto_a_base_of_another_shape_are_refused(runs, tmp_path):
+    _, _, lora_step = runs
+    config, train = _run(tmp_path, "action_tune", 1, rank=2 * RANK)
+    config.stages.action_tune.trainable = "lora"
+    config.stages.action_tune.init_from = lora_step
+    with pytest.raises(ValueError, match=r"lora_a'\]? has shape \(2, \d+, 4\); the model needs \(2, \d+, 8\)"):
+        train(config, str(tmp_path / "other"))
