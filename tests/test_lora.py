@@ -16,10 +16,11 @@ from wamjax.checkpoint.load import load_checkpoint
 from wamjax.export import lora as lora_lib
 from wamjax.export import to_torch
 from wamjax.models import wam
-from wamjax.models.config import ModelConfig, model_config_from_run
+from wamjax.models.config import SIZES, ModelConfig, model_config_from_run
 from wamjax.stages import stage_spec
 
 RANK = 4
+SIZES_TINY = SIZES["tiny"]
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
@@ -141,3 +142,25 @@ def test_adapters_onto_a_base_of_another_shape_are_refused(runs, tmp_path):
     config.stages.action_tune.init_from = lora_step
     with pytest.raises(ValueError, match=r"lora_a'\]? has shape \(2, \d+, 4\); the model needs \(2, \d+, 8\)"):
         train(config, str(tmp_path / "other"))
+
+
+def test_lora_flops_match_xla_and_the_frozen_base_costs_no_weight_gradients():
+    import dataclasses
+
+    from wamjax.flops import analytic, xla
+    from wamjax.flops.stage import train_multipliers, train_step_flops
+
+    cfg = dataclasses.replace(ModelConfig.from_dict({**SIZES_TINY}), lora_rank=8, lora_targets="q,k,v,o,cross,ffn")
+    shape = analytic.SequenceShape(mode="joint", num_frames=9, resolution=(32, 32), text_length=8)
+    counted = analytic.forward_flops(cfg, shape, batch=2, kernel="dot_product")
+    assert counted["lora_adapters"] > 0
+    assert counted["total"] == pytest.approx(xla.xla_forward_flops(cfg, shape, batch=2), rel=0.03)
+    lora, full = train_multipliers("lora"), train_multipliers("all")
+    assert lora["lora_adapters"] == 3.0 and lora["ffn"] == 2.0 and lora["action_decoder"] == 3.0  # no weight grads
+    config = get_config("size=tiny,stage=action_tune")
+    config.lora.rank = RANK
+    tuned = train_step_flops(stage_spec(config, "action_tune"))
+    config.stages.action_tune.trainable = "lora"
+    cheaper = train_step_flops(stage_spec(config, "action_tune"))
+    assert cheaper.train_per_step < tuned.train_per_step
+    assert full["ffn"] == 3.0

@@ -65,6 +65,7 @@ COMPONENTS = (
     "action_decoder",
     "output_head",
     "norms_and_elementwise",
+    "lora_adapters",
 )
 # Elementwise FLOPs per element, counted from the ops the model code issues (see module docstring).
 _LAYER_NORM = 5  # centre, square, two mean reductions, scale
@@ -322,9 +323,25 @@ def forward_flops(model_cfg: ModelConfig, shape: SequenceShape, *, batch: int = 
         + 2 * s * d  # gate and residual
     )
     c["norms_and_elementwise"] += layers * per_block_elementwise
+    c["lora_adapters"] = lora_forward_flops(cfg, s, text)
     out = {name: float(value) * batch for name, value in c.items()}
     out["total"] = float(sum(out.values()))
     return out
+
+
+def lora_forward_flops(cfg: ModelConfig, seq: int, text: int) -> float:
+    """Forward FLOPs of the LoRA adapters on one sample: x A then (x A) B, the scale and the add, per adapted layer."""
+    r, d, layers = cfg.lora_rank, cfg.dim, cfg.num_layers
+    if not r:
+        return 0.0
+    adapter = lambda tokens, fan_in, fan_out: dense_flops(tokens, fan_in, r) + dense_flops(tokens, r, fan_out) + (
+        2 * tokens * fan_out)
+    total = sum(adapter(seq, d, d) for t in ("q", "k", "v", "o") if cfg.lora_rank_for(t))
+    if cfg.lora_rank_for("cross"):
+        total += 2 * adapter(seq, d, d) + 2 * adapter(text, d, d)
+    if cfg.lora_rank_for("ffn"):
+        total += adapter(seq, d, cfg.ffn_dim) + adapter(seq, cfg.ffn_dim, d)
+    return float(layers * total)
 
 
 def block_forward_flops(components: dict[str, float]) -> float:
@@ -336,5 +353,6 @@ def block_forward_flops(components: dict[str, float]) -> float:
         "cross_attention_scores",
         "ffn",
         "norms_and_elementwise",
+        "lora_adapters",
     )
     return float(sum(components[name] for name in in_blocks))

@@ -91,9 +91,10 @@ _COMPONENT_PARAM = {
     "ffn": "blocks/layers/block/ffn/proj_in/kernel",
     "output_head": "proj_out/kernel",
     "action_decoder": "actions/action_decoder/kernel",
+    "lora_adapters": "blocks/layers/block/attn1/to_q/lora_a",
 }
 _INPUT_COMPONENTS = ("patch_embedding", "text_projection", "modulation", "action_encoders")
-_BLOCK_WEIGHTS = ("self_attention_projections", "cross_attention_projections", "ffn")
+_BLOCK_WEIGHTS = ("self_attention_projections", "cross_attention_projections", "ffn", "lora_adapters")
 _WEIGHTLESS = ("self_attention_scores", "cross_attention_scores", "norms_and_elementwise")
 
 
