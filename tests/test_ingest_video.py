@@ -130,8 +130,9 @@ def test_ingest_to_examples_shapes_order_and_timing(good_videos, tmp_path):
         str(tmp_path / "shards"), num_frames=5, resolution=(16, 24), seed=3, dataset_index=2
     )
     batch = next(iter(contract.batch(4)))
-    assert set(batch) == {"frames", "frame_mask", "actions", "action_mask", "has_actions", "proprio",
-                          "instruction", "dataset_index"}
+    assert set(batch) == {"frames", "frame_mask", "actions", "action_mask", "action_dim_mask", "has_actions",
+                          "proprio", "instruction", "dataset_index"}
+    assert batch["action_dim_mask"].shape == (4, 7) and batch["action_dim_mask"].all()
     assert batch["has_actions"].dtype == bool and not batch["has_actions"].any()
     assert batch["frames"].shape == (4, 5, 16, 24, 3) and batch["frames"].dtype == np.uint8
     assert batch["frame_mask"].dtype == bool and batch["frame_mask"].all()
