@@ -27,6 +27,7 @@ from typing import Any
 
 import av
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipelines.sources.lerobot_meta import (  # noqa: F401  (re-exported: the format's public names)
@@ -214,6 +215,20 @@ def _decode_image(
     return np.asarray(image)
 
 
+def _column_values(column: Any, image: bool) -> Any:
+    """One parquet column as numpy ([L] scalars, [L, D] fixed-length vectors) without a detour through Python
+    objects; image structs (and nested lists) as Python values."""
+    data = column.combine_chunks()
+    if image:
+        return data.to_pylist()
+    if pa.types.is_list(data.type) or pa.types.is_fixed_size_list(data.type):
+        if pa.types.is_list(data.type.value_type) or pa.types.is_fixed_size_list(data.type.value_type):
+            return np.asarray(data.to_pylist())
+        flat = data.flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(len(data), -1) if len(data) else flat.reshape(0, 0)
+    return data.to_numpy(zero_copy_only=False)
+
+
 class LeRobotSource:
     """Random-access standardized episodes of the LeRobot dataset entry `name` (`lerobot:<path>`), one split.
 
@@ -331,9 +346,8 @@ class LeRobotSource:
         part = table.take(rows)
         out = {}
         for column in part.column_names:
-            values = part.column(column).to_pylist()
             feature = self.info["features"].get(column, {})
-            out[column] = values if feature.get("dtype") == "image" else np.asarray(values)
+            out[column] = _column_values(part.column(column), feature.get("dtype") == "image")
         return out
 
     def __getitem__(self, index: int) -> LeRobotEpisode:
