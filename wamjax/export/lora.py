@@ -91,3 +91,16 @@ def write_adapters(out_dir: PathLike, cfg: ModelConfig, params: Mapping[str, Any
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(save(peft_state(cfg, params), metadata={"format": "pt"}))
     return str(path)
+
+
+def export_weights(
+    out_dir: PathLike, cfg: ModelConfig, params: Mapping[str, Any], mode: str
+) -> tuple[Mapping[str, Any], Mapping[str, Any], list[str]]:
+    """(weights for the diffusers transformer, the whole model's merged weights, adapter files written) of an
+    export in `mode` ("merge" or "adapters": the frozen base, with the adapters written beside it)."""
+    if not has_lora(params):
+        return params, params, []
+    merged = merge_lora(cfg, params)
+    if mode == "adapters":
+        return strip_lora(params), merged, [write_adapters(out_dir, cfg, params)]
+    return merged, merged, []

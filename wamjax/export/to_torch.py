@@ -383,18 +383,9 @@ def export_checkpoint(
     cfg = policy_spec(run_config).model
     out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter_files: list[str] = []
-    if lora_lib.has_lora(params):
-        merged = lora_lib.merge_lora(cfg, params)
-        if lora == "adapters":
-            adapter_files.append(lora_lib.write_adapters(out_dir, cfg, params))
-            params = lora_lib.strip_lora(params)
-        else:
-            params = merged
-    else:
-        merged = params
-    shards = write_diffusers_transformer(out_dir / TRANSFORMER_DIR, cfg, params, dtype, max_shard_bytes)
-    params, cfg = merged, dataclasses.replace(cfg, lora_rank=0)  # the whole WAM as merged, adapter-free weights
+    backbone, params, adapter_files = lora_lib.export_weights(out_dir, cfg, params, lora)
+    shards = write_diffusers_transformer(out_dir / TRANSFORMER_DIR, cfg, backbone, dtype, max_shard_bytes)
+    cfg = dataclasses.replace(cfg, lora_rank=0)  # the whole WAM as merged, adapter-free weights
     run = run_config.to_dict()
     extra = {
         "step": int(step_dir.name) if step_dir.name.isdigit() else None,
