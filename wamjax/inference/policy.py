@@ -92,17 +92,9 @@ class Policy:
         self.last_timing: dict[str, Any] = {}  # policy_timing of the newest infer() (see wamjax.inference.timing)
         self.text_embedder = TextEmbedder(run_config.text, self.model_config.text_dim)
         self.all_stats = checked_norm_stats(run_config, norm_stats, where=source)
-        self.dataset = dataset
-        self.stats = select_dataset_stats(self.all_stats, dataset)
         self._for_dataset: dict[str, Policy] = {}
         self.normalization = str(self.spec.data.action_normalization)
-        # The robot's own action layout: the dataset's embodiment, padded into model.action_dim in training.
-        self.embodiment = embodiments.get_embodiment((self.stats or {}).get("embodiment", "eef7"))
-        self.robot_action_dim = (len(self.stats["action"]["mask"]) if self.stats is not None
-                                 else self.model_config.action_dim)
-        if self.robot_action_dim > self.model_config.action_dim:
-            raise ValueError(f"{source}: the dataset's actions have {self.robot_action_dim} dimensions, more than "
-                             f"model.action_dim={self.model_config.action_dim}")
+        self._act_for(dataset, source)
         self.resolution = self.spec.clip.resolution
         self.num_frames = self.spec.clip.num_frames  # the clip length the model was trained on
         tc = self.vae_config.temporal_compression
@@ -221,12 +213,22 @@ class Policy:
             return self
         if dataset not in self._for_dataset:
             view = copy.copy(self)
-            view.dataset, view.stats = dataset, select_dataset_stats(self.all_stats, dataset)
-            view.embodiment = embodiments.get_embodiment(view.stats.get("embodiment", "eef7"))
-            view.robot_action_dim = len(view.stats["action"]["mask"])
+            view._act_for(dataset, f"dataset {dataset!r}")
             view.__dict__.pop("metadata", None)  # its own metadata, computed on first use
             self._for_dataset[dataset] = view
         return self._for_dataset[dataset]
+
+    def _act_for(self, dataset: str | None, source: str) -> None:
+        """Sets the dataset this policy acts for: its stats and its robot's action layout (the dataset's embodiment,
+        padded into model.action_dim in training), checked against the model's width."""
+        self.dataset = dataset
+        self.stats = select_dataset_stats(self.all_stats, dataset)
+        self.embodiment = embodiments.get_embodiment((self.stats or {}).get("embodiment", "eef7"))
+        self.robot_action_dim = (len(self.stats["action"]["mask"]) if self.stats is not None
+                                 else self.model_config.action_dim)
+        if self.robot_action_dim > self.model_config.action_dim:
+            raise ValueError(f"{source}: the dataset's actions have {self.robot_action_dim} dimensions, more than "
+                             f"model.action_dim={self.model_config.action_dim}")
 
     def _reference_state(self, proprio: np.ndarray | None) -> np.ndarray | None:
         """The raw state relative actions are measured from (the observation's proprio), checked."""
