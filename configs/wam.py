@@ -102,6 +102,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lora.rank = 0
     c.lora.alpha = 0.0  # 0: the rank (scale 1)
     c.lora.targets = "q,k,v,o,ffn"  # any of q, k, v, o (self-attention), cross (text cross-attention), ffn
+    # True: a trainable=lora stage's checkpoints hold the adapters, the modules trained in full and the optimizer
+    # state only, not the frozen base; they are read back onto the stage's base (its init_from, or the previous
+    # stage's last checkpoint, which is then always kept).
+    c.lora.save_adapters_only = False
+    # Written by the trainer into adapters-only checkpoints: where their base is. Not a training setting (leave
+    # it empty); to read adapters onto another base, pass base= / --lora_base.
+    c.lora.base = ""
 
     c.data = get_data_config()
     # One width for every clip's actions and the model's: each dataset's embodiment is padded to model.action_dim.

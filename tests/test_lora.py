@@ -164,3 +164,130 @@ def test_lora_flops_match_xla_and_the_frozen_base_costs_no_weight_gradients():
     cheaper = train_step_flops(stage_spec(config, "action_tune"))
     assert cheaper.train_per_step < tuned.train_per_step
     assert full["ffn"] == 3.0
+
+
+def _keys(tree) -> list[str]:
+    return sorted("/".join(str(getattr(k, "key", k)) for k in path) for path, _ in
+                  jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
+def _state_bytes(step_dir: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(step_dir, "state"))
+               for f in files)
+
+
+@pytest.fixture(scope="module")
+def adapters_only(runs):
+    """The LoRA stage of `runs` again, saving adapters only (a checkpoint every step)."""
+    root, base_step, _ = runs
+    config, train = _run(root, "action_tune", 3, rank=RANK, save_adapters_only=True)
+    config.stages.action_tune.trainable = "lora"
+    config.stages.action_tune.init_from = base_step
+    config.checkpoint.every_steps = 1
+    train(config, str(root / "adapters"))
+    return config, str(root / "adapters")
+
+
+def test_an_adapters_only_checkpoint_is_small_and_reads_back_onto_its_base(runs, adapters_only):
+    _, base_step, lora_step = runs
+    _, workdir = adapters_only
+    step = str(ckpt.step_dir(workdir, 3))
+    saved = _keys(ckpt.saved_state_tree(step)["params"])
+    assert saved and all(k.startswith("actions/") or k.endswith(("lora_a", "lora_b")) for k in saved)
+    assert ckpt.read_json_item(step, "config")["lora"]["base"] == base_step
+    # The frozen base is not in it: at this size the action modules and the Adam moments are most of what is left.
+    count = lambda tree: sum(int(np.prod(m.shape)) for m in jax.tree.leaves(tree))
+    assert count(ckpt.saved_state_tree(step)["params"]) < 0.4 * count(ckpt.saved_state_tree(lora_step)["params"])
+    assert _state_bytes(step) < _state_bytes(lora_step)  # on disk, Orbax's per-array overhead dominates here
+    # Read back onto the base it names, it is the run that saved every parameter.
+    _, full = load_checkpoint(lora_step, use_ema=False)
+    run_config, back = load_checkpoint(step, use_ema=False)
+    full, back = _flat(full), _flat(back)
+    assert sorted(back) == sorted(full)
+    for key, value in full.items():
+        np.testing.assert_allclose(back[key], value, rtol=0, atol=1e-6, err_msg=key)
+    # The export reads it the same way: the adapters file equals the full run's.
+    out = to_torch.export_checkpoint(step, os.path.join(workdir, "export"), lora="adapters")
+    assert any(f.endswith(lora_lib.LORA_WEIGHTS_NAME) for f in out["files"])
+    # Onto a diffusers folder holding the same base: the same parameters.
+    to_torch.export_checkpoint(base_step, os.path.join(workdir, "base_diffusers"))
+    _, onto_folder = load_checkpoint(step, use_ema=False, base=os.path.join(workdir, "base_diffusers", "transformer"))
+    for key, value in _flat(onto_folder).items():
+        np.testing.assert_allclose(value, back[key], rtol=0, atol=1e-6, err_msg=key)
+    assert model_config_from_run(run_config).lora_rank == RANK
+
+
+def test_an_adapters_only_stage_resumes_exactly(adapters_only):
+    config, workdir = adapters_only
+    from wamjax.train.loop import train
+
+    _, final = load_checkpoint(ckpt.step_dir(workdir, 3), use_ema=False)
+    final_saved = _flat(ckpt.restore_params(ckpt.step_dir(workdir, 3))[0])
+    import shutil
+
+    resumed = os.path.join(workdir + "_resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(ckpt.step_dir(resumed, 3))  # killed before step 3 was saved: resumes from step 2
+    train(config, resumed)
+    again = _flat(ckpt.restore_params(ckpt.step_dir(resumed, 3))[0])
+    assert sorted(again) == sorted(final_saved)
+    for key, value in final_saved.items():
+        np.testing.assert_array_equal(again[key], value, err_msg=key)
+
+
+def test_adapters_only_after_a_stage_of_the_same_job_keep_its_base(tmp_path):
+    from wamjax.train.loop import train
+
+    config, _ = _run(tmp_path, "all", 2, rank=RANK, save_adapters_only=True)
+    config.stages.action_tune.trainable = "lora"
+    config.checkpoint.every_steps, config.checkpoint.keep = 1, 1
+    train(config, str(tmp_path / "job"))
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "job" / "checkpoints") if d.isdigit())
+    assert steps == [2, 4]  # keep=1, and the video stage's last step: the adapters' base
+    base, last = (str(ckpt.step_dir(str(tmp_path / "job"), s)) for s in (2, 4))
+    assert ckpt.read_json_item(last, "config")["lora"]["base"] == os.path.abspath(base)
+    _, tuned = load_checkpoint(last, use_ema=False)
+    _, video = load_checkpoint(base, use_ema=False)
+    for key, value in _flat(video).items():
+        if not key.startswith("actions/") and not key.endswith(("lora_a", "lora_b")):  # the frozen base
+            np.testing.assert_array_equal(_flat(tuned)[key], value, err_msg=key)
+
+
+def test_adapters_only_settings_and_bases_that_do_not_fit_are_named(runs, adapters_only, tmp_path):
+    from wamjax.checkpoint import adapters
+    from wamjax.train.loop import train
+
+    config, train_fn = _run(tmp_path, "action_tune", 1, rank=RANK, save_adapters_only=True)
+    config.stages.action_tune.trainable = "lora"
+    with pytest.raises(ValueError, match=r"stage 'action_tune' has no base to save its adapters against"):
+        train(config, str(tmp_path / "no_base"))
+    config.lora.base = "/somewhere"
+    with pytest.raises(ValueError, match=r"lora.base='/somewhere': it is written by the trainer"):
+        train(config, str(tmp_path / "set_base"))
+    _, base_step, _ = runs
+    _, base = load_checkpoint(base_step, use_ema=False)
+    step = ckpt.step_dir(adapters_only[1], 3)
+    saved, _ = ckpt.restore_params(step)
+    wider = jax.tree.map(np.asarray, base)
+    q = wider["blocks"]["layers"]["block"]["attn1"]["to_q"]
+    q["kernel"] = np.zeros((*q["kernel"].shape[:-2], q["kernel"].shape[-2] + 8, q["kernel"].shape[-1]), np.float32)
+    with pytest.raises(ValueError, match=r"attn1/to_q/lora_a has shape \(2, \d+, 4\); the base's "
+                                         r"blocks/layers/block/attn1/to_q/kernel has shape \(2, \d+, \d+\)"):
+        adapters.onto_base(wider, saved, where="test")
+    with pytest.raises(ValueError, match=r"holds every parameter \(not an adapters-only step\)"):
+        load_checkpoint(base_step, base=base_step)
+
+
+def test_a_stage_initialized_from_an_adapters_only_checkpoint_gets_its_base_too(runs, adapters_only, tmp_path):
+    _, base_step, _ = runs
+    config, train = _run(tmp_path, "action_tune", 1, rank=RANK)
+    config.stages.action_tune.trainable = "lora"
+    config.stages.action_tune.init_from = str(ckpt.step_dir(adapters_only[1], 3))
+    config.optim.learning_rate = 0.0  # one step that changes nothing: the start is what init_from read
+    train(config, str(tmp_path / "next"))
+    _, start = load_checkpoint(ckpt.step_dir(str(tmp_path / "next"), 1), use_ema=False)
+    _, source = load_checkpoint(ckpt.step_dir(adapters_only[1], 3), use_ema=False)
+    start, source = _flat(start), _flat(source)
+    assert sorted(start) == sorted(source)
+    for key, value in source.items():
+        np.testing.assert_array_equal(start[key], value, err_msg=key)

@@ -97,6 +97,7 @@ class StageSpec:
     microbatches: int
     video_weight: float  # mixture weight of the captioned-video shards in this stage
     seed: int  # train.seed
+    save_adapters_only: bool = False  # lora.save_adapters_only on a trainable=lora stage
 
     @property
     def data(self) -> ml_collections.ConfigDict:
@@ -279,6 +280,7 @@ def stage_spec(config: ml_collections.ConfigDict, stage: str) -> StageSpec:
         microbatches=int(config.train.microbatches),
         video_weight=video_weight,
         seed=int(config.train.seed),
+        save_adapters_only=trainable == "lora" and bool(config.get("lora", {}).get("save_adapters_only", False)),
     )
 
 

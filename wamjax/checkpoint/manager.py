@@ -7,6 +7,7 @@ and adds `commit_success.txt` last. Either way an interrupted save is never rest
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -31,14 +32,31 @@ def step_dir(workdir: PathLike, step: int) -> epath.Path:
     return checkpoint_dir(workdir) / str(int(step))
 
 
-def make_manager(workdir: PathLike, checkpoint_config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    """A CheckpointManager saving every `every_steps`, keeping the last `keep` plus every `keep_period`-th."""
+@dataclasses.dataclass
+class KeepSteps:
+    """An Orbax preservation policy keeping the steps in `steps` (added to while the job runs)."""
+
+    steps: set[int] = dataclasses.field(default_factory=set)
+
+    def should_preserve(self, checkpoints: Any, *, context: Any) -> list[bool]:
+        del context
+        return [info.step in self.steps for info in checkpoints]
+
+
+def make_manager(workdir: PathLike, checkpoint_config: ml_collections.ConfigDict,
+                 keep_steps: KeepSteps | None = None) -> ocp.CheckpointManager:
+    """A CheckpointManager saving every `every_steps`, keeping the last `keep`, every `keep_period`-th and the
+    steps of `keep_steps` (the trainer's: each stage's last step, which a later stage may still read)."""
     import grain  # the trainer's data item only: loading weights for inference needs no Grain
 
+    policies = ocp.checkpoint_managers
+    keep = [policies.LatestN(n=int(checkpoint_config.keep) if checkpoint_config.keep > 0 else None),
+            keep_steps or KeepSteps()]
+    if int(checkpoint_config.keep_period):
+        keep.append(policies.EveryNSteps(interval_steps=int(checkpoint_config.keep_period)))
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(1, int(checkpoint_config.every_steps)),
-        max_to_keep=int(checkpoint_config.keep) if checkpoint_config.keep > 0 else None,
-        keep_period=int(checkpoint_config.keep_period) or None,
+        preservation_policy=policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=bool(checkpoint_config.async_save),
         create=True,
     )

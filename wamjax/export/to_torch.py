@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from wamjax.checkpoint import manager as ckpt
-from wamjax.checkpoint.load import resolve_step_dir
+from wamjax.checkpoint.load import resolve_step_dir, restore_step_params
 from wamjax.checkpoint.norm_stats import checked_norm_stats
 from wamjax.checkpoint.wan_import import WeightImportError, state_dict_to_params, to_numpy
 from wamjax.checkpoint.wan_names import name_map, ours_to_torch, torch_to_ours
@@ -362,13 +362,15 @@ def export_checkpoint(
     use_ema: bool = True,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     lora: str = "merge",
+    lora_base: PathLike | None = None,
 ) -> dict[str, Any]:
     """Exports a checkpoint step (or a run's `checkpoints/` folder: its newest step) to `out_dir`.
 
     A checkpoint with LoRA adapters: `lora="merge"` writes merged full weights; `lora="adapters"` writes the
     frozen base to `out_dir/transformer/` and the adapters to `out_dir/lora/` (`wamjax.export.lora`). The whole-WAM
     file holds the merged weights either way. Returns a summary: the step directory, whether EMA weights were
-    exported, the files written. Only the exported weights are read from the checkpoint (no optimizer state).
+    exported, the files written. Only the exported weights are read from the checkpoint (no optimizer state). An
+    adapters-only checkpoint is read onto `lora_base` when given, else onto the base it names.
     """
     if lora not in lora_lib.MODES:
         raise ValueError(f"--lora={lora!r}; expected one of {list(lora_lib.MODES)}")
@@ -379,7 +381,7 @@ def export_checkpoint(
     # Refused before anything is written: an export of real data without its stats would act unnormalized.
     norm_stats = checked_norm_stats(run_config, ckpt.read_json_item(step_dir, "norm_stats"),
                                     where=f"checkpoint {step_dir}")
-    params, has_ema = ckpt.restore_params(step_dir, use_ema=use_ema)
+    params, has_ema = restore_step_params(step_dir, run_config, use_ema=use_ema, base=lora_base)
     cfg = policy_spec(run_config).model
     out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -415,7 +417,8 @@ def main(argv: list[str]) -> None:
     if not f.checkpoint or not f.out:
         raise app.UsageError("--checkpoint and --out are required")
     try:
-        summary = export_checkpoint(f.checkpoint, f.out, f.dtype, f.use_ema, parse_size(f.max_shard_size), f.lora)
+        summary = export_checkpoint(f.checkpoint, f.out, f.dtype, f.use_ema, parse_size(f.max_shard_size), f.lora,
+                                    f.lora_base or None)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -433,6 +436,8 @@ def define_flags() -> None:
     flags.DEFINE_string("max_shard_size", "10GB", "Shard the diffusers weights above this size (e.g. 500MB).")
     flags.DEFINE_enum("lora", "merge", ["merge", "adapters"], "A checkpoint with LoRA adapters: merged full weights, "
                       "or the base in transformer/ and the adapters in lora/pytorch_lora_weights.safetensors.")
+    flags.DEFINE_string("lora_base", "", "An adapters-only checkpoint (lora.save_adapters_only): the base to read it "
+                        "onto, a checkpoint step or a diffusers Wan folder (default: the one it names).")
 
 
 if __name__ == "__main__":

@@ -131,18 +131,20 @@ class Policy:
         step_cache_threshold: float | None = None,
         cfg_parallel: int = 1,
         compilation_cache_dir: str = "",
+        lora_base: str | None = None,
     ) -> Policy:
         """Loads a checkpoint step directory (or a run's `checkpoints/`, taking its newest step).
 
         `dataset` picks the normalization stats when the checkpoint was trained on a mixture. The real-time
         knobs (video_stop_t, step_cache_mask, step_cache_threshold, cfg_parallel) are `SamplerOptions`'.
         `compilation_cache_dir` is JAX's persistent compilation cache (`wamjax.compilation_cache`): "" keeps
-        the one JAX has, else the user's cache directory; "off" for none.
+        the one JAX has, else the user's cache directory; "off" for none. An adapters-only checkpoint is read
+        onto `lora_base` when given, else onto the base it names.
         """
         enable_compilation_cache(compilation_cache_dir)
         # The parameters alone (no optimizer state), read straight onto the device the policy runs on.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        run_config, params = load_checkpoint(path, use_ema=use_ema, sharding=device)
+        run_config, params = load_checkpoint(path, use_ema=use_ema, sharding=device, base=lora_base)
         options = SamplerOptions(
             num_steps=num_steps, action_steps=action_steps, cfg_scale=cfg_scale, cfg_batched=cfg_batched,
             shift=policy_spec(run_config).shift, video_stop_t=video_stop_t,

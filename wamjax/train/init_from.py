@@ -10,7 +10,9 @@ import jax
 import numpy as np
 from absl import logging
 
+from wamjax.checkpoint import adapters
 from wamjax.checkpoint import manager as ckpt
+from wamjax.checkpoint.load import load_checkpoint
 from wamjax.checkpoint.wan_import import import_diffusers_wan
 from wamjax.paths import PathLike, as_path
 from wamjax.stages import StageSpec
@@ -66,8 +68,12 @@ def initialize_from(spec: StageSpec, state: TrainState, shardings: TrainState, p
 def restore_matching_params(step_dir: PathLike, params: Any, target: Any) -> Any:
     """`params` with every leaf the checkpoint also has (same path) restored from it onto `target`'s shardings.
 
-    Only those parameters are read (no optimizer state); each process reads just its own shards.
+    Only those parameters are read (no optimizer state); each process reads just its own shards. An adapters-only
+    step is read whole, onto the base it names (`wamjax.checkpoint.load.load_checkpoint`).
     """
+    if adapters.saved_base(ckpt.read_json_item(step_dir, "config")):
+        _, loaded = load_checkpoint(step_dir, use_ema=False)
+        return merge_params(params, loaded, jax.tree.map(lambda leaf: leaf.sharding, target))
     saved = {jax.tree_util.keystr(p): m for p, m in
              jax.tree_util.tree_flatten_with_path(ckpt.saved_state_tree(step_dir)["params"])[0]}
     wanted = {}

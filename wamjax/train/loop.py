@@ -7,6 +7,8 @@ update step, loop), and the stage end (budget, steps, preemption or numerical fa
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from wamjax.checkpoint import clip_import
+from wamjax.checkpoint import adapters, clip_import
 from wamjax.checkpoint import manager as ckpt
 from wamjax.checkpoint.norm_stats import checked_norm_stats, has_norm_stats
 from wamjax.checkpoint.wan_vae_import import import_diffusers_wan_vae
@@ -29,8 +31,8 @@ from wamjax.flops.stage import StepFlops, train_step_flops
 from wamjax.models import vae as vae_lib
 from wamjax.parallel.mesh import logical_rules, make_mesh, replicated
 from wamjax.parallel.placement import check_placement, device_batch
-from wamjax.paths import PathLike, as_path
-from wamjax.stages import StageSpec, stage_list, stage_spec
+from wamjax.paths import PathLike, as_path, is_uri
+from wamjax.stages import StageSpec, is_trainable, stage_list, stage_spec
 from wamjax.train import inputs as inputs_lib
 from wamjax.train.guards import NonfiniteGuard
 from wamjax.train.hooks import HookFactory, StageContext, check_hooks
@@ -73,7 +75,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, goodput: GoodputReco
     rules = logical_rules(config.mesh.rules)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
-    manager = ckpt.make_manager(workdir, config.checkpoint)
+    if str(config.get("lora", {}).get("base", "")):
+        raise ValueError(f"lora.base={config.lora.base!r}: it is written by the trainer into adapters-only "
+                         "checkpoints; name a LoRA stage's base with stages.<stage>.init_from")
+    keep_steps = ckpt.KeepSteps()  # steps a later stage still reads (an adapters-only stage's base)
+    manager = ckpt.make_manager(workdir, config.checkpoint, keep_steps)
     latest = manager.latest_step()
     resume_ledger = None
     if latest is not None:
@@ -96,7 +102,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, goodput: GoodputReco
                     continue
                 result = run_stage(stage_spec(config, stage), config=config, workdir=workdir, mesh=mesh,
                                    rules=rules, manager=manager, writer=writer, previous=previous,
-                                   preemption=preemption, goodput=goodput, hooks=hooks)
+                                   preemption=preemption, goodput=goodput, hooks=hooks, keep_steps=keep_steps)
                 results.append(result)
                 previous = result
     finally:
@@ -116,6 +122,8 @@ class _StageRun:
     data_iter: Any
     text: Any
     frozen_params: Any
+    saved_config: dict  # the run config saved with every checkpoint (with an adapters-only stage's base)
+    saved_state: Any  # TrainState -> what a checkpoint holds of it
     mesh: jax.sharding.Mesh
     rules: Any
     manager: Any
@@ -131,7 +139,8 @@ class _StageRun:
 
 def run_stage(spec: StageSpec, *, config: ml_collections.ConfigDict, workdir: Any, mesh: jax.sharding.Mesh,
               rules: Any, manager: Any, writer: MetricsWriter, previous: StageResult | None, preemption: Preemption,
-              goodput: GoodputRecorder | None = None, hooks: Sequence[HookFactory] = ()) -> StageResult:
+              goodput: GoodputRecorder | None = None, hooks: Sequence[HookFactory] = (),
+              keep_steps: ckpt.KeepSteps | None = None) -> StageResult:
     """Runs one stage to its end (steps or budget), from its checkpoint, init_from, the previous stage, or fresh.
 
     `config` is the whole run config, stored with every checkpoint; the stage's settings come from `spec`.
@@ -163,10 +172,22 @@ def run_stage(spec: StageSpec, *, config: ml_collections.ConfigDict, workdir: An
     stage_start = saved_ledger.stage_start_step[stage] if resuming else int(start_global)
     built = build_stage_step(spec, mesh, rules, total_steps=total_steps, stage_start_step=stage_start)
     layout = sharded_init(built.init_boxed, mesh, rules, seed=spec.seed)
+    base = _adapters_base(spec, previous, workdir, keep_steps)
+    saved_config = config.to_dict()
+    saved_state = (lambda s: s) if not base else functools.partial(_adapters_state, spec.trainable)
+    if base:
+        saved_config["lora"]["base"] = base
+        logging.info("stage %s: checkpoints hold the adapters and the modules trained in full (lora."
+                     "save_adapters_only); their base is %s", stage, base)
 
     # --- Restore or initialize ---------------------------------------------------------------------
     if resuming:
-        state, ledger, norm_stats = _resume(spec, manager, latest, layout, data_iter, norm_stats, flops, goodput)
+        abstract = saved_state(layout.abstract_state)
+        state, ledger, norm_stats = _resume(spec, manager, latest, abstract, data_iter, norm_stats, flops, goodput)
+        if base:  # the frozen base from where the stage took it, the saved leaves on top
+            start = initialize_from(spec, layout.init(jax.random.PRNGKey(spec.seed)), layout.shardings, previous,
+                                    workdir)
+            state = _onto(start, state)
         writer.truncate_after(latest)
     else:
         state = layout.init(jax.random.PRNGKey(spec.seed))
@@ -187,19 +208,21 @@ def run_stage(spec: StageSpec, *, config: ml_collections.ConfigDict, workdir: An
                            norm_stats=norm_stats, writer=writer, workdir=str(workdir))
     stage_hooks = [hook for hook in (factory(context) for factory in hooks) if hook is not None]
     run = _StageRun(spec=spec, config=config, train_step=train_step, data_iter=data_iter, text=text,
-                    frozen_params=frozen, mesh=mesh, rules=rules, manager=manager, writer=writer, goodput=goodput,
+                    frozen_params=frozen, saved_config=saved_config, saved_state=saved_state, mesh=mesh,
+                    rules=rules, manager=manager, writer=writer, goodput=goodput,
                     preemption=preemption, hooks=stage_hooks, norm_stats=norm_stats, flops=flops,
                     total_steps=total_steps, budget_limited=total_steps < spec.steps)
     _log_stage_start(run)
     return _run_steps(run, state, ledger)
 
 
-def _resume(spec: StageSpec, manager: Any, latest: int, layout: Any, data_iter: Any, norm_stats: dict,
+def _resume(spec: StageSpec, manager: Any, latest: int, abstract_state: Any, data_iter: Any, norm_stats: dict,
             flops: StepFlops, goodput: GoodputRecorder) -> tuple[TrainState, FlopLedger, dict]:
-    """The stage's state, ledger and stats from its latest checkpoint (the data iterator restored in place)."""
+    """The stage's state (what the checkpoint holds of it), ledger and stats from its latest checkpoint (the data
+    iterator restored in place)."""
     stage = spec.name
     goodput.switch("restore")
-    state, ledger_json, _, norm_stats_saved = ckpt.restore(manager, latest, layout.abstract_state, data_iter)
+    state, ledger_json, _, norm_stats_saved = ckpt.restore(manager, latest, abstract_state, data_iter)
     goodput.switch("init")
     goodput.resumed_at(int(state.step))
     ledger = FlopLedger.from_json(ledger_json)
@@ -212,6 +235,38 @@ def _resume(spec: StageSpec, manager: Any, latest: int, layout: Any, data_iter: 
     norm_stats = norm_stats_saved if has_norm_stats(norm_stats_saved) else norm_stats
     logging.info("stage %s: resumed from step %d", stage, latest)
     return state, ledger, norm_stats
+
+
+def _adapters_base(spec: StageSpec, previous: StageResult | None, workdir: Any,
+                   keep_steps: ckpt.KeepSteps | None) -> str:
+    """Where an adapters-only stage's frozen base is ("" for a stage whose checkpoints hold every parameter)."""
+    if not spec.save_adapters_only:
+        return ""
+    if spec.init_from:
+        return spec.init_from
+    if previous is None:
+        raise ValueError(f"lora.save_adapters_only: stage {spec.name!r} has no base to save its adapters against; "
+                         f"set stages.{spec.name}.init_from (a checkpoint or a diffusers Wan folder) or run a stage "
+                         "before it")
+    if keep_steps is not None:
+        keep_steps.steps.add(int(previous.final_step))  # never deleted while this stage's checkpoints need it
+    path = ckpt.step_dir(workdir, previous.final_step)
+    return str(path if is_uri(path) else os.path.abspath(str(path)))
+
+
+def _adapters_state(trainable: str, state: TrainState) -> TrainState:
+    """What an adapters-only checkpoint holds of `state`: every leaf but the frozen parameters (and their EMA)."""
+    keep = functools.partial(is_trainable, trainable=trainable)
+    ema = None if state.ema_params is None else adapters.subset(state.ema_params, keep)
+    return state.replace(params=adapters.subset(state.params, keep), ema_params=ema)
+
+
+def _onto(start: TrainState, saved: TrainState) -> TrainState:
+    """`saved` (an adapters-only state) with the frozen parameters of `start` filled in."""
+    def fill(full: Any, part: Any) -> Any:
+        return None if full is None else adapters.onto_base(full, part or {}, where="resuming the adapters")
+
+    return saved.replace(params=fill(start.params, saved.params), ema_params=fill(start.ema_params, saved.ema_params))
 
 
 def _frozen_params(config: ml_collections.ConfigDict, spec: StageSpec, mesh: jax.sharding.Mesh) -> Any:
@@ -258,7 +313,7 @@ def _run_steps(run: _StageRun, state: TrainState, ledger: FlopLedger) -> StageRe
     reason = "steps"
     guard = NonfiniteGuard(int(config.optim.max_consecutive_nonfinite))
     every = max(1, int(config.checkpoint.every_steps))
-    ledger_config = config.to_dict()
+    ledger_config = run.saved_config
     last_time = fetch_time = time.perf_counter()
     steps_since_fetch = 0
     steps_since_start = 0  # steps this process ran in this stage
@@ -321,8 +376,8 @@ def _run_steps(run: _StageRun, state: TrainState, ledger: FlopLedger) -> StageRe
             ledger.end_stage(stage, step)
         if save_step:
             goodput.switch("checkpoint")  # the blocking part (an async save's device-to-host copy)
-            ckpt.save(run.manager, step, state, run.data_iter, ledger.to_json(), ledger_config, run.norm_stats,
-                      force=True)
+            ckpt.save(run.manager, step, run.saved_state(state), run.data_iter, ledger.to_json(), ledger_config,
+                      run.norm_stats, force=True)
         if log_step or save_step or steps_since_start == 1:  # the first step: its compile is on record
             goodput.flush()
         if preempt:
@@ -334,8 +389,8 @@ def _run_steps(run: _StageRun, state: TrainState, ledger: FlopLedger) -> StageRe
     goodput.switch("checkpoint")
     if stage not in ledger.completed_stages:
         ledger.end_stage(stage, step)
-        ckpt.save(run.manager, step, state, run.data_iter, ledger.to_json(), ledger_config, run.norm_stats,
-                  force=True)
+        ckpt.save(run.manager, step, run.saved_state(state), run.data_iter, ledger.to_json(), ledger_config,
+                  run.norm_stats, force=True)
     run.manager.wait_until_finished()
     goodput.flush()
     writer.write_event({"event": "stage_end", "stage": stage, "step": step, "reason": reason,
