@@ -158,6 +158,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # actions clean (t_action = 0: world model); the rest are joint. 0 and 0 = joint only.
     c.diffusion.clean_video_prob = 0.0
     c.diffusion.clean_action_prob = 0.0
+    # Real-time chunking's training variant: a share of the examples gets its first k actions clean (t = 0, not in
+    # the loss), k uniform in 1..action_prefix_max (0: all but the last), so the policy learns to continue a chunk
+    # whose start was already executed (`Policy.act(action_prefix=...)`, the async closed loop).
+    c.diffusion.action_prefix_prob = 0.0
+    c.diffusion.action_prefix_max = 0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 3e-3 if tiny else 1e-4

@@ -9,7 +9,7 @@ from test_inference import TEXT_LEN, H, causal_model, jitted_forward, jitted_ini
 from train_utils import get_config
 
 from wamjax.diffusion import flow
-from wamjax.diffusion.modes import clean_probs
+from wamjax.diffusion.modes import action_prefix_settings, clean_probs, draw_action_prefix
 from wamjax.diffusion.sampler import SamplerOptions, sample, step_times
 from wamjax.diffusion.time_sampling import sample_chunk_times
 from wamjax.inference import kv_cache as kv
@@ -100,6 +100,34 @@ def test_default_shares_keep_the_joint_loss(joint_model):
         clean_probs(_diffusion(clean_video_prob=0.6, clean_action_prob=0.5))
     with pytest.raises(ValueError, match="diffusion.clean_action_prob=-0.1"):
         clean_probs(_diffusion(clean_action_prob=-0.1))
+
+
+def test_a_clean_action_prefix_enters_at_t0_and_leaves_the_loss(joint_model):
+    cfg, params = joint_model
+    d = _diffusion(action_prefix_prob=1.0, action_prefix_max=3)
+    metrics, (x0, batch) = _loss(cfg, params, d)
+    prefix = draw_action_prefix(example_rngs(jax.random.key(7), B), d, T_A)
+    lengths = np.asarray(prefix).sum(axis=1)
+    assert prefix.shape == (B, T_A) and set(lengths) <= {1, 2, 3} and len(set(lengths)) > 1
+    assert all(np.asarray(prefix)[i, : lengths[i]].all() for i in range(B))  # the first k of each example
+    t_video, t_action, noise, action_noise = _noised_by_hand(cfg, d, x0, batch["actions"])
+    t_action = jnp.where(prefix, 0.0, t_action)
+    out = jitted_forward(cfg, params, flow.add_noise(x0, noise, t_video), flow.to_model_timestep(t_video),
+                         batch["text_embeddings"], actions=flow.add_noise(batch["actions"], action_noise, t_action),
+                         t_action=flow.to_model_timestep(t_action), proprio=batch["proprio"])
+    err = jnp.mean(jnp.square(out.actions - (action_noise - batch["actions"])), axis=-1)
+    expected = jnp.sum(err * ~prefix) / jnp.sum(~prefix)
+    np.testing.assert_allclose(metrics["loss_action"], expected, rtol=1e-5)
+    default, _ = _loss(cfg, params, _diffusion())
+    assert abs(float(metrics["loss_action"]) - float(default["loss_action"])) > 1e-5
+    # Never the whole chunk: with the default maximum, the last action is always a target.
+    full = draw_action_prefix(example_rngs(jax.random.key(3), 64), _diffusion(action_prefix_prob=1.0), T_A)
+    assert not np.asarray(full)[:, -1].any() and np.asarray(full).sum(axis=1).max() == T_A - 1
+    assert draw_action_prefix(example_rngs(jax.random.key(3), 4), _diffusion(), T_A) is None
+    with pytest.raises(ValueError, match=r"diffusion.action_prefix_prob=1.5"):
+        action_prefix_settings(_diffusion(action_prefix_prob=1.5))
+    with pytest.raises(ValueError, match=r"diffusion.action_prefix_max=-1"):
+        action_prefix_settings(_diffusion(action_prefix_max=-1))
 
 
 def _euler_by_hand(cfg, params, latents, text, proprio, actions, times, hold):

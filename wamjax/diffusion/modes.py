@@ -4,7 +4,9 @@ joint: video and actions denoised together (a policy). imagine_then_act: the fut
 then the actions are inferred with that video held clean (inverse dynamics on imagined video). world_model:
 future frames generated given a clean action chunk. Training teaches the two conditional modes by drawing,
 per example, a share where the video is clean (t_video = 0, actions noisy) and a share where the actions are
-clean (t_action = 0, video noisy), as UVA and DreamZero do.
+clean (t_action = 0, video noisy), as UVA and DreamZero do. A second, independent draw gives a share of the
+examples a clean action prefix (the first k actions at t = 0, not in the loss): real-time chunking's training
+variant, so that the model learns to continue a chunk whose start it did not choose.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 POLICY_MODES = ("joint", "imagine_then_act")  # modes that return actions from an observation
@@ -59,3 +62,37 @@ def draw_clean_modalities(example_rngs: jax.Array, diffusion: ml_collections.Con
         return None
     u = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(r, CLEAN_DRAW_FOLD)))(example_rngs)
     return CleanDraw(video=u < pv, actions=(u >= pv) & (u < pv + pa))
+
+
+PREFIX_DRAW_FOLD = 2  # folded into an example's key for its action-prefix draw
+
+
+def action_prefix_settings(diffusion: ml_collections.ConfigDict) -> tuple[float, int]:
+    """(action_prefix_prob, action_prefix_max), checked; configs without the keys read as (0, 0): no prefix."""
+    p = float(diffusion.get("action_prefix_prob", 0.0))
+    k = int(diffusion.get("action_prefix_max", 0))
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"diffusion.action_prefix_prob={p}; expected a probability in [0, 1]")
+    if k < 0:
+        raise ValueError(f"diffusion.action_prefix_max={k}; expected >= 0 (0: up to all but the last action)")
+    return p, k
+
+
+def draw_action_prefix(example_rngs: jax.Array, diffusion: ml_collections.ConfigDict,
+                       num_actions: int) -> jax.Array | None:
+    """[B, T_a] booleans: the actions each example gets clean as an already-chosen prefix; None when off.
+
+    With probability `action_prefix_prob` an example's first k actions, k uniform in 1..K, where K is
+    `action_prefix_max` (0: all but the last action) capped at T_a - 1, so some action is always a target.
+    """
+    p, k_max = action_prefix_settings(diffusion)
+    if p == 0.0 or num_actions < 2:
+        return None
+    k_max = min(k_max or num_actions - 1, num_actions - 1)
+
+    def one(rng: jax.Array) -> jax.Array:
+        on_key, k_key = jax.random.split(jax.random.fold_in(rng, PREFIX_DRAW_FOLD))
+        k = jax.random.randint(k_key, (), 1, k_max + 1)
+        return (jax.random.uniform(on_key) < p) & (jnp.arange(num_actions) < k)
+
+    return jax.vmap(one)(example_rngs)

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 
 from wamjax.diffusion import flow
+from wamjax.diffusion.modes import action_prefix_settings
 
 
 def time_sampling(diffusion: ml_collections.ConfigDict, modality: str) -> tuple[str, str]:
@@ -23,12 +24,13 @@ def time_sampling(diffusion: ml_collections.ConfigDict, modality: str) -> tuple[
 
 
 def check_diffusion_config(diffusion: ml_collections.ConfigDict) -> None:
-    """Raises naming the key on an unknown time distribution or bad Beta parameters."""
+    """Raises naming the key on an unknown time distribution, bad Beta parameters or action-prefix settings."""
     for modality in ("video", "action"):
         flow.check_time_sampling(*time_sampling(diffusion, modality))
     for key in ("beta_a", "beta_b"):
         if float(diffusion.get(key, 1.0)) <= 0:
             raise ValueError(f"diffusion.{key}={diffusion.get(key)}; expected > 0")
+    action_prefix_settings(diffusion)
 
 
 def sample_chunk_times(

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from wamjax.diffusion import flow
-from wamjax.diffusion.modes import draw_clean_modalities
+from wamjax.diffusion.modes import draw_action_prefix, draw_clean_modalities
 from wamjax.diffusion.time_sampling import check_diffusion_config, sample_chunk_times
 from wamjax.models import clip
 from wamjax.models import vae as vae_lib
@@ -86,8 +86,9 @@ def loss_weights(
     num_latent_frames: int,
 ) -> dict[str, jax.Array]:
     """Per-item weights of the losses: "video" [B, F] (0 on context frames and on examples whose video is
-    held clean) and, in joint mode, "action" [B, T_a] (the action mask, 0 for video-only examples and for
-    examples whose actions are held clean), and the draw of clean modalities ("clean", None when off).
+    held clean) and, in joint mode, "action" [B, T_a] (the action mask, 0 for video-only examples, for
+    examples whose actions are held clean and on a clean action prefix), the draw of clean modalities ("clean",
+    None when off) and of clean action prefixes ("action_prefix" [B, T_a], None when off).
 
     A clean modality is an input, not a target: its loss is not counted for that example (as in UVA and
     DreamZero). The draw is a function of the per-example keys, so micro-batches see the global batch's.
@@ -98,12 +99,15 @@ def loss_weights(
     video = jnp.broadcast_to(jnp.asarray(~context, jnp.float32)[None], (b, num_latent_frames))
     if clean is not None:
         video = video * (~clean.video)[:, None]
-    out = {"video": video, "clean": clean}
+    out = {"video": video, "clean": clean, "action_prefix": None}
     if spec.mode == "joint":
         action = batch["action_mask"].astype(jnp.float32) * example_has_actions(batch)[:, None]
         if clean is not None:
             action = action * (~clean.actions)[:, None]
-        out["action"] = action
+        prefix = draw_action_prefix(rngs, diffusion, batch["action_mask"].shape[1])
+        if prefix is not None:  # a clean prefix is an input, not a target
+            action = action * ~prefix
+        out["action"], out["action_prefix"] = action, prefix
     return out
 
 
@@ -167,6 +171,8 @@ def compute_loss(
             t_action = t_video[:, np.minimum(action_latent_frame(cfg, actions.shape[1]), f - 1)]
         if clean is not None:
             t_action = jnp.where(clean.actions[:, None], 0.0, t_action)
+        if weights["action_prefix"] is not None:
+            t_action = jnp.where(weights["action_prefix"], 0.0, t_action)
         action_noise = _normal_per_example(rng_na, actions.shape, actions.dtype)
         noisy_actions = flow.add_noise(actions, action_noise, t_action)
         proprio = batch["proprio"]
