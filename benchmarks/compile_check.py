@@ -9,9 +9,10 @@ kernels x remat policies, one table. Compile only: nothing runs, no TPU is neede
 Each row is the video_pretrain train step of configs/wam.py:size=SIZE on a clip of FRAMESxHEIGHTxWIDTH, with
 latents from a cache (the config's default), 512 text tokens, bfloat16 compute, FSDP over every chip and a
 global batch of `--batch_per_chip` x chips. Columns: fits (or why not), GiB per chip (arguments + outputs +
-temporaries; "+" when the compiler gave up counting), compile seconds, roofline step time and MFU bound
-(peak FLOP/s and HBM bandwidth of the chip), and XLA's FLOPs over the analytic count (`--xla_flops` compiles
-1- and 2-layer copies of the step for it, as XLA counts a scanned loop's body once).
+temporaries; "+" when the compiler gave up counting), compile seconds, roofline step time, what bounds it
+(compute at peak FLOP/s, HBM traffic, collective traffic over the chip's ICI) and MFU bound, and XLA's FLOPs
+over the analytic count (`--xla_flops` compiles 1- and 2-layer copies of the step for it, as XLA counts a scanned
+loop's body once).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def format_row(key: tuple, row: dict) -> str:
     ratio = "-" if row["flop_ratio"] is None else f"{row['flop_ratio']:.3f}"
     host = f" host {row['host_bytes'] / GIB:.1f} GiB" if row.get("host_bytes") else ""
     return (f"{head} {row['global_batch'] // row['chips']:>3d} {fits:>15s} {gib:>9s} {row['compile_s']:8.1f} "
-            f"{row['step_time_bound_s']:9.2f} {100 * row['mfu_bound']:6.1f}% {ratio:>7s}{host}")
+            f"{row['step_time_bound_s']:9.2f} {row.get('bound', '-'):>13s} {100 * row['mfu_bound']:6.1f}% "
+            f"{ratio:>7s}{host}")
 
 
 def main() -> None:
@@ -101,7 +103,7 @@ def main() -> None:
     keys = list(itertools.product(split(args.sizes), split(args.clips), split(args.topologies), split(args.kernels),
                                   split(args.remats)))
     print(f"{'size':8s} {'clip':12s} {'topology':8s} {'kernel':12s} {'remat':22s} {'b/c':>3s} {'fits':>15s} "
-          f"{'GiB/chip':>9s} {'compile':>8s} {'step>=s':>9s} {'MFU<=':>7s} {'XLA/an':>7s}", flush=True)
+          f"{'GiB/chip':>9s} {'compile':>8s} {'step>=s':>9s} {'bound':>13s} {'MFU<=':>7s} {'XLA/an':>7s}", flush=True)
     rows: dict[tuple, dict] = {}
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         futures = {pool.submit(run_row, *key, args.batch_per_chip, args.xla_flops, args.timeout, overrides): key
@@ -124,14 +126,15 @@ def main() -> None:
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a RESULTS.md table."""
     out = ["| model | clip (tokens) | topology (chips) | kernel | remat | batch / chip | result | GiB per chip "
-           "(args / temps / total of HBM) | compile s | step >= | MFU <= | XLA / analytic FLOPs |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "(args / temps / total of HBM) | compile s | step >= | bound (compute / HBM / ICI s) | MFU <= | "
+           "XLA / analytic FLOPs |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         frames, height, width = (int(x) for x in r["clip"].split("x"))
         tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
         head = f"| {r['size']} | {r['clip']} ({tokens:,}) | {r['topology']}"
         if "error" in r:
-            out.append(f"{head} | {r['kernel']} | {r['remat']} | - | error: {r['error']} | - | - | - | - | - |")
+            out.append(f"{head} | {r['kernel']} | {r['remat']} | - | error: {r['error']} | - | - | - | - | - | - |")
             continue
         head += f" ({r['chips']}) | {r['kernel']} | {r['remat']} | {r['global_batch'] // r['chips']}"
         oom = bool(r["out_of_memory"])
@@ -151,7 +154,10 @@ def markdown_table(rows: list[dict]) -> str:
             ratio += " (XLA does not count the splash kernel)"
         step = "-" if oom else f"{r['step_time_bound_s']:.2f} s"
         mfu = "-" if oom else f"{100 * r['mfu_bound']:.1f}%"
-        out.append(f"{head} | {result} | {gib} | {r['compile_s']:.0f} | {step} | {mfu} | {ratio} |")
+        comm = r.get("communication_s")
+        bound = "-" if oom else (f"{r.get('bound', 'compute')} ({r.get('compute_s', 0.0):.2f} / "
+                                 f"{r.get('memory_s', 0.0):.2f} / {'-' if comm is None else f'{comm:.2f}'})")
+        out.append(f"{head} | {result} | {gib} | {r['compile_s']:.0f} | {step} | {bound} | {mfu} | {ratio} |")
     return "\n".join(out) + "\n"
 
 if __name__ == "__main__":

@@ -241,3 +241,50 @@ def test_offload_remat_policies_give_the_gradients_of_full_remat():
     for policy in ("offload_block_inputs", "offload_dots_no_batch"):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads[policy],
                      grads["full"])
+
+
+def test_collective_traffic_reads_every_replica_group_format_and_async_starts():
+    from wamjax.flops.collectives import collective_traffic
+
+    hlo = "\n".join([
+        "  %ag = f32[64,128]{1,0} all-gather(%p), channel_id=1, replica_groups=mesh['a'=4,'b'=2] {'a'}, "
+        "dimensions={0}",
+        "  %rs = bf16[8,128]{1,0} reduce-scatter(%g), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}",
+        "  %ar = f32[100]{0} all-reduce(%x), replica_groups=[1,8]<=[8], to_apply=%add",
+        "  %ars = f32[100]{0} all-reduce-start(%x), replica_groups={}, to_apply=%add",
+        "  %ard = f32[100]{0} all-reduce-done(%ars)",
+        "  %ags = (f32[16,128]{1,0}, f32[64,128]{1,0}) all-gather-start(%p), replica_groups=[2,4]<=[8], "
+        "dimensions={0}",
+        "  %cp = f32[10]{0} collective-permute(%y), source_target_pairs={{0,1},{1,0}}",
+        "  %one = f32[10]{0} all-reduce(%z), replica_groups={{0},{1}}, to_apply=%add",
+    ])
+    traffic = collective_traffic(hlo, 8)
+    assert traffic["all-gather"] == 2 * 64 * 128 * 4 * 3 / 4 * 2  # the mesh-axis group (4) and the async start
+    assert traffic["reduce-scatter"] == 2 * (8 * 128 * 2 * 4) * 3 / 4  # the result is 1/n of the buffer
+    assert traffic["all-reduce"] == 2 * 4 * 400 * 7 / 8  # two of 8 chips (iota and {} = all); not the done
+    assert traffic["collective-permute"] == 2 * 40
+    assert set(traffic) == {"all-gather", "reduce-scatter", "all-reduce", "collective-permute"}
+
+
+def test_the_roofline_counts_the_collectives_of_the_compiled_step():
+    config = get_config("size=tiny,stage=video_pretrain")
+    config.data.latents_cache = "latents"
+    scanned = compile_check.check(config, "v5p:2x2x1")  # the stack's collectives from 1- and 2-layer compiles
+    config.model.scan_layers = False
+    unrolled = compile_check.check(config, "v5p:2x2x1")
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(_init_boxed(config),
+                                                                                 jax.random.key(0)).params))
+    for report in (scanned, unrolled):
+        traffic = report.collectives
+        # Over 4 chips every float32 parameter is gathered and its gradient reduce-scattered (2 x 3/4 of its bytes
+        # each), or, replicated, its gradient all-reduced (4 x 3/4): at least 2 x 2 x 3/4 of the bytes per chip.
+        assert sum(traffic.values()) >= 2 * 2 * 0.75 * 4 * params
+        assert traffic["all-gather"] > 0
+        assert report.communication_time == pytest.approx(sum(traffic.values()) / 1200e9)
+        out = report.to_json()
+        assert out["communication_s"] > 0 and out["bound"] in ("compute", "memory", "communication")
+        assert out["step_time_bound_s"] == max(out["compute_s"], out["memory_s"], out["communication_s"])
+        assert "collectives       per chip" in report.format()
+    assert sum(scanned.collectives.values()) == pytest.approx(sum(unrolled.collectives.values()), rel=0.2)
+    single = compile_check.check(config, "v5e:1x1")
+    assert single.collectives == {} and single.communication_time == 0.0 and single.bound_by != "communication"

@@ -11,7 +11,10 @@ is the loop's own jitted step (`train.setup.jit_train_step` of `train.step.make_
 Printed per chip: memory (arguments, outputs, temporaries, total against the chip's HBM), XLA's FLOPs
 against the analytic hardware count (`wamjax.flops.analytic`: what the TPU kernel computes at its block sizes,
 remat included), and a roofline bound on the step time (from hardware FLOPs) and on MFU (model FLOPs: attention
-over the pairs the mask shows) from the chip's peak FLOP/s and HBM bandwidth (`wamjax.flops.peak`). XLA's cost
+over the pairs the mask shows) from the chip's peak FLOP/s, HBM bandwidth and ICI bandwidth (`wamjax.flops.peak`):
+the collectives of the compiled step (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute; bytes
+per chip, `wamjax.flops.collectives`) over the chip's links give the communication bound, and the row says which
+of compute, memory and communication bounds the step. XLA's cost
 analysis counts a loop body once, so for a scanned block stack the step is also compiled with 1 and 2 unrolled
 layers and the count extrapolated (`--xla_flops`). When the config encodes frames with the VAE inside the step
 (no `data.latents_cache`), the step is compiled again on latents and the VAE's share is reported
@@ -65,6 +68,35 @@ class Report:
     vae_in_step: bool
     vae_delta: Compiled | None = None  # the same step on cached latents (no VAE), for the VAE's share
     opaque_attention: bool = False  # attention is a Pallas kernel: XLA's cost analysis counts none of its FLOPs
+    collectives: dict[str, float] | None = None  # kind -> bytes per chip sent + received, loops counted in full
+
+    @property
+    def compute_time(self) -> float:
+        """Seconds at peak FLOP/s: XLA's FLOPs unless they miss an opaque (Pallas) attention kernel, else the
+        analytic count."""
+        use_xla = self.xla_flops is not None and not self.opaque_attention
+        flops = self.xla_flops if use_xla else self.analytic_flops
+        return flops / self.topology.chips / self.topology.peak_flops
+
+    @property
+    def memory_time(self) -> float:
+        """Seconds to move XLA's bytes accessed at full HBM bandwidth (0 when not counted)."""
+        return (self.xla_bytes_accessed or 0.0) / self.topology.hbm_bandwidth
+
+    @property
+    def communication_time(self) -> float | None:
+        """Seconds for each chip's collective traffic over all its ICI links at once (an optimistic bound: a
+        collective over one mesh axis uses only that axis's links); None when not counted or the ICI is unknown."""
+        if self.collectives is None or not self.topology.ici_bandwidth:
+            return None
+        return sum(self.collectives.values()) / self.topology.ici_bandwidth
+
+    @property
+    def bound_by(self) -> str:
+        """Which of compute, memory (HBM) and communication (ICI) bounds the step."""
+        times = {"compute": self.compute_time, "memory": self.memory_time,
+                 "communication": self.communication_time or 0.0}
+        return max(times, key=times.get)
 
     @property
     def fits(self) -> bool:
@@ -76,13 +108,9 @@ class Report:
 
     @property
     def step_time_bound(self) -> float:
-        """Roofline lower bound on the step time: max(compute at peak, HBM traffic at full bandwidth). XLA's
-        FLOPs are used unless they miss an opaque (Pallas) attention kernel; then the analytic count is."""
-        use_xla = self.xla_flops is not None and not self.opaque_attention
-        flops = self.xla_flops if use_xla else self.analytic_flops
-        compute = flops / self.topology.chips / self.topology.peak_flops
-        memory = (self.xla_bytes_accessed or 0.0) / self.topology.hbm_bandwidth
-        return max(compute, memory)
+        """Roofline lower bound on the step time: the largest of compute at peak, HBM traffic at full bandwidth
+        and collective traffic at full ICI bandwidth (none of them overlapped away)."""
+        return max(self.compute_time, self.memory_time, self.communication_time or 0.0)
 
     @property
     def mfu_bound(self) -> float:
@@ -109,7 +137,9 @@ class Report:
             "total_bytes": c.total_bytes, "compile_s": c.compile_s, "analytic_flops": self.analytic_flops,
             "model_flops": self.model_flops, "xla_flops": self.xla_flops, "flop_ratio": self.flop_ratio,
             "step_time_bound_s": self.step_time_bound, "mfu_bound": self.mfu_bound,
-            "opaque_attention": self.opaque_attention,
+            "opaque_attention": self.opaque_attention, "compute_s": self.compute_time, "memory_s": self.memory_time,
+            "communication_s": self.communication_time, "collective_bytes": self.collectives,
+            "ici_bandwidth": t.ici_bandwidth, "bound": self.bound_by,
         }
         if self.vae_delta is not None:
             out["vae_added_bytes"] = c.total_bytes - self.vae_delta.total_bytes
@@ -153,9 +183,16 @@ class Report:
             lines.append("                  XLA      not counted (--noxla_flops, an inference loop, or a compile that "
                          "ran out of memory)")
         bound = "" if self.xla_bytes_accessed else " [compute only: no XLA byte count]"
-        lines.append(f"roofline          step >= {self.step_time_bound * 1e3:.2f} ms "
-                     f"(peak {t.peak_flops / 1e12:.0f} TFLOP/s, HBM {t.hbm_bandwidth / 1e9:.0f} GB/s per chip); "
+        ici = f", ICI {t.ici_bandwidth / 1e9:.0f} GB/s" if t.ici_bandwidth else ""
+        lines.append(f"roofline          step >= {self.step_time_bound * 1e3:.2f} ms, {self.bound_by}-bound "
+                     f"(peak {t.peak_flops / 1e12:.0f} TFLOP/s, HBM {t.hbm_bandwidth / 1e9:.0f} GB/s{ici} per chip); "
                      f"MFU <= {100 * self.mfu_bound:.1f}%{bound}")
+        comm = self.communication_time
+        lines.append(f"                  compute {self.compute_time * 1e3:.2f} ms, HBM {self.memory_time * 1e3:.2f} "
+                     "ms, " + ("communication not counted" if comm is None else f"communication {comm * 1e3:.2f} ms"))
+        if self.collectives:
+            lines.append("collectives       per chip, sent + received: " + ", ".join(
+                f"{kind} {b / GIB:.3f} GiB" for kind, b in sorted(self.collectives.items(), key=lambda kv: -kv[1])))
         if self.vae_delta is not None:
             d = self.vae_delta
             lines.append(
@@ -207,23 +244,30 @@ def check(config: ml_collections.ConfigDict, topology: str, *, what: str = "trai
     step = train_step_flops(spec, pad_to_multiple=mesh_sizes["sequence"], backend="tpu")
     vae_in_step = not spec.uses_latents_cache
     analytic = step.hardware_per_step + (step.frozen_per_step if vae_in_step else 0.0)
-    xla_total, bytes_accessed = None, None
+    xla_total, bytes_accessed, collectives = None, None, None
     if xla_flops:
         if cfg.scan_layers and cfg.num_layers > 1:
             log("counting XLA FLOPs: the step with 1 and 2 unrolled layers ...")
             one = compile_train_step(unrolled(config, 1), stage, mesh)
             two = compile_train_step(unrolled(config, 2), stage, mesh)
-            per_chip = one.flops + (cfg.num_layers - 1) * (two.flops - one.flops)
-            bytes_accessed = one.bytes_accessed + (cfg.num_layers - 1) * (two.bytes_accessed - one.bytes_accessed)
-            xla_total = None if (one.out_of_memory or two.out_of_memory) else per_chip * topo.chips
+            layers = cfg.num_layers - 1
+            per_chip = one.flops + layers * (two.flops - one.flops)
+            bytes_accessed = one.bytes_accessed + layers * (two.bytes_accessed - one.bytes_accessed)
+            if not (one.out_of_memory or two.out_of_memory):
+                xla_total = per_chip * topo.chips
+                collectives = {kind: max(0.0, one.collectives.get(kind, 0.0) + layers * (
+                    two.collectives.get(kind, 0.0) - one.collectives.get(kind, 0.0)))
+                    for kind in {*one.collectives, *two.collectives}}
         elif not compiled.out_of_memory:
             per_chip, bytes_accessed = compiled.flops, compiled.bytes_accessed
             xla_total = per_chip * topo.chips
+            collectives = dict(compiled.collectives)
     if xla_total is not None and spec.microbatches > 1:
         # The micro-batches are a scan whose body XLA counts once (the optimizer update outside it is then
         # counted `microbatches` times too: a small excess).
         xla_total *= spec.microbatches
         bytes_accessed = None if bytes_accessed is None else bytes_accessed * spec.microbatches
+        collectives = None if collectives is None else {k: v * spec.microbatches for k, v in collectives.items()}
     delta = None
     # An image-conditioned step encodes its conditioning from the frames: it has no latents-only variant.
     if vae_in_step and vae_delta and spec.image_encoder is None:
@@ -232,7 +276,8 @@ def check(config: ml_collections.ConfigDict, topology: str, *, what: str = "trai
     kernel = resolve_attention(cfg.attention, "tpu", cfg.dtype)
     return Report(what, stage, topo, mesh_sizes, spec.clip.batch_size, compiled, analytic_flops=analytic,
                   model_flops=step.train_per_step, xla_flops=xla_total, xla_bytes_accessed=bytes_accessed,
-                  vae_in_step=vae_in_step, vae_delta=delta, opaque_attention=kernel == "splash")
+                  vae_in_step=vae_in_step, vae_delta=delta, opaque_attention=kernel == "splash",
+                  collectives=collectives)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import ml_collections
 from wamjax import stages as stages_lib
 from wamjax.diffusion.sampler import SamplerOptions
 from wamjax.flops import peak as peak_lib
+from wamjax.flops.collectives import collective_traffic
 from wamjax.flops.ledger import stage_step_count
 from wamjax.flops.stage import train_step_flops
 from wamjax.inference.policy_step import PolicyShapes, policy_step
@@ -70,6 +71,7 @@ class Topology:
     hbm_bytes: int
     peak_flops: float
     hbm_bandwidth: float
+    ici_bandwidth: float | None = None  # bidirectional, all links, per chip; None when unknown
 
     @property
     def chips(self) -> int:
@@ -121,7 +123,7 @@ def get_topology(name: str) -> Topology:
     if hbm is None or peak is None or bandwidth is None:
         raise CompileCheckError(f"--topology={name!r}: no HBM/peak figures for device kind {kind!r} in "
                                 "wamjax.flops.peak")
-    return Topology(canonical, devices, kind, hbm, peak, bandwidth)
+    return Topology(canonical, devices, kind, hbm, peak, bandwidth, peak_lib.ici_bandwidth_per_device(kind))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,6 +145,7 @@ class Compiled:
     bytes_accessed: float
     compile_s: float
     out_of_memory: str = ""  # the compiler's message when it refused the program; "" when it compiled
+    collectives: dict[str, float] = dataclasses.field(default_factory=dict)  # kind -> bytes per chip (loops once)
 
     @property
     def total_bytes(self) -> int:
@@ -160,6 +163,12 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether a compile error is the compiler refusing a program that does not fit HBM."""
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+
+
+def num_devices(args: Any) -> int:
+    """Devices a program over these sharded arguments runs on (1 when none is sharded)."""
+    return max((len(a.sharding.device_set) for a in jax.tree.leaves(args) if getattr(a, "sharding", None)),
+               default=1)
 
 
 def per_device_argument_bytes(args: Any) -> int:
@@ -196,6 +205,7 @@ def _compile(jitted: Any, *args: Any) -> Compiled:
         flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         compile_s=seconds,
+        collectives=collective_traffic(compiled.as_text(), num_devices(args)),
     )
 
 

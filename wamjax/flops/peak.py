@@ -36,6 +36,17 @@ HBM_BANDWIDTH: tuple[tuple[str, float], ...] = (
     ("a100", 2039e9),
 )
 
+# (substring of the lower-cased device_kind, bidirectional inter-chip interconnect bytes/s per chip, all links), as
+# Cloud TPU documents them; v4's is not listed there in these units, so it is left unknown.
+ICI_BANDWIDTH: tuple[tuple[str, float], ...] = (
+    ("v6 lite", 800e9),
+    ("v6e", 800e9),
+    ("v5 lite", 400e9),
+    ("v5e", 400e9),
+    ("v5p", 1200e9),
+    ("tpu v5", 1200e9),
+)
+
 # (substring of the lower-cased device_kind, HBM bytes per chip); TPU sizes as Cloud TPU documents them.
 HBM_BYTES: tuple[tuple[str, int], ...] = (
     ("v6 lite", 32 * 2**30),
@@ -64,6 +75,11 @@ def _lookup(table: tuple[tuple[str, float], ...], device_kind: str) -> float | N
 def hbm_bandwidth_per_device(device_kind: str) -> float | None:
     """HBM bandwidth in bytes/s of one `device_kind` chip; None when unknown."""
     return _lookup(HBM_BANDWIDTH, device_kind)
+
+
+def ici_bandwidth_per_device(device_kind: str) -> float | None:
+    """Bidirectional ICI bytes/s of one `device_kind` chip over all its links; None when unknown."""
+    return _lookup(ICI_BANDWIDTH, device_kind)
 
 
 def hbm_bytes_per_device(device_kind: str) -> int | None:
