@@ -2,7 +2,8 @@
 
 Usage: --config=configs/wam.py:size=tiny,stage=video_pretrain  then  --config.train.steps=50 ...
   size:  tiny | small | lab | wan1.3b | wan14b | tiny-i2v | wan14b-i2v (Wan2.1-I2V: first-frame + CLIP
-         conditioning); lab is the CPU model configs/lab.py trains
+         conditioning) | tiny-ti2v | wan2.2-ti2v-5b (Wan2.2-TI2V: 48 latent channels, the first latent frame
+         clean); lab is the CPU model configs/lab.py trains
   stage: video_pretrain | action_tune | all (both stages back to back)
   data:  synthetic | oxe (default: oxe for tiny runs is set by the quickstart through --config.data.source)
 """
@@ -88,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stage = args.get("stage", "video_pretrain")
     if stage not in (*STAGES, "all"):
         raise ValueError(f"stage={stage!r}; expected one of {(*STAGES, 'all')}")
-    tiny = size in ("tiny", "small", "tiny-i2v", "lab")  # CPU sizes
+    tiny = size in ("tiny", "small", "tiny-i2v", "tiny-ti2v", "lab")  # CPU sizes
 
     c = ml_collections.ConfigDict()
     c.size = size
@@ -127,6 +128,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.vae = ml_collections.ConfigDict()
     c.vae.size = "tiny" if tiny else "wan2.1"
+    if c.model.in_channels == 48:  # Wan2.2-TI2V's 48 latent channels: raw 4x4 pixel patches on CPU
+        c.vae.size = "pixels4" if tiny else "wan2.2"
     c.vae.weights = ""  # diffusers AutoencoderKLWan folder; "" = random init (tiny CPU runs only)
     c.vae.seed = 1234
 

@@ -224,3 +224,55 @@ def test_i2v_parameter_count_equals_diffusers():
     with torch.device("meta"):
         reference = WanTransformer3DModel(**{k: v for k, v in cfg.diffusers_config().items() if k[0] != "_"})
     assert ours == sum(p.numel() for p in reference.parameters()) == PUBLISHED_PARAM_COUNTS["wan14b-i2v"]
+
+
+# --- Wan2.2-TI2V-5B: the same transformer over 48 channels, the first latent frame clean (per-token timesteps) ---
+
+TINY_TI2V = {**TINY, "in_channels": 48, "out_channels": 48}
+
+
+def test_ti2v_with_a_clean_first_frame_matches_diffusers_per_token_timesteps(tmp_path):
+    torch.manual_seed(3)
+    model = WanTransformer3DModel(**TINY_TI2V).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    cfg = ModelConfig.from_dict(TINY_TI2V)
+    _, params = import_diffusers_wan(model.state_dict(), cfg)
+    rng = np.random.default_rng(0)
+    b, f, h, w = 2, 3, 4, 6
+    latents = rng.standard_normal((b, f, h, w, 48)).astype(np.float32)
+    text = rng.standard_normal((b, 7, 16)).astype(np.float32)
+    # Wan 2.2's text-image-to-video: the first latent frame is the clean image (t = 0), the rest share t.
+    t_frames = np.array([[0.0, 640.0, 640.0], [0.0, 35.0, 35.0]], np.float32)
+    tokens_per_frame = (h // 2) * (w // 2)
+    t_tokens = np.repeat(t_frames, tokens_per_frame, axis=1)  # diffusers' [B, seq_len] timesteps
+    with torch.no_grad():
+        ref = model(torch.from_numpy(latents).permute(0, 4, 1, 2, 3), torch.from_numpy(t_tokens),
+                    torch.from_numpy(text), return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()
+    out = np.asarray(wam.wam_forward(cfg, jax.tree.map(jnp.asarray, params), latents, t_frames, text).video)
+    assert out.shape == ref.shape == (b, f, h, w, 48)
+    assert np.abs(out - ref).max() < 1e-4
+    # Exported back, diffusers loads the same model.
+    from wamjax.export.to_torch import write_diffusers_transformer
+
+    write_diffusers_transformer(tmp_path / "ti2v", cfg, params)
+    back = WanTransformer3DModel.from_pretrained(tmp_path / "ti2v").eval()
+    assert back.config.in_channels == 48
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    # Per frame is what it reads: one timestep for the whole clip gives another output.
+    with torch.no_grad():
+        whole = model(torch.from_numpy(latents).permute(0, 4, 1, 2, 3), torch.from_numpy(t_frames[:, 1]),
+                      torch.from_numpy(text), return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()
+    assert np.abs(whole - ref).max() > 1e-3
+
+
+def test_ti2v_5b_parameter_count_equals_diffusers():
+    cfg = ModelConfig.from_dict(SIZES["wan2.2-ti2v-5b"])
+    assert (cfg.dim, cfg.num_layers, cfg.in_channels, cfg.ffn_dim) == (3072, 30, 48, 14336)
+    shapes = jax.eval_shape(lambda: wam.init_params(cfg, jax.random.key(0), (21, 44, 80, 48), 512))
+    ours = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    with torch.device("meta"):
+        reference = WanTransformer3DModel(**{k: v for k, v in cfg.diffusers_config().items() if k[0] != "_"})
+    assert ours == sum(p.numel() for p in reference.parameters()) == PUBLISHED_PARAM_COUNTS["wan2.2-ti2v-5b"]

@@ -168,6 +168,17 @@ SIZES: dict[str, dict[str, Any]] = {
         num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, in_channels=36,
         image_dim=1280, added_kv_proj_dim=5120,
     ),
+    # Wan2.2-TI2V-5B: the same transformer over the Wan 2.2 VAE's 48 latent channels (16x spatial compression);
+    # text-image-to-video holds the first latent frame clean at t = 0 (per-frame timesteps, no CLIP tower).
+    "wan2.2-ti2v-5b": dict(
+        num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, num_layers=30, in_channels=48,
+        out_channels=48,
+    ),
+    # Its CPU-sized sibling (tiny widths, 48 channels).
+    "tiny-ti2v": dict(
+        num_attention_heads=2, attention_head_dim=24, ffn_dim=96, num_layers=2, text_dim=32, freq_dim=32,
+        in_channels=48, out_channels=48,
+    ),
     # The tiny size with image conditioning (16 + 4 + 16 input channels, as Wan2.1-I2V).
     "tiny-i2v": dict(
         num_attention_heads=2, attention_head_dim=24, ffn_dim=96, num_layers=2, text_dim=32, freq_dim=32,
@@ -176,8 +187,10 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 # Parameter counts of the published checkpoints as diffusers' WanTransformer3DModel counts them (T2V 1.3B and
-# 14B; Wan2.1-I2V-14B-480P, whose image embedder and per-block image keys/values add 2.1B to the 14B T2V).
-PUBLISHED_PARAM_COUNTS = {"wan1.3b": 1_418_996_800, "wan14b": 14_288_491_584, "wan14b-i2v": 16_394_878_784}
+# 14B; Wan2.1-I2V-14B-480P, whose image embedder and per-block image keys/values add 2.1B to the 14B T2V;
+# Wan2.2-TI2V-5B).
+PUBLISHED_PARAM_COUNTS = {"wan1.3b": 1_418_996_800, "wan14b": 14_288_491_584, "wan14b-i2v": 16_394_878_784,
+                          "wan2.2-ti2v-5b": 4_999_787_712}
 
 
 def model_config_from_run(run_config: Mapping[str, Any]) -> ModelConfig:
