@@ -191,6 +191,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache: "" = WORKDIR/compilation_cache (or JAX_COMPILATION_CACHE_DIR when
     # set), "off", or a directory (gs:// too). A restart loads its executables instead of compiling them.
     c.train.compilation_cache_dir = ""
+    # A file holding the compiled train step (`compile_check --save=FILE`, or written by the first start): a start
+    # with the same devices, shapes and config loads it and compiles nothing; any other is refused naming the
+    # difference. "" = off. With stage=all each stage needs its own: a {stage} in the name is replaced.
+    c.train.compiled_step = ""
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 25 if tiny else 1000

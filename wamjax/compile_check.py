@@ -42,6 +42,7 @@ from wamjax.compile_steps import (
     compile_train_step,
     get_topology,
     resolve_stage,
+    save_train_step,
     unrolled,
 )
 from wamjax.flops.analytic import SequenceShape, forward_flops
@@ -207,9 +208,10 @@ class Report:
 
 
 def check(config: ml_collections.ConfigDict, topology: str, *, what: str = "train", stage: str | None = None,
-          xla_flops: bool = True, vae_delta: bool = True, num_steps: int = 4,
-          log: Callable[[str], None] = lambda _: None) -> Report:
-    """Compiles the configured step for `topology` and measures it (see the module docstring)."""
+          xla_flops: bool = True, vae_delta: bool = True, num_steps: int = 4, save: str = "",
+          stage_start_step: int = 0, log: Callable[[str], None] = lambda _: None) -> Report:
+    """Compiles the configured step for `topology` and measures it (see the module docstring); `save` writes the
+    compiled train step to that file for `train.compiled_step` (the stage starting at `stage_start_step`)."""
     if what not in ("train", "inference"):
         raise CompileCheckError(f"--what={what!r}; expected 'train' or 'inference'")
     topo = get_topology(topology)
@@ -225,6 +227,8 @@ def check(config: ml_collections.ConfigDict, topology: str, *, what: str = "trai
         raise CompileCheckError(str(e)) from e
     cfg = spec.model
     if what == "inference":
+        if save:
+            raise CompileCheckError("--save writes the train step; it is not offered with --what=inference")
         if not spec.joint:
             raise CompileCheckError(f"--what=inference needs a joint (action) stage; stage {stage} is "
                                     f"{spec.mode!r}: pass --stage=action_tune")
@@ -239,7 +243,12 @@ def check(config: ml_collections.ConfigDict, topology: str, *, what: str = "trai
                       xla_flops=None, xla_bytes_accessed=None, vae_in_step=True)
 
     log(f"compiling the train step of stage {stage} for {topo.name} ...")
-    compiled = compile_train_step(config, stage, mesh)
+    compiled = compile_train_step(config, stage, mesh, stage_start_step=stage_start_step)
+    if save:
+        if compiled.out_of_memory:
+            raise CompileCheckError(f"--save={save}: the step does not fit {topo.name}, so there is nothing to save")
+        save_train_step(config, stage, mesh, compiled, save, stage_start_step=stage_start_step)
+        log(f"wrote the compiled train step to {save} (load it with --config.train.compiled_step={save})")
     # Hardware FLOPs (the TPU kernel at its block sizes, remat) bound the step time; model FLOPs give the MFU.
     step = train_step_flops(spec, pad_to_multiple=mesh_sizes["sequence"], backend="tpu")
     vae_in_step = not spec.uses_latents_cache
@@ -295,7 +304,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config=configs/wam.py:size=tiny,stage=video_pretrain")
     try:
         report = check(f.config, f.topology, what=f.what, stage=f.stage or None, xla_flops=f.xla_flops,
-                       vae_delta=f.vae_delta, num_steps=f.num_steps,
+                       vae_delta=f.vae_delta, num_steps=f.num_steps, save=f.save,
+                       stage_start_step=f.stage_start_step,
                        log=lambda s: print(s, file=sys.stderr, flush=True))
     except CompileCheckError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -317,6 +327,10 @@ def define_flags() -> None:
     flags.DEFINE_bool("vae_delta", True, "When the VAE runs in the step, also compile on latents for its share.")
     flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
     flags.DEFINE_integer("num_steps", 4, "Denoising steps of the policy call (--what=inference).")
+    flags.DEFINE_string("save", "", "Write the compiled train step to this file (local or gs://): a job on the "
+                        "topology loads it with --config.train.compiled_step=FILE and compiles nothing.")
+    flags.DEFINE_integer("stage_start_step", 0, "With --save: the global step the stage starts at in the job (0 for "
+                         "its first stage; a later stage's schedule counts from where the previous one ended).")
     flags.mark_flags_as_required(["topology"])
 
 

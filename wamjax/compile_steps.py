@@ -32,6 +32,7 @@ from wamjax.models import vae as vae_lib
 from wamjax.models.wam import WorldActionModel, example_inputs
 from wamjax.parallel.mesh import batch_sharding, logical_rules, replicated
 from wamjax.stages import PolicySpec, StageSpec, policy_spec, stage_spec
+from wamjax.train import compiled_step
 from wamjax.train.setup import jit_train_step, state_layout, unbox_plain
 from wamjax.train.stage_step import build_stage_step, frozen_params
 
@@ -146,6 +147,7 @@ class Compiled:
     compile_s: float
     out_of_memory: str = ""  # the compiler's message when it refused the program; "" when it compiled
     collectives: dict[str, float] = dataclasses.field(default_factory=dict)  # kind -> bytes per chip (loops once)
+    executable: Any = dataclasses.field(default=None, repr=False, compare=False)  # the jax.stages.Compiled
 
     @property
     def total_bytes(self) -> int:
@@ -206,6 +208,7 @@ def _compile(jitted: Any, *args: Any) -> Compiled:
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         compile_s=seconds,
         collectives=collective_traffic(compiled.as_text(), num_devices(args)),
+        executable=compiled,
     )
 
 
@@ -262,12 +265,27 @@ def _abstract_image_encoder_params(spec: StageSpec, mesh: jax.sharding.Mesh) -> 
 
 
 def compile_train_step(config: ml_collections.ConfigDict, stage: str, mesh: jax.sharding.Mesh, *,
-                       latents: bool | None = None) -> Compiled:
+                       latents: bool | None = None, stage_start_step: int = 0) -> Compiled:
     """Compiles the loop's train step of `stage` on `mesh` for abstract arguments; `latents` overrides whether
     the batch carries cached latents (default: as the config says)."""
-    step, *args = abstract_train_step(config, stage, mesh, latents=latents)
+    step, *args = abstract_train_step(config, stage, mesh, latents=latents, stage_start_step=stage_start_step)
     with _mesh_context(config, mesh):
         return _compile(step, *args)
+
+
+def stage_total_steps(spec: StageSpec) -> int:
+    """The steps a stage's schedule runs over: its configured steps, or what its FLOP budget buys of them."""
+    return stage_step_count(spec.steps, spec.budget_flops, train_step_flops(spec).train_per_step)
+
+
+def save_train_step(config: ml_collections.ConfigDict, stage: str, mesh: jax.sharding.Mesh, compiled: Compiled,
+                    path: str, *, stage_start_step: int = 0) -> None:
+    """Writes `compiled` (this stage's train step on `mesh`) as a `train.compiled_step` file a job loads."""
+    _, *args = abstract_train_step(config, stage, mesh, stage_start_step=stage_start_step)
+    expected = compiled_step.fingerprint(config, stage, mesh, tuple(args),
+                                         total_steps=stage_total_steps(stage_spec(config, stage)),
+                                         stage_start_step=stage_start_step)
+    compiled_step.save(path, compiled.executable, expected)
 
 
 def _mesh_context(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> contextlib.ExitStack:
@@ -279,20 +297,21 @@ def _mesh_context(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
 
 
 def abstract_train_step(config: ml_collections.ConfigDict, stage: str, mesh: jax.sharding.Mesh, *,
-                        latents: bool | None = None) -> tuple[Any, ...]:
+                        latents: bool | None = None, stage_start_step: int = 0) -> tuple[Any, ...]:
     """(jitted step, abstract state, abstract batch, abstract frozen parameters): the loop's step of `stage` as
-    `train.stage_step.build_stage_step` builds it, with the schedule over the steps the stage's budget buys."""
+    `train.stage_step.build_stage_step` builds it, with the schedule over the steps the stage's budget buys and
+    its counters starting at `stage_start_step` (0 for a job's first stage)."""
     try:
         spec = stage_spec(config, stage)
     except (KeyError, ValueError) as e:
         raise CompileCheckError(str(e.args[0]) if e.args else str(e)) from e
     rules = logical_rules(config.mesh.rules)
     use_latents = spec.uses_latents_cache if latents is None else latents
-    total_steps = stage_step_count(spec.steps, spec.budget_flops, train_step_flops(spec).train_per_step)
+    total_steps = stage_total_steps(spec)
     with _mesh_context(config, mesh):
         batch = abstract_batch(spec, mesh, rules, use_latents)
         try:
-            built = build_stage_step(spec, mesh, rules, total_steps=total_steps)
+            built = build_stage_step(spec, mesh, rules, total_steps=total_steps, stage_start_step=stage_start_step)
         except ValueError as e:
             raise CompileCheckError(str(e)) from e
         abstract_state, shardings = state_layout(built.init_boxed, mesh, rules)

@@ -33,6 +33,7 @@ from wamjax.parallel.mesh import logical_rules, make_mesh, replicated
 from wamjax.parallel.placement import check_placement, device_batch
 from wamjax.paths import PathLike, as_path, is_uri
 from wamjax.stages import StageSpec, is_trainable, stage_list, stage_spec
+from wamjax.train import compiled_step
 from wamjax.train import inputs as inputs_lib
 from wamjax.train.guards import NonfiniteGuard
 from wamjax.train.hooks import HookFactory, StageContext, check_hooks
@@ -201,6 +202,12 @@ def run_stage(spec: StageSpec, *, config: ml_collections.ConfigDict, workdir: An
 
     # --- Update step and hooks ---------------------------------------------------------------------
     train_step = jit_train_step(built.step_fn, layout.shardings)
+    if str(config.train.get("compiled_step", "") or ""):
+        train_step = compiled_step.FileBackedStep(
+            train_step, compiled_step.stage_path(config, stage),
+            lambda args: compiled_step.fingerprint(config, stage, mesh, args, total_steps=total_steps,
+                                                   stage_start_step=stage_start),
+            is_lead=jax.process_index() == 0)
     if spec.views is not None and int(config.get("eval", {}).get("every_steps", 0)) > 0:
         raise ValueError(f"eval.every_steps={config.eval.every_steps} with data.view_layout='tokens' in stage "
                          f"{stage!r}: the offline evaluation reads one camera; set eval.every_steps=0")
