@@ -190,10 +190,15 @@ def main(argv: Sequence[str]) -> None:
         print(f"wrote {os.path.join(FLAGS.out, 'results.json')}")
 
 
-if __name__ == "__main__":
+def define_data_flags() -> None:
+    """The flags of the collect and encode phases (shared by the benchmarks built on these phases)."""
     flags.DEFINE_list("tasks", ["button-press-topdown-v3", "reach-v3", "push-v3"], "Meta-World tasks.")
     flags.DEFINE_integer("episodes", 30, "Expert episodes collected per task (training variants, MT1 seed 0).")
     flags.DEFINE_integer("num_batches", 500, "Batches of the lab config's batch size encoded into the cache.")
+
+
+if __name__ == "__main__":
+    define_data_flags()
     flags.DEFINE_integer("steps", 3000, "Action-tuning steps.")
     flags.DEFINE_integer("seed", 0, "Training seed (parameters and data order).")
     flags.DEFINE_integer("eval_episodes", 20, "Held-out variants per task and row.")

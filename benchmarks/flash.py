@@ -119,9 +119,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.DEFINE_list("tasks", ["button-press-topdown-v3", "reach-v3", "push-v3"], "Meta-World tasks.")
-    flags.DEFINE_integer("episodes", 30, "Expert episodes collected per task (training variants, MT1 seed 0).")
-    flags.DEFINE_integer("num_batches", 500, "Batches of the lab config's batch size encoded into the cache.")
+    bench.define_data_flags()
     flags.DEFINE_integer("steps", 3000, "Action-tuning steps of each model.")
     flags.DEFINE_integer("seed", 0, "Training seed of both models.")
     flags.DEFINE_list("action_steps", ["16", "4", "1"], "Action denoising steps of the rows (16 video steps).")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+from flax import traverse_util
 
 from wamjax.checkpoint.wan_import import import_diffusers_wan
 from wamjax.models.config import model_config_from_run
@@ -25,40 +26,14 @@ def saved_base(run_config: Mapping[str, Any]) -> str:
     return str(run_config.get("lora", {}).get("base", "") or "")
 
 
-def subset(tree: Mapping[str, Any], keep: Callable[[str], bool], prefix: str = "") -> dict[str, Any]:
-    """The nested-dict part of `tree` whose '/'-joined leaf names `keep` accepts (empty dicts dropped)."""
-    out = {}
-    for name, value in tree.items():
-        path = f"{prefix}{name}"
-        if isinstance(value, Mapping):
-            sub = subset(value, keep, path + "/")
-            if sub:
-                out[name] = sub
-        elif keep(path):
-            out[name] = value
-    return out
+def subset(tree: Mapping[str, Any], keep: Callable[[str], bool]) -> dict[str, Any]:
+    """The nested-dict part of `tree` whose '/'-joined leaf names `keep` accepts."""
+    return traverse_util.unflatten_dict({k: v for k, v in flat(tree).items() if keep(k)}, sep="/")
 
 
 def flat(tree: Mapping[str, Any]) -> dict[str, Any]:
     """{'a/b/c': leaf} of a nested dict."""
-    out = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update({f"{name}/{k}": v for k, v in flat(value).items()})
-        else:
-            out[name] = value
-    return out
-
-
-def _nest(items: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in items.items():
-        node = out
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
+    return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -87,7 +62,7 @@ def check_onto(base: Mapping[str, Any], adapters: Mapping[str, Any], where: str)
 def onto_base(base: Mapping[str, Any], adapters: Mapping[str, Any], where: str) -> dict[str, Any]:
     """`base` with every leaf of `adapters` put in (checked with `check_onto`)."""
     check_onto(base, adapters, where)
-    return _nest({**flat(base), **flat(adapters)})
+    return traverse_util.unflatten_dict({**flat(base), **flat(adapters)}, sep="/")
 
 
 def load_base(base: PathLike, run_config: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
