@@ -299,3 +299,34 @@ def test_policy_with_cfg_parallel_equals_batched_cfg(checkpoint):
     chunks = [Policy.from_checkpoint(checkpoint, num_steps=2, cfg_scale=3.0, cfg_parallel=k).infer(frame, None, "x")
               for k in (1, 2)]
     np.testing.assert_allclose(chunks[1]["actions"], chunks[0]["actions"], atol=1e-5)
+
+
+def test_a_clean_action_prefix_in_the_kv_cache_rollout_of_a_teacher_forced_model():
+    from test_inference import W
+
+    config = get_config("size=tiny,stage=action_tune")
+    config.model.attention_layout = "chunk_causal"
+    cfg = ModelConfig.from_dict({**config.model.to_dict(), "proprio_dim": config.data.proprio_dim})
+    assert cfg.history == "teacher_forcing"
+    params = jitted_init(cfg, jax.random.key(8), (3, H, W, 16), TEXT_LEN, 8)
+    frame = np.random.default_rng(3).integers(0, 255, (32, 32, 3), np.uint8)
+    proprio, prompt = np.full(8, 0.5, np.float32), "synthetic: move the block left"
+    make = lambda: Policy(config, params, {}, options=SamplerOptions(num_steps=2), seed=4)
+    prefix = np.random.default_rng(5).uniform(-1, 1, (5, 7)).astype(np.float32)  # chunk 1 whole, 1 of chunk 2
+    free = make().infer(frame, proprio, prompt)["actions"]
+    held = make().infer(frame, proprio, prompt, action_prefix=prefix)["actions"]
+    np.testing.assert_array_equal(held[:5], prefix)  # returned exactly as given
+    assert float(np.abs(held[5:] - free[5:]).max()) > 1e-4  # the rest read it
+    # The same as the KV-cache session given each chunk's part of the prefix.
+    session = make().start_rollout(frame, proprio, prompt)
+    first = session.next_actions(action_prefix=prefix[:4])
+    session.keep_prediction()
+    second = session.next_actions(action_prefix=prefix[4:])
+    np.testing.assert_allclose(held, np.concatenate([first, second]), atol=1e-6)
+    with pytest.raises(ValueError, match=r"action_prefix holds 9 actions; the chunk has 8"):
+        make().infer(frame, proprio, prompt, action_prefix=np.zeros((9, 7), np.float32))
+    session = make().start_rollout(frame, proprio, prompt)
+    with pytest.raises(ValueError, match=r"action_prefix holds 5 actions; the chunk has 4"):
+        session.next_actions(action_prefix=prefix)
+    with pytest.raises(ValueError, match=r"action_prefix is supported in mode 'joint'"):
+        make().infer(frame, proprio, prompt, action_prefix=prefix, mode="imagine_then_act")

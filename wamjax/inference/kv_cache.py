@@ -32,6 +32,7 @@ from wamjax.diffusion.sampler import (
     SamplerOptions,
     cached_velocity,
     cfg_sharded,
+    check_action_prefix,
     start_velocity_cache,
     step_times,
     tick,
@@ -207,13 +208,27 @@ def _commit(cfg, geometry, options, params, state, index, latents, actions) -> R
 def generate_chunk(
     cfg: ModelConfig, geometry: ChunkGeometry, options: SamplerOptions, params: Params, state: RolloutState,
     video_noise: jax.Array, action_noise: jax.Array, mode: str = "joint", proprio: jax.Array | None = None,
+    action_prefix: jax.Array | None = None,
 ) -> tuple[RolloutState, jax.Array, jax.Array]:
     """Denoises the next chunk (frames [B, n, H, W, C] and actions [B, na, A]) against the cache, reading its
     state token `proprio` [B, P] when given (`ChunkGeometry.proprio_per_chunk`), then caches the prediction
     clean. Returns (state, latents, actions). mode "imagine_then_act" denoises the frames first
     (actions held at noise, t=1), then the actions with those frames held clean (t=0); mode "world_model" takes
-    `action_noise` as the chunk's given actions, held clean (t=0) while the frames are denoised."""
+    `action_noise` as the chunk's given actions, held clean (t=0) while the frames are denoised.
+
+    `action_prefix` [B, k, A] (joint mode, k <= the chunk's actions) holds the chunk's first k actions clean at
+    t=0 while the rest are denoised around them (real-time chunking, as `sampler.sample` does it); they are
+    returned unchanged."""
     batch = video_noise.shape[0]
+    prefix_mask = None
+    if action_prefix is not None:
+        if mode != "joint":
+            raise ValueError(f"action_prefix is supported in mode 'joint'; this chunk's mode is {mode!r}")
+        check_action_prefix(action_prefix, action_noise.shape[1], action_noise.shape[2])
+        k = action_prefix.shape[1]
+        prefix_mask = (jnp.arange(action_noise.shape[1]) < k)[None, :, None]
+        padded = jnp.zeros(action_noise.shape, jnp.float32).at[:, :k].set(action_prefix.astype(jnp.float32))
+        action_noise = jnp.where(prefix_mask, padded, action_noise.astype(jnp.float32))
     index = state.num_chunks + 1
     tv, tv_next, ta, ta_next = (jnp.asarray(a) for a in (
         *step_times(options.num_steps, options.num_iterations, options.shift),
@@ -223,6 +238,8 @@ def generate_chunk(
     def velocity(video, actions, t_v, t_a):
         t_frames = jnp.full(video.shape[:2], flow.to_model_timestep(t_v))
         t_actions = jnp.full(actions.shape[:2], flow.to_model_timestep(t_a))
+        if prefix_mask is not None:  # the prefix tokens read the clean timestep
+            t_actions = jnp.where(prefix_mask[..., 0], 0.0, t_actions)
         out = _chunk_pass(cfg, geometry, options, params, state, index, video, t_frames, actions, t_actions,
                           proprio)
         return _combine(options, out.video, batch), _combine(options, out.actions, batch)
@@ -236,7 +253,8 @@ def generate_chunk(
         else:
             (v_video, v_actions), skipped = velocity(video, actions, t_v, t_a), jnp.asarray(False)
         video = video + (t_v_next - t_v) * v_video
-        actions = actions + (t_a_next - t_a) * v_actions
+        stepped = actions + (t_a_next - t_a) * v_actions
+        actions = stepped if prefix_mask is None else jnp.where(prefix_mask, actions, stepped)
         tick(options, i, skipped, (actions, video))
         return (video, actions, cache), None
 
@@ -326,19 +344,22 @@ class ChunkedRollout:
             raise RuntimeError(f"the KV cache holds max_chunks={self.geometry.max_chunks} chunks; call start() "
                                "again from the newest real observation")
 
-    def generate(self, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Next chunk's predicted latents [B, n, H, W, C] and actions [B, na, A] (also cached as predicted)."""
+    def generate(self, rng: jax.Array, action_prefix: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Next chunk's predicted latents [B, n, H, W, C] and actions [B, na, A] (also cached as predicted); its
+        first k actions held at `action_prefix` [B, k, A] (normalized) when given."""
         self._check_room("generate")
         g, cfg = self.geometry, self.cfg
         rng_v, rng_a = jax.random.split(rng)
         video_noise = jax.random.normal(rng_v, (self.batch, *g.latent_shape(g.frames_per_chunk, cfg.out_channels)))
         action_noise = jax.random.normal(rng_a, (self.batch, g.actions_per_chunk, cfg.action_dim))
-        return self.generate_from(video_noise, action_noise)
+        return self.generate_from(video_noise, action_noise, action_prefix=action_prefix)
 
     def generate_from(self, video_noise: jax.Array, action_noise: jax.Array,
-                      proprio: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                      proprio: jax.Array | None = None,
+                      action_prefix: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """`generate` from given starting noise (for reproducible comparisons); `proprio` [B, P] overrides the
-        newest state as the chunk's state token (`geometry.proprio_per_chunk` only)."""
+        newest state as the chunk's state token (`geometry.proprio_per_chunk` only); `action_prefix` [B, k, A]
+        (normalized) holds the chunk's first k actions clean (see `generate_chunk`)."""
         if proprio is not None and not self.geometry.proprio_per_chunk:
             raise ValueError("proprio was given to generate_from but geometry.proprio_per_chunk=False")
         if self.geometry.proprio_per_chunk:
@@ -347,7 +368,7 @@ class ChunkedRollout:
                 raise ValueError(f"proprio has shape {proprio.shape}; expected ({self.batch}, {self.cfg.proprio_dim})")
         self.state, latents, actions = generate_chunk(
             self.cfg, self.geometry, self.options, self.params, self.state, video_noise, action_noise, self.mode,
-            proprio,
+            proprio, action_prefix,
         )
         self.num_chunks += 1
         return latents, actions

@@ -316,12 +316,13 @@ class Policy:
         timer.stage("text_ms")
         prepared = self.prepare_frames(frames)
         context_latents = 1 + (prepared.shape[0] - 1) // self.vae_config.temporal_compression
-        if trains_teacher_forced(self.model_config) and context_latents == 1 and action_prefix is None:
-            return self._infer_chunk_by_chunk(frames, proprio, instruction, mode, return_latents, timer)
+        if action_prefix is not None and mode != "joint":
+            raise ValueError(f"action_prefix is supported in mode 'joint'; this call's mode is {mode!r}")
+        if trains_teacher_forced(self.model_config) and context_latents == 1:
+            return self._infer_chunk_by_chunk(frames, proprio, instruction, mode, return_latents, timer,
+                                              action_prefix)
         if action_prefix is not None:
             prefix = self.prepare_action_prefix(action_prefix, proprio)[None]
-            if mode != "joint" or trains_teacher_forced(self.model_config) and context_latents == 1:
-                raise ValueError("action_prefix is supported for joint-mode, full-sequence inference")
         else:
             prefix = None
         frames = prepared
@@ -359,16 +360,22 @@ class Policy:
         return session
 
     def _infer_chunk_by_chunk(self, frames: Any, proprio: np.ndarray | None, instruction: str, mode: str,
-                              return_latents: bool, timer: StageTimer | None = None) -> dict[str, np.ndarray]:
+                              return_latents: bool, timer: StageTimer | None = None,
+                              action_prefix: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """`infer` for a teacher-forced model: its chunks are denoised one after another, each against the KV
-        cache of the clean chunks before it (its own predictions), as in training; not all at once."""
+        cache of the clean chunks before it (its own predictions), as in training; not all at once. A prefix
+        holds the first actions of the chunks it reaches."""
         timer = timer or StageTimer()
+        if action_prefix is not None:
+            check_action_prefix(np.asarray(action_prefix), self.num_actions, self.robot_action_dim)
         session = self._clip_rollout(frames, proprio, instruction, mode, timer)
+        per_chunk = session.geometry.actions_per_chunk
         actions, latents = [], [session.context_latents]
         for i in range(session.geometry.max_chunks):
             if i:
                 session.keep_prediction()
-            actions.append(session.next_actions(timer))
+            part = None if action_prefix is None else np.asarray(action_prefix)[i * per_chunk:(i + 1) * per_chunk]
+            actions.append(session.next_actions(timer, None if part is None or not len(part) else part))
             latents.append(session.last_latents)
         result = {"actions": np.concatenate(actions)[: self.num_actions]}
         if return_latents:

@@ -71,9 +71,10 @@ class ClosedLoopSession:
         timer.stage("prefill_ms", self.rollout.state)
         self.awaiting_observation = False
 
-    def next_actions(self, timer: StageTimer | None = None) -> np.ndarray:
+    def next_actions(self, timer: StageTimer | None = None, action_prefix: np.ndarray | None = None) -> np.ndarray:
         """The next chunk's actions [actions_per_chunk, action_dim] in raw units; `last_timing` gets its stages
-        (with the encoding and cache prefill of the observation before it)."""
+        (with the encoding and cache prefill of the observation before it). `action_prefix` (raw [k, action_dim],
+        k <= the chunk's actions) holds the chunk's first k actions, returned unchanged (real-time chunking)."""
         if self.awaiting_observation:
             raise RuntimeError("next_actions() twice without observe(): pass the real frames of the last chunk")
         if timer is None:
@@ -84,11 +85,16 @@ class ClosedLoopSession:
         if self.rollout.full:
             self._anchor(self.last_frame, self.raw_proprio, timer)
         self.policy._rng, rng = jax.random.split(self.policy._rng)
+        prefix = None
+        if action_prefix is not None:
+            prefix = jnp.asarray(self.policy.prepare_action_prefix(action_prefix, self.raw_proprio))[None]
         timer.begin_denoising()
-        self.last_latents, actions = self.rollout.generate(rng)
+        self.last_latents, actions = self.rollout.generate(rng, action_prefix=prefix)
         timer.end_denoising(actions)
         self.awaiting_observation = True
         actions = self.policy.actions_from_model(np.asarray(actions[0], np.float32), self.raw_proprio)
+        if action_prefix is not None:  # exactly the actions given, not their normalization round trip
+            actions = np.concatenate([np.asarray(action_prefix, np.float32), actions[len(action_prefix):]])
         if own_timer:
             timer.stage("decode_ms")
             self.last_timing = timer.timing()
