@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the policy is timed in-process
 import closed_loop as bench  # noqa: E402  (the perception benchmark's phases)
 
 FLAGS = flags.FLAGS
