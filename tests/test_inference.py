@@ -283,16 +283,21 @@ def test_closed_loop_session_with_teacher_forcing_and_reanchoring():
     assert not np.allclose(runs[0][1], runs[1][1], atol=1e-4)
 
 
-def test_infer_denoises_a_teacher_forced_model_chunk_by_chunk():
-    """A teacher-forced model never saw noisy history in training: `infer` denoises its chunks one after another,
-    each against the cached clean predictions before it (a diffusion-forcing model keeps the one-shot sampler)."""
+def teacher_forced_model():
+    """A tiny chunk-causal (teacher-forced) joint model and an observation: (config, params, frame, proprio, prompt)."""
     config = get_config("size=tiny,stage=action_tune")
     config.model.attention_layout = "chunk_causal"
     cfg = ModelConfig.from_dict({**config.model.to_dict(), "proprio_dim": config.data.proprio_dim})
     assert cfg.history == "teacher_forcing"
     params = jitted_init(cfg, jax.random.key(8), (3, H, W, 16), TEXT_LEN, 8)
     frame = np.random.default_rng(3).integers(0, 255, (32, 32, 3), np.uint8)
-    proprio, prompt = np.full(8, 0.5, np.float32), "synthetic: move the block left"
+    return config, params, frame, np.full(8, 0.5, np.float32), "synthetic: move the block left"
+
+
+def test_infer_denoises_a_teacher_forced_model_chunk_by_chunk():
+    """A teacher-forced model never saw noisy history in training: `infer` denoises its chunks one after another,
+    each against the cached clean predictions before it (a diffusion-forcing model keeps the one-shot sampler)."""
+    config, params, frame, proprio, prompt = teacher_forced_model()
     make = lambda config: Policy(config, params, {}, options=SamplerOptions(num_steps=2), seed=4)
     policy = make(config)
     out = policy.infer(frame, proprio, prompt, return_latents=True)

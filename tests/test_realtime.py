@@ -302,15 +302,9 @@ def test_policy_with_cfg_parallel_equals_batched_cfg(checkpoint):
 
 
 def test_a_clean_action_prefix_in_the_kv_cache_rollout_of_a_teacher_forced_model():
-    from test_inference import W
+    from test_inference import teacher_forced_model
 
-    config = get_config("size=tiny,stage=action_tune")
-    config.model.attention_layout = "chunk_causal"
-    cfg = ModelConfig.from_dict({**config.model.to_dict(), "proprio_dim": config.data.proprio_dim})
-    assert cfg.history == "teacher_forcing"
-    params = jitted_init(cfg, jax.random.key(8), (3, H, W, 16), TEXT_LEN, 8)
-    frame = np.random.default_rng(3).integers(0, 255, (32, 32, 3), np.uint8)
-    proprio, prompt = np.full(8, 0.5, np.float32), "synthetic: move the block left"
+    config, params, frame, proprio, prompt = teacher_forced_model()
     make = lambda: Policy(config, params, {}, options=SamplerOptions(num_steps=2), seed=4)
     prefix = np.random.default_rng(5).uniform(-1, 1, (5, 7)).astype(np.float32)  # chunk 1 whole, 1 of chunk 2
     free = make().infer(frame, proprio, prompt)["actions"]
