@@ -102,3 +102,9 @@ def test_compile_check_saves_a_step_whose_fingerprint_is_the_loops(first, tmp_pa
 
     with pytest.raises(ValueError, match=r"devices.platform: tpu in the file, cpu here"):
         train(_config(saved), str(tmp_path / "cpu"))
+
+
+def test_compile_check_save_is_for_the_train_step():
+    config = get_config("size=tiny,stage=action_tune")
+    with pytest.raises(compile_steps.CompileCheckError, match=r"--save writes the train step"):
+        compile_check.check(config, "v5p:2x2x1", what="inference", save="step.bin")
