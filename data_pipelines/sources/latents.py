@@ -132,13 +132,23 @@ def _one_cache_norm_stats(cache_dir: str, data_config: Any) -> dict[str, Any]:
     return stats
 
 
+def _recorded_vae(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A cache's recorded VAE config as `to_dict` writes it today (a Wan VAE recorded before a field existed
+    reads as that field's default)."""
+    if "kind" in recorded:  # pixel patches
+        return recorded
+    from wamjax.models.vae import VAEConfig  # JAX, only when a Wan VAE config is compared
+
+    return VAEConfig.from_dict(recorded).to_dict()
+
+
 class LatentsCacheSource:
     """Random-access examples of a latents cache (Grain data source; picklable)."""
 
     def __init__(self, cache_dir: str, vae_config: Any | None = None):
         self.cache_dir = cache_dir
         self.metadata = read_cache_metadata(cache_dir)
-        if vae_config is not None and self.metadata["vae"] != vae_config.to_dict():
+        if vae_config is not None and _recorded_vae(self.metadata["vae"]) != vae_config.to_dict():
             raise ValueError(
                 f"latents cache {cache_dir} was encoded with VAE config {self.metadata['vae']}; "
                 f"this run's VAE config is {vae_config.to_dict()}"

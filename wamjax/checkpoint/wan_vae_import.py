@@ -1,8 +1,9 @@
-"""Import a diffusers `AutoencoderKLWan` (Wan 2.1 VAE) checkpoint into wamjax's VAE params pytree."""
+"""Import a diffusers `AutoencoderKLWan` (Wan 2.1 or 2.2 VAE) checkpoint into wamjax's VAE params pytree."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,8 @@ from wamjax.models.patch_vae import PatchVAEConfig
 from wamjax.models.vae import (
     WAN21_LATENTS_MEAN,
     WAN21_LATENTS_STD,
+    WAN22_LATENTS_MEAN,
+    WAN22_LATENTS_STD,
     Params,
     VAEConfig,
     flatten_params,
@@ -34,14 +37,48 @@ def _read_folder(folder: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | N
     return read_safetensors_folder(folder), config
 
 
+def _latent_stats(z_dim: int) -> dict[str, tuple[float, ...]]:
+    """The published latent statistics for a z_dim (Wan 2.1: 16, Wan 2.2: 48), else zero mean and unit std."""
+    for mean, std in ((WAN21_LATENTS_MEAN, WAN21_LATENTS_STD), (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD)):
+        if len(mean) == z_dim:
+            return {"latents_mean": mean, "latents_std": std}
+    return {"latents_mean": (0.0,) * z_dim, "latents_std": (1.0,) * z_dim}
+
+
+def _infer_residual_vae_config(state: Mapping[str, Any], shape: Any) -> VAEConfig:
+    """A residual (Wan 2.2) VAE config off state dict shapes; the video is taken to be RGB, so the input
+    channels give the patch size."""
+    base_dim, in_channels = shape("encoder.conv_in.weight")[:2]
+    z_dim = shape("post_quant_conv.weight")[0]
+    blocks = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down_blocks."))
+    num_res_blocks = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down_blocks.0.resnets."))
+    dim_mult = tuple(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] // base_dim for i in range(blocks))
+    temperal_downsample = tuple(f"encoder.down_blocks.{i}.downsampler.time_conv.weight" in state
+                                for i in range(blocks - 1))
+    patch = math.isqrt(in_channels // 3)
+    if 3 * patch * patch != in_channels:
+        raise ValueError(f"cannot infer the VAE's patch size from {in_channels} input channels (RGB video "
+                         "assumed); pass the config")
+    decoder_base_dim = shape("decoder.conv_in.weight")[0] // dim_mult[-1]
+    return VAEConfig(
+        base_dim=base_dim, decoder_base_dim=None if decoder_base_dim == base_dim else decoder_base_dim, z_dim=z_dim,
+        dim_mult=dim_mult, num_res_blocks=num_res_blocks, temperal_downsample=temperal_downsample,
+        in_channels=in_channels, out_channels=shape("decoder.conv_out.weight")[0], is_residual=True,
+        patch_size=None if patch == 1 else patch, **_latent_stats(z_dim),
+    )
+
+
 def infer_vae_config(state: Mapping[str, Any]) -> VAEConfig:
-    """Reads a Wan 2.1 VAE config off state dict shapes (latent stats: Wan 2.1's when z_dim is 16)."""
+    """Reads a Wan 2.1 or 2.2 VAE config off state dict shapes (latent stats: the published ones when z_dim is
+    16 or 48)."""
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in state:
             raise KeyError(f"cannot infer the VAE config: state dict lacks {key!r}")
         return tuple(state[key].shape)
 
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
+        return _infer_residual_vae_config(state, shape)
     base_dim = shape("encoder.conv_in.weight")[0]
     z_dim = shape("post_quant_conv.weight")[0]
     if any(".attentions." in k for k in state if k.startswith("encoder.down_blocks.")):
@@ -68,7 +105,6 @@ def infer_vae_config(state: Mapping[str, Any]) -> VAEConfig:
         f"decoder.up_blocks.{j}.upsamplers.0.time_conv.weight" in state for j in range(num_up - 1)
     ]
     decoder_base_dim = shape("decoder.conv_in.weight")[0] // dim_mult[-1]
-    use_wan21_stats = z_dim == len(WAN21_LATENTS_MEAN)
     return VAEConfig(
         base_dim=base_dim,
         decoder_base_dim=None if decoder_base_dim == base_dim else decoder_base_dim,
@@ -76,8 +112,7 @@ def infer_vae_config(state: Mapping[str, Any]) -> VAEConfig:
         dim_mult=dim_mult,
         num_res_blocks=num_res_blocks,
         temperal_downsample=tuple(temperal_upsample[::-1]),
-        latents_mean=WAN21_LATENTS_MEAN if use_wan21_stats else (0.0,) * z_dim,
-        latents_std=WAN21_LATENTS_STD if use_wan21_stats else (1.0,) * z_dim,
+        **_latent_stats(z_dim),
     )
 
 
@@ -134,6 +169,21 @@ def convert_diffusers_vae_state(
 def export_diffusers_vae_state(params: Params) -> dict[str, np.ndarray]:
     """params pytree -> diffusers AutoencoderKLWan state dict (numpy arrays)."""
     return dict(_unconvert(name, np.asarray(value)) for name, value in flatten_params(params).items())
+
+
+def write_diffusers_vae(out_dir: str | os.PathLike, vae_config: VAEConfig, params: Params) -> str:
+    """Writes the VAE as a diffusers `AutoencoderKLWan` folder (config.json and float32 safetensors weights);
+    returns the folder."""
+    from safetensors.numpy import save_file  # export-only dependency
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    config = {"_class_name": "AutoencoderKLWan", **vae_config.to_dict()}
+    state = {k: np.ascontiguousarray(v, np.float32) for k, v in export_diffusers_vae_state(params).items()}
+    save_file(state, os.path.join(out_dir, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return out_dir
 
 
 def import_diffusers_wan_vae(

@@ -1,4 +1,5 @@
-"""Analytic FLOPs of the frozen Wan VAE encoder (the CLIP image encoder's count is `wamjax.models.clip.encode_flops`).
+"""Analytic FLOPs of the frozen Wan VAE encoders, 2.1 and 2.2 (the CLIP image encoder's count is
+`wamjax.models.clip.encode_flops`).
 
 Same convention as `wamjax.flops.analytic`: a multiply-add is 2 FLOPs; multiply-adds against padding zeros are not
 counted, as XLA does not count them.
@@ -45,12 +46,13 @@ def vae_encode_flops(
 ) -> float:
     """Convolution and attention FLOPs of `vae_encode` on `batch` clips (norms and activations excluded); 0 for
     the pixel patch encoder (a reshape)."""
-    from wamjax.models.vae import _encoder_layers  # the encoder's layer list is the single source of truth
+    from wamjax.models.vae import _encoder_layers, _residual_down_blocks  # the layer lists: one source of truth
 
     if isinstance(vae_config, PatchVAEConfig):
         return 0.0
     cfg = vae_config
-    shape = (int(num_frames), *(int(r) for r in resolution))
+    p = cfg.patch_size or 1
+    shape = (int(num_frames), *(int(r) // p for r in resolution))
     total, shape = _conv3d(shape, (3, 3, 3), cfg.in_channels, cfg.base_dim)
 
     def res(shape, cin: int, cout: int) -> float:
@@ -61,21 +63,35 @@ def vae_encode_flops(
         t, hw = shape[0], shape[1] * shape[2]
         return t * (2.0 * hw * dim * 4 * dim + 4 * dim * hw + 2 * (2.0 * hw * hw * dim))
 
+    def resample(shape, dim: int, mode: str) -> tuple[float, tuple[int, int, int]]:
+        t, h, w = shape
+        (h_out, h_taps), (w_out, w_taps) = _taps(h, 3, 2, 0, 1), _taps(w, 3, 2, 0, 1)
+        flops = t * (2.0 * h_taps * w_taps * dim * dim + h_out * w_out * dim)
+        shape = (t, h_out, w_out)
+        if mode == "downsample3d" and t > 1:
+            conv, reduced = _conv3d(shape, (3, 1, 1), dim, dim, stride=(2, 1, 1), causal=False)
+            flops += conv
+            shape = (1 + reduced[0], h_out, w_out)
+        return flops, shape
+
     dim = cfg.base_dim
-    for kind, cin, cout, mode in _encoder_layers(cfg):
+    if cfg.is_residual:
+        # The averaging shortcuts are means (not counted, as norms are not).
+        for cin, cout, mode in _residual_down_blocks(cfg):
+            for j in range(cfg.num_res_blocks):
+                total += res(shape, cin if j == 0 else cout, cout)
+            if mode:
+                flops, shape = resample(shape, cout, mode)
+                total += flops
+            dim = cout
+    for kind, cin, cout, mode in () if cfg.is_residual else _encoder_layers(cfg):
         if kind == "res":
             total += res(shape, cin, cout)
         elif kind == "attn":
             total += attn(shape, cout)
         else:
-            t, h, w = shape
-            (h_out, h_taps), (w_out, w_taps) = _taps(h, 3, 2, 0, 1), _taps(w, 3, 2, 0, 1)
-            total += t * (2.0 * h_taps * w_taps * cout * cout + h_out * w_out * cout)
-            shape = (t, h_out, w_out)
-            if mode == "downsample3d" and t > 1:
-                flops, reduced = _conv3d(shape, (3, 1, 1), cout, cout, stride=(2, 1, 1), causal=False)
-                total += flops
-                shape = (1 + reduced[0], h_out, w_out)
+            flops, shape = resample(shape, cout, mode)
+            total += flops
         dim = cout
     total += res(shape, dim, dim) + attn(shape, dim) + res(shape, dim, dim)  # mid block
     flops, shape = _conv3d(shape, (3, 3, 3), dim, 2 * cfg.z_dim)  # conv_out

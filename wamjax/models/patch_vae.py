@@ -42,6 +42,10 @@ class PatchVAEConfig:
         return self.patch
 
     @property
+    def video_channels(self) -> int:
+        return self.in_channels
+
+    @property
     def z_dim(self) -> int:
         return self.in_channels * self.patch * self.patch
 

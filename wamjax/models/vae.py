@@ -1,4 +1,6 @@
-"""Wan 2.1 video VAE (causal 3D convolutions, 4x time / 8x space compression), frozen, as pure JAX functions.
+"""Wan video VAEs (causal 3D convolutions), frozen, as pure JAX functions: Wan 2.1 (16 channels, 4x time / 8x
+space compression) and Wan 2.2 (48 channels, 4x time / 16x space: 2x2 pixel patches in, residual down and up blocks
+whose shortcuts average or duplicate pixels across space, time and channels; diffusers' `is_residual=True`).
 
 Parameters are a plain pytree of nested dicts whose key path is diffusers' `AutoencoderKLWan` module path
 (`encoder/down_blocks/3/time_conv/kernel`), with kernels channels-last (`[kt, kh, kw, in, out]` for 3D,
@@ -11,8 +13,12 @@ last two frames per causal convolution. Processing the whole clip at once is mat
   * a temporal downsample keeps frame 0 as is and runs a stride-2 valid conv over the whole clip
     (windows [0..2], [2..4], ...), which is what the cached chunks compute;
   * a temporal upsample keeps frame 0 as is and runs a causal conv over frames 1.. only (diffusers marks the
-    first chunk "Rep" and never feeds frame 0 into that conv), doubling each of those frames.
-The parity test against diffusers checks this.
+    first chunk "Rep" and never feeds frame 0 into that conv), doubling each of those frames;
+  * Wan 2.2's averaging shortcut pads the first chunk with one zero frame before pairing frames; on the whole
+    clip (1 + 2k frames at that level) that is one zero frame in front, then pairs;
+  * Wan 2.2's duplicating shortcut drops the first duplicated frame of the first chunk only: on the whole clip,
+    duplicate every frame and drop the first one.
+The parity tests against diffusers check this.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from wamjax.models.patch_vae import PatchVAEConfig, patch_config_for, patch_decode, patch_encode
 
@@ -42,12 +49,31 @@ WAN21_LATENTS_STD = (
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
 
+# Wan 2.2 (TI2V-5B) latent statistics, from the published `vae/config.json`.
+WAN22_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)  # fmt: skip
+WAN22_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)  # fmt: skip
+
 _RMS_EPS = 1e-12  # torch.nn.functional.normalize's default eps, which diffusers' WanRMS_norm uses.
 
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """Architecture of a Wan 2.1 VAE; field names follow diffusers' `AutoencoderKLWan` config."""
+    """Architecture of a Wan VAE; field names follow diffusers' `AutoencoderKLWan` config (`in_channels` and
+    `out_channels` count the patchified channels: 12 for Wan 2.2's 2x2 patches of RGB)."""
 
     base_dim: int = 96
     decoder_base_dim: int | None = None
@@ -60,8 +86,22 @@ class VAEConfig:
     latents_std: tuple[float, ...] = WAN21_LATENTS_STD
     in_channels: int = 3
     out_channels: int = 3
+    is_residual: bool = False
+    patch_size: int | None = None
 
     def __post_init__(self) -> None:
+        p = self.patch_size or 1
+        if p < 1:
+            raise ValueError(f"VAE patch_size={self.patch_size}; expected None or >= 1")
+        for name in ("in_channels", "out_channels"):
+            if getattr(self, name) % (p * p):
+                raise ValueError(f"VAE {name}={getattr(self, name)} is not a multiple of patch_size^2 = {p * p}")
+        if self.in_channels // (p * p) != self.out_channels // (p * p):
+            raise ValueError(f"VAE in_channels={self.in_channels} and out_channels={self.out_channels} encode and "
+                             "decode videos of different channel counts")
+        if self.is_residual and self.attn_scales:
+            raise ValueError(f"VAE attn_scales={list(self.attn_scales)} with is_residual=True: the residual (Wan 2.2) "
+                             "down blocks have no attention layers")
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(
                 f"temperal_downsample has {len(self.temperal_downsample)} entries; expected "
@@ -77,7 +117,12 @@ class VAEConfig:
 
     @property
     def spatial_compression(self) -> int:
-        return 2 ** len(self.temperal_downsample)
+        return 2 ** len(self.temperal_downsample) * (self.patch_size or 1)
+
+    @property
+    def video_channels(self) -> int:
+        """Channels of the videos it encodes (RGB: 3), before patchifying."""
+        return self.in_channels // (self.patch_size or 1) ** 2
 
     @property
     def decoder_dim(self) -> int:
@@ -87,14 +132,11 @@ class VAEConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> VAEConfig:
         """Builds a config from a diffusers `config.json` mapping; keys starting with `_` are ignored."""
         values = {k: v for k, v in values.items() if not k.startswith("_")}
-        if values.pop("is_residual", False):
-            raise ValueError("is_residual=True is the Wan 2.2 VAE; only the Wan 2.1 VAE is supported")
-        patch_size = values.pop("patch_size", None)
-        if patch_size not in (None, 1):
-            raise ValueError(f"patch_size={patch_size} is the Wan 2.2 VAE; expected None")
-        # Derived in diffusers from the architecture; they carry no extra information here.
-        for derived in ("dropout", "scale_factor_temporal", "scale_factor_spatial"):
-            values.pop(derived, None)
+        values.pop("dropout", None)  # inference only: no dropout
+        # Derived in diffusers from the architecture; checked against it rather than stored.
+        derived = {"scale_factor_temporal": values.pop("scale_factor_temporal", None),
+                   "scale_factor_spatial": values.pop("scale_factor_spatial", None)}
+        values.pop("clip_output", None)  # the original Wan 2.2 VAE's flag, read by no diffusers code
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -102,29 +144,48 @@ class VAEConfig:
         for key in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
             if key in values:
                 values[key] = tuple(values[key])
-        return cls(**values)
+        config = cls(**values)
+        actual = {"scale_factor_temporal": config.temporal_compression,
+                  "scale_factor_spatial": config.spatial_compression}
+        for key, value in derived.items():
+            if value is not None and int(value) != actual[key]:
+                logging.warning("VAE config %s=%s, but its architecture compresses %dx; using %d", key, value,
+                                actual[key], actual[key])
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """The diffusers `AutoencoderKLWan` config equivalent to this one."""
         d = dataclasses.asdict(self)
+        d |= {"scale_factor_temporal": self.temporal_compression, "scale_factor_spatial": self.spatial_compression}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+def wan22_vae_config(**overrides: Any) -> VAEConfig:
+    """The published Wan 2.2 (TI2V-5B) VAE config, with `overrides` (a smaller sibling keeps its structure)."""
+    values = dict(base_dim=160, decoder_base_dim=256, z_dim=48, in_channels=12, out_channels=12, is_residual=True,
+                  patch_size=2, latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD)
+    return VAEConfig(**(values | overrides))
+
+
+VAE_SIZES = ("wan2.1", "wan2.2", "tiny", "tiny-wan2.2", "pixels<p>")
+
+
 def vae_config_for(size: str) -> VAEConfig | PatchVAEConfig:
-    """Named VAE configs: `wan2.1` (the published 127M-parameter VAE), `tiny` (random, for CPU tests) and
-    `pixels<p>` (raw p x p pixel patches, no weights: CPU runs whose model must see where things are)."""
+    """Named VAE configs: `wan2.1` (the published 127M-parameter VAE), `wan2.2` (the 48-channel, 16x VAE of
+    Wan2.2-TI2V-5B), `tiny` and `tiny-wan2.2` (random, same structures, for CPU runs and tests) and `pixels<p>`
+    (raw p x p pixel patches, no weights: CPU runs whose model must see where things are)."""
     if size in ("wan2.1", "full", "base"):
         return VAEConfig()
+    if size == "wan2.2":
+        return wan22_vae_config()
     if size == "tiny":
         return VAEConfig(base_dim=16, num_res_blocks=1)
+    if size == "tiny-wan2.2":
+        return wan22_vae_config(base_dim=16, decoder_base_dim=24, num_res_blocks=1)
     patches = patch_config_for(size)
     if patches is not None:
         return patches
-    if size == "wan2.2":
-        raise KeyError("vae.size='wan2.2': the Wan 2.2 VAE (48 channels, 16x spatial compression) is not ported to "
-                       "wamjax yet, so the wan2.2-ti2v-5b transformer imports, exports and matches diffusers but "
-                       "does not train here; its CPU sibling size=tiny-ti2v trains on vae.size=pixels4")
-    raise KeyError(f"unknown VAE size {size!r}; expected one of 'tiny', 'wan2.1', 'pixels<p>' (e.g. pixels4)")
+    raise KeyError(f"unknown VAE size {size!r}; expected one of {list(VAE_SIZES)} (e.g. pixels4)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,13 +211,26 @@ def _encoder_layers(cfg: VAEConfig) -> list[tuple[str, int, int, str]]:
     return layers
 
 
+def _residual_down_blocks(cfg: VAEConfig) -> list[tuple[int, int, str]]:
+    """(in_dim, out_dim, downsample_mode) for each residual (Wan 2.2) `encoder.down_blocks` entry; mode "" for
+    the last, which does not downsample."""
+    dims = [cfg.base_dim * u for u in (1, *cfg.dim_mult)]
+    blocks = []
+    for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        mode = ""
+        if i != len(cfg.dim_mult) - 1:
+            mode = "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"
+        blocks.append((in_dim, out_dim, mode))
+    return blocks
+
+
 def _decoder_blocks(cfg: VAEConfig) -> list[tuple[int, int, str]]:
     """(in_dim, out_dim, upsample_mode) for each entry of `decoder.up_blocks`."""
     dims = [cfg.decoder_dim * u for u in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
     temperal_upsample = cfg.temperal_downsample[::-1]
     blocks = []
     for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-        if i > 0:
+        if i > 0 and not cfg.is_residual:
             # The previous block's upsampler halves the channels (Wan 2.1).
             in_dim = in_dim // 2
         mode = ""
@@ -215,7 +289,15 @@ def vae_param_shapes(vae_config: VAEConfig) -> dict[str, tuple[int, ...]]:
     cfg = vae_config
     shapes = _conv3d_shapes("encoder.conv_in", cfg.in_channels, cfg.base_dim, (3, 3, 3))
     out_dim = cfg.base_dim
-    for i, (kind, cin, cout, mode) in enumerate(_encoder_layers(cfg)):
+    if cfg.is_residual:
+        for i, (cin, cout, mode) in enumerate(_residual_down_blocks(cfg)):
+            prefix = f"encoder.down_blocks.{i}"
+            for j in range(cfg.num_res_blocks):
+                shapes |= _res_shapes(f"{prefix}.resnets.{j}", cin if j == 0 else cout, cout)
+            if mode:
+                shapes |= _resample_shapes(f"{prefix}.downsampler", cout, mode, cout)
+            out_dim = cout
+    for i, (kind, cin, cout, mode) in enumerate(() if cfg.is_residual else _encoder_layers(cfg)):
         prefix = f"encoder.down_blocks.{i}"
         if kind == "res":
             shapes |= _res_shapes(prefix, cin, cout)
@@ -237,7 +319,9 @@ def vae_param_shapes(vae_config: VAEConfig) -> dict[str, tuple[int, ...]]:
         prefix = f"decoder.up_blocks.{i}"
         for j in range(cfg.num_res_blocks + 1):
             shapes |= _res_shapes(f"{prefix}.resnets.{j}", cin if j == 0 else cout, cout)
-        if mode:
+        if mode and cfg.is_residual:
+            shapes |= _resample_shapes(f"{prefix}.upsampler", cout, mode, cout)
+        elif mode:
             shapes |= _resample_shapes(f"{prefix}.upsamplers.0", cout, mode, cout // 2)
         out_dim = cout
     shapes["decoder.norm_out.gamma"] = (out_dim,)
@@ -384,6 +468,49 @@ def _resample(x: jax.Array, p: Params, mode: str) -> jax.Array:
     return x
 
 
+def _patchify(x: jax.Array, p: int) -> jax.Array:
+    """[B, T, H, W, C] -> [B, T, H / p, W / p, C * p * p], channels ordered (c, column, row) as diffusers'
+    `patchify`."""
+    if p == 1:
+        return x
+    b, t, h, w, c = x.shape
+    x = x.reshape(b, t, h // p, p, w // p, p, c)
+    return x.transpose(0, 1, 2, 4, 6, 5, 3).reshape(b, t, h // p, w // p, c * p * p)
+
+
+def _unpatchify(x: jax.Array, p: int) -> jax.Array:
+    """Inverse of `_patchify`."""
+    if p == 1:
+        return x
+    b, t, h, w, cpp = x.shape
+    x = x.reshape(b, t, h, w, cpp // (p * p), p, p)  # (c, column, row)
+    return x.transpose(0, 1, 2, 6, 3, 5, 4).reshape(b, t, h * p, w * p, cpp // (p * p))
+
+
+def _average_down(x: jax.Array, out_dim: int, factor_t: int, factor_s: int) -> jax.Array:
+    """diffusers' AvgDown3D: fold factor_t x factor_s x factor_s neighbours into channels (zero frames in front
+    to a multiple of factor_t), then average groups of consecutive channels down to `out_dim`."""
+    b, t, h, w, c = x.shape
+    pad_t = (factor_t - t % factor_t) % factor_t
+    x = jnp.pad(x, ((0, 0), (pad_t, 0), (0, 0), (0, 0), (0, 0)))
+    t = (t + pad_t) // factor_t
+    x = x.reshape(b, t, factor_t, h // factor_s, factor_s, w // factor_s, factor_s, c)
+    x = x.transpose(0, 1, 3, 5, 7, 2, 4, 6)  # channel index (c, dt, dh, dw)
+    folded = c * factor_t * factor_s * factor_s
+    x = x.reshape(b, t, h // factor_s, w // factor_s, out_dim, folded // out_dim)
+    return jnp.mean(x, axis=-1)
+
+
+def _duplicate_up(x: jax.Array, out_dim: int, factor_t: int, factor_s: int) -> jax.Array:
+    """diffusers' DupUp3D on a whole clip: repeat channels, unfold them into factor_t x factor_s x factor_s
+    neighbours, and drop the first factor_t - 1 frames (the first chunk's)."""
+    b, t, h, w, c = x.shape
+    repeats = out_dim * factor_t * factor_s * factor_s // c
+    x = jnp.repeat(x, repeats, axis=-1).reshape(b, t, h, w, out_dim, factor_t, factor_s, factor_s)
+    x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, t * factor_t, h * factor_s, w * factor_s, out_dim)
+    return x[:, factor_t - 1 :]
+
+
 def _mid_block(x: jax.Array, p: Params) -> jax.Array:
     x = _residual_block(x, p["resnets"]["0"])
     x = _attention_block(x, p["attentions"]["0"])
@@ -391,9 +518,9 @@ def _mid_block(x: jax.Array, p: Params) -> jax.Array:
 
 
 def _check_video(vae_config: AnyVAEConfig, video: jax.Array) -> None:
-    if video.ndim != 5 or video.shape[-1] != vae_config.in_channels:
+    if video.ndim != 5 or video.shape[-1] != vae_config.video_channels:
         raise ValueError(
-            f"video has shape {video.shape}; expected [B, T, H, W, {vae_config.in_channels}] (channels-last)"
+            f"video has shape {video.shape}; expected [B, T, H, W, {vae_config.video_channels}] (channels-last)"
         )
     t, h, w = video.shape[1:4]
     tc, sc = vae_config.temporal_compression, vae_config.spatial_compression
@@ -418,7 +545,8 @@ def _in_batch_chunks(fn: Any, x: jax.Array, batch_chunk: int) -> jax.Array:
 def vae_encode(vae_config: VAEConfig, params: Params, video: jax.Array, *, batch_chunk: int = 0) -> jax.Array:
     """Posterior mean (diffusers' `latent_dist.mean`, unnormalized) of a batch of clips.
 
-    video: [B, T, H, W, 3] in [-1, 1], T = 1 + 4k. Returns [B, 1 + k, H / 8, W / 8, z_dim].
+    video: [B, T, H, W, 3] in [-1, 1], T = 1 + 4k. Returns [B, 1 + k, H / s, W / s, z_dim], s the spatial
+    compression (8 for Wan 2.1, 16 for Wan 2.2).
     `batch_chunk` > 0 encodes that many clips at a time (less memory, same result).
     """
     _check_video(vae_config, video)
@@ -429,8 +557,16 @@ def vae_encode(vae_config: VAEConfig, params: Params, video: jax.Array, *, batch
 
 def _encode(vae_config: VAEConfig, params: Params, video: jax.Array) -> jax.Array:
     enc = params["encoder"]
-    x = _conv3d(video, enc["conv_in"])
-    for i, (kind, _, _, mode) in enumerate(_encoder_layers(vae_config)):
+    x = _conv3d(_patchify(video, vae_config.patch_size or 1), enc["conv_in"])
+    for i, (_, cout, mode) in enumerate(_residual_down_blocks(vae_config) if vae_config.is_residual else ()):
+        block = enc["down_blocks"][str(i)]
+        shortcut = _average_down(x, cout, 2 if mode == "downsample3d" else 1, 2 if mode else 1)
+        for j in range(vae_config.num_res_blocks):
+            x = _residual_block(x, block["resnets"][str(j)])
+        if mode:
+            x = _resample(x, block["downsampler"], mode)
+        x = x + shortcut
+    for i, (kind, _, _, mode) in enumerate(() if vae_config.is_residual else _encoder_layers(vae_config)):
         layer = enc["down_blocks"][str(i)]
         if kind == "res":
             x = _residual_block(x, layer)
@@ -446,7 +582,8 @@ def _encode(vae_config: VAEConfig, params: Params, video: jax.Array) -> jax.Arra
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="batch_chunk")
 def vae_decode(vae_config: VAEConfig, params: Params, latents: jax.Array, *, batch_chunk: int = 0) -> jax.Array:
-    """Video [B, 1 + 4(T' - 1), 8H', 8W', 3] in [-1, 1] from unnormalized latents [B, T', H', W', z_dim].
+    """Video [B, 1 + 4(T' - 1), sH', sW', 3] in [-1, 1] (s the spatial compression) from unnormalized latents
+    [B, T', H', W', z_dim].
 
     `batch_chunk` > 0 decodes that many clips at a time (less memory, same result).
     """
@@ -462,14 +599,18 @@ def _decode(vae_config: VAEConfig, params: Params, latents: jax.Array) -> jax.Ar
     x = _conv3d(latents, params["post_quant_conv"])
     x = _conv3d(x, dec["conv_in"])
     x = _mid_block(x, dec["mid_block"])
-    for i, (_, _, mode) in enumerate(_decoder_blocks(vae_config)):
+    for i, (_, cout, mode) in enumerate(_decoder_blocks(vae_config)):
         block = dec["up_blocks"][str(i)]
+        shortcut = x
         for j in range(vae_config.num_res_blocks + 1):
             x = _residual_block(x, block["resnets"][str(j)])
-        if mode:
+        if mode and vae_config.is_residual:
+            x = _resample(x, block["upsampler"], mode)
+            x = x + _duplicate_up(shortcut, cout, 2 if mode == "upsample3d" else 1, 2)
+        elif mode:
             x = _resample(x, block["upsamplers"]["0"], mode)
     x = _conv3d(jax.nn.silu(_rms_norm(x, dec["norm_out"]["gamma"])), dec["conv_out"])
-    return jnp.clip(x, -1.0, 1.0)
+    return jnp.clip(_unpatchify(x, vae_config.patch_size or 1), -1.0, 1.0)
 
 
 def normalize_latents(vae_config: VAEConfig, latents: jax.Array) -> jax.Array:
