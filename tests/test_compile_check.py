@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -288,3 +289,23 @@ def test_the_roofline_counts_the_collectives_of_the_compiled_step():
     assert sum(scanned.collectives.values()) == pytest.approx(sum(unrolled.collectives.values()), rel=0.2)
     single = compile_check.check(config, "v5e:1x1")
     assert single.collectives == {} and single.communication_time == 0.0 and single.bound_by != "communication"
+
+
+def test_the_kv_cached_chunk_of_the_flash_config_compiles_with_its_latency_bound():
+    """--what=inference on a chunk-causal policy: the KV-cached chunk with Flash, step caching and the CFG pair on
+    two device groups (mesh.data=2), and the roofline chunk latency in the JSON."""
+    flash = (f"--config={REPO}/configs/dreamzero_flash.py:size=tiny", "--topology=v5p:2x2x1", "--what=inference")
+    out = _run(*flash, "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=-1", "--format=json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert report["fits"] and report["mesh"]["data"] == 2
+    assert report["options"]["cfg_parallel"] == 2 and report["options"]["action_steps"] == 1
+    # 4 video iterations (the action's one is the first) + the clean commit; the dynamic cache can skip 2.
+    assert (report["forwards_per_chunk"], report["min_forwards_per_chunk"]) == (5, 3)
+    assert report["forward_flops_per_chip"] > 0 and report["forward_bytes_per_chip"] > 0
+    bound = report["forward_bound_s"] * 1e3
+    assert report["chunk_latency_bound_ms"] == pytest.approx(5 * bound)
+    assert report["chunk_latency_bound_min_ms"] == pytest.approx(3 * bound)
+    # The CFG pair needs device groups of its own: on the training mesh it is refused, naming the keys.
+    out = _run(*flash)
+    assert out.returncode == 2 and "inference.cfg_parallel=2 under a mesh whose batch axes" in out.stderr

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from test_inference import TEXT_LEN, H, W, causal_model, jitted_forward, jitted_init, random_inputs, tiny_checkpoint
@@ -162,6 +163,33 @@ def test_cfg_parallel_equals_batched_cfg_on_two_devices(joint_model):
         chunks[cfg_parallel] = (first, rollout.generate_from(latents[:, 2:3], actions[:, 4:]))
     for a, b in zip(jax.tree.leaves(chunks[1]), jax.tree.leaves(chunks[2]), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cfg_parallel_under_a_mesh_puts_the_branches_on_its_batch_axes():
+    """As compile_check traces it for a topology: the CFG pair over mesh.data=2, weights over the rest."""
+    from flax import linen as nn
+
+    from wamjax.parallel.mesh import DEFAULT_RULES, make_mesh
+
+    cfg, params, _, _ = causal_model(1, 2)
+    geometry = kv.ChunkGeometry.for_model(cfg, (H, W), 2)
+    latents, actions, proprio, text = random_inputs(7, 1, 3, 8)
+
+    def chunk(options):
+        state = kv.start_rollout(cfg, geometry, options, params, latents[:, :1], text, proprio)
+        return kv.generate_chunk(cfg, geometry, options, params, state, latents[:, 1:2], actions[:, :4])
+
+    batched = chunk(SamplerOptions(num_steps=2, cfg_scale=3.0))
+    mesh = make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": -1, "sequence": 1}))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(DEFAULT_RULES)):
+        parallel = chunk(SamplerOptions(num_steps=2, cfg_scale=3.0, cfg_parallel=2))
+        assert parallel[0].cache.keys.sharding.spec[1] in ("data", ("data",), ("data", "fsdp"))
+    for a, b in zip(jax.tree.leaves(batched[1:]), jax.tree.leaves(parallel[1:]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    wrong = make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 4, "tensor": -1, "sequence": 1}))
+    with jax.set_mesh(wrong), nn.logical_axis_rules(list(DEFAULT_RULES)), \
+            pytest.raises(ValueError, match=r"cfg_parallel=2 under a mesh whose batch axes .* hold 4 devices"):
+        chunk(SamplerOptions(num_steps=2, cfg_scale=3.0, cfg_parallel=2))
 
 
 def test_cfg_parallel_is_refused_unless_it_divides_the_devices_and_splits_cfg():

@@ -31,6 +31,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
 
 from wamjax.compile_steps import (
@@ -38,13 +39,16 @@ from wamjax.compile_steps import (
     CompileCheckError,
     Compiled,
     Topology,
+    compile_chunk_step,
     compile_policy_step,
     compile_train_step,
     get_topology,
+    inference_options,
     resolve_stage,
     save_train_step,
     unrolled,
 )
+from wamjax.diffusion.sampler import SamplerOptions
 from wamjax.flops.analytic import SequenceShape, forward_flops
 from wamjax.flops.stage import train_step_flops
 from wamjax.models.attention import resolve_attention
@@ -207,9 +211,125 @@ class Report:
         return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class ChunkReport:
+    """The KV-cached chunk call of a chunk-causal policy (`--what=inference`): memory per chip of the whole call,
+    and its roofline latency bound from one model evaluation's XLA cost (per chip; layers extrapolated from 1-
+    and 2-layer compiles) times the evaluations a chunk runs."""
+
+    stage: str
+    topology: Topology
+    mesh: dict[str, int]
+    options: SamplerOptions
+    compiled: Compiled  # the whole chunk call: denoising iterations and the clean commit into the cache
+    forward_flops: float  # one model evaluation (the CFG pair when guided), per chip
+    forward_bytes: float
+    forward_collectives: dict[str, float]
+    forwards: int  # evaluations a chunk runs: iterations not skipped by a fixed step mask, plus the commit
+    min_forwards: int  # with a dynamic step cache: the fewest (it never skips twice in a row); else = forwards
+
+    @property
+    def fits(self) -> bool:
+        c = self.compiled
+        return not c.out_of_memory and c.total_bytes <= self.topology.hbm_bytes
+
+    @property
+    def forward_times(self) -> dict[str, float]:
+        t = self.topology
+        comm = sum(self.forward_collectives.values()) / t.ici_bandwidth if t.ici_bandwidth else 0.0
+        return {"compute": self.forward_flops / t.peak_flops, "memory": self.forward_bytes / t.hbm_bandwidth,
+                "communication": comm}
+
+    @property
+    def forward_bound(self) -> float:
+        return max(self.forward_times.values())
+
+    @property
+    def chunk_latency_bound(self) -> float:
+        """Seconds: every evaluation at its roofline bound, none overlapped (a lower bound on the chunk's latency
+        when each runs as compiled)."""
+        return self.forwards * self.forward_bound
+
+    def to_json(self) -> dict[str, Any]:
+        c, t, o = self.compiled, self.topology, self.options
+        return {
+            "what": "inference", "stage": self.stage, "topology": t.name, "chips": t.chips,
+            "device_kind": t.device_kind, "mesh": self.mesh, "fits": self.fits, "out_of_memory": c.out_of_memory,
+            "hbm_bytes": t.hbm_bytes, "argument_bytes": c.argument_bytes, "temp_bytes": c.temp_bytes,
+            "total_bytes": c.total_bytes, "compile_s": c.compile_s,
+            "options": {"num_steps": o.num_steps, "action_steps": o.resolved_action_steps, "cfg_scale": o.cfg_scale,
+                        "cfg_parallel": o.cfg_parallel, "video_stop_t": o.video_stop_t,
+                        "step_cache_mask": o.step_cache_mask, "step_cache_threshold": o.step_cache_threshold},
+            "forwards_per_chunk": self.forwards, "min_forwards_per_chunk": self.min_forwards,
+            "forward_flops_per_chip": self.forward_flops, "forward_bytes_per_chip": self.forward_bytes,
+            "forward_collective_bytes": self.forward_collectives, "forward_bound_s": self.forward_bound,
+            "forward_times_s": self.forward_times, "bound": max(self.forward_times, key=self.forward_times.get),
+            "chunk_flops_per_chip": self.forwards * self.forward_flops,
+            "chunk_bytes_per_chip": self.forwards * self.forward_bytes,
+            "chunk_latency_bound_ms": 1e3 * self.chunk_latency_bound,
+            "chunk_latency_bound_min_ms": 1e3 * self.min_forwards * self.forward_bound,
+        }
+
+    def format(self) -> str:
+        c, t, o = self.compiled, self.topology, self.options
+        times = self.forward_times
+        skip = (f"; a dynamic step cache (threshold {o.step_cache_threshold}) can skip down to {self.min_forwards}"
+                if self.min_forwards != self.forwards else "")
+        lines = [
+            f"compile_check: KV-cached chunk of stage {self.stage} on {t.name} ({t.chips} chips, {t.device_kind})",
+            f"mesh              {self.mesh}",
+            f"sampler           {o.num_steps} video / {o.resolved_action_steps} action steps, video to t = "
+            f"{o.video_stop_t:g}, cfg_scale {o.cfg_scale:g}, cfg_parallel {o.cfg_parallel}, step cache "
+            f"{o.step_cache_mask or o.step_cache_threshold or 'off'}",
+            f"compile time      {c.compile_s:.1f} s",
+            f"memory per chip   {c.total_bytes / GIB:.3f} GiB of {t.hbm_bytes / GIB:.0f} (arguments "
+            f"{c.argument_bytes / GIB:.3f}, temporaries {c.temp_bytes / GIB:.3f})",
+            f"one evaluation    {self.forward_flops:.4e} FLOPs, {self.forward_bytes / GIB:.3f} GiB of HBM traffic, "
+            f"{sum(self.forward_collectives.values()) / GIB:.3f} GiB over ICI per chip: compute "
+            f"{times['compute'] * 1e3:.2f} ms, HBM {times['memory'] * 1e3:.2f} ms, ICI "
+            f"{times['communication'] * 1e3:.2f} ms",
+            f"per chunk         {self.forwards} evaluations (iterations + the clean commit){skip}",
+            f"roofline          chunk latency >= {self.chunk_latency_bound * 1e3:.1f} ms "
+            f"({max(times, key=times.get)}-bound; compiled, not run)",
+            "result            fits" if self.fits else f"result            does not fit: {c.total_bytes / GIB:.2f} "
+            f"GiB per chip{' (the compiler refused it)' if c.out_of_memory else ''}",
+        ]
+        return "\n".join(lines)
+
+
+def check_chunk(config: ml_collections.ConfigDict, topo: Topology, mesh: Any, stage: str, num_steps: int | None,
+                log: Callable[[str], None]) -> ChunkReport:
+    """The KV-cached chunk of a chunk-causal policy compiled for `topo` (see `ChunkReport`)."""
+    with jax.set_mesh(mesh):  # cfg_parallel is checked against the topology's devices
+        options = inference_options(config, num_steps)
+    log(f"compiling the KV-cached chunk for {topo.name} ...")
+    try:
+        whole = compile_chunk_step(config, mesh, options)
+        log("one model evaluation with 1 and 2 unrolled layers, for its cost ...")
+        one = compile_chunk_step(unrolled(config, 1), mesh, options, forward_only=True)
+        two = compile_chunk_step(unrolled(config, 2), mesh, options, forward_only=True)
+    except ValueError as e:  # a setting the traced call refuses (e.g. cfg_parallel against the mesh), named
+        raise CompileCheckError(str(e)) from e
+    layers = int(config.model.num_layers) - 1
+    flops = one.flops + layers * (two.flops - one.flops)
+    bytes_ = one.bytes_accessed + layers * (two.bytes_accessed - one.bytes_accessed)
+    collectives = {k: max(0.0, one.collectives.get(k, 0.0) + layers * (two.collectives.get(k, 0.0)
+                                                                       - one.collectives.get(k, 0.0)))
+                   for k in {*one.collectives, *two.collectives}}
+    n = options.num_iterations
+    if options.step_cache_mask is not None:
+        run, least = sum(options.step_cache_mask), sum(options.step_cache_mask)
+    elif options.step_cache_threshold is not None and options.step_cache_threshold < 1.0:
+        run, least = n, n - n // 2  # the first iteration always runs, and never two skips in a row
+    else:
+        run = least = n
+    mesh_sizes = {a: int(mesh.shape[a]) for a in MESH_AXES}
+    return ChunkReport(stage, topo, mesh_sizes, options, whole, flops, bytes_, collectives, run + 1, least + 1)
+
+
 def check(config: ml_collections.ConfigDict, topology: str, *, what: str = "train", stage: str | None = None,
-          xla_flops: bool = True, vae_delta: bool = True, num_steps: int = 4, save: str = "",
-          stage_start_step: int = 0, log: Callable[[str], None] = lambda _: None) -> Report:
+          xla_flops: bool = True, vae_delta: bool = True, num_steps: int | None = None, save: str = "",
+          stage_start_step: int = 0, log: Callable[[str], None] = lambda _: None) -> Report | ChunkReport:
     """Compiles the configured step for `topology` and measures it (see the module docstring); `save` writes the
     compiled train step to that file for `train.compiled_step` (the stage starting at `stage_start_step`)."""
     if what not in ("train", "inference"):
@@ -232,6 +352,9 @@ def check(config: ml_collections.ConfigDict, topology: str, *, what: str = "trai
         if not spec.joint:
             raise CompileCheckError(f"--what=inference needs a joint (action) stage; stage {stage} is "
                                     f"{spec.mode!r}: pass --stage=action_tune")
+        if cfg.attention_layout == "chunk_causal":  # the policy acts chunk by chunk from a KV cache
+            return check_chunk(config, topo, mesh, stage, num_steps, log)
+        num_steps = 4 if num_steps is None else num_steps
         log(f"compiling the policy step for {topo.name} ...")
         compiled = compile_policy_step(config, mesh, num_steps)
         clip = SequenceShape(mode="joint", num_frames=spec.clip.num_frames, resolution=spec.clip.resolution,
@@ -326,7 +449,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("xla_flops", True, "Count XLA's FLOPs of a scanned stack from 1- and 2-layer compiles.")
     flags.DEFINE_bool("vae_delta", True, "When the VAE runs in the step, also compile on latents for its share.")
     flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
-    flags.DEFINE_integer("num_steps", 4, "Denoising steps of the policy call (--what=inference).")
+    flags.DEFINE_integer("num_steps", None, "Denoising steps of the policy call (--what=inference); default: the "
+                         "config's inference.num_steps, else 4.")
     flags.DEFINE_string("save", "", "Write the compiled train step to this file (local or gs://): a job on the "
                         "topology loads it with --config.train.compiled_step=FILE and compiles nothing.")
     flags.DEFINE_integer("stage_start_step", 0, "With --save: the global step the stage starts at in the job (0 for "

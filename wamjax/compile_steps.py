@@ -26,6 +26,8 @@ from wamjax.flops import peak as peak_lib
 from wamjax.flops.collectives import collective_traffic
 from wamjax.flops.ledger import stage_step_count
 from wamjax.flops.stage import train_step_flops
+from wamjax.inference import kv_cache
+from wamjax.inference.kv_cache import ChunkGeometry
 from wamjax.inference.policy_step import PolicyShapes, policy_step
 from wamjax.models import clip as clip_lib
 from wamjax.models import vae as vae_lib
@@ -357,6 +359,97 @@ def abstract_policy_step(config: ml_collections.ConfigDict, mesh: jax.sharding.M
             jax.eval_shape(lambda: jax.random.key(0)),
         )
         return jax.jit(lambda *a: policy_step(shapes, *a)), *args
+
+
+def inference_options(config: ml_collections.ConfigDict, num_steps: int | None = None) -> SamplerOptions:
+    """The run's sampler settings (`SamplerOptions(**config.inference)`, the Flash configs' fast path), else
+    `num_steps` plain steps with the run's shift; `num_steps` also overrides the configured count."""
+    values = dict(config.get("inference", None) or {})
+    values.setdefault("shift", float(config.diffusion.shift))
+    if num_steps is not None or "num_steps" not in values:
+        values["num_steps"] = 4 if num_steps is None else int(num_steps)
+    if "step_cache_mask" in values and values["step_cache_mask"] is not None:
+        values["step_cache_mask"] = tuple(bool(m) for m in values["step_cache_mask"])
+    try:
+        return SamplerOptions(**values)
+    except (TypeError, ValueError) as e:
+        raise CompileCheckError(f"inference.*: {e}") from e
+
+
+def chunk_geometry(spec: PolicySpec, max_chunks: int | None = None) -> ChunkGeometry:
+    """The KV-cache geometry a policy rolls out with: the trained clip's chunks (the session's default)."""
+    cfg = spec.model
+    f, lh, lw = vae_lib.latent_shape(spec.vae, (1, spec.clip.num_frames, *spec.clip.resolution, 3))[1:4]
+    frames_per_chunk = max(cfg.chunk_latent_frames, 1)
+    if max_chunks is None:
+        max_chunks = (f - 1) // frames_per_chunk
+    return ChunkGeometry.for_model(cfg, (lh, lw), max_chunks, with_proprio=spec.clip.proprio_dim > 0,
+                                   views=spec.views, proprio_per_chunk=spec.clip.states is not None)
+
+
+def abstract_chunk_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, options: SamplerOptions, *,
+                        forward_only: bool = False) -> tuple[Any, ...]:
+    """(jitted KV-cached chunk call, its abstract arguments) for one observation: the policy's last chunk of the
+    clip, denoised against a cache holding the context and every earlier chunk (`kv_cache.generate_chunk`), or,
+    with `forward_only`, one model evaluation of it (`kv_cache.chunk_velocity`, what each denoising iteration
+    runs)."""
+    spec = policy_spec(config)
+    cfg = spec.model
+    if cfg.attention_layout != "chunk_causal":
+        raise CompileCheckError(f"model.attention_layout={cfg.attention_layout!r}: the KV-cached chunk needs "
+                                "'chunk_causal'")
+    geometry = chunk_geometry(spec)
+    rules = logical_rules(config.mesh.rules)
+    z = cfg.out_channels
+    example = jax.eval_shape(lambda: example_inputs(cfg, (*geometry.latent_shape(1 + geometry.frames_per_chunk, z),),
+                                                    spec.text_length, geometry.actions_per_chunk))
+    with _mesh_context(config, mesh):
+        boxed = jax.eval_shape(lambda: WorldActionModel(cfg).init(
+            jax.random.PRNGKey(0), **{k: jnp.zeros(e.shape, e.dtype) for k, e in example.items()})["params"])
+        param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, list(rules))
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              unbox_plain(boxed), param_shardings)
+        rep = replicated(mesh)
+
+        def arg(shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+
+        proprio = arg((1, spec.clip.proprio_dim)) if geometry.with_proprio else None
+        text = arg((1, spec.text_length, cfg.text_dim))
+        context = arg((1, *geometry.latent_shape(1, z)))
+        state = jax.eval_shape(lambda p, c, t, pr: kv_cache.start_rollout(cfg, geometry, options, p, c, t, pr),
+                               params, context, text, proprio)
+        # The newest chunk reads a cache holding every earlier one (the compiled program is the same for any
+        # count: attention runs over the cache's capacity, masked to what is written). Keys and values lie as the
+        # batch (each CFG branch's on its own devices) and the heads do.
+        cache_sharding = nn.logical_to_mesh_sharding(
+            jax.sharding.PartitionSpec("layers", "batch", "kv_length", "heads", "kv"), mesh, list(rules))
+        cache = state.cache._replace(
+            keys=jax.ShapeDtypeStruct(state.cache.keys.shape, state.cache.keys.dtype, sharding=cache_sharding),
+            values=jax.ShapeDtypeStruct(state.cache.values.shape, state.cache.values.dtype, sharding=cache_sharding),
+            length=arg((), jnp.int32))
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state._replace(
+            cache=None))._replace(cache=cache)
+        video = arg((1, *geometry.latent_shape(geometry.frames_per_chunk, z)))
+        actions = arg((1, geometry.actions_per_chunk, cfg.action_dim))
+        chunk_proprio = proprio if geometry.proprio_per_chunk else None
+        if forward_only:
+            def forward(p, st, v, a, pr):
+                index = jnp.asarray(geometry.max_chunks, jnp.int32)
+                return kv_cache.chunk_velocity(cfg, geometry, options, p, st, index, v, a, jnp.float32(0.5),
+                                               jnp.float32(0.5), pr)
+            return jax.jit(forward), params, state, video, actions, chunk_proprio
+        return (jax.jit(lambda p, st, v, a, pr: kv_cache.generate_chunk(cfg, geometry, options, p, st, v, a,
+                                                                         proprio=pr)),
+                params, state, video, actions, chunk_proprio)
+
+
+def compile_chunk_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, options: SamplerOptions, *,
+                       forward_only: bool = False) -> Compiled:
+    """Compiles `abstract_chunk_step` for the mesh's devices."""
+    with _mesh_context(config, mesh):
+        step, *args = abstract_chunk_step(config, mesh, options, forward_only=forward_only)
+        return _compile(step, *args)
 
 
 def unrolled(config: ml_collections.ConfigDict, layers: int) -> ml_collections.ConfigDict:

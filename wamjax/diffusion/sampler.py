@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +47,9 @@ class SamplerOptions:
     velocity (the first entry must be True). step_cache_threshold: skip an iteration when the cosine similarity
     of the last two velocities exceeds it (never twice in a row; 1.0 never skips). cfg_parallel: 2 puts the
     conditional and null-text halves of a batched CFG forward on two devices (`jax.devices()[:2]`), combined
-    once per step. time_steps: each iteration reports to `STEP_CLOCK` when it is done (latency breakdowns).
+    once per step; traced under a mesh (`jax.set_mesh`, as `compile_check` does for a topology), the halves go to
+    the mesh's batch axes (`mesh.data=2`: two device groups, each with the weights sharded over its own devices).
+    time_steps: each iteration reports to `STEP_CLOCK` when it is done (latency breakdowns).
     """
 
     num_steps: int = 4
@@ -83,7 +87,8 @@ class SamplerOptions:
                 raise ValueError(f"step_cache_threshold={self.step_cache_threshold}; expected a cosine similarity "
                                  "in [-1, 1] (1.0 never skips)")
         if self.cfg_parallel != 1:
-            devices = len(jax.devices())
+            mesh = jax.sharding.get_abstract_mesh()
+            devices = len(jax.devices()) if mesh.empty else mesh.size  # a compile for a topology sets a mesh
             if self.cfg_parallel < 1 or devices % self.cfg_parallel:
                 raise ValueError(f"inference.cfg_parallel={self.cfg_parallel} does not divide the {devices} devices")
             if self.cfg_parallel != 2:
@@ -200,12 +205,34 @@ def cfg_sharded(options: SamplerOptions, x: Any, axis: int = 0) -> Any:
     constrained to put each half on its own device; else `x` as it is."""
     if options.cfg_parallel == 1 or x is None:
         return x
+    ambient = jax.sharding.get_abstract_mesh()
+    if not ambient.empty:
+        return _cfg_over_batch_axes(options, ambient, x, axis)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[: options.cfg_parallel]), ("cfg",))
 
     def constrain(a: jax.Array) -> jax.Array:
         spec = [None] * a.ndim
         spec[axis] = "cfg"
         return jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+    return jax.tree.map(constrain, x)
+
+
+def _cfg_over_batch_axes(options: SamplerOptions, mesh: Any, x: Any, axis: int) -> Any:
+    """`cfg_sharded` under a mesh: the doubled batch over the axes the logical `batch` rule names, which must
+    hold exactly `cfg_parallel` devices (one group per CFG branch)."""
+    axes = nn.logical_to_mesh_axes(("batch",), nn.get_logical_axis_rules())[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    size = math.prod(int(mesh.shape[a]) for a in axes)
+    if size != options.cfg_parallel:
+        raise ValueError(f"inference.cfg_parallel={options.cfg_parallel} under a mesh whose batch axes {axes} hold "
+                         f"{size} devices; give the CFG pair {options.cfg_parallel} groups (e.g. mesh.data="
+                         f"{options.cfg_parallel}, mesh.fsdp=1, mesh.tensor=-1)")
+
+    def constrain(a: jax.Array) -> jax.Array:
+        spec = [None] * a.ndim
+        spec[axis] = axes
+        return jax.lax.with_sharding_constraint(a, jax.sharding.PartitionSpec(*spec))
 
     return jax.tree.map(constrain, x)
 

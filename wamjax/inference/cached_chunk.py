@@ -130,7 +130,8 @@ def chunk_forward(
                                 kv_cache=(cache_k, cache_v), mask=mask)
         return x, (k.astype(cache_k.dtype), v.astype(cache_v.dtype))
 
-    x, (keys, values) = jax.lax.scan(layer, chunk.x, (stacked, cache.keys, cache.values))
+    # An unscanned model (model.scan_layers=False) unrolls the loop: XLA then counts every layer's cost.
+    x, (keys, values) = jax.lax.scan(layer, chunk.x, (stacked, cache.keys, cache.values), unroll=not cfg.scan_layers)
     nv, na = chunk.num_video, chunk.num_actions
     h, video = OutputHead(cfg).apply({"params": params}, x, chunk.temb, nv)
     ph, pw = cfg.patch_size[1:]

@@ -204,6 +204,22 @@ def _commit(cfg, geometry, options, params, state, index, latents, actions) -> R
     return state._replace(cache=cache, num_chunks=jnp.maximum(state.num_chunks, index), last_actions=actions)
 
 
+def chunk_velocity(
+    cfg: ModelConfig, geometry: ChunkGeometry, options: SamplerOptions, params: Params, state: RolloutState,
+    index: jax.Array, video: jax.Array, actions: jax.Array, t_v: jax.Array, t_a: jax.Array,
+    proprio: jax.Array | None = None, prefix_mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One model evaluation of chunk `index` at flow times (t_v, t_a) against the cache: the guided velocities
+    of its frames and actions (the tokens of `prefix_mask` [1, na, 1] read the clean timestep)."""
+    batch = video.shape[0]
+    t_frames = jnp.full(video.shape[:2], flow.to_model_timestep(t_v))
+    t_actions = jnp.full(actions.shape[:2], flow.to_model_timestep(t_a))
+    if prefix_mask is not None:
+        t_actions = jnp.where(prefix_mask[..., 0], 0.0, t_actions)
+    out = _chunk_pass(cfg, geometry, options, params, state, index, video, t_frames, actions, t_actions, proprio)
+    return _combine(options, out.video, batch), _combine(options, out.actions, batch)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "geometry", "options", "mode"))
 def generate_chunk(
     cfg: ModelConfig, geometry: ChunkGeometry, options: SamplerOptions, params: Params, state: RolloutState,
@@ -219,7 +235,6 @@ def generate_chunk(
     `action_prefix` [B, k, A] (joint mode, k <= the chunk's actions) holds the chunk's first k actions clean at
     t=0 while the rest are denoised around them (real-time chunking, as `sampler.sample` does it); they are
     returned unchanged."""
-    batch = video_noise.shape[0]
     prefix_mask = None
     if action_prefix is not None:
         if mode != "joint":
@@ -236,13 +251,8 @@ def generate_chunk(
     ))
 
     def velocity(video, actions, t_v, t_a):
-        t_frames = jnp.full(video.shape[:2], flow.to_model_timestep(t_v))
-        t_actions = jnp.full(actions.shape[:2], flow.to_model_timestep(t_a))
-        if prefix_mask is not None:  # the prefix tokens read the clean timestep
-            t_actions = jnp.where(prefix_mask[..., 0], 0.0, t_actions)
-        out = _chunk_pass(cfg, geometry, options, params, state, index, video, t_frames, actions, t_actions,
-                          proprio)
-        return _combine(options, out.video, batch), _combine(options, out.actions, batch)
+        return chunk_velocity(cfg, geometry, options, params, state, index, video, actions, t_v, t_a, proprio,
+                              prefix_mask)
 
     def body(carry, times, caching=False):
         video, actions, cache = carry
