@@ -35,18 +35,23 @@ from wamjax.models.vae import (
 TINY_DIFFUSERS = dict(base_dim=16, z_dim=8, num_res_blocks=1, latents_mean=[0.1] * 8, latents_std=[2.0] * 8)
 
 
-@pytest.fixture(scope="module")
-def tiny_diffusers_vae(tmp_path_factory):
-    """A random tiny diffusers VAE saved with save_pretrained, with non-trivial RMS-norm gains."""
+def saved_random_vae(folder, config: dict) -> AutoencoderKLWan:
+    """A random diffusers VAE of `config` with non-trivial RMS-norm gains, saved to `folder` with save_pretrained."""
     torch.manual_seed(0)
-    model = AutoencoderKLWan(**TINY_DIFFUSERS).eval()
+    model = AutoencoderKLWan(**config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("gamma"):
                 param.uniform_(0.5, 1.5)
-    folder = tmp_path_factory.mktemp("tiny_wan_vae")
     model.save_pretrained(folder)
-    return model, folder
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_diffusers_vae(tmp_path_factory):
+    """A random tiny diffusers VAE saved with save_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny_wan_vae")
+    return saved_random_vae(folder, TINY_DIFFUSERS), folder
 
 
 def to_torch_video(x: np.ndarray) -> torch.Tensor:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
+from test_vae import saved_random_vae, to_channels_last, to_torch_video
+from train_utils import REPO, get_config, metrics_rows, subprocess_env
 
 from data_pipelines.sources.latents import LatentsCacheSource
-from tests.train_utils import REPO, get_config, metrics_rows, subprocess_env
 from wamjax.checkpoint.wan_vae_import import (
     export_diffusers_vae_state,
     import_diffusers_wan_vae,
@@ -38,24 +39,9 @@ TINY = dict(base_dim=8, decoder_base_dim=12, z_dim=6, in_channels=12, out_channe
 
 @pytest.fixture(scope="module")
 def tiny_diffusers_vae(tmp_path_factory):
-    """A random residual diffusers VAE saved with save_pretrained, with non-trivial RMS-norm gains."""
-    torch.manual_seed(0)
-    model = AutoencoderKLWan(**TINY).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("gamma"):
-                param.uniform_(0.5, 1.5)
+    """A random residual diffusers VAE saved with save_pretrained."""
     folder = tmp_path_factory.mktemp("tiny_wan22_vae")
-    model.save_pretrained(folder)
-    return model, folder
-
-
-def to_torch_video(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3)))
-
-
-def to_channels_last(x: torch.Tensor) -> np.ndarray:
-    return x.numpy().transpose(0, 2, 3, 4, 1)
+    return saved_random_vae(folder, TINY), folder
 
 
 def test_encode_decode_match_diffusers(tiny_diffusers_vae):

@@ -331,6 +331,15 @@ def compile_policy_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
         return _compile(step, *args)
 
 
+def _abstract_model_params(cfg: Any, example: dict[str, Any], mesh: jax.sharding.Mesh, rules: Any) -> Any:
+    """The model's parameters as ShapeDtypeStructs laid out by the rules (traced from `example` inputs)."""
+    boxed = jax.eval_shape(lambda: WorldActionModel(cfg).init(
+        jax.random.PRNGKey(0), **{k: jnp.zeros(e.shape, e.dtype) for k, e in example.items()})["params"])
+    param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, list(rules))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_plain(boxed),
+                        param_shardings)
+
+
 def abstract_policy_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_steps: int
                          ) -> tuple[Any, ...]:
     """(jitted policy call, its abstract arguments) for one observation (see `compile_policy_step`)."""
@@ -344,11 +353,7 @@ def abstract_policy_step(config: ml_collections.ConfigDict, mesh: jax.sharding.M
     example = jax.eval_shape(lambda: example_inputs(cfg, (f, lh, lw, z), spec.text_length, num_actions))
     h, w = spec.clip.resolution
     with _mesh_context(config, mesh):
-        boxed = jax.eval_shape(lambda: WorldActionModel(cfg).init(
-            jax.random.PRNGKey(0), **{k: jnp.zeros(e.shape, e.dtype) for k, e in example.items()})["params"])
-        param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, list(rules))
-        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              unbox_plain(boxed), param_shardings)
+        params = _abstract_model_params(cfg, example, mesh, rules)
         rep = replicated(mesh)
         args = (
             params,
@@ -404,11 +409,7 @@ def abstract_chunk_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
     example = jax.eval_shape(lambda: example_inputs(cfg, (*geometry.latent_shape(1 + geometry.frames_per_chunk, z),),
                                                     spec.text_length, geometry.actions_per_chunk))
     with _mesh_context(config, mesh):
-        boxed = jax.eval_shape(lambda: WorldActionModel(cfg).init(
-            jax.random.PRNGKey(0), **{k: jnp.zeros(e.shape, e.dtype) for k, e in example.items()})["params"])
-        param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, list(rules))
-        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              unbox_plain(boxed), param_shardings)
+        params = _abstract_model_params(cfg, example, mesh, rules)
         rep = replicated(mesh)
 
         def arg(shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.ShapeDtypeStruct:
